@@ -1,0 +1,98 @@
+//! CPO: Contrastive Preference Optimization (Xu et al. 2024, arXiv 2401.08417), and CPO-SimPO
+//! (the SimPO authors' combination). Reference-free, with an NLL term on the chosen response.
+//!
+//! ```text
+//! CPO:        -logsig(beta * (S_w - S_l))               + alpha * NLL(y_w)
+//! CPO-SimPO:  -logsig(beta * (A_w - A_l) - simpo_gamma)  + alpha * NLL(y_w)
+//! NLL(y_w) = -sum_i S_w,i / sum_i |y_w,i|     (token mean pooled over the batch, as TRL)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{record_logps, record_rewards};
+use crate::numerics::log_sigmoid_t;
+use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::output::{LossOutput, Metrics};
+use crate::{ObjectiveInputs, Result};
+
+/// Which CPO preference term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpoVariant {
+    /// Summed log-probs, no margin.
+    #[default]
+    Cpo,
+    /// Length-normalised log-probs with target margin `simpo_gamma`.
+    CpoSimpo,
+}
+
+/// CPO hyperparameters (TRL's `CPOConfig` defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CpoParams {
+    /// Reward scale `beta > 0` (default 0.1).
+    pub beta: f64,
+    /// Weight of the chosen NLL term, `>= 0` (default 1.0).
+    pub alpha: f64,
+    /// Preference term (default `cpo`).
+    pub variant: CpoVariant,
+    /// Absolute target margin for `cpo-simpo`, `>= 0` (default 0.5; ignored by `cpo`).
+    pub simpo_gamma: f64,
+}
+
+impl Default for CpoParams {
+    fn default() -> Self {
+        Self { beta: 0.1, alpha: 1.0, variant: CpoVariant::Cpo, simpo_gamma: 0.5 }
+    }
+}
+
+const NAME: &str = "cpo";
+
+impl Loss for CpoParams {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn validate(&self) -> Result<()> {
+        check(self.beta > 0.0, NAME, "beta", self.beta, "a finite value > 0")?;
+        check(self.alpha >= 0.0, NAME, "alpha", self.alpha, "a finite value >= 0")?;
+        check(self.simpo_gamma >= 0.0, NAME, "simpo_gamma", self.simpo_gamma, "a finite value >= 0")
+    }
+
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            reference: false,
+            rejected: true,
+            chosen_tokens: false,
+            rejected_tokens: false,
+            aggregation: match self.variant {
+                CpoVariant::Cpo => Aggregation::Sum,
+                CpoVariant::CpoSimpo => Aggregation::Mean,
+            },
+        }
+    }
+
+    fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
+        self.validate()?;
+        inputs.validate_batch()?;
+        let rejected = inputs.require_rejected(NAME)?;
+        let (chosen_reward, rejected_reward, gamma) = match self.variant {
+            CpoVariant::Cpo => (inputs.chosen.sum().affine(self.beta, 0.0)?, rejected.sum().affine(self.beta, 0.0)?, 0.0),
+            CpoVariant::CpoSimpo => (
+                inputs.chosen.mean("chosen")?.affine(self.beta, 0.0)?,
+                rejected.mean("rejected")?.affine(self.beta, 0.0)?,
+                self.simpo_gamma,
+            ),
+        };
+        let z = (&chosen_reward - &rejected_reward)?.affine(1.0, -gamma)?;
+        let preference = log_sigmoid_t(&z)?.neg()?;
+        let nll = inputs.chosen.pooled_mean_per_example("chosen")?.neg()?;
+        let per_example = (&preference + nll.affine(self.alpha, 0.0)?)?;
+        let mut metrics = Metrics::new();
+        metrics.insert_mean("cpo/preference", &preference)?;
+        metrics.insert_mean("nll_loss", &nll)?;
+        record_rewards(&mut metrics, &chosen_reward, &rejected_reward)?;
+        record_logps(&mut metrics, inputs, rejected)?;
+        LossOutput::from_per_example(per_example, metrics)
+    }
+}

@@ -1,0 +1,73 @@
+//! ORPO: Monolithic Preference Optimization without Reference Model (Hong et al. 2024,
+//! arXiv 2403.07691).
+//!
+//! ```text
+//! log_odds = (A_w - A_l) - (log1mexp(A_w) - log1mexp(A_l))     log1mexp(a) = log(1 - e^a)
+//! loss     = NLL(y_w) - beta * logsig(log_odds)
+//! ```
+//!
+//! `NLL` is the token mean pooled over the batch (as TRL). `log1mexp` is evaluated in the
+//! stable two-branch form and its argument clamped below 0 (see [`crate::numerics::log1mexp`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{record_logps, record_rewards};
+use crate::numerics::{log_sigmoid_t, log1mexp_t};
+use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::output::{LossOutput, Metrics};
+use crate::{ObjectiveInputs, Result};
+
+/// ORPO hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrpoParams {
+    /// Weight `beta >= 0` of the odds-ratio term (the paper's lambda; default 0.1).
+    pub beta: f64,
+}
+
+impl Default for OrpoParams {
+    fn default() -> Self {
+        Self { beta: 0.1 }
+    }
+}
+
+const NAME: &str = "orpo";
+
+impl Loss for OrpoParams {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn validate(&self) -> Result<()> {
+        check(self.beta >= 0.0, NAME, "beta", self.beta, "a finite value >= 0")
+    }
+
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            reference: false,
+            rejected: true,
+            chosen_tokens: false,
+            rejected_tokens: false,
+            aggregation: Aggregation::Mean,
+        }
+    }
+
+    fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
+        self.validate()?;
+        inputs.validate_batch()?;
+        let rejected = inputs.require_rejected(NAME)?;
+        let chosen_mean = inputs.chosen.mean("chosen")?;
+        let rejected_mean = rejected.mean("rejected")?;
+        let log_odds = ((&chosen_mean - &rejected_mean)? - (log1mexp_t(&chosen_mean)? - log1mexp_t(&rejected_mean)?)?)?;
+        let ratio = log_sigmoid_t(&log_odds)?;
+        let nll = inputs.chosen.pooled_mean_per_example("chosen")?.neg()?;
+        let per_example = (&nll - ratio.affine(self.beta, 0.0)?)?;
+        let mut metrics = Metrics::new();
+        metrics.insert_mean("nll_loss", &nll)?;
+        metrics.insert_mean("log_odds_ratio", &ratio)?;
+        metrics.insert_mean("log_odds_chosen", &log_odds)?;
+        record_rewards(&mut metrics, &chosen_mean.affine(self.beta, 0.0)?, &rejected_mean.affine(self.beta, 0.0)?)?;
+        record_logps(&mut metrics, inputs, rejected)?;
+        LossOutput::from_per_example(per_example, metrics)
+    }
+}

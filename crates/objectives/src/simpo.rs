@@ -1,0 +1,88 @@
+//! SimPO: Simple Preference Optimization (Meng et al. 2024, arXiv 2405.14734). Reference-free.
+//!
+//! ```text
+//! z    = beta * (A_w - A_l) - gamma,   gamma = beta * gamma_beta_ratio
+//! loss = -(1 - eps) logsig(z) - eps logsig(-z)
+//! ```
+//!
+//! Implicit rewards (logged): `beta * A`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{record_logps, record_rewards};
+use crate::numerics::log_sigmoid_t;
+use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::output::{LossOutput, Metrics};
+use crate::{ObjectiveInputs, Result};
+
+/// SimPO hyperparameters (defaults of the official code; released configs span beta 2..10 and
+/// gamma_beta_ratio 0.1..0.8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimpoParams {
+    /// Reward scale `beta > 0` (default 2.0).
+    pub beta: f64,
+    /// Target margin as a fraction of beta: `gamma = beta * gamma_beta_ratio` (default 0.5).
+    pub gamma_beta_ratio: f64,
+    /// Label smoothing `eps` in `[0, 0.5)` (default 0).
+    pub label_smoothing: f64,
+}
+
+impl Default for SimpoParams {
+    fn default() -> Self {
+        Self { beta: 2.0, gamma_beta_ratio: 0.5, label_smoothing: 0.0 }
+    }
+}
+
+impl SimpoParams {
+    /// The absolute target margin `gamma = beta * gamma_beta_ratio`.
+    pub fn gamma(&self) -> f64 {
+        self.beta * self.gamma_beta_ratio
+    }
+}
+
+const NAME: &str = "simpo";
+
+impl Loss for SimpoParams {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn validate(&self) -> Result<()> {
+        check(self.beta > 0.0, NAME, "beta", self.beta, "a finite value > 0")?;
+        check(self.gamma_beta_ratio >= 0.0, NAME, "gamma_beta_ratio", self.gamma_beta_ratio, "a finite value >= 0")?;
+        check(
+            (0.0..0.5).contains(&self.label_smoothing),
+            NAME,
+            "label_smoothing",
+            self.label_smoothing,
+            "a value in [0, 0.5)",
+        )
+    }
+
+    fn requirements(&self) -> Requirements {
+        Requirements {
+            reference: false,
+            rejected: true,
+            chosen_tokens: false,
+            rejected_tokens: false,
+            aggregation: Aggregation::Mean,
+        }
+    }
+
+    fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
+        self.validate()?;
+        inputs.validate_batch()?;
+        let rejected = inputs.require_rejected(NAME)?;
+        let chosen_reward = inputs.chosen.mean("chosen")?.affine(self.beta, 0.0)?;
+        let rejected_reward = rejected.mean("rejected")?.affine(self.beta, 0.0)?;
+        let z = (&chosen_reward - &rejected_reward)?.affine(1.0, -self.gamma())?;
+        let eps = self.label_smoothing;
+        let pos = log_sigmoid_t(&z)?.affine(-(1.0 - eps), 0.0)?;
+        let per_example = if eps == 0.0 { pos } else { (pos - log_sigmoid_t(&z.neg()?)?.affine(eps, 0.0)?)? };
+        let mut metrics = Metrics::new();
+        record_rewards(&mut metrics, &chosen_reward, &rejected_reward)?;
+        record_logps(&mut metrics, inputs, rejected)?;
+        LossOutput::from_per_example(per_example, metrics)
+    }
+}
