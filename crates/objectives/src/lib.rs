@@ -57,6 +57,7 @@ mod logps;
 mod metrics;
 pub mod numerics;
 mod objective;
+mod objective_serde;
 mod orpo;
 mod output;
 mod sft;

@@ -59,7 +59,10 @@ pub trait Loss {
 /// p = 2.0
 /// use_soft_margin = false
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Deserialisation is hand-written (see `objective_serde.rs`) so that every error names its
+/// field; serialisation writes the same `type`-tagged table with every resolved value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Objective {
     /// SLIME (arXiv 2602.02383): anchoring + token stabiliser + dual margin, reference-free.
