@@ -77,7 +77,9 @@ impl Loss for CpoParams {
         inputs.validate_batch()?;
         let rejected = inputs.require_rejected(NAME)?;
         let (chosen_reward, rejected_reward, gamma) = match self.variant {
-            CpoVariant::Cpo => (inputs.chosen.sum().affine(self.beta, 0.0)?, rejected.sum().affine(self.beta, 0.0)?, 0.0),
+            CpoVariant::Cpo => {
+                (inputs.chosen.sum().affine(self.beta, 0.0)?, rejected.sum().affine(self.beta, 0.0)?, 0.0)
+            }
             CpoVariant::CpoSimpo => (
                 inputs.chosen.mean("chosen")?.affine(self.beta, 0.0)?,
                 rejected.mean("rejected")?.affine(self.beta, 0.0)?,

@@ -143,7 +143,7 @@ impl SequenceLogps {
     /// least one counted token; the error names the first that has none.
     pub fn mean(&self, side: &'static str) -> Result<Tensor> {
         let counts: Vec<f64> = self.count.to_dtype(DType::F64)?.to_vec1()?;
-        if let Some(i) = counts.iter().position(|&c| !(c >= 1.0)) {
+        if let Some(i) = counts.iter().position(|&c| c < 1.0 || c.is_nan()) {
             return Err(ObjectiveError::InvalidInput {
                 input: side,
                 reason: format!("sequence {i} has {} completion tokens, expected at least 1", counts[i]),
@@ -167,7 +167,7 @@ impl SequenceLogps {
     /// returned `[batch]` vector equals the pooled value: `B * S_i / sum_j |y_j|`.
     pub fn pooled_mean_per_example(&self, side: &'static str) -> Result<Tensor> {
         let total = self.count.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        if !(total >= 1.0) {
+        if total < 1.0 || total.is_nan() {
             return Err(ObjectiveError::InvalidInput {
                 input: side,
                 reason: "the batch has no completion tokens".into(),
@@ -244,10 +244,8 @@ impl ObjectiveInputs {
             input: what,
             reason: format!("batch size {got} differs from chosen's {b}"),
         };
-        if let Some(r) = &self.rejected {
-            if r.batch_size() != b {
-                return Err(mismatch("rejected", r.batch_size()));
-            }
+        if let Some(r) = self.rejected.as_ref().filter(|r| r.batch_size() != b) {
+            return Err(mismatch("rejected", r.batch_size()));
         }
         if let Some(r) = &self.reference {
             for (name, t) in [("reference.chosen_sum", &r.chosen_sum), ("reference.rejected_sum", &r.rejected_sum)] {

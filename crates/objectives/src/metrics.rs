@@ -12,9 +12,9 @@
 
 use candle_core::Tensor;
 
+use crate::Result;
 use crate::logps::{ObjectiveInputs, SequenceLogps};
 use crate::output::Metrics;
-use crate::Result;
 
 /// Records the reward metrics from `[batch]` chosen and rejected rewards (detached).
 pub(crate) fn record_rewards(metrics: &mut Metrics, chosen: &Tensor, rejected: &Tensor) -> Result<()> {

@@ -7,9 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::logps::ObjectiveInputs;
 use crate::output::LossOutput;
-use crate::{
-    CpoParams, DpoParams, IpoParams, ObjectiveError, OrpoParams, Result, SftParams, SimpoParams, SlimeParams,
-};
+use crate::{CpoParams, DpoParams, IpoParams, ObjectiveError, OrpoParams, Result, SftParams, SimpoParams, SlimeParams};
 
 /// How an objective aggregates token log-probs into the quantity its loss compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,8 +7,8 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, Visitor};
 
 use crate::{CpoParams, DpoParams, IpoParams, Objective, OrpoParams, SftParams, SimpoParams, SlimeParams};
 

@@ -15,8 +15,8 @@ fn slime_presets_and_overrides() {
     assert_eq!(parse("type = \"slime\"").expect("default"), Objective::Slime(SlimeParams::paper()));
     let code = parse("type = \"slime\"\npreset = \"authors-code\"").expect("authors-code");
     assert_eq!(code, Objective::Slime(SlimeParams::authors_code()));
-    let Objective::Slime(p) = parse("type = \"slime\"\npreset = \"authors-code\"\np = 1.5\nuse_soft_margin = false")
-        .expect("override")
+    let Objective::Slime(p) =
+        parse("type = \"slime\"\npreset = \"authors-code\"\np = 1.5\nuse_soft_margin = false").expect("override")
     else {
         panic!("not slime")
     };
@@ -45,7 +45,8 @@ fn defaults_are_the_papers() {
     let Objective::Simpo(s) = parse("type = \"simpo\"").expect("simpo") else { panic!() };
     assert_eq!((s.beta, s.gamma_beta_ratio, s.gamma()), (2.0, 0.5, 1.0));
     assert_eq!(parse("type = \"cpo\"").expect("cpo"), Objective::Cpo(CpoParams::default()));
-    let Objective::Sft(f) = parse("type = \"sft\"\nalpha = 1.0\nfilter = \"prob-at-least\"\nthreshold = 0.1").expect("sft")
+    let Objective::Sft(f) =
+        parse("type = \"sft\"\nalpha = 1.0\nfilter = \"prob-at-least\"\nthreshold = 0.1").expect("sft")
     else {
         panic!()
     };
@@ -130,7 +131,10 @@ fn missing_inputs_are_named() {
     assert!(err.contains("reference"), "{err}");
     let err = get_err(&"slime".parse::<Objective>().expect("slime"), &inputs);
     assert!(err.contains("per-token rejected"), "{err}");
-    let err = get_err(&"simpo".parse::<Objective>().expect("simpo"), &slime_objectives::ObjectiveInputs::supervised(sums(-1.0)));
+    let err = get_err(
+        &"simpo".parse::<Objective>().expect("simpo"),
+        &slime_objectives::ObjectiveInputs::supervised(sums(-1.0)),
+    );
     assert!(err.contains("rejected"), "{err}");
     // A sequence without completion tokens is named by index.
     let zero = slime_objectives::SequenceLogps::from_sums(
@@ -138,7 +142,10 @@ fn missing_inputs_are_named() {
         &candle_core::Tensor::new(&[3f32, 0.0], &dev).expect("n"),
     )
     .expect("sums");
-    let err = get_err(&"simpo".parse::<Objective>().expect("simpo"), &slime_objectives::ObjectiveInputs::preference(zero.clone(), zero));
+    let err = get_err(
+        &"simpo".parse::<Objective>().expect("simpo"),
+        &slime_objectives::ObjectiveInputs::preference(zero.clone(), zero),
+    );
     assert!(err.contains("sequence 1"), "{err}");
 }
 

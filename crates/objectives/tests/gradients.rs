@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use slime_objectives::{
-    CpoParams, CpoVariant, DpoLossType, DpoParams, IpoParams, Loss, Objective, ObjectiveInputs, OrpoParams, ReferenceLogps,
-    Result, SequenceLogps, SftParams, SimpoParams, SlimeParams, TokenFilter,
+    CpoParams, CpoVariant, DpoLossType, DpoParams, IpoParams, Loss, Objective, ObjectiveInputs, OrpoParams,
+    ReferenceLogps, Result, SequenceLogps, SftParams, SimpoParams, SlimeParams, TokenFilter,
 };
 
 const CHOSEN: [[f64; 4]; 3] = [[-0.3, -1.2, -0.05, -2.0], [-0.9, -0.4, -0.7, -0.1], [-2.5, -0.2, -1.1, -0.6]];
@@ -15,11 +15,19 @@ const MASK: [[u8; 4]; 3] = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]];
 const REF_CHOSEN: [f64; 3] = [-2.0, -1.5, -3.0];
 const REF_REJECTED: [f64; 3] = [-4.5, -8.0, -1.0];
 
-fn loss_at(objective: &Objective, chosen: &Tensor, rejected: &Tensor, reference: Option<(&[f64], &[f64])>) -> Result<Tensor> {
+fn loss_at(
+    objective: &Objective,
+    chosen: &Tensor,
+    rejected: &Tensor,
+    reference: Option<(&[f64], &[f64])>,
+) -> Result<Tensor> {
     let dev = Device::Cpu;
     let mask = Tensor::new(&MASK, &dev)?;
     let mut inputs = if objective.is_preference() {
-        ObjectiveInputs::preference(SequenceLogps::from_tokens(chosen, &mask)?, SequenceLogps::from_tokens(rejected, &mask)?)
+        ObjectiveInputs::preference(
+            SequenceLogps::from_tokens(chosen, &mask)?,
+            SequenceLogps::from_tokens(rejected, &mask)?,
+        )
     } else {
         ObjectiveInputs::supervised(SequenceLogps::from_tokens(chosen, &mask)?)
     };
@@ -30,7 +38,12 @@ fn loss_at(objective: &Objective, chosen: &Tensor, rejected: &Tensor, reference:
 }
 
 /// Compares d loss / d token for every counted token of both sides with (f(x+h) - f(x-h)) / 2h.
-fn check_gradients(objective: &Objective, chosen: [[f64; 4]; 3], rejected: [[f64; 4]; 3], reference: Option<(&[f64], &[f64])>) -> Result<()> {
+fn check_gradients(
+    objective: &Objective,
+    chosen: [[f64; 4]; 3],
+    rejected: [[f64; 4]; 3],
+    reference: Option<(&[f64], &[f64])>,
+) -> Result<()> {
     let dev = Device::Cpu;
     let c = Var::new(&chosen, &dev)?;
     let r = Var::new(&rejected, &dev)?;
@@ -47,7 +60,8 @@ fn check_gradients(objective: &Objective, chosen: [[f64; 4]; 3], rejected: [[f64
                     let mut x = base;
                     x[i][j] += delta;
                     let t = Tensor::new(&x, &dev)?;
-                    let (ct, rt) = if side == "chosen" { (t, r.as_tensor().clone()) } else { (c.as_tensor().clone(), t) };
+                    let (ct, rt) =
+                        if side == "chosen" { (t, r.as_tensor().clone()) } else { (c.as_tensor().clone(), t) };
                     Ok(loss_at(objective, &ct, &rt, reference)?.to_scalar::<f64>()?)
                 };
                 let numeric = (eval(h)? - eval(-h)?) / (2.0 * h);
@@ -126,7 +140,8 @@ fn slime_grads(params: SlimeParams, chosen: &[f64], rejected: &[f64]) -> Result<
     let r = Var::from_tensor(&Tensor::new(rejected, &dev)?.unsqueeze(0)?)?;
     let cm = Tensor::ones((1, chosen.len()), candle_core::DType::U8, &dev)?;
     let rm = Tensor::ones((1, rejected.len()), candle_core::DType::U8, &dev)?;
-    let inputs = ObjectiveInputs::preference(SequenceLogps::from_tokens(&c, &cm)?, SequenceLogps::from_tokens(&r, &rm)?);
+    let inputs =
+        ObjectiveInputs::preference(SequenceLogps::from_tokens(&c, &cm)?, SequenceLogps::from_tokens(&r, &rm)?);
     let grads = params.compute(&inputs)?.loss.backward()?;
     let get = |v: &Var| -> Result<Vec<f64>> {
         Ok(match grads.get(v.as_tensor()) {

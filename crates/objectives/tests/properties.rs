@@ -23,7 +23,12 @@ fn rows(n: usize, low: f64) -> impl Strategy<Value = Vec<Vec<f64>>> {
 fn batch_with(low: f64) -> impl Strategy<Value = Batch> {
     (1usize..6).prop_flat_map(move |n| {
         (rows(n, low), rows(n, low), prop::collection::vec(-200.0..0.0f64, n), prop::collection::vec(-200.0..0.0f64, n))
-            .prop_map(|(chosen, rejected, ref_chosen, ref_rejected)| Batch { chosen, rejected, ref_chosen, ref_rejected })
+            .prop_map(|(chosen, rejected, ref_chosen, ref_rejected)| Batch {
+                chosen,
+                rejected,
+                ref_chosen,
+                ref_rejected,
+            })
     })
 }
 

@@ -35,7 +35,11 @@ fn dpo_policy_equal_to_reference_is_ln2_for_every_beta_and_variant() -> Result<(
 #[test]
 fn dpo_variants_at_a_known_margin() -> Result<()> {
     // chosen: S = -10, S_ref = -12 -> +2; rejected: S = -15, S_ref = -11 -> -4; Delta = 6, z = 0.6.
-    let inputs = with_reference(ObjectiveInputs::preference(sums(&[-10.0], &[3.0])?, sums(&[-15.0], &[3.0])?), &[-12.0], &[-11.0])?;
+    let inputs = with_reference(
+        ObjectiveInputs::preference(sums(&[-10.0], &[3.0])?, sums(&[-15.0], &[3.0])?),
+        &[-12.0],
+        &[-11.0],
+    )?;
     let case = |loss, eps| DpoParams { beta: 0.1, loss, label_smoothing: eps }.compute(&inputs);
     // sigmoid: softplus(-0.6) = ln(1 + e^-0.6) = 0.4374879504858856
     assert_close(loss_of(&case(DpoLossType::Sigmoid, 0.0)?), 0.437_487_950_485_885_6, 1e-12, "sigmoid");
@@ -58,11 +62,13 @@ fn dpo_variants_at_a_known_margin() -> Result<()> {
 #[test]
 fn ipo_at_zero_log_ratio_is_inverse_two_beta_squared() -> Result<()> {
     // h = 0: (0 - 1/(2 * 0.1))^2 = 25.
-    let inputs = with_reference(ObjectiveInputs::preference(sums(&[-6.0], &[3.0])?, sums(&[-8.0], &[2.0])?), &[-6.0], &[-8.0])?;
+    let inputs =
+        with_reference(ObjectiveInputs::preference(sums(&[-6.0], &[3.0])?, sums(&[-8.0], &[2.0])?), &[-6.0], &[-8.0])?;
     assert_close(loss_of(&IpoParams { beta: 0.1 }.compute(&inputs)?), 25.0, 1e-12, "ipo h=0");
     // Policy chosen +3 over 3 tokens (+1/token), rejected -2 over 2 tokens (-1/token): h = 2;
     // beta = 0.25: (2 - 2)^2 = 0.
-    let inputs = with_reference(ObjectiveInputs::preference(sums(&[-3.0], &[3.0])?, sums(&[-10.0], &[2.0])?), &[-6.0], &[-8.0])?;
+    let inputs =
+        with_reference(ObjectiveInputs::preference(sums(&[-3.0], &[3.0])?, sums(&[-10.0], &[2.0])?), &[-6.0], &[-8.0])?;
     assert_close(loss_of(&IpoParams { beta: 0.25 }.compute(&inputs)?), 0.0, 1e-12, "ipo at target");
     Ok(())
 }
