@@ -1,6 +1,8 @@
 //! `cargo xtask <command>`: orchestration for the slime workspace (the rust-analyzer xtask
 //! pattern). One `match` on the subcommand; only subcommands that work are listed.
 
+mod report;
+
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -9,14 +11,26 @@ const HELP: &str = "\
 cargo xtask <command>
 
 Commands:
-  ci      run what CI runs: `cargo fmt --all --check`, then `cargo test --workspace`
-  help    print this message
+  ci                 run what CI runs: `cargo fmt --all --check`, then `cargo test --workspace`
+  report <results>   rebuild table.md, table.csv and plots/ from the finished cells in <results>
+  help               print this message
 ";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("report") => {
+            let dir = args.get(1).map_or_else(|| std::path::PathBuf::from("results"), std::path::PathBuf::from);
+            let cells = report::read_cells(&dir)?;
+            if cells.is_empty() {
+                bail!("no finished cells (*/result.json) under {}", dir.display());
+            }
+            for path in report::write_report(&cells, &[], &dir)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         None | Some("help" | "-h" | "--help") => {
             print!("{HELP}");
             Ok(())
