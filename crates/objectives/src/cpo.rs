@@ -74,7 +74,7 @@ impl Loss for CpoParams {
 
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
         self.validate()?;
-        inputs.validate_batch()?;
+        let scale = inputs.scale()?;
         let rejected = inputs.require_rejected(NAME)?;
         let (chosen_reward, rejected_reward, gamma) = match self.variant {
             CpoVariant::Cpo => {
@@ -88,13 +88,13 @@ impl Loss for CpoParams {
         };
         let z = (&chosen_reward - &rejected_reward)?.affine(1.0, -gamma)?;
         let preference = log_sigmoid_t(&z)?.neg()?;
-        let nll = inputs.chosen.pooled_mean_per_example("chosen")?.neg()?;
+        let nll = inputs.chosen.pooled_mean_per_example("chosen", scale.pairs, scale.chosen_tokens)?.neg()?;
         let per_example = (&preference + nll.affine(self.alpha, 0.0)?)?;
         let mut metrics = Metrics::new();
         metrics.insert_mean("cpo/preference", &preference)?;
         metrics.insert_mean("nll_loss", &nll)?;
         record_rewards(&mut metrics, &chosen_reward, &rejected_reward)?;
         record_logps(&mut metrics, inputs, rejected)?;
-        LossOutput::from_per_example(per_example, metrics)
+        LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }

@@ -88,7 +88,7 @@ impl Loss for DpoParams {
 
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
         self.validate()?;
-        inputs.validate_batch()?;
+        let scale = inputs.scale()?;
         let rejected = inputs.require_rejected(DPO)?;
         let reference = inputs.require_reference(DPO)?;
         let chosen_logratio = (inputs.chosen.sum() - &reference.chosen_sum)?;
@@ -114,7 +114,7 @@ impl Loss for DpoParams {
             &rejected_logratio.affine(self.beta, 0.0)?,
         )?;
         record_logps(&mut metrics, inputs, rejected)?;
-        LossOutput::from_per_example(per_example, metrics)
+        LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }
 
@@ -155,7 +155,7 @@ impl Loss for IpoParams {
 
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
         self.validate()?;
-        inputs.validate_batch()?;
+        let scale = inputs.scale()?;
         let rejected = inputs.require_rejected(IPO)?;
         let reference = inputs.require_reference(IPO)?;
         // Per-token averages of the policy/reference log-ratios (the policy's counts apply to both).
@@ -172,6 +172,6 @@ impl Loss for IpoParams {
             &rejected_logratio.affine(self.beta, 0.0)?,
         )?;
         record_logps(&mut metrics, inputs, rejected)?;
-        LossOutput::from_per_example(per_example, metrics)
+        LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }

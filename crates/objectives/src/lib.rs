@@ -67,7 +67,7 @@ mod slime;
 pub use cpo::{CpoParams, CpoVariant};
 pub use dpo::{DpoLossType, DpoParams, IpoParams};
 pub use error::{ObjectiveError, Result};
-pub use logps::{DEFAULT_COLLAPSE_DELTA, ObjectiveInputs, ReferenceLogps, SequenceLogps, TokenLogps};
+pub use logps::{BatchTotals, DEFAULT_COLLAPSE_DELTA, ObjectiveInputs, ReferenceLogps, SequenceLogps, TokenLogps};
 pub use objective::{Aggregation, Loss, Objective, Requirements};
 pub use orpo::OrpoParams;
 pub use output::{LossOutput, Metrics};

@@ -162,18 +162,17 @@ impl SequenceLogps {
         self.sum.dims()[0]
     }
 
-    /// Pooled token mean `sum_i S_i / sum_i |y_i|` (what a token-averaged cross-entropy over the
-    /// whole batch gives), with each sequence's contribution scaled so that the mean of the
-    /// returned `[batch]` vector equals the pooled value: `B * S_i / sum_j |y_j|`.
-    pub fn pooled_mean_per_example(&self, side: &'static str) -> Result<Tensor> {
-        let total = self.count.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        if total < 1.0 || total.is_nan() {
+    /// Pooled token mean `sum_i S_i / N` over a batch of `pairs` sequences with `N` counted
+    /// tokens (what a token-averaged cross-entropy over the whole batch gives), attributed per
+    /// sequence as `pairs * S_i / N`, so that `sum_i / pairs` of the result is the pooled value.
+    pub(crate) fn pooled_mean_per_example(&self, side: &'static str, pairs: f64, tokens: f64) -> Result<Tensor> {
+        if tokens < 1.0 || tokens.is_nan() {
             return Err(ObjectiveError::InvalidInput {
                 input: side,
                 reason: "the batch has no completion tokens".into(),
             });
         }
-        Ok(self.sum.affine(self.batch_size() as f64 / total, 0.0)?)
+        Ok(self.sum.affine(pairs / tokens, 0.0)?)
     }
 }
 
@@ -197,6 +196,36 @@ impl ReferenceLogps {
     }
 }
 
+/// Sizes of the full optimisation batch, for inputs that are one micro-batch of it (gradient
+/// accumulation). With them, each micro-batch's `loss` is its exact share of the full-batch loss:
+/// summing `loss` (and gradients) over the micro-batches gives what one pass over the whole
+/// batch would, also for terms pooled over tokens (SLIME's stabiliser, the NLL of CPO, ORPO and
+/// SFT). Thresholded SFT is the exception: its kept-token count is only known per micro-batch,
+/// so there the micro-batch means are averaged, weighted by pairs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchTotals {
+    /// Pairs (or SFT sequences) in the full batch.
+    pub pairs: usize,
+    /// Counted chosen (SFT: target) tokens in the full batch.
+    pub chosen_tokens: f64,
+    /// Counted rejected tokens in the full batch (0 for SFT).
+    pub rejected_tokens: f64,
+}
+
+/// The denominators an objective normalises by: the micro-batch's own sizes, or the full
+/// batch's [`BatchTotals`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scale {
+    /// Pairs in this micro-batch.
+    pub micro_pairs: usize,
+    /// Pairs to average over.
+    pub pairs: f64,
+    /// Chosen tokens to pool over.
+    pub chosen_tokens: f64,
+    /// Rejected tokens to pool over.
+    pub rejected_tokens: f64,
+}
+
 /// Everything an objective may read. Preference objectives need `rejected`; DPO-style
 /// objectives also need `reference` (see [`crate::Requirements`]).
 #[derive(Debug, Clone)]
@@ -209,6 +238,8 @@ pub struct ObjectiveInputs {
     pub reference: Option<ReferenceLogps>,
     /// Threshold for the collapse metric: fraction of rejected tokens with `l_t < -delta`.
     pub collapse_delta: f64,
+    /// Full-batch sizes when these inputs are a micro-batch (see [`BatchTotals`]).
+    pub batch_totals: Option<BatchTotals>,
 }
 
 /// Default collapse threshold: the SLIME paper's delta = 1.25 (token probability below ~0.29).
@@ -217,18 +248,68 @@ pub const DEFAULT_COLLAPSE_DELTA: f64 = 1.25;
 impl ObjectiveInputs {
     /// Inputs for a preference objective.
     pub fn preference(chosen: SequenceLogps, rejected: SequenceLogps) -> Self {
-        Self { chosen, rejected: Some(rejected), reference: None, collapse_delta: DEFAULT_COLLAPSE_DELTA }
+        Self {
+            chosen,
+            rejected: Some(rejected),
+            reference: None,
+            collapse_delta: DEFAULT_COLLAPSE_DELTA,
+            batch_totals: None,
+        }
     }
 
     /// Inputs for a supervised (SFT) objective: only the target completions.
     pub fn supervised(target: SequenceLogps) -> Self {
-        Self { chosen: target, rejected: None, reference: None, collapse_delta: DEFAULT_COLLAPSE_DELTA }
+        Self {
+            chosen: target,
+            rejected: None,
+            reference: None,
+            collapse_delta: DEFAULT_COLLAPSE_DELTA,
+            batch_totals: None,
+        }
     }
 
     /// Adds reference-model sums.
     pub fn with_reference(mut self, reference: ReferenceLogps) -> Self {
         self.reference = Some(reference);
         self
+    }
+
+    /// Marks these inputs as one micro-batch of a larger batch (gradient accumulation).
+    pub fn with_batch_totals(mut self, totals: BatchTotals) -> Self {
+        self.batch_totals = Some(totals);
+        self
+    }
+
+    /// The normalisers for this batch (see [`BatchTotals`]); validates batch sizes first.
+    pub(crate) fn scale(&self) -> Result<Scale> {
+        let micro_pairs = self.validate_batch()?;
+        let total =
+            |s: &SequenceLogps| -> Result<f64> { Ok(s.count.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+        match self.batch_totals {
+            Some(t) => {
+                if t.pairs < micro_pairs || !(t.chosen_tokens >= 0.0 && t.rejected_tokens >= 0.0) {
+                    return Err(ObjectiveError::InvalidInput {
+                        input: "batch_totals",
+                        reason: format!("{t:?} is smaller than the micro-batch of {micro_pairs} pairs"),
+                    });
+                }
+                Ok(Scale {
+                    micro_pairs,
+                    pairs: t.pairs as f64,
+                    chosen_tokens: t.chosen_tokens,
+                    rejected_tokens: t.rejected_tokens,
+                })
+            }
+            None => Ok(Scale {
+                micro_pairs,
+                pairs: micro_pairs as f64,
+                chosen_tokens: total(&self.chosen)?,
+                rejected_tokens: match &self.rejected {
+                    Some(r) => total(r)?,
+                    None => 0.0,
+                },
+            }),
+        }
     }
 
     /// Sets the collapse-metric threshold.

@@ -54,13 +54,13 @@ impl Loss for OrpoParams {
 
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
         self.validate()?;
-        inputs.validate_batch()?;
+        let scale = inputs.scale()?;
         let rejected = inputs.require_rejected(NAME)?;
         let chosen_mean = inputs.chosen.mean("chosen")?;
         let rejected_mean = rejected.mean("rejected")?;
         let log_odds = ((&chosen_mean - &rejected_mean)? - (log1mexp_t(&chosen_mean)? - log1mexp_t(&rejected_mean)?)?)?;
         let ratio = log_sigmoid_t(&log_odds)?;
-        let nll = inputs.chosen.pooled_mean_per_example("chosen")?.neg()?;
+        let nll = inputs.chosen.pooled_mean_per_example("chosen", scale.pairs, scale.chosen_tokens)?.neg()?;
         let per_example = (&nll - ratio.affine(self.beta, 0.0)?)?;
         let mut metrics = Metrics::new();
         metrics.insert_mean("nll_loss", &nll)?;
@@ -68,6 +68,6 @@ impl Loss for OrpoParams {
         metrics.insert_mean("log_odds_chosen", &log_odds)?;
         record_rewards(&mut metrics, &chosen_mean.affine(self.beta, 0.0)?, &rejected_mean.affine(self.beta, 0.0)?)?;
         record_logps(&mut metrics, inputs, rejected)?;
-        LossOutput::from_per_example(per_example, metrics)
+        LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }

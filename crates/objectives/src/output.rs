@@ -54,19 +54,21 @@ impl Metrics {
 pub struct LossOutput {
     /// Scalar batch loss to call `backward` on (f32, or f64 for f64 inputs).
     pub loss: Tensor,
-    /// `[batch]` per-example losses whose mean is `loss`. Terms pooled over the tokens of the
-    /// whole batch (SLIME's stabiliser, the NLL of CPO/ORPO/SFT) are attributed to each example
-    /// in proportion to its own tokens' share, so the mean is still exact.
+    /// `[batch]` per-example losses; `loss = sum(per_example) / pairs`, where `pairs` is the
+    /// batch size (or [`crate::BatchTotals::pairs`] for a micro-batch), so without accumulation
+    /// `loss` is their mean. Terms pooled over the tokens of the whole batch (SLIME's
+    /// stabiliser, the NLL of CPO/ORPO/SFT) are attributed to each example in proportion to its
+    /// own tokens' share, so the sum is still exact.
     pub per_example: Tensor,
     /// Detached metrics: `loss`, each loss term, rewards, log-probs, collapse.
     pub metrics: Metrics,
 }
 
 impl LossOutput {
-    /// Builds the output from per-example losses: `loss = mean(per_example)`, and records
-    /// the `loss` metric.
-    pub(crate) fn from_per_example(per_example: Tensor, mut metrics: Metrics) -> Result<Self> {
-        let loss = per_example.mean_all()?;
+    /// Builds the output from per-example losses: `loss = sum(per_example) / pairs`, and
+    /// records the `loss` metric.
+    pub(crate) fn from_per_example(per_example: Tensor, pairs: f64, mut metrics: Metrics) -> Result<Self> {
+        let loss = (per_example.sum_all()? / pairs)?;
         metrics.insert("loss", loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?);
         Ok(Self { loss, per_example, metrics })
     }

@@ -99,12 +99,12 @@ impl Loss for SftParams {
 
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
         self.validate()?;
-        let batch = inputs.validate_batch()?;
+        let scale = inputs.scale()?;
         let target = &inputs.chosen;
         let mut metrics = Metrics::new();
         let per_example = if self.is_plain_nll() {
             metrics.insert("sft/kept_fraction", 1.0);
-            target.pooled_mean_per_example("chosen")?.neg()?
+            target.pooled_mean_per_example("chosen", scale.pairs, scale.chosen_tokens)?.neg()?
         } else {
             let tokens = target
                 .tokens()
@@ -125,11 +125,17 @@ impl Loss for SftParams {
                 l.affine(self.alpha, 0.0)?.exp()?.affine(-1.0 / self.alpha, 1.0 / self.alpha)?
             };
             let f = keep.where_cond(&f, &f.zeros_like()?)?;
-            // Pooled over kept tokens, attributed per example: B * sum_t f / #kept (0 if nothing is kept).
-            let scale = if kept > 0.0 { batch as f64 / kept } else { 0.0 };
-            f.sum(1)?.affine(scale, 0.0)?
+            // Pooled over the kept tokens, attributed per example: pairs * sum_t f / #kept. Without
+            // a filter every counted token of the full batch is kept; with one, the kept count is
+            // only known for this micro-batch (0 if nothing is kept).
+            let weight = match self.filter {
+                TokenFilter::None => scale.pairs / scale.chosen_tokens,
+                _ if kept > 0.0 => scale.micro_pairs as f64 / kept,
+                _ => 0.0,
+            };
+            f.sum(1)?.affine(weight, 0.0)?
         };
         record_side(&mut metrics, "chosen", target)?;
-        LossOutput::from_per_example(per_example, metrics)
+        LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }

@@ -72,7 +72,7 @@ impl Loss for SimpoParams {
 
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
         self.validate()?;
-        inputs.validate_batch()?;
+        let scale = inputs.scale()?;
         let rejected = inputs.require_rejected(NAME)?;
         let chosen_reward = inputs.chosen.mean("chosen")?.affine(self.beta, 0.0)?;
         let rejected_reward = rejected.mean("rejected")?.affine(self.beta, 0.0)?;
@@ -83,6 +83,6 @@ impl Loss for SimpoParams {
         let mut metrics = Metrics::new();
         record_rewards(&mut metrics, &chosen_reward, &rejected_reward)?;
         record_logps(&mut metrics, inputs, rejected)?;
-        LossOutput::from_per_example(per_example, metrics)
+        LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }

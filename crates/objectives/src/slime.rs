@@ -208,7 +208,7 @@ impl Loss for SlimeParams {
 
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput> {
         self.validate()?;
-        let batch = inputs.validate_batch()?;
+        let scale = inputs.scale()?;
         let rejected = inputs.require_rejected(NAME)?;
         let chosen_mean = inputs.chosen.mean("chosen")?;
         let rejected_mean = rejected.mean("rejected")?;
@@ -221,11 +221,10 @@ impl Loss for SlimeParams {
             let tokens = rejected
                 .tokens()
                 .ok_or(ObjectiveError::MissingInput { objective: NAME, input: "per-token rejected log-probs" })?;
-            let total = tokens.total_count();
             let stabilizer = Stabilizer { delta: self.delta, p: self.p };
             let per_token = tokens.map_counted(|l| map_with_grad(l, &stabilizer))?;
             // Pooled mean over all rejected tokens, attributed per example: B * sum_t g / N.
-            per_token.sum(1)?.affine(self.lambda_l * batch as f64 / total, 0.0)?
+            per_token.sum(1)?.affine(self.lambda_l * scale.pairs / scale.rejected_tokens, 0.0)?
         } else {
             zeros.clone()
         };
@@ -249,6 +248,6 @@ impl Loss for SlimeParams {
         metrics.insert_mean("slime/margin_satisfied", &margin.detach().ge(self.m_h)?)?;
         record_rewards(&mut metrics, &chosen_mean, &rejected_mean)?;
         record_logps(&mut metrics, inputs, rejected)?;
-        LossOutput::from_per_example(per_example, metrics)
+        LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }
