@@ -60,16 +60,19 @@ pub struct LossOutput {
     /// stabiliser, the NLL of CPO/ORPO/SFT) are attributed to each example in proportion to its
     /// own tokens' share, so the sum is still exact.
     pub per_example: Tensor,
-    /// Detached metrics: `loss`, each loss term, rewards, log-probs, collapse.
+    /// Detached metrics: `loss`, each loss term, rewards, log-probs, collapse; means over this
+    /// (micro-)batch.
     pub metrics: Metrics,
 }
 
 impl LossOutput {
     /// Builds the output from per-example losses: `loss = sum(per_example) / pairs`, and
-    /// records the `loss` metric.
+    /// records the `loss` metric as the mean of `per_example` over this batch, like every other
+    /// metric. Under gradient accumulation, metrics averaged over micro-batches weighted by their
+    /// pairs give the full batch's values.
     pub(crate) fn from_per_example(per_example: Tensor, pairs: f64, mut metrics: Metrics) -> Result<Self> {
         let loss = (per_example.sum_all()? / pairs)?;
-        metrics.insert("loss", loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        metrics.insert_mean("loss", &per_example)?;
         Ok(Self { loss, per_example, metrics })
     }
 }

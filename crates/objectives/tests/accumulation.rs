@@ -84,17 +84,20 @@ proptest! {
             let full = objective.compute(&inputs(&objective, &vars, &masks, &refs, (0, n), None)).expect("full");
             let full_grads = full.loss.backward().expect("backward");
             let mut acc_loss = 0.0;
+            let mut weighted_metric = 0.0;
             let mut acc_grad = Tensor::zeros((n, WIDTH), DType::F64, &dev).expect("zeros");
             for start in (0..n).step_by(micro) {
                 let out = objective
                     .compute(&inputs(&objective, &vars, &masks, &refs, (start, start + micro), Some(totals)))
                     .expect("micro");
                 acc_loss += out.loss.to_scalar::<f64>().expect("scalar");
+                weighted_metric += out.metrics.get("loss").expect("loss metric") * micro as f64 / n as f64;
                 let g = out.loss.backward().expect("backward");
                 acc_grad = (acc_grad + g.get(vars.0.as_tensor()).expect("chosen grad")).expect("add");
             }
             let full_loss = full.loss.to_scalar::<f64>().expect("scalar");
             prop_assert!((acc_loss - full_loss).abs() <= 1e-12 * (1.0 + full_loss.abs()), "{}: {acc_loss} vs {full_loss}", objective.name());
+            prop_assert!((weighted_metric - full_loss).abs() <= 1e-12 * (1.0 + full_loss.abs()), "{} metric", objective.name());
             let diff = (acc_grad - full_grads.get(vars.0.as_tensor()).expect("full grad"))
                 .and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_scalar::<f64>()).expect("diff");
             prop_assert!(diff <= 1e-12, "{}: chosen gradients differ by {diff}", objective.name());
