@@ -91,8 +91,9 @@ impl Loss for DpoParams {
         let scale = inputs.scale()?;
         let rejected = inputs.require_rejected(DPO)?;
         let reference = inputs.require_reference(DPO)?;
-        let chosen_logratio = (inputs.chosen.sum() - &reference.chosen_sum)?;
-        let rejected_logratio = (rejected.sum() - &reference.rejected_sum)?;
+        let (ref_chosen, ref_rejected) = reference.in_dtype(inputs.chosen.sum().dtype())?;
+        let chosen_logratio = (inputs.chosen.sum() - ref_chosen)?;
+        let rejected_logratio = (rejected.sum() - ref_rejected)?;
         let z = (&chosen_logratio - &rejected_logratio)?.affine(self.beta, 0.0)?;
         let eps = self.label_smoothing;
         let per_example = match self.loss {
@@ -161,8 +162,9 @@ impl Loss for IpoParams {
         // Per-token averages of the policy/reference log-ratios (the policy's counts apply to both).
         inputs.chosen.mean("chosen")?;
         rejected.mean("rejected")?;
-        let chosen_logratio = (inputs.chosen.sum() - &reference.chosen_sum)?.div(inputs.chosen.count())?;
-        let rejected_logratio = (rejected.sum() - &reference.rejected_sum)?.div(rejected.count())?;
+        let (ref_chosen, ref_rejected) = reference.in_dtype(inputs.chosen.sum().dtype())?;
+        let chosen_logratio = (inputs.chosen.sum() - ref_chosen)?.div(inputs.chosen.count())?;
+        let rejected_logratio = (rejected.sum() - ref_rejected)?.div(rejected.count())?;
         let h = (&chosen_logratio - &rejected_logratio)?;
         let per_example = h.affine(1.0, -1.0 / (2.0 * self.beta))?.sqr()?;
         let mut metrics = Metrics::new();

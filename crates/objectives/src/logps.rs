@@ -194,6 +194,11 @@ impl ReferenceLogps {
             rejected_sum: rejected_sum.detach().to_dtype(dtype)?,
         })
     }
+
+    /// Both sums in `dtype` (the policy's working dtype).
+    pub(crate) fn in_dtype(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        Ok((self.chosen_sum.to_dtype(dtype)?, self.rejected_sum.to_dtype(dtype)?))
+    }
 }
 
 /// Sizes of the full optimisation batch, for inputs that are one micro-batch of it (gradient
