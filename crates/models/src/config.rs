@@ -1,0 +1,225 @@
+//! Llama-family configuration, read from a Hugging Face `config.json`.
+//!
+//! Fields this crate does not use (`architectures`, `torch_dtype`, ...) are ignored; fields that
+//! would change the computation and are not supported (`attention_bias = true`, another
+//! `hidden_act`, an unknown `rope_scaling` type) are rejected by [`LlamaConfig::validate`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ModelError, Result};
+
+/// Llama 3.1/3.2 frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// `"llama3"` (or `"default"`, meaning no scaling).
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    /// Scaling factor for low frequencies.
+    #[serde(default = "one")]
+    pub factor: f64,
+    /// Low-frequency factor.
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    /// High-frequency factor.
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    /// Context length the model was pretrained with.
+    #[serde(default = "default_original_max")]
+    pub original_max_position_embeddings: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn four() -> f64 {
+    4.0
+}
+fn default_original_max() -> usize {
+    8192
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+/// A Llama-architecture config (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Optional RoPE scaling.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Longest position the RoPE tables cover.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// MLP activation; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Bias in attention projections; only `false` is supported.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Bias in MLP projections; only `false` is supported.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// `model_type`, if given, must be `llama`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+impl LlamaConfig {
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Parses `config.json` text; `file` names it in errors.
+    pub fn from_json(text: &str, file: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            file: file.into(),
+            field: "(json)",
+            reason: e.to_string(),
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Rejects unsupported or inconsistent values.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let err = |field: &'static str, reason: String| Err(ModelError::Config { file: file.into(), field, reason });
+        if let Some(t) = self.model_type.as_deref().filter(|t| *t != "llama") {
+            return err("model_type", format!("`{t}` is not a Llama-architecture model (expected `llama`)"));
+        }
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+        ] {
+            if v == 0 {
+                return err(field, "must be at least 1".into());
+            }
+        }
+        if self.kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+            return err(
+                "num_key_value_heads",
+                format!("{} must divide num_attention_heads = {}", self.kv_heads(), self.num_attention_heads),
+            );
+        }
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return err("head_dim", format!("{} must be even and positive (RoPE rotates pairs)", self.head_dim()));
+        }
+        if self.hidden_act != "silu" {
+            return err("hidden_act", format!("`{}` is not supported (expected `silu`)", self.hidden_act));
+        }
+        if self.attention_bias || self.mlp_bias {
+            return err("attention_bias", "biased projections are not supported".into());
+        }
+        if let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type != "llama3" && s.rope_type != "default") {
+            return err("rope_scaling", format!("type `{}` is not supported (expected `llama3`)", s.rope_type));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
+            return err("rms_norm_eps", "rms_norm_eps and rope_theta must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// RoPE inverse frequencies `theta^(-2i/d)`, with Llama 3 scaling applied if configured.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d).step_by(2).map(|i| 1.0 / self.rope_theta.powf(i as f64 / d as f64)).collect();
+        match &self.rope_scaling {
+            Some(s) if s.rope_type == "llama3" => {
+                let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
+                let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+                base.into_iter()
+                    .map(|freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < high_wavelen {
+                            freq
+                        } else if wavelen > low_wavelen {
+                            freq / s.factor
+                        } else {
+                            let smooth = (s.original_max_position_embeddings as f64 / wavelen - s.low_freq_factor)
+                                / (s.high_freq_factor - s.low_freq_factor);
+                            (1.0 - smooth) * freq / s.factor + smooth * freq
+                        }
+                    })
+                    .collect()
+            }
+            _ => base,
+        }
+    }
+
+    /// The reference workload's model (issue 7): vocab 512, hidden 256, intermediate 688,
+    /// 4 layers, 8 heads, 4 key/value heads, untied embeddings.
+    pub fn bench_reference() -> Self {
+        Self::tiny(512, 256, 688, 4, 8, 4)
+    }
+
+    /// A small config for tests and the embedded task.
+    pub fn tiny(
+        vocab: usize,
+        hidden: usize,
+        intermediate: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        Self {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(kv_heads),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            hidden_act: "silu".into(),
+            attention_bias: false,
+            mlp_bias: false,
+            model_type: Some("llama".into()),
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Trainable Llama (Touvron et al. 2023; Llama 3 / 3.1 / 3.2, SmolLM2): pre-norm decoder with
+//! RMSNorm, rotary embeddings (Hugging Face `rotate_half` layout, optional Llama 3 scaling),
+//! grouped-query attention and a SwiGLU MLP. Weight names match Hugging Face checkpoints.
+//!
+//! Unlike candle-transformers' inference model, the forward pass covers whole right-padded
+//! sequences, keeps no KV cache and records a backward pass through every weight.
+
+use candle_core::{D, DType, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::config::LlamaConfig;
+use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
+use crate::{ModelError, Result};
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// A Llama model whose weights live in the `VarBuilder` it was built from.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f64>,
+}
+
+fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out, inp), &format!("{name}.weight"))?, None))
+}
+
+impl Llama {
+    /// Builds the model, taking every weight from `vb` under Hugging Face names
+    /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...).
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate("config")?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let embed_w = vb.get((cfg.vocab_size, h), "model.embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    input_norm: vb.get(h, &format!("{p}.input_layernorm.weight"))?,
+                    attn: Attention {
+                        q: linear(&vb, h, cfg.num_attention_heads * hd, &format!("{p}.self_attn.q_proj"))?,
+                        k: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.k_proj"))?,
+                        v: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.v_proj"))?,
+                        o: linear(&vb, cfg.num_attention_heads * hd, h, &format!("{p}.self_attn.o_proj"))?,
+                        heads: cfg.num_attention_heads,
+                        kv_heads: cfg.kv_heads(),
+                        head_dim: hd,
+                    },
+                    post_norm: vb.get(h, &format!("{p}.post_attention_layernorm.weight"))?,
+                    mlp: Mlp {
+                        gate: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.gate_proj"))?,
+                        up: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.up_proj"))?,
+                        down: linear(&vb, cfg.intermediate_size, h, &format!("{p}.mlp.down_proj"))?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head =
+            if cfg.tie_word_embeddings { embed_w.clone() } else { vb.get((cfg.vocab_size, h), "lm_head.weight")? };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed: Embedding::new(embed_w, h),
+            layers,
+            norm: vb.get(h, "model.norm.weight")?,
+            lm_head,
+            inv_freq: cfg.inv_freq(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` (after the last RMSNorm) for `input_ids`
+    /// `[batch, seq]` (u32). `attention_mask` `[batch, seq]` (1 = real token) marks right padding;
+    /// real tokens never attend to padding, so appending padding leaves them unchanged.
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        if seq > self.cfg.max_position_embeddings {
+            return Err(ModelError::Input {
+                input: "input_ids",
+                reason: format!(
+                    "{seq} positions exceed max_position_embeddings = {}",
+                    self.cfg.max_position_embeddings
+                ),
+            });
+        }
+        let device = input_ids.device();
+        let rows: Option<Vec<Vec<u8>>> = match attention_mask {
+            Some(m) => Some(m.to_dtype(DType::U8)?.to_vec2()?),
+            None => None,
+        };
+        let mask = crate::ops::attention_mask(rows.as_deref(), batch, seq, device)?;
+        let dtype = self.embed.embeddings().dtype();
+        let (cos, sin) = rope_tables(&self.inv_freq, seq, dtype, device)?;
+        let mut x = self.embed.forward(input_ids)?;
+        for layer in &self.layers {
+            let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
+            x = (x + layer.attn.forward(&h, &mask, &cos, &sin)?)?;
+            let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits `[batch, vocab]` at each row's last real position (greedy decoding, parity checks).
+    pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask)?;
+        let (batch, seq, _) = hidden.dims3()?;
+        let lasts: Vec<usize> = match attention_mask {
+            Some(m) => m
+                .to_dtype(DType::F32)?
+                .sum(D::Minus1)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(|n| (n as usize).clamp(1, seq) - 1)
+                .collect(),
+            None => vec![seq - 1; batch],
+        };
+        let rows = (0..batch).map(|b| hidden.i((b, lasts[b]))).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// Per-token log-probs `[batch, seq]` (f32): `out[b, t] = log p(ids[b, t] | ids[b, <t])` for
+    /// `t >= 1`, `out[b, 0] = 0`. The lm_head, log-softmax and gather run over chunks of
+    /// `chunk` positions, so `[batch, seq, vocab]` logits never exist at once in the forward pass.
+    pub fn token_logps(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask)?;
+        crate::logps::chunked_token_logps(&hidden, &self.lm_head, input_ids, chunk)
+    }
+
+    /// Greedy decoding of one prompt: appends the argmax token until a `stop` id (included in
+    /// the output) or `max_new` tokens. Returns only the new tokens.
+    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+        let device = self.embed.embeddings().device();
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            if ids.len() >= self.cfg.max_position_embeddings {
+                break;
+            }
+            let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+            let next = self.last_logits(&input, None)?.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+            ids.push(next);
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope(&split(self.q.forward(x)?, self.heads)?, cos, sin)?;
+        let k = rope(&split(self.k.forward(x)?, self.kv_heads)?, cos, sin)?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let n = self.heads / self.kv_heads;
+        let (k, v) = (repeat_kv(&k, n)?, repeat_kv(&v, n)?);
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
+        Ok(self.o.forward(&out)?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate.forward(x)?.silu()?;
+        Ok(self.down.forward(&(gate * self.up.forward(x)?)?)?)
+    }
+}

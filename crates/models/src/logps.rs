@@ -1,0 +1,36 @@
+//! Token log-probs of given labels without materialising `[batch, seq, vocab]` logits.
+
+use candle_core::{D, DType, Tensor};
+
+use crate::ops::log_softmax;
+use crate::{ModelError, Result};
+
+/// `out[b, t] = log softmax(hidden[b, t-1] W^T)[ids[b, t]]` for `t >= 1`, `out[b, 0] = 0`,
+/// `[batch, seq]` f32, computed over chunks of `chunk` positions: each chunk's
+/// `[batch, chunk, vocab]` logits are reduced to `[batch, chunk]` before the next is formed.
+pub fn chunked_token_logps(hidden: &Tensor, lm_head: &Tensor, ids: &Tensor, chunk: usize) -> Result<Tensor> {
+    let (batch, seq, _) = hidden.dims3()?;
+    if ids.dims() != [batch, seq] {
+        return Err(ModelError::Input {
+            input: "input_ids",
+            reason: format!("shape {:?} does not match hidden states {:?}", ids.dims(), hidden.dims()),
+        });
+    }
+    if chunk == 0 {
+        return Err(ModelError::Input { input: "chunk", reason: "must be at least 1".into() });
+    }
+    let device = hidden.device();
+    let mut parts = vec![Tensor::zeros((batch, 1), DType::F32, device)?];
+    let w_t = lm_head.t()?;
+    let mut start = 1;
+    while start < seq {
+        let len = chunk.min(seq - start);
+        let h = hidden.narrow(1, start - 1, len)?;
+        let logits = h.broadcast_matmul(&w_t)?.to_dtype(DType::F32)?;
+        let labels = ids.narrow(1, start, len)?.contiguous()?.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
+        let picked = log_softmax(&logits)?.contiguous()?.gather(&labels, D::Minus1)?.squeeze(D::Minus1)?;
+        parts.push(picked);
+        start += len;
+    }
+    Ok(Tensor::cat(&parts, 1)?)
+}

@@ -1,0 +1,77 @@
+//! Differentiable building blocks. candle-nn's fused `softmax_last_dim`, `rms_norm` and
+//! `rotary_emb::rope` record no backward pass, so training needs these compositions of
+//! differentiable primitives (fused custom ops with a backward are the planned speed-up).
+
+use candle_core::{D, DType, Device, Tensor};
+
+use crate::Result;
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&scale)?.to_dtype(dtype)?.broadcast_mul(weight)?)
+}
+
+/// `[seq, head_dim / 2]` cos and sin tables for positions `0..seq`.
+pub fn rope_tables(inv_freq: &[f64], seq: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut angles = Vec::with_capacity(seq * half);
+    for pos in 0..seq {
+        angles.extend(inv_freq.iter().map(|f| (pos as f64 * f) as f32));
+    }
+    let angles = Tensor::from_vec(angles, (seq, half), device)?;
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+}
+
+/// Rotary embedding in Hugging Face's `rotate_half` layout on `[batch, heads, seq, head_dim]`:
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half([a, b]) = [-b, a]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    let a = x.narrow(D::Minus1, 0, half)?;
+    let b = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&b.neg()?, &a], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// Additive attention mask `[batch, 1, seq, seq]`: 0 where query i may attend key j
+/// (`j <= i` and key j is a real token), a large negative number elsewhere. A query whose
+/// allowed set would be empty (a padding row with no real key before it) keeps its diagonal,
+/// so softmax never sees a row of only masked entries.
+pub fn attention_mask(attention: Option<&[Vec<u8>]>, batch: usize, seq: usize, device: &Device) -> Result<Tensor> {
+    const MASKED: f32 = -1e30;
+    let mut data = vec![0f32; batch * seq * seq];
+    for b in 0..batch {
+        for i in 0..seq {
+            for j in 0..seq {
+                let real = attention.is_none_or(|m| m[b][j] != 0);
+                let allowed = j <= i && (real || i == j && attention.is_some_and(|m| (0..=i).all(|k| m[b][k] == 0)));
+                if !allowed {
+                    data[(b * seq + i) * seq + j] = MASKED;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (batch, 1, seq, seq), device)?)
+}
+
+/// Repeats key/value heads for grouped-query attention: `[b, kv, s, d] -> [b, kv * n, s, d]`.
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, n, s, d))?.reshape((b, kv * n, s, d))?)
+}
+
+/// `log_softmax` over the last dimension, differentiable: `x - (m + log sum exp(x - m))` with
+/// `m` the detached row maximum.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let m = x.detach().max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
