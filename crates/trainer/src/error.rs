@@ -22,6 +22,9 @@ pub enum TrainError {
     /// An objective error.
     #[error(transparent)]
     Objective(#[from] slime_objectives::ObjectiveError),
+    /// A model error.
+    #[error(transparent)]
+    Model(#[from] slime_models::ModelError),
     /// A candle error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

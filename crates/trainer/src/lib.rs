@@ -15,9 +15,11 @@
 //! ```
 
 pub mod checkpoint;
+pub mod config;
 mod error;
 pub mod metrics_log;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod selection;
 pub mod task;
