@@ -50,7 +50,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { only: None, seeds: vec![0, 1, 2], steps: 150, sft_steps: 800, out: PathBuf::from("results") }
+        Self { only: None, seeds: vec![0, 1, 2], steps: 120, sft_steps: 800, out: PathBuf::from("results") }
     }
 }
 
@@ -107,9 +107,10 @@ fn cell_config(variant: &str, objective: &str, seed: u64, opts: &Options, sft_mo
         format!("name = \"sft\"\nseed = {seed}\n\n[sft]\nsteps = {}\n\n[preference]\nsteps = 0\n", opts.sft_steps)
     } else {
         format!(
-            "name = \"{variant}\"\nseed = {seed}\ninit = {:?}\n\n[preference]\nsteps = {}\nobjective = {objective}\n",
+            "name = \"{variant}\"\nseed = {seed}\ninit = {:?}\n\n[preference]\nsteps = {}\nobjective = {objective}\n\n[eval]\nevery = {}\n",
             sft_model.display().to_string(),
-            opts.steps
+            opts.steps,
+            (opts.steps / 3).max(1)
         )
     }
 }
