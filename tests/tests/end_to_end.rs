@@ -22,11 +22,7 @@ fn tiny(objective: Objective, sft_steps: u64, pref_steps: u64) -> RunConfig {
 }
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .expect("log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
+    std::fs::read_to_string(path).expect("log").lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
 }
 
 #[test]
@@ -34,7 +30,8 @@ fn dpo_first_step_loss_is_ln2() {
     // The reference is the starting model, so Delta = 0 on the first step: -logsig(0) = ln 2.
     let dir = tempfile::tempdir().expect("tempdir");
     run(&tiny(Objective::Dpo(DpoParams::default()), 20, 1), dir.path()).expect("run");
-    let first = lines(&dir.path().join("metrics.jsonl")).into_iter().find(|l| l["stage"] == "preference").expect("step");
+    let first =
+        lines(&dir.path().join("metrics.jsonl")).into_iter().find(|l| l["stage"] == "preference").expect("step");
     let loss = first["loss"].as_f64().expect("loss");
     assert!((loss - std::f64::consts::LN_2).abs() < 1e-5, "first DPO loss {loss}");
     assert_eq!(first["rewards/margins"].as_f64().map(|m| m.abs() < 1e-5), Some(true));

@@ -63,7 +63,10 @@ pub fn parse(args: &[String]) -> Result<Options> {
         match flag.as_str() {
             "--only" => o.only = Some(value()?.split(',').map(str::to_owned).collect()),
             "--seeds" => {
-                o.seeds = value()?.split(',').map(|s| s.parse().with_context(|| format!("--seeds: `{s}` is not a number"))).collect::<Result<_>>()?
+                o.seeds = value()?
+                    .split(',')
+                    .map(|s| s.parse().with_context(|| format!("--seeds: `{s}` is not a number")))
+                    .collect::<Result<_>>()?
             }
             "--steps" => o.steps = value()?.parse().context("--steps: expected a number")?,
             "--sft-steps" => o.sft_steps = value()?.parse().context("--sft-steps: expected a number")?,
@@ -180,4 +183,35 @@ pub fn ablate(opts: &Options) -> Result<()> {
         bail!("{} cells failed: {}", failures.len(), failures.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn options_parse_and_reject_unknowns() -> Result<()> {
+        let o = parse(&args("--only slime,dpo --seeds 3,4 --steps 10 --sft-steps 20 --out x"))?;
+        assert_eq!(o.only, Some(vec!["slime".to_string(), "dpo".to_string()]));
+        assert_eq!((o.seeds, o.steps, o.sft_steps, o.out), (vec![3, 4], 10, 20, PathBuf::from("x")));
+        assert!(parse(&args("--only kto")).is_err());
+        assert!(parse(&args("--seeds a")).is_err());
+        assert!(parse(&args("--steps")).is_err());
+        assert!(parse(&args("--model smollm2")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn cell_configs_parse_as_run_configs() {
+        // Every grid objective is valid TOML for the trainer (checked by parsing the table).
+        for (variant, objective) in GRID {
+            let text = cell_config(variant, objective, 1, &Options::default(), Path::new("/tmp/sft/model"));
+            let value: toml::Table = text.parse().unwrap_or_else(|e| panic!("{variant}: {e}\n{text}"));
+            assert_eq!(value["name"].as_str(), Some(variant));
+        }
+    }
 }

@@ -33,7 +33,8 @@ fn main() -> Result<()> {
         Command::Train { config, run_dir } => {
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
             let cfg = RunConfig::from_toml(&text).with_context(|| format!("in {}", config.display()))?;
-            let result = slime_trainer::run::run(&cfg, &run_dir).with_context(|| format!("run {}", run_dir.display()))?;
+            let result =
+                slime_trainer::run::run(&cfg, &run_dir).with_context(|| format!("run {}", run_dir.display()))?;
             for (k, v) in result {
                 println!("{k} = {v:.4}");
             }

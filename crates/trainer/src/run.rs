@@ -46,7 +46,12 @@ fn tokenize(pairs: Vec<TaskPair>, first_id: u64) -> Result<Vec<(TaskPair, Tokeni
         .enumerate()
         .map(|(i, p)| {
             let enc = |s: String| t.encode(&s).ok_or_else(|| TrainError::Config(format!("untokenizable text `{s}`")));
-            let tok = TokenizedPair { id: first_id + i as u64, prompt: enc(p.prompt())?, chosen: enc(p.chosen())?, rejected: enc(p.rejected())? };
+            let tok = TokenizedPair {
+                id: first_id + i as u64,
+                prompt: enc(p.prompt())?,
+                chosen: enc(p.chosen())?,
+                rejected: enc(p.rejected())?,
+            };
             Ok((p, tok))
         })
         .collect()
@@ -111,7 +116,13 @@ fn optimise(opt: &mut AdamW, loss: &Tensor, step: u64, lr: f64, max_norm: Option
     Ok(norm)
 }
 
-fn record(log: &mut MetricsLog, stage: &str, step: u64, metrics: &slime_objectives::Metrics, extra: &[(&str, f64)]) -> Result<()> {
+fn record(
+    log: &mut MetricsLog,
+    stage: &str,
+    step: u64,
+    metrics: &slime_objectives::Metrics,
+    extra: &[(&str, f64)],
+) -> Result<()> {
     let mut values: BTreeMap<String, f64> = metrics.iter().map(|(k, v)| (k.to_string(), v)).collect();
     for &(k, v) in extra {
         values.insert(k.into(), v);
@@ -120,7 +131,13 @@ fn record(log: &mut MetricsLog, stage: &str, step: u64, metrics: &slime_objectiv
 }
 
 /// The SFT stage: NLL on prompt + chosen of the SFT split.
-fn sft_stage(lm: &CausalLm, data: &[(TaskPair, TokenizedPair)], spec: &StageSpec, seed: u64, log: &mut MetricsLog) -> Result<()> {
+fn sft_stage(
+    lm: &CausalLm,
+    data: &[(TaskPair, TokenizedPair)],
+    spec: &StageSpec,
+    seed: u64,
+    log: &mut MetricsLog,
+) -> Result<()> {
     let device = Device::Cpu;
     let cfg = AdamWConfig { weight_decay: spec.weight_decay, ..AdamWConfig::default() };
     let mut opt = AdamW::new(lm.trainable_vars(), cfg)?;
@@ -132,13 +149,20 @@ fn sft_stage(lm: &CausalLm, data: &[(TaskPair, TokenizedPair)], spec: &StageSpec
         let batch = collate_sft(&picked, ids::PAD);
         let t = to_tensors(&batch, &device)?;
         let logps = lm.model().token_logps(&t.ids, Some(&t.attention), LOGP_CHUNK)?;
-        let out = objective.compute(&ObjectiveInputs::supervised(SequenceLogps::from_tokens(&logps, &t.completion)?))?;
+        let out =
+            objective.compute(&ObjectiveInputs::supervised(SequenceLogps::from_tokens(&logps, &t.completion)?))?;
         let loss = out.metrics.get("loss").unwrap_or(f64::NAN);
         ensure_finite(step + 1, "SFT loss", loss)?;
         let lr = spec.schedule.lr_at(step, spec.steps);
         let norm = optimise(&mut opt, &out.loss, step + 1, lr, spec.max_grad_norm)?;
         let tps = batch.real_tokens() as f64 / started.elapsed().as_secs_f64();
-        record(log, "sft", step + 1, &out.metrics, &[("learning_rate", lr), ("grad_norm", norm), ("tokens_per_second", tps)])?;
+        record(
+            log,
+            "sft",
+            step + 1,
+            &out.metrics,
+            &[("learning_rate", lr), ("grad_norm", norm), ("tokens_per_second", tps)],
+        )?;
     }
     Ok(())
 }
@@ -282,7 +306,8 @@ pub fn run(cfg: &RunConfig, run_dir: &Path) -> Result<BTreeMap<String, f64>> {
             let mut inputs = ObjectiveInputs::preference(chosen, rejected).with_collapse_delta(cfg.eval.collapse_delta);
             if let Some(reference) = &reference {
                 let (c, r): (Vec<f64>, Vec<f64>) = batch.pair_ids.iter().map(|id| reference[id]).unzip();
-                inputs = inputs.with_reference(ReferenceLogps::new(&Tensor::new(c, &device)?, &Tensor::new(r, &device)?)?);
+                inputs =
+                    inputs.with_reference(ReferenceLogps::new(&Tensor::new(c, &device)?, &Tensor::new(r, &device)?)?);
             }
             let out = objective.compute(&inputs)?;
             for (name, value) in out.metrics.iter() {
@@ -296,7 +321,12 @@ pub fn run(cfg: &RunConfig, run_dir: &Path) -> Result<BTreeMap<String, f64>> {
                 "preference",
                 step + 1,
                 &out.metrics,
-                &[("learning_rate", lr), ("grad_norm", norm), ("tokens_per_second", tps), ("selection/uniform_fill", uniform_fill as f64)],
+                &[
+                    ("learning_rate", lr),
+                    ("grad_norm", norm),
+                    ("tokens_per_second", tps),
+                    ("selection/uniform_fill", uniform_fill as f64),
+                ],
             )?;
             if (step + 1) % cfg.eval.every == 0 || step + 1 == spec.steps {
                 final_eval = with_drift(evaluate(&lm, &data.eval, cfg)?);
