@@ -198,7 +198,7 @@ impl RunConfig {
         if self.model.preset != "tiny-llama" {
             return bad(format!("model.preset = `{}`: expected `tiny-llama`", self.model.preset));
         }
-        if self.model.hidden == 0 || self.model.hidden % 4 != 0 || self.model.layers == 0 {
+        if self.model.hidden == 0 || !self.model.hidden.is_multiple_of(4) || self.model.layers == 0 {
             return bad(format!("model.hidden = {} must be a positive multiple of 4, layers >= 1", self.model.hidden));
         }
         if self.data.pairs < 3 || self.data.eval_pairs == 0 {
@@ -210,7 +210,7 @@ impl RunConfig {
         self.sft.schedule.validate()?;
         self.preference.schedule.validate()?;
         for (stage, clip) in [("sft", self.sft.max_grad_norm), ("preference", self.preference.max_grad_norm)] {
-            if clip.is_some_and(|c| !(c > 0.0)) {
+            if clip.is_some_and(|c| c <= 0.0 || c.is_nan()) {
                 return bad(format!("{stage}.max_grad_norm must be > 0"));
             }
         }
