@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -9,20 +11,205 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::LlamaConfig;
+use crate::gemma::{Gemma, GemmaConfig};
 use crate::llama::Llama;
+use crate::lora::{Adapters, LoraConfig};
 use crate::{ModelError, Result};
+
+/// The configuration of any supported family (serialised as the family's own `config.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum ModelConfig {
+    /// Llama 2/3/3.1/3.2, SmolLM2.
+    Llama(LlamaConfig),
+    /// Gemma 1, 2 and 3 (text).
+    Gemma(GemmaConfig),
+}
+
+impl From<LlamaConfig> for ModelConfig {
+    fn from(c: LlamaConfig) -> Self {
+        Self::Llama(c)
+    }
+}
+
+impl From<GemmaConfig> for ModelConfig {
+    fn from(c: GemmaConfig) -> Self {
+        Self::Gemma(c)
+    }
+}
+
+impl ModelConfig {
+    /// Parses a Hugging Face `config.json`, choosing the family by `model_type`
+    /// (`gemma` / `gemma2` / `gemma3_text` -> [`Gemma`], `llama` or absent -> Llama; anything else is an error).
+    pub fn from_json(text: &str, file: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            file: file.into(),
+            field: "(json)",
+            reason: e.to_string(),
+        })?;
+        match value.get("model_type").and_then(|v| v.as_str()) {
+            Some("gemma" | "gemma2" | "gemma3_text") => Ok(Self::Gemma(GemmaConfig::from_json(text, file)?)),
+            None | Some("llama") => Ok(Self::Llama(LlamaConfig::from_json(text, file)?)),
+            Some(other) => Err(ModelError::Config {
+                file: file.into(),
+                field: "model_type",
+                reason: format!("`{other}` is not supported (expected `llama`, `gemma`, `gemma2` or `gemma3_text`)"),
+            }),
+        }
+    }
+
+    /// Every weight with its shape, Hugging Face names.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Self::Llama(c) => weight_shapes(c),
+            Self::Gemma(c) => c.weight_shapes(),
+        }
+    }
+
+    fn validate(&self, file: &str) -> Result<()> {
+        match self {
+            Self::Llama(c) => c.validate(file),
+            Self::Gemma(c) => c.validate(file),
+        }
+    }
+}
+
+/// One model of any supported family; every method has the same contract across families.
+pub enum Model {
+    /// A Llama-architecture model.
+    Llama(Llama),
+    /// A Gemma 1, 2 or 3 (text) model.
+    Gemma(Gemma),
+}
+
+impl Model {
+    /// Final hidden states `[batch, seq, hidden]` (see [`Llama::forward_hidden`]).
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Self::Llama(m) => m.forward_hidden(input_ids, attention_mask),
+            Self::Gemma(m) => m.forward_hidden(input_ids, attention_mask),
+        }
+    }
+
+    /// Per-token log-probs `[batch, seq]` f32 (see [`Llama::token_logps`]).
+    pub fn token_logps(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
+        match self {
+            Self::Llama(m) => m.token_logps(input_ids, attention_mask, chunk),
+            Self::Gemma(m) => m.token_logps(input_ids, attention_mask, chunk),
+        }
+    }
+
+    /// Logits `[batch, vocab]` at each row's last real position.
+    pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Self::Llama(m) => m.last_logits(input_ids, attention_mask),
+            Self::Gemma(m) => m.last_logits(input_ids, attention_mask),
+        }
+    }
+
+    /// Greedy decoding of one prompt: appends the argmax token until a `stop` id (included in
+    /// the output) or `max_new` tokens. Returns only the new tokens.
+    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+        let (device, max_pos) = match self {
+            Self::Llama(m) => return m.generate_greedy(prompt, max_new, stop),
+            Self::Gemma(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
+        };
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            if ids.len() >= max_pos {
+                break;
+            }
+            let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+            let next = self.last_logits(&input, None)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
+            ids.push(next);
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Model {
+    /// Sampled decoding of one prompt: each new token is drawn from `softmax(logits / temperature)`
+    /// with a ChaCha8 generator seeded by `seed` (same seed, same output); `temperature <= 0`
+    /// means greedy. Stops after a `stop` id (included) or `max_new` tokens. Re-runs the prefix
+    /// each step (no KV cache yet). Returns only the new tokens.
+    pub fn generate_sampled(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        temperature: f64,
+        seed: u64,
+    ) -> Result<Vec<u32>> {
+        if temperature <= 0.0 {
+            return self.generate_greedy(prompt, max_new, stop);
+        }
+        let (device, max_pos) = match self {
+            Self::Llama(m) => (m.lm_head_device(), m.config().max_position_embeddings),
+            Self::Gemma(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            if ids.len() >= max_pos {
+                break;
+            }
+            let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+            let logits = (self.last_logits(&input, None)?.squeeze(0)? / temperature)?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
+            let u: f32 = rng.random();
+            let mut acc = 0f32;
+            let mut next = probs.len() as u32 - 1;
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if u < acc {
+                    next = i as u32;
+                    break;
+                }
+            }
+            ids.push(next);
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
 
 /// A trainable causal language model: the architecture plus a `VarMap` of its weights under
 /// Hugging Face names.
 pub struct CausalLm {
     vars: VarMap,
-    model: Llama,
+    config: ModelConfig,
+    model: Model,
+    lora: Option<LoraState>,
+}
+
+struct LoraState {
+    cfg: LoraConfig,
+    /// `(module, A, B)`, sorted by module.
+    vars: Vec<(String, Var, Var)>,
+    enabled: Arc<AtomicBool>,
+}
+
+fn build(config: &ModelConfig, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Model> {
+    Ok(match config {
+        ModelConfig::Llama(c) => Model::Llama(Llama::new_with_lora(c, vb, lora)?),
+        ModelConfig::Gemma(c) => Model::Gemma(Gemma::new_with_lora(c, vb, lora)?),
+    })
 }
 
 impl CausalLm {
     /// Builds a model from named weights (e.g. read from safetensors); every weight becomes a
     /// trainable `Var`. Missing weights are an error naming them.
-    pub fn from_tensors(cfg: &LlamaConfig, weights: HashMap<String, Tensor>) -> Result<Self> {
+    pub fn from_tensors<C: Clone + Into<ModelConfig>>(cfg: &C, weights: HashMap<String, Tensor>) -> Result<Self> {
+        let config: ModelConfig = cfg.clone().into();
         let vars = VarMap::new();
         {
             let mut data = vars
@@ -35,14 +222,17 @@ impl CausalLm {
         }
         let device = vars.all_vars().first().map_or(Device::Cpu, |v| v.device().clone());
         let dtype = vars.all_vars().first().map_or(DType::F32, |v| v.dtype());
-        let model = Llama::new(cfg, VarBuilder::from_varmap(&vars, dtype, &device))?;
-        Ok(Self { vars, model })
+        let model = build(&config, VarBuilder::from_varmap(&vars, dtype, &device), None)?;
+        Ok(Self { vars, config, model, lora: None })
     }
 
     /// A randomly initialised model, deterministic in `seed`: linear and embedding weights
-    /// ~ N(0, 0.02^2) (Hugging Face's `initializer_range`), norm weights 1.
-    pub fn random(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
-        cfg.validate("config")?;
+    /// ~ N(0, 0.02^2) (Hugging Face's `initializer_range`), norm weights 1 (Gemma: stored 0,
+    /// i.e. an effective scale of 1).
+    pub fn random<C: Clone + Into<ModelConfig>>(cfg: &C, seed: u64, device: &Device) -> Result<Self> {
+        let config: ModelConfig = cfg.clone().into();
+        config.validate("config")?;
+        let norm_value = if matches!(config, ModelConfig::Gemma(_)) { 0.0 } else { 1.0 };
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut normal = |n: usize| -> Vec<f32> {
             (0..n)
@@ -54,15 +244,15 @@ impl CausalLm {
                 .collect()
         };
         let mut weights = HashMap::new();
-        for (name, shape) in weight_shapes(cfg) {
-            let t = if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") {
-                Tensor::ones(shape.as_slice(), DType::F32, device)?
+        for (name, shape) in config.weight_shapes() {
+            let t = if name.ends_with("norm.weight") {
+                (Tensor::ones(shape.as_slice(), DType::F32, device)? * norm_value)?
             } else {
                 Tensor::from_vec(normal(shape.iter().product()), shape.as_slice(), device)?
             };
             weights.insert(name, t);
         }
-        Self::from_tensors(cfg, weights)
+        Self::from_tensors(&config, weights)
     }
 
     /// Loads `model.safetensors` (or a sharded `model.safetensors.index.json` set) and
@@ -71,7 +261,7 @@ impl CausalLm {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| ModelError::Io { path: config_path.display().to_string(), reason: e.to_string() })?;
-        let cfg = LlamaConfig::from_json(&text, &config_path.display().to_string())?;
+        let cfg = ModelConfig::from_json(&text, &config_path.display().to_string())?;
         let mut weights = HashMap::new();
         for file in crate::weights::safetensors_files(dir)? {
             let loaded = candle_core::safetensors::load(&file, device)
@@ -81,32 +271,169 @@ impl CausalLm {
         Self::from_tensors(&cfg, weights)
     }
 
+    /// Loads a llama.cpp GGUF checkpoint (any quantization candle reads, dequantized to f32) for
+    /// the architecture `cfg` (e.g. from the model's Hugging Face `config.json`); see [`crate::gguf`].
+    pub fn from_gguf<C: Clone + Into<ModelConfig>>(path: &Path, cfg: &C, device: &Device) -> Result<Self> {
+        let config: ModelConfig = cfg.clone().into();
+        let weights = crate::gguf::load_gguf(path, &config, device)?;
+        Self::from_tensors(&config, weights)
+    }
+
     /// The architecture.
-    pub fn model(&self) -> &Llama {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 
     /// The configuration.
-    pub fn config(&self) -> &LlamaConfig {
-        self.model.config()
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
-    /// Every trainable variable with its Hugging Face name, sorted by name.
+    /// Every trainable variable with its Hugging Face name, sorted by name. With LoRA attached:
+    /// only the adapters, named as in PEFT's `adapter_model.safetensors`
+    /// (`base_model.model.{module}.lora_A.weight`).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        if let Some(l) = &self.lora {
+            let mut out = Vec::new();
+            for (m, a, b) in &l.vars {
+                out.push((format!("base_model.model.{m}.lora_A.weight"), a.clone()));
+                out.push((format!("base_model.model.{m}.lora_B.weight"), b.clone()));
+            }
+            return out;
+        }
+        self.base_vars()
+    }
+
+    fn base_vars(&self) -> Vec<(String, Var)> {
         let data = self.vars.data().lock().map(|d| d.clone()).unwrap_or_default();
         let mut out: Vec<(String, Var)> = data.into_iter().collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// Current weights by name (shared storage; copy before mutating).
+    /// Attaches LoRA adapters to the projections `cfg.target_modules` names: `A` uniform in
+    /// `+-1/sqrt(in)` (PEFT's Kaiming-uniform bound), deterministic in `seed`, and `B = 0`, so the
+    /// model computes exactly what it did. The base weights are frozen from now on (the model
+    /// reads detached views of them: no copy, no gradient); [`Self::trainable_vars`] lists only
+    /// the adapters.
+    pub fn with_lora(self, cfg: LoraConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let base = self.weights();
+        let device = base.values().next().map_or(Device::Cpu, |t| t.device().clone());
+        let dtype = base.values().next().map_or(DType::F32, |t| t.dtype());
+        let mut vars = Vec::new();
+        for (name, shape) in self.config.weight_shapes() {
+            let Some(module) = name.strip_suffix(".weight").filter(|m| cfg.targets(m)) else { continue };
+            let (out, inp) = (shape[0], shape[1]);
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.r * inp).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &device)?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, cfg.r), dtype, &device)?)?;
+            vars.push((module.to_string(), a, b));
+        }
+        if vars.is_empty() {
+            return Err(ModelError::Config {
+                file: "adapter_config.json".into(),
+                field: "target_modules",
+                reason: format!("{:?} match no projection of this model", cfg.target_modules),
+            });
+        }
+        vars.sort_by(|x, y| x.0.cmp(&y.0));
+        let enabled = Arc::new(AtomicBool::new(true));
+        let frozen: HashMap<String, Tensor> = base.into_iter().map(|(n, t)| (n, t.detach())).collect();
+        let adapters = Adapters {
+            map: vars.iter().map(|(m, a, b)| (m.clone(), (a.as_tensor().clone(), b.as_tensor().clone()))).collect(),
+            scale: cfg.scale(),
+            enabled: enabled.clone(),
+        };
+        let model = build(&self.config, VarBuilder::from_tensors(frozen, dtype, &device), Some(&adapters))?;
+        Ok(Self { vars: self.vars, config: self.config, model, lora: Some(LoraState { cfg, vars, enabled }) })
+    }
+
+    /// Folds the adapters into the base weights, `W + (alpha / r) B A`, and returns a plain model
+    /// (all weights trainable again, no adapters): what `save_dir` then writes loads in
+    /// transformers without PEFT. Without adapters, returns the model unchanged.
+    pub fn merge_lora(self) -> Result<Self> {
+        let Some(lora) = &self.lora else { return Ok(self) };
+        let mut weights: HashMap<String, Tensor> =
+            self.weights().into_iter().map(|(n, t)| Ok((n, t.copy()?))).collect::<Result<_>>()?;
+        for (module, a, b) in &lora.vars {
+            let name = format!("{module}.weight");
+            let w = weights
+                .get(&name)
+                .ok_or_else(|| ModelError::Input { input: "adapters", reason: format!("no base weight `{name}`") })?;
+            let delta = (b.as_tensor().matmul(a.as_tensor())? * lora.cfg.scale())?;
+            let merged = (w + delta.to_dtype(w.dtype())?)?;
+            weights.insert(name, merged);
+        }
+        Self::from_tensors(&self.config, weights)
+    }
+
+    /// Switches LoRA adapters on or off (off: the base model, e.g. DPO's reference, sharing the
+    /// weights). No effect without adapters.
+    pub fn set_adapters_enabled(&self, on: bool) {
+        if let Some(l) = &self.lora {
+            l.enabled.store(on, Ordering::Relaxed);
+        }
+    }
+
+    /// The attached LoRA config, if any.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.cfg)
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout) into `dir`.
+    pub fn save_adapters(&self, dir: &Path) -> Result<()> {
+        let lora = self.lora.as_ref().ok_or_else(|| ModelError::Input {
+            input: "adapters",
+            reason: "no LoRA adapters attached (call with_lora first)".into(),
+        })?;
+        let io = |e: std::io::Error| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tensors: HashMap<String, Tensor> =
+            self.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let file = dir.join("adapter_model.safetensors");
+        candle_core::safetensors::save(&tensors, &file)
+            .map_err(|e| ModelError::Io { path: file.display().to_string(), reason: e.to_string() })?;
+        let text = serde_json::to_string_pretty(&lora.cfg)
+            .map_err(|e| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() })?;
+        std::fs::write(dir.join("adapter_config.json"), text).map_err(io)
+    }
+
+    /// Attaches the adapters saved in `dir` (PEFT's layout) to this (base) model.
+    pub fn load_adapters(self, dir: &Path) -> Result<Self> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ModelError::Io { path: path.display().to_string(), reason: e.to_string() })?;
+        let cfg: LoraConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            file: path.display().to_string(),
+            field: "(json)",
+            reason: e.to_string(),
+        })?;
+        let lm = self.with_lora(cfg, 0)?;
+        let file = dir.join("adapter_model.safetensors");
+        let device = lm.trainable_vars().first().map_or(Device::Cpu, |(_, v)| v.device().clone());
+        let saved = candle_core::safetensors::load(&file, &device)
+            .map_err(|e| ModelError::Io { path: file.display().to_string(), reason: e.to_string() })?;
+        for (name, var) in lm.trainable_vars() {
+            let t = saved.get(&name).ok_or_else(|| ModelError::Io {
+                path: file.display().to_string(),
+                reason: format!("missing `{name}`"),
+            })?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        Ok(lm)
+    }
+
+    /// Current base weights by name (shared storage; copy before mutating).
     pub fn weights(&self) -> HashMap<String, Tensor> {
-        self.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
+        self.base_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
     }
 
     /// Overwrites every weight from `weights` (names and shapes must match).
     pub fn set_weights(&self, weights: &HashMap<String, Tensor>) -> Result<()> {
-        for (name, var) in self.trainable_vars() {
+        for (name, var) in self.base_vars() {
             let t = weights
                 .get(&name)
                 .ok_or_else(|| ModelError::Input { input: "weights", reason: format!("missing `{name}`") })?;
@@ -120,7 +447,7 @@ impl CausalLm {
         let io = |e: std::io::Error| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut weights = self.weights();
-        if self.config().tie_word_embeddings {
+        if matches!(&self.config, ModelConfig::Llama(c) if c.tie_word_embeddings) {
             weights.remove("lm_head.weight");
         }
         let file = dir.join("model.safetensors");

@@ -5,8 +5,21 @@
 //! sequences, record gradients through every weight, and compute per-token log-probs of given
 //! labels in chunks so `[batch, seq, vocab]` logits never exist at once.
 //!
-//! Today: the Llama family ([`LlamaConfig`], Llama 2/3/3.1/3.2 and SmolLM2), safetensors
-//! loading and saving (single file and sharded), greedy generation.
+//! Supported: the Llama family ([`LlamaConfig`]: Llama 2/3/3.1/3.2, SmolLM2) and Gemma 1, 2 and 3 text
+//! ([`GemmaConfig`]), behind one [`CausalLm`] / [`Model`] with the same contract; safetensors
+//! loading and saving (single file and sharded); LoRA adapters in PEFT's layout ([`lora`],
+//! [`CausalLm::with_lora`]); GGUF loading with dequantization ([`gguf`]); greedy and sampled
+//! generation. RMSNorm and the
+//! log-softmax + gather of the log-prob path are fused CPU kernels with a backward ([`fused`]).
+//!
+//! The contract the trainer relies on:
+//! - [`Model::forward_hidden`]`(input_ids [B,T] u32, attention_mask Option<[B,T] u8/u32>)` ->
+//!   `[B,T,H]`; mask 1 = real token, right padding; real tokens never attend to padding.
+//! - [`Model::token_logps`]`(input_ids, attention_mask, chunk)` -> `[B,T]` f32 with
+//!   `out[b,t] = log p(ids[b,t] | ids[b,<t])` for `t >= 1` and `out[b,0] = 0`, computed over chunks
+//!   of positions so `[B,T,V]` logits never exist; differentiable w.r.t. every weight.
+//! - [`CausalLm::trainable_vars`] -> `(Hugging Face name, Var)` pairs, sorted by name;
+//!   [`CausalLm::from_dir`] / [`CausalLm::save_dir`] read and write Hugging Face layouts.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -27,12 +40,18 @@
 mod causal_lm;
 pub mod config;
 mod error;
+pub mod fused;
+pub mod gemma;
+pub mod gguf;
 pub mod llama;
 pub mod logps;
+pub mod lora;
 pub mod ops;
 pub mod weights;
 
-pub use causal_lm::{CausalLm, weight_shapes};
+pub use causal_lm::{CausalLm, Model, ModelConfig, weight_shapes};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
+pub use gemma::{Gemma, GemmaConfig};
 pub use llama::Llama;
+pub use lora::LoraConfig;

@@ -6,26 +6,27 @@
 //! sequences, keeps no KV cache and records a backward pass through every weight.
 
 use candle_core::{D, DType, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::LlamaConfig;
+use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
 use crate::{ModelError, Result};
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 struct Layer {
@@ -45,14 +46,19 @@ pub struct Llama {
     inv_freq: Vec<f64>,
 }
 
-fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out, inp), &format!("{name}.weight"))?, None))
+fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Adapters>) -> Result<Proj> {
+    Ok(Proj::new(vb.get((out, inp), &format!("{name}.weight"))?, name, lora))
 }
 
 impl Llama {
     /// Builds the model, taking every weight from `vb` under Hugging Face names
     /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...).
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with_lora(cfg, vb, None)
+    }
+
+    /// [`Self::new`] with LoRA adapters on the projections `lora` names.
+    pub fn new_with_lora(cfg: &LlamaConfig, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Self> {
         cfg.validate("config")?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let embed_w = vb.get((cfg.vocab_size, h), "model.embed_tokens.weight")?;
@@ -62,19 +68,19 @@ impl Llama {
                 Ok(Layer {
                     input_norm: vb.get(h, &format!("{p}.input_layernorm.weight"))?,
                     attn: Attention {
-                        q: linear(&vb, h, cfg.num_attention_heads * hd, &format!("{p}.self_attn.q_proj"))?,
-                        k: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.k_proj"))?,
-                        v: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.v_proj"))?,
-                        o: linear(&vb, cfg.num_attention_heads * hd, h, &format!("{p}.self_attn.o_proj"))?,
+                        q: linear(&vb, h, cfg.num_attention_heads * hd, &format!("{p}.self_attn.q_proj"), lora)?,
+                        k: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.k_proj"), lora)?,
+                        v: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.v_proj"), lora)?,
+                        o: linear(&vb, cfg.num_attention_heads * hd, h, &format!("{p}.self_attn.o_proj"), lora)?,
                         heads: cfg.num_attention_heads,
                         kv_heads: cfg.kv_heads(),
                         head_dim: hd,
                     },
                     post_norm: vb.get(h, &format!("{p}.post_attention_layernorm.weight"))?,
                     mlp: Mlp {
-                        gate: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.gate_proj"))?,
-                        up: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.up_proj"))?,
-                        down: linear(&vb, cfg.intermediate_size, h, &format!("{p}.mlp.down_proj"))?,
+                        gate: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.gate_proj"), lora)?,
+                        up: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.up_proj"), lora)?,
+                        down: linear(&vb, cfg.intermediate_size, h, &format!("{p}.mlp.down_proj"), lora)?,
                     },
                 })
             })
@@ -89,6 +95,11 @@ impl Llama {
             lm_head,
             inv_freq: cfg.inv_freq(),
         })
+    }
+
+    /// The device the weights live on.
+    pub fn lm_head_device(&self) -> candle_core::Device {
+        self.lm_head.device().clone()
     }
 
     /// The configuration.
@@ -191,13 +202,13 @@ impl Attention {
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
-        Ok(self.o.forward(&out)?)
+        self.o.forward(&out)
     }
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate.forward(x)?.silu()?;
-        Ok(self.down.forward(&(gate * self.up.forward(x)?)?)?)
+        self.down.forward(&(gate * self.up.forward(x)?)?)
     }
 }

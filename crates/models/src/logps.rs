@@ -2,13 +2,25 @@
 
 use candle_core::{D, DType, Tensor};
 
-use crate::ops::log_softmax;
+use crate::fused::log_softmax_gather;
 use crate::{ModelError, Result};
 
 /// `out[b, t] = log softmax(hidden[b, t-1] W^T)[ids[b, t]]` for `t >= 1`, `out[b, 0] = 0`,
 /// `[batch, seq]` f32, computed over chunks of `chunk` positions: each chunk's
 /// `[batch, chunk, vocab]` logits are reduced to `[batch, chunk]` before the next is formed.
 pub fn chunked_token_logps(hidden: &Tensor, lm_head: &Tensor, ids: &Tensor, chunk: usize) -> Result<Tensor> {
+    chunked_token_logps_capped(hidden, lm_head, ids, chunk, None)
+}
+
+/// [`chunked_token_logps`] with optional final-logit soft-capping (Gemma 2):
+/// logits become `cap * tanh(logits / cap)` before the log-softmax.
+pub fn chunked_token_logps_capped(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    ids: &Tensor,
+    chunk: usize,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (batch, seq, _) = hidden.dims3()?;
     if ids.dims() != [batch, seq] {
         return Err(ModelError::Input {
@@ -26,10 +38,14 @@ pub fn chunked_token_logps(hidden: &Tensor, lm_head: &Tensor, ids: &Tensor, chun
     while start < seq {
         let len = chunk.min(seq - start);
         let h = hidden.narrow(1, start - 1, len)?;
-        let logits = h.broadcast_matmul(&w_t)?.to_dtype(DType::F32)?;
-        let labels = ids.narrow(1, start, len)?.contiguous()?.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
-        let picked = log_softmax(&logits)?.contiguous()?.gather(&labels, D::Minus1)?.squeeze(D::Minus1)?;
-        parts.push(picked);
+        let mut logits = h.broadcast_matmul(&w_t)?.to_dtype(DType::F32)?;
+        if let Some(cap) = softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        let vocab = logits.dim(D::Minus1)?;
+        let labels = ids.narrow(1, start, len)?.contiguous()?.flatten_all()?;
+        let picked = log_softmax_gather(&logits.reshape((batch * len, vocab))?, &labels)?;
+        parts.push(picked.reshape((batch, len))?);
         start += len;
     }
     Ok(Tensor::cat(&parts, 1)?)

@@ -1,13 +1,20 @@
 //! Differentiable building blocks. candle-nn's fused `softmax_last_dim`, `rms_norm` and
 //! `rotary_emb::rope` record no backward pass, so training needs these compositions of
-//! differentiable primitives (fused custom ops with a backward are the planned speed-up).
+//! differentiable primitives, or fused custom ops with a backward ([`crate::fused`]).
 
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::Result;
 
-/// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`; the fused kernel
+/// ([`crate::fused::rms_norm`]) on f32 CPU tensors, [`rms_norm_composed`] otherwise.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::fused::rms_norm(x, weight, eps)
+}
+
+/// RMSNorm `x / sqrt(mean(x^2) + eps) * weight` as a composition of differentiable
+/// primitives, computed in f32 (the reference the fused kernel is tested against).
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;

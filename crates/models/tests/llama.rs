@@ -213,3 +213,25 @@ fn invalid_configs_are_rejected_with_the_field_named() {
     let err = LlamaConfig::from_json("{\"hidden_size\": 4}", "c.json").expect_err("missing fields");
     assert!(err.to_string().contains("vocab_size"), "{err}");
 }
+
+#[test]
+fn sampled_generation_is_seeded_and_follows_the_distribution() -> Result<()> {
+    let (_, cfg) = &configs()[0];
+    let lm = model(cfg, 9)?;
+    let prompt = [3u32, 8, 1];
+    let a = lm.model().generate_sampled(&prompt, 6, &[], 1.0, 42)?;
+    assert_eq!(a, lm.model().generate_sampled(&prompt, 6, &[], 1.0, 42)?);
+    assert_eq!(a.len(), 6);
+    // Temperature 0 is greedy; a very low temperature samples the argmax too.
+    let greedy = lm.model().generate_greedy(&prompt, 4, &[])?;
+    assert_eq!(lm.model().generate_sampled(&prompt, 4, &[], 0.0, 1)?, greedy);
+    assert_eq!(lm.model().generate_sampled(&prompt, 4, &[], 1e-4, 1)?, greedy);
+    // With near-uniform random weights, temperature 1 explores: different seeds differ somewhere.
+    let outs: std::collections::HashSet<Vec<u32>> =
+        (0..5).map(|s| lm.model().generate_sampled(&prompt, 6, &[], 1.0, s)).collect::<Result<_>>()?;
+    assert!(outs.len() > 1);
+    // Stops after the first stop id.
+    let first = a[0];
+    assert_eq!(lm.model().generate_sampled(&prompt, 6, &[first], 1.0, 42)?, vec![first]);
+    Ok(())
+}
