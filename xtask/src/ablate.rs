@@ -172,7 +172,11 @@ pub fn ablate(opts: &Options) -> Result<()> {
     let order: Vec<String> = GRID.iter().map(|(v, _)| v.to_string()).collect();
     let cells: Vec<report::Cell> = report::read_cells(&out)?
         .into_iter()
-        .filter(|c| variants.iter().any(|(v, _)| *v == c.result.variant) && opts.seeds.contains(&c.result.seed))
+        .filter(|c| {
+            // The SFT row always appears: it is every variant's starting point.
+            let wanted = c.result.variant == "sft" || variants.iter().any(|(v, _)| *v == c.result.variant);
+            wanted && opts.seeds.contains(&c.result.seed)
+        })
         .collect();
     for path in report::write_report(&cells, &order, &out)? {
         println!("wrote {}", path.display());
