@@ -40,6 +40,12 @@ pub struct Batch {
     pub pair_ids: Vec<u64>,
 }
 
+/// The preference-batch contract name: `rows = 2 * pairs`, chosen rows then rejected rows.
+pub type PreferenceBatch = Batch;
+
+/// The SFT-batch contract name: one row per pair (prompt + chosen), same layout semantics.
+pub type SftBatch = Batch;
+
 impl Batch {
     /// Fraction of positions that are padding.
     pub fn padding_fraction(&self) -> f64 {

@@ -18,5 +18,5 @@
 mod batch;
 mod sampler;
 
-pub use batch::{Batch, TokenizedPair, collate_pairs, collate_sft};
+pub use batch::{Batch, PreferenceBatch, SftBatch, TokenizedPair, collate_pairs, collate_sft};
 pub use sampler::{Cursor, EpochSampler};
