@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{record_logps, record_rewards};
-use crate::numerics::{log_sigmoid_t, relu_t};
+use crate::numerics::{log_sigmoid_t, relu_t, smoothed_logistic_loss};
 use crate::objective::{Aggregation, Loss, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveError, ObjectiveInputs, Result};
@@ -97,10 +97,7 @@ impl Loss for DpoParams {
         let z = (&chosen_logratio - &rejected_logratio)?.affine(self.beta, 0.0)?;
         let eps = self.label_smoothing;
         let per_example = match self.loss {
-            DpoLossType::Sigmoid => {
-                let pos = log_sigmoid_t(&z)?.affine(-(1.0 - eps), 0.0)?;
-                if eps == 0.0 { pos } else { (pos - log_sigmoid_t(&z.neg()?)?.affine(eps, 0.0)?)? }
-            }
+            DpoLossType::Sigmoid => smoothed_logistic_loss(&z, eps)?,
             DpoLossType::Robust => {
                 let pos = log_sigmoid_t(&z)?.affine(-(1.0 - eps), 0.0)?;
                 let neg = log_sigmoid_t(&z.neg()?)?.affine(eps, 0.0)?;

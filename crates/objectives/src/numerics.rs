@@ -220,6 +220,13 @@ pub fn relu_t(x: &Tensor) -> Result<Tensor> {
     map_with_grad(x, &Relu)
 }
 
+/// The label-smoothed logistic loss `-(1 - eps) logsig(z) - eps logsig(-z)` (DPO's cDPO, SimPO),
+/// elementwise; `eps = 0` is plain `-logsig(z)`.
+pub fn smoothed_logistic_loss(z: &Tensor, eps: f64) -> Result<Tensor> {
+    let pos = log_sigmoid_t(z)?.affine(-(1.0 - eps), 0.0)?;
+    if eps == 0.0 { Ok(pos) } else { Ok((pos - log_sigmoid_t(&z.neg()?)?.affine(eps, 0.0)?)?) }
+}
+
 /// Elementwise [`log1mexp`] with its exact gradient.
 pub fn log1mexp_t(x: &Tensor) -> Result<Tensor> {
     map_with_grad(x, &Log1mexp)

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{record_logps, record_rewards};
-use crate::numerics::log_sigmoid_t;
+use crate::numerics::smoothed_logistic_loss;
 use crate::objective::{Aggregation, Loss, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveInputs, Result};
@@ -77,9 +77,7 @@ impl Loss for SimpoParams {
         let chosen_reward = inputs.chosen.mean("chosen")?.affine(self.beta, 0.0)?;
         let rejected_reward = rejected.mean("rejected")?.affine(self.beta, 0.0)?;
         let z = (&chosen_reward - &rejected_reward)?.affine(1.0, -self.gamma())?;
-        let eps = self.label_smoothing;
-        let pos = log_sigmoid_t(&z)?.affine(-(1.0 - eps), 0.0)?;
-        let per_example = if eps == 0.0 { pos } else { (pos - log_sigmoid_t(&z.neg()?)?.affine(eps, 0.0)?)? };
+        let per_example = smoothed_logistic_loss(&z, self.label_smoothing)?;
         let mut metrics = Metrics::new();
         record_rewards(&mut metrics, &chosen_reward, &rejected_reward)?;
         record_logps(&mut metrics, inputs, rejected)?;
