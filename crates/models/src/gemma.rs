@@ -462,21 +462,8 @@ impl Gemma {
     /// [`crate::Llama::forward_hidden`] (right padding, real tokens never see padding).
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
-        if seq > self.cfg.max_position_embeddings {
-            return Err(ModelError::Input {
-                input: "input_ids",
-                reason: format!(
-                    "{seq} positions exceed max_position_embeddings = {}",
-                    self.cfg.max_position_embeddings
-                ),
-            });
-        }
         let device = input_ids.device();
-        let rows: Option<Vec<Vec<u8>>> = match attention_mask {
-            Some(m) => Some(m.to_dtype(DType::U8)?.to_vec2()?),
-            None => None,
-        };
-        let mask = crate::ops::attention_mask(rows.as_deref(), batch, seq, device)?;
+        let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
         let dtype = self.embed.embeddings().dtype();
         let global_rope = rope_tables(&self.inv_freq, seq, dtype, device)?;
         let local_rope = rope_tables(&self.local_inv_freq, seq, dtype, device)?;

@@ -8,10 +8,10 @@
 use candle_core::{D, DType, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
+use crate::Result;
 use crate::config::LlamaConfig;
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
-use crate::{ModelError, Result};
 
 struct Attention {
     q: Proj,
@@ -111,22 +111,9 @@ impl Llama {
     /// `[batch, seq]` (u32). `attention_mask` `[batch, seq]` (1 = real token) marks right padding;
     /// real tokens never attend to padding, so appending padding leaves them unchanged.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2()?;
-        if seq > self.cfg.max_position_embeddings {
-            return Err(ModelError::Input {
-                input: "input_ids",
-                reason: format!(
-                    "{seq} positions exceed max_position_embeddings = {}",
-                    self.cfg.max_position_embeddings
-                ),
-            });
-        }
+        let (_, seq) = input_ids.dims2()?;
         let device = input_ids.device();
-        let rows: Option<Vec<Vec<u8>>> = match attention_mask {
-            Some(m) => Some(m.to_dtype(DType::U8)?.to_vec2()?),
-            None => None,
-        };
-        let mask = crate::ops::attention_mask(rows.as_deref(), batch, seq, device)?;
+        let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
         let dtype = self.embed.embeddings().dtype();
         let (cos, sin) = rope_tables(&self.inv_freq, seq, dtype, device)?;
         let mut x = self.embed.forward(input_ids)?;

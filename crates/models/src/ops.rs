@@ -65,6 +65,23 @@ pub fn attention_mask(attention: Option<&[Vec<u8>]>, batch: usize, seq: usize, d
     Ok(Tensor::from_vec(data, (batch, 1, seq, seq), device)?)
 }
 
+/// The additive attention mask of [`attention_mask`] for `input_ids` `[batch, seq]` and an optional
+/// `[batch, seq]` padding mask (1 = real token), after checking that `seq` fits the model.
+pub fn input_attention_mask(input_ids: &Tensor, padding: Option<&Tensor>, max_positions: usize) -> Result<Tensor> {
+    let (batch, seq) = input_ids.dims2()?;
+    if seq > max_positions {
+        return Err(crate::ModelError::Input {
+            input: "input_ids",
+            reason: format!("{seq} positions exceed max_position_embeddings = {max_positions}"),
+        });
+    }
+    let rows: Option<Vec<Vec<u8>>> = match padding {
+        Some(m) => Some(m.to_dtype(DType::U8)?.to_vec2()?),
+        None => None,
+    };
+    attention_mask(rows.as_deref(), batch, seq, input_ids.device())
+}
+
 /// Repeats key/value heads for grouped-query attention: `[b, kv, s, d] -> [b, kv * n, s, d]`.
 pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
