@@ -110,33 +110,13 @@ impl Model {
     /// Greedy decoding of one prompt: appends the argmax token until a `stop` id (included in
     /// the output) or `max_new` tokens. Returns only the new tokens.
     pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-        let (device, max_pos) = match self {
-            Self::Llama(m) => return m.generate_greedy(prompt, max_new, stop),
-            Self::Gemma(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
-        };
-        let mut ids = prompt.to_vec();
-        let mut out = Vec::new();
-        for _ in 0..max_new {
-            if ids.len() >= max_pos {
-                break;
-            }
-            let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-            let next = self.last_logits(&input, None)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
-            ids.push(next);
-            out.push(next);
-            if stop.contains(&next) {
-                break;
-            }
-        }
-        Ok(out)
+        self.decode(prompt, max_new, stop, |logits| Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0]))
     }
-}
 
-impl Model {
     /// Sampled decoding of one prompt: each new token is drawn from `softmax(logits / temperature)`
     /// with a ChaCha8 generator seeded by `seed` (same seed, same output); `temperature <= 0`
-    /// means greedy. Stops after a `stop` id (included) or `max_new` tokens. Re-runs the prefix
-    /// each step (no KV cache yet). Returns only the new tokens.
+    /// means greedy. Stops after a `stop` id (included) or `max_new` tokens. Returns only the new
+    /// tokens.
     pub fn generate_sampled(
         &self,
         prompt: &[u32],
@@ -148,11 +128,34 @@ impl Model {
         if temperature <= 0.0 {
             return self.generate_greedy(prompt, max_new, stop);
         }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        self.decode(prompt, max_new, stop, |logits| {
+            let probs = candle_nn::ops::softmax_last_dim(&(logits.squeeze(0)? / temperature)?)?.to_vec1::<f32>()?;
+            let u: f32 = rng.random();
+            let mut acc = 0f32;
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if u < acc {
+                    return Ok(i as u32);
+                }
+            }
+            Ok(probs.len() as u32 - 1)
+        })
+    }
+
+    /// The decoding loop shared by greedy and sampled generation: `pick` chooses the next token
+    /// from the `[1, vocab]` last-position logits. Re-runs the prefix each step (no KV cache yet).
+    fn decode(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        mut pick: impl FnMut(&Tensor) -> Result<u32>,
+    ) -> Result<Vec<u32>> {
         let (device, max_pos) = match self {
-            Self::Llama(m) => (m.lm_head_device(), m.config().max_position_embeddings),
+            Self::Llama(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
             Self::Gemma(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut ids = prompt.to_vec();
         let mut out = Vec::new();
         for _ in 0..max_new {
@@ -160,18 +163,7 @@ impl Model {
                 break;
             }
             let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-            let logits = (self.last_logits(&input, None)?.squeeze(0)? / temperature)?;
-            let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
-            let u: f32 = rng.random();
-            let mut acc = 0f32;
-            let mut next = probs.len() as u32 - 1;
-            for (i, p) in probs.iter().enumerate() {
-                acc += p;
-                if u < acc {
-                    next = i as u32;
-                    break;
-                }
-            }
+            let next = pick(&self.last_logits(&input, None)?)?;
             ids.push(next);
             out.push(next);
             if stop.contains(&next) {

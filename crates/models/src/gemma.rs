@@ -24,7 +24,7 @@
 //!   `(layer + 1) % pattern == 0`) with a sliding window and RoPE base `rope_local_base_freq`;
 //!   global layers use `rope_theta` with optional linear `rope_scaling` (`inv_freq / factor`).
 
-use candle_core::{D, DType, IndexOp, Module, Tensor};
+use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -536,19 +536,8 @@ impl Gemma {
     /// Logits `[batch, vocab]` at each row's last real position.
     pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        let (batch, seq, _) = hidden.dims3()?;
-        let lasts: Vec<usize> = match attention_mask {
-            Some(m) => m
-                .to_dtype(DType::F32)?
-                .sum(D::Minus1)?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(|n| (n as usize).clamp(1, seq) - 1)
-                .collect(),
-            None => vec![seq - 1; batch],
-        };
-        let rows = (0..batch).map(|b| hidden.i((b, lasts[b]))).collect::<candle_core::Result<Vec<_>>>()?;
-        let logits = Tensor::stack(&rows, 0)?.matmul(&self.lm_head().t()?)?.to_dtype(DType::F32)?;
+        let last = crate::ops::last_positions(&hidden, attention_mask)?;
+        let logits = last.matmul(&self.lm_head().t()?)?.to_dtype(DType::F32)?;
         Ok(match self.cfg.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

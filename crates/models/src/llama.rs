@@ -5,7 +5,7 @@
 //! Unlike candle-transformers' inference model, the forward pass covers whole right-padded
 //! sequences, keeps no KV cache and records a backward pass through every weight.
 
-use candle_core::{D, DType, IndexOp, Module, Tensor};
+use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::Result;
@@ -97,9 +97,9 @@ impl Llama {
         })
     }
 
-    /// The device the weights live on.
-    pub fn lm_head_device(&self) -> candle_core::Device {
-        self.lm_head.device().clone()
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
     /// The configuration.
@@ -129,19 +129,8 @@ impl Llama {
     /// Logits `[batch, vocab]` at each row's last real position (greedy decoding, parity checks).
     pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        let (batch, seq, _) = hidden.dims3()?;
-        let lasts: Vec<usize> = match attention_mask {
-            Some(m) => m
-                .to_dtype(DType::F32)?
-                .sum(D::Minus1)?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(|n| (n as usize).clamp(1, seq) - 1)
-                .collect(),
-            None => vec![seq - 1; batch],
-        };
-        let rows = (0..batch).map(|b| hidden.i((b, lasts[b]))).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&rows, 0)?.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        let last = crate::ops::last_positions(&hidden, attention_mask)?;
+        Ok(last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
     /// Per-token log-probs `[batch, seq]` (f32): `out[b, t] = log p(ids[b, t] | ids[b, <t])` for
@@ -150,27 +139,6 @@ impl Llama {
     pub fn token_logps(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
         crate::logps::chunked_token_logps(&hidden, &self.lm_head, input_ids, chunk)
-    }
-
-    /// Greedy decoding of one prompt: appends the argmax token until a `stop` id (included in
-    /// the output) or `max_new` tokens. Returns only the new tokens.
-    pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-        let device = self.embed.embeddings().device();
-        let mut ids = prompt.to_vec();
-        let mut out = Vec::new();
-        for _ in 0..max_new {
-            if ids.len() >= self.cfg.max_position_embeddings {
-                break;
-            }
-            let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-            let next = self.last_logits(&input, None)?.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
-            ids.push(next);
-            out.push(next);
-            if stop.contains(&next) {
-                break;
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -82,6 +82,24 @@ pub fn input_attention_mask(input_ids: &Tensor, padding: Option<&Tensor>, max_po
     attention_mask(rows.as_deref(), batch, seq, input_ids.device())
 }
 
+/// Hidden states `[batch, hidden]` at each row's last real position of `hidden` `[batch, seq,
+/// hidden]` (right padding: position `sum(mask) - 1`; the last position without a mask).
+pub fn last_positions(hidden: &Tensor, padding: Option<&Tensor>) -> Result<Tensor> {
+    let (batch, seq, _) = hidden.dims3()?;
+    let lasts: Vec<usize> = match padding {
+        Some(m) => m
+            .to_dtype(DType::F32)?
+            .sum(D::Minus1)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|n| (n as usize).clamp(1, seq) - 1)
+            .collect(),
+        None => vec![seq - 1; batch],
+    };
+    let rows = (0..batch).map(|b| hidden.get(b)?.get(lasts[b])).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
 /// Repeats key/value heads for grouped-query attention: `[b, kv, s, d] -> [b, kv * n, s, d]`.
 pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
