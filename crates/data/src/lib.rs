@@ -1,9 +1,24 @@
-//! Preference data for training: tokenized pairs to right-padded, masked batches, and a seeded,
-//! resumable sampler.
+//! Preference data for training: Parquet files in the TRL schemas to chat-templated,
+//! tokenized, truncated, right-padded and masked chosen/rejected batches.
 //!
-//! No model types and no candle dependency: batches are plain vectors that a training loop turns
-//! into tensors. Today: [`collate_pairs`] / [`collate_sft`] and [`EpochSampler`]. Planned (see
-//! the data issue): streaming Parquet in the TRL schemas, chat templates and tokenization.
+//! The pipeline, each stage usable on its own:
+//!
+//! 1. [`PreferenceReader`] streams a Parquet file row group by row group and yields
+//!    [`PreferenceExample`]s (TRL standard, conversational / UltraFeedback-binarized, or
+//!    implicit prompt; detected from the schema); bad input gives a [`DataError`] naming file,
+//!    row group, row and column, or is skipped and counted ([`InvalidRows::Skip`]).
+//! 2. [`HashSplit`] assigns each example to a split part by seeded content hash.
+//! 3. [`PairEncoder`] renders chat examples with a [`ChatTemplate`] (the tokenizer's
+//!    Hugging Face template or a [`BuiltinTemplate`]), tokenizes with a [`TextTokenizer`], and
+//!    truncates like TRL ([`Truncation`]), giving [`TokenizedPair`]s.
+//! 4. [`PairStream`] / [`load_pairs`] run 1-3 over a file with counts ([`LoaderStats`]);
+//!    [`collate_pairs`] / [`collate_sft`] make [`Batch`]es, [`EpochSampler`] orders them
+//!    (seeded, length-grouped on request, resumable from a [`Cursor`]).
+//!
+//! [`write_preferences`] and [`write_logps`] / [`read_logps`] write the same schemas back.
+//!
+//! No model types and no candle dependency: batches are plain vectors that a training loop
+//! turns into tensors.
 //!
 //! ```
 //! use slime_data::{collate_pairs, TokenizedPair};
@@ -16,7 +31,28 @@
 //! ```
 
 mod batch;
+mod encode;
+mod error;
+mod example;
+pub mod fixtures;
+mod pipeline;
+mod reader;
 mod sampler;
+mod schema;
+mod split;
+mod template;
+mod tokenizer;
+mod writer;
 
 pub use batch::{Batch, PreferenceBatch, SftBatch, TokenizedPair, collate_pairs, collate_sft};
+pub use encode::{EncodeStats, Encoded, PairEncoder, Truncation, TruncationMode};
+pub use error::{DataError, Location, Result, RowProblem};
+pub use example::{Message, PreferenceExample, Turns};
+pub use pipeline::{LoaderStats, PairStream, batches, count_padding, load_pairs};
+pub use reader::{InvalidRows, PreferenceReader, ReadOptions, ReadStats, Record};
 pub use sampler::{Cursor, EpochSampler};
+pub use schema::{ColumnNames, Layout, conversational_schema, messages_type, standard_schema};
+pub use split::{HashSplit, SplitPart};
+pub use template::{BuiltinTemplate, ChatTemplate};
+pub use tokenizer::{SpecialTokens, TextTokenizer};
+pub use writer::{PairLogps, PreferenceWriter, message_list, read_logps, write_logps, write_preferences};
