@@ -11,7 +11,11 @@
 //!
 //! A checkpoint is written into `step-000100.tmp/`, synced, renamed into place, and only then is
 //! `latest` replaced (write `latest.tmp`, rename). A reader that follows `latest` therefore never
-//! sees a partial checkpoint.
+//! sees a partial checkpoint. [`prune`] then removes all but the newest few; it never removes
+//! the one `latest` names.
+//!
+//! The trainer numbers checkpoints by the run's global optimiser step (SFT steps, then
+//! preference steps), so names sort in the order they were written.
 
 use std::collections::HashMap;
 use std::fs;
@@ -98,6 +102,60 @@ pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Option<(PathBuf, C
     Ok(Some((dir, Checkpoint { weights, optimizer, state })))
 }
 
+/// The name `latest` points at (e.g. `step-000100`), if any.
+pub fn latest_name(run_dir: &Path) -> Result<Option<String>> {
+    let latest = checkpoints_dir(run_dir).join("latest");
+    if !latest.exists() {
+        return Ok(None);
+    }
+    Ok(Some(fs::read_to_string(&latest).map_err(io(&latest))?.trim().to_string()))
+}
+
+/// Names of the complete checkpoints (`step-NNNNNN`, no temporaries), oldest first.
+pub fn list(run_dir: &Path) -> Result<Vec<String>> {
+    let root = checkpoints_dir(run_dir);
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&root).map_err(io(&root))? {
+        let name = entry.map_err(io(&root))?.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix("step-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            names.push(name);
+        }
+    }
+    names.sort_by_key(|n| n[5..].parse::<u64>().unwrap_or(u64::MAX));
+    Ok(names)
+}
+
+/// Removes all but the newest `keep_last` checkpoints (and stale temporaries); the checkpoint
+/// `latest` names is always kept. Returns the names removed.
+pub fn prune(run_dir: &Path, keep_last: usize) -> Result<Vec<String>> {
+    let root = checkpoints_dir(run_dir);
+    let latest = latest_name(run_dir)?;
+    let names = list(run_dir)?;
+    let cut = names.len().saturating_sub(keep_last.max(1));
+    let mut removed = Vec::new();
+    for name in &names[..cut] {
+        if latest.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        let dir = root.join(name);
+        fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        removed.push(name.clone());
+    }
+    Ok(removed)
+}
+
+/// Removes every checkpoint of a run (a fresh start in an old run directory).
+pub fn clear(run_dir: &Path) -> Result<()> {
+    let root = checkpoints_dir(run_dir);
+    if root.exists() {
+        fs::remove_dir_all(&root).map_err(io(&root))?;
+    }
+    Ok(())
+}
+
 fn sync(path: &Path) -> Result<()> {
     fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
 }
@@ -125,6 +183,24 @@ mod tests {
         assert_eq!(back.state["step"], 9);
         assert_eq!(back.weights["model.embed_tokens.weight"].to_vec2::<f32>()?, t.to_vec2::<f32>()?);
         assert!(!checkpoints_dir(dir.path()).join("step-000009.tmp").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_latest() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(io(Path::new("tempdir")))?;
+        let empty = || Checkpoint { weights: HashMap::new(), optimizer: HashMap::new(), state: serde_json::json!({}) };
+        for step in [2, 4, 10, 6, 8] {
+            save(dir.path(), step, &empty())?;
+        }
+        // `latest` is step 8 (the last written), although step 10 sorts later.
+        assert_eq!(list(dir.path())?, ["step-000002", "step-000004", "step-000006", "step-000008", "step-000010"]);
+        let removed = prune(dir.path(), 1)?;
+        assert_eq!(removed, ["step-000002", "step-000004", "step-000006"]);
+        assert_eq!(list(dir.path())?, ["step-000008", "step-000010"]);
+        assert_eq!(latest_name(dir.path())?.as_deref(), Some("step-000008"));
+        clear(dir.path())?;
+        assert!(list(dir.path())?.is_empty() && latest_name(dir.path())?.is_none());
         Ok(())
     }
 

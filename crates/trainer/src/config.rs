@@ -7,7 +7,8 @@
 //! init = "results/sft-seed0/model"   # start from these weights (skip SFT); optional
 //!
 //! [model]
-//! preset = "tiny-llama"     # or: dir = "path/to/hf-model-dir"
+//! preset = "tiny-llama"
+//! lora = { r = 8, alpha = 16.0 }   # optional: LoRA adapters for the preference stage
 //!
 //! [data]
 //! pairs = 3000              # embedded task: pairs generated (1/3 SFT, 2/3 preference, disjoint)
@@ -15,11 +16,19 @@
 //!
 //! [sft]
 //! steps = 400
+//! batch_size = 32           # sequences per micro-batch
+//! grad_accum = 1            # micro-batches per optimiser step
 //!
 //! [preference]
 //! steps = 200
 //! objective = { type = "slime", preset = "paper" }
+//!
+//! [checkpoint]
+//! every = 100               # optimiser steps between checkpoints, in both stages (0: never)
+//! keep_last = 2             # checkpoints kept on disk, newest first
 //! ```
+//!
+//! Every field is documented in `docs/trainer.md`.
 
 use std::path::PathBuf;
 
@@ -50,6 +59,8 @@ pub struct RunConfig {
     pub preference: PreferenceSpec,
     /// Evaluation.
     pub eval: EvalSpec,
+    /// Checkpoints written during training, for `slime-trainer train --resume`.
+    pub checkpoint: CheckpointSpec,
 }
 
 impl Default for RunConfig {
@@ -63,6 +74,7 @@ impl Default for RunConfig {
             sft: StageSpec::default(),
             preference: PreferenceSpec::default(),
             eval: EvalSpec::default(),
+            checkpoint: CheckpointSpec::default(),
         }
     }
 }
@@ -77,11 +89,46 @@ pub struct ModelSpec {
     pub hidden: usize,
     /// Decoder layers of the preset (default 2).
     pub layers: usize,
+    /// LoRA for the preference stage (absent: full fine-tuning). SFT, when it runs, trains
+    /// every weight; the preference stage then trains only adapters on the frozen SFT model,
+    /// and the reference model is the same model with the adapters switched off.
+    pub lora: Option<LoraSpec>,
 }
 
 impl Default for ModelSpec {
     fn default() -> Self {
-        Self { preset: "tiny-llama".into(), hidden: 96, layers: 2 }
+        Self { preset: "tiny-llama".into(), hidden: 96, layers: 2, lora: None }
+    }
+}
+
+/// The projections LoRA can adapt.
+pub const LORA_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// LoRA adapters (Hu et al. 2021) in PEFT's layout: `W x + (alpha / r) B A x`, `B = 0` at the
+/// start, so the adapted model starts as the base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSpec {
+    /// Rank, 1..=1024 (default 8).
+    pub r: usize,
+    /// Scale numerator: the update is scaled by `alpha / r`; finite, > 0 (default 16).
+    pub alpha: f64,
+    /// Adapted projections, from `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+    /// `down_proj` (default all seven, as the SLIME paper).
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self { r: 8, alpha: 16.0, target_modules: LORA_MODULES.iter().map(|m| m.to_string()).collect() }
+    }
+}
+
+impl LoraSpec {
+    /// The models crate's config.
+    pub fn to_lora_config(&self) -> slime_models::LoraConfig {
+        let targets: Vec<&str> = self.target_modules.iter().map(String::as_str).collect();
+        slime_models::LoraConfig::new(self.r, self.alpha, &targets)
     }
 }
 
@@ -108,8 +155,13 @@ impl Default for DataSpec {
 pub struct StageSpec {
     /// Optimiser steps (0 skips the stage).
     pub steps: u64,
-    /// Pairs (SFT: sequences) per optimiser step.
+    /// Sequences per micro-batch (one forward/backward pass); an optimiser step sees
+    /// `batch_size * grad_accum` sequences (default 32).
     pub batch_size: usize,
+    /// Gradient accumulation: micro-batches per optimiser step, >= 1 (default 1). The loss is
+    /// normalised over the whole optimiser batch, so `batch_size = 8, grad_accum = 1` and
+    /// `batch_size = 4, grad_accum = 2` train the same model (up to float rounding).
+    pub grad_accum: usize,
     /// Learning-rate schedule.
     pub schedule: Schedule,
     /// Gradient-norm clipping (PyTorch's `clip_grad_norm_`); none if absent.
@@ -123,6 +175,7 @@ impl Default for StageSpec {
         Self {
             steps: 600,
             batch_size: 32,
+            grad_accum: 1,
             schedule: Schedule { lr: 3e-3, decay: Decay::Cosine, warmup_ratio: 0.05 },
             max_grad_norm: Some(1.0),
             weight_decay: 0.0,
@@ -136,8 +189,12 @@ impl Default for StageSpec {
 pub struct PreferenceSpec {
     /// Optimiser steps (0 skips the stage).
     pub steps: u64,
-    /// Pairs per optimiser step.
+    /// Pairs per micro-batch (one forward/backward pass); an optimiser step sees
+    /// `batch_size * grad_accum` pairs (default 32).
     pub batch_size: usize,
+    /// Gradient accumulation: micro-batches per optimiser step, >= 1 (default 1); the loss is
+    /// normalised over the whole optimiser batch (see [`slime_objectives::BatchTotals`]).
+    pub grad_accum: usize,
     /// Learning-rate schedule (the paper: linear decay).
     pub schedule: Schedule,
     /// Gradient-norm clipping.
@@ -155,6 +212,7 @@ impl Default for PreferenceSpec {
         Self {
             steps: 200,
             batch_size: 32,
+            grad_accum: 1,
             schedule: Schedule { lr: 1e-3, decay: Decay::Linear, warmup_ratio: 0.0 },
             max_grad_norm: Some(1.0),
             objective: Objective::Slime(SlimeParams::paper()),
@@ -184,6 +242,31 @@ impl Default for EvalSpec {
     }
 }
 
+/// Checkpoints: everything a resumed run needs to continue bit-identically (trainable weights,
+/// AdamW moments, stage and step, data cursor, RNG, SAGE state, reference log-probs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Write a checkpoint after every this many optimiser steps of each stage (SFT and
+    /// preference); 0 disables checkpoints (default 100).
+    pub every: u64,
+    /// Checkpoints kept on disk, the newest ones; >= 1 (default 2).
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self { every: 100, keep_last: 2 }
+    }
+}
+
+/// Largest accepted `grad_accum` (a guard against typos; far beyond any useful value here).
+pub const MAX_GRAD_ACCUM: usize = 4096;
+
+/// Largest accepted `eval.max_new_tokens`: the tiny model's context is 128 positions and the
+/// longest prompt of the embedded task takes about 20.
+pub const MAX_NEW_TOKENS: usize = 100;
+
 impl RunConfig {
     /// Parses TOML; unknown fields and type errors name the field.
     pub fn from_toml(text: &str) -> Result<Self> {
@@ -192,27 +275,65 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    /// Rejects out-of-range values.
+    /// Rejects out-of-range values; every error names the field and its valid range.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(TrainError::Config(what));
         if self.model.preset != "tiny-llama" {
             return bad(format!("model.preset = `{}`: expected `tiny-llama`", self.model.preset));
         }
-        if self.model.hidden == 0 || !self.model.hidden.is_multiple_of(4) || self.model.layers == 0 {
-            return bad(format!("model.hidden = {} must be a positive multiple of 4, layers >= 1", self.model.hidden));
+        if self.model.hidden == 0 || !self.model.hidden.is_multiple_of(4) || self.model.hidden > 4096 {
+            return bad(format!("model.hidden = {}: expected a multiple of 4 in 4..=4096", self.model.hidden));
         }
-        if self.data.pairs < 3 || self.data.eval_pairs == 0 {
-            return bad(format!("data.pairs = {} must be >= 3 and eval_pairs >= 1", self.data.pairs));
+        if self.model.layers == 0 || self.model.layers > 64 {
+            return bad(format!("model.layers = {}: expected 1..=64", self.model.layers));
         }
-        if self.sft.batch_size == 0 || self.preference.batch_size == 0 {
-            return bad("sft.batch_size and preference.batch_size must be >= 1".into());
-        }
-        self.sft.schedule.validate()?;
-        self.preference.schedule.validate()?;
-        for (stage, clip) in [("sft", self.sft.max_grad_norm), ("preference", self.preference.max_grad_norm)] {
-            if clip.is_some_and(|c| c <= 0.0 || c.is_nan()) {
-                return bad(format!("{stage}.max_grad_norm must be > 0"));
+        if let Some(lora) = &self.model.lora {
+            if lora.r == 0 || lora.r > 1024 {
+                return bad(format!("model.lora.r = {}: expected 1..=1024", lora.r));
             }
+            if !(lora.alpha > 0.0 && lora.alpha.is_finite()) {
+                return bad(format!("model.lora.alpha = {}: expected a finite value > 0", lora.alpha));
+            }
+            if lora.target_modules.is_empty() {
+                return bad(format!("model.lora.target_modules = []: expected some of {LORA_MODULES:?}"));
+            }
+            if let Some(m) = lora.target_modules.iter().find(|m| !LORA_MODULES.contains(&m.as_str())) {
+                return bad(format!("model.lora.target_modules: `{m}` is not one of {LORA_MODULES:?}"));
+            }
+        }
+        if self.data.pairs < 3 {
+            return bad(format!("data.pairs = {}: expected at least 3 (a third goes to SFT)", self.data.pairs));
+        }
+        if self.data.eval_pairs == 0 {
+            return bad("data.eval_pairs = 0: expected at least 1".into());
+        }
+        for (stage, batch, accum) in [
+            ("sft", self.sft.batch_size, self.sft.grad_accum),
+            ("preference", self.preference.batch_size, self.preference.grad_accum),
+        ] {
+            if batch == 0 {
+                return bad(format!("{stage}.batch_size = 0: expected at least 1"));
+            }
+            if accum == 0 || accum > MAX_GRAD_ACCUM {
+                return bad(format!("{stage}.grad_accum = {accum}: expected 1..={MAX_GRAD_ACCUM}"));
+            }
+            if batch.checked_mul(accum).is_none_or(|n| n > 1 << 20) {
+                return bad(format!(
+                    "{stage}.batch_size * {stage}.grad_accum = {batch} * {accum}: expected at most {}",
+                    1 << 20
+                ));
+            }
+        }
+        for (stage, schedule) in [("sft", &self.sft.schedule), ("preference", &self.preference.schedule)] {
+            schedule.validate().map_err(|e| TrainError::Config(format!("{stage}.{}", strip_prefix(&e))))?;
+        }
+        for (stage, clip) in [("sft", self.sft.max_grad_norm), ("preference", self.preference.max_grad_norm)] {
+            if clip.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+                return bad(format!("{stage}.max_grad_norm = {clip:?}: expected a finite value > 0 (or absent)"));
+            }
+        }
+        if !(self.sft.weight_decay >= 0.0 && self.sft.weight_decay.is_finite()) {
+            return bad(format!("sft.weight_decay = {}: expected a finite value >= 0", self.sft.weight_decay));
         }
         self.preference.objective.validate()?;
         if !self.preference.objective.is_preference() && self.preference.steps > 0 {
@@ -220,9 +341,34 @@ impl RunConfig {
         }
         self.preference.sage.validate()?;
         if self.eval.every == 0 {
-            return bad("eval.every must be >= 1".into());
+            return bad("eval.every = 0: expected at least 1".into());
+        }
+        if self.eval.max_new_tokens == 0 || self.eval.max_new_tokens > MAX_NEW_TOKENS {
+            return bad(format!("eval.max_new_tokens = {}: expected 1..={MAX_NEW_TOKENS}", self.eval.max_new_tokens));
+        }
+        if !(self.eval.collapse_delta >= 0.0 && self.eval.collapse_delta.is_finite()) {
+            return bad(format!("eval.collapse_delta = {}: expected a finite value >= 0", self.eval.collapse_delta));
+        }
+        if self.checkpoint.keep_last == 0 {
+            return bad("checkpoint.keep_last = 0: expected at least 1 (use checkpoint.every = 0 for none)".into());
         }
         Ok(())
+    }
+
+    /// Whether `other` describes the same training as `self`: equal up to the `[checkpoint]`
+    /// section, which may change between an interrupted run and its resumption.
+    pub fn same_training(&self, other: &Self) -> bool {
+        let mut a = self.clone();
+        a.checkpoint = other.checkpoint.clone();
+        &a == other
+    }
+}
+
+/// A config error's message without the `invalid configuration: ` prefix.
+fn strip_prefix(e: &TrainError) -> String {
+    match e {
+        TrainError::Config(m) => m.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -236,6 +382,10 @@ mod tests {
         assert_eq!(cfg, RunConfig::default());
         let text = toml::to_string(&cfg).map_err(|e| TrainError::Config(e.to_string()))?;
         assert_eq!(RunConfig::from_toml(&text)?, cfg);
+        let lora = RunConfig::from_toml("[model.lora]\nr = 4\ntarget_modules = [\"q_proj\"]")?;
+        assert_eq!(lora.model.lora.as_ref().map(|l| (l.r, l.alpha)), Some((4, 16.0)));
+        let text = toml::to_string(&lora).map_err(|e| TrainError::Config(e.to_string()))?;
+        assert_eq!(RunConfig::from_toml(&text)?, lora);
         let dpo = RunConfig::from_toml("[preference]\nobjective = { type = \"dpo\", beta = 0.5 }")?;
         assert!(dpo.preference.objective.needs_reference());
         Ok(())
@@ -250,9 +400,36 @@ mod tests {
             ("[preference.schedule]\nlr = -1.0", "lr"),
             ("[model]\npreset = \"gpt5\"", "gpt5"),
             ("[preference]\nmax_grad_norm = 0.0", "max_grad_norm"),
+            ("[sft]\ngrad_accum = 0", "sft.grad_accum"),
+            ("[preference]\ngrad_accum = 100000", "preference.grad_accum"),
+            ("[preference]\nbatch_size = 0", "preference.batch_size"),
+            ("[sft.schedule]\nwarmup_ratio = 1.5", "sft.schedule.warmup_ratio"),
+            ("[checkpoint]\nkeep_last = 0", "checkpoint.keep_last"),
+            ("[checkpoint]\nevery = -1", "every"),
+            ("[checkpoint]\nevry = 5", "evry"),
+            ("[model]\nlayers = 0", "model.layers"),
+            ("[model]\nhidden = 30", "model.hidden"),
+            ("[data]\neval_pairs = 0", "data.eval_pairs"),
+            ("[eval]\nmax_new_tokens = 1000", "eval.max_new_tokens"),
+            ("[eval]\ncollapse_delta = nan", "eval.collapse_delta"),
+            ("[sft]\nweight_decay = -0.1", "sft.weight_decay"),
+            ("[model.lora]\nr = 0", "model.lora.r"),
+            ("[model.lora]\nalpha = 0.0", "model.lora.alpha"),
+            ("[model.lora]\ntarget_modules = [\"qproj\"]", "model.lora.target_modules"),
+            ("[model.lora]\nrank = 4", "rank"),
         ] {
             let err = RunConfig::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn checkpoint_section_does_not_change_the_training() -> Result<()> {
+        let a = RunConfig::default();
+        let b = RunConfig::from_toml("[checkpoint]\nevery = 3\nkeep_last = 5")?;
+        assert!(a.same_training(&b) && b.same_training(&a));
+        let c = RunConfig::from_toml("seed = 1")?;
+        assert!(!a.same_training(&c));
+        Ok(())
     }
 }

@@ -1,9 +1,13 @@
 //! The SLIME training loop: SFT, then a preference objective, with checkpoints and evaluation.
 //!
-//! This crate is under construction: today it provides the optimiser ([`optim::AdamW`] with
+//! [`run::run_with`] trains a model on the embedded default task ([`task`]): SFT, then a
+//! preference objective, with gradient accumulation, checkpoints every few steps and exact
+//! resumption ([`run::RunOptions::resume`]), non-finite detection that names the step and the
+//! loss term, optional LoRA for the preference stage, evaluation ([`run::evaluate_dir`] for a
+//! saved model), and a progress bar ([`progress`]). The pieces: the optimiser ([`optim::AdamW`] with
 //! exportable state and fused clipping), learning-rate schedules ([`schedule::Schedule`]),
-//! atomic [`checkpoint`]s, the JSONL [`metrics_log`], SAGE-style [`selection`] and the embedded
-//! default task ([`task`]) whose quality and format validity a program can check.
+//! atomic [`checkpoint`]s, the JSONL [`metrics_log`], SAGE-style [`selection`] and the
+//! [`config`] of a run (TOML; every field documented in `docs/trainer.md`).
 //!
 //! ```
 //! use slime_trainer::task::{check, generate, TaskTokenizer};
@@ -19,6 +23,7 @@ pub mod config;
 mod error;
 pub mod metrics_log;
 pub mod optim;
+pub mod progress;
 pub mod run;
 pub mod schedule;
 pub mod selection;

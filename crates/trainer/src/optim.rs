@@ -129,6 +129,37 @@ impl AdamW {
         Ok(total.sqrt())
     }
 
+    /// Adds the gradients of the optimised variables in `more` into `into` (gradient
+    /// accumulation over micro-batches: the sum of the micro-batch gradients).
+    pub fn accumulate(&self, into: &mut GradStore, more: &GradStore) -> Result<()> {
+        for slot in &self.slots {
+            let t = slot.var.as_tensor();
+            if let Some(g) = more.get(t) {
+                let sum = match into.get(t) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                into.insert(t, sum);
+            }
+        }
+        Ok(())
+    }
+
+    /// The name of the first optimised variable (in name order) whose gradient has a NaN or
+    /// infinite element, if any.
+    pub fn non_finite_grad(&self, grads: &GradStore) -> Result<Option<String>> {
+        for slot in &self.slots {
+            if let Some(g) = grads.get(slot.var.as_tensor()) {
+                // x * 0 is 0 for finite x and NaN for NaN and +-inf.
+                let probe = g.to_dtype(DType::F64)?.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f64>()?;
+                if !probe.is_finite() {
+                    return Ok(Some(slot.name.clone()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// One update with learning rate `lr`, gradients multiplied by `grad_scale` first (the
     /// clipping coefficient: `min(1, max_norm / (norm + 1e-6))`, as PyTorch's
     /// `clip_grad_norm_`). Variables without a gradient are left untouched (no decay either).
@@ -328,6 +359,23 @@ mod tests {
         missing.insert("other.exp_avg".to_string(), state["layer.weight.exp_avg"].clone());
         let err = b.load_state_tensors(&missing, 1).expect_err("missing state");
         assert!(err.to_string().contains("layer.weight.exp_avg"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn accumulated_gradients_are_the_sum_and_non_finite_ones_are_named() -> Result<()> {
+        let (a, b) = (Var::new(&[1.0f32, 2.0], &Device::Cpu)?, Var::new(&[3.0f32], &Device::Cpu)?);
+        let opt = AdamW::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], AdamWConfig::default())?;
+        let mut acc = (a.as_tensor().sum_all()? * 2.0)?.backward()?; // d/da = 2, no gradient for b
+        let more = (a.as_tensor().sqr()?.sum_all()? + b.as_tensor().sum_all()?)?.backward()?; // 2a, 1
+        opt.accumulate(&mut acc, &more)?;
+        assert_eq!(acc.get(a.as_tensor()).expect("a").to_vec1::<f32>()?, [4.0, 6.0]);
+        assert_eq!(acc.get(b.as_tensor()).expect("b").to_vec1::<f32>()?, [1.0]);
+        assert_eq!(opt.non_finite_grad(&acc)?, None);
+        let bad = (b.as_tensor().sqrt()?.sum_all()? + a.as_tensor().sum_all()?)?; // finite
+        let mut grads = bad.backward()?;
+        grads.insert(b.as_tensor(), Tensor::new(&[f32::INFINITY], &Device::Cpu)?);
+        assert_eq!(opt.non_finite_grad(&grads)?.as_deref(), Some("b"));
         Ok(())
     }
 

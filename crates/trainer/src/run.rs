@@ -4,24 +4,36 @@
 //!
 //! Files written into the run directory: `config.toml` (the resolved config), `metrics.jsonl`
 //! (one line per optimiser step), `eval.jsonl` (one line per evaluation), `model/`
-//! (config.json + model.safetensors of the final weights; after SFT also `sft-model/`) and
-//! `result.json` (the final evaluation, for `cargo xtask report`).
+//! (config.json + model.safetensors of the final weights, LoRA adapters merged; after SFT also
+//! `sft-model/`; with LoRA also `adapter/`, PEFT's layout) and
+//! `result.json` (the final evaluation, for `cargo xtask report`), and `checkpoints/` (see
+//! [`crate::checkpoint`]; what a resumed run needs, every `checkpoint.every` steps).
+//!
+//! Resuming ([`RunOptions::resume`]) is exact: the checkpoint holds the trainable weights, the
+//! AdamW moments and step, the stage and its step, the data sampler's cursor, the SAGE pool, its
+//! weights, the previous margins and the draw RNG, the reference log-probs and the drift
+//! baseline, and the lengths of the JSONL logs; everything else is recomputed deterministically
+//! from the config. A resumed run therefore writes a bit-identical `model/model.safetensors`
+//! and the same metrics as an uninterrupted one (except the wall-clock `tokens_per_second`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use slime_data::{Batch, Cursor, EpochSampler, TokenizedPair, collate_pairs, collate_sft};
 use slime_models::{CausalLm, LlamaConfig};
-use slime_objectives::{Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SftParams};
+use slime_objectives::{BatchTotals, LossOutput, Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SftParams};
 
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::{RunConfig, StageSpec};
 use crate::metrics_log::MetricsLog;
 use crate::optim::{AdamW, AdamWConfig, clip_coefficient};
+use crate::progress::{Progress, ProgressMode};
 use crate::selection::{SelectionKind, draw_weighted};
 use crate::task::{self, TaskPair, TaskTokenizer, ids};
 use crate::{Result, TrainError};
@@ -102,68 +114,485 @@ fn pair_logps(lm: &CausalLm, batch: &Batch, device: &Device) -> Result<(Sequence
     ))
 }
 
-/// Stops the run on a non-finite value, naming the step and the quantity.
-fn ensure_finite(step: u64, what: &str, value: f64) -> Result<()> {
-    if value.is_finite() { Ok(()) } else { Err(TrainError::NonFinite { step, what: what.into(), value }) }
+/// Which stage of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Supervised fine-tuning on the SFT split.
+    Sft,
+    /// The preference objective on the preference split.
+    Preference,
 }
 
-/// One optimiser step on `loss`: backward, global norm, clipping, AdamW. Returns the norm.
-fn optimise(opt: &mut AdamW, loss: &Tensor, step: u64, lr: f64, max_norm: Option<f64>) -> Result<f64> {
-    let grads = loss.backward()?;
-    let norm = opt.grad_norm(&grads)?;
-    ensure_finite(step, "gradient norm", norm)?;
-    opt.step(&grads, lr, clip_coefficient(norm, max_norm))?;
-    Ok(norm)
+impl Stage {
+    /// `sft` or `preference` (as in `metrics.jsonl`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Sft => "sft",
+            Stage::Preference => "preference",
+        }
+    }
+}
+
+/// A fault injected on purpose, to test the non-finite handling end to end (the command line
+/// reads it from `SLIME_TRAINER_INJECT_FAULT=STAGE:STEP:TARGET`, e.g. `preference:3:logps`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The stage.
+    pub stage: Stage,
+    /// The optimiser step of that stage (1-based).
+    pub step: u64,
+    /// What is poisoned.
+    pub target: FaultTarget,
+}
+
+/// What an injected [`Fault`] poisons.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultTarget {
+    /// The policy's chosen-side per-token log-probs of the step's first micro-batch become NaN
+    /// (every loss term that reads them becomes NaN).
+    Logps,
+    /// The accumulated gradient of the first trainable weight becomes NaN (the loss stays finite).
+    Gradient,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = TrainError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || TrainError::Config(format!("fault `{text}`: expected STAGE:STEP:TARGET, e.g. preference:3:logps"));
+        let parts: Vec<&str> = text.split(':').collect();
+        let [stage, step, target] = parts.as_slice() else { return Err(bad()) };
+        let stage = match *stage {
+            "sft" => Stage::Sft,
+            "preference" => Stage::Preference,
+            _ => return Err(bad()),
+        };
+        let step = step.parse().map_err(|_| bad())?;
+        let target = match *target {
+            "logps" => FaultTarget::Logps,
+            "gradient" => FaultTarget::Gradient,
+            _ => return Err(bad()),
+        };
+        Ok(Self { stage, step, target })
+    }
+}
+
+/// How a run is carried out, apart from its config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's latest checkpoint. A finished run (`result.json`
+    /// present) is left as it is; a run directory without a checkpoint starts fresh.
+    pub resume: bool,
+    /// Progress display on stderr (the library default: none).
+    pub progress: ProgressMode,
+    /// Test hook: sleep this long after every optimiser step (the command line reads
+    /// `SLIME_TRAINER_STEP_DELAY_MS`), so a test can interrupt a tiny run reliably.
+    #[doc(hidden)]
+    pub step_delay: Duration,
+    /// Test hook: an injected non-finite value.
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunReport {
+    /// The final evaluation (as in `result.json`).
+    pub final_eval: BTreeMap<String, f64>,
+    /// The checkpoint the run continued from (e.g. `step-000040`), if it resumed.
+    pub resumed_from: Option<String>,
+    /// True when `resume` found the run finished and did nothing.
+    pub already_finished: bool,
+}
+
+/// What a checkpoint's `state.json` holds besides the weights and the optimiser moments.
+/// Floats are stored as their IEEE-754 bit patterns so they round-trip exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainState {
+    /// Layout version of this struct.
+    format: u32,
+    /// The stage the checkpoint was written in.
+    stage: Stage,
+    /// Optimiser steps done in that stage (also AdamW's step count).
+    step: u64,
+    /// The stage's data sampler.
+    cursor: Cursor,
+    /// Lengths of `metrics.jsonl` and `eval.jsonl` when the checkpoint was written; a resumed
+    /// run cuts them back to these, dropping lines of steps it will redo.
+    metrics_bytes: u64,
+    eval_bytes: u64,
+    /// Preference-stage state.
+    preference: Option<PreferenceState>,
+}
+
+const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreferenceState {
+    /// Held-out chosen log-prob at the start of the stage (the drift baseline), f64 bits.
+    start_chosen_logp: u64,
+    /// Reference sums `(pair id, S_w bits, S_l bits)`, sorted by id; absent for
+    /// reference-free objectives.
+    reference: Option<Vec<(u64, u64, u64)>>,
+    /// The SAGE draw RNG.
+    rng: RngState,
+    /// SAGE: the current pool (indices into the preference split) and its weights (bits).
+    pool: Vec<usize>,
+    pool_weights: Vec<u64>,
+    /// SAGE: margins at the previous refresh, `(pair id, bits)`, sorted by id.
+    previous: Vec<(u64, u64)>,
+}
+
+/// A ChaCha8 generator's exact position.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RngState {
+    seed: Vec<u8>,
+    stream: u64,
+    /// `u128` word position, as a decimal string (JSON numbers stop at 64 bits).
+    word_pos: String,
+}
+
+impl RngState {
+    fn of(rng: &ChaCha8Rng) -> Self {
+        Self { seed: rng.get_seed().to_vec(), stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
+    }
+
+    fn restore(&self) -> Result<ChaCha8Rng> {
+        let seed: [u8; 32] = self
+            .seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| TrainError::Checkpoint("rng.seed: expected 32 bytes".into()))?;
+        let pos: u128 = self.word_pos.parse().map_err(|_| TrainError::Checkpoint("rng.word_pos: not a u128".into()))?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(pos);
+        Ok(rng)
+    }
+}
+
+/// Metrics that are loss terms although not named `{objective}/...`.
+const LOSS_TERMS: [&str; 3] = ["nll_loss", "log_odds_ratio", "log_odds_chosen"];
+
+/// Stops the run on a non-finite metric of a (micro-)batch, naming the step and the quantity:
+/// the objective's loss terms are checked first, then `loss`, then the other metrics.
+fn check_metrics(stage: Stage, step: u64, objective: &str, metrics: &slime_objectives::Metrics) -> Result<()> {
+    let prefix = format!("{objective}/");
+    let is_term = |name: &str| name.starts_with(&prefix) || LOSS_TERMS.contains(&name);
+    let terms = metrics.iter().filter(|(n, _)| is_term(n));
+    let loss = metrics.iter().filter(|(n, _)| *n == "loss");
+    let others = metrics.iter().filter(|(n, _)| !is_term(n) && *n != "loss");
+    for (name, value) in terms.chain(loss).chain(others) {
+        if !value.is_finite() {
+            let what = if name == "loss" {
+                format!("{} loss", stage.name())
+            } else if is_term(name) {
+                format!("{} loss term `{name}`", stage.name())
+            } else {
+                format!("{} metric `{name}`", stage.name())
+            };
+            return Err(TrainError::NonFinite { step, what, value });
+        }
+    }
+    Ok(())
+}
+
+/// Stops the run when a trainable weight is not finite (before a checkpoint is written, so the
+/// last checkpoint on disk always holds finite weights).
+fn ensure_weights_finite(lm: &CausalLm, stage: Stage, step: u64) -> Result<()> {
+    for (name, var) in lm.trainable_vars() {
+        let probe = var.as_tensor().to_dtype(DType::F64)?.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f64>()?;
+        if !probe.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                what: format!("{} weight `{name}` after the update", stage.name()),
+                value: probe,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn record(
     log: &mut MetricsLog,
-    stage: &str,
+    stage: Stage,
     step: u64,
-    metrics: &slime_objectives::Metrics,
+    metrics: &BTreeMap<String, f64>,
     extra: &[(&str, f64)],
 ) -> Result<()> {
-    let mut values: BTreeMap<String, f64> = metrics.iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut values = metrics.clone();
     for &(k, v) in extra {
         values.insert(k.into(), v);
     }
-    log.write(stage, step, &values)
+    log.write(stage.name(), step, &values)
+}
+
+/// The result of one optimiser step.
+struct StepOutcome {
+    /// Metrics of the whole optimiser batch: micro-batch metrics averaged, weighted by pairs.
+    metrics: BTreeMap<String, f64>,
+    /// Global gradient norm before clipping.
+    grad_norm: f64,
+    /// Real tokens processed.
+    tokens: usize,
+}
+
+/// Everything one optimiser step needs besides the loss function.
+struct StepSpec<'a> {
+    stage: Stage,
+    step: u64,
+    lr: f64,
+    max_grad_norm: Option<f64>,
+    objective: &'a str,
+    fault: Option<FaultTarget>,
+}
+
+/// Full-batch sizes of `batches` (SFT: one row per sequence; preference: chosen rows then
+/// rejected rows).
+fn batch_totals(batches: &[Batch], stage: Stage) -> BatchTotals {
+    let (mut pairs, mut chosen, mut rejected) = (0usize, 0u64, 0u64);
+    for b in batches {
+        let lens = &b.completion_lens;
+        match stage {
+            Stage::Sft => {
+                pairs += b.rows;
+                chosen += lens.iter().map(|&l| u64::from(l)).sum::<u64>();
+            }
+            Stage::Preference => {
+                let n = b.rows / 2;
+                pairs += n;
+                chosen += lens[..n].iter().map(|&l| u64::from(l)).sum::<u64>();
+                rejected += lens[n..].iter().map(|&l| u64::from(l)).sum::<u64>();
+            }
+        }
+    }
+    BatchTotals { pairs, chosen_tokens: chosen as f64, rejected_tokens: rejected as f64 }
+}
+
+/// One optimiser step over `batches` (the micro-batches of one optimiser batch): per
+/// micro-batch the forward pass and loss (normalised by the full batch's [`BatchTotals`]) and
+/// a backward pass; the gradients are summed, checked, clipped, and AdamW steps once.
+fn accumulated_step(
+    lm: &CausalLm,
+    opt: &mut AdamW,
+    batches: &[Batch],
+    spec: &StepSpec<'_>,
+    mut loss_of: impl FnMut(&Batch, BatchTotals, bool) -> Result<LossOutput>,
+) -> Result<StepOutcome> {
+    let totals = batch_totals(batches, spec.stage);
+    let mut grads = None;
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let (mut weight, mut tokens) = (0.0, 0usize);
+    let mut single = None;
+    for (i, batch) in batches.iter().enumerate() {
+        let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
+        let out = loss_of(batch, totals, poison)?;
+        check_metrics(spec.stage, spec.step, spec.objective, &out.metrics)?;
+        let g = out.loss.backward()?;
+        match &mut grads {
+            None => grads = Some(g),
+            Some(acc) => opt.accumulate(acc, &g)?,
+        }
+        let pairs = match spec.stage {
+            Stage::Sft => batch.rows,
+            Stage::Preference => batch.rows / 2,
+        } as f64;
+        for (name, value) in out.metrics.iter() {
+            *sums.entry(name.to_string()).or_default() += value * pairs;
+        }
+        weight += pairs;
+        tokens += batch.real_tokens();
+        if i == 0 {
+            single = Some(out.metrics.iter().map(|(k, v)| (k.to_string(), v)).collect());
+        }
+    }
+    let mut grads =
+        grads.ok_or_else(|| TrainError::Config(format!("{} step {}: empty batch", spec.stage.name(), spec.step)))?;
+    if spec.fault == Some(FaultTarget::Gradient)
+        && let Some((_, var)) = lm.trainable_vars().first()
+    {
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => var.as_tensor().zeros_like()?,
+        };
+        grads.insert(var.as_tensor(), g.affine(1.0, f64::NAN)?);
+    }
+    let grad_norm = opt.grad_norm(&grads)?;
+    if !grad_norm.is_finite() {
+        let name = opt.non_finite_grad(&grads)?.unwrap_or_else(|| "?".into());
+        return Err(TrainError::NonFinite {
+            step: spec.step,
+            what: format!("{} gradient of `{name}`", spec.stage.name()),
+            value: grad_norm,
+        });
+    }
+    opt.step(&grads, spec.lr, clip_coefficient(grad_norm, spec.max_grad_norm))?;
+    let metrics = match single {
+        // One micro-batch: its metrics as they are (no rounding through the weighted mean).
+        Some(m) if batches.len() == 1 => m,
+        _ => sums.into_iter().map(|(k, v)| (k, v / weight)).collect(),
+    };
+    Ok(StepOutcome { metrics, grad_norm, tokens })
+}
+
+/// The shared state of a run's stages.
+struct Ctx<'a> {
+    cfg: &'a RunConfig,
+    run_dir: &'a Path,
+    opts: &'a RunOptions,
+    log: MetricsLog,
+    eval_log: MetricsLog,
+    /// SFT steps this run takes (0 with `init`): the offset of preference checkpoints' numbers.
+    sft_steps: u64,
+}
+
+impl Ctx<'_> {
+    fn checkpoint_due(&self, step: u64) -> bool {
+        self.cfg.checkpoint.every > 0 && step.is_multiple_of(self.cfg.checkpoint.every)
+    }
+
+    /// Writes the checkpoint of `stage` after `step`, then prunes old ones.
+    fn checkpoint(
+        &self,
+        lm: &CausalLm,
+        stage: Stage,
+        step: u64,
+        opt: &AdamW,
+        cursor: Cursor,
+        preference: Option<PreferenceState>,
+    ) -> Result<()> {
+        ensure_weights_finite(lm, stage, step)?;
+        let weights: HashMap<String, Tensor> =
+            lm.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let (optimizer, opt_step) = opt.state_tensors()?;
+        debug_assert_eq!(opt_step, step);
+        let state = TrainState {
+            format: STATE_FORMAT,
+            stage,
+            step,
+            cursor,
+            metrics_bytes: self.log.len_bytes()?,
+            eval_bytes: self.eval_log.len_bytes()?,
+            preference,
+        };
+        let state = serde_json::to_value(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        let global = step + if stage == Stage::Preference { self.sft_steps } else { 0 };
+        checkpoint::save(self.run_dir, global, &Checkpoint { weights, optimizer, state })?;
+        checkpoint::prune(self.run_dir, self.cfg.checkpoint.keep_last)?;
+        Ok(())
+    }
+
+    fn pause(&self) {
+        if !self.opts.step_delay.is_zero() {
+            std::thread::sleep(self.opts.step_delay);
+        }
+    }
+
+    fn fault(&self, stage: Stage, step: u64) -> Option<FaultTarget> {
+        self.opts.fault.filter(|f| f.stage == stage && f.step == step).map(|f| f.target)
+    }
+}
+
+/// Sets the trainable weights from a checkpoint (every one must be present, with its shape).
+fn restore_weights(lm: &CausalLm, weights: &HashMap<String, Tensor>) -> Result<()> {
+    for (name, var) in lm.trainable_vars() {
+        let t = weights
+            .get(&name)
+            .ok_or_else(|| TrainError::Checkpoint(format!("checkpoint lacks the weight `{name}`")))?;
+        if t.shape() != var.shape() {
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint weight `{name}` has shape {:?}, the model has {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// A resumed stage: its state and the checkpoint's tensors.
+type Resume = (TrainState, Checkpoint);
+
+/// The micro-batches of one optimiser batch.
+fn micro_batches(
+    picked: &[usize],
+    batch_size: usize,
+    data: &[(TaskPair, TokenizedPair)],
+    collate: fn(&[&TokenizedPair], u32) -> Batch,
+) -> Vec<Batch> {
+    picked
+        .chunks(batch_size)
+        .map(|chunk| {
+            let refs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &data[i].1).collect();
+            collate(&refs, ids::PAD)
+        })
+        .collect()
 }
 
 /// The SFT stage: NLL on prompt + chosen of the SFT split.
 fn sft_stage(
+    ctx: &mut Ctx<'_>,
     lm: &CausalLm,
     data: &[(TaskPair, TokenizedPair)],
-    spec: &StageSpec,
-    seed: u64,
-    log: &mut MetricsLog,
+    resume: Option<Resume>,
 ) -> Result<()> {
     let device = Device::Cpu;
+    let spec: &StageSpec = &ctx.cfg.sft;
     let cfg = AdamWConfig { weight_decay: spec.weight_decay, ..AdamWConfig::default() };
     let mut opt = AdamW::new(lm.trainable_vars(), cfg)?;
-    let mut sampler = EpochSampler::new(data.len(), seed, Cursor::default());
+    let (mut first, mut cursor) = (0, Cursor::default());
+    if let Some((state, ckpt)) = resume {
+        restore_weights(lm, &ckpt.weights)?;
+        opt.load_state_tensors(&ckpt.optimizer, state.step)?;
+        (first, cursor) = (state.step, state.cursor);
+    }
+    let mut sampler = EpochSampler::new(data.len(), ctx.cfg.seed, cursor);
     let objective = Objective::Sft(SftParams::nll());
-    for step in 0..spec.steps {
+    let mut progress = Progress::new(ctx.opts.progress, "sft", first, spec.steps);
+    for step in first..spec.steps {
         let started = Instant::now();
-        let picked: Vec<&TokenizedPair> = sampler.next_batch(spec.batch_size).into_iter().map(|i| &data[i].1).collect();
-        let batch = collate_sft(&picked, ids::PAD);
-        let t = to_tensors(&batch, &device)?;
-        let logps = lm.model().token_logps(&t.ids, Some(&t.attention), LOGP_CHUNK)?;
-        let out =
-            objective.compute(&ObjectiveInputs::supervised(SequenceLogps::from_tokens(&logps, &t.completion)?))?;
-        let loss = out.metrics.get("loss").unwrap_or(f64::NAN);
-        ensure_finite(step + 1, "SFT loss", loss)?;
+        let picked = sampler.next_batch(spec.batch_size * spec.grad_accum);
+        let batches = micro_batches(&picked, spec.batch_size, data, collate_sft);
         let lr = spec.schedule.lr_at(step, spec.steps);
-        let norm = optimise(&mut opt, &out.loss, step + 1, lr, spec.max_grad_norm)?;
-        let tps = batch.real_tokens() as f64 / started.elapsed().as_secs_f64();
+        let step_spec = StepSpec {
+            stage: Stage::Sft,
+            step: step + 1,
+            lr,
+            max_grad_norm: spec.max_grad_norm,
+            objective: objective.name(),
+            fault: ctx.fault(Stage::Sft, step + 1),
+        };
+        let out = accumulated_step(lm, &mut opt, &batches, &step_spec, |batch, totals, poison| {
+            let t = to_tensors(batch, &device)?;
+            let mut logps = lm.model().token_logps(&t.ids, Some(&t.attention), LOGP_CHUNK)?;
+            if poison {
+                logps = logps.affine(1.0, f64::NAN)?;
+            }
+            let inputs = ObjectiveInputs::supervised(SequenceLogps::from_tokens(&logps, &t.completion)?);
+            Ok(objective.compute(&inputs.with_batch_totals(totals))?)
+        })?;
+        let tps = out.tokens as f64 / started.elapsed().as_secs_f64();
         record(
-            log,
-            "sft",
+            &mut ctx.log,
+            Stage::Sft,
             step + 1,
             &out.metrics,
-            &[("learning_rate", lr), ("grad_norm", norm), ("tokens_per_second", tps)],
+            &[("learning_rate", lr), ("grad_norm", out.grad_norm), ("tokens_per_second", tps)],
         )?;
+        progress.step(step + 1, out.metrics.get("loss").copied().unwrap_or(f64::NAN));
+        if ctx.checkpoint_due(step + 1) {
+            ctx.checkpoint(lm, Stage::Sft, step + 1, &opt, sampler.cursor(), None)?;
+        }
+        ctx.pause();
     }
+    progress.finish();
     Ok(())
 }
 
@@ -238,101 +667,285 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     fs::write(path, text).map_err(|source| TrainError::Io { path: path.display().to_string(), source })
 }
 
-/// Runs `cfg` into `run_dir` and returns the final evaluation.
-pub fn run(cfg: &RunConfig, run_dir: &Path) -> Result<BTreeMap<String, f64>> {
-    cfg.validate()?;
-    let io = |source| TrainError::Io { path: run_dir.display().to_string(), source };
-    fs::create_dir_all(run_dir).map_err(io)?;
-    let resolved = toml::to_string(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
-    fs::write(run_dir.join("config.toml"), resolved).map_err(io)?;
-    let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"))?;
-    let mut eval_log = MetricsLog::open(&run_dir.join("eval.jsonl"))?;
-    let data = TaskData::generate(cfg.data.pairs, cfg.data.eval_pairs, cfg.seed)?;
+/// The preference stage (with its start evaluation when not resuming); returns the final
+/// evaluation.
+fn preference_stage(
+    ctx: &mut Ctx<'_>,
+    lm: &CausalLm,
+    data: &TaskData,
+    resume: Option<Resume>,
+) -> Result<BTreeMap<String, f64>> {
     let device = Device::Cpu;
-
-    let lm = match &cfg.init {
-        Some(dir) => CausalLm::from_dir(dir, &device)?,
-        None => CausalLm::random(&tiny_llama(cfg.model.hidden, cfg.model.layers), cfg.seed, &device)?,
-    };
-    if cfg.init.is_none() && cfg.sft.steps > 0 {
-        sft_stage(&lm, &data.sft, &cfg.sft, cfg.seed, &mut log)?;
-        lm.save_dir(&run_dir.join("sft-model"))?;
+    let cfg = ctx.cfg;
+    let spec = &cfg.preference;
+    let objective = &spec.objective;
+    let mut opt = AdamW::new(lm.trainable_vars(), AdamWConfig::default())?;
+    let mut first = 0;
+    let mut cursor = Cursor::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5A6E);
+    let mut pool: Vec<usize> = Vec::new();
+    let mut pool_weights: Vec<f64> = Vec::new();
+    let mut previous: HashMap<u64, f64> = HashMap::new();
+    let mut final_eval = None;
+    let start_chosen;
+    let reference: Option<HashMap<u64, (f64, f64)>>;
+    match resume {
+        None => {
+            let start = evaluate(lm, &data.eval, cfg)?;
+            start_chosen = start["eval/chosen_logp"];
+            let mut start = start;
+            start.insert("eval/chosen_logp_drift".into(), 0.0);
+            ctx.eval_log.write("preference", 0, &start)?;
+            final_eval = Some(start);
+            reference = if spec.steps > 0 && objective.needs_reference() {
+                // The reference is the starting model; with LoRA, the same model with its
+                // adapters off (identical at the start, since B = 0).
+                lm.set_adapters_enabled(false);
+                let sums = reference_sums(lm, &data.preference);
+                lm.set_adapters_enabled(true);
+                Some(sums?)
+            } else {
+                None
+            };
+        }
+        Some((state, ckpt)) => {
+            let p = state
+                .preference
+                .ok_or_else(|| TrainError::Checkpoint("preference checkpoint without its preference state".into()))?;
+            restore_weights(lm, &ckpt.weights)?;
+            opt.load_state_tensors(&ckpt.optimizer, state.step)?;
+            (first, cursor) = (state.step, state.cursor);
+            start_chosen = f64::from_bits(p.start_chosen_logp);
+            reference = p
+                .reference
+                .map(|r| r.into_iter().map(|(id, c, r)| (id, (f64::from_bits(c), f64::from_bits(r)))).collect());
+            if objective.needs_reference() && reference.is_none() {
+                return Err(TrainError::Checkpoint("checkpoint lacks the reference log-probs".into()));
+            }
+            rng = p.rng.restore()?;
+            pool = p.pool;
+            pool_weights = p.pool_weights.into_iter().map(f64::from_bits).collect();
+            previous = p.previous.into_iter().map(|(id, b)| (id, f64::from_bits(b))).collect();
+        }
     }
-
-    let start = evaluate(&lm, &data.eval, cfg)?;
-    let start_chosen = start["eval/chosen_logp"];
     let with_drift = |mut m: BTreeMap<String, f64>| {
         let drift = m["eval/chosen_logp"] - start_chosen;
         m.insert("eval/chosen_logp_drift".into(), drift);
         m
     };
-    eval_log.write("preference", 0, &with_drift(start.clone()))?;
-
-    let spec = &cfg.preference;
-    let mut final_eval = with_drift(start);
-    if spec.steps > 0 {
-        let objective = &spec.objective;
-        let reference = if objective.needs_reference() { Some(reference_sums(&lm, &data.preference)?) } else { None };
-        let mut opt = AdamW::new(lm.trainable_vars(), AdamWConfig::default())?;
-        let mut sampler = EpochSampler::new(data.preference.len(), cfg.seed ^ 0xBEEF, Cursor::default());
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5A6E);
-        let mut pool: Vec<usize> = Vec::new();
-        let mut pool_weights: Vec<f64> = Vec::new();
-        let mut previous: HashMap<u64, f64> = HashMap::new();
-        for step in 0..spec.steps {
-            let started = Instant::now();
-            let mut uniform_fill = 0usize;
-            let picked: Vec<usize> = match spec.selection {
-                SelectionKind::Uniform => sampler.next_batch(spec.batch_size),
-                SelectionKind::Sage => {
-                    if step % spec.sage.refresh_every == 0 {
-                        pool = sampler.next_batch(spec.sage.pool_size.min(data.preference.len()));
-                        let toks: Vec<&TokenizedPair> = pool.iter().map(|&i| &data.preference[i].1).collect();
-                        let m = margins(&lm, &toks)?;
-                        let prev: Vec<Option<f64>> = toks.iter().map(|t| previous.get(&t.id).copied()).collect();
-                        pool_weights = spec.sage.scores(&m, &prev);
-                        for (t, v) in toks.iter().zip(m) {
-                            previous.insert(t.id, v);
-                        }
+    let mut sampler = EpochSampler::new(data.preference.len(), cfg.seed ^ 0xBEEF, cursor);
+    let mut progress = Progress::new(ctx.opts.progress, "preference", first, spec.steps);
+    let total = spec.batch_size * spec.grad_accum;
+    for step in first..spec.steps {
+        let started = Instant::now();
+        let mut uniform_fill = 0usize;
+        let picked: Vec<usize> = match spec.selection {
+            SelectionKind::Uniform => sampler.next_batch(total),
+            SelectionKind::Sage => {
+                if step % spec.sage.refresh_every == 0 {
+                    pool = sampler.next_batch(spec.sage.pool_size.min(data.preference.len()));
+                    let toks: Vec<&TokenizedPair> = pool.iter().map(|&i| &data.preference[i].1).collect();
+                    let m = margins(lm, &toks)?;
+                    let prev: Vec<Option<f64>> = toks.iter().map(|t| previous.get(&t.id).copied()).collect();
+                    pool_weights = spec.sage.scores(&m, &prev);
+                    for (t, v) in toks.iter().zip(m) {
+                        previous.insert(t.id, v);
                     }
-                    let (chosen, uniform) = draw_weighted(&pool_weights, spec.batch_size, &mut rng);
-                    uniform_fill = uniform;
-                    chosen.into_iter().map(|i| pool[i]).collect()
                 }
-            };
-            let refs: Vec<&TokenizedPair> = picked.iter().map(|&i| &data.preference[i].1).collect();
-            let batch = collate_pairs(&refs, ids::PAD);
-            let (chosen, rejected) = pair_logps(&lm, &batch, &device)?;
-            let mut inputs = ObjectiveInputs::preference(chosen, rejected).with_collapse_delta(cfg.eval.collapse_delta);
+                let (chosen, uniform) = draw_weighted(&pool_weights, total, &mut rng);
+                uniform_fill = uniform;
+                chosen.into_iter().map(|i| pool[i]).collect()
+            }
+        };
+        let batches = micro_batches(&picked, spec.batch_size, &data.preference, collate_pairs);
+        let lr = spec.schedule.lr_at(step, spec.steps);
+        let step_spec = StepSpec {
+            stage: Stage::Preference,
+            step: step + 1,
+            lr,
+            max_grad_norm: spec.max_grad_norm,
+            objective: objective.name(),
+            fault: ctx.fault(Stage::Preference, step + 1),
+        };
+        let out = accumulated_step(lm, &mut opt, &batches, &step_spec, |batch, totals, poison| {
+            let (mut chosen, rejected) = pair_logps(lm, batch, &device)?;
+            if poison {
+                let tokens = chosen.tokens().ok_or_else(|| TrainError::Config("no per-token log-probs".into()))?;
+                let nan = tokens.logps().affine(1.0, f64::NAN)?;
+                chosen = SequenceLogps::from_tokens(&nan, tokens.mask())?;
+            }
+            let mut inputs = ObjectiveInputs::preference(chosen, rejected)
+                .with_collapse_delta(cfg.eval.collapse_delta)
+                .with_batch_totals(totals);
             if let Some(reference) = &reference {
                 let (c, r): (Vec<f64>, Vec<f64>) = batch.pair_ids.iter().map(|id| reference[id]).unzip();
                 inputs =
                     inputs.with_reference(ReferenceLogps::new(&Tensor::new(c, &device)?, &Tensor::new(r, &device)?)?);
             }
-            let out = objective.compute(&inputs)?;
-            for (name, value) in out.metrics.iter() {
-                ensure_finite(step + 1, &format!("{} `{name}`", objective.name()), value)?;
-            }
-            let lr = spec.schedule.lr_at(step, spec.steps);
-            let norm = optimise(&mut opt, &out.loss, step + 1, lr, spec.max_grad_norm)?;
-            let tps = batch.real_tokens() as f64 / started.elapsed().as_secs_f64();
-            record(
-                &mut log,
-                "preference",
-                step + 1,
-                &out.metrics,
-                &[
-                    ("learning_rate", lr),
-                    ("grad_norm", norm),
-                    ("tokens_per_second", tps),
-                    ("selection/uniform_fill", uniform_fill as f64),
-                ],
-            )?;
-            if (step + 1) % cfg.eval.every == 0 || step + 1 == spec.steps {
-                final_eval = with_drift(evaluate(&lm, &data.eval, cfg)?);
-                eval_log.write("preference", step + 1, &final_eval)?;
-            }
+            Ok(objective.compute(&inputs)?)
+        })?;
+        let tps = out.tokens as f64 / started.elapsed().as_secs_f64();
+        record(
+            &mut ctx.log,
+            Stage::Preference,
+            step + 1,
+            &out.metrics,
+            &[
+                ("learning_rate", lr),
+                ("grad_norm", out.grad_norm),
+                ("tokens_per_second", tps),
+                ("selection/uniform_fill", uniform_fill as f64),
+            ],
+        )?;
+        progress.step(step + 1, out.metrics.get("loss").copied().unwrap_or(f64::NAN));
+        if (step + 1) % cfg.eval.every == 0 || step + 1 == spec.steps {
+            let e = with_drift(evaluate(lm, &data.eval, cfg)?);
+            ctx.eval_log.write("preference", step + 1, &e)?;
+            final_eval = Some(e);
         }
+        if ctx.checkpoint_due(step + 1) {
+            let mut reference_bits: Option<Vec<(u64, u64, u64)>> =
+                reference.as_ref().map(|r| r.iter().map(|(&id, &(c, r))| (id, c.to_bits(), r.to_bits())).collect());
+            if let Some(r) = &mut reference_bits {
+                r.sort_unstable();
+            }
+            let mut previous_bits: Vec<(u64, u64)> = previous.iter().map(|(&id, &m)| (id, m.to_bits())).collect();
+            previous_bits.sort_unstable();
+            let state = PreferenceState {
+                start_chosen_logp: start_chosen.to_bits(),
+                reference: reference_bits,
+                rng: RngState::of(&rng),
+                pool: pool.clone(),
+                pool_weights: pool_weights.iter().map(|w| w.to_bits()).collect(),
+                previous: previous_bits,
+            };
+            ctx.checkpoint(lm, Stage::Preference, step + 1, &opt, sampler.cursor(), Some(state))?;
+        }
+        ctx.pause();
+    }
+    progress.finish();
+    match final_eval {
+        Some(e) => Ok(e),
+        // Resumed from the checkpoint of the last step: its evaluation is in eval.jsonl already;
+        // the same weights give the same numbers.
+        None => Ok(with_drift(evaluate(lm, &data.eval, cfg)?)),
+    }
+}
+
+/// Runs `cfg` into `run_dir` from scratch and returns the final evaluation (see [`run_with`]).
+pub fn run(cfg: &RunConfig, run_dir: &Path) -> Result<BTreeMap<String, f64>> {
+    Ok(run_with(cfg, run_dir, &RunOptions::default())?.final_eval)
+}
+
+/// Prints a status line when progress is shown.
+fn note(opts: &RunOptions, text: &str) {
+    if opts.progress != ProgressMode::Off {
+        eprintln!("{text}");
+    }
+}
+
+/// Runs `cfg` into `run_dir`: SFT (unless `init` is set), then the preference stage, writing
+/// checkpoints every `checkpoint.every` steps of each stage. With `opts.resume`, continues from
+/// the latest checkpoint and ends with exactly the weights, metrics and evaluations an
+/// uninterrupted run would have (except the wall-clock `tokens_per_second`). Without it, any
+/// earlier logs, checkpoints and result in `run_dir` are discarded.
+pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunReport> {
+    cfg.validate()?;
+    let io = |source| TrainError::Io { path: run_dir.display().to_string(), source };
+    fs::create_dir_all(run_dir).map_err(io)?;
+    let device = Device::Cpu;
+    let result_path = run_dir.join("result.json");
+    let config_path = run_dir.join("config.toml");
+    let mut resume: Option<(String, Resume)> = None;
+    if opts.resume {
+        if result_path.is_file() {
+            let text = fs::read_to_string(&result_path).map_err(io)?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", result_path.display())))?;
+            let final_eval = serde_json::from_value(value["final"].clone())
+                .map_err(|e| TrainError::Checkpoint(format!("{}: `final`: {e}", result_path.display())))?;
+            note(opts, &format!("{}: the run already finished (result.json exists); nothing to do", run_dir.display()));
+            return Ok(RunReport { final_eval, resumed_from: None, already_finished: true });
+        }
+        match checkpoint::load_latest(run_dir, &device)? {
+            Some((dir, ckpt)) => {
+                if config_path.is_file() {
+                    let text = fs::read_to_string(&config_path).map_err(io)?;
+                    let saved = RunConfig::from_toml(&text)?;
+                    if !saved.same_training(cfg) {
+                        return Err(TrainError::Config(format!(
+                            "--resume: the config differs from the one the run started with ({}); only [checkpoint] may change",
+                            config_path.display()
+                        )));
+                    }
+                }
+                let state: TrainState = serde_json::from_value(ckpt.state.clone())
+                    .map_err(|e| TrainError::Checkpoint(format!("{}/state.json: {e}", dir.display())))?;
+                if state.format != STATE_FORMAT {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{}/state.json: format {} (this trainer writes {STATE_FORMAT})",
+                        dir.display(),
+                        state.format
+                    )));
+                }
+                let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                note(opts, &format!("resuming from checkpoint {name}: {} step {}", state.stage.name(), state.step));
+                resume = Some((name, (state, ckpt)));
+            }
+            None => note(opts, &format!("{}: no checkpoint, starting fresh", run_dir.display())),
+        }
+    }
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let eval_path = run_dir.join("eval.jsonl");
+    let (log, eval_log) = match &resume {
+        Some((_, (state, _))) => (
+            MetricsLog::open_truncated(&metrics_path, state.metrics_bytes)?,
+            MetricsLog::open_truncated(&eval_path, state.eval_bytes)?,
+        ),
+        None => {
+            checkpoint::clear(run_dir)?;
+            if result_path.exists() {
+                fs::remove_file(&result_path).map_err(io)?;
+            }
+            (MetricsLog::open_truncated(&metrics_path, 0)?, MetricsLog::open_truncated(&eval_path, 0)?)
+        }
+    };
+    let resolved = toml::to_string(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+    fs::write(&config_path, resolved).map_err(io)?;
+    let data = TaskData::generate(cfg.data.pairs, cfg.data.eval_pairs, cfg.seed)?;
+
+    let mut lm = match &cfg.init {
+        Some(dir) => CausalLm::from_dir(dir, &device)?,
+        None => CausalLm::random(&tiny_llama(cfg.model.hidden, cfg.model.layers), cfg.seed, &device)?,
+    };
+    let sft_steps = if cfg.init.is_none() { cfg.sft.steps } else { 0 };
+    let mut ctx = Ctx { cfg, run_dir, opts, log, eval_log, sft_steps };
+    let resumed_from = resume.as_ref().map(|(name, _)| name.clone());
+    let (sft_resume, preference_resume) = match resume {
+        Some((_, r)) if r.0.stage == Stage::Sft => (Some(r), None),
+        Some((_, r)) => (None, Some(r)),
+        None => (None, None),
+    };
+    if sft_resume.is_some() && sft_steps == 0 {
+        return Err(TrainError::Checkpoint("an SFT checkpoint, but this config has no SFT stage".into()));
+    }
+    if sft_steps > 0 && preference_resume.is_none() {
+        sft_stage(&mut ctx, &lm, &data.sft, sft_resume)?;
+        ensure_weights_finite(&lm, Stage::Sft, cfg.sft.steps)?;
+        lm.save_dir(&run_dir.join("sft-model"))?;
+    } else if sft_steps > 0 && cfg.model.lora.is_some() {
+        // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
+        // before the preference stage began.
+        lm = CausalLm::from_dir(&run_dir.join("sft-model"), &device)?;
+    }
+    if let Some(lora) = &cfg.model.lora {
+        lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x10_4A)?;
+    }
+    let final_eval = preference_stage(&mut ctx, &lm, &data, preference_resume)?;
+    ensure_weights_finite(&lm, Stage::Preference, cfg.preference.steps)?;
+    if cfg.model.lora.is_some() {
+        lm.save_adapters(&run_dir.join("adapter"))?;
+        lm = lm.merge_lora()?;
     }
     lm.save_dir(&run_dir.join("model"))?;
     let result = serde_json::json!({
@@ -342,5 +955,15 @@ pub fn run(cfg: &RunConfig, run_dir: &Path) -> Result<BTreeMap<String, f64>> {
         "final": final_eval,
     });
     write_json(&run_dir.join("result.json"), &result)?;
-    Ok(final_eval)
+    Ok(RunReport { final_eval, resumed_from, already_finished: false })
+}
+
+/// Evaluates a saved model directory (config.json + model.safetensors, e.g. a run's `model/`)
+/// on the held-out pairs of the embedded task that `cfg` describes (its `seed`,
+/// `data.eval_pairs` and `[eval]` section).
+pub fn evaluate_dir(cfg: &RunConfig, model_dir: &Path) -> Result<BTreeMap<String, f64>> {
+    cfg.validate()?;
+    let lm = CausalLm::from_dir(model_dir, &Device::Cpu)?;
+    let data = TaskData::generate(0, cfg.data.eval_pairs, cfg.seed)?;
+    evaluate(&lm, &data.eval, cfg)
 }
