@@ -94,6 +94,75 @@ fn bench(c: &mut Criterion) {
         after_large / 1024
     );
 
+    // Stages alone, on 2,000 pairs: reading, encoding (template + tokenize), collating.
+    let examples: Vec<_> = slime_data::PreferenceReader::open(&small, ReadOptions::default())
+        .expect("open")
+        .take(2000)
+        .map(|r| r.expect("row").example)
+        .collect();
+    let pairs: Vec<_> = examples
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match encoder.encode(i as u64, e).expect("encode") {
+            slime_data::Encoded::Pair { pair, .. } => Some(pair),
+            slime_data::Encoded::Skipped(_) => None,
+        })
+        .collect();
+    let mut stages = c.benchmark_group("stages_2k_pairs");
+    stages.sample_size(10);
+    stages.throughput(Throughput::Elements(2000));
+    stages.bench_function("read", |b| {
+        b.iter(|| slime_data::PreferenceReader::open(&small, ReadOptions::default()).expect("open").take(2000).count())
+    });
+    stages.bench_function("render_templates", |b| {
+        let t = encoder.template().expect("template");
+        b.iter(|| {
+            for e in &examples {
+                if let slime_data::PreferenceExample::Chat { prompt, chosen, rejected } = e {
+                    black_box(t.split(prompt, chosen).expect("render"));
+                    black_box(t.split(prompt, rejected).expect("render"));
+                }
+            }
+        })
+    });
+    stages.bench_function("encode_sequential", |b| {
+        b.iter(|| examples.iter().enumerate().map(|(i, e)| encoder.encode(i as u64, e).expect("encode")).count())
+    });
+    let texts: Vec<String> = examples
+        .iter()
+        .filter_map(|e| match e {
+            slime_data::PreferenceExample::Chat { prompt, chosen, .. } => encoder.template()?.split(prompt, chosen).ok()?,
+            _ => None,
+        })
+        .flat_map(|(p, c)| [p, c])
+        .collect();
+    let inner = encoder.tokenizer().inner();
+    let tokens: usize = texts.iter().map(|t| inner.encode_fast(t.as_str(), false).expect("encode").len()).sum();
+    eprintln!("{} texts, {tokens} tokens, {} bytes", texts.len(), texts.iter().map(String::len).sum::<usize>());
+    stages.bench_function("tokenizers_encode_fast_4k_texts", |b| {
+        b.iter(|| texts.iter().map(|t| inner.encode_fast(t.as_str(), false).expect("encode").len()).sum::<usize>())
+    });
+    stages.bench_function("tokenizers_pre_tokenize_4k_texts", |b| {
+        use tokenizers::PreTokenizer;
+        let pre = inner.get_pre_tokenizer().expect("pre-tokenizer");
+        b.iter(|| {
+            texts
+                .iter()
+                .map(|t| {
+                    let mut s = tokenizers::PreTokenizedString::from(t.as_str());
+                    pre.pre_tokenize(&mut s).expect("pre");
+                    s.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte).len()
+                })
+                .sum::<usize>()
+        })
+    });
+    stages.bench_function("collate_16", |b| {
+        b.iter(|| {
+            pairs.chunks(16).map(|c| slime_data::collate_pairs(&c.iter().collect::<Vec<_>>(), 0)).count()
+        })
+    });
+    stages.finish();
+
     let mut group = c.benchmark_group("pipeline");
     group.sample_size(10);
     group.throughput(Throughput::Elements(ROWS as u64));
