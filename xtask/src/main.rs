@@ -3,6 +3,7 @@
 
 mod ablate;
 mod assets;
+mod convert;
 mod report;
 
 use std::path::PathBuf;

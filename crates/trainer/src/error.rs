@@ -25,6 +25,10 @@ pub enum TrainError {
     /// A model error.
     #[error(transparent)]
     Model(#[from] slime_models::ModelError),
+    /// A data error (Parquet file, tokenizer, chat template), naming the file (boxed: the
+    /// data crate's error is large).
+    #[error(transparent)]
+    Data(Box<slime_data::DataError>),
     /// A candle error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -36,6 +40,12 @@ pub enum TrainError {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+impl From<slime_data::DataError> for TrainError {
+    fn from(e: slime_data::DataError) -> Self {
+        Self::Data(Box::new(e))
+    }
 }
 
 /// `Result` with [`TrainError`].

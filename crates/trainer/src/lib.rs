@@ -21,7 +21,10 @@
 pub mod checkpoint;
 pub mod config;
 mod error;
+pub mod generate;
+pub mod logps;
 pub mod metrics_log;
+pub mod model_source;
 pub mod optim;
 pub mod progress;
 pub mod run;

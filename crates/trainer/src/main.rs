@@ -3,9 +3,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use slime_data::{BuiltinTemplate, HashSplit, InvalidRows, SplitPart, Truncation, TruncationMode};
 use slime_trainer::config::RunConfig;
+use slime_trainer::generate::{GenerateOptions, generate_all, read_prompts};
+use slime_trainer::logps::{LogpsOptions, per_token_path, score_file};
+use slime_trainer::model_source::{ModelSource, parse_device};
 use slime_trainer::progress::ProgressMode;
 use slime_trainer::run::{Fault, RunOptions};
 
@@ -51,6 +55,142 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Score a Parquet preference file with a model: per pair, the sum of the chosen and of the
+    /// rejected completion-token log-probs and their token counts (mean = sum / tokens), written
+    /// to --out as Parquet (columns pair, chosen_logp, rejected_logp, chosen_tokens,
+    /// rejected_tokens; pair = the row in --data). This is also how reference log-probs are
+    /// precomputed. Prints the loader's counts (rows read, skipped, truncated).
+    Logps {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The Parquet preference file (TRL standard, conversational or implicit-prompt layout).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output Parquet file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Longest prompt + completion, in tokens; completions are cut at their end (TRL's
+        /// max_length). Default: no limit.
+        #[arg(long)]
+        max_length: Option<usize>,
+        /// Longest prompt, in tokens (TRL's max_prompt_length). Default: no limit.
+        #[arg(long)]
+        max_prompt_length: Option<usize>,
+        /// Which end of an over-long prompt to keep.
+        #[arg(long, value_enum, default_value_t = TruncationArg::KeepEnd)]
+        truncation_mode: TruncationArg,
+        /// Pairs per forward pass (each pair is two sequences).
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Score only one part of the seeded hash split (sft: the first third, preference: the
+        /// other two thirds, as in the paper). Default: every row.
+        #[arg(long, value_enum)]
+        split: Option<SplitArg>,
+        /// Seed of the hash split.
+        #[arg(long, default_value_t = 0, requires = "split")]
+        split_seed: u64,
+        /// Skip unusable rows (null, empty, no assistant turn, ...) and count them, instead of
+        /// stopping at the first one.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Also write every completion token's log-prob to OUT.tokens.parquet (columns pair,
+        /// which = chosen|rejected, position = index within the completion, token, logp).
+        #[arg(long)]
+        per_token: bool,
+    },
+    /// Generate completions for prompts and print them as JSON lines {"prompt", "completion",
+    /// "tokens", "finish_reason"} (finish_reason: stop, length or context). Greedy unless
+    /// --temperature is above 0. Decoding stops at the tokenizer's EOS, the chat template's
+    /// end-of-turn token, any --stop token, or --max-new-tokens.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompts: a .jsonl/.json file with one object per line, {"prompt": "..."},
+        /// {"prompt": [messages]} or {"messages": [{"role": ..., "content": ...}, ...]}; any
+        /// other file has one prompt (a user turn) per non-empty line.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Write the JSON lines to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Most new tokens per prompt.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 decodes greedily.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sampling seed; prompt i (0-based) uses seed + i, so the output is reproducible.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// An extra stop token (a vocabulary entry such as `<|eot_id|>`); repeatable.
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Feed text prompts to the model as they are, without a chat template.
+        #[arg(long, conflicts_with = "template")]
+        no_template: bool,
+    },
+}
+
+/// Where the model and tokenizer are, and how to run it.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A Hugging Face model directory (config.json, model.safetensors or a sharded set,
+    /// tokenizer.json, tokenizer_config.json), or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// For a .gguf model: the Hugging Face config.json of its architecture (or a directory
+    /// holding it). Default: config.json beside the .gguf file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory with tokenizer.json (and tokenizer_config.json). Default: the model directory
+    /// (for a .gguf file, its directory).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Chat template when tokenizer_config.json has none (the tokenizer's own always wins).
+    #[arg(long, value_enum)]
+    template: Option<TemplateArg>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TemplateArg {
+    Llama3,
+    Gemma,
+    Chatml,
+}
+
+impl From<TemplateArg> for BuiltinTemplate {
+    fn from(t: TemplateArg) -> Self {
+        match t {
+            TemplateArg::Llama3 => Self::Llama3,
+            TemplateArg::Gemma => Self::Gemma,
+            TemplateArg::Chatml => Self::Chatml,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TruncationArg {
+    KeepEnd,
+    KeepStart,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    Sft,
+    Preference,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<(slime_trainer::model_source::LoadedModel, candle_core::Device)> {
+        let device = parse_device(&self.device)?;
+        let source =
+            ModelSource { model: self.model.clone(), config: self.config.clone(), tokenizer: self.tokenizer.clone() };
+        let loaded = source.load(&device).with_context(|| format!("loading the model {}", self.model.display()))?;
+        Ok((loaded, device))
+    }
 }
 
 fn parse_progress(text: &str) -> std::result::Result<ProgressMode, String> {
@@ -103,6 +243,96 @@ fn main() -> Result<()> {
             for (k, v) in metrics {
                 println!("{k} = {v:.4}");
             }
+            Ok(())
+        }
+        Command::Logps {
+            model,
+            data,
+            out,
+            max_length,
+            max_prompt_length,
+            truncation_mode,
+            batch_size,
+            split,
+            split_seed,
+            skip_invalid,
+            per_token,
+        } => {
+            if batch_size == 0 {
+                bail!("--batch-size: must be at least 1");
+            }
+            if !data.is_file() {
+                bail!("{}: no such file; --data expects a Parquet preference file", data.display());
+            }
+            let (loaded, device) = model.load()?;
+            let template = loaded.template(model.template.map(Into::into))?;
+            let opts = LogpsOptions {
+                truncation: Truncation {
+                    max_length,
+                    max_prompt_length,
+                    mode: match truncation_mode {
+                        TruncationArg::KeepEnd => TruncationMode::KeepEnd,
+                        TruncationArg::KeepStart => TruncationMode::KeepStart,
+                    },
+                },
+                batch_size,
+                split: split.map(|s| {
+                    let part = match s {
+                        SplitArg::Sft => SplitPart::First,
+                        SplitArg::Preference => SplitPart::Second,
+                    };
+                    (HashSplit::paper(split_seed), part)
+                }),
+                invalid_rows: if skip_invalid { InvalidRows::Skip } else { InvalidRows::Error },
+                per_token: per_token.then(|| per_token_path(&out)),
+                progress_every: Some(Duration::from_secs(10)),
+            };
+            let report = score_file(&loaded, template, &data, &out, &opts, &device)
+                .with_context(|| format!("scoring {}", data.display()))?;
+            println!("{}: {}", data.display(), report.stats);
+            let tokens: u64 = report.rows.iter().map(|r| u64::from(r.chosen_tokens + r.rejected_tokens)).sum();
+            println!(
+                "wrote {} ({} pairs, {tokens} completion tokens) in {:.1} s",
+                out.display(),
+                report.rows.len(),
+                report.seconds
+            );
+            if let Some(path) = &opts.per_token {
+                println!("wrote {} ({} token rows)", path.display(), report.token_rows);
+            }
+            Ok(())
+        }
+        Command::Generate { model, prompts, out, max_new_tokens, temperature, seed, stop, no_template } => {
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                bail!("--temperature: {temperature} is not a finite number >= 0");
+            }
+            let prompt_list = read_prompts(&prompts)?;
+            let (loaded, _device) = model.load()?;
+            let template = if no_template { None } else { loaded.template(model.template.map(Into::into))? };
+            if template.is_none() && !no_template {
+                bail!(
+                    "{}: the tokenizer has no chat_template; pass --template llama3, gemma or chatml, or \
+                     --no-template to use the prompt text as it is",
+                    loaded.tokenizer_dir.display()
+                );
+            }
+            let opts = GenerateOptions { max_new_tokens, temperature, seed, extra_stop: stop };
+            let started = std::time::Instant::now();
+            let generations = match &out {
+                Some(path) => {
+                    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(file);
+                    generate_all(&loaded, template.as_ref(), &prompt_list, &opts, &mut w)
+                }
+                None => generate_all(&loaded, template.as_ref(), &prompt_list, &opts, &mut std::io::stdout().lock()),
+            }
+            .with_context(|| format!("generating for {}", prompts.display()))?;
+            let tokens: usize = generations.iter().map(|g| g.tokens).sum();
+            eprintln!(
+                "generated {} completions ({tokens} tokens) in {:.1} s",
+                generations.len(),
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
     }

@@ -1,0 +1,323 @@
+//! Scoring a Parquet preference file with a model: per pair, the sums of the chosen and
+//! rejected completion-token log-probs and their token counts (the `slime-trainer logps`
+//! command, and the format of precomputed reference log-probs), optionally every completion
+//! token's log-prob.
+//!
+//! Pairs are streamed from the file ([`slime_data::PairStream`]: chat template, tokenization
+//! with the exact prompt/completion boundary, TRL truncation), scored in right-padded batches
+//! (chunks of pairs sorted by length, so batches carry little padding; output stays in file
+//! order) and written with [`slime_data::write_logps`] (`pair` = the row in the file).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use candle_core::{Device, Tensor};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use slime_data::{
+    ChatTemplate, DataError, HashSplit, InvalidRows, LoaderStats, PairEncoder, PairLogps, PairStream, ReadOptions,
+    SplitPart, TokenizedPair, Truncation, collate_pairs, write_logps,
+};
+
+use crate::model_source::LoadedModel;
+use crate::{Result, TrainError};
+
+/// Positions per chunk of the log-prob computation.
+const LOGP_CHUNK: usize = 64;
+
+/// Batches sorted by length together (pairs per chunk = `batch_size * SORT_WINDOW`).
+const SORT_WINDOW: usize = 16;
+
+/// Options of [`score_file`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogpsOptions {
+    /// TRL truncation.
+    pub truncation: Truncation,
+    /// Pairs per forward pass (2x sequences).
+    pub batch_size: usize,
+    /// Only the rows of one part of a hash split.
+    pub split: Option<(HashSplit, SplitPart)>,
+    /// Unusable rows: error (default) or skip and count.
+    pub invalid_rows: InvalidRows,
+    /// Also write every completion token's log-prob to this Parquet file.
+    pub per_token: Option<PathBuf>,
+    /// Print a progress line to stderr about every this often (`None`: never).
+    pub progress_every: Option<Duration>,
+}
+
+impl Default for LogpsOptions {
+    fn default() -> Self {
+        Self {
+            truncation: Truncation::default(),
+            batch_size: 8,
+            split: None,
+            invalid_rows: InvalidRows::Error,
+            per_token: None,
+            progress_every: None,
+        }
+    }
+}
+
+/// What [`score_file`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogpsReport {
+    /// The per-pair rows written (file order).
+    pub rows: Vec<PairLogps>,
+    /// Rows read / skipped / truncated, tokens, padding.
+    pub stats: LoaderStats,
+    /// Rows of the per-token file.
+    pub token_rows: u64,
+    /// Wall-clock seconds of the scoring.
+    pub seconds: f64,
+}
+
+/// One completion token's log-prob.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenLogp {
+    /// The pair (its row in the file).
+    pub pair: u64,
+    /// Chosen (`true`) or rejected completion.
+    pub chosen: bool,
+    /// Index of the token within its completion (0 = first completion token).
+    pub position: u32,
+    /// The token id.
+    pub token: u32,
+    /// `log p(token | prompt, completion[..position])`.
+    pub logp: f32,
+}
+
+/// Per-pair sums and counts (in the order of `pairs`) and, with `per_token`, every completion
+/// token's log-prob, from one right-padded forward pass over `pairs` (chosen rows, then
+/// rejected rows).
+pub fn score_batch(
+    model: &LoadedModel,
+    pairs: &[&TokenizedPair],
+    per_token: bool,
+    device: &Device,
+) -> Result<(Vec<PairLogps>, Vec<TokenLogp>)> {
+    let batch = collate_pairs(pairs, model.tokenizer.specials().pad_id);
+    let (rows, seq) = (batch.rows, batch.seq_len);
+    for (r, row) in batch.input_ids.chunks(seq.max(1)).enumerate() {
+        model.check_ids(row, &|| format!("pair {}", pairs[r % pairs.len()].id))?;
+    }
+    let ids = Tensor::from_slice(&batch.input_ids, (rows, seq), device)?;
+    let attention = Tensor::from_slice(&batch.attention_mask, (rows, seq), device)?;
+    let logps: Vec<Vec<f32>> = model.lm.model().token_logps(&ids, Some(&attention), LOGP_CHUNK)?.to_vec2()?;
+    let n = pairs.len();
+    let mut sums = Vec::with_capacity(n);
+    let mut tokens = Vec::new();
+    for (i, pair) in pairs.iter().enumerate() {
+        let mut side = |r: usize, chosen: bool| -> (f64, u32) {
+            let (mut sum, mut count) = (0f64, 0u32);
+            let mask = &batch.completion_mask[r * seq..(r + 1) * seq];
+            for (t, (&m, &logp)) in mask.iter().zip(&logps[r]).enumerate() {
+                if m == 1 {
+                    sum += f64::from(logp);
+                    if per_token {
+                        let token = batch.input_ids[r * seq + t];
+                        tokens.push(TokenLogp { pair: pair.id, chosen, position: count, token, logp });
+                    }
+                    count += 1;
+                }
+            }
+            (sum, count)
+        };
+        let (chosen_logp, chosen_tokens) = side(i, true);
+        let (rejected_logp, rejected_tokens) = side(n + i, false);
+        sums.push(PairLogps { pair: pair.id, chosen_logp, rejected_logp, chosen_tokens, rejected_tokens });
+    }
+    Ok((sums, tokens))
+}
+
+/// Streams the per-token rows into a Parquet file (columns `pair` u64, `which` utf8
+/// `chosen`/`rejected`, `position` u32, `token` u32, `logp` f32), written as `*.tmp` and renamed
+/// on [`finish`](Self::finish).
+pub struct TokenLogpWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: ArrowWriter<File>,
+    schema: Arc<Schema>,
+    rows: u64,
+}
+
+impl TokenLogpWriter {
+    /// Creates `path.tmp`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("pair", DataType::UInt64, false),
+            Field::new("which", DataType::Utf8, false),
+            Field::new("position", DataType::UInt32, false),
+            Field::new("token", DataType::UInt32, false),
+            Field::new("logp", DataType::Float32, false),
+        ]));
+        let tmp = path.with_extension("parquet.tmp");
+        let file = File::create(&tmp).map_err(|source| TrainError::Io { path: tmp.display().to_string(), source })?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(1 << 20))
+            .build();
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet_error(path, e))?;
+        Ok(Self { path: path.to_path_buf(), tmp, writer, schema, rows: 0 })
+    }
+
+    /// Appends `rows`.
+    pub fn write(&mut self, rows: &[TokenLogp]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.pair))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| if r.chosen { "chosen" } else { "rejected" }))),
+            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.position))),
+            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.token))),
+            Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.logp))),
+        ];
+        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| parquet_error(&self.path, e))?;
+        self.writer.write(&batch).map_err(|e| parquet_error(&self.path, e))?;
+        self.rows += rows.len() as u64;
+        Ok(())
+    }
+
+    /// Closes the file and moves it into place; returns the rows written.
+    pub fn finish(self) -> Result<u64> {
+        self.writer.close().map_err(|e| parquet_error(&self.path, e))?;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|source| TrainError::Io { path: self.path.display().to_string(), source })?;
+        Ok(self.rows)
+    }
+}
+
+fn parquet_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io { path: path.display().to_string(), source: std::io::Error::other(format!("writing Parquet: {e}")) }
+}
+
+/// The file the `--per-token` rows go to: `OUT.parquet` -> `OUT.tokens.parquet`.
+pub fn per_token_path(out: &Path) -> PathBuf {
+    let stem = out.file_stem().map_or_else(|| "logps".into(), |s| s.to_string_lossy().into_owned());
+    out.with_file_name(format!("{stem}.tokens.parquet"))
+}
+
+/// Scores every pair of the Parquet file `data` (or of one split part) with `model` and writes
+/// the per-pair sums and counts to `out` ([`write_logps`]), and with
+/// [`LogpsOptions::per_token`] every completion token's log-prob.
+pub fn score_file(
+    model: &LoadedModel,
+    template: Option<ChatTemplate>,
+    data: &Path,
+    out: &Path,
+    opts: &LogpsOptions,
+    device: &Device,
+) -> Result<LogpsReport> {
+    if opts.batch_size == 0 {
+        return Err(TrainError::Config("batch_size: must be at least 1".into()));
+    }
+    for target in std::iter::once(out).chain(opts.per_token.as_deref()) {
+        if same_file(target, data) {
+            return Err(TrainError::Config(format!(
+                "{}: the output would overwrite the input data file",
+                target.display()
+            )));
+        }
+        if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| TrainError::Io { path: dir.display().to_string(), source })?;
+        }
+    }
+    let tokenizer = slime_data::TextTokenizer::from_dir(&model.tokenizer_dir)?;
+    let encoder = PairEncoder::new(tokenizer, template, opts.truncation)?;
+    let read = ReadOptions { invalid_rows: opts.invalid_rows, ..ReadOptions::default() };
+    let mut stream = PairStream::open(data, read, &encoder, opts.split)?;
+    let mut writer = opts.per_token.as_deref().map(TokenLogpWriter::create).transpose()?;
+    let started = Instant::now();
+    let mut last_note = started;
+    let mut rows = Vec::new();
+    let (mut positions, mut real) = (0u64, 0u64);
+    let window = opts.batch_size * SORT_WINDOW;
+    loop {
+        let mut chunk = Vec::with_capacity(window);
+        for pair in stream.by_ref() {
+            chunk.push(pair.map_err(|e| explain(e, data))?);
+            if chunk.len() == window {
+                break;
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        // Score in length order (less padding), emit in file order.
+        let mut order: Vec<usize> = (0..chunk.len()).collect();
+        order.sort_by_key(|&i| chunk[i].prompt.len() + chunk[i].chosen.len().max(chunk[i].rejected.len()));
+        let mut sums: Vec<Option<PairLogps>> = vec![None; chunk.len()];
+        let mut tokens: Vec<Vec<TokenLogp>> = vec![Vec::new(); chunk.len()];
+        for batch_idx in order.chunks(opts.batch_size) {
+            let refs: Vec<&TokenizedPair> = batch_idx.iter().map(|&i| &chunk[i]).collect();
+            let batch = collate_pairs(&refs, 0);
+            positions += (batch.rows * batch.seq_len) as u64;
+            real += batch.real_tokens() as u64;
+            let (s, t) = score_batch(model, &refs, writer.is_some(), device)?;
+            for (k, &i) in batch_idx.iter().enumerate() {
+                sums[i] = Some(s[k]);
+            }
+            for tok in t {
+                // Rows of one pair are contiguous in `t`; route them by pair id.
+                if let Some(k) = batch_idx.iter().position(|&i| chunk[i].id == tok.pair) {
+                    tokens[batch_idx[k]].push(tok);
+                }
+            }
+        }
+        rows.extend(sums.into_iter().flatten());
+        if let Some(w) = writer.as_mut() {
+            w.write(&tokens.concat())?;
+        }
+        if let Some(every) = opts.progress_every
+            && last_note.elapsed() >= every
+        {
+            last_note = Instant::now();
+            eprintln!("[logps] {} pairs scored, {:.1} s elapsed", rows.len(), started.elapsed().as_secs_f64());
+        }
+    }
+    let mut stats = stream.stats();
+    stats.batch_positions = positions;
+    stats.padding_positions = positions - real;
+    write_logps(out, &rows)?;
+    let token_rows = match writer {
+        Some(w) => w.finish()?,
+        None => 0,
+    };
+    Ok(LogpsReport { rows, stats, token_rows, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// A data error, with a hint where the command line can fix it.
+fn explain(e: DataError, data: &Path) -> TrainError {
+    match &e {
+        DataError::Config { field, .. } if field == "chat_template" => TrainError::Config(format!(
+            "{}: conversational data needs a chat template, and the tokenizer has none; pass --template \
+             llama3, gemma or chatml",
+            data.display()
+        )),
+        _ => TrainError::from(e),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_token_file_sits_beside_the_output() {
+        assert_eq!(per_token_path(Path::new("out/ref.parquet")), Path::new("out/ref.tokens.parquet"));
+        assert_eq!(per_token_path(Path::new("ref")), Path::new("ref.tokens.parquet"));
+    }
+}
