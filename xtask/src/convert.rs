@@ -118,7 +118,9 @@ pub fn gguf_tokenizer(c: &Content) -> Result<(Json, Json)> {
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let pre_tokenizer = match pre {
         // SmolLM2 splits digits individually before the GPT-2 regex.
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]}),
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+        }
         "default" | "gpt-2" | "gpt2" => byte_level.clone(),
         other => bail!("GGUF pre-tokenizer `{other}` is not converted (expected smollm or gpt-2)"),
     };
@@ -205,7 +207,8 @@ fn role(from: &str, row: usize) -> Result<&'static str> {
 /// LLaMA-Factory's preference JSON as examples (rows in file order).
 pub fn llamafactory_pairs(json_path: &Path) -> Result<Vec<PreferenceExample>> {
     let text = fs::read_to_string(json_path).with_context(|| format!("reading {}", json_path.display()))?;
-    let rows: Vec<Json> = serde_json::from_str(&text).with_context(|| format!("{}: not a JSON list", json_path.display()))?;
+    let rows: Vec<Json> =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a JSON list", json_path.display()))?;
     rows.iter()
         .enumerate()
         .map(|(i, row)| {
@@ -276,8 +279,10 @@ mod tests {
                 pair => Value::String(format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap())),
             })
             .collect();
-        let types: Vec<Value> =
-            tokens.iter().map(|t| Value::I32(if FIXTURE_SPECIAL_TOKENS.contains(&t.as_str()) { 3 } else { 1 })).collect();
+        let types: Vec<Value> = tokens
+            .iter()
+            .map(|t| Value::I32(if FIXTURE_SPECIAL_TOKENS.contains(&t.as_str()) { 3 } else { 1 }))
+            .collect();
         let md: Vec<(&str, Value)> = vec![
             ("general.architecture", Value::String("llama".into())),
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
@@ -330,10 +335,11 @@ mod tests {
         assert_eq!(chosen, &Message::new("assistant", "6"));
         let (all, sft, pref) = convert_pairs(&path, dir.path()).unwrap();
         assert_eq!((all, sft + pref), (2, 2));
-        let back: Vec<_> = slime_data::PreferenceReader::open(dir.path().join("dpo_en_demo.parquet"), Default::default())
-            .unwrap()
-            .map(|r| r.unwrap().example)
-            .collect();
+        let back: Vec<_> =
+            slime_data::PreferenceReader::open(dir.path().join("dpo_en_demo.parquet"), Default::default())
+                .unwrap()
+                .map(|r| r.unwrap().example)
+                .collect();
         assert_eq!(back, pairs);
         fs::write(&path, json!([{"conversations": [{"from": "bot", "value": "x"}]}]).to_string()).unwrap();
         let err = llamafactory_pairs(&path).unwrap_err().to_string();

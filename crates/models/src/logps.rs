@@ -1,8 +1,8 @@
 //! Token log-probs of given labels without materialising `[batch, seq, vocab]` logits.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 
-use crate::fused::log_softmax_gather;
+use crate::fused::{linear, log_softmax_gather};
 use crate::{ModelError, Result};
 
 /// `out[b, t] = log softmax(hidden[b, t-1] W^T)[ids[b, t]]` for `t >= 1`, `out[b, 0] = 0`,
@@ -33,18 +33,16 @@ pub fn chunked_token_logps_capped(
     }
     let device = hidden.device();
     let mut parts = vec![Tensor::zeros((batch, 1), DType::F32, device)?];
-    let w_t = lm_head.t()?;
     let mut start = 1;
     while start < seq {
         let len = chunk.min(seq - start);
-        let h = hidden.narrow(1, start - 1, len)?;
-        let mut logits = h.broadcast_matmul(&w_t)?.to_dtype(DType::F32)?;
+        let h = hidden.narrow(1, start - 1, len)?.contiguous()?.reshape((batch * len, ()))?;
+        let mut logits = linear(&h, lm_head)?.to_dtype(DType::F32)?;
         if let Some(cap) = softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        let vocab = logits.dim(D::Minus1)?;
         let labels = ids.narrow(1, start, len)?.contiguous()?.flatten_all()?;
-        let picked = log_softmax_gather(&logits.reshape((batch * len, vocab))?, &labels)?;
+        let picked = log_softmax_gather(&logits, &labels)?;
         parts.push(picked.reshape((batch, len))?);
         start += len;
     }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 
@@ -112,9 +112,21 @@ impl Proj {
         Self { base: Linear::new(weight, None), lora }
     }
 
+    /// The effective weight `[out, in]`: `W` without an active adapter, `W + scale * B A` with
+    /// one (differentiable w.r.t. `A` and `B`; the fused kernels apply it as one product). With
+    /// `B = 0` this is `W` exactly, so a fresh adapter computes exactly the base model.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            Some((a, b, scale, on)) if on.load(Ordering::Relaxed) => {
+                Ok(self.base.weight().add(&(b.matmul(a)? * *scale)?)?)
+            }
+            _ => Ok(self.base.weight().clone()),
+        }
+    }
+
     /// `x W^T (+ scale * (x A^T) B^T when the adapter is on)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
+        let y = crate::fused::linear(x, self.base.weight())?;
         match &self.lora {
             Some((a, b, scale, on)) if on.load(Ordering::Relaxed) => {
                 let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;

@@ -69,17 +69,23 @@ pub fn attention_mask(attention: Option<&[Vec<u8>]>, batch: usize, seq: usize, d
 /// `[batch, seq]` padding mask (1 = real token), after checking that `seq` fits the model.
 pub fn input_attention_mask(input_ids: &Tensor, padding: Option<&Tensor>, max_positions: usize) -> Result<Tensor> {
     let (batch, seq) = input_ids.dims2()?;
+    check_positions(seq, max_positions)?;
+    let rows: Option<Vec<Vec<u8>>> = match padding {
+        Some(m) => Some(m.to_dtype(DType::U8)?.to_vec2()?),
+        None => None,
+    };
+    attention_mask(rows.as_deref(), batch, seq, input_ids.device())
+}
+
+/// An error unless `seq` positions fit a model with `max_position_embeddings = max_positions`.
+pub fn check_positions(seq: usize, max_positions: usize) -> Result<()> {
     if seq > max_positions {
         return Err(crate::ModelError::Input {
             input: "input_ids",
             reason: format!("{seq} positions exceed max_position_embeddings = {max_positions}"),
         });
     }
-    let rows: Option<Vec<Vec<u8>>> = match padding {
-        Some(m) => Some(m.to_dtype(DType::U8)?.to_vec2()?),
-        None => None,
-    };
-    attention_mask(rows.as_deref(), batch, seq, input_ids.device())
+    Ok(())
 }
 
 /// Hidden states `[batch, hidden]` at each row's last real position of `hidden` `[batch, seq,
@@ -116,4 +122,39 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&m)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// The composition [`crate::fused::attention`] is equal to (and what other devices and dtypes
+/// run): from `qkv [batch * seq, (heads + 2 kv_heads) * head_dim]`, rotary embeddings on q and k
+/// ([`rope`]), [`repeat_kv`], scores `q k^T / sqrt(head_dim)` plus [`attention_mask`], softmax and
+/// `p v`, heads concatenated: `[batch * seq, heads * head_dim]`.
+pub fn attention_composed(
+    qkv: &Tensor,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    inv_freq: &[f64],
+    padding: Option<&Tensor>,
+) -> Result<Tensor> {
+    let head_dim = 2 * inv_freq.len();
+    let seq = qkv.dim(0)? / batch;
+    let qkv = qkv.reshape((batch, seq, (heads + 2 * kv_heads) * head_dim))?;
+    let split = |start: usize, n: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(D::Minus1, start * head_dim, n * head_dim)?
+            .reshape((batch, seq, n, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (cos, sin) = rope_tables(inv_freq, seq, qkv.dtype(), qkv.device())?;
+    let q = rope(&split(0, heads)?, &cos, &sin)?;
+    let k = rope(&split(heads, kv_heads)?, &cos, &sin)?;
+    let v = split(heads + kv_heads, kv_heads)?;
+    let n = heads / kv_heads;
+    let (k, v) = (repeat_kv(&k, n)?, repeat_kv(&v, n)?);
+    let mask = input_attention_mask(&Tensor::zeros((batch, seq), DType::U32, qkv.device())?, padding, usize::MAX)?;
+    let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
+    let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((batch * seq, heads * head_dim))?)
 }

@@ -1,0 +1,283 @@
+//! Host-side f32 building blocks of the fused CPU kernels in [`crate::fused`]: strided matrix
+//! products (the `gemm` crate candle itself uses), borrowed views of tensor storage, and the row
+//! kernels (RMSNorm, rotary embedding, SwiGLU, masked softmax) with their derivatives.
+//!
+//! Everything here is plain slices and explicit strides, so the kernels can read a head out of a
+//! `[tokens, heads * head_dim]` activation or write a transposed product without a copy.
+
+use candle_core::{CpuStorage, Layout, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task by the row-parallel loops (a few KiB of work each).
+pub(crate) const ROW_BLOCK: usize = 16;
+
+/// A raw pointer that rayon tasks may share; every task writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: the pointer is only dereferenced by tasks that write disjoint regions of a buffer
+// that outlives them (see each use).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A strided matrix operand: element `(r, c)` is at `ptr + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Mat {
+    /// A row-major matrix with `cols` columns (row stride `cols`).
+    pub fn rows(data: &[f32], cols: usize) -> Self {
+        Self { ptr: data.as_ptr(), rs: cols, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub fn rows_t(data: &[f32], cols: usize) -> Self {
+        Self { ptr: data.as_ptr(), rs: 1, cs: cols }
+    }
+
+    /// The transpose of this operand (no copy).
+    pub fn t(self) -> Self {
+        Self { ptr: self.ptr, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// How a product may use threads: the whole rayon pool, or the calling thread only (inside a
+/// task that is itself one of many parallel tasks).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    Pool,
+    Single,
+}
+
+/// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)`; `dst` is row-major with row stride `dst_rs`.
+///
+/// # Safety
+/// Every operand must be valid for the extents and strides given; `dst` must not alias the
+/// inputs, and no other thread may access the `dst` region during the call. When `accumulate` is
+/// false `dst` need not be initialised: every element is written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    threads: Threads,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = match threads {
+        Threads::Pool if rayon::current_num_threads() > 1 => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        _ => gemm::Parallelism::None,
+    };
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// A freshly allocated row-major `m x n` product `lhs @ rhs` (threads: the whole pool).
+pub(crate) fn product(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `out` has room for m * n elements and gemm writes each one (accumulate = false)
+    // before `set_len`; the operands come from live slices of the right extents (callers).
+    unsafe {
+        matmul(m, n, k, out.as_mut_ptr(), n, false, lhs, rhs, Threads::Pool);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// A read guard on a contiguous f32 CPU tensor's storage.
+pub(crate) struct HostF32<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> HostF32<'a> {
+    /// Borrows `t`'s elements; `t` must be a contiguous f32 CPU tensor.
+    pub fn new(t: &'a Tensor, what: &str) -> candle_core::Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{what}: expected a contiguous tensor")
+        };
+        if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+            candle_core::bail!("{what}: expected an f32 CPU tensor")
+        }
+        Ok(Self { guard, start, end })
+    }
+
+    /// The elements.
+    pub fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            _ => &[],
+        }
+    }
+}
+
+/// The contiguous f32 elements of a CPU storage.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: expected f32") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// The contiguous u32 elements of a CPU storage.
+pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [u32]> {
+    let CpuStorage::U32(data) = s else { candle_core::bail!("{what}: expected u32") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row, accumulated in f64.
+pub(crate) fn inv_rms(row: &[f32], eps: f64) -> f32 {
+    let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / row.len() as f64;
+    (1.0 / (ms + eps).sqrt()) as f32
+}
+
+/// `out = x * inv_rms(x) * w` row by row (`h` = row length), rows in parallel.
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let h = w.len();
+    out.par_chunks_mut(h * ROW_BLOCK).zip(x.par_chunks(h * ROW_BLOCK)).for_each(|(o, x)| {
+        for (o, row) in o.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            let r = inv_rms(row, eps);
+            for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
+                *o = v * r * w;
+            }
+        }
+    });
+}
+
+/// RMSNorm backward for rows `x` with upstream gradient `g` (same shape) and weight `w`:
+/// `dx = r g w - x r^3 mean(g w x)` (written into `dx`), returns `dw = sum over rows of g x r`.
+pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &mut [f32]) -> Vec<f32> {
+    let h = w.len();
+    dx.par_chunks_mut(h * ROW_BLOCK)
+        .zip(x.par_chunks(h * ROW_BLOCK))
+        .zip(g.par_chunks(h * ROW_BLOCK))
+        .map(|((d, x), g)| {
+            let mut dw = vec![0f32; h];
+            for ((d, row), gr) in d.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
+                let r = inv_rms(row, eps);
+                let dot = row.iter().zip(gr).zip(w).map(|((&v, &g), &w)| f64::from(v * g * w)).sum::<f64>();
+                let c = (dot / h as f64) as f32 * r * r * r;
+                for ((((d, &v), &g), &w), dw) in d.iter_mut().zip(row).zip(gr).zip(w).zip(dw.iter_mut()) {
+                    *d = r * g * w - v * c;
+                    *dw += g * v * r;
+                }
+            }
+            dw
+        })
+        .reduce(
+            || vec![0f32; h],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+/// `sigmoid(v)` as candle computes it for `silu` (`v / (1 + exp(-v))` = `v * sigmoid(v)`).
+#[inline]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// SwiGLU of a `[rows, 2 i]` gate|up block: `out[r, j] = silu(gu[r, j]) * gu[r, i + j]`.
+pub(crate) fn swiglu_rows(gu: &[f32], i: usize, out: &mut [f32]) {
+    out.par_chunks_mut(i * ROW_BLOCK).zip(gu.par_chunks(2 * i * ROW_BLOCK)).for_each(|(o, gu)| {
+        for (o, row) in o.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
+            let (gate, up) = row.split_at(i);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+    });
+}
+
+/// SwiGLU backward: from `d act` `[rows, i]` and the `[rows, 2 i]` gate|up block, the gradient
+/// of the block (written into `dgu`, same layout): `d gate = d act * up * silu'(gate)`,
+/// `d up = d act * silu(gate)`, `silu'(v) = s (1 + v (1 - s))` with `s = sigmoid(v)`.
+pub(crate) fn swiglu_bwd_rows(gu: &[f32], dact: &[f32], i: usize, dgu: &mut [f32]) {
+    dgu.par_chunks_mut(2 * i * ROW_BLOCK)
+        .zip(gu.par_chunks(2 * i * ROW_BLOCK))
+        .zip(dact.par_chunks(i * ROW_BLOCK))
+        .for_each(|((d, gu), da)| {
+            for ((d, row), da) in d.chunks_exact_mut(2 * i).zip(gu.chunks_exact(2 * i)).zip(da.chunks_exact(i)) {
+                let (gate, up) = row.split_at(i);
+                let (dg, du) = d.split_at_mut(i);
+                for ((((dg, du), &g), &u), &a) in dg.iter_mut().zip(du.iter_mut()).zip(gate).zip(up).zip(da) {
+                    let s = sigmoid(g);
+                    *du = a * (g * s);
+                    *dg = a * u * (s * (1.0 + g * (1.0 - s)));
+                }
+            }
+        });
+}
+
+/// Rotary embedding of one head vector (`rotate_half` layout): `out = x cos + rotate_half(x) sin`.
+#[inline]
+pub(crate) fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (o1, o2) = out.split_at_mut(half);
+    let (x1, x2) = x.split_at(half);
+    for i in 0..half {
+        let (a, b) = (x1[i], x2[i]);
+        o1[i] = a * cos[i] + -b * sin[i];
+        o2[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// The transpose of [`rope_row`] (rotation by the negative angle): the gradient of its input.
+#[inline]
+pub(crate) fn rope_row_bwd(out: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (o1, o2) = out.split_at_mut(half);
+    let (g1, g2) = g.split_at(half);
+    for i in 0..half {
+        let (a, b) = (g1[i], g2[i]);
+        o1[i] = a * cos[i] + b * sin[i];
+        o2[i] = b * cos[i] - a * sin[i];
+    }
+}

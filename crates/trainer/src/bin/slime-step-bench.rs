@@ -1,0 +1,319 @@
+//! `slime-step-bench`: training-step speed on the reference workload of issue 7, one JSON line
+//! per run (what `cargo xtask bench` runs, one fresh process per objective).
+//!
+//! Workload (kept identical to the PyTorch/TRL anchors in `bench/pytorch-anchor`): a random-init
+//! Llama (vocab 512, hidden 256, intermediate 688, 4 layers, 8 heads, 4 key/value heads, untied
+//! embeddings, f32, 3,164,416 parameters); 256 seeded pairs (prompt = <bos> + 31 tokens, chosen
+//! and rejected = 95 tokens + </s>); batches of 8 pairs as one `[16, 128]` forward (chosen rows,
+//! then rejected rows); AdamW lr 1e-5 with linear decay, weight decay 0, gradient clipping 1.0;
+//! 20 steps; 2 threads. Objectives: `simpo` (beta 0.1, gamma 0.5), `slime` (paper preset),
+//! `dpo-precomputed` (beta 0.1, reference log-prob sums computed once before timing) and
+//! `dpo-live` (beta 0.1, a frozen reference model's forward pass every step).
+//!
+//! Timing: per-step wall time end to end (batch assembly, forward, loss, backward, norm,
+//! optimiser), the first step excluded as warm-up, median of the rest. Tokens per step count 224
+//! per pair (prompt once + chosen + rejected = 1,792 per step), as the anchors do. GFLOP/s =
+//! `6 x 3,033,344 trainable non-embedding parameters (every layer, the final norm and lm_head;
+//! not the input embedding) x 2,048 positions` per step (`+ 2 x params x positions` for the live
+//! reference forward) / median step time. Peak RSS is `VmHWM` from `/proc/self/status`.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use slime_models::{CausalLm, LlamaConfig};
+use slime_objectives::{
+    DpoParams, Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SimpoParams, SlimeParams,
+};
+use slime_trainer::optim::{AdamW, AdamWConfig, clip_coefficient};
+use slime_trainer::schedule::Schedule;
+
+const VOCAB: usize = 512;
+const PROMPT: usize = 32;
+const COMPLETION: usize = 96;
+const SEQ: usize = PROMPT + COMPLETION;
+const PAIRS: usize = 256;
+const BOS: u32 = 1;
+const EOS: u32 = 2;
+const FIRST_WORD: u32 = 4;
+/// Positions per log-prob chunk (the whole sequence: 128 x 512 logits per row are small).
+const LOGP_CHUNK: usize = SEQ;
+
+#[derive(Parser)]
+#[command(about = "Training-step speed on the issue-7 reference workload; prints one JSON line")]
+struct Args {
+    /// `simpo`, `slime`, `dpo-precomputed` or `dpo-live`.
+    #[arg(long)]
+    objective: String,
+    /// Optimiser steps (the first is warm-up and not in the median).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Pairs per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Threads (sets `RAYON_NUM_THREADS` unless it is already set).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Seed of the model initialisation (the data seed is fixed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn config() -> LlamaConfig {
+    let mut cfg = LlamaConfig::tiny(VOCAB, 256, 688, 4, 8, 4);
+    cfg.tie_word_embeddings = false;
+    cfg.max_position_embeddings = 512;
+    cfg.rms_norm_eps = 1e-6;
+    cfg
+}
+
+/// `(prompt + chosen, prompt + rejected)` token rows of the 256 synthetic pairs.
+fn pairs(seed: u64) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut words = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(FIRST_WORD..VOCAB as u32)).collect() };
+    (0..PAIRS)
+        .map(|_| {
+            let mut prompt = vec![BOS];
+            prompt.extend(words(PROMPT - 1));
+            let mut chosen = prompt.clone();
+            chosen.extend(words(COMPLETION - 1));
+            chosen.push(EOS);
+            let mut rejected = prompt;
+            rejected.extend(words(COMPLETION - 1));
+            rejected.push(EOS);
+            (chosen, rejected)
+        })
+        .collect()
+}
+
+/// Token ids `[2 n, SEQ]` (chosen rows, then rejected rows) of the pairs `idx`.
+fn batch_ids(data: &[(Vec<u32>, Vec<u32>)], idx: &[usize]) -> Result<Tensor> {
+    let mut ids = Vec::with_capacity(2 * idx.len() * SEQ);
+    for &i in idx {
+        ids.extend_from_slice(&data[i].0);
+    }
+    for &i in idx {
+        ids.extend_from_slice(&data[i].1);
+    }
+    Ok(Tensor::from_vec(ids, (2 * idx.len(), SEQ), &Device::Cpu)?)
+}
+
+/// Chosen and rejected per-token log-probs with their completion masks.
+fn split(logps: &Tensor, completion: &Tensor, n: usize) -> Result<(SequenceLogps, SequenceLogps)> {
+    Ok((
+        SequenceLogps::from_tokens(&logps.narrow(0, 0, n)?, &completion.narrow(0, 0, n)?)?,
+        SequenceLogps::from_tokens(&logps.narrow(0, n, n)?, &completion.narrow(0, n, n)?)?,
+    ))
+}
+
+fn vm_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Busy jiffies of the whole machine (user + nice + system + irq + softirq + steal).
+fn machine_busy_jiffies() -> u64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        text.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 8 {
+        return 0;
+    }
+    v[..8].iter().sum::<u64>() - v[3] - v[4]
+}
+
+/// CPU jiffies of this process (user + system).
+fn own_jiffies() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = text.rsplit_once(')').map_or("", |(_, r)| r);
+    // After the command: state, ppid, pgrp, session, tty_nr, tpgid, flags, minflt, cminflt,
+    // majflt, cmajflt, utime (index 11), stime (index 12).
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 }
+}
+
+/// Non-embedding parameters the step trains: every layer, the final norm and `lm_head`.
+fn non_embedding_params(lm: &CausalLm) -> usize {
+    lm.trainable_vars().iter().filter(|(n, _)| n != "model.embed_tokens.weight").map(|(_, v)| v.elem_count()).sum()
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: single-threaded at this point (before any pool or candle op exists).
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
+    }
+    let threads: usize = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(args.threads);
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("rayon pool")?;
+    let (objective, reference) = match args.objective.as_str() {
+        "simpo" => (Objective::Simpo(SimpoParams { beta: 0.1, gamma_beta_ratio: 5.0, label_smoothing: 0.0 }), None),
+        "slime" => (Objective::Slime(SlimeParams::paper()), None),
+        "dpo-precomputed" => (Objective::Dpo(DpoParams::default()), Some(false)),
+        "dpo-live" => (Objective::Dpo(DpoParams::default()), Some(true)),
+        other => bail!("unknown objective `{other}` (simpo, slime, dpo-precomputed, dpo-live)"),
+    };
+    if args.steps < 2 || args.batch == 0 || args.batch > PAIRS {
+        bail!("need --steps >= 2 and 1 <= --batch <= {PAIRS}");
+    }
+    let rss_start_kib = vm_kib("VmRSS:");
+    let t_setup = Instant::now();
+    let dev = Device::Cpu;
+    let cfg = config();
+    let lm = CausalLm::random(&cfg, args.seed, &dev)?;
+    let data = pairs(1234);
+    let n = args.batch;
+    let mut completion = vec![0u8; 2 * n * SEQ];
+    for row in completion.chunks_exact_mut(SEQ) {
+        row[PROMPT..].fill(1);
+    }
+    let completion = Tensor::from_vec(completion, (2 * n, SEQ), &dev)?;
+    let attention = Tensor::ones((2 * n, SEQ), DType::U8, &dev)?;
+    let mut order: Vec<usize> = (0..PAIRS).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(0));
+    let pick = |step: usize| -> Vec<usize> { (0..n).map(|j| order[(step * n + j) % PAIRS]).collect() };
+
+    // The frozen reference: a copy of the starting weights (TRL's `ref_model`).
+    let reference_model = match reference {
+        Some(_) => {
+            let weights = lm.weights().into_iter().map(|(k, t)| Ok((k, t.copy()?))).collect::<Result<_>>()?;
+            Some(CausalLm::from_tensors(&cfg, weights)?)
+        }
+        None => None,
+    };
+    let reference_sums = |ids: &Tensor| -> Result<ReferenceLogps> {
+        let model = reference_model.as_ref().context("reference model")?;
+        let logps = model.model().token_logps(ids, Some(&attention), LOGP_CHUNK)?.detach();
+        let (c, r) = split(&logps, &completion, n)?;
+        Ok(ReferenceLogps::new(c.sum(), r.sum())?)
+    };
+    // dpo-precomputed: every pair's reference sums once, before timing (as `run` does).
+    let mut precomputed: Vec<(f32, f32)> = vec![(0.0, 0.0); PAIRS];
+    let t_ref = Instant::now();
+    if reference == Some(false) {
+        let model = reference_model.as_ref().context("reference model")?;
+        for chunk in (0..PAIRS).collect::<Vec<_>>().chunks(n) {
+            let ids = batch_ids(&data, chunk)?;
+            let mask = Tensor::ones((2 * chunk.len(), SEQ), DType::U8, &dev)?;
+            let logps = model.model().token_logps(&ids, Some(&mask), LOGP_CHUNK)?.detach();
+            let (c, r) = split(&logps, &completion.narrow(0, 0, 2 * chunk.len())?, chunk.len())?;
+            let (c, r): (Vec<f32>, Vec<f32>) = (c.sum().to_vec1()?, r.sum().to_vec1()?);
+            for (k, &i) in chunk.iter().enumerate() {
+                precomputed[i] = (c[k], r[k]);
+            }
+        }
+    }
+    let reference_precompute_s = t_ref.elapsed().as_secs_f64();
+
+    let mut opt = AdamW::new(lm.trainable_vars(), AdamWConfig::default())?;
+    let schedule = Schedule::default(); // lr 1e-5, linear decay, no warmup
+    let setup_s = t_setup.elapsed().as_secs_f64();
+    let rss_before_train_kib = vm_kib("VmRSS:");
+
+    let (mut step_s, mut fwd_s, mut bwd_s, mut opt_s, mut losses) = (vec![], vec![], vec![], vec![], vec![]);
+    let (busy0, own0) = (machine_busy_jiffies(), own_jiffies());
+    let loop_start = Instant::now();
+    let mut prev = loop_start;
+    for step in 0..args.steps {
+        let idx = pick(step);
+        let ids = batch_ids(&data, &idx)?;
+        let t0 = Instant::now();
+        let logps = lm.model().token_logps(&ids, Some(&attention), LOGP_CHUNK)?;
+        let (chosen, rejected) = split(&logps, &completion, n)?;
+        let mut inputs = ObjectiveInputs::preference(chosen, rejected);
+        match reference {
+            Some(true) => inputs = inputs.with_reference(reference_sums(&ids)?),
+            Some(false) => {
+                let (c, r): (Vec<f32>, Vec<f32>) = idx.iter().map(|&i| precomputed[i]).unzip();
+                inputs = inputs.with_reference(ReferenceLogps::new(&Tensor::new(c, &dev)?, &Tensor::new(r, &dev)?)?);
+            }
+            None => {}
+        }
+        let out = objective.as_loss().compute(&inputs)?;
+        let t1 = Instant::now();
+        let grads = out.loss.backward()?;
+        let t2 = Instant::now();
+        let norm = opt.grad_norm(&grads)?;
+        opt.step(&grads, schedule.lr_at(step as u64, args.steps as u64), clip_coefficient(norm, Some(1.0)))?;
+        drop(grads);
+        losses.push(f64::from(out.loss.to_scalar::<f32>()?));
+        let t3 = Instant::now();
+        step_s.push((t3 - prev).as_secs_f64());
+        fwd_s.push((t1 - t0).as_secs_f64());
+        bwd_s.push((t2 - t1).as_secs_f64());
+        opt_s.push((t3 - t2).as_secs_f64());
+        prev = t3;
+    }
+    let loop_wall = loop_start.elapsed().as_secs_f64();
+    let hz = 100.0; // USER_HZ on Linux
+    let (busy, own) = ((machine_busy_jiffies() - busy0) as f64 / hz, (own_jiffies() - own0) as f64 / hz);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let foreign = ((busy - own).max(0.0) / (loop_wall * cpus) * 1000.0).round() / 1000.0;
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let steady = &step_s[1..];
+    let s_step = median(steady);
+    let tokens_per_step = n * (PROMPT + 2 * COMPLETION);
+    let positions = 2 * n * SEQ;
+    let params = non_embedding_params(&lm);
+    let mut flop = 6.0 * params as f64 * positions as f64;
+    if reference == Some(true) {
+        flop += 2.0 * params as f64 * positions as f64;
+    }
+    let r4 = |v: f64| (v * 1e4).round() / 1e4;
+    let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    let line = serde_json::json!({
+        "label": format!("{}-slime-rs", args.objective),
+        "objective": args.objective,
+        "steps": args.steps,
+        "batch_pairs": n,
+        "threads": threads,
+        "tokens_per_step": tokens_per_step,
+        "first_step_s": r4(step_s[0]),
+        "s_per_step_steady_median": r4(s_step),
+        "s_per_step_steady_mean": r4(steady.iter().sum::<f64>() / steady.len() as f64),
+        "s_per_step_steady_min": r4(steady.iter().copied().fold(f64::INFINITY, f64::min)),
+        "tok_per_s_steady": (tokens_per_step as f64 / s_step * 10.0).round() / 10.0,
+        "forward_s_median": r4(median(&fwd_s[1..])),
+        "backward_s_median": r4(median(&bwd_s[1..])),
+        "optimizer_s_median": r4(median(&opt_s[1..])),
+        "gflop_per_step": (flop / 1e9 * 100.0).round() / 100.0,
+        "gflop_per_s": (flop / 1e9 / s_step * 10.0).round() / 10.0,
+        "non_embedding_params": params,
+        "peak_rss_mib": mib(vm_kib("VmHWM:")),
+        "rss_start_mib": mib(rss_start_kib),
+        "rss_before_train_mib": mib(rss_before_train_kib),
+        "rss_end_mib": mib(vm_kib("VmRSS:")),
+        "setup_s": r4(setup_s),
+        "reference_precompute_s": r4(reference_precompute_s),
+        "own_cpu_util": ((own / loop_wall) * 100.0).round() / 100.0,
+        "loop_own_cpu_s": (own * 100.0).round() / 100.0,
+        "loop_wall_s": r4(loop_wall),
+        "foreign_cpu_frac": foreign,
+        "loadavg": loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "train_loss": r4(losses.iter().sum::<f64>() / losses.len() as f64),
+        "first_loss": r4(losses[0]),
+        "last_loss": r4(*losses.last().unwrap_or(&f64::NAN)),
+    });
+    println!("{line}");
+    Ok(())
+}

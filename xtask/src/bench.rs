@@ -1,0 +1,275 @@
+//! `cargo xtask bench`: training-step speed on the issue-7 reference workload.
+//!
+//! Builds `slime-step-bench` in release mode and runs each objective in a fresh process (one JSON
+//! line each). With `--vs-pytorch DIR` (the anchor scripts: `bench_plain.py`, `bench_trl.py`) it
+//! also runs the PyTorch/TRL anchors in the same invocation, alternating with ours so that load
+//! changes hit both sides alike, and prints the ratios against the issue's targets. The anchors'
+//! virtual environment is `DIR/venv` when it exists, otherwise `target/bench/anchor-venv`, created
+//! as the anchors' README says (`pip install torch transformers trl datasets pyarrow`) if missing.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Our objectives, in run order.
+const OBJECTIVES: [&str; 4] = ["simpo", "slime", "dpo-precomputed", "dpo-live"];
+
+/// `cargo xtask bench` options.
+pub struct Options {
+    only: Vec<String>,
+    steps: usize,
+    reps: usize,
+    threads: usize,
+    vs_pytorch: Option<PathBuf>,
+    out: PathBuf,
+    exe: Option<PathBuf>,
+}
+
+/// Parses `[--only a,b] [--steps N] [--reps N] [--threads N] [--vs-pytorch DIR] [--out FILE]
+/// [--exe PATH]` (`--exe`: a prebuilt `slime-step-bench` instead of building one).
+pub fn parse(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        only: OBJECTIVES.iter().map(|s| s.to_string()).collect(),
+        steps: 20,
+        reps: 1,
+        threads: 2,
+        vs_pytorch: None,
+        out: PathBuf::from("target/bench/results.jsonl"),
+        exe: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--only" => {
+                o.only = value()?.split(',').map(str::to_string).collect();
+                if let Some(bad) = o.only.iter().find(|x| !OBJECTIVES.contains(&x.as_str())) {
+                    bail!("unknown objective `{bad}` (expected some of {})", OBJECTIVES.join(","));
+                }
+            }
+            "--steps" => o.steps = value()?.parse().context("--steps")?,
+            "--reps" => o.reps = value()?.parse().context("--reps")?,
+            "--threads" => o.threads = value()?.parse().context("--threads")?,
+            "--vs-pytorch" => o.vs_pytorch = Some(PathBuf::from(value()?)),
+            "--out" => o.out = PathBuf::from(value()?),
+            "--exe" => o.exe = Some(PathBuf::from(value()?)),
+            other => bail!("unknown option `{other}` for `bench`"),
+        }
+    }
+    if o.steps < 2 || o.reps == 0 || o.threads == 0 {
+        bail!("need --steps >= 2, --reps >= 1, --threads >= 1");
+    }
+    Ok(o)
+}
+
+/// The cargo target directory, absolute (the anchors run in their own directory).
+fn target_dir() -> PathBuf {
+    let dir = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| PathBuf::from("target"), PathBuf::from);
+    if dir.is_absolute() { dir } else { std::env::current_dir().map_or(dir.clone(), |cwd| cwd.join(&dir)) }
+}
+
+fn build() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--quiet", "-p", "slime-trainer", "--bin", "slime-step-bench"])
+        .status()
+        .context("building slime-step-bench")?;
+    if !status.success() {
+        bail!("building slime-step-bench failed with {status}");
+    }
+    Ok(target_dir().join("release").join("slime-step-bench"))
+}
+
+/// The anchors' Python: `DIR/venv/bin/python`, else `target/bench/anchor-venv/bin/python`,
+/// created (the anchors' README's recipe) when missing.
+fn anchor_python(dir: &Path) -> Result<PathBuf> {
+    let own = dir.join("venv").join("bin").join("python");
+    if own.exists() {
+        return Ok(own);
+    }
+    let venv = target_dir().join("bench").join("anchor-venv");
+    let python = venv.join("bin").join("python");
+    let ready = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import torch, transformers, trl, datasets"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(python);
+    }
+    eprintln!("creating {} (torch, transformers, trl, datasets, pyarrow from PyPI; a few minutes)", venv.display());
+    let run = |cmd: &mut Command| -> Result<()> {
+        let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+        if !status.success() {
+            bail!("{cmd:?} failed with {status}");
+        }
+        Ok(())
+    };
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", "-U", "pip"]))?;
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "torch",
+        "transformers",
+        "trl",
+        "datasets",
+        "pyarrow",
+    ]))?;
+    Ok(python)
+}
+
+/// One benchmark process: its result, the last JSON line with a `label` field.
+fn run_json(cmd: &mut Command, what: &str) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed with {}:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .rev()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("label").is_some())
+        .with_context(|| format!("{what} printed no JSON line with a \"label\":\n{stdout}"))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the benchmark; see the module docs.
+pub fn bench(o: &Options) -> Result<()> {
+    let exe = match &o.exe {
+        Some(p) => p.clone(),
+        None => build()?,
+    };
+    let anchors = match &o.vs_pytorch {
+        Some(dir) => {
+            if !dir.join("bench_plain.py").exists() || !dir.join("bench_trl.py").exists() {
+                bail!("{} has no bench_plain.py / bench_trl.py", dir.display());
+            }
+            let python = anchor_python(dir)?;
+            let python = if python.is_absolute() {
+                python
+            } else {
+                std::env::current_dir().context("current directory")?.join(python)
+            };
+            Some((dir.clone(), python))
+        }
+        None => None,
+    };
+    // Alternate: each of ours is followed by the anchor it is compared with.
+    let mut jobs: Vec<(String, Command)> = Vec::new();
+    for _ in 0..o.reps {
+        for obj in &o.only {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--objective", obj, "--steps", &o.steps.to_string(), "--threads", &o.threads.to_string()]);
+            cmd.env("RAYON_NUM_THREADS", o.threads.to_string());
+            jobs.push((format!("{obj}-slime-rs"), cmd));
+            if let Some((dir, python)) = &anchors {
+                let script: &[&str] = match obj.as_str() {
+                    "simpo" => &["bench_plain.py"],
+                    "slime" => &["bench_trl.py", "--trainer", "simpo"],
+                    "dpo-precomputed" => &["bench_trl.py", "--trainer", "dpo"],
+                    _ => &[],
+                };
+                if !script.is_empty() {
+                    let mut cmd = Command::new(python);
+                    cmd.args(script).args(["--steps", &o.steps.to_string()]).current_dir(dir);
+                    cmd.env("BENCH_THREADS", o.threads.to_string());
+                    let label = match script[0] {
+                        "bench_plain.py" => "simpo-plain-torch".to_string(),
+                        _ => format!("{}-trl", script[2]),
+                    };
+                    jobs.push((label, cmd));
+                }
+            }
+        }
+    }
+    if let Some(parent) = o.out.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&o.out)
+        .with_context(|| format!("opening {}", o.out.display()))?;
+    let mut results: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (label, mut cmd) in jobs {
+        let before = loadavg();
+        let mut v = run_json(&mut cmd, &label)?;
+        if let Some(m) = v.as_object_mut() {
+            m.insert("bench_label".into(), label.clone().into());
+            m.insert("loadavg_before".into(), before.into());
+        }
+        println!("{v}");
+        writeln!(file, "{v}").with_context(|| format!("writing {}", o.out.display()))?;
+        results.entry(label).or_default().push(v);
+    }
+    let stat = |label: &str, key: &str| -> Option<f64> {
+        let rs = results.get(label)?;
+        Some(median(rs.iter().filter_map(|r| r.get(key)?.as_f64()).collect()))
+    };
+    let tok_s = |label: &str| stat(label, "s_per_step_steady_median").map(|s| 1792.0 / s);
+    println!();
+    println!("| run | n | s/step (median of steady steps) | tokens/s | peak RSS MiB | GFLOP/s | foreign CPU |");
+    println!("|---|---|---|---|---|---|---|");
+    for label in results.keys() {
+        println!(
+            "| {label} | {} | {:.3} | {:.0} | {:.0} | {} | {} |",
+            results[label].len(),
+            stat(label, "s_per_step_steady_median").unwrap_or(f64::NAN),
+            tok_s(label).unwrap_or(f64::NAN),
+            stat(label, "peak_rss_mib").unwrap_or(f64::NAN),
+            stat(label, "gflop_per_s").map_or("-".into(), |v| format!("{v:.1}")),
+            stat(label, "foreign_cpu_frac").map_or("-".into(), |v| format!("{v:.2}")),
+        );
+    }
+    if anchors.is_some() {
+        println!();
+        let targets = [
+            ("simpo-slime-rs", "simpo-plain-torch", 1.5),
+            ("slime-slime-rs", "simpo-plain-torch", 1.5),
+            ("dpo-precomputed-slime-rs", "dpo-trl", 1.5),
+            ("dpo-live-slime-rs", "dpo-trl", f64::NAN),
+            ("simpo-slime-rs", "simpo-trl", f64::NAN),
+        ];
+        for (ours, theirs, target) in targets {
+            if let (Some(a), Some(b)) = (tok_s(ours), tok_s(theirs)) {
+                let ratio = a / b;
+                let verdict = if target.is_nan() {
+                    String::new()
+                } else if ratio >= target {
+                    format!(" (target >= {target}x: met)")
+                } else {
+                    format!(" (target >= {target}x: NOT met)")
+                };
+                println!("{ours} / {theirs}: {ratio:.2}x tokens/s{verdict}");
+            }
+        }
+    }
+    println!("\nraw JSON lines appended to {}", o.out.display());
+    Ok(())
+}
