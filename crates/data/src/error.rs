@@ -47,7 +47,7 @@ impl fmt::Display for Location {
     }
 }
 
-/// An error of the data crate.
+/// An error of the data crate. Locations are boxed to keep `Result<_, DataError>` small.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// Reading or writing a file failed.
@@ -62,7 +62,7 @@ pub enum DataError {
     #[error("{location}: not a readable Parquet file: {detail}")]
     NotParquet {
         /// Where.
-        location: Location,
+        location: Box<Location>,
         /// What the Parquet reader said.
         detail: String,
     },
@@ -70,7 +70,7 @@ pub enum DataError {
     #[error("{location}: missing column; expected {expected}; the file has columns [{found}]")]
     MissingColumn {
         /// Where (names the column).
-        location: Location,
+        location: Box<Location>,
         /// What the column should hold.
         expected: String,
         /// The columns the file has.
@@ -80,7 +80,7 @@ pub enum DataError {
     #[error("{location}: wrong type: expected {expected}, found {found}")]
     WrongType {
         /// Where (names the column).
-        location: Location,
+        location: Box<Location>,
         /// The accepted types.
         expected: String,
         /// The type in the file.
@@ -90,7 +90,7 @@ pub enum DataError {
     #[error("{location}: {problem}")]
     InvalidRow {
         /// Where (file, row group, row, column).
-        location: Location,
+        location: Box<Location>,
         /// What is wrong with the value, and what was expected.
         problem: RowProblem,
     },

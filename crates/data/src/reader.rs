@@ -95,7 +95,7 @@ impl std::fmt::Debug for PreferenceReader {
 }
 
 fn not_parquet(at: &Location, e: impl std::fmt::Display) -> DataError {
-    DataError::NotParquet { location: at.clone(), detail: e.to_string() }
+    DataError::NotParquet { location: at.clone().into(), detail: e.to_string() }
 }
 
 /// Runs a call into the Parquet decoder, turning a panic into an error: parquet-rs asserts on
@@ -308,7 +308,7 @@ impl Iterator for PreferenceReader {
                 Err((problem, _)) => {
                     self.done = true;
                     let location = location.unwrap_or_else(|| Location::file(&self.path));
-                    return Some(Err(DataError::InvalidRow { location, problem }));
+                    return Some(Err(DataError::InvalidRow { location: location.into(), problem }));
                 }
             }
         }

@@ -88,12 +88,12 @@ pub(crate) fn resolve(schema: &Schema, names: &ColumnNames, layout: Option<Layou
     let found = || schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ");
     let column = |name: &str, expected: &str| -> Result<ColumnKind> {
         let field = schema.field_with_name(name).map_err(|_| DataError::MissingColumn {
-            location: at.clone().column(name),
+            location: at.clone().column(name).into(),
             expected: expected.to_string(),
             found: found(),
         })?;
         kind_of(field.data_type()).ok_or_else(|| DataError::WrongType {
-            location: at.clone().column(name),
+            location: at.clone().column(name).into(),
             expected: expected.to_string(),
             found: field.data_type().to_string(),
         })
@@ -104,7 +104,7 @@ pub(crate) fn resolve(schema: &Schema, names: &ColumnNames, layout: Option<Layou
         let field = schema.field_with_name(&names.rejected).map(|f| f.data_type().to_string()).unwrap_or_default();
         let expected = if chosen == ColumnKind::Text { TEXT_TYPES } else { "a message list like `chosen`" };
         return Err(DataError::WrongType {
-            location: at.clone().column(&names.rejected),
+            location: at.clone().column(&names.rejected).into(),
             expected: format!("{expected} (the same kind as `{}`)", names.chosen),
             found: field,
         });
@@ -139,7 +139,7 @@ fn expect_kind(kind: ColumnKind, want: ColumnKind, name: &str, schema: &Schema, 
         return Ok(());
     }
     Err(DataError::WrongType {
-        location: at.clone().column(name),
+        location: at.clone().column(name).into(),
         expected: if want == ColumnKind::Text { TEXT_TYPES } else { "list<struct<role: string, content: string>>" }
             .to_string(),
         found: schema.field_with_name(name).map(|f| f.data_type().to_string()).unwrap_or_default(),

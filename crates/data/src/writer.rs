@@ -21,7 +21,7 @@ use crate::example::{Message, PreferenceExample};
 use crate::schema::{ColumnNames, Layout, conversational_schema, messages_type, standard_schema};
 
 fn parquet_err(path: &Path, e: impl std::fmt::Display) -> DataError {
-    DataError::NotParquet { location: Location::file(path), detail: e.to_string() }
+    DataError::NotParquet { location: Location::file(path).into(), detail: e.to_string() }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
@@ -232,13 +232,13 @@ pub fn read_logps(path: impl AsRef<Path>) -> Result<Vec<PairLogps>> {
     let expected = logps_schema();
     for field in expected.fields() {
         let found = builder.schema().field_with_name(field.name()).map_err(|_| DataError::MissingColumn {
-            location: Location::file(path).column(field.name()),
+            location: Location::file(path).column(field.name()).into(),
             expected: field.data_type().to_string(),
             found: builder.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
         })?;
         if found.data_type() != field.data_type() {
             return Err(DataError::WrongType {
-                location: Location::file(path).column(field.name()),
+                location: Location::file(path).column(field.name()).into(),
                 expected: field.data_type().to_string(),
                 found: found.data_type().to_string(),
             });
@@ -259,7 +259,7 @@ pub fn read_logps(path: impl AsRef<Path>) -> Result<Vec<PairLogps>> {
         {
             if let Some(i) = (0..a.len()).find(|&i| a.is_null(i)) {
                 return Err(DataError::InvalidRow {
-                    location: Location { row: Some(first + i as u64), ..Location::file(path).column(name) },
+                    location: Location { row: Some(first + i as u64), ..Location::file(path).column(name) }.into(),
                     problem: crate::error::RowProblem::Null,
                 });
             }
