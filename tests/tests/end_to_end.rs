@@ -39,8 +39,19 @@ fn dpo_first_step_loss_is_ln2() {
 
 #[test]
 fn sft_then_slime_lowers_the_loss_and_raises_preference_accuracy() {
+    sft_then_slime_learns("tiny-llama");
+}
+
+#[test]
+fn the_tiny_gemma_learns_the_task_too() {
+    sft_then_slime_learns("tiny-gemma");
+}
+
+fn sft_then_slime_learns(preset: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let result = run(&tiny(Objective::Slime(SlimeParams::paper()), 150, 80), dir.path()).expect("run");
+    let mut cfg = tiny(Objective::Slime(SlimeParams::paper()), 150, 80);
+    cfg.model.preset = preset.into();
+    let result = run(&cfg, dir.path()).expect("run");
     let pref: Vec<f64> = lines(&dir.path().join("metrics.jsonl"))
         .into_iter()
         .filter(|l| l["stage"] == "preference")
@@ -48,11 +59,14 @@ fn sft_then_slime_lowers_the_loss_and_raises_preference_accuracy() {
         .collect();
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     let (early, late) = (mean(&pref[..10]), mean(&pref[pref.len() - 10..]));
-    assert!(late < early, "preference loss did not fall: {early} -> {late}");
+    assert!(late < early, "{preset}: preference loss did not fall: {early} -> {late}");
     let evals = lines(&dir.path().join("eval.jsonl"));
     let before = evals[0]["eval/preference_accuracy"].as_f64().expect("acc");
     let after = result["eval/preference_accuracy"];
-    assert!(after > before, "held-out preference accuracy {before} -> {after}");
+    assert!(after > before, "{preset}: held-out preference accuracy {before} -> {after}");
+    let model: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).expect("result")).expect("json");
+    assert_eq!(model["model"], preset);
     for file in ["config.toml", "result.json", "model/model.safetensors", "sft-model/config.json"] {
         assert!(dir.path().join(file).is_file(), "{file} missing");
     }

@@ -35,6 +35,83 @@ pub const GRID: [(&str, &str); 16] = [
     ("slime-authors-code", r#"{ type = "slime", preset = "authors-code" }"#),
 ];
 
+/// A named setup that `--preset` selects: a pretrained model and a Parquet file (paths
+/// relative to the workspace root, made by `cargo xtask assets`), the variants, seeds and step
+/// budget, and the per-section TOML lines every cell shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    /// `--preset` name.
+    pub name: &'static str,
+    /// Model directory.
+    pub model: &'static str,
+    /// Parquet preference file.
+    pub data: &'static str,
+    /// Variants run by default.
+    pub only: &'static [&'static str],
+    /// Seeds run by default.
+    pub seeds: &'static [u64],
+    /// Preference steps per cell.
+    pub steps: u64,
+    /// SFT steps per seed.
+    pub sft_steps: u64,
+    /// Lines of `[model]`, `[data]`, `[sft]`, `[preference]`, `[eval]`.
+    pub sections: Sections,
+}
+
+/// TOML lines added to each section of every cell's config.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Sections {
+    pub model: &'static str,
+    pub data: &'static str,
+    pub sft: &'static str,
+    pub preference: &'static str,
+    pub eval: &'static str,
+}
+
+/// LoRA as in the SLIME paper (r 64, alpha 128, all seven projections), also for SFT, and
+/// sizes a 2-core CPU gets through in minutes: sequences cut to 160 tokens (prompts to 64),
+/// 4 sequences per step, 8 held-out pairs, 2 greedy generations of up to 32 tokens.
+const CPU_REAL: Sections = Sections {
+    model: "lora = { r = 64, alpha = 128.0, sft = true }",
+    data: "max_length = 160\nmax_prompt_length = 64\neval_pairs = 8",
+    sft: "batch_size = 4\nschedule = { lr = 2e-4, decay = \"cosine\", warmup_ratio = 0.0 }",
+    preference: "batch_size = 2\nschedule = { lr = 1e-4, decay = \"linear\", warmup_ratio = 0.0 }",
+    eval: "generations = 2\nmax_new_tokens = 32\nbatch_size = 4",
+};
+
+/// The real presets (`cargo xtask assets` provides their files).
+pub const PRESETS: [Preset; 2] = [
+    Preset {
+        name: "smollm2-dpo-en",
+        model: "assets/models/smollm2-135m-instruct",
+        data: "assets/data/dpo_en_demo.parquet",
+        only: &["sft", "slime", "slime-no-stabilizer", "dpo", "simpo"],
+        seeds: &[0],
+        steps: 8,
+        sft_steps: 8,
+        sections: CPU_REAL,
+    },
+    Preset {
+        name: "gemma3-270m-dpo-en",
+        model: "assets/models/gemma-3-270m",
+        data: "assets/data/dpo_en_demo.parquet",
+        only: &["sft", "slime", "dpo", "simpo"],
+        seeds: &[0],
+        steps: 8,
+        sft_steps: 8,
+        sections: CPU_REAL,
+    },
+];
+
+/// Which model a grid trains.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelChoice {
+    /// A built-in tiny model on the embedded task (`tiny-llama`, `tiny-gemma`).
+    Tiny(String),
+    /// A pretrained model directory or `.gguf` file, with a Parquet file.
+    Pretrained { model: PathBuf, data: PathBuf, sections: Sections },
+}
+
 /// Command-line options.
 pub struct Options {
     /// Variants to run (default: the whole grid).
@@ -47,34 +124,101 @@ pub struct Options {
     pub sft_steps: u64,
     /// Results folder.
     pub out: PathBuf,
+    /// The model (and data).
+    pub model: ModelChoice,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { only: None, seeds: vec![0, 1, 2], steps: 120, sft_steps: 800, out: PathBuf::from("results") }
+        Self {
+            only: None,
+            seeds: vec![0, 1, 2],
+            steps: 120,
+            sft_steps: 800,
+            out: PathBuf::from("results"),
+            model: ModelChoice::Tiny("tiny-llama".into()),
+        }
     }
 }
 
-/// Parses `--only a,b --seeds 0,1 --steps N --sft-steps N --out DIR`.
+/// The preset named `name`.
+pub fn preset(name: &str) -> Result<&'static Preset> {
+    PRESETS
+        .iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("--preset: unknown preset `{name}`; known: {}", PRESETS.map(|p| p.name).join(", ")))
+}
+
 pub fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options::default();
+    let (mut only, mut seeds, mut steps, mut sft_steps, mut out) = (None, None, None, None, None);
+    let (mut model, mut data, mut preset_name) = (None::<String>, None::<PathBuf>, None::<String>);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--only" => o.only = Some(value()?.split(',').map(str::to_owned).collect()),
+            "--only" => only = Some(value()?.split(',').map(str::to_owned).collect::<Vec<_>>()),
             "--seeds" => {
-                o.seeds = value()?
-                    .split(',')
-                    .map(|s| s.parse().with_context(|| format!("--seeds: `{s}` is not a number")))
-                    .collect::<Result<_>>()?
+                seeds = Some(
+                    value()?
+                        .split(',')
+                        .map(|s| s.parse().with_context(|| format!("--seeds: `{s}` is not a number")))
+                        .collect::<Result<Vec<u64>>>()?,
+                )
             }
-            "--steps" => o.steps = value()?.parse().context("--steps: expected a number")?,
-            "--sft-steps" => o.sft_steps = value()?.parse().context("--sft-steps: expected a number")?,
-            "--out" => o.out = PathBuf::from(value()?),
+            "--steps" => steps = Some(value()?.parse().context("--steps: expected a number")?),
+            "--sft-steps" => sft_steps = Some(value()?.parse().context("--sft-steps: expected a number")?),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--model" => model = Some(value()?.clone()),
+            "--data" => data = Some(PathBuf::from(value()?)),
+            "--preset" => preset_name = Some(value()?.clone()),
             other => bail!("unknown option `{other}` (see `cargo xtask help`)"),
         }
     }
+    if let Some(name) = &preset_name {
+        let p = preset(name)?;
+        o.only = Some(p.only.iter().map(|s| s.to_string()).collect());
+        o.seeds = p.seeds.to_vec();
+        o.steps = p.steps;
+        o.sft_steps = p.sft_steps;
+        o.out = PathBuf::from("results").join(p.name);
+        o.model = ModelChoice::Pretrained { model: p.model.into(), data: p.data.into(), sections: p.sections };
+    }
+    match (model, data) {
+        (Some(m), None) if m == "tiny-llama" || m == "tiny-gemma" => {
+            if preset_name.is_some() {
+                bail!("--model {m} is a built-in model of the embedded task; it does not go with --preset");
+            }
+            o.model = ModelChoice::Tiny(m);
+        }
+        (Some(m), None) => match &mut o.model {
+            ModelChoice::Pretrained { model, .. } => *model = m.into(),
+            ModelChoice::Tiny(_) => bail!(
+                "--model {m}: a pretrained model also needs --data (a preference Parquet file); the built-in \
+                 models are tiny-llama and tiny-gemma"
+            ),
+        },
+        (model_arg, Some(d)) => match &mut o.model {
+            ModelChoice::Pretrained { model, data, .. } => {
+                *data = d;
+                if let Some(m) = model_arg {
+                    *model = m.into();
+                }
+            }
+            ModelChoice::Tiny(_) => match model_arg {
+                Some(m) if m != "tiny-llama" && m != "tiny-gemma" => {
+                    o.model = ModelChoice::Pretrained { model: m.into(), data: d, sections: CPU_REAL };
+                }
+                _ => bail!("--data {}: Parquet data needs a pretrained --model (a model directory)", d.display()),
+            },
+        },
+        (None, None) => {}
+    }
+    o.only = only.or(o.only);
+    o.seeds = seeds.unwrap_or(o.seeds);
+    o.steps = steps.unwrap_or(o.steps);
+    o.sft_steps = sft_steps.unwrap_or(o.sft_steps);
+    o.out = out.unwrap_or(o.out);
     if let Some(only) = &o.only {
         for v in only {
             if !GRID.iter().any(|(name, _)| name == v) {
@@ -106,23 +250,41 @@ fn build_trainer() -> Result<PathBuf> {
 }
 
 /// The TOML config of one cell.
+/// The run config of one cell: SFT (`variant == "sft"`) or a preference variant starting from
+/// the seed's SFT model.
 fn cell_config(variant: &str, objective: &str, seed: u64, opts: &Options, sft_model: &Path) -> String {
-    if variant == "sft" {
-        format!("name = \"sft\"\nseed = {seed}\n\n[sft]\nsteps = {}\n\n[preference]\nsteps = 0\n", opts.sft_steps)
-    } else {
-        format!(
-            "name = \"{variant}\"\nseed = {seed}\ninit = {:?}\n\n[preference]\nsteps = {}\nobjective = {objective}\n\n[eval]\nevery = {}\n",
-            sft_model.display().to_string(),
-            opts.steps,
-            (opts.steps / 3).max(1)
-        )
+    let mut t = format!("name = \"{variant}\"\nseed = {seed}\n");
+    if variant != "sft" {
+        t += &format!("init = {:?}\n", sft_model.display().to_string());
     }
+    let sections = match &opts.model {
+        ModelChoice::Tiny(preset) => {
+            t += &format!("\n[model]\npreset = \"{preset}\"\n");
+            Sections::default()
+        }
+        ModelChoice::Pretrained { model, data, sections } => {
+            t += &format!("\n[model]\npath = {:?}\n{}\n", model.display().to_string(), sections.model);
+            t += &format!("\n[data]\nparquet = {:?}\n{}\n", data.display().to_string(), sections.data);
+            *sections
+        }
+    };
+    let line = |s: &str| if s.is_empty() { String::new() } else { format!("{s}\n") };
+    if variant == "sft" {
+        t += &format!("\n[sft]\nsteps = {}\n{}", opts.sft_steps, line(sections.sft));
+        t += "\n[preference]\nsteps = 0\n";
+        t += &format!("\n[eval]\n{}", line(sections.eval));
+    } else {
+        t += &format!("\n[preference]\nsteps = {}\nobjective = {objective}\n{}", opts.steps, line(sections.preference));
+        // Tiny models: a curve of 4 evaluations; pretrained ones: the start and the end only.
+        let every = match opts.model {
+            ModelChoice::Tiny(_) => (opts.steps / 3).max(1),
+            ModelChoice::Pretrained { .. } => opts.steps.max(1),
+        };
+        t += &format!("\n[eval]\nevery = {every}\n{}", line(sections.eval));
+    }
+    t
 }
 
-/// Whether an unfinished cell may continue from its checkpoint: its `run.toml` is absent (a new
-/// cell: the trainer then starts fresh) or holds exactly `config`. A cell whose settings changed
-/// (e.g. another `--steps`) starts afresh, since the trainer refuses to resume with another
-/// config.
 fn resumable(run_toml: &Path, config: &str) -> bool {
     std::fs::read_to_string(run_toml).map_or(true, |old| old == config)
 }
@@ -140,7 +302,30 @@ fn train_args(config: &Path, dir: &Path, resume: bool) -> Vec<std::ffi::OsString
 }
 
 /// Runs the grid and writes the report.
+/// `opts` with the pretrained model's and data's paths made absolute (each cell's config names
+/// them), or an error saying how to get them.
+fn resolve_paths(opts: &Options) -> Result<ModelChoice> {
+    match &opts.model {
+        ModelChoice::Tiny(name) => Ok(ModelChoice::Tiny(name.clone())),
+        ModelChoice::Pretrained { model, data, sections } => {
+            let hint = "(the presets' files come from `cargo xtask assets`)";
+            let model = model.canonicalize().with_context(|| format!("model {} not found {hint}", model.display()))?;
+            let data = data.canonicalize().with_context(|| format!("data {} not found {hint}", data.display()))?;
+            Ok(ModelChoice::Pretrained { model, data, sections: *sections })
+        }
+    }
+}
+
 pub fn ablate(opts: &Options) -> Result<()> {
+    let resolved = Options {
+        only: opts.only.clone(),
+        seeds: opts.seeds.clone(),
+        steps: opts.steps,
+        sft_steps: opts.sft_steps,
+        out: opts.out.clone(),
+        model: resolve_paths(opts)?,
+    };
+    let opts = &resolved;
     let trainer = build_trainer()?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let out = opts.out.canonicalize()?;
@@ -230,7 +415,19 @@ mod tests {
         assert!(parse(&args("--only kto")).is_err());
         assert!(parse(&args("--seeds a")).is_err());
         assert!(parse(&args("--steps")).is_err());
-        assert!(parse(&args("--model smollm2")).is_err());
+        assert!(parse(&args("--model smollm2")).is_err(), "a pretrained model needs --data");
+        assert!(parse(&args("--data d.parquet")).is_err(), "data needs a pretrained model");
+        assert!(parse(&args("--preset gpt5")).is_err());
+        assert!(parse(&args("--preset smollm2-dpo-en --model tiny-gemma")).is_err());
+        assert_eq!(parse(&args("--model tiny-gemma"))?.model, ModelChoice::Tiny("tiny-gemma".into()));
+        let p = parse(&args("--preset smollm2-dpo-en --steps 3"))?;
+        assert_eq!((p.steps, p.sft_steps, p.seeds), (3, 8, vec![0]), "flags override the preset");
+        assert_eq!(p.out, PathBuf::from("results/smollm2-dpo-en"));
+        assert!(p.only.as_ref().is_some_and(|o| o.contains(&"slime".to_string())));
+        let ModelChoice::Pretrained { model, data, .. } = &p.model else { bail!("expected a pretrained model") };
+        assert_eq!((model.as_path(), data.as_path()), (Path::new(PRESETS[0].model), Path::new(PRESETS[0].data)));
+        let custom = parse(&args("--model m --data d.parquet"))?;
+        assert!(matches!(custom.model, ModelChoice::Pretrained { .. }));
         Ok(())
     }
 
@@ -255,12 +452,28 @@ mod tests {
     }
 
     #[test]
-    fn cell_configs_parse_as_run_configs() {
-        // Every grid objective is valid TOML for the trainer (checked by parsing the table).
-        for (variant, objective) in GRID {
-            let text = cell_config(variant, objective, 1, &Options::default(), Path::new("/tmp/sft/model"));
-            let value: toml::Table = text.parse().unwrap_or_else(|e| panic!("{variant}: {e}\n{text}"));
-            assert_eq!(value["name"].as_str(), Some(variant));
+    fn cell_configs_are_valid_run_configs() -> Result<()> {
+        // Every grid cell, for the embedded task and for every preset, is a config the trainer
+        // accepts (parsed and validated by the trainer's own code).
+        let mut setups = vec![Options::default(), parse(&args("--model tiny-gemma"))?];
+        for p in PRESETS {
+            setups.push(parse(&args(&format!("--preset {}", p.name)))?);
         }
+        for opts in &setups {
+            for (variant, objective) in GRID {
+                let text = cell_config(variant, objective, 1, opts, Path::new("/tmp/sft/model"));
+                let cfg = slime_trainer::config::RunConfig::from_toml(&text)
+                    .with_context(|| format!("{variant}:\n{text}"))?;
+                assert_eq!(cfg.name, variant);
+                assert_eq!(cfg.init.is_some(), variant != "sft");
+                if let ModelChoice::Pretrained { .. } = opts.model {
+                    assert!(cfg.model.lora.as_ref().is_some_and(|l| l.sft), "{text}");
+                    if variant != "sft" {
+                        assert_eq!(cfg.eval.every, opts.steps);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -83,21 +83,45 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSpec {
-    /// A built-in random-init model sized for the embedded task: `tiny-llama` (default).
+    /// A built-in random-init model sized for the embedded task: `tiny-llama` (default) or
+    /// `tiny-gemma` (Gemma 3 layout: QK-norm, sliding-window and global layers). Ignored when
+    /// `path` is set.
     pub preset: String,
     /// Hidden size of the preset (default 96).
     pub hidden: usize,
     /// Decoder layers of the preset (default 2).
     pub layers: usize,
-    /// LoRA for the preference stage (absent: full fine-tuning). SFT, when it runs, trains
-    /// every weight; the preference stage then trains only adapters on the frozen SFT model,
-    /// and the reference model is the same model with the adapters switched off.
+    /// A pretrained model instead of a preset: a Hugging Face model directory (config.json,
+    /// model.safetensors or a sharded set, tokenizer.json, tokenizer_config.json) or a `.gguf`
+    /// file with a config.json beside it. Needs `data.parquet` (its tokenizer cannot encode the
+    /// embedded task).
+    pub path: Option<PathBuf>,
+    /// The directory with tokenizer.json (and tokenizer_config.json) when it is not `path`'s.
+    pub tokenizer: Option<PathBuf>,
+    /// LoRA (absent: full fine-tuning). The preference stage then trains only adapters on the
+    /// frozen SFT model, and the reference model is the same model with the adapters switched
+    /// off; SFT trains every weight unless `lora.sft` is set.
     pub lora: Option<LoraSpec>,
 }
 
 impl Default for ModelSpec {
     fn default() -> Self {
-        Self { preset: "tiny-llama".into(), hidden: 96, layers: 2, lora: None }
+        Self { preset: "tiny-llama".into(), hidden: 96, layers: 2, path: None, tokenizer: None, lora: None }
+    }
+}
+
+/// The built-in model presets.
+pub const MODEL_PRESETS: [&str; 2] = ["tiny-llama", "tiny-gemma"];
+
+impl ModelSpec {
+    /// The model's name in reports: the preset, or the last component of `path`.
+    pub fn display_name(&self) -> String {
+        match &self.path {
+            Some(p) => p
+                .file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().trim_end_matches(".gguf").to_string()),
+            None => self.preset.clone(),
+        }
     }
 }
 
@@ -116,11 +140,16 @@ pub struct LoraSpec {
     /// Adapted projections, from `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
     /// `down_proj` (default all seven, as the SLIME paper).
     pub target_modules: Vec<String>,
+    /// Also train SFT through adapters (merged into the weights when SFT ends, before the
+    /// preference stage adds fresh ones); default false: SFT trains every weight. Saves the
+    /// optimiser state of every weight, which is what makes SFT of a pretrained model fit on
+    /// a small machine.
+    pub sft: bool,
 }
 
 impl Default for LoraSpec {
     fn default() -> Self {
-        Self { r: 8, alpha: 16.0, target_modules: LORA_MODULES.iter().map(|m| m.to_string()).collect() }
+        Self { r: 8, alpha: 16.0, target_modules: LORA_MODULES.iter().map(|m| m.to_string()).collect(), sft: false }
     }
 }
 
@@ -132,20 +161,50 @@ impl LoraSpec {
     }
 }
 
-/// The embedded task's data.
+/// The data: the embedded task (default) or a preference Parquet file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSpec {
-    /// Training pairs generated: the first third is the SFT split, the rest the disjoint
-    /// preference split, as in the paper (default 3000).
+    /// Embedded task: training pairs generated; every third is the SFT split, the rest the
+    /// disjoint preference split, as in the paper (default 3000).
     pub pairs: usize,
-    /// Held-out pairs for evaluation (default 128).
+    /// Held-out pairs for evaluation: generated ones for the embedded task; with `parquet`, at
+    /// most this many of the held-out rows (default 128).
     pub eval_pairs: usize,
+    /// A preference Parquet file (TRL standard, conversational or implicit-prompt layout;
+    /// needs `model.path`). Rows are split by a seeded hash of their content, never by file
+    /// order: `eval_fraction` of them are held out, a third of the rest is the SFT split and
+    /// the other two thirds the preference split.
+    pub parquet: Option<PathBuf>,
+    /// Share of the Parquet rows held out for evaluation, in (0, 1) (default 0.1).
+    pub eval_fraction: f64,
+    /// Seed of the Parquet hash splits (default 0; independent of the run's `seed`, so every
+    /// seed of a grid sees the same splits).
+    pub split_seed: u64,
+    /// Chat template when the tokenizer has none: `llama3`, `gemma` or `chatml`.
+    pub template: Option<String>,
+    /// Longest prompt + completion in tokens (TRL's max_length; default 512).
+    pub max_length: Option<usize>,
+    /// Longest prompt in tokens (TRL's max_prompt_length; default 256).
+    pub max_prompt_length: Option<usize>,
+    /// Skip unusable rows (null, empty, no assistant turn, ...) and count them, instead of
+    /// stopping at the first (default false).
+    pub skip_invalid: bool,
 }
 
 impl Default for DataSpec {
     fn default() -> Self {
-        Self { pairs: 3000, eval_pairs: 128 }
+        Self {
+            pairs: 3000,
+            eval_pairs: 128,
+            parquet: None,
+            eval_fraction: 0.1,
+            split_seed: 0,
+            template: None,
+            max_length: Some(512),
+            max_prompt_length: Some(256),
+            skip_invalid: false,
+        }
     }
 }
 
@@ -205,6 +264,10 @@ pub struct PreferenceSpec {
     pub selection: SelectionKind,
     /// SAGE parameters (used with `selection = "sage"`).
     pub sage: SageParams,
+    /// Precomputed reference log-probs for DPO-style objectives (`slime-trainer logps` of the
+    /// same Parquet file: pair = row). Absent: they are computed once from the starting model
+    /// before the stage and cached as `reference_logps.parquet` in the run directory.
+    pub reference_logps: Option<PathBuf>,
 }
 
 impl Default for PreferenceSpec {
@@ -218,6 +281,7 @@ impl Default for PreferenceSpec {
             objective: Objective::Slime(SlimeParams::paper()),
             selection: SelectionKind::Uniform,
             sage: SageParams::default(),
+            reference_logps: None,
         }
     }
 }
@@ -234,11 +298,13 @@ pub struct EvalSpec {
     pub max_new_tokens: usize,
     /// Collapse threshold delta: rejected tokens with log-prob below -delta (default 1.25).
     pub collapse_delta: f64,
+    /// Pairs per forward pass when scoring held-out pairs (default 64).
+    pub batch_size: usize,
 }
 
 impl Default for EvalSpec {
     fn default() -> Self {
-        Self { every: 25, generations: 64, max_new_tokens: 24, collapse_delta: 1.25 }
+        Self { every: 25, generations: 64, max_new_tokens: 24, collapse_delta: 1.25, batch_size: 64 }
     }
 }
 
@@ -263,9 +329,8 @@ impl Default for CheckpointSpec {
 /// Largest accepted `grad_accum` (a guard against typos; far beyond any useful value here).
 pub const MAX_GRAD_ACCUM: usize = 4096;
 
-/// Largest accepted `eval.max_new_tokens`: the tiny model's context is 128 positions and the
-/// longest prompt of the embedded task takes about 20.
-pub const MAX_NEW_TOKENS: usize = 100;
+/// Largest accepted `eval.max_new_tokens` (generation also stops at the model's context).
+pub const MAX_NEW_TOKENS: usize = 4096;
 
 impl RunConfig {
     /// Parses TOML; unknown fields and type errors name the field.
@@ -278,8 +343,43 @@ impl RunConfig {
     /// Rejects out-of-range values; every error names the field and its valid range.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(TrainError::Config(what));
-        if self.model.preset != "tiny-llama" {
-            return bad(format!("model.preset = `{}`: expected `tiny-llama`", self.model.preset));
+        if self.model.path.is_none() && !MODEL_PRESETS.contains(&self.model.preset.as_str()) {
+            return bad(format!("model.preset = `{}`: expected one of {MODEL_PRESETS:?}", self.model.preset));
+        }
+        if self.model.path.is_some() != self.data.parquet.is_some() {
+            return bad(if self.model.path.is_some() {
+                "model.path is set but data.parquet is not: a pretrained model trains on a Parquet file \
+                 (the embedded task has its own tokenizer)"
+                    .into()
+            } else {
+                "data.parquet is set but model.path is not: Parquet data needs a pretrained model's tokenizer".into()
+            });
+        }
+        if self.model.tokenizer.is_some() && self.model.path.is_none() {
+            return bad("model.tokenizer is set but model.path is not".into());
+        }
+        if !(self.data.eval_fraction > 0.0 && self.data.eval_fraction < 1.0) {
+            return bad(format!("data.eval_fraction = {}: expected a value in (0, 1)", self.data.eval_fraction));
+        }
+        if let Some(t) = &self.data.template
+            && builtin_template(t).is_none()
+        {
+            return bad(format!("data.template = `{t}`: expected llama3, gemma or chatml"));
+        }
+        for (name, v) in [("max_length", self.data.max_length), ("max_prompt_length", self.data.max_prompt_length)] {
+            if v == Some(0) {
+                return bad(format!("data.{name} = 0: expected at least 1 (or absent for no limit)"));
+            }
+        }
+        if let (Some(all), Some(prompt)) = (self.data.max_length, self.data.max_prompt_length)
+            && prompt >= all
+        {
+            return bad(format!(
+                "data.max_prompt_length = {prompt} must be below data.max_length = {all} (room for a completion)"
+            ));
+        }
+        if self.eval.batch_size == 0 {
+            return bad("eval.batch_size = 0: expected at least 1".into());
         }
         if self.model.hidden == 0 || !self.model.hidden.is_multiple_of(4) || self.model.hidden > 4096 {
             return bad(format!("model.hidden = {}: expected a multiple of 4 in 4..=4096", self.model.hidden));
@@ -364,6 +464,17 @@ impl RunConfig {
     }
 }
 
+/// The built-in chat template named `name` (`llama3`, `gemma`, `chatml`).
+pub fn builtin_template(name: &str) -> Option<slime_data::BuiltinTemplate> {
+    use slime_data::BuiltinTemplate as B;
+    match name {
+        "llama3" => Some(B::Llama3),
+        "gemma" => Some(B::Gemma),
+        "chatml" => Some(B::Chatml),
+        _ => None,
+    }
+}
+
 /// A config error's message without the `invalid configuration: ` prefix.
 fn strip_prefix(e: &TrainError) -> String {
     match e {
@@ -410,13 +521,19 @@ mod tests {
             ("[model]\nlayers = 0", "model.layers"),
             ("[model]\nhidden = 30", "model.hidden"),
             ("[data]\neval_pairs = 0", "data.eval_pairs"),
-            ("[eval]\nmax_new_tokens = 1000", "eval.max_new_tokens"),
+            ("[eval]\nmax_new_tokens = 10000", "eval.max_new_tokens"),
             ("[eval]\ncollapse_delta = nan", "eval.collapse_delta"),
             ("[sft]\nweight_decay = -0.1", "sft.weight_decay"),
             ("[model.lora]\nr = 0", "model.lora.r"),
             ("[model.lora]\nalpha = 0.0", "model.lora.alpha"),
             ("[model.lora]\ntarget_modules = [\"qproj\"]", "model.lora.target_modules"),
             ("[model.lora]\nrank = 4", "rank"),
+            ("[model]\npath = \"m\"", "data.parquet"),
+            ("[data]\nparquet = \"d.parquet\"", "model.path"),
+            ("[data]\neval_fraction = 1.0", "data.eval_fraction"),
+            ("[data]\ntemplate = \"vicuna\"", "data.template"),
+            ("[data]\nmax_length = 100\nmax_prompt_length = 100", "data.max_prompt_length"),
+            ("[eval]\nbatch_size = 0", "eval.batch_size"),
         ] {
             let err = RunConfig::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");

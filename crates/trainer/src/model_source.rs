@@ -90,6 +90,22 @@ impl ModelSource {
     /// expected (a missing directory, no `config.json`, no weights, no `tokenizer.json`, a
     /// `.gguf` file without a config).
     pub fn load(&self, device: &Device) -> Result<LoadedModel> {
+        let lm = self.load_model(device)?;
+        let tokenizer_dir = self.tokenizer.clone().unwrap_or_else(|| tokenizer_dir(&self.model));
+        if !tokenizer_dir.join("tokenizer.json").is_file() {
+            return Err(not_found(
+                &tokenizer_dir,
+                "no tokenizer.json; pass --tokenizer with a directory holding tokenizer.json \
+                 (and tokenizer_config.json)",
+            ));
+        }
+        let tokenizer = TextTokenizer::from_dir(&tokenizer_dir)?;
+        let has_chat_template = has_chat_template(&tokenizer_dir)?;
+        Ok(LoadedModel { lm, tokenizer, tokenizer_dir, has_chat_template })
+    }
+
+    /// Loads only the model (see [`ModelSource::load`]).
+    pub fn load_model(&self, device: &Device) -> Result<CausalLm> {
         let path = &self.model;
         if !path.exists() {
             return Err(not_found(
@@ -98,7 +114,7 @@ impl ModelSource {
                  tokenizer.json) or a .gguf file",
             ));
         }
-        let (lm, default_tokenizer_dir) = if path.is_dir() {
+        if path.is_dir() {
             if self.config.is_some() {
                 return Err(invalid(
                     path,
@@ -112,9 +128,9 @@ impl ModelSource {
                      or model.safetensors.index.json, tokenizer.json)",
                 ));
             }
-            (CausalLm::from_dir(path, device)?, path.clone())
+            Ok(CausalLm::from_dir(path, device)?)
         } else if is_gguf(path) {
-            let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+            let dir = tokenizer_dir(path);
             let config = match &self.config {
                 Some(c) if c.is_dir() => c.join("config.json"),
                 Some(c) => c.clone(),
@@ -130,26 +146,25 @@ impl ModelSource {
             let text = std::fs::read_to_string(&config)
                 .map_err(|source| TrainError::Io { path: config.display().to_string(), source })?;
             let cfg = ModelConfig::from_json(&text, &config.display().to_string())?;
-            (CausalLm::from_gguf(path, &cfg, device)?, dir)
+            Ok(CausalLm::from_gguf(path, &cfg, device)?)
         } else {
-            return Err(invalid(path, "expected a model directory or a .gguf file".into()));
-        };
-        let tokenizer_dir = self.tokenizer.clone().unwrap_or(default_tokenizer_dir);
-        if !tokenizer_dir.join("tokenizer.json").is_file() {
-            return Err(not_found(
-                &tokenizer_dir,
-                "no tokenizer.json; pass --tokenizer with a directory holding tokenizer.json \
-                 (and tokenizer_config.json)",
-            ));
+            Err(invalid(path, "expected a model directory or a .gguf file".into()))
         }
-        let tokenizer = TextTokenizer::from_dir(&tokenizer_dir)?;
-        let has_chat_template = has_chat_template(&tokenizer_dir)?;
-        Ok(LoadedModel { lm, tokenizer, tokenizer_dir, has_chat_template })
+    }
+}
+
+/// Where a model's tokenizer is by default: the model directory itself, or the directory of a
+/// `.gguf` file.
+pub fn tokenizer_dir(model: &Path) -> PathBuf {
+    if model.is_dir() {
+        model.to_path_buf()
+    } else {
+        model.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf)
     }
 }
 
 /// Whether the `tokenizer_config.json` in `dir` (if any) has a `chat_template`.
-fn has_chat_template(dir: &Path) -> Result<bool> {
+pub fn has_chat_template(dir: &Path) -> Result<bool> {
     let path = dir.join("tokenizer_config.json");
     if !path.is_file() {
         return Ok(false);

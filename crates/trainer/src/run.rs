@@ -1,13 +1,19 @@
-//! A run on the embedded task: SFT on one split, then a preference objective on the disjoint
-//! split, with evaluation of preference accuracy, task quality, format validity, chosen
-//! log-prob drift (unlearning) and rejected-token collapse.
+//! A run: SFT on one split, then a preference objective on the disjoint split, with evaluation
+//! of preference accuracy, format validity, chosen log-prob drift (unlearning), rejected-token
+//! collapse and, on the embedded task, task quality. The data is the embedded task with a tiny
+//! preset model, or a Parquet file with a pretrained model (see [`crate::corpus`]).
 //!
 //! Files written into the run directory: `config.toml` (the resolved config), `metrics.jsonl`
 //! (one line per optimiser step), `eval.jsonl` (one line per evaluation), `model/`
 //! (config.json + model.safetensors of the final weights, LoRA adapters merged; after SFT also
 //! `sft-model/`; with LoRA also `adapter/`, PEFT's layout) and
 //! `result.json` (the final evaluation, for `cargo xtask report`), and `checkpoints/` (see
-//! [`crate::checkpoint`]; what a resumed run needs, every `checkpoint.every` steps).
+//! [`crate::checkpoint`]; what a resumed run needs, every `checkpoint.every` steps). With a
+//! pretrained model and LoRA, `model/` is not written (the adapters are the result; merge them
+//! with `CausalLm::merge_lora`). DPO-style objectives also leave `reference_logps.parquet`
+//! (the reference sums, [`slime_data::write_logps`]); Parquet data leaves `data.json` (what
+//! the load read, skipped and truncated) and `generations.jsonl` (the final greedy
+//! generations, decoded).
 //!
 //! Resuming ([`RunOptions::resume`]) is exact: the checkpoint holds the trainable weights, the
 //! AdamW moments and step, the stage and its step, the data sampler's cursor, the SAGE pool, its
@@ -25,66 +31,42 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use slime_data::{Batch, Cursor, EpochSampler, TokenizedPair, collate_pairs, collate_sft};
-use slime_models::{CausalLm, LlamaConfig};
+use slime_data::{
+    Batch, Cursor, EpochSampler, PairLogps, TextTokenizer, TokenizedPair, collate_pairs, collate_sft, read_logps,
+    write_logps,
+};
+use slime_models::{CausalLm, GemmaConfig, LlamaConfig};
 use slime_objectives::{BatchTotals, LossOutput, Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SftParams};
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{RunConfig, StageSpec};
+use crate::config::{RunConfig, StageSpec, builtin_template};
+use crate::corpus::{Example, RunData, repetition};
 use crate::metrics_log::MetricsLog;
+use crate::model_source::{has_chat_template, tokenizer_dir};
 use crate::optim::{AdamW, AdamWConfig, clip_coefficient};
 use crate::progress::{Progress, ProgressMode};
 use crate::selection::{SelectionKind, draw_weighted};
-use crate::task::{self, TaskPair, TaskTokenizer, ids};
+use crate::task;
 use crate::{Result, TrainError};
 
 /// Positions per chunk of the log-prob computation.
 const LOGP_CHUNK: usize = 64;
-
-/// The embedded task's splits, as text and tokens.
-pub struct TaskData {
-    /// SFT split.
-    pub sft: Vec<(TaskPair, TokenizedPair)>,
-    /// Preference split (disjoint from SFT).
-    pub preference: Vec<(TaskPair, TokenizedPair)>,
-    /// Held-out evaluation pairs.
-    pub eval: Vec<(TaskPair, TokenizedPair)>,
-}
-
-fn tokenize(pairs: Vec<TaskPair>, first_id: u64) -> Result<Vec<(TaskPair, TokenizedPair)>> {
-    let t = TaskTokenizer;
-    pairs
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let enc = |s: String| t.encode(&s).ok_or_else(|| TrainError::Config(format!("untokenizable text `{s}`")));
-            let tok = TokenizedPair {
-                id: first_id + i as u64,
-                prompt: enc(p.prompt())?,
-                chosen: enc(p.chosen())?,
-                rejected: enc(p.rejected())?,
-            };
-            Ok((p, tok))
-        })
-        .collect()
-}
-
-impl TaskData {
-    /// Generates `pairs` training pairs (every third to SFT, the rest to the preference stage)
-    /// and `eval_pairs` held-out pairs from an independent stream of the same seed.
-    pub fn generate(pairs: usize, eval_pairs: usize, seed: u64) -> Result<Self> {
-        let all = tokenize(task::generate(pairs, seed), 0)?;
-        let (sft, preference) = all.into_iter().partition(|(_, t)| t.id % 3 == 0);
-        let eval = tokenize(task::generate(eval_pairs, seed ^ 0x5EED_E7A1), 1 << 40)?;
-        Ok(Self { sft, preference, eval })
-    }
-}
 
 /// The tiny Llama the embedded task trains.
 pub fn tiny_llama(hidden: usize, layers: usize) -> LlamaConfig {
     LlamaConfig {
         max_position_embeddings: 128,
         ..LlamaConfig::tiny(task::vocab_size(), hidden, 2 * hidden, layers, 4, 2)
+    }
+}
+
+/// The tiny Gemma 3 the embedded task trains with `model.preset = "tiny-gemma"`: QK-norm,
+/// alternating sliding-window (16 positions) and global layers.
+pub fn tiny_gemma(hidden: usize, layers: usize) -> GemmaConfig {
+    GemmaConfig {
+        max_position_embeddings: 128,
+        sliding_window: Some(16),
+        ..GemmaConfig::tiny3(task::vocab_size(), hidden, 2 * hidden, layers, 4, 2)
     }
 }
 
@@ -450,9 +432,18 @@ struct Ctx<'a> {
     eval_log: MetricsLog,
     /// SFT steps this run takes (0 with `init`): the offset of preference checkpoints' numbers.
     sft_steps: u64,
+    /// The greedy generations of the latest evaluation.
+    generations: Vec<Vec<u32>>,
 }
 
 impl Ctx<'_> {
+    /// [`evaluate`], keeping the generations.
+    fn evaluate(&mut self, lm: &CausalLm, data: &RunData) -> Result<BTreeMap<String, f64>> {
+        let (metrics, generations) = evaluate_with_generations(lm, data, self.cfg)?;
+        self.generations = generations;
+        Ok(metrics)
+    }
+
     fn checkpoint_due(&self, step: u64) -> bool {
         self.cfg.checkpoint.every > 0 && step.is_multiple_of(self.cfg.checkpoint.every)
     }
@@ -524,25 +515,22 @@ type Resume = (TrainState, Checkpoint);
 fn micro_batches(
     picked: &[usize],
     batch_size: usize,
-    data: &[(TaskPair, TokenizedPair)],
+    data: &[Example],
     collate: fn(&[&TokenizedPair], u32) -> Batch,
+    pad_id: u32,
 ) -> Vec<Batch> {
     picked
         .chunks(batch_size)
         .map(|chunk| {
-            let refs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &data[i].1).collect();
-            collate(&refs, ids::PAD)
+            let refs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &data[i].tokens).collect();
+            collate(&refs, pad_id)
         })
         .collect()
 }
 
 /// The SFT stage: NLL on prompt + chosen of the SFT split.
-fn sft_stage(
-    ctx: &mut Ctx<'_>,
-    lm: &CausalLm,
-    data: &[(TaskPair, TokenizedPair)],
-    resume: Option<Resume>,
-) -> Result<()> {
+fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume: Option<Resume>) -> Result<()> {
+    let (pad_id, data) = (data.pad_id, &data.sft);
     let device = Device::Cpu;
     let spec: &StageSpec = &ctx.cfg.sft;
     let cfg = AdamWConfig { weight_decay: spec.weight_decay, ..AdamWConfig::default() };
@@ -559,7 +547,7 @@ fn sft_stage(
     for step in first..spec.steps {
         let started = Instant::now();
         let picked = sampler.next_batch(spec.batch_size * spec.grad_accum);
-        let batches = micro_batches(&picked, spec.batch_size, data, collate_sft);
+        let batches = micro_batches(&picked, spec.batch_size, data, collate_sft, pad_id);
         let lr = spec.schedule.lr_at(step, spec.steps);
         let step_spec = StepSpec {
             stage: Stage::Sft,
@@ -596,14 +584,26 @@ fn sft_stage(
     Ok(())
 }
 
-/// Evaluation on held-out pairs (log-probs) and prompts (greedy generations).
-pub fn evaluate(lm: &CausalLm, eval: &[(TaskPair, TokenizedPair)], cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
+/// Evaluation on held-out pairs (log-probs) and prompts (greedy generations): preference
+/// accuracy (mean chosen token log-prob above the rejected one), mean chosen and rejected
+/// log-probs, the collapse fraction, format validity and, on the embedded task, task accuracy;
+/// on Parquet data, the repetition of the generations ([`repetition`]).
+pub fn evaluate(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<BTreeMap<String, f64>> {
+    Ok(evaluate_with_generations(lm, data, cfg)?.0)
+}
+
+/// [`evaluate`], also returning the greedy generations (new tokens of each prompt).
+fn evaluate_with_generations(
+    lm: &CausalLm,
+    data: &RunData,
+    cfg: &RunConfig,
+) -> Result<(BTreeMap<String, f64>, Vec<Vec<u32>>)> {
     let device = Device::Cpu;
     let (mut correct_pref, mut chosen_sum, mut rejected_sum, mut n) = (0usize, 0.0, 0.0, 0usize);
     let (mut collapsed, mut rejected_tokens) = (0.0, 0.0);
-    for chunk in eval.chunks(64) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().map(|(_, t)| t).collect();
-        let batch = collate_pairs(&refs, ids::PAD);
+    for chunk in data.eval.chunks(cfg.eval.batch_size) {
+        let refs: Vec<&TokenizedPair> = chunk.iter().map(|e| &e.tokens).collect();
+        let batch = collate_pairs(&refs, data.pad_id);
         let (chosen, rejected) = pair_logps(lm, &batch, &device)?;
         let a_w: Vec<f32> = chosen.mean("chosen")?.detach().to_dtype(DType::F32)?.to_vec1()?;
         let a_l: Vec<f32> = rejected.mean("rejected")?.detach().to_dtype(DType::F32)?.to_vec1()?;
@@ -621,41 +621,172 @@ pub fn evaluate(lm: &CausalLm, eval: &[(TaskPair, TokenizedPair)], cfg: &RunConf
     out.insert("eval/chosen_logp".into(), chosen_sum / n as f64);
     out.insert("eval/rejected_logp".into(), rejected_sum / n as f64);
     out.insert("eval/collapse_fraction".into(), collapsed / rejected_tokens.max(1.0));
-    let (mut valid, mut correct, mut shown) = (0usize, 0usize, 0usize);
-    for (pair, tok) in eval.iter().take(cfg.eval.generations) {
-        let completion = lm.model().generate_greedy(&tok.prompt, cfg.eval.max_new_tokens, &[ids::EOT])?;
-        let verdict = task::check(pair, &completion);
-        valid += usize::from(verdict.format_valid);
-        correct += usize::from(verdict.correct);
-        shown += 1;
+    let (mut valid, mut correct, mut repeated) = (0usize, 0usize, 0.0);
+    let mut generations = Vec::new();
+    let prompts: Vec<&Example> = data.eval.iter().take(cfg.eval.generations).collect();
+    for example in &prompts {
+        let completion = lm.model().generate_greedy(&example.tokens.prompt, cfg.eval.max_new_tokens, &data.stop)?;
+        match &example.task {
+            Some(pair) => {
+                let verdict = task::check(pair, &completion);
+                valid += usize::from(verdict.format_valid);
+                correct += usize::from(verdict.correct);
+            }
+            None => {
+                // Well formed: some content, then the end-of-turn (or EOS) token.
+                let ended = completion.last().is_some_and(|t| data.stop.contains(t));
+                valid += usize::from(ended && completion.len() > 1);
+                repeated += repetition(&completion);
+            }
+        }
+        generations.push(completion);
     }
-    out.insert("eval/format_validity".into(), valid as f64 / shown.max(1) as f64);
-    out.insert("eval/task_accuracy".into(), correct as f64 / shown.max(1) as f64);
-    Ok(out)
+    let shown = prompts.len().max(1) as f64;
+    out.insert("eval/format_validity".into(), valid as f64 / shown);
+    if data.eval.first().is_some_and(|e| e.task.is_some()) {
+        out.insert("eval/task_accuracy".into(), correct as f64 / shown);
+    } else {
+        out.insert("eval/repetition".into(), repeated / shown);
+    }
+    Ok((out, generations))
 }
 
-/// Reference sums `(S_w, S_l)` of every pair under the current (starting) model, computed once
-/// before the preference stage so no second model is kept in memory.
-fn reference_sums(lm: &CausalLm, pairs: &[(TaskPair, TokenizedPair)]) -> Result<HashMap<u64, (f64, f64)>> {
-    let mut out = HashMap::new();
-    for chunk in pairs.chunks(64) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().map(|(_, t)| t).collect();
-        let batch = collate_pairs(&refs, ids::PAD);
+/// Reference sums `(S_w, S_l)` of `pairs` under the model as it is (the caller switches LoRA
+/// adapters off), so no second model is kept in memory.
+fn reference_sums(lm: &CausalLm, pairs: &[&TokenizedPair], pad_id: u32, batch_size: usize) -> Result<Vec<PairLogps>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for refs in pairs.chunks(batch_size) {
+        let batch = collate_pairs(refs, pad_id);
         let (c, r) = pair_logps(lm, &batch, &Device::Cpu)?;
         let cs: Vec<f64> = c.sum().detach().to_dtype(DType::F64)?.to_vec1()?;
         let rs: Vec<f64> = r.sum().detach().to_dtype(DType::F64)?.to_vec1()?;
         for (i, t) in refs.iter().enumerate() {
-            out.insert(t.id, (cs[i], rs[i]));
+            out.push(PairLogps {
+                pair: t.id,
+                chosen_logp: cs[i],
+                rejected_logp: rs[i],
+                chosen_tokens: t.chosen.len() as u32,
+                rejected_tokens: t.rejected.len() as u32,
+            });
         }
     }
     Ok(out)
 }
 
+/// Where a run's reference log-probs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReferenceSource {
+    /// `preference.reference_logps`, read before the stage.
+    File,
+    /// Computed for the whole split from the starting model before the stage (full
+    /// fine-tuning: the weights change, so it cannot wait).
+    Eager,
+    /// With LoRA: computed for each pair when a batch first draws it, with the adapters off
+    /// (which is exactly the starting model, at any step), as TRL does with a PEFT model.
+    OnDemand,
+}
+
+impl ReferenceSource {
+    fn of(cfg: &RunConfig) -> Self {
+        match (&cfg.preference.reference_logps, &cfg.model.lora) {
+            (Some(_), _) => Self::File,
+            (None, Some(_)) => Self::OnDemand,
+            (None, None) => Self::Eager,
+        }
+    }
+}
+
+/// Adds the reference sums of `pairs` missing from `reference`, computed with the adapters off.
+fn fill_reference(
+    lm: &CausalLm,
+    pairs: &[&TokenizedPair],
+    reference: &mut HashMap<u64, (f64, f64)>,
+    pad_id: u32,
+    batch_size: usize,
+) -> Result<()> {
+    let mut missing: Vec<&TokenizedPair> = pairs.iter().copied().filter(|t| !reference.contains_key(&t.id)).collect();
+    missing.sort_by_key(|t| t.id);
+    missing.dedup_by_key(|t| t.id);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    lm.set_adapters_enabled(false);
+    let rows = reference_sums(lm, &missing, pad_id, batch_size);
+    lm.set_adapters_enabled(true);
+    for r in rows? {
+        reference.insert(r.pair, (r.chosen_logp, r.rejected_logp));
+    }
+    Ok(())
+}
+
+/// Writes the reference sums a run computed to `reference_logps.parquet` (sorted by pair).
+fn write_reference_cache(run_dir: &Path, data: &RunData, reference: &HashMap<u64, (f64, f64)>) -> Result<()> {
+    let mut rows: Vec<PairLogps> = data
+        .preference
+        .iter()
+        .filter_map(|e| {
+            let t = &e.tokens;
+            reference.get(&t.id).map(|&(c, r)| PairLogps {
+                pair: t.id,
+                chosen_logp: c,
+                rejected_logp: r,
+                chosen_tokens: t.chosen.len() as u32,
+                rejected_tokens: t.rejected.len() as u32,
+            })
+        })
+        .collect();
+    rows.sort_by_key(|r| r.pair);
+    Ok(write_logps(run_dir.join("reference_logps.parquet"), &rows)?)
+}
+
+/// The reference sums of the preference split by pair id, before the stage: read from
+/// `preference.reference_logps` (every pair must be there, with the same token counts),
+/// computed from the starting model, or none yet ([`ReferenceSource::OnDemand`]).
+fn reference_logps(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<HashMap<u64, (f64, f64)>> {
+    let rows = match &cfg.preference.reference_logps {
+        Some(path) => {
+            let rows = read_logps(path)?;
+            let by_id: HashMap<u64, &PairLogps> = rows.iter().map(|r| (r.pair, r)).collect();
+            for e in &data.preference {
+                let t = &e.tokens;
+                let Some(r) = by_id.get(&t.id) else {
+                    return Err(TrainError::Config(format!(
+                        "{}: no reference log-probs for pair {} (row {} of the data); compute them with \
+                         `slime-trainer logps` on the same data file",
+                        path.display(),
+                        t.id,
+                        t.id
+                    )));
+                };
+                if (r.chosen_tokens as usize, r.rejected_tokens as usize) != (t.chosen.len(), t.rejected.len()) {
+                    return Err(TrainError::Config(format!(
+                        "{}: pair {} has {}/{} chosen/rejected tokens there but {}/{} here; the file was scored \
+                         with another tokenizer, template or max_length",
+                        path.display(),
+                        t.id,
+                        r.chosen_tokens,
+                        r.rejected_tokens,
+                        t.chosen.len(),
+                        t.rejected.len()
+                    )));
+                }
+            }
+            rows
+        }
+        None if ReferenceSource::of(cfg) == ReferenceSource::OnDemand => Vec::new(),
+        None => {
+            let all: Vec<&TokenizedPair> = data.preference.iter().map(|e| &e.tokens).collect();
+            reference_sums(lm, &all, data.pad_id, cfg.eval.batch_size)?
+        }
+    };
+    Ok(rows.into_iter().map(|r| (r.pair, (r.chosen_logp, r.rejected_logp))).collect())
+}
+
 /// Reference-free margins `A_w - A_l` of `pairs` under the current policy (SAGE re-scoring).
-fn margins(lm: &CausalLm, pairs: &[&TokenizedPair]) -> Result<Vec<f64>> {
+fn margins(lm: &CausalLm, pairs: &[&TokenizedPair], pad_id: u32, batch_size: usize) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(64) {
-        let (c, r) = pair_logps(lm, &collate_pairs(chunk, ids::PAD), &Device::Cpu)?;
+    for chunk in pairs.chunks(batch_size) {
+        let (c, r) = pair_logps(lm, &collate_pairs(chunk, pad_id), &Device::Cpu)?;
         let d = (c.mean("chosen")? - r.mean("rejected")?)?.detach().to_dtype(DType::F64)?;
         out.extend(d.to_vec1::<f64>()?);
     }
@@ -672,7 +803,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 fn preference_stage(
     ctx: &mut Ctx<'_>,
     lm: &CausalLm,
-    data: &TaskData,
+    data: &RunData,
     resume: Option<Resume>,
 ) -> Result<BTreeMap<String, f64>> {
     let device = Device::Cpu;
@@ -688,22 +819,17 @@ fn preference_stage(
     let mut previous: HashMap<u64, f64> = HashMap::new();
     let mut final_eval = None;
     let start_chosen;
-    let reference: Option<HashMap<u64, (f64, f64)>>;
+    let mut reference: Option<HashMap<u64, (f64, f64)>>;
     match resume {
         None => {
-            let start = evaluate(lm, &data.eval, cfg)?;
+            let start = ctx.evaluate(lm, data)?;
             start_chosen = start["eval/chosen_logp"];
             let mut start = start;
             start.insert("eval/chosen_logp_drift".into(), 0.0);
             ctx.eval_log.write("preference", 0, &start)?;
             final_eval = Some(start);
             reference = if spec.steps > 0 && objective.needs_reference() {
-                // The reference is the starting model; with LoRA, the same model with its
-                // adapters off (identical at the start, since B = 0).
-                lm.set_adapters_enabled(false);
-                let sums = reference_sums(lm, &data.preference);
-                lm.set_adapters_enabled(true);
-                Some(sums?)
+                Some(reference_logps(lm, data, cfg)?)
             } else {
                 None
             };
@@ -744,8 +870,8 @@ fn preference_stage(
             SelectionKind::Sage => {
                 if step % spec.sage.refresh_every == 0 {
                     pool = sampler.next_batch(spec.sage.pool_size.min(data.preference.len()));
-                    let toks: Vec<&TokenizedPair> = pool.iter().map(|&i| &data.preference[i].1).collect();
-                    let m = margins(lm, &toks)?;
+                    let toks: Vec<&TokenizedPair> = pool.iter().map(|&i| &data.preference[i].tokens).collect();
+                    let m = margins(lm, &toks, data.pad_id, cfg.eval.batch_size)?;
                     let prev: Vec<Option<f64>> = toks.iter().map(|t| previous.get(&t.id).copied()).collect();
                     pool_weights = spec.sage.scores(&m, &prev);
                     for (t, v) in toks.iter().zip(m) {
@@ -757,7 +883,13 @@ fn preference_stage(
                 chosen.into_iter().map(|i| pool[i]).collect()
             }
         };
-        let batches = micro_batches(&picked, spec.batch_size, &data.preference, collate_pairs);
+        if let Some(reference) = &mut reference
+            && ReferenceSource::of(cfg) == ReferenceSource::OnDemand
+        {
+            let toks: Vec<&TokenizedPair> = picked.iter().map(|&i| &data.preference[i].tokens).collect();
+            fill_reference(lm, &toks, reference, data.pad_id, cfg.eval.batch_size)?;
+        }
+        let batches = micro_batches(&picked, spec.batch_size, &data.preference, collate_pairs, data.pad_id);
         let lr = spec.schedule.lr_at(step, spec.steps);
         let step_spec = StepSpec {
             stage: Stage::Preference,
@@ -799,7 +931,7 @@ fn preference_stage(
         )?;
         progress.step(step + 1, out.metrics.get("loss").copied().unwrap_or(f64::NAN));
         if (step + 1) % cfg.eval.every == 0 || step + 1 == spec.steps {
-            let e = with_drift(evaluate(lm, &data.eval, cfg)?);
+            let e = with_drift(ctx.evaluate(lm, data)?);
             ctx.eval_log.write("preference", step + 1, &e)?;
             final_eval = Some(e);
         }
@@ -824,11 +956,16 @@ fn preference_stage(
         ctx.pause();
     }
     progress.finish();
+    if let Some(reference) = &reference
+        && ReferenceSource::of(cfg) != ReferenceSource::File
+    {
+        write_reference_cache(ctx.run_dir, data, reference)?;
+    }
     match final_eval {
         Some(e) => Ok(e),
         // Resumed from the checkpoint of the last step: its evaluation is in eval.jsonl already;
         // the same weights give the same numbers.
-        None => Ok(with_drift(evaluate(lm, &data.eval, cfg)?)),
+        None => Ok(with_drift(ctx.evaluate(lm, data)?)),
     }
 }
 
@@ -912,14 +1049,15 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
     };
     let resolved = toml::to_string(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
     fs::write(&config_path, resolved).map_err(io)?;
-    let data = TaskData::generate(cfg.data.pairs, cfg.data.eval_pairs, cfg.seed)?;
+    let (mut lm, data, decoder) = load_model_and_data(cfg, &device, opts)?;
+    if let Some(summary) = &data.summary {
+        let value = serde_json::to_value(summary).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        write_json(&run_dir.join("data.json"), &value)?;
+    }
 
-    let mut lm = match &cfg.init {
-        Some(dir) => CausalLm::from_dir(dir, &device)?,
-        None => CausalLm::random(&tiny_llama(cfg.model.hidden, cfg.model.layers), cfg.seed, &device)?,
-    };
     let sft_steps = if cfg.init.is_none() { cfg.sft.steps } else { 0 };
-    let mut ctx = Ctx { cfg, run_dir, opts, log, eval_log, sft_steps };
+    let mut ctx = Ctx { cfg, run_dir, opts, log, eval_log, sft_steps, generations: Vec::new() };
+    let sft_lora = cfg.model.lora.as_ref().filter(|l| l.sft && sft_steps > 0);
     let resumed_from = resume.as_ref().map(|(name, _)| name.clone());
     let (sft_resume, preference_resume) = match resume {
         Some((_, r)) if r.0.stage == Stage::Sft => (Some(r), None),
@@ -930,8 +1068,14 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         return Err(TrainError::Checkpoint("an SFT checkpoint, but this config has no SFT stage".into()));
     }
     if sft_steps > 0 && preference_resume.is_none() {
-        sft_stage(&mut ctx, &lm, &data.sft, sft_resume)?;
+        if let Some(lora) = sft_lora {
+            lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x5F7)?;
+        }
+        sft_stage(&mut ctx, &lm, &data, sft_resume)?;
         ensure_weights_finite(&lm, Stage::Sft, cfg.sft.steps)?;
+        if sft_lora.is_some() {
+            lm = lm.merge_lora()?;
+        }
         lm.save_dir(&run_dir.join("sft-model"))?;
     } else if sft_steps > 0 && cfg.model.lora.is_some() {
         // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
@@ -943,15 +1087,24 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
     }
     let final_eval = preference_stage(&mut ctx, &lm, &data, preference_resume)?;
     ensure_weights_finite(&lm, Stage::Preference, cfg.preference.steps)?;
+    if let Some(decoder) = &decoder {
+        write_generations(&run_dir.join("generations.jsonl"), decoder, &data, &ctx.generations)?;
+    }
     if cfg.model.lora.is_some() {
         lm.save_adapters(&run_dir.join("adapter"))?;
-        lm = lm.merge_lora()?;
     }
-    lm.save_dir(&run_dir.join("model"))?;
+    // A pretrained model's merged copy would cost its full size per run; its adapters are
+    // the result.
+    if cfg.model.lora.is_none() || cfg.model.path.is_none() {
+        if cfg.model.lora.is_some() {
+            lm = lm.merge_lora()?;
+        }
+        lm.save_dir(&run_dir.join("model"))?;
+    }
     let result = serde_json::json!({
         "variant": cfg.name,
         "seed": cfg.seed,
-        "model": cfg.model.preset,
+        "model": cfg.model.display_name(),
         "final": final_eval,
     });
     write_json(&run_dir.join("result.json"), &result)?;
@@ -959,11 +1112,82 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
 }
 
 /// Evaluates a saved model directory (config.json + model.safetensors, e.g. a run's `model/`)
-/// on the held-out pairs of the embedded task that `cfg` describes (its `seed`,
-/// `data.eval_pairs` and `[eval]` section).
+/// on the held-out pairs `cfg` describes: the embedded task's (its `seed`, `data.eval_pairs`)
+/// or, with `data.parquet`, that file's held-out split encoded with `model.path`'s tokenizer;
+/// with the `[eval]` settings.
 pub fn evaluate_dir(cfg: &RunConfig, model_dir: &Path) -> Result<BTreeMap<String, f64>> {
     cfg.validate()?;
     let lm = CausalLm::from_dir(model_dir, &Device::Cpu)?;
-    let data = TaskData::generate(0, cfg.data.eval_pairs, cfg.seed)?;
-    evaluate(&lm, &data.eval, cfg)
+    let data = match &cfg.model.path {
+        Some(_) => parquet_data(cfg, &lm)?.0,
+        None => RunData::embedded(0, cfg.data.eval_pairs, cfg.seed)?,
+    };
+    evaluate(&lm, &data, cfg)
+}
+
+/// The run's starting model and its data: a preset (random init, seeded) on the embedded task,
+/// or a pretrained model on a Parquet file; `init` replaces the starting weights. Also returns
+/// the tokenizer that decodes generations (Parquet data only).
+fn load_model_and_data(
+    cfg: &RunConfig,
+    device: &Device,
+    opts: &RunOptions,
+) -> Result<(CausalLm, RunData, Option<TextTokenizer>)> {
+    let lm = match (&cfg.init, &cfg.model.path) {
+        (Some(dir), _) => CausalLm::from_dir(dir, device)?,
+        (None, Some(path)) => {
+            note(opts, &format!("loading {}", path.display()));
+            crate::model_source::ModelSource::new(path.clone()).load_model(device)?
+        }
+        (None, None) => match cfg.model.preset.as_str() {
+            "tiny-gemma" => CausalLm::random(&tiny_gemma(cfg.model.hidden, cfg.model.layers), cfg.seed, device)?,
+            _ => CausalLm::random(&tiny_llama(cfg.model.hidden, cfg.model.layers), cfg.seed, device)?,
+        },
+    };
+    if cfg.model.path.is_none() {
+        let data = RunData::embedded(cfg.data.pairs, cfg.data.eval_pairs, cfg.seed)?;
+        return Ok((lm, data, None));
+    }
+    let (data, decoder) = parquet_data(cfg, &lm)?;
+    if let Some(s) = &data.summary {
+        note(
+            opts,
+            &format!(
+                "{}: {} rows: {} SFT, {} preference, {} held-out pairs; {} truncated; skipped {:?}",
+                s.file, s.rows, s.sft_pairs, s.preference_pairs, s.eval_pairs, s.truncated_pairs, s.skipped
+            ),
+        );
+    }
+    Ok((lm, data, Some(decoder)))
+}
+
+/// The Parquet data of `cfg` encoded with `model.path`'s tokenizer and chat template (or the
+/// built-in `data.template`), checked against `lm`'s vocabulary; and a tokenizer for decoding.
+fn parquet_data(cfg: &RunConfig, lm: &CausalLm) -> Result<(RunData, TextTokenizer)> {
+    let path = cfg.model.path.as_deref().ok_or_else(|| TrainError::Config("model.path: not set".into()))?;
+    let dir = cfg.model.tokenizer.clone().unwrap_or_else(|| tokenizer_dir(path));
+    let tokenizer = TextTokenizer::from_dir(&dir)?;
+    let fallback = cfg.data.template.as_deref().and_then(builtin_template);
+    let template =
+        if has_chat_template(&dir)? || fallback.is_some() { Some(tokenizer.chat_template(fallback)?) } else { None };
+    let vocab = crate::model_source::vocab_size(lm.config());
+    let data = RunData::from_parquet(&cfg.data, tokenizer, template, vocab)?;
+    Ok((data, TextTokenizer::from_dir(&dir)?))
+}
+
+/// Writes the latest greedy generations, decoded: one JSON object per line with `pair`,
+/// `prompt`, `completion` (special tokens kept, so a missing end-of-turn shows) and `tokens`.
+fn write_generations(path: &Path, decoder: &TextTokenizer, data: &RunData, generations: &[Vec<u32>]) -> Result<()> {
+    let mut text = String::new();
+    for (example, completion) in data.eval.iter().zip(generations) {
+        let line = serde_json::json!({
+            "pair": example.tokens.id,
+            "prompt": decoder.decode(&example.tokens.prompt, false)?,
+            "completion": decoder.decode(completion, false)?,
+            "tokens": completion.len(),
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    fs::write(path, text).map_err(|source| TrainError::Io { path: path.display().to_string(), source })
 }

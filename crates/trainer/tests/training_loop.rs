@@ -232,6 +232,7 @@ fn lora_trains_only_adapters_and_resumes_exactly() {
         r: 2,
         alpha: 4.0,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
+        sft: false,
     });
     cfg.checkpoint.every = 2;
     let whole = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,245 @@
+//! Training a pretrained-model directory on a Parquet preference file (the path the real presets
+//! take), on a tiny random Llama saved with a fixture byte-level BPE tokenizer (no downloads):
+//! hash splits independent of file order, the load's counts, LoRA SFT then a preference stage,
+//! reference log-probs cached as Parquet equal to `slime-trainer logps`, and precomputed
+//! reference log-probs giving the same run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use slime_data::fixtures::{FIXTURE_SPECIAL_TOKENS, synthetic_chat_pairs, texts_of, train_byte_level_bpe};
+use slime_data::{
+    BuiltinTemplate, ColumnNames, Layout, PreferenceExample, TextTokenizer, read_logps, write_preferences,
+};
+use slime_models::{CausalLm, LlamaConfig};
+use slime_objectives::{DpoParams, Objective, SlimeParams};
+use slime_trainer::config::{LoraSpec, RunConfig};
+use slime_trainer::corpus::RunData;
+use slime_trainer::run::run;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const PAIRS: usize = 60;
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+    examples: Vec<PreferenceExample>,
+}
+
+/// A model directory (random tiny Llama, fixture tokenizer with the Llama 3 chat template) and
+/// a conversational Parquet file of `PAIRS` pairs in 7-row row groups.
+fn fixture() -> Result<Fixture, Box<dyn std::error::Error>> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().to_path_buf();
+    let model = root.join("model");
+    std::fs::create_dir_all(&model)?;
+    let examples = synthetic_chat_pairs(PAIRS, 6, 5, 23);
+    let mut texts = texts_of(&examples);
+    texts.extend(["system", "user", "assistant"].map(String::from));
+    let tokenizer = train_byte_level_bpe(&texts, 320, FIXTURE_SPECIAL_TOKENS)?;
+    tokenizer.save(model.join("tokenizer.json"), false).map_err(|e| e.to_string())?;
+    let config = serde_json::json!({
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "add_bos_token": true,
+        "chat_template": BuiltinTemplate::Llama3.source(),
+    });
+    std::fs::write(model.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
+    let vocab = tokenizer.get_vocab_size(true);
+    let cfg = LlamaConfig { max_position_embeddings: 256, ..LlamaConfig::tiny(vocab, 32, 64, 2, 4, 2) };
+    CausalLm::random(&cfg, 5, &Device::Cpu)?.save_dir(&model)?;
+    let data = root.join("pairs.parquet");
+    write_preferences(&data, &examples, Layout::Conversational, &ColumnNames::default(), 7)?;
+    Ok(Fixture { _tmp: tmp, root, model, data, examples })
+}
+
+fn config(f: &Fixture) -> RunConfig {
+    let mut cfg = RunConfig::default();
+    cfg.model.path = Some(f.model.clone());
+    cfg.data.parquet = Some(f.data.clone());
+    cfg.data.eval_fraction = 0.2;
+    cfg.data.eval_pairs = 8;
+    cfg.sft.steps = 0;
+    cfg.sft.batch_size = 4;
+    cfg.preference.steps = 0;
+    cfg.preference.batch_size = 4;
+    cfg.eval.generations = 2;
+    cfg.eval.max_new_tokens = 6;
+    cfg.eval.every = 100;
+    cfg.eval.batch_size = 5;
+    cfg.checkpoint.every = 0;
+    cfg
+}
+
+fn load(cfg: &RunConfig, model: &Path) -> Result<RunData, Box<dyn std::error::Error>> {
+    let tokenizer = TextTokenizer::from_dir(model)?;
+    let template = tokenizer.chat_template(None)?;
+    let vocab = tokenizer.vocab_size();
+    Ok(RunData::from_parquet(&cfg.data, tokenizer, Some(template), vocab)?)
+}
+
+/// Each split as a set of (prompt, chosen, rejected) token sequences.
+type Parts = [BTreeSet<(Vec<u32>, Vec<u32>, Vec<u32>)>; 3];
+
+fn parts(d: &RunData) -> Parts {
+    let set = |xs: &[slime_trainer::corpus::Example]| {
+        xs.iter().map(|e| (e.tokens.prompt.clone(), e.tokens.chosen.clone(), e.tokens.rejected.clone())).collect()
+    };
+    [set(&d.sft), set(&d.preference), set(&d.eval)]
+}
+
+#[test]
+fn splits_depend_on_content_not_on_file_order() -> TestResult {
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    cfg.data.eval_pairs = PAIRS;
+    let forward = load(&cfg, &f.model)?;
+    let reversed_path = f.root.join("reversed.parquet");
+    let reversed: Vec<PreferenceExample> = f.examples.iter().rev().cloned().collect();
+    write_preferences(&reversed_path, &reversed, Layout::Conversational, &ColumnNames::default(), 3)?;
+    cfg.data.parquet = Some(reversed_path);
+    let backward = load(&cfg, &f.model)?;
+    let (a, b) = (parts(&forward), parts(&backward));
+    assert_eq!(a, b, "the same rows land in the same splits whatever the order and row groups");
+    let sizes = a.iter().map(BTreeSet::len).collect::<Vec<_>>();
+    assert_eq!(sizes.iter().sum::<usize>(), PAIRS, "{sizes:?}");
+    assert!(a[0].is_disjoint(&a[1]) && a[0].is_disjoint(&a[2]) && a[1].is_disjoint(&a[2]));
+    assert!(sizes.iter().all(|&n| n > 0), "{sizes:?}");
+    // A different split seed moves rows.
+    cfg.data.split_seed = 9;
+    assert_ne!(parts(&load(&cfg, &f.model)?), b);
+    // The held-out cap: rows beyond it are counted, not used.
+    cfg.data.eval_pairs = 2;
+    let capped = load(&cfg, &f.model)?;
+    let s = capped.summary.as_ref().ok_or("no summary")?;
+    assert_eq!(capped.eval.len(), 2);
+    assert_eq!(s.sft_pairs + s.preference_pairs + s.eval_pairs + s.eval_unused, PAIRS);
+    assert_eq!(s.rows, PAIRS as u64);
+    Ok(())
+}
+
+#[test]
+fn truncation_and_skips_are_counted() -> TestResult {
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    cfg.data.max_length = Some(12);
+    cfg.data.max_prompt_length = Some(11);
+    let d = load(&cfg, &f.model)?;
+    let s = d.summary.as_ref().ok_or("no summary")?;
+    assert!(s.truncated_pairs > 0, "{s:?}");
+    let longest = d.sft.iter().chain(&d.preference).map(|e| e.tokens.prompt.len() + e.tokens.chosen.len()).max();
+    assert!(longest.is_some_and(|n| n <= 12), "{longest:?}");
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+#[test]
+fn lora_sft_then_slime_on_parquet_writes_adapters_data_counts_and_generations() -> TestResult {
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    cfg.model.lora = Some(LoraSpec { r: 4, alpha: 8.0, sft: true, ..LoraSpec::default() });
+    cfg.sft.steps = 3;
+    cfg.preference.steps = 3;
+    cfg.preference.objective = Objective::Slime(SlimeParams::paper());
+    let dir = f.root.join("run");
+    let metrics = run(&cfg, &dir)?;
+    for key in ["eval/preference_accuracy", "eval/format_validity", "eval/repetition", "eval/chosen_logp_drift"] {
+        assert!(metrics.get(key).is_some_and(|v| v.is_finite()), "{key}: {metrics:?}");
+    }
+    assert!(!metrics.contains_key("eval/task_accuracy"), "no program checks free text");
+    assert!(dir.join("sft-model/model.safetensors").is_file());
+    assert!(
+        dir.join("adapter/adapter_model.safetensors").is_file() && dir.join("adapter/adapter_config.json").is_file()
+    );
+    assert!(!dir.join("model").exists(), "a pretrained model's merged copy is not written with LoRA");
+    let data = read_json(&dir.join("data.json"))?;
+    assert_eq!(data["rows"], PAIRS);
+    let generations = std::fs::read_to_string(dir.join("generations.jsonl"))?;
+    let lines: Vec<serde_json::Value> = generations.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["prompt"].as_str().is_some_and(|p| p.contains("<|start_header_id|>user"))));
+    let result = read_json(&dir.join("result.json"))?;
+    assert_eq!(result["model"], "model");
+    // SFT moved the weights (adapters merged into sft-model differ from the starting model).
+    let start = candle_core::safetensors::load(f.model.join("model.safetensors"), &Device::Cpu)?;
+    let sft = candle_core::safetensors::load(dir.join("sft-model/model.safetensors"), &Device::Cpu)?;
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let diff = (&start[name] - &sft[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff > 0.0, "LoRA SFT left {name} unchanged");
+    Ok(())
+}
+
+fn logps_command(f: &Fixture, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let status = Command::new(env!("CARGO_BIN_EXE_slime-trainer"))
+        .args(["logps", "--model"])
+        .arg(&f.model)
+        .arg("--data")
+        .arg(&f.data)
+        .arg("--out")
+        .arg(out)
+        .args(["--max-length", "512", "--max-prompt-length", "256"])
+        .output()?;
+    if !status.status.success() {
+        return Err(format!("logps failed: {}", String::from_utf8_lossy(&status.stderr)).into());
+    }
+    Ok(())
+}
+
+#[test]
+fn dpo_reference_cache_equals_the_logps_command_and_precomputed_gives_the_same_run() -> TestResult {
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    cfg.preference.steps = 2;
+    cfg.preference.objective = Objective::Dpo(DpoParams::default());
+    let live = f.root.join("live");
+    let live_metrics = run(&cfg, &live)?;
+    let cached = read_logps(live.join("reference_logps.parquet"))?;
+    let scored_path = f.root.join("scored.parquet");
+    logps_command(&f, &scored_path)?;
+    let scored: BTreeMap<u64, (f64, f64, u32, u32)> = read_logps(&scored_path)?
+        .into_iter()
+        .map(|r| (r.pair, (r.chosen_logp, r.rejected_logp, r.chosen_tokens, r.rejected_tokens)))
+        .collect();
+    assert!(!cached.is_empty());
+    for r in &cached {
+        let s = scored.get(&r.pair).ok_or(format!("pair {} not scored", r.pair))?;
+        assert_eq!((r.chosen_tokens, r.rejected_tokens), (s.2, s.3), "pair {}", r.pair);
+        assert!((r.chosen_logp - s.0).abs() < 1e-3 && (r.rejected_logp - s.1).abs() < 1e-3, "pair {}", r.pair);
+    }
+    // The run with the precomputed file trains the same model.
+    cfg.preference.reference_logps = Some(live.join("reference_logps.parquet"));
+    let again = run(&cfg, &f.root.join("precomputed"))?;
+    assert_eq!(live_metrics, again);
+    // A file that lacks a pair is named in the error.
+    let partial = f.root.join("partial.parquet");
+    slime_data::write_logps(&partial, &cached[1..])?;
+    cfg.preference.reference_logps = Some(partial.clone());
+    let err = run(&cfg, &f.root.join("partial-run")).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("partial.parquet") && err.contains(&format!("pair {}", cached[0].pair)), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_mismatched_tokenizer_is_named() -> TestResult {
+    let f = fixture()?;
+    let small = f.root.join("small");
+    std::fs::create_dir_all(&small)?;
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(f.model.join(file), small.join(file))?;
+    }
+    CausalLm::random(&LlamaConfig::tiny(40, 16, 32, 1, 2, 1), 1, &Device::Cpu)?.save_dir(&small)?;
+    let mut cfg = config(&f);
+    cfg.model.path = Some(small);
+    let err = run(&cfg, &f.root.join("bad")).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("pairs.parquet") && err.contains("outside the model's vocabulary of 40"), "{err}");
+    Ok(())
+}
