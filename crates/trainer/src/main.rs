@@ -12,6 +12,7 @@ use slime_trainer::logps::{LogpsOptions, per_token_path, score_file};
 use slime_trainer::model_source::{ModelSource, parse_device};
 use slime_trainer::progress::ProgressMode;
 use slime_trainer::run::{Fault, RunOptions};
+use slime_trainer::selection::SelectionKind;
 
 #[derive(Parser)]
 #[command(name = "slime-trainer", version, about = "SFT then preference optimisation (SLIME and baselines)")]
@@ -43,9 +44,15 @@ enum Command {
         /// lines or off.
         #[arg(long, default_value = "auto", value_parser = parse_progress)]
         progress: ProgressMode,
+        /// How the preference stage picks pairs, overriding the config's
+        /// preference.selection: uniform (a seeded shuffle per epoch) or sage (stability-aware
+        /// selection from a re-scored pool; parameters in [preference.sage]).
+        #[arg(long, value_enum)]
+        selection: Option<SelectionArg>,
     },
     /// Evaluate a saved model directory (config.json + model.safetensors, e.g. a run's model/)
-    /// on the embedded task's held-out pairs; prints the metrics as key = value lines.
+    /// on the held-out pairs the config describes (the embedded task's, or with data.parquet
+    /// and model.path that file's held-out split); prints the metrics as key = value lines.
     Eval {
         /// The model directory.
         #[arg(long)]
@@ -203,6 +210,13 @@ fn parse_progress(text: &str) -> std::result::Result<ProgressMode, String> {
     }
 }
 
+/// `--selection`.
+#[derive(Clone, Copy, ValueEnum)]
+enum SelectionArg {
+    Uniform,
+    Sage,
+}
+
 fn read_config(path: &PathBuf) -> Result<RunConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     RunConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))
@@ -222,8 +236,14 @@ fn test_hooks(opts: &mut RunOptions) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Train { config, run_dir, resume, progress } => {
-            let cfg = read_config(&config)?;
+        Command::Train { config, run_dir, resume, progress, selection } => {
+            let mut cfg = read_config(&config)?;
+            if let Some(s) = selection {
+                cfg.preference.selection = match s {
+                    SelectionArg::Uniform => SelectionKind::Uniform,
+                    SelectionArg::Sage => SelectionKind::Sage,
+                };
+            }
             let mut opts = RunOptions { resume, progress, ..RunOptions::default() };
             test_hooks(&mut opts)?;
             let report = slime_trainer::run::run_with(&cfg, &run_dir, &opts)

@@ -202,6 +202,25 @@ fn resume_without_a_checkpoint_starts_fresh() {
 }
 
 #[test]
+fn selection_flag_overrides_the_config_and_is_recorded() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[model]\nhidden = 16\nlayers = 1\n[data]\npairs = 30\neval_pairs = 4\n[sft]\nsteps = 0\n\
+         [preference]\nsteps = 2\nbatch_size = 2\nsage = { pool_size = 6, refresh_every = 1 }\n\
+         [eval]\ngenerations = 1\nmax_new_tokens = 4\n",
+    )
+    .expect("write");
+    let dir = tmp.path().join("run");
+    finish(train(&config, &dir, false, None).args(["--selection", "sage"]));
+    let resolved = String::from_utf8(read(&dir.join("config.toml"))).expect("utf-8");
+    assert!(resolved.contains("selection = \"sage\""), "{resolved}");
+    let bad = train(&config, &dir, false, None).args(["--selection", "best"]).output().expect("spawn");
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("uniform"));
+}
+
+#[test]
 fn out_of_range_values_are_rejected_before_any_work() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for (text, field) in [
