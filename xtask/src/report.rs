@@ -5,7 +5,8 @@
 //! - `result.json`: `{"variant", "seed", "model", "final": {metric: value}}`, and
 //! - `eval.jsonl`: one `{"step", metric: value, ...}` object per evaluation.
 //!
-//! Rows are (model, variant) in grid order, columns the [`COLUMNS`] metrics as mean ± std over seeds.
+//! Rows are (model, variant) in grid order, columns the [`COLUMNS`] metrics some cell reports, as
+//! mean ± std over seeds.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,10 +17,12 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde::Deserialize;
 
-/// Table columns: (metric key in `final`, header).
-pub const COLUMNS: [(&str, &str); 5] = [
+/// Table columns: (metric key in `final`, header). A column appears when some cell reports its
+/// metric: task quality on the embedded task, repetition of generations on Parquet data.
+pub const COLUMNS: [(&str, &str); 6] = [
     ("eval/preference_accuracy", "pref. acc."),
     ("eval/task_accuracy", "task quality"),
+    ("eval/repetition", "repetition"),
     ("eval/format_validity", "format valid"),
     ("eval/chosen_logp_drift", "chosen logp drift"),
     ("eval/collapse_fraction", "collapse frac."),
@@ -121,14 +124,16 @@ fn models(cells: &[Cell]) -> Vec<String> {
 /// The Markdown table and the CSV text: one row per (model, variant), metrics as mean ± sample
 /// std over the seeds listed in the row.
 pub fn tables(cells: &[Cell], order: &[String]) -> (String, String) {
+    let columns: Vec<(&str, &str)> =
+        COLUMNS.into_iter().filter(|(key, _)| cells.iter().any(|c| c.result.r#final.contains_key(*key))).collect();
     let mut md = String::from("| model | variant | seeds |");
     let mut csv = String::from("model,variant,seeds");
-    for (key, header) in COLUMNS {
+    for &(key, header) in &columns {
         let _ = write!(md, " {header} |");
         let _ = write!(csv, ",{key}_mean,{key}_std");
     }
     md.push_str("\n|---|---|---|");
-    md.push_str(&"---|".repeat(COLUMNS.len()));
+    md.push_str(&"---|".repeat(columns.len()));
     md.push('\n');
     csv.push('\n');
     for model in models(cells) {
@@ -141,7 +146,7 @@ pub fn tables(cells: &[Cell], order: &[String]) -> (String, String) {
             let seeds = rows.iter().map(|c| c.result.seed.to_string()).collect::<Vec<_>>().join(" ");
             let _ = write!(md, "| {model} | {variant} | {seeds} |");
             let _ = write!(csv, "{model},{variant},{seeds}");
-            for (key, _) in COLUMNS {
+            for &(key, _) in &columns {
                 let values: Vec<f64> = rows.iter().filter_map(|c| c.result.r#final.get(key).copied()).collect();
                 if values.is_empty() {
                     md.push_str(" - |");
@@ -277,12 +282,15 @@ mod tests {
 
     #[test]
     fn table_has_mean_and_sample_std_in_grid_order() {
-        let cells = vec![cell("dpo", 0, 0.5), cell("slime", 0, 0.6), cell("slime", 1, 0.8), cell("dpo", 1, 0.7)];
+        let mut cells = vec![cell("dpo", 0, 0.5), cell("slime", 0, 0.6), cell("slime", 1, 0.8), cell("dpo", 1, 0.7)];
+        cells[0].result.r#final.insert("eval/task_accuracy".into(), 0.25);
         let (md, csv) = tables(&cells, &["slime".into(), "dpo".into()]);
+        assert!(md.starts_with("| model | variant | seeds | pref. acc. | task quality |\n"), "{md}");
+        assert!(!md.contains("repetition"), "a metric no cell reports has no column: {md}");
         let lines: Vec<&str> = md.lines().collect();
         // slime: mean 0.7, sample std sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414.
         assert!(lines[2].starts_with("| tiny-llama | slime | 0 1 | 0.700 ± 0.141 |"), "{md}");
-        assert!(lines[3].starts_with("| tiny-llama | dpo | 0 1 | 0.600 ± 0.141 |"), "{md}");
+        assert!(lines[3].starts_with("| tiny-llama | dpo | 0 1 | 0.600 ± 0.141 | 0.250 ± 0.000 |"), "{md}");
         assert!(lines[2].ends_with(" - |"), "missing metrics are dashes: {md}");
         assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with("tiny-llama,slime,0 1,0.7")), "{csv}");
     }
