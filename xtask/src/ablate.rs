@@ -1,11 +1,13 @@
-//! `cargo xtask ablate`: the SLIME ablation grid against the baselines on the embedded task.
+//! `cargo xtask ablate`: the SLIME ablation grid against the baselines, on the embedded task
+//! (tiny Llama or Gemma, no downloads) or on a pretrained model and a Parquet file (`--preset`,
+//! `--model DIR --data FILE`).
 //!
 //! Each cell (variant x seed) runs as its own `slime-trainer train` process into
 //! `<out>/<variant>-seed<k>/`; a cell whose `result.json` exists is skipped, and an unfinished
 //! cell is run with `--resume`, so an interrupted grid continues each cell from its last
 //! checkpoint (a cell whose settings changed starts afresh). Every seed's SFT model is trained
-//! once (the `sft` cell) and every preference variant of that seed starts from it. At the end
-//! the report (table.md, table.csv, plots/) is written into `<out>`.
+//! once (the `sft` cell, its `sft-model/`) and every preference variant of that seed starts
+//! from it. At the end the report (table.md, table.csv, plots/) is written into `<out>`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,13 +72,13 @@ pub struct Sections {
 
 /// LoRA as in the SLIME paper (r 64, alpha 128, all seven projections), also for SFT, and
 /// sizes a 2-core CPU gets through in minutes: sequences cut to 160 tokens (prompts to 64),
-/// 4 sequences per step, 8 held-out pairs, 2 greedy generations of up to 32 tokens.
+/// 4 sequences per step, 8 held-out pairs, 2 greedy generations of up to 96 tokens.
 const CPU_REAL: Sections = Sections {
     model: "lora = { r = 64, alpha = 128.0, sft = true }",
     data: "max_length = 160\nmax_prompt_length = 64\neval_pairs = 8",
     sft: "batch_size = 4\nschedule = { lr = 2e-4, decay = \"cosine\", warmup_ratio = 0.0 }",
     preference: "batch_size = 2\nschedule = { lr = 1e-4, decay = \"linear\", warmup_ratio = 0.0 }",
-    eval: "generations = 2\nmax_new_tokens = 32\nbatch_size = 4",
+    eval: "generations = 2\nmax_new_tokens = 96\nbatch_size = 4",
 };
 
 /// The real presets (`cargo xtask assets` provides their files).
@@ -252,10 +254,12 @@ fn build_trainer() -> Result<PathBuf> {
 /// The TOML config of one cell.
 /// The run config of one cell: SFT (`variant == "sft"`) or a preference variant starting from
 /// the seed's SFT model.
-fn cell_config(variant: &str, objective: &str, seed: u64, opts: &Options, sft_model: &Path) -> String {
+fn cell_config(variant: &str, objective: &str, seed: u64, opts: &Options, sft_model: Option<&Path>) -> String {
     let mut t = format!("name = \"{variant}\"\nseed = {seed}\n");
-    if variant != "sft" {
-        t += &format!("init = {:?}\n", sft_model.display().to_string());
+    if variant != "sft"
+        && let Some(dir) = sft_model
+    {
+        t += &format!("init = {:?}\n", dir.display().to_string());
     }
     let sections = match &opts.model {
         ModelChoice::Tiny(preset) => {
@@ -334,8 +338,9 @@ pub fn ablate(opts: &Options) -> Result<()> {
     let started = Instant::now();
     let mut failures = Vec::new();
     for &seed in &opts.seeds {
-        let sft_dir = out.join(format!("sft-seed{seed}"));
-        let sft_model = sft_dir.join("model");
+        // Every variant starts from the seed's SFT model (`sft-model/` of the SFT cell); with
+        // no SFT steps, from the starting model itself.
+        let sft_model = (opts.sft_steps > 0).then(|| out.join(format!("sft-seed{seed}")).join("sft-model"));
         // The SFT cell always runs first: every other variant of this seed starts from it.
         let needed: Vec<(&str, &str)> =
             std::iter::once(("sft", "")).chain(variants.iter().copied().filter(|(v, _)| *v != "sft")).collect();
@@ -347,7 +352,7 @@ pub fn ablate(opts: &Options) -> Result<()> {
             }
             std::fs::create_dir_all(&dir)?;
             let config = dir.join("run.toml");
-            let text = cell_config(variant, objective, seed, opts, &sft_model);
+            let text = cell_config(variant, objective, seed, opts, sft_model.as_deref());
             let resume = resumable(&config, &text);
             if !resume {
                 println!(
@@ -461,7 +466,7 @@ mod tests {
         }
         for opts in &setups {
             for (variant, objective) in GRID {
-                let text = cell_config(variant, objective, 1, opts, Path::new("/tmp/sft/model"));
+                let text = cell_config(variant, objective, 1, opts, Some(Path::new("/tmp/sft/sft-model")));
                 let cfg = slime_trainer::config::RunConfig::from_toml(&text)
                     .with_context(|| format!("{variant}:\n{text}"))?;
                 assert_eq!(cfg.name, variant);

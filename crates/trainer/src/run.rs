@@ -1093,8 +1093,8 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
     if cfg.model.lora.is_some() {
         lm.save_adapters(&run_dir.join("adapter"))?;
     }
-    // A pretrained model's merged copy would cost its full size per run; its adapters are
-    // the result.
+    // A pretrained model's merged copy would cost its full size per run: with LoRA its result
+    // is `adapter/` (after a preference stage) or `sft-model/` (SFT only).
     if cfg.model.lora.is_none() || cfg.model.path.is_none() {
         if cfg.model.lora.is_some() {
             lm = lm.merge_lora()?;
