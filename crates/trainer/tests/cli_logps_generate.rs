@@ -4,6 +4,9 @@
 //! gather on the host in f64), token counts equal the completion lengths, greedy generation is
 //! deterministic and stops at a stop token or max-new-tokens, and errors name the file.
 
+mod common;
+use common::Fixture;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,12 +14,12 @@ use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use slime_data::fixtures::{FIXTURE_SPECIAL_TOKENS, synthetic_chat_pairs, texts_of, train_byte_level_bpe};
+use slime_data::fixtures::{FIXTURE_SPECIAL_TOKENS, train_byte_level_bpe};
 use slime_data::{
-    BuiltinTemplate, ColumnNames, Encoded, Layout, Message, PairEncoder, PreferenceExample, TextTokenizer,
-    TokenizedPair, Truncation, read_logps, write_preferences,
+    BuiltinTemplate, ColumnNames, Encoded, Layout, Message, PairEncoder, TextTokenizer, TokenizedPair, Truncation,
+    read_logps, write_preferences,
 };
-use slime_models::{CausalLm, LlamaConfig, Model};
+use slime_models::{CausalLm, Model};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -25,40 +28,8 @@ type TokenRows = HashMap<(u64, bool), Vec<(u32, u32, f32)>>;
 
 const PAIRS: usize = 14;
 
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    data: PathBuf,
-    examples: Vec<PreferenceExample>,
-}
-
-/// A model directory (random tiny Llama, fixture tokenizer with a Llama 3 chat template,
-/// `<eos>` as EOS) and a conversational Parquet file of `PAIRS` pairs in 4-row row groups.
 fn fixture() -> Result<Fixture, Box<dyn std::error::Error>> {
-    let tmp = tempfile::tempdir()?;
-    let root = tmp.path().to_path_buf();
-    let model = root.join("model");
-    std::fs::create_dir_all(&model)?;
-    let examples = synthetic_chat_pairs(PAIRS, 8, 6, 11);
-    let mut texts = texts_of(&examples);
-    texts.extend(["system", "user", "assistant"].map(String::from));
-    let tokenizer = train_byte_level_bpe(&texts, 320, FIXTURE_SPECIAL_TOKENS)?;
-    tokenizer.save(model.join("tokenizer.json"), false).map_err(|e| e.to_string())?;
-    let config = serde_json::json!({
-        "bos_token": "<|begin_of_text|>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "add_bos_token": true,
-        "chat_template": BuiltinTemplate::Llama3.source(),
-    });
-    std::fs::write(model.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
-    let vocab = tokenizer.get_vocab_size(true);
-    let cfg = LlamaConfig { max_position_embeddings: 256, ..LlamaConfig::tiny(vocab, 32, 64, 2, 4, 2) };
-    CausalLm::random(&cfg, 7, &Device::Cpu)?.save_dir(&model)?;
-    let data = root.join("pairs.parquet");
-    write_preferences(&data, &examples, Layout::Conversational, &ColumnNames::default(), 4)?;
-    Ok(Fixture { _tmp: tmp, root, model, data, examples })
+    common::fixture(PAIRS, 11, 4, 7)
 }
 
 fn trainer(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<Output, std::io::Error> {

@@ -4,15 +4,15 @@
 //! reference log-probs cached as Parquet equal to `slime-trainer logps`, and precomputed
 //! reference log-probs giving the same run.
 
+mod common;
+use common::Fixture;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::Device;
-use slime_data::fixtures::{FIXTURE_SPECIAL_TOKENS, synthetic_chat_pairs, texts_of, train_byte_level_bpe};
-use slime_data::{
-    BuiltinTemplate, ColumnNames, Layout, PreferenceExample, TextTokenizer, read_logps, write_preferences,
-};
+use slime_data::{ColumnNames, Layout, PreferenceExample, TextTokenizer, read_logps, write_preferences};
 use slime_models::{CausalLm, LlamaConfig};
 use slime_objectives::{DpoParams, Objective, SlimeParams};
 use slime_trainer::config::{LoraSpec, RunConfig};
@@ -23,40 +23,8 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const PAIRS: usize = 60;
 
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    data: PathBuf,
-    examples: Vec<PreferenceExample>,
-}
-
-/// A model directory (random tiny Llama, fixture tokenizer with the Llama 3 chat template) and
-/// a conversational Parquet file of `PAIRS` pairs in 7-row row groups.
 fn fixture() -> Result<Fixture, Box<dyn std::error::Error>> {
-    let tmp = tempfile::tempdir()?;
-    let root = tmp.path().to_path_buf();
-    let model = root.join("model");
-    std::fs::create_dir_all(&model)?;
-    let examples = synthetic_chat_pairs(PAIRS, 6, 5, 23);
-    let mut texts = texts_of(&examples);
-    texts.extend(["system", "user", "assistant"].map(String::from));
-    let tokenizer = train_byte_level_bpe(&texts, 320, FIXTURE_SPECIAL_TOKENS)?;
-    tokenizer.save(model.join("tokenizer.json"), false).map_err(|e| e.to_string())?;
-    let config = serde_json::json!({
-        "bos_token": "<|begin_of_text|>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "add_bos_token": true,
-        "chat_template": BuiltinTemplate::Llama3.source(),
-    });
-    std::fs::write(model.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
-    let vocab = tokenizer.get_vocab_size(true);
-    let cfg = LlamaConfig { max_position_embeddings: 256, ..LlamaConfig::tiny(vocab, 32, 64, 2, 4, 2) };
-    CausalLm::random(&cfg, 5, &Device::Cpu)?.save_dir(&model)?;
-    let data = root.join("pairs.parquet");
-    write_preferences(&data, &examples, Layout::Conversational, &ColumnNames::default(), 7)?;
-    Ok(Fixture { _tmp: tmp, root, model, data, examples })
+    common::fixture(PAIRS, 23, 7, 5)
 }
 
 fn config(f: &Fixture) -> RunConfig {
