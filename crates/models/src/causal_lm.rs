@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::LlamaConfig;
 use crate::gemma::{Gemma, GemmaConfig};
+use crate::generation::{self, KvCache};
 use crate::llama::Llama;
 use crate::lora::{Adapters, LoraConfig};
 use crate::{ModelError, Result};
@@ -107,16 +108,33 @@ impl Model {
         }
     }
 
+    /// Logits `[batch, vocab]` (f32, soft-capped for Gemma 2/3) at the last of `n` new positions
+    /// `input_ids` `[batch, n]` (no padding) that continue the sequence in `cache`, whose keys and
+    /// values they append (see [`crate::generation`]). Feeding a prompt and then one token at a
+    /// time gives the logits [`Self::last_logits`] gives over the whole prefix, within float
+    /// rounding. No gradients.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        match self {
+            Self::Llama(m) => generation::last_logits(&m.forward_hidden_cached(input_ids, cache)?, m.lm_head(), None),
+            Self::Gemma(m) => generation::last_logits(
+                &m.forward_hidden_cached(input_ids, cache)?,
+                m.lm_head(),
+                m.config().final_logit_softcapping,
+            ),
+        }
+    }
+
     /// Greedy decoding of one prompt: appends the argmax token until a `stop` id (included in
-    /// the output) or `max_new` tokens. Returns only the new tokens.
+    /// the output) or `max_new` tokens. Returns only the new tokens. Uses a [`KvCache`]: the
+    /// prompt is run once, then one position per new token.
     pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-        self.decode(prompt, max_new, stop, |logits| Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0]))
+        self.decode(prompt, max_new, stop, generation::argmax)
     }
 
     /// Sampled decoding of one prompt: each new token is drawn from `softmax(logits / temperature)`
     /// with a ChaCha8 generator seeded by `seed` (same seed, same output); `temperature <= 0`
     /// means greedy. Stops after a `stop` id (included) or `max_new` tokens. Returns only the new
-    /// tokens.
+    /// tokens. Uses a [`KvCache`] like [`Self::generate_greedy`].
     pub fn generate_sampled(
         &self,
         prompt: &[u32],
@@ -144,7 +162,8 @@ impl Model {
     }
 
     /// The decoding loop shared by greedy and sampled generation: `pick` chooses the next token
-    /// from the `[1, vocab]` last-position logits. Re-runs the prefix each step (no KV cache yet).
+    /// from the `[1, vocab]` last-position logits. The prompt fills a fresh [`KvCache`], then each
+    /// step feeds only the token just chosen. Stops before exceeding `max_position_embeddings`.
     fn decode(
         &self,
         prompt: &[u32],
@@ -156,19 +175,23 @@ impl Model {
             Self::Llama(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
             Self::Gemma(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
         };
-        let mut ids = prompt.to_vec();
+        if prompt.is_empty() {
+            return Err(ModelError::Input { input: "prompt", reason: "must hold at least one token".into() });
+        }
+        let mut cache = KvCache::new(self);
+        let mut feed = prompt.to_vec();
         let mut out = Vec::new();
         for _ in 0..max_new {
-            if ids.len() >= max_pos {
+            if prompt.len() + out.len() >= max_pos {
                 break;
             }
-            let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-            let next = pick(&self.last_logits(&input, None)?)?;
-            ids.push(next);
+            let input = Tensor::new(feed.as_slice(), &device)?.unsqueeze(0)?;
+            let next = pick(&self.forward_cached(&input, &mut cache)?)?;
             out.push(next);
             if stop.contains(&next) {
                 break;
             }
+            feed = vec![next];
         }
         Ok(out)
     }
@@ -250,6 +273,12 @@ impl CausalLm {
     /// Loads `model.safetensors` (or a sharded `model.safetensors.index.json` set) and
     /// `config.json` from a Hugging Face model directory.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_dir_as(dir, device, None)
+    }
+
+    /// [`Self::from_dir`] with every weight converted to `dtype` at load time (e.g. `BF16` to halve
+    /// memory; `None` keeps the stored dtypes). Non-f32 models run the reference (unfused) path.
+    pub fn from_dir_as(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| ModelError::Io { path: config_path.display().to_string(), reason: e.to_string() })?;
@@ -260,15 +289,26 @@ impl CausalLm {
                 .map_err(|e| ModelError::Io { path: file.display().to_string(), reason: e.to_string() })?;
             weights.extend(loaded);
         }
-        Self::from_tensors(&cfg, weights)
+        Self::from_tensors(&cfg, convert(weights, dtype)?)
     }
 
     /// Loads a llama.cpp GGUF checkpoint (any quantization candle reads, dequantized to f32) for
     /// the architecture `cfg` (e.g. from the model's Hugging Face `config.json`); see [`crate::gguf`].
     pub fn from_gguf<C: Clone + Into<ModelConfig>>(path: &Path, cfg: &C, device: &Device) -> Result<Self> {
+        Self::from_gguf_as(path, cfg, device, None)
+    }
+
+    /// [`Self::from_gguf`] with every dequantized weight converted to `dtype` (e.g. `BF16`) at
+    /// load time, one tensor at a time.
+    pub fn from_gguf_as<C: Clone + Into<ModelConfig>>(
+        path: &Path,
+        cfg: &C,
+        device: &Device,
+        dtype: Option<DType>,
+    ) -> Result<Self> {
         let config: ModelConfig = cfg.clone().into();
         let weights = crate::gguf::load_gguf(path, &config, device)?;
-        Self::from_tensors(&config, weights)
+        Self::from_tensors(&config, convert(weights, dtype)?)
     }
 
     /// The architecture.
@@ -449,6 +489,12 @@ impl CausalLm {
             .map_err(|e| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() })?;
         std::fs::write(dir.join("config.json"), text).map_err(io)
     }
+}
+
+/// Every weight converted to `dtype` (unchanged for `None`).
+fn convert(weights: HashMap<String, Tensor>, dtype: Option<DType>) -> Result<HashMap<String, Tensor>> {
+    let Some(dtype) = dtype else { return Ok(weights) };
+    weights.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect()
 }
 
 /// Every weight of a Llama config with its shape, Hugging Face names.

@@ -109,9 +109,12 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Parses `config.json` text; `file` names it in errors.
+    /// Parses `config.json` text; `file` names it in errors. Reads both the classic layout
+    /// (`rope_theta`, `rope_scaling`) and the one transformers 5 writes (`rope_parameters`).
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| ModelError::Config {
+        let mut value = parse_json(text, file)?;
+        lift_rope_parameters(&mut value, file, false)?;
+        let cfg: Self = serde_json::from_value(value).map_err(|e| ModelError::Config {
             file: file.into(),
             field: "(json)",
             reason: e.to_string(),
@@ -222,4 +225,70 @@ impl LlamaConfig {
             model_type: Some("llama".into()),
         }
     }
+}
+
+/// `config.json` text as a JSON value (an error naming `file` if it is not JSON).
+pub(crate) fn parse_json(text: &str, file: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| ModelError::Config {
+        file: file.into(),
+        field: "(json)",
+        reason: e.to_string(),
+    })
+}
+
+/// Rewrites transformers 5's `rope_parameters` into the classic fields this crate's configs hold:
+/// `{rope_type, rope_theta, factor, ...}` becomes `rope_theta` plus `rope_scaling` (unless the
+/// type is `default`). With `per_layer_type` (Gemma 3), `{full_attention: {...},
+/// sliding_attention: {...}}` becomes the global `rope_theta` / `rope_scaling` and
+/// `rope_local_base_freq`; a scaled local RoPE is rejected. `rope_parameters` overrides the
+/// classic fields when both are present (as in transformers 5).
+pub(crate) fn lift_rope_parameters(value: &mut serde_json::Value, file: &str, per_layer_type: bool) -> Result<()> {
+    use serde_json::Value;
+    let err = |reason: String| ModelError::Config { file: file.into(), field: "rope_parameters", reason };
+    let Some(obj) = value.as_object_mut() else { return Ok(()) };
+    let Some(params) = obj.remove("rope_parameters") else { return Ok(()) };
+    if params.is_null() {
+        return Ok(());
+    }
+    let Value::Object(params) = params else { return Err(err("must be an object".into())) };
+    let kind = |p: &serde_json::Map<String, Value>| -> String {
+        p.get("rope_type").or_else(|| p.get("type")).and_then(|t| t.as_str()).unwrap_or("default").to_string()
+    };
+    let apply = |p: &serde_json::Map<String, Value>, obj: &mut serde_json::Map<String, Value>| {
+        if let Some(theta) = p.get("rope_theta") {
+            obj.insert("rope_theta".into(), theta.clone());
+        }
+        if kind(p) == "default" {
+            obj.remove("rope_scaling");
+        } else {
+            let mut scaling = p.clone();
+            scaling.remove("rope_theta");
+            scaling.insert("rope_type".into(), Value::String(kind(p)));
+            scaling.remove("type");
+            obj.insert("rope_scaling".into(), Value::Object(scaling));
+        }
+    };
+    let nested = params.contains_key("full_attention") || params.contains_key("sliding_attention");
+    if !nested {
+        apply(&params, obj);
+        return Ok(());
+    }
+    if !per_layer_type {
+        return Err(err("per-layer-type RoPE parameters are only supported for Gemma 3".into()));
+    }
+    if let Some(Value::Object(full)) = params.get("full_attention") {
+        apply(full, obj);
+    }
+    if let Some(Value::Object(local)) = params.get("sliding_attention") {
+        if kind(local) != "default" {
+            return Err(err(format!(
+                "sliding_attention: type `{}` is not supported (expected `default`)",
+                kind(local)
+            )));
+        }
+        if let Some(theta) = local.get("rope_theta") {
+            obj.insert("rope_local_base_freq".into(), theta.clone());
+        }
+    }
+    Ok(())
 }

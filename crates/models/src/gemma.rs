@@ -29,6 +29,7 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RopeScaling;
+use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
 use crate::{ModelError, Result};
@@ -102,6 +103,13 @@ pub struct GemmaConfig {
     /// Gemma 3: RoPE scaling of the global layers; only `linear` is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// Per layer `sliding_attention` or `full_attention` (transformers 4.53+); when given, it decides
+    /// which layers are sliding instead of the Gemma 2 even-layer rule / Gemma 3 pattern.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3: bidirectional (non-causal) attention; only `false` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
 }
 
 impl GemmaConfig {
@@ -136,6 +144,8 @@ impl GemmaConfig {
             sliding_window_pattern: None,
             rope_local_base_freq: None,
             rope_scaling: None,
+            layer_types: None,
+            use_bidirectional_attention: None,
         }
     }
 
@@ -204,15 +214,30 @@ impl GemmaConfig {
         if self.sliding_window.is_none() {
             return false;
         }
+        if let Some(types) = &self.layer_types {
+            return types.get(layer).is_some_and(|t| t == "sliding_attention");
+        }
         if self.is_gemma3() {
             return !(layer + 1).is_multiple_of(self.sliding_window_pattern.unwrap_or(6).max(1));
         }
         self.is_gemma2() && layer.is_multiple_of(2)
     }
 
-    /// Parses `config.json` text; `file` names it in errors.
+    /// Parses `config.json` text; `file` names it in errors. Reads both layouts: the classic one
+    /// (`rope_theta`, `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`) and the one
+    /// transformers 5 writes (`rope_parameters`, per layer type for Gemma 3;
+    /// `_sliding_window_pattern`; `layer_types`).
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| ModelError::Config {
+        let mut value = crate::config::parse_json(text, file)?;
+        crate::config::lift_rope_parameters(&mut value, file, true)?;
+        if let Some(obj) = value.as_object_mut()
+            && !obj.contains_key("sliding_window_pattern")
+            && obj.get("model_type").and_then(|t| t.as_str()) == Some("gemma3_text")
+            && let Some(p) = obj.remove("_sliding_window_pattern")
+        {
+            obj.insert("sliding_window_pattern".into(), p);
+        }
+        let cfg: Self = serde_json::from_value(value).map_err(|e| ModelError::Config {
             file: file.into(),
             field: "(json)",
             reason: e.to_string(),
@@ -267,6 +292,23 @@ impl GemmaConfig {
             if v.is_some_and(|v| v.is_nan() || v <= 0.0) {
                 return err(field, "must be > 0".into());
             }
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return err(
+                    "layer_types",
+                    format!("{} entries for num_hidden_layers = {}", types.len(), self.num_hidden_layers),
+                );
+            }
+            if let Some(t) = types.iter().find(|t| !matches!(t.as_str(), "sliding_attention" | "full_attention")) {
+                return err("layer_types", format!("`{t}` is not `sliding_attention` or `full_attention`"));
+            }
+            if types.iter().any(|t| t == "sliding_attention") && !self.sandwich() {
+                return err("layer_types", "sliding layers need `gemma2` or `gemma3_text`".into());
+            }
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return err("use_bidirectional_attention", "only causal attention (false) is supported".into());
         }
         if self.sliding_window == Some(0) {
             return err("sliding_window", "must be at least 1".into());
@@ -531,6 +573,69 @@ impl Gemma {
             }
         }
         gemma_norm(&x, &self.norm, eps)
+    }
+
+    /// Hidden states `[batch, n, hidden]` of `n` new positions `input_ids` `[batch, n]` (no
+    /// padding) that continue the sequence held in `cache`, whose keys and values they append:
+    /// the incremental-decoding path ([`crate::generation`]), equal to the last `n` positions of
+    /// [`Self::forward_hidden`] within float rounding (same QK-norm, local/global RoPE, score
+    /// soft-capping and sliding windows). No gradients.
+    pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        cache.check(self.layers.len(), input_ids.dim(0)?)?;
+        let pos = cache.len();
+        let (batch, n) = generation::check_step(input_ids, pos, self.cfg.max_position_embeddings)?;
+        let mut x = (self.embed.forward(input_ids)? * (self.cfg.hidden_size as f64).sqrt())?.detach();
+        let global_rope = generation::rope_tables_at(&self.inv_freq, pos, n, &x)?;
+        let local_rope = generation::rope_tables_at(&self.local_inv_freq, pos, n, &x)?;
+        let eps = self.cfg.rms_norm_eps;
+        let (hd, nq, nkv) = (self.cfg.head_dim, self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        let scale = self.cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
+        for (idx, l) in self.layers.iter().enumerate() {
+            let (cos, sin) = if self.cfg.is_sliding(idx) { &local_rope } else { &global_rope };
+            let h = gemma_norm(&x, &l.input_norm, eps)?;
+            let split = |t: Tensor, heads: usize, norm: Option<&Tensor>| -> Result<Tensor> {
+                let t = t.reshape((batch, n, heads, hd))?;
+                let t = match norm {
+                    Some(w) => gemma_norm(&t, w, eps)?,
+                    None => t,
+                };
+                Ok(t.transpose(1, 2)?.contiguous()?)
+            };
+            let (qn, kn) = match &l.qk_norms {
+                Some((q, k)) => (Some(q), Some(k)),
+                None => (None, None),
+            };
+            let q = rope(&split(l.q.forward(&h)?, nq, qn)?, cos, sin)?;
+            let k = rope(&split(l.k.forward(&h)?, nkv, kn)?, cos, sin)?;
+            let v = split(l.v.forward(&h)?, nkv, None)?;
+            let att = generation::cached_attention(cache, idx, &q, &k, &v, scale, self.cfg.attn_logit_softcapping)?;
+            let attn = l.o.forward(&att)?;
+            x = self.mlp_residual(l, x, &attn)?.detach();
+        }
+        cache.advance(n);
+        Ok(gemma_norm(&x, &self.norm, eps)?.detach())
+    }
+
+    /// The rest of a layer after attention: residual (with Gemma 2/3's sandwich norms) and MLP.
+    fn mlp_residual(&self, l: &Layer, x: Tensor, attn: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let mlp = |h: &Tensor| -> Result<Tensor> {
+            let gate = l.gate.forward(h)?;
+            let gate = if self.cfg.activation() == "gelu" { gate.gelu_erf()? } else { gate.gelu()? };
+            l.down.forward(&(gate * l.up.forward(h)?)?)
+        };
+        Ok(match &l.ff_norms {
+            Some((pre_ff, post_ff)) => {
+                let x = (x + gemma_norm(attn, &l.post_norm, eps)?)?;
+                let m = mlp(&gemma_norm(&x, pre_ff, eps)?)?;
+                (&x + gemma_norm(&m, post_ff, eps)?)?
+            }
+            None => {
+                let x = (x + attn)?;
+                let m = mlp(&gemma_norm(&x, &l.post_norm, eps)?)?;
+                (x + m)?
+            }
+        })
     }
 
     /// Logits `[batch, vocab]` at each row's last real position.

@@ -9,7 +9,7 @@
 //! ([`GemmaConfig`]), behind one [`CausalLm`] / [`Model`] with the same contract; safetensors
 //! loading and saving (single file and sharded); LoRA adapters in PEFT's layout ([`lora`],
 //! [`CausalLm::with_lora`]); GGUF loading with dequantization ([`gguf`]); greedy and sampled
-//! generation. RMSNorm and the
+//! generation with a key/value cache ([`generation`], [`KvCache`]). RMSNorm and the
 //! log-softmax + gather of the log-prob path are fused CPU kernels with a backward ([`fused`]).
 //!
 //! The contract the trainer relies on:
@@ -42,6 +42,7 @@ pub mod config;
 mod error;
 pub mod fused;
 pub mod gemma;
+pub mod generation;
 pub mod gguf;
 mod host;
 pub mod llama;
@@ -54,5 +55,6 @@ pub use causal_lm::{CausalLm, Model, ModelConfig, weight_shapes};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use gemma::{Gemma, GemmaConfig};
+pub use generation::KvCache;
 pub use llama::Llama;
 pub use lora::LoraConfig;

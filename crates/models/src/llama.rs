@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::Result;
 use crate::config::LlamaConfig;
 use crate::fused::{self, AttentionSpec};
+use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rope, rope_tables};
 
@@ -216,6 +217,38 @@ impl Llama {
     pub fn token_logps(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
         crate::logps::chunked_token_logps(&hidden, &self.lm_head, input_ids, chunk)
+    }
+}
+
+impl Llama {
+    /// Hidden states `[batch, n, hidden]` of `n` new positions `input_ids` `[batch, n]` (no
+    /// padding) that continue the sequence held in `cache`, whose keys and values they append.
+    /// The incremental-decoding path ([`crate::generation`]); equal to the last `n` positions of
+    /// [`Self::forward_hidden`] over the whole sequence within float rounding. No gradients.
+    pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        cache.check(self.layers.len(), input_ids.dim(0)?)?;
+        let pos = cache.len();
+        let (b, n) = generation::check_step(input_ids, pos, self.cfg.max_position_embeddings)?;
+        let (heads, kv_heads, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        let eps = self.cfg.rms_norm_eps;
+        let mut x = self.embed.forward(input_ids)?.detach();
+        let (cos, sin) = generation::rope_tables_at(&self.inv_freq, pos, n, &x)?;
+        for (idx, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let h = crate::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let split = |t: Tensor, nh: usize| -> Result<Tensor> {
+                Ok(t.reshape((b, n, nh, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = rope(&split(a.q.forward(&h)?, heads)?, &cos, &sin)?;
+            let k = rope(&split(a.k.forward(&h)?, kv_heads)?, &cos, &sin)?;
+            let v = split(a.v.forward(&h)?, kv_heads)?;
+            let att = generation::cached_attention(cache, idx, &q, &k, &v, (hd as f64).sqrt(), None)?;
+            x = (x + a.o.forward(&att)?)?;
+            let h = crate::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            x = (&x + layer.mlp.forward(&h)?)?.detach();
+        }
+        cache.advance(n);
+        Ok(crate::ops::rms_norm(&x, &self.norm, eps)?.detach())
     }
 }
 

@@ -23,12 +23,24 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
 
 /// `[seq, head_dim / 2]` cos and sin tables for positions `0..seq`.
 pub fn rope_tables(inv_freq: &[f64], seq: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    rope_tables_from(inv_freq, 0, seq, dtype, device)
+}
+
+/// `[n, head_dim / 2]` cos and sin tables for positions `start..start + n` (rows `start..` of
+/// [`rope_tables`], bit for bit; incremental decoding).
+pub fn rope_tables_from(
+    inv_freq: &[f64],
+    start: usize,
+    n: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
-    let mut angles = Vec::with_capacity(seq * half);
-    for pos in 0..seq {
+    let mut angles = Vec::with_capacity(n * half);
+    for pos in start..start + n {
         angles.extend(inv_freq.iter().map(|f| (pos as f64 * f) as f32));
     }
-    let angles = Tensor::from_vec(angles, (seq, half), device)?;
+    let angles = Tensor::from_vec(angles, (n, half), device)?;
     Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
 }
 

@@ -114,3 +114,23 @@ fn q8_0_gguf_dequantizes_close_and_missing_tensors_are_named() -> Result<()> {
     assert!(err.contains("blk.2.") && err.contains("model.layers.2."), "{err}");
     Ok(())
 }
+
+#[test]
+fn gguf_loads_as_bf16_on_request() -> Result<()> {
+    let cfg = GemmaConfig::tiny3(97, 32, 64, 2, 4, 2);
+    let lm = CausalLm::random(&cfg, 3, &Device::Cpu)?;
+    perturb_norms(&lm)?;
+    let dir = tempfile::tempdir().map_err(|e| ModelError::Io { path: "tmp".into(), reason: e.to_string() })?;
+    let path = dir.path().join("model.gguf");
+    write_gguf(&lm, GgmlDType::F32, &path)?;
+    let f32_back = CausalLm::from_gguf(&path, &cfg, &Device::Cpu)?.weights();
+    let bf16 = CausalLm::from_gguf_as(&path, &cfg, &Device::Cpu, Some(candle_core::DType::BF16))?;
+    for (name, t) in bf16.weights() {
+        assert_eq!(t.dtype(), candle_core::DType::BF16, "{name}");
+        let want = f32_back[&name].to_dtype(candle_core::DType::BF16)?;
+        assert_eq!(max_abs_diff(&t.to_dtype(candle_core::DType::F32)?, &want.to_dtype(candle_core::DType::F32)?)?, 0.0);
+    }
+    let out = bf16.model().generate_greedy(&[1, 5, 9], 3, &[])?;
+    assert_eq!(out.len(), 3);
+    Ok(())
+}
