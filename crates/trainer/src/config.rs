@@ -98,6 +98,10 @@ pub struct ModelSpec {
     pub path: Option<PathBuf>,
     /// The directory with tokenizer.json (and tokenizer_config.json) when it is not `path`'s.
     pub tokenizer: Option<PathBuf>,
+    /// Compute and weight dtype: `f32` (default) or `bf16` (weights, activations and LoRA
+    /// adapters in bf16, AdamW moments in f32; on the CPU bf16 runs the unfused reference path,
+    /// so it saves memory, not time).
+    pub dtype: String,
     /// LoRA (absent: full fine-tuning). The preference stage then trains only adapters on the
     /// frozen SFT model, and the reference model is the same model with the adapters switched
     /// off; SFT trains every weight unless `lora.sft` is set.
@@ -106,7 +110,15 @@ pub struct ModelSpec {
 
 impl Default for ModelSpec {
     fn default() -> Self {
-        Self { preset: "tiny-llama".into(), hidden: 96, layers: 2, path: None, tokenizer: None, lora: None }
+        Self {
+            preset: "tiny-llama".into(),
+            hidden: 96,
+            layers: 2,
+            path: None,
+            tokenizer: None,
+            dtype: "f32".into(),
+            lora: None,
+        }
     }
 }
 
@@ -114,6 +126,12 @@ impl Default for ModelSpec {
 pub const MODEL_PRESETS: [&str; 2] = ["tiny-llama", "tiny-gemma"];
 
 impl ModelSpec {
+    /// The dtype to convert weights to at load time (`None` for f32: weights stay as stored,
+    /// f32 for every checkpoint this workspace writes).
+    pub fn load_dtype(&self) -> Option<candle_core::DType> {
+        (self.dtype == "bf16").then_some(candle_core::DType::BF16)
+    }
+
     /// The model's name in reports: the preset, or the last component of `path`.
     pub fn display_name(&self) -> String {
         match &self.path {
@@ -355,6 +373,9 @@ impl RunConfig {
                 "data.parquet is set but model.path is not: Parquet data needs a pretrained model's tokenizer".into()
             });
         }
+        if self.model.dtype != "f32" && self.model.dtype != "bf16" {
+            return bad(format!("model.dtype = `{}`: expected f32 or bf16", self.model.dtype));
+        }
         if self.model.tokenizer.is_some() && self.model.path.is_none() {
             return bad("model.tokenizer is set but model.path is not".into());
         }
@@ -534,6 +555,7 @@ mod tests {
             ("[data]\ntemplate = \"vicuna\"", "data.template"),
             ("[data]\nmax_length = 100\nmax_prompt_length = 100", "data.max_prompt_length"),
             ("[eval]\nbatch_size = 0", "eval.batch_size"),
+            ("[model]\ndtype = \"f16\"", "model.dtype"),
         ] {
             let err = RunConfig::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");

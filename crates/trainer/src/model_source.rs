@@ -106,6 +106,11 @@ impl ModelSource {
 
     /// Loads only the model (see [`ModelSource::load`]).
     pub fn load_model(&self, device: &Device) -> Result<CausalLm> {
+        self.load_model_as(device, None)
+    }
+
+    /// [`ModelSource::load_model`] with every weight converted to `dtype` (`None`: as stored).
+    pub fn load_model_as(&self, device: &Device, dtype: Option<candle_core::DType>) -> Result<CausalLm> {
         let path = &self.model;
         if !path.exists() {
             return Err(not_found(
@@ -128,7 +133,7 @@ impl ModelSource {
                      or model.safetensors.index.json, tokenizer.json)",
                 ));
             }
-            Ok(CausalLm::from_dir(path, device)?)
+            Ok(CausalLm::from_dir_as(path, device, dtype)?)
         } else if is_gguf(path) {
             let dir = tokenizer_dir(path);
             let config = match &self.config {
@@ -146,7 +151,7 @@ impl ModelSource {
             let text = std::fs::read_to_string(&config)
                 .map_err(|source| TrainError::Io { path: config.display().to_string(), source })?;
             let cfg = ModelConfig::from_json(&text, &config.display().to_string())?;
-            Ok(CausalLm::from_gguf(path, &cfg, device)?)
+            Ok(CausalLm::from_gguf_as(path, &cfg, device, dtype)?)
         } else {
             Err(invalid(path, "expected a model directory or a .gguf file".into()))
         }

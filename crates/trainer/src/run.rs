@@ -1080,7 +1080,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
     } else if sft_steps > 0 && cfg.model.lora.is_some() {
         // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
         // before the preference stage began.
-        lm = CausalLm::from_dir(&run_dir.join("sft-model"), &device)?;
+        lm = CausalLm::from_dir_as(&run_dir.join("sft-model"), &device, cfg.model.load_dtype())?;
     }
     if let Some(lora) = &cfg.model.lora {
         lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x10_4A)?;
@@ -1133,16 +1133,27 @@ fn load_model_and_data(
     device: &Device,
     opts: &RunOptions,
 ) -> Result<(CausalLm, RunData, Option<TextTokenizer>)> {
+    let dtype = cfg.model.load_dtype();
     let lm = match (&cfg.init, &cfg.model.path) {
-        (Some(dir), _) => CausalLm::from_dir(dir, device)?,
+        (Some(dir), _) => CausalLm::from_dir_as(dir, device, dtype)?,
         (None, Some(path)) => {
             note(opts, &format!("loading {}", path.display()));
-            crate::model_source::ModelSource::new(path.clone()).load_model(device)?
+            crate::model_source::ModelSource::new(path.clone()).load_model_as(device, dtype)?
         }
-        (None, None) => match cfg.model.preset.as_str() {
-            "tiny-gemma" => CausalLm::random(&tiny_gemma(cfg.model.hidden, cfg.model.layers), cfg.seed, device)?,
-            _ => CausalLm::random(&tiny_llama(cfg.model.hidden, cfg.model.layers), cfg.seed, device)?,
-        },
+        (None, None) => {
+            let lm = match cfg.model.preset.as_str() {
+                "tiny-gemma" => CausalLm::random(&tiny_gemma(cfg.model.hidden, cfg.model.layers), cfg.seed, device)?,
+                _ => CausalLm::random(&tiny_llama(cfg.model.hidden, cfg.model.layers), cfg.seed, device)?,
+            };
+            match dtype {
+                Some(dtype) => {
+                    let weights =
+                        lm.weights().into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<_>>()?;
+                    CausalLm::from_tensors(lm.config(), weights)?
+                }
+                None => lm,
+            }
+        }
     };
     if cfg.model.path.is_none() {
         let data = RunData::embedded(cfg.data.pairs, cfg.data.eval_pairs, cfg.seed)?;

@@ -211,3 +211,31 @@ fn a_mismatched_tokenizer_is_named() -> TestResult {
     assert!(err.contains("pairs.parquet") && err.contains("outside the model's vocabulary of 40"), "{err}");
     Ok(())
 }
+
+#[test]
+fn bf16_runs_the_same_path_close_to_f32() -> TestResult {
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    cfg.model.lora = Some(LoraSpec { r: 4, alpha: 8.0, sft: true, ..LoraSpec::default() });
+    cfg.sft.steps = 2;
+    cfg.preference.steps = 2;
+    let start_of = |dir: &Path| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let text = std::fs::read_to_string(dir.join("eval.jsonl"))?;
+        Ok(serde_json::from_str(text.lines().next().ok_or("no evaluation")?)?)
+    };
+    let f32_dir = f.root.join("f32");
+    run(&cfg, &f32_dir)?;
+    cfg.model.dtype = "bf16".into();
+    let bf16_dir = f.root.join("bf16");
+    let metrics = run(&cfg, &bf16_dir)?;
+    assert!(metrics.values().all(|v| v.is_finite()), "{metrics:?}");
+    let adapters = candle_core::safetensors::load(bf16_dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)?;
+    assert!(!adapters.is_empty() && adapters.values().all(|t| t.dtype() == candle_core::DType::BF16));
+    let sft = candle_core::safetensors::load(bf16_dir.join("sft-model/model.safetensors"), &Device::Cpu)?;
+    assert!(sft.values().all(|t| t.dtype() == candle_core::DType::BF16));
+    // After the same two SFT steps, the held-out chosen log-prob agrees to bf16 precision.
+    let key = "eval/chosen_logp";
+    let (a, b) = (start_of(&f32_dir)?[key].as_f64().ok_or("f32")?, start_of(&bf16_dir)?[key].as_f64().ok_or("bf16")?);
+    assert!((a - b).abs() < 0.05 * a.abs(), "f32 {a} vs bf16 {b}");
+    Ok(())
+}
