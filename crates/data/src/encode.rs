@@ -145,8 +145,7 @@ impl PairEncoder {
                     field: "chat_template".into(),
                     detail: "conversational data needs a chat template (the tokenizer's or a built-in one)".into(),
                 })?;
-                let (Some((prompt_text, chosen_text)), Some((_, rejected_text))) =
-                    (template.split(prompt, chosen)?, template.split(prompt, rejected)?)
+                let Some((prompt_text, chosen_text, rejected_text)) = template.split_pair(prompt, chosen, rejected)?
                 else {
                     return Ok(Err(RowProblem::TemplateNotPrefix));
                 };

@@ -34,6 +34,7 @@ mod batch;
 mod encode;
 mod error;
 mod example;
+mod fast_bpe;
 pub mod fixtures;
 mod pipeline;
 mod reader;

@@ -130,6 +130,11 @@ impl ChatTemplate {
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the model starts.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_any(messages, add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) for any serializable message list (also borrowed messages).
+    fn render_any<M: serde::Serialize + ?Sized>(&self, messages: &M, add_generation_prompt: bool) -> Result<String> {
         let template = self
             .env
             .get_template("chat")
@@ -150,13 +155,32 @@ impl ChatTemplate {
     /// prefix of its full rendering.
     pub fn split(&self, prompt: &[Message], completion: &Message) -> Result<Option<(String, String)>> {
         let prompt_text = self.render(prompt, true)?;
-        let mut all = prompt.to_vec();
-        all.push(completion.clone());
-        let full = self.render(&all, false)?;
-        Ok(full
-            .strip_prefix(prompt_text.as_str())
-            .map(|rest| rest.trim_end().to_string())
-            .map(|completion| (prompt_text, completion)))
+        Ok(self.completion_text(prompt, &prompt_text, completion)?.map(|completion| (prompt_text, completion)))
+    }
+
+    /// [`split`](Self::split) for a chosen and a rejected completion of one prompt, rendering
+    /// the prompt once: `(prompt, chosen, rejected)`, or `None` as there.
+    pub fn split_pair(
+        &self,
+        prompt: &[Message],
+        chosen: &Message,
+        rejected: &Message,
+    ) -> Result<Option<(String, String, String)>> {
+        let prompt_text = self.render(prompt, true)?;
+        let (Some(c), Some(r)) = (
+            self.completion_text(prompt, &prompt_text, chosen)?,
+            self.completion_text(prompt, &prompt_text, rejected)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some((prompt_text, c, r)))
+    }
+
+    /// The rendering of `prompt` + `completion` after `prompt_text`, trailing whitespace dropped.
+    fn completion_text(&self, prompt: &[Message], prompt_text: &str, completion: &Message) -> Result<Option<String>> {
+        let all: Vec<&Message> = prompt.iter().chain([completion]).collect();
+        let full = self.render_any(&all, false)?;
+        Ok(full.strip_prefix(prompt_text).map(|rest| rest.trim_end().to_string()))
     }
 }
 
