@@ -105,11 +105,15 @@ pub const PRESETS: [Preset; 2] = [
     },
 ];
 
+/// The built-in tiny models of the embedded task, all in the default grid.
+pub const TINY_MODELS: [&str; 2] = ["tiny-llama", "tiny-gemma"];
+
 /// Which model a grid trains.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelChoice {
-    /// A built-in tiny model on the embedded task (`tiny-llama`, `tiny-gemma`).
-    Tiny(String),
+    /// Built-in tiny models on the embedded task (`tiny-llama`, `tiny-gemma`), each with its
+    /// own SFT cells.
+    Tiny(Vec<String>),
     /// A pretrained model directory or `.gguf` file, with a Parquet file.
     Pretrained { model: PathBuf, data: PathBuf, sections: Sections },
 }
@@ -138,7 +142,7 @@ impl Default for Options {
             steps: 120,
             sft_steps: 800,
             out: PathBuf::from("results"),
-            model: ModelChoice::Tiny("tiny-llama".into()),
+            model: ModelChoice::Tiny(TINY_MODELS.map(String::from).to_vec()),
         }
     }
 }
@@ -187,11 +191,11 @@ pub fn parse(args: &[String]) -> Result<Options> {
         o.model = ModelChoice::Pretrained { model: p.model.into(), data: p.data.into(), sections: p.sections };
     }
     match (model, data) {
-        (Some(m), None) if m == "tiny-llama" || m == "tiny-gemma" => {
+        (Some(m), None) if TINY_MODELS.contains(&m.as_str()) => {
             if preset_name.is_some() {
                 bail!("--model {m} is a built-in model of the embedded task; it does not go with --preset");
             }
-            o.model = ModelChoice::Tiny(m);
+            o.model = ModelChoice::Tiny(vec![m]);
         }
         (Some(m), None) => match &mut o.model {
             ModelChoice::Pretrained { model, .. } => *model = m.into(),
@@ -208,7 +212,7 @@ pub fn parse(args: &[String]) -> Result<Options> {
                 }
             }
             ModelChoice::Tiny(_) => match model_arg {
-                Some(m) if m != "tiny-llama" && m != "tiny-gemma" => {
+                Some(m) if !TINY_MODELS.contains(&m.as_str()) => {
                     o.model = ModelChoice::Pretrained { model: m.into(), data: d, sections: CPU_REAL };
                 }
                 _ => bail!("--data {}: Parquet data needs a pretrained --model (a model directory)", d.display()),
@@ -252,9 +256,16 @@ fn build_trainer() -> Result<PathBuf> {
 }
 
 /// The TOML config of one cell.
-/// The run config of one cell: SFT (`variant == "sft"`) or a preference variant starting from
-/// the seed's SFT model.
-fn cell_config(variant: &str, objective: &str, seed: u64, opts: &Options, sft_model: Option<&Path>) -> String {
+/// The run config of one cell of `tiny` (a tiny model's name; `None` for a pretrained model):
+/// SFT (`variant == "sft"`) or a preference variant starting from the seed's SFT model.
+fn cell_config(
+    tiny: Option<&str>,
+    variant: &str,
+    objective: &str,
+    seed: u64,
+    opts: &Options,
+    sft_model: Option<&Path>,
+) -> String {
     let mut t = format!("name = \"{variant}\"\nseed = {seed}\n");
     if variant != "sft"
         && let Some(dir) = sft_model
@@ -262,8 +273,8 @@ fn cell_config(variant: &str, objective: &str, seed: u64, opts: &Options, sft_mo
         t += &format!("init = {:?}\n", dir.display().to_string());
     }
     let sections = match &opts.model {
-        ModelChoice::Tiny(preset) => {
-            t += &format!("\n[model]\npreset = \"{preset}\"\n");
+        ModelChoice::Tiny(_) => {
+            t += &format!("\n[model]\npreset = \"{}\"\n", tiny.unwrap_or(TINY_MODELS[0]));
             Sections::default()
         }
         ModelChoice::Pretrained { model, data, sections } => {
@@ -310,7 +321,7 @@ fn train_args(config: &Path, dir: &Path, resume: bool) -> Vec<std::ffi::OsString
 /// them), or an error saying how to get them.
 fn resolve_paths(opts: &Options) -> Result<ModelChoice> {
     match &opts.model {
-        ModelChoice::Tiny(name) => Ok(ModelChoice::Tiny(name.clone())),
+        ModelChoice::Tiny(names) => Ok(ModelChoice::Tiny(names.clone())),
         ModelChoice::Pretrained { model, data, sections } => {
             let hint = "(the presets' files come from `cargo xtask assets`)";
             let model = model.canonicalize().with_context(|| format!("model {} not found {hint}", model.display()))?;
@@ -337,27 +348,37 @@ pub fn ablate(opts: &Options) -> Result<()> {
         GRID.iter().copied().filter(|(v, _)| opts.only.as_ref().is_none_or(|o| o.iter().any(|x| x == v))).collect();
     let started = Instant::now();
     let mut failures = Vec::new();
-    for &seed in &opts.seeds {
+    // Tiny models' cells are named `<model>-<variant>-seed<k>`; a pretrained model has its own
+    // results folder, so its cells are `<variant>-seed<k>`.
+    let models: Vec<Option<&str>> = match &opts.model {
+        ModelChoice::Tiny(names) => names.iter().map(|n| Some(n.as_str())).collect(),
+        ModelChoice::Pretrained { .. } => vec![None],
+    };
+    let runs = models.iter().flat_map(|&m| opts.seeds.iter().map(move |&s| (m, s)));
+    for (tiny, seed) in runs {
+        let prefix = tiny.map_or_else(String::new, |m| format!("{m}-"));
+        let label = |variant: &str| format!("{prefix}{variant} seed {seed}");
         // Every variant starts from the seed's SFT model (`sft-model/` of the SFT cell); with
         // no SFT steps, from the starting model itself.
-        let sft_model = (opts.sft_steps > 0).then(|| out.join(format!("sft-seed{seed}")).join("sft-model"));
+        let sft_model = (opts.sft_steps > 0).then(|| out.join(format!("{prefix}sft-seed{seed}")).join("sft-model"));
         // The SFT cell always runs first: every other variant of this seed starts from it.
         let needed: Vec<(&str, &str)> =
             std::iter::once(("sft", "")).chain(variants.iter().copied().filter(|(v, _)| *v != "sft")).collect();
         for (variant, objective) in needed {
-            let dir = out.join(format!("{variant}-seed{seed}"));
+            let dir = out.join(format!("{prefix}{variant}-seed{seed}"));
             if dir.join("result.json").is_file() {
-                println!("[{:>6.1}s] {variant} seed {seed}: done earlier, skipped", started.elapsed().as_secs_f64());
+                println!("[{:>6.1}s] {}: done earlier, skipped", started.elapsed().as_secs_f64(), label(variant));
                 continue;
             }
             std::fs::create_dir_all(&dir)?;
             let config = dir.join("run.toml");
-            let text = cell_config(variant, objective, seed, opts, sft_model.as_deref());
+            let text = cell_config(tiny, variant, objective, seed, opts, sft_model.as_deref());
             let resume = resumable(&config, &text);
             if !resume {
                 println!(
-                    "[{:>6.1}s] {variant} seed {seed}: settings changed since the interrupted run; starting it afresh",
-                    started.elapsed().as_secs_f64()
+                    "[{:>6.1}s] {}: settings changed since the interrupted run; starting it afresh",
+                    started.elapsed().as_secs_f64(),
+                    label(variant)
                 );
             }
             std::fs::write(&config, &text)?;
@@ -370,17 +391,18 @@ pub fn ablate(opts: &Options) -> Result<()> {
             std::fs::write(dir.join("stderr.log"), &output.stderr)?;
             if output.status.success() {
                 println!(
-                    "[{:>6.1}s] {variant} seed {seed}: finished in {:.1}s",
+                    "[{:>6.1}s] {}: finished in {:.1}s",
                     started.elapsed().as_secs_f64(),
+                    label(variant),
                     cell_start.elapsed().as_secs_f64()
                 );
             } else {
                 let err = String::from_utf8_lossy(&output.stderr);
-                println!("[{:>6.1}s] {variant} seed {seed}: FAILED\n{err}", started.elapsed().as_secs_f64());
+                println!("[{:>6.1}s] {}: FAILED\n{err}", started.elapsed().as_secs_f64(), label(variant));
                 if variant == "sft" {
-                    bail!("the SFT cell of seed {seed} failed; see {}", dir.join("stderr.log").display());
+                    bail!("the SFT cell {} failed; see {}", label(variant), dir.join("stderr.log").display());
                 }
-                failures.push(format!("{variant}-seed{seed}"));
+                failures.push(format!("{prefix}{variant}-seed{seed}"));
             }
         }
     }
@@ -424,7 +446,8 @@ mod tests {
         assert!(parse(&args("--data d.parquet")).is_err(), "data needs a pretrained model");
         assert!(parse(&args("--preset gpt5")).is_err());
         assert!(parse(&args("--preset smollm2-dpo-en --model tiny-gemma")).is_err());
-        assert_eq!(parse(&args("--model tiny-gemma"))?.model, ModelChoice::Tiny("tiny-gemma".into()));
+        assert_eq!(parse(&args("--model tiny-gemma"))?.model, ModelChoice::Tiny(vec!["tiny-gemma".into()]));
+        assert_eq!(Options::default().model, ModelChoice::Tiny(vec!["tiny-llama".into(), "tiny-gemma".into()]));
         let p = parse(&args("--preset smollm2-dpo-en --steps 3"))?;
         assert_eq!((p.steps, p.sft_steps, p.seeds), (3, 8, vec![0]), "flags override the preset");
         assert_eq!(p.out, PathBuf::from("results/smollm2-dpo-en"));
@@ -466,11 +489,18 @@ mod tests {
         }
         for opts in &setups {
             for (variant, objective) in GRID {
-                let text = cell_config(variant, objective, 1, opts, Some(Path::new("/tmp/sft/sft-model")));
+                let tiny = match &opts.model {
+                    ModelChoice::Tiny(names) => names.last().map(String::as_str),
+                    ModelChoice::Pretrained { .. } => None,
+                };
+                let text = cell_config(tiny, variant, objective, 1, opts, Some(Path::new("/tmp/sft/sft-model")));
                 let cfg = slime_trainer::config::RunConfig::from_toml(&text)
                     .with_context(|| format!("{variant}:\n{text}"))?;
                 assert_eq!(cfg.name, variant);
                 assert_eq!(cfg.init.is_some(), variant != "sft");
+                if let Some(name) = tiny {
+                    assert_eq!(cfg.model.preset, name);
+                }
                 if let ModelChoice::Pretrained { .. } = opts.model {
                     assert!(cfg.model.lora.as_ref().is_some_and(|l| l.sft), "{text}");
                     if variant != "sft" {

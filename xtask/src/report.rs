@@ -164,10 +164,11 @@ pub fn tables(cells: &[Cell], order: &[String]) -> (String, String) {
     (md, csv)
 }
 
-/// Mean curve over seeds of `key` for `variant`: `(step, mean)` at steps every seed reported.
-fn mean_curve(cells: &[Cell], variant: &str, key: &str) -> Vec<(f64, f64)> {
+/// Mean curve over seeds of `key` for `variant` of `model`: `(step, mean)` at steps every seed
+/// reported.
+fn mean_curve(cells: &[Cell], model: &str, variant: &str, key: &str) -> Vec<(f64, f64)> {
     let mut by_step: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
-    let rows: Vec<&Cell> = cells.iter().filter(|c| c.result.variant == variant).collect();
+    let rows: Vec<&Cell> = cells.iter().filter(|c| c.result.variant == variant && c.result.model == model).collect();
     for cell in &rows {
         for (step, metrics) in &cell.curve {
             if let Some(&v) = metrics.get(key) {
@@ -197,8 +198,15 @@ where
     DB::ErrorType: 'static,
 {
     let variants = variant_order(cells, order);
-    let curves: Vec<(String, Vec<(f64, f64)>)> =
-        variants.iter().map(|v| (v.clone(), mean_curve(cells, v, key))).filter(|(_, c)| !c.is_empty()).collect();
+    let models = models(cells);
+    // One line per (model, variant); labelled by the variant alone when there is one model.
+    let label = |m: &str, v: &str| if models.len() > 1 { format!("{m} {v}") } else { v.to_string() };
+    let curves: Vec<(String, Vec<(f64, f64)>)> = models
+        .iter()
+        .flat_map(|m| variants.iter().map(move |v| (m, v)))
+        .map(|(m, v)| (label(m, v), mean_curve(cells, m, v, key)))
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
     let points = curves.iter().flat_map(|(_, c)| c.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points {
@@ -293,6 +301,18 @@ mod tests {
         assert!(lines[3].starts_with("| tiny-llama | dpo | 0 1 | 0.600 ± 0.141 | 0.250 ± 0.000 |"), "{md}");
         assert!(lines[2].ends_with(" - |"), "missing metrics are dashes: {md}");
         assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with("tiny-llama,slime,0 1,0.7")), "{csv}");
+    }
+
+    #[test]
+    fn curves_average_seeds_of_one_model_only() {
+        let mut gemma = cell("slime", 0, 0.2);
+        gemma.result.model = "tiny-gemma".into();
+        let cells = vec![cell("slime", 0, 0.6), cell("slime", 1, 0.8), gemma];
+        let llama = mean_curve(&cells, "tiny-llama", "slime", "eval/chosen_logp");
+        let gemma = mean_curve(&cells, "tiny-gemma", "slime", "eval/chosen_logp");
+        // Step 40: -1 - 0.1 * 4 * acc, averaged over llama's two seeds (acc 0.6, 0.8) only.
+        assert!((llama[4].1 - (-1.0 - 0.4 * 0.7)).abs() < 1e-12, "{llama:?}");
+        assert!((gemma[4].1 - (-1.0 - 0.4 * 0.2)).abs() < 1e-12, "{gemma:?}");
     }
 
     #[test]
