@@ -592,12 +592,11 @@ pub fn evaluate(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<BTreeM
     Ok(evaluate_with_generations(lm, data, cfg)?.0)
 }
 
-/// [`evaluate`], also returning the greedy generations (new tokens of each prompt).
-fn evaluate_with_generations(
-    lm: &CausalLm,
-    data: &RunData,
-    cfg: &RunConfig,
-) -> Result<(BTreeMap<String, f64>, Vec<Vec<u32>>)> {
+/// An evaluation's metrics and its greedy generations (the new tokens of each prompt).
+type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u32>>);
+
+/// [`evaluate`], also returning the greedy generations.
+fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Evaluation> {
     let device = Device::Cpu;
     let (mut correct_pref, mut chosen_sum, mut rejected_sum, mut n) = (0usize, 0.0, 0.0, 0usize);
     let (mut collapsed, mut rejected_tokens) = (0.0, 0.0);
