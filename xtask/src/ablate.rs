@@ -132,6 +132,9 @@ pub struct Options {
     pub out: PathBuf,
     /// The model (and data).
     pub model: ModelChoice,
+    /// Cells run at once (each with `RAYON_NUM_THREADS` = cores / jobs); default: one per core
+    /// for tiny models, whose small matrices use one core better than two, and 1 otherwise.
+    pub jobs: Option<usize>,
 }
 
 impl Default for Options {
@@ -143,6 +146,7 @@ impl Default for Options {
             sft_steps: 800,
             out: PathBuf::from("results"),
             model: ModelChoice::Tiny(TINY_MODELS.map(String::from).to_vec()),
+            jobs: None,
         }
     }
 }
@@ -178,6 +182,13 @@ pub fn parse(args: &[String]) -> Result<Options> {
             "--model" => model = Some(value()?.clone()),
             "--data" => data = Some(PathBuf::from(value()?)),
             "--preset" => preset_name = Some(value()?.clone()),
+            "--jobs" => {
+                let n: usize = value()?.parse().context("--jobs: expected a number")?;
+                if n == 0 {
+                    bail!("--jobs: at least 1");
+                }
+                o.jobs = Some(n);
+            }
             other => bail!("unknown option `{other}` (see `cargo xtask help`)"),
         }
     }
@@ -331,6 +342,91 @@ fn resolve_paths(opts: &Options) -> Result<ModelChoice> {
     }
 }
 
+/// One cell to run.
+struct CellJob {
+    /// `"<prefix><variant> seed <k>"`, for the log lines.
+    label: String,
+    /// The cell's directory.
+    dir: PathBuf,
+    /// Its run config.
+    config: String,
+}
+
+/// How a cell ended.
+enum CellOutcome {
+    Skipped,
+    Finished,
+    Failed(String),
+}
+
+/// Runs one cell: skipped when finished earlier, resumed when interrupted with the same
+/// settings, started afresh otherwise.
+fn run_cell(job: &CellJob, trainer: &Path, threads: usize, started: Instant) -> Result<CellOutcome> {
+    let elapsed = || started.elapsed().as_secs_f64();
+    if job.dir.join("result.json").is_file() {
+        println!("[{:>6.1}s] {}: done earlier, skipped", elapsed(), job.label);
+        return Ok(CellOutcome::Skipped);
+    }
+    std::fs::create_dir_all(&job.dir)?;
+    let config = job.dir.join("run.toml");
+    let resume = resumable(&config, &job.config);
+    if !resume {
+        println!("[{:>6.1}s] {}: settings changed since the interrupted run; starting it afresh", elapsed(), job.label);
+    }
+    std::fs::write(&config, &job.config)?;
+    let cell_start = Instant::now();
+    let output = Command::new(trainer)
+        .args(train_args(&config, &job.dir, resume))
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()
+        .with_context(|| format!("starting {}", trainer.display()))?;
+    std::fs::write(job.dir.join("stdout.log"), &output.stdout)?;
+    std::fs::write(job.dir.join("stderr.log"), &output.stderr)?;
+    if output.status.success() {
+        println!("[{:>6.1}s] {}: finished in {:.1}s", elapsed(), job.label, cell_start.elapsed().as_secs_f64());
+        Ok(CellOutcome::Finished)
+    } else {
+        let err = String::from_utf8_lossy(&output.stderr);
+        println!("[{:>6.1}s] {}: FAILED\n{err}", elapsed(), job.label);
+        Ok(CellOutcome::Failed(job.dir.join("stderr.log").display().to_string()))
+    }
+}
+
+/// Runs `jobs` with `workers` cells at once; returns the failed cells' labels and logs.
+fn run_cells(
+    jobs: &[CellJob],
+    workers: usize,
+    trainer: &Path,
+    threads: usize,
+    started: Instant,
+) -> Result<Vec<String>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..workers.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(job) = jobs.get(i) else { return Ok(()) };
+                        if let CellOutcome::Failed(log) = run_cell(job, trainer, threads, started)? {
+                            failures
+                                .lock()
+                                .map_err(|_| anyhow::anyhow!("a cell worker panicked"))?
+                                .push(format!("{} (see {log})", job.label));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("a cell worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(failures.into_inner().map_err(|_| anyhow::anyhow!("a cell worker panicked"))?)
+}
+
 pub fn ablate(opts: &Options) -> Result<()> {
     let resolved = Options {
         only: opts.only.clone(),
@@ -339,6 +435,7 @@ pub fn ablate(opts: &Options) -> Result<()> {
         sft_steps: opts.sft_steps,
         out: opts.out.clone(),
         model: resolve_paths(opts)?,
+        jobs: opts.jobs,
     };
     let opts = &resolved;
     let trainer = build_trainer()?;
@@ -347,65 +444,40 @@ pub fn ablate(opts: &Options) -> Result<()> {
     let variants: Vec<(&str, &str)> =
         GRID.iter().copied().filter(|(v, _)| opts.only.as_ref().is_none_or(|o| o.iter().any(|x| x == v))).collect();
     let started = Instant::now();
-    let mut failures = Vec::new();
     // Tiny models' cells are named `<model>-<variant>-seed<k>`; a pretrained model has its own
     // results folder, so its cells are `<variant>-seed<k>`.
     let models: Vec<Option<&str>> = match &opts.model {
         ModelChoice::Tiny(names) => names.iter().map(|n| Some(n.as_str())).collect(),
         ModelChoice::Pretrained { .. } => vec![None],
     };
-    let runs = models.iter().flat_map(|&m| opts.seeds.iter().map(move |&s| (m, s)));
-    for (tiny, seed) in runs {
-        let prefix = tiny.map_or_else(String::new, |m| format!("{m}-"));
-        let label = |variant: &str| format!("{prefix}{variant} seed {seed}");
-        // Every variant starts from the seed's SFT model (`sft-model/` of the SFT cell); with
-        // no SFT steps, from the starting model itself.
-        let sft_model = (opts.sft_steps > 0).then(|| out.join(format!("{prefix}sft-seed{seed}")).join("sft-model"));
-        // The SFT cell always runs first: every other variant of this seed starts from it.
-        let needed: Vec<(&str, &str)> =
-            std::iter::once(("sft", "")).chain(variants.iter().copied().filter(|(v, _)| *v != "sft")).collect();
-        for (variant, objective) in needed {
-            let dir = out.join(format!("{prefix}{variant}-seed{seed}"));
-            if dir.join("result.json").is_file() {
-                println!("[{:>6.1}s] {}: done earlier, skipped", started.elapsed().as_secs_f64(), label(variant));
-                continue;
-            }
-            std::fs::create_dir_all(&dir)?;
-            let config = dir.join("run.toml");
-            let text = cell_config(tiny, variant, objective, seed, opts, sft_model.as_deref());
-            let resume = resumable(&config, &text);
-            if !resume {
-                println!(
-                    "[{:>6.1}s] {}: settings changed since the interrupted run; starting it afresh",
-                    started.elapsed().as_secs_f64(),
-                    label(variant)
-                );
-            }
-            std::fs::write(&config, &text)?;
-            let cell_start = Instant::now();
-            let output = Command::new(&trainer)
-                .args(train_args(&config, &dir, resume))
-                .output()
-                .with_context(|| format!("starting {}", trainer.display()))?;
-            std::fs::write(dir.join("stdout.log"), &output.stdout)?;
-            std::fs::write(dir.join("stderr.log"), &output.stderr)?;
-            if output.status.success() {
-                println!(
-                    "[{:>6.1}s] {}: finished in {:.1}s",
-                    started.elapsed().as_secs_f64(),
-                    label(variant),
-                    cell_start.elapsed().as_secs_f64()
-                );
-            } else {
-                let err = String::from_utf8_lossy(&output.stderr);
-                println!("[{:>6.1}s] {}: FAILED\n{err}", started.elapsed().as_secs_f64(), label(variant));
-                if variant == "sft" {
-                    bail!("the SFT cell {} failed; see {}", label(variant), dir.join("stderr.log").display());
-                }
-                failures.push(format!("{prefix}{variant}-seed{seed}"));
-            }
+    let (mut sft_cells, mut preference_cells) = (Vec::new(), Vec::new());
+    for tiny in models {
+        for &seed in &opts.seeds {
+            let prefix = tiny.map_or_else(String::new, |m| format!("{m}-"));
+            // Every variant starts from the seed's SFT model (`sft-model/` of the SFT cell);
+            // with no SFT steps, from the starting model itself.
+            let sft_model = (opts.sft_steps > 0).then(|| out.join(format!("{prefix}sft-seed{seed}")).join("sft-model"));
+            let job = |variant: &str, objective: &str| CellJob {
+                label: format!("{prefix}{variant} seed {seed}"),
+                dir: out.join(format!("{prefix}{variant}-seed{seed}")),
+                config: cell_config(tiny, variant, objective, seed, opts, sft_model.as_deref()),
+            };
+            sft_cells.push(job("sft", ""));
+            preference_cells.extend(variants.iter().filter(|(v, _)| *v != "sft").map(|(v, o)| job(v, o)));
         }
     }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = opts.jobs.unwrap_or(match opts.model {
+        ModelChoice::Tiny(_) => cores,
+        ModelChoice::Pretrained { .. } => 1,
+    });
+    let threads = (cores / workers).max(1);
+    // The SFT cells first: every other cell of their model and seed starts from them.
+    let failed_sft = run_cells(&sft_cells, workers, &trainer, threads, started)?;
+    if !failed_sft.is_empty() {
+        bail!("SFT cells failed: {}", failed_sft.join(", "));
+    }
+    let failures = run_cells(&preference_cells, workers, &trainer, threads, started)?;
     let order: Vec<String> = GRID.iter().map(|(v, _)| v.to_string()).collect();
     let cells: Vec<report::Cell> = report::read_cells(&out)?
         .into_iter()
@@ -445,6 +517,8 @@ mod tests {
         assert!(parse(&args("--model smollm2")).is_err(), "a pretrained model needs --data");
         assert!(parse(&args("--data d.parquet")).is_err(), "data needs a pretrained model");
         assert!(parse(&args("--preset gpt5")).is_err());
+        assert!(parse(&args("--jobs 0")).is_err());
+        assert_eq!(parse(&args("--jobs 3"))?.jobs, Some(3));
         assert!(parse(&args("--preset smollm2-dpo-en --model tiny-gemma")).is_err());
         assert_eq!(parse(&args("--model tiny-gemma"))?.model, ModelChoice::Tiny(vec!["tiny-gemma".into()]));
         assert_eq!(Options::default().model, ModelChoice::Tiny(vec!["tiny-llama".into(), "tiny-gemma".into()]));
