@@ -102,6 +102,8 @@ pub struct ModelSpec {
     /// adapters in bf16, AdamW moments in f32; on the CPU bf16 runs the unfused reference path,
     /// so it saves memory, not time).
     pub dtype: String,
+    /// `cpu` (default), `cuda` or `cuda:N` (needs a build with `--features cuda`).
+    pub device: String,
     /// LoRA (absent: full fine-tuning). The preference stage then trains only adapters on the
     /// frozen SFT model, and the reference model is the same model with the adapters switched
     /// off; SFT trains every weight unless `lora.sft` is set.
@@ -117,6 +119,7 @@ impl Default for ModelSpec {
             path: None,
             tokenizer: None,
             dtype: "f32".into(),
+            device: "cpu".into(),
             lora: None,
         }
     }
@@ -376,6 +379,10 @@ impl RunConfig {
         if self.model.dtype != "f32" && self.model.dtype != "bf16" {
             return bad(format!("model.dtype = `{}`: expected f32 or bf16", self.model.dtype));
         }
+        let cuda_ordinal = self.model.device.strip_prefix("cuda:").map(str::parse::<usize>);
+        if !(self.model.device == "cpu" || self.model.device == "cuda" || matches!(cuda_ordinal, Some(Ok(_)))) {
+            return bad(format!("model.device = `{}`: expected cpu, cuda or cuda:N", self.model.device));
+        }
         if self.model.tokenizer.is_some() && self.model.path.is_none() {
             return bad("model.tokenizer is set but model.path is not".into());
         }
@@ -556,6 +563,7 @@ mod tests {
             ("[data]\nmax_length = 100\nmax_prompt_length = 100", "data.max_prompt_length"),
             ("[eval]\nbatch_size = 0", "eval.batch_size"),
             ("[model]\ndtype = \"f16\"", "model.dtype"),
+            ("[model]\ndevice = \"gpu\"", "model.device"),
         ] {
             let err = RunConfig::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");

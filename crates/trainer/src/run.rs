@@ -96,6 +96,14 @@ fn pair_logps(lm: &CausalLm, batch: &Batch, device: &Device) -> Result<(Sequence
     ))
 }
 
+/// The device the model's weights are on.
+fn device_of(lm: &CausalLm) -> Device {
+    match lm.model() {
+        slime_models::Model::Llama(m) => m.lm_head().device().clone(),
+        slime_models::Model::Gemma(m) => m.lm_head().device().clone(),
+    }
+}
+
 /// Which stage of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -531,7 +539,7 @@ fn micro_batches(
 /// The SFT stage: NLL on prompt + chosen of the SFT split.
 fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume: Option<Resume>) -> Result<()> {
     let (pad_id, data) = (data.pad_id, &data.sft);
-    let device = Device::Cpu;
+    let device = device_of(lm);
     let spec: &StageSpec = &ctx.cfg.sft;
     let cfg = AdamWConfig { weight_decay: spec.weight_decay, ..AdamWConfig::default() };
     let mut opt = AdamW::new(lm.trainable_vars(), cfg)?;
@@ -597,7 +605,7 @@ type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u32>>);
 
 /// [`evaluate`], also returning the greedy generations.
 fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Evaluation> {
-    let device = Device::Cpu;
+    let device = device_of(lm);
     let (mut correct_pref, mut chosen_sum, mut rejected_sum, mut n) = (0usize, 0.0, 0.0, 0usize);
     let (mut collapsed, mut rejected_tokens) = (0.0, 0.0);
     for chunk in data.eval.chunks(cfg.eval.batch_size) {
@@ -656,7 +664,7 @@ fn reference_sums(lm: &CausalLm, pairs: &[&TokenizedPair], pad_id: u32, batch_si
     let mut out = Vec::with_capacity(pairs.len());
     for refs in pairs.chunks(batch_size) {
         let batch = collate_pairs(refs, pad_id);
-        let (c, r) = pair_logps(lm, &batch, &Device::Cpu)?;
+        let (c, r) = pair_logps(lm, &batch, &device_of(lm))?;
         let cs: Vec<f64> = c.sum().detach().to_dtype(DType::F64)?.to_vec1()?;
         let rs: Vec<f64> = r.sum().detach().to_dtype(DType::F64)?.to_vec1()?;
         for (i, t) in refs.iter().enumerate() {
@@ -785,7 +793,7 @@ fn reference_logps(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Has
 fn margins(lm: &CausalLm, pairs: &[&TokenizedPair], pad_id: u32, batch_size: usize) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size) {
-        let (c, r) = pair_logps(lm, &collate_pairs(chunk, pad_id), &Device::Cpu)?;
+        let (c, r) = pair_logps(lm, &collate_pairs(chunk, pad_id), &device_of(lm))?;
         let d = (c.mean("chosen")? - r.mean("rejected")?)?.detach().to_dtype(DType::F64)?;
         out.extend(d.to_vec1::<f64>()?);
     }
@@ -805,7 +813,7 @@ fn preference_stage(
     data: &RunData,
     resume: Option<Resume>,
 ) -> Result<BTreeMap<String, f64>> {
-    let device = Device::Cpu;
+    let device = device_of(lm);
     let cfg = ctx.cfg;
     let spec = &cfg.preference;
     let objective = &spec.objective;
@@ -987,9 +995,9 @@ fn note(opts: &RunOptions, text: &str) {
 /// earlier logs, checkpoints and result in `run_dir` are discarded.
 pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunReport> {
     cfg.validate()?;
+    let device = crate::model_source::parse_device(&cfg.model.device)?;
     let io = |source| TrainError::Io { path: run_dir.display().to_string(), source };
     fs::create_dir_all(run_dir).map_err(io)?;
-    let device = Device::Cpu;
     let result_path = run_dir.join("result.json");
     let config_path = run_dir.join("config.toml");
     let mut resume: Option<(String, Resume)> = None;
@@ -1116,7 +1124,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
 /// with the `[eval]` settings.
 pub fn evaluate_dir(cfg: &RunConfig, model_dir: &Path) -> Result<BTreeMap<String, f64>> {
     cfg.validate()?;
-    let lm = CausalLm::from_dir(model_dir, &Device::Cpu)?;
+    let lm = CausalLm::from_dir(model_dir, &crate::model_source::parse_device(&cfg.model.device)?)?;
     let data = match &cfg.model.path {
         Some(_) => parquet_data(cfg, &lm)?.0,
         None => RunData::embedded(0, cfg.data.eval_pairs, cfg.seed)?,

@@ -239,3 +239,18 @@ fn bf16_runs_the_same_path_close_to_f32() -> TestResult {
     assert!((a - b).abs() < 0.05 * a.abs(), "f32 {a} vs bf16 {b}");
     Ok(())
 }
+
+#[test]
+fn a_device_this_build_lacks_is_refused_before_any_work() -> TestResult {
+    if candle_core::utils::cuda_is_available() {
+        return Ok(()); // a CUDA build on a GPU machine runs it; nothing to refuse
+    }
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    cfg.model.device = "cuda:0".into();
+    let dir = f.root.join("gpu");
+    let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
+    assert!(!dir.exists(), "the run directory was created before the device was checked");
+    Ok(())
+}
