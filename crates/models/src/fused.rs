@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::Result;
 use crate::host::{
     HostF32, Mat, ROW_BLOCK, SendPtr, Threads, f32_slice, matmul, product, rms_norm_bwd_rows, rms_norm_rows, rope_row,
-    rope_row_bwd, swiglu_bwd_rows, swiglu_rows, u32_slice,
+    rope_row_bwd, row_lse, swiglu_bwd_rows, swiglu_rows, u32_slice,
 };
 
 /// Whether the fused kernels can run on these tensors (f32 on the CPU).
@@ -684,13 +684,6 @@ pub fn attention(qkv: &Tensor, spec: &Arc<AttentionSpec>) -> Result<Tensor> {
 // log-softmax + gather
 
 struct LogSoftmaxGather;
-
-/// Row maximum and `log sum exp` of one row (max-shifted, accumulated in f64).
-fn row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s = row.iter().map(|&v| f64::from((v - m).exp())).sum::<f64>();
-    m + s.ln() as f32
-}
 
 impl CustomOp2 for LogSoftmaxGather {
     fn name(&self) -> &'static str {

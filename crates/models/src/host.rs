@@ -281,3 +281,11 @@ pub(crate) fn rope_row_bwd(out: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32])
         o2[i] = b * cos[i] - a * sin[i];
     }
 }
+
+/// Row maximum-shifted `log sum exp` of one row of logits, accumulated in f64 (the log-softmax
+/// normaliser of `fused::log_softmax_gather` and `logps::lm_head_logps`).
+pub(crate) fn row_lse(row: &[f32]) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s = row.iter().map(|&v| f64::from((v - m).exp())).sum::<f64>();
+    m + s.ln() as f32
+}

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::fused::{fusable, linear, log_softmax_gather};
-use crate::host::{HostF32, Mat, Threads, f32_slice, matmul, product, u32_slice};
+use crate::host::{HostF32, Mat, Threads, f32_slice, matmul, product, row_lse, u32_slice};
 use crate::{ModelError, Result};
 
 /// Upper bound on the logits one block of [`lm_head_logps`] holds (64 MiB: 64 rows of a
@@ -34,13 +34,6 @@ impl LmHeadLogps {
         }
         z
     }
-}
-
-/// Row maximum-shifted `log sum exp`, accumulated in f64 (as [`crate::fused::log_softmax_gather`]).
-fn row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s = row.iter().map(|&v| f64::from((v - m).exp())).sum::<f64>();
-    m + s.ln() as f32
 }
 
 impl CustomOp3 for LmHeadLogps {
