@@ -19,6 +19,7 @@ use slime_data::{
 
 use crate::config::DataSpec;
 use crate::generate::stop_tokens;
+use crate::model_source::check_ids;
 use crate::task::{self, TaskPair, TaskTokenizer, ids};
 use crate::{Result, TrainError};
 
@@ -103,11 +104,12 @@ impl RunData {
         Ok(Self { sft, preference, eval, pad_id: ids::PAD, stop: vec![ids::EOT], summary: None })
     }
 
-    /// The pairs of the Parquet file `spec.parquet`, encoded with `tokenizer` and `template`;
-    /// every id must be below `vocab` (the model's vocabulary).
+    /// The pairs of the Parquet file `spec.parquet`, encoded with `tokenizer` (read from
+    /// `tokenizer_dir`) and `template`; every id must be below `vocab` (the model's vocabulary).
     pub fn from_parquet(
         spec: &DataSpec,
         tokenizer: TextTokenizer,
+        tokenizer_dir: &Path,
         template: Option<ChatTemplate>,
         vocab: usize,
     ) -> Result<Self> {
@@ -132,7 +134,10 @@ impl RunData {
             let outcome = encoder.encode(record.row, &record.example)?;
             stats.record(&outcome);
             let Encoded::Pair { pair, .. } = outcome else { continue };
-            check_vocab(&pair, vocab, path)?;
+            let ids = [&pair.prompt, &pair.chosen, &pair.rejected];
+            for part in ids {
+                check_ids(part, vocab, tokenizer_dir, &|| format!("{} row {}", path.display(), pair.id))?;
+            }
             let example = Example { tokens: pair, task: None };
             if held_out.part(&record.example) == SplitPart::First {
                 if data.eval.len() < spec.eval_pairs {
@@ -168,19 +173,6 @@ impl RunData {
         }
         data.summary = Some(summary);
         Ok(data)
-    }
-}
-
-fn check_vocab(pair: &TokenizedPair, vocab: usize, path: &Path) -> Result<()> {
-    let all = pair.prompt.iter().chain(&pair.chosen).chain(&pair.rejected);
-    match all.copied().find(|&id| id as usize >= vocab) {
-        Some(id) => Err(TrainError::Config(format!(
-            "{} row {}: token id {id} is outside the model's vocabulary of {vocab}; the tokenizer does not match \
-             the model",
-            path.display(),
-            pair.id
-        ))),
-        None => Ok(()),
     }
 }
 

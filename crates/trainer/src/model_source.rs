@@ -198,16 +198,21 @@ impl LoadedModel {
 
     /// Errors unless every id in `ids` is inside the model's vocabulary; `what` names the input.
     pub fn check_ids(&self, ids: &[u32], what: &dyn Fn() -> String) -> Result<()> {
-        let vocab = self.vocab_size();
-        match ids.iter().find(|&&id| id as usize >= vocab) {
-            Some(id) => Err(TrainError::Config(format!(
-                "{}: token id {id} is outside the model's vocabulary of {vocab}; the tokenizer in {} does not \
-                 match the model",
-                what(),
-                self.tokenizer_dir.display()
-            ))),
-            None => Ok(()),
-        }
+        check_ids(ids, self.vocab_size(), &self.tokenizer_dir, what)
+    }
+}
+
+/// Errors unless every id in `ids` is below `vocab`; `what` names the input and `tokenizer_dir`
+/// the tokenizer that produced the ids.
+pub fn check_ids(ids: &[u32], vocab: usize, tokenizer_dir: &Path, what: &dyn Fn() -> String) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(TrainError::Config(format!(
+            "{}: token id {id} is outside the model's vocabulary of {vocab}; the tokenizer in {} does not \
+             match the model",
+            what(),
+            tokenizer_dir.display()
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -1189,7 +1189,7 @@ fn parquet_data(cfg: &RunConfig, lm: &CausalLm) -> Result<(RunData, TextTokenize
     let template =
         if has_chat_template(&dir)? || fallback.is_some() { Some(tokenizer.chat_template(fallback)?) } else { None };
     let vocab = crate::model_source::vocab_size(lm.config());
-    let data = RunData::from_parquet(&cfg.data, tokenizer, template, vocab)?;
+    let data = RunData::from_parquet(&cfg.data, tokenizer, &dir, template, vocab)?;
     Ok((data, TextTokenizer::from_dir(&dir)?))
 }
 

@@ -49,7 +49,7 @@ fn load(cfg: &RunConfig, model: &Path) -> Result<RunData, Box<dyn std::error::Er
     let tokenizer = TextTokenizer::from_dir(model)?;
     let template = tokenizer.chat_template(None)?;
     let vocab = tokenizer.vocab_size();
-    Ok(RunData::from_parquet(&cfg.data, tokenizer, Some(template), vocab)?)
+    Ok(RunData::from_parquet(&cfg.data, tokenizer, model, Some(template), vocab)?)
 }
 
 /// Each split as a set of (prompt, chosen, rejected) token sequences.
