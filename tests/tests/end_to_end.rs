@@ -47,10 +47,16 @@ fn the_tiny_gemma_learns_the_task_too() {
     sft_then_slime_learns("tiny-gemma");
 }
 
+/// SFT, then 200 SLIME steps: the training loss falls and the held-out mean margin (chosen minus
+/// rejected mean token log-prob, over 256 held-out pairs) grows. Held-out *accuracy* is not
+/// asserted: over 200 steps it moves by a few pairs either way, depending on the seed, while the
+/// margin grew at least 1.7x for each of seeds 0-7 on both presets.
 fn sft_then_slime_learns(preset: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = tiny(Objective::Slime(SlimeParams::paper()), 150, 80);
+    let mut cfg = tiny(Objective::Slime(SlimeParams::paper()), 150, 200);
     cfg.model.preset = preset.into();
+    cfg.data.pairs = 856;
+    cfg.data.eval_pairs = 256;
     let result = run(&cfg, dir.path()).expect("run");
     let pref: Vec<f64> = lines(&dir.path().join("metrics.jsonl"))
         .into_iter()
@@ -58,12 +64,16 @@ fn sft_then_slime_learns(preset: &str) {
         .map(|l| l["loss"].as_f64().expect("loss"))
         .collect();
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-    let (early, late) = (mean(&pref[..10]), mean(&pref[pref.len() - 10..]));
+    let (early, late) = (mean(&pref[..20]), mean(&pref[pref.len() - 20..]));
     assert!(late < early, "{preset}: preference loss did not fall: {early} -> {late}");
     let evals = lines(&dir.path().join("eval.jsonl"));
-    let before = evals[0]["eval/preference_accuracy"].as_f64().expect("acc");
-    let after = result["eval/preference_accuracy"];
-    assert!(after > before, "{preset}: held-out preference accuracy {before} -> {after}");
+    let margin_of = |chosen: f64, rejected: f64| chosen - rejected;
+    let before = margin_of(
+        evals[0]["eval/chosen_logp"].as_f64().expect("chosen"),
+        evals[0]["eval/rejected_logp"].as_f64().expect("rejected"),
+    );
+    let after = margin_of(result["eval/chosen_logp"], result["eval/rejected_logp"]);
+    assert!(after > 1.25 * before && after > 0.0, "{preset}: held-out mean margin {before} -> {after}");
     let model: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).expect("result")).expect("json");
     assert_eq!(model["model"], preset);

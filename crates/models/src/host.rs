@@ -191,6 +191,8 @@ pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
 
 /// RMSNorm backward for rows `x` with upstream gradient `g` (same shape) and weight `w`:
 /// `dx = r g w - x r^3 mean(g w x)` (written into `dx`), returns `dw = sum over rows of g x r`.
+/// The per-block partial sums of `dw` are added in block order, not in rayon's (work-stealing)
+/// reduction order, so the result does not depend on the thread count or scheduling.
 pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &mut [f32]) -> Vec<f32> {
     let h = w.len();
     dx.par_chunks_mut(h * ROW_BLOCK)
@@ -209,13 +211,12 @@ pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &
             }
             dw
         })
-        .reduce(
-            || vec![0f32; h],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; h], |mut total, part| {
+            total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+            total
+        })
 }
 
 /// `sigmoid(v)` as candle computes it for `silu` (`v / (1 + exp(-v))` = `v * sigmoid(v)`).
