@@ -27,6 +27,7 @@ use crate::host::{
     HostF32, Mat, ROW_BLOCK, SendPtr, Threads, f32_slice, matmul, product, rms_norm_bwd_rows, rms_norm_rows, rope_row,
     rope_row_bwd, row_lse, swiglu_bwd_rows, swiglu_rows, u32_slice,
 };
+use crate::vmath;
 
 /// Whether the fused kernels can run on these tensors (f32 on the CPU).
 pub fn fusable(ts: &[&Tensor]) -> bool {
@@ -372,6 +373,16 @@ pub fn swiglu_down_residual(x: &Tensor, gate_up: &Tensor, w: &Tensor) -> Result<
 // ---------------------------------------------------------------------------------------------
 // Attention
 
+/// Query rows per block of the causal attention products: the rows `r0..r1` of a block attend
+/// to keys `0..r1` only, so the products skip the masked upper triangle above the block diagonal
+/// (at 32-row blocks, 10 of 16 score blocks at 128 tokens, ~51% at 2,048).
+const QUERY_BLOCK: usize = 32;
+
+/// `(r0, r1)`: the query-row blocks of a sequence of `seq` tokens.
+fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq).step_by(QUERY_BLOCK).map(move |r0| (r0, (r0 + QUERY_BLOCK).min(seq)))
+}
+
 /// The geometry, rotary tables and padding of one attention call, shared by every layer of a
 /// forward pass (and by the backward passes, which recompute the scores).
 #[derive(Debug, Clone)]
@@ -389,6 +400,8 @@ pub struct AttentionSpec {
     real: Option<Vec<u8>>,
     /// Per batch row: the first real position (`seq` if none).
     first_real: Vec<usize>,
+    /// Per batch row: the first padding position (`seq` if none).
+    first_masked: Vec<usize>,
 }
 
 impl AttentionSpec {
@@ -440,8 +453,14 @@ impl AttentionSpec {
                 None => 0,
             })
             .collect();
+        let first_masked = (0..batch)
+            .map(|b| match &real {
+                Some(r) => r[b * seq..(b + 1) * seq].iter().position(|&v| v == 0).unwrap_or(seq),
+                None => seq,
+            })
+            .collect();
         let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-        Ok(Self { batch, seq, heads, kv_heads, head_dim, scale, cos, sin, real, first_real })
+        Ok(Self { batch, seq, heads, kv_heads, head_dim, scale, cos, sin, real, first_real, first_masked })
     }
 
     fn q_cols(&self) -> usize {
@@ -482,9 +501,16 @@ impl AttentionSpec {
                 row[i] = 1.0;
                 continue;
             }
-            let allowed = |j: usize| real.is_none_or(|r| r[j] != 0);
             let (live, dead) = row.split_at_mut(i + 1);
             dead.fill(0.0);
+            if i < self.first_masked[b] {
+                // Every key up to the query is real: the vectorised row kernels.
+                let m = vmath::scale_max(live, self.scale);
+                let sum = vmath::exp_shifted_sum(live, m);
+                live.iter_mut().for_each(|v| *v /= sum);
+                continue;
+            }
+            let allowed = |j: usize| real.is_none_or(|r| r[j] != 0);
             let mut m = f32::NEG_INFINITY;
             for (j, v) in live.iter_mut().enumerate() {
                 *v *= self.scale;
@@ -495,7 +521,7 @@ impl AttentionSpec {
             let mut sum = 0f32;
             for (j, v) in live.iter_mut().enumerate() {
                 if allowed(j) {
-                    *v = (*v - m).exp();
+                    *v = vmath::exp(*v - m);
                     sum += *v;
                 } else {
                     *v = 0.0;
@@ -512,8 +538,14 @@ impl AttentionSpec {
         let (s, d, cols) = (self.seq, self.head_dim, self.qkv_cols());
         let rows = &qkv[b * s * cols..(b + 1) * s * cols];
         self.rope_head(rows, cols, h * d, qr);
-        // SAFETY: `p` holds s x s, `qr` and `kr` s x d; the product is single-threaded.
-        unsafe { matmul(s, s, d, p.as_mut_ptr(), s, false, Mat::rows(qr, d), Mat::rows_t(kr, d), Threads::Single) };
+        for (r0, r1) in query_blocks(s) {
+            // Scores of query rows r0..r1 against keys 0..r1 (the rest of each row is masked and
+            // zeroed by `softmax`). SAFETY: `p` holds s x s, `qr` and `kr` s x d; single-threaded.
+            unsafe {
+                let q = Mat::rows(&qr[r0 * d..], d);
+                matmul(r1 - r0, r1, d, p.as_mut_ptr().add(r0 * s), s, false, q, Mat::rows_t(kr, d), Threads::Single);
+            }
+        }
         self.softmax(b, p);
     }
 
@@ -541,11 +573,13 @@ impl AttentionSpec {
                 let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
                 for h in g * n_rep..(g + 1) * n_rep {
                     self.probs(qkv, b, h, kr, qr, p);
-                    // SAFETY: task (b, g) alone writes rows b * s.. of the columns of heads
-                    // g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
-                    unsafe {
-                        let o = dst.get().add(b * s * qc + h * d);
-                        matmul(s, d, s, o, qc, false, Mat::rows(p, s), v, Threads::Single);
+                    for (r0, r1) in query_blocks(s) {
+                        // SAFETY: task (b, g) alone writes rows b * s.. of the columns of heads
+                        // g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
+                        unsafe {
+                            let o = dst.get().add((b * s + r0) * qc + h * d);
+                            matmul(r1 - r0, d, r1, o, qc, false, Mat::rows(&p[r0 * s..], s), v, Threads::Single);
+                        }
                     }
                 }
             },
@@ -565,9 +599,11 @@ impl AttentionSpec {
         let mut dqkv = vec![0f32; qkv.len()];
         let dst = SendPtr(dqkv.as_mut_ptr());
         (0..self.batch * kv).into_par_iter().for_each_init(
-            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d]),
-            |(kr, qr, dkr, dvv, dqr), task| {
-                let (mut p, mut dp) = (vec![0f32; s * s], vec![0f32; s * s]);
+            || {
+                let head = || vec![0f32; s * d];
+                (head(), head(), head(), head(), head(), vec![0f32; s * s], vec![0f32; s * s])
+            },
+            |(kr, qr, dkr, dvv, dqr, p, dp), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(rows, cols, qc + g * d, kr);
@@ -575,44 +611,74 @@ impl AttentionSpec {
                 dkr.fill(0.0);
                 dvv.fill(0.0);
                 for h in g * n_rep..(g + 1) * n_rep {
-                    self.probs(qkv, b, h, kr, qr, &mut p);
-                    let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
-                    // SAFETY: all scratch buffers are task-local with the extents given; `dout`
-                    // and `qkv` are live inputs; products are single-threaded.
-                    unsafe {
-                        matmul(s, d, s, dvv.as_mut_ptr(), d, true, Mat::rows_t(&p, s), dout_h, Threads::Single);
-                        matmul(s, s, d, dp.as_mut_ptr(), s, false, dout_h, v.t(), Threads::Single);
+                    self.probs(qkv, b, h, kr, qr, p);
+                    let dout_from = |r: usize| Mat { ptr: dout[(b * s + r) * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
+                    // Query block r0..r1 only reaches keys 0..r1; key block c0..c1 only gets
+                    // gradient from queries c0..s (P and dS are 0 above the diagonal).
+                    // SAFETY (every product below): the scratch buffers are task-local with the
+                    // extents given; `dout` and `qkv` are live inputs; products are single-threaded.
+                    for (c0, c1) in query_blocks(s) {
+                        // dV[c0..c1] += P[c0.., c0..c1]^T dO[c0..]
+                        let pt = Mat { ptr: p[c0 * s + c0..].as_ptr(), rs: 1, cs: s };
+                        unsafe {
+                            matmul(
+                                c1 - c0,
+                                d,
+                                s - c0,
+                                dvv.as_mut_ptr().add(c0 * d),
+                                d,
+                                true,
+                                pt,
+                                dout_from(c0),
+                                Threads::Single,
+                            )
+                        };
                     }
-                    for (prow, dprow) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)) {
-                        let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
-                        for (dv, &pv) in dprow.iter_mut().zip(prow) {
-                            *dv = pv * (*dv - dot) * self.scale;
+                    for (r0, r1) in query_blocks(s) {
+                        // dP[r0..r1, 0..r1] = dO[r0..r1] V[0..r1]^T
+                        unsafe {
+                            matmul(
+                                r1 - r0,
+                                r1,
+                                d,
+                                dp.as_mut_ptr().add(r0 * s),
+                                s,
+                                false,
+                                dout_from(r0),
+                                v.t(),
+                                Threads::Single,
+                            )
+                        };
+                        for i in r0..r1 {
+                            let (prow, dprow) = (&p[i * s..i * s + r1], &mut dp[i * s..i * s + r1]);
+                            let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                            for (dv, &pv) in dprow.iter_mut().zip(prow) {
+                                *dv = pv * (*dv - dot) * self.scale;
+                            }
+                        }
+                        // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
+                        unsafe {
+                            let ds = Mat::rows(&dp[r0 * s..], s);
+                            matmul(
+                                r1 - r0,
+                                d,
+                                r1,
+                                dqr.as_mut_ptr().add(r0 * d),
+                                d,
+                                false,
+                                ds,
+                                Mat::rows(kr, d),
+                                Threads::Single,
+                            );
                         }
                     }
-                    // SAFETY: as above.
-                    unsafe {
-                        matmul(
-                            s,
-                            d,
-                            s,
-                            dqr.as_mut_ptr(),
-                            d,
-                            false,
-                            Mat::rows(&dp, s),
-                            Mat::rows(kr, d),
-                            Threads::Single,
-                        );
-                        matmul(
-                            s,
-                            d,
-                            s,
-                            dkr.as_mut_ptr(),
-                            d,
-                            true,
-                            Mat::rows_t(&dp, s),
-                            Mat::rows(qr, d),
-                            Threads::Single,
-                        );
+                    for (c0, c1) in query_blocks(s) {
+                        // dK[c0..c1] += dS[c0.., c0..c1]^T Q[c0..]
+                        let dst_t = Mat { ptr: dp[c0 * s + c0..].as_ptr(), rs: 1, cs: s };
+                        let q = Mat::rows(&qr[c0 * d..], d);
+                        unsafe {
+                            matmul(c1 - c0, d, s - c0, dkr.as_mut_ptr().add(c0 * d), d, true, dst_t, q, Threads::Single)
+                        };
                     }
                     for (t, gq) in dqr.chunks_exact(d).enumerate() {
                         let (c, sn) = self.tables(t);

@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, Layout, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
+use crate::vmath;
+
 /// Rows handed to one rayon task by the row-parallel loops (a few KiB of work each).
 pub(crate) const ROW_BLOCK: usize = 16;
 
@@ -219,20 +221,12 @@ pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &
         })
 }
 
-/// `sigmoid(v)` as candle computes it for `silu` (`v / (1 + exp(-v))` = `v * sigmoid(v)`).
-#[inline]
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
 /// SwiGLU of a `[rows, 2 i]` gate|up block: `out[r, j] = silu(gu[r, j]) * gu[r, i + j]`.
 pub(crate) fn swiglu_rows(gu: &[f32], i: usize, out: &mut [f32]) {
     out.par_chunks_mut(i * ROW_BLOCK).zip(gu.par_chunks(2 * i * ROW_BLOCK)).for_each(|(o, gu)| {
         for (o, row) in o.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
             let (gate, up) = row.split_at(i);
-            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            vmath::swiglu_row(o, gate, up);
         }
     });
 }
@@ -248,11 +242,7 @@ pub(crate) fn swiglu_bwd_rows(gu: &[f32], dact: &[f32], i: usize, dgu: &mut [f32
             for ((d, row), da) in d.chunks_exact_mut(2 * i).zip(gu.chunks_exact(2 * i)).zip(da.chunks_exact(i)) {
                 let (gate, up) = row.split_at(i);
                 let (dg, du) = d.split_at_mut(i);
-                for ((((dg, du), &g), &u), &a) in dg.iter_mut().zip(du.iter_mut()).zip(gate).zip(up).zip(da) {
-                    let s = sigmoid(g);
-                    *du = a * (g * s);
-                    *dg = a * u * (s * (1.0 + g * (1.0 - s)));
-                }
+                vmath::swiglu_bwd_row(dg, du, gate, up, da);
             }
         });
 }
@@ -286,7 +276,6 @@ pub(crate) fn rope_row_bwd(out: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32])
 /// Row maximum-shifted `log sum exp` of one row of logits, accumulated in f64 (the log-softmax
 /// normaliser of `fused::log_softmax_gather` and `logps::lm_head_logps`).
 pub(crate) fn row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s = row.iter().map(|&v| f64::from((v - m).exp())).sum::<f64>();
-    m + s.ln() as f32
+    let m = vmath::max(row);
+    m + vmath::exp_shifted_sum_f64(row, m).ln() as f32
 }

@@ -49,6 +49,7 @@ pub mod llama;
 pub mod logps;
 pub mod lora;
 pub mod ops;
+mod vmath;
 pub mod weights;
 
 pub use causal_lm::{CausalLm, Model, ModelConfig, weight_shapes};

@@ -138,32 +138,12 @@ fn fused_linears_match_composition_values_and_gradients() -> Result<()> {
 
 #[test]
 fn fused_attention_matches_composition_values_and_gradients() -> Result<()> {
+    // 11 tokens: one query block; 75: two full 32-row blocks and a partial one, so the skipped
+    // upper-triangle blocks and the block-wise dV / dK sums are exercised.
+    for seq in [11, 75] {
+        attention_matches_composition(seq)?;
+    }
     let dev = Device::Cpu;
-    let (batch, seq, heads, kv_heads, head_dim) = (3, 11, 4, 2, 8);
-    let inv_freq: Vec<f64> =
-        (0..head_dim / 2).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64)).collect();
-    let cols = (heads + 2 * kv_heads) * head_dim;
-    let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.5, (batch * seq, cols), &dev)?)?;
-    // Row 0: no padding; row 1: right padding; row 2: leading padding (queries with no real
-    // key up to themselves keep only their own position) and a hole.
-    let mut m = vec![1u8; batch * seq];
-    for t in 7..seq {
-        m[seq + t] = 0;
-    }
-    for t in [0, 1, 2, 6] {
-        m[2 * seq + t] = 0;
-    }
-    let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
-    for padding in [None, Some(&mask)] {
-        let spec = std::sync::Arc::new(fused::AttentionSpec::new(batch, seq, heads, kv_heads, &inv_freq, padding)?);
-        check_grads(
-            "attention",
-            &[&qkv],
-            || fused::attention(qkv.as_tensor(), &spec),
-            || ops::attention_composed(qkv.as_tensor(), batch, heads, kv_heads, &inv_freq, padding),
-            1e-5,
-        )?;
-    }
     // Multi-head attention without grouping, too.
     let qkv1 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * 5, 3 * 2 * 4), &dev)?)?;
     let freq = [1.0, 0.01];
@@ -175,6 +155,36 @@ fn fused_attention_matches_composition_values_and_gradients() -> Result<()> {
         || ops::attention_composed(qkv1.as_tensor(), 2, 2, 2, &freq, None),
         1e-5,
     )?;
+    Ok(())
+}
+
+fn attention_matches_composition(seq: usize) -> Result<()> {
+    let dev = Device::Cpu;
+    let (batch, heads, kv_heads, head_dim) = (3, 4, 2, 8);
+    let inv_freq: Vec<f64> =
+        (0..head_dim / 2).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64)).collect();
+    let cols = (heads + 2 * kv_heads) * head_dim;
+    let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.5, (batch * seq, cols), &dev)?)?;
+    // Row 0: no padding; row 1: right padding; row 2: leading padding (queries with no real
+    // key up to themselves keep only their own position) and holes.
+    let mut m = vec![1u8; batch * seq];
+    for t in (2 * seq / 3)..seq {
+        m[seq + t] = 0;
+    }
+    for t in [0, 1, 2, 6, seq - 3] {
+        m[2 * seq + t] = 0;
+    }
+    let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
+    for padding in [None, Some(&mask)] {
+        let spec = std::sync::Arc::new(fused::AttentionSpec::new(batch, seq, heads, kv_heads, &inv_freq, padding)?);
+        check_grads(
+            &format!("attention ({seq} tokens)"),
+            &[&qkv],
+            || fused::attention(qkv.as_tensor(), &spec),
+            || ops::attention_composed(qkv.as_tensor(), batch, heads, kv_heads, &inv_freq, padding),
+            1e-5,
+        )?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,230 @@
+//! Row kernels with a vectorisable `exp`, compiled twice: for the baseline x86-64 target and
+//! with AVX2 + FMA, picked at run time (the workspace builds for the baseline CPU, where libm's
+//! scalar `expf` and 4-wide SSE loops are all the compiler can use).
+//!
+//! Both builds run the same arithmetic in the same order (explicit 8-lane accumulators, no
+//! fused multiply-adds), so the results do not depend on the CPU.
+
+/// Lanes of the explicit accumulators (one AVX2 register of f32).
+const LANES: usize = 8;
+
+/// Defines `fn $name(args) -> ret` from one body, compiled as written and with AVX2 + FMA
+/// enabled; calls the AVX2 build when the CPU has both features.
+macro_rules! dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// `e^x` in f32 without a libm call, so loops over it vectorise: Cody-Waite range reduction
+/// `x = n ln 2 + r` (`|r| <= ln 2 / 2`), Cephes' degree-6 polynomial for `e^r` (relative error
+/// about 2e-7, as libm's `expf` within a few ulp), times `2^n` built in the exponent bits.
+/// Inputs are clamped to [-87.3, 88] (below: ~1e-38 instead of a denormal or 0; above:
+/// ~1.7e38 instead of infinity); NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = if x < -87.3 {
+        -87.3
+    } else if x > 88.0 {
+        88.0
+    } else {
+        x
+    };
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // `shifted`'s low mantissa bits hold n (in [-126, 127] after the clamp) above 0x4B40_0000;
+    // integer arithmetic on them gives 2^n's exponent bits (an `as i32` cast would not vectorise).
+    // For NaN, y is NaN and so is the product.
+    let pow2 = shifted.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
+    y * f32::from_bits(pow2)
+}
+
+/// `v / (1 + e^-v)` (SiLU, as candle writes it).
+#[inline(always)]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + exp(-v))
+}
+
+dispatch! {
+    /// SwiGLU of one row: `out[j] = silu(gate[j]) * up[j]`.
+    pub(crate) fn swiglu_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = silu(g) * u;
+        }
+    }
+}
+
+dispatch! {
+    /// SwiGLU backward of one row: `d up = d act * silu(gate)`,
+    /// `d gate = d act * up * s (1 + gate (1 - s))` with `s = sigmoid(gate)`.
+    pub(crate) fn swiglu_bwd_row(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+        for ((((dg, du), &g), &u), &a) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dact) {
+            let s = 1.0 / (1.0 + exp(-g));
+            *du = a * (g * s);
+            *dg = a * u * (s * (1.0 + g * (1.0 - s)));
+        }
+    }
+}
+
+dispatch! {
+    /// Multiplies `row` by `scale` in place and returns its maximum (NaN entries ignored).
+    pub(crate) fn scale_max(row: &mut [f32], scale: f32) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (m, v) in lanes.iter_mut().zip(c.iter_mut()) {
+                *v *= scale;
+                *m = if *v > *m { *v } else { *m };
+            }
+        }
+        let mut m = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for v in chunks.into_remainder() {
+            *v *= scale;
+            m = m.max(*v);
+        }
+        m
+    }
+}
+
+/// Sum of `row` over [`LANES`] interleaved partial sums, then the tail.
+#[inline(always)]
+fn lane_sum(row: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            lanes[k] += c[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+dispatch! {
+    /// `row[j] = e^(row[j] - m)` in place; returns the sum, in f32.
+    pub(crate) fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
+        // A plain loop (the loop vectoriser handles it; per-lane code around `exp` it does not).
+        for v in row.iter_mut() {
+            *v = exp(*v - m);
+        }
+        lane_sum(row)
+    }
+}
+
+dispatch! {
+    /// `sum_j e^(row[j] - m)`, accumulated in f64 (the exponentials in blocks of 64 on the
+    /// stack, then summed).
+    pub(crate) fn exp_shifted_sum_f64(row: &[f32], m: f32) -> f64 {
+        let mut buf = [0f32; 64];
+        let mut lanes = [0f64; LANES];
+        for c in row.chunks(buf.len()) {
+            let e = &mut buf[..c.len()];
+            for (e, &v) in e.iter_mut().zip(c) {
+                *e = exp(v - m);
+            }
+            let chunks = e.chunks_exact(LANES);
+            let tail = chunks.remainder();
+            for c in chunks {
+                for k in 0..LANES {
+                    lanes[k] += f64::from(c[k]);
+                }
+            }
+            lanes[0] += tail.iter().map(|&v| f64::from(v)).sum::<f64>();
+        }
+        lanes.iter().sum()
+    }
+}
+
+dispatch! {
+    /// The maximum of `row` (NaN entries ignored; `-inf` for an empty row).
+    pub(crate) fn max(row: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        tail.iter().copied().fold(lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max), f32::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_a_few_ulp_of_libm_over_the_useful_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, libm) = (f64::from(exp(x)), f64::from(x.exp()));
+            worst = worst.max(((ours - libm) / libm).abs());
+            x += 0.001_7;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert!(exp(-1e4) < 1e-37 && exp(-1e4) >= 0.0);
+        assert!(exp(1e4).is_finite() && exp(1e4) > 1e38);
+    }
+
+    #[test]
+    fn row_kernels_match_their_scalar_definitions() {
+        let row: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 * 0.13 - 6.0).collect();
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max(&row), m);
+        let mut scaled = row.clone();
+        assert_eq!(scale_max(&mut scaled, 0.5), m * 0.5);
+        assert!(scaled.iter().zip(&row).all(|(s, r)| *s == r * 0.5));
+        let mut e = row.clone();
+        let sum = exp_shifted_sum(&mut e, m);
+        let want: f64 = row.iter().map(|&v| f64::from(v - m).exp()).sum();
+        assert!((f64::from(sum) - want).abs() < 1e-5 * want, "{sum} vs {want}");
+        assert!((exp_shifted_sum_f64(&row, m) - want).abs() < 1e-6 * want);
+        for (e, &v) in e.iter().zip(&row) {
+            assert!((f64::from(*e) - f64::from(v - m).exp()).abs() < 1e-6);
+        }
+        let (gate, up): (Vec<f32>, Vec<f32>) = (row.clone(), row.iter().map(|v| 0.3 * v + 1.0).collect());
+        let mut out = vec![0f32; row.len()];
+        swiglu_row(&mut out, &gate, &up);
+        let (mut dg, mut du) = (vec![0f32; row.len()], vec![0f32; row.len()]);
+        let dact: Vec<f32> = row.iter().map(|v| 1.0 - 0.1 * v).collect();
+        swiglu_bwd_row(&mut dg, &mut du, &gate, &up, &dact);
+        for j in 0..row.len() {
+            let (g, u, a) = (f64::from(gate[j]), f64::from(up[j]), f64::from(dact[j]));
+            let s = 1.0 / (1.0 + (-g).exp());
+            assert!((f64::from(out[j]) - g * s * u).abs() < 1e-5, "swiglu {j}");
+            assert!((f64::from(du[j]) - a * g * s).abs() < 1e-5, "d up {j}");
+            assert!((f64::from(dg[j]) - a * u * s * (1.0 + g * (1.0 - s))).abs() < 1e-5, "d gate {j}");
+        }
+    }
+}
