@@ -15,9 +15,10 @@
 //! host buffers (clip scale, decay, both moments and the update together); other devices and
 //! dtypes use the same formula as tensor ops.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, backprop::GradStore};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Storage, Tensor, Var, backprop::GradStore};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -123,7 +124,16 @@ impl AdamW {
         let mut total = 0.0f64;
         for slot in &self.slots {
             if let Some(g) = grads.get(slot.var.as_tensor()) {
-                total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                total += match host_f32(g) {
+                    // Fixed chunks summed in order: the same result for any thread count.
+                    Some(g) => g
+                        .par_chunks(PARALLEL_CHUNK)
+                        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+                        .collect::<Vec<f64>>()
+                        .into_iter()
+                        .sum::<f64>(),
+                    None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
+                };
             }
         }
         Ok(total.sqrt())
@@ -172,8 +182,6 @@ impl AdamW {
             let Some(grad) = grads.get(slot.var.as_tensor()) else { continue };
             match &mut slot.moments {
                 Moments::Host { m, v } => {
-                    let mut theta: Vec<f32> = slot.var.as_tensor().flatten_all()?.to_vec1()?;
-                    let g: Vec<f32> = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     let hyper = Hyper {
                         lr: lr as f32,
                         decay: (1.0 - lr * c.weight_decay) as f32,
@@ -184,14 +192,10 @@ impl AdamW {
                         inv_bias1: (1.0 / bias1) as f32,
                         inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
                     };
-                    theta
-                        .par_chunks_mut(PARALLEL_CHUNK)
-                        .zip(m.par_chunks_mut(PARALLEL_CHUNK))
-                        .zip(v.par_chunks_mut(PARALLEL_CHUNK))
-                        .zip(g.par_chunks(PARALLEL_CHUNK))
-                        .for_each(|(((t, m), v), g)| hyper.update(t, m, v, g));
-                    let updated = Tensor::from_vec(theta, slot.var.shape(), &Device::Cpu)?;
-                    slot.var.set(&updated)?;
+                    // In place in the variable's storage: no copies of the weights or gradients.
+                    let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+                    let op = HostUpdate { hyper, moments: RefCell::new((m.as_mut_slice(), v.as_mut_slice())) };
+                    slot.var.as_tensor().inplace_op2(&grad, &op)?;
                 }
                 Moments::Device { m, v } => {
                     let dtype = slot.var.dtype();
@@ -284,6 +288,82 @@ impl Hyper {
             let denom = v.sqrt() * self.inv_sqrt_bias2 + self.eps;
             *t = *t * self.decay - self.lr * self.inv_bias1 * *m / denom;
         }
+    }
+}
+
+/// The elements of a contiguous f32 CPU tensor, without a copy (`None` for anything else).
+fn host_f32(t: &Tensor) -> Option<impl std::ops::Deref<Target = [f32]> + '_> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(_)) => {}
+        _ => return None,
+    }
+    Some(HostSlice { storage, start, end })
+}
+
+/// A read guard on a range of a CPU f32 storage.
+struct HostSlice<'a> {
+    storage: candle_core::StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl std::ops::Deref for HostSlice<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(data)) => &data[self.start..self.end],
+            _ => &[],
+        }
+    }
+}
+
+/// The fused AdamW update of one f32 CPU parameter, in place in its storage (`dst`), from its
+/// contiguous gradient (`src`) and host moments.
+struct HostUpdate<'a> {
+    hyper: Hyper,
+    moments: RefCell<(&'a mut [f32], &'a mut [f32])>,
+}
+
+impl InplaceOp2 for HostUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-host-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(theta), CpuStorage::F32(g)) = (dst, src) else {
+            candle_core::bail!("adamw: expected f32 parameter and gradient")
+        };
+        let (Some((t0, t1)), Some((g0, g1))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets()) else {
+            candle_core::bail!("adamw: expected contiguous parameter and gradient")
+        };
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        let (theta, g) = (&mut theta[t0..t1], &g[g0..g1]);
+        if theta.len() != g.len() || m.len() != g.len() || v.len() != g.len() {
+            candle_core::bail!(
+                "adamw: {} parameters, {} gradients, {} / {} moments",
+                theta.len(),
+                g.len(),
+                m.len(),
+                v.len()
+            )
+        }
+        let hyper = &self.hyper;
+        theta
+            .par_chunks_mut(PARALLEL_CHUNK)
+            .zip(m.par_chunks_mut(PARALLEL_CHUNK))
+            .zip(v.par_chunks_mut(PARALLEL_CHUNK))
+            .zip(g.par_chunks(PARALLEL_CHUNK))
+            .for_each(|(((t, m), v), g)| hyper.update(t, m, v, g));
+        Ok(())
     }
 }
 
