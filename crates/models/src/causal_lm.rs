@@ -100,6 +100,18 @@ impl Model {
         }
     }
 
+    /// Per-token log-probs `[2 n, seq]` of `n` preference pairs (rows `i` and `n + i`), equal to
+    /// [`Self::token_logps`] on real tokens, with each pair's common prefix computed once when
+    /// the model runs the fused path (see [`crate::pairs`]).
+    pub fn pair_token_logps(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        crate::pairs::pair_token_logps(self, input_ids, attention_mask, chunk)
+    }
+
     /// Logits `[batch, vocab]` at each row's last real position.
     pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         match self {

@@ -402,6 +402,10 @@ pub struct AttentionSpec {
     first_real: Vec<usize>,
     /// Per batch row: the first padding position (`seq` if none).
     first_masked: Vec<usize>,
+    /// Per batch row `(g0, g1)`: queries at `g1..` do not see keys `g0..g1`, and their rotary
+    /// positions are `g1 - g0` lower (two branches sharing a prefix, see [`Self::with_branches`]);
+    /// `(seq, seq)` for an ordinary row.
+    gap: Vec<(usize, usize)>,
 }
 
 impl AttentionSpec {
@@ -460,7 +464,55 @@ impl AttentionSpec {
             })
             .collect();
         let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-        Ok(Self { batch, seq, heads, kv_heads, head_dim, scale, cos, sin, real, first_real, first_masked })
+        let gap = vec![(seq, seq); batch];
+        Ok(Self { batch, seq, heads, kv_heads, head_dim, scale, cos, sin, real, first_real, first_masked, gap })
+    }
+
+    /// Rows holding two continuations of one prefix, `[prefix | first | second | padding]`
+    /// (a preference pair with its prompt once): per batch row `(prefix, first)` lengths. The
+    /// second branch does not attend to the first, and its rotary positions continue from the
+    /// prefix, so every position computes exactly what it would in a row `[prefix | branch]`.
+    /// Rows must be right-padded (no padding before the end of the second branch).
+    pub fn with_branches(mut self, branches: &[(usize, usize)]) -> Result<Self> {
+        if branches.len() != self.batch {
+            return Err(crate::ModelError::Input {
+                input: "branches",
+                reason: format!("{} rows for a batch of {}", branches.len(), self.batch),
+            });
+        }
+        for (b, &(prefix, first)) in branches.iter().enumerate() {
+            if prefix + first > self.first_masked[b] || self.first_real[b] != 0 {
+                return Err(crate::ModelError::Input {
+                    input: "branches",
+                    reason: format!(
+                        "row {b}: prefix {prefix} + first branch {first} tokens, but padding at {} (rows must be right-padded)",
+                        self.first_masked[b]
+                    ),
+                });
+            }
+            self.gap[b] = (prefix, prefix + first);
+        }
+        Ok(self)
+    }
+
+    /// The rotary position of token `t` of batch row `b`.
+    fn pos(&self, b: usize, t: usize) -> usize {
+        let (g0, g1) = self.gap[b];
+        if t >= g1 { t - (g1 - g0) } else { t }
+    }
+
+    /// The key ranges the query block `r0..r1` of row `b` needs scores for (the second may be
+    /// empty): keys `0..r1`, minus the hidden first branch when the whole block is in the second.
+    fn key_ranges(&self, b: usize, r0: usize, r1: usize) -> [(usize, usize); 2] {
+        let (g0, g1) = self.gap[b];
+        if r0 >= g1 { [(0, g0), (g1, r1)] } else { [(0, r1), (r1, r1)] }
+    }
+
+    /// The query rows that can attend to the key block `c0..c1` of row `b`: `c0..seq`, or only
+    /// up to the end of the first branch for keys inside it.
+    fn query_range(&self, b: usize, c0: usize, c1: usize) -> (usize, usize) {
+        let (g0, g1) = self.gap[b];
+        if c0 >= g0 && c1 <= g1 { (c0, g1) } else { (c0, self.seq) }
     }
 
     fn q_cols(&self) -> usize {
@@ -480,11 +532,11 @@ impl AttentionSpec {
         (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half])
     }
 
-    /// Rotated rows of one head: `out[t] = rope(src[t * rs + col ..][..head_dim])`.
-    fn rope_head(&self, src: &[f32], rs: usize, col: usize, out: &mut [f32]) {
+    /// Rotated rows of one head of batch row `b`: `out[t] = rope(src[t * rs + col ..][..head_dim])`.
+    fn rope_head(&self, b: usize, src: &[f32], rs: usize, col: usize, out: &mut [f32]) {
         let d = self.head_dim;
         for (t, o) in out.chunks_exact_mut(d).enumerate() {
-            let (c, s) = self.tables(t);
+            let (c, s) = self.tables(self.pos(b, t));
             rope_row(o, &src[t * rs + col..t * rs + col + d], c, s);
         }
     }
@@ -501,16 +553,22 @@ impl AttentionSpec {
                 row[i] = 1.0;
                 continue;
             }
+            let (g0, g1) = self.gap[b];
+            let hidden = |j: usize| i >= g1 && (g0..g1).contains(&j);
             let (live, dead) = row.split_at_mut(i + 1);
             dead.fill(0.0);
             if i < self.first_masked[b] {
-                // Every key up to the query is real: the vectorised row kernels.
-                let m = vmath::scale_max(live, self.scale);
-                let sum = vmath::exp_shifted_sum(live, m);
-                live.iter_mut().for_each(|v| *v /= sum);
+                // Every key up to the query is real (but a hidden first branch): the vectorised
+                // row kernels on the one or two allowed ranges.
+                let (a, rest) = live.split_at_mut(if i >= g1 { g0 } else { i + 1 });
+                let (gap, c) = rest.split_at_mut(if i >= g1 { g1 - g0 } else { 0 });
+                gap.fill(0.0);
+                let m = vmath::scale_max(a, self.scale).max(vmath::scale_max(c, self.scale));
+                let sum = vmath::exp_shifted_sum(a, m) + vmath::exp_shifted_sum(c, m);
+                a.iter_mut().chain(c.iter_mut()).for_each(|v| *v /= sum);
                 continue;
             }
-            let allowed = |j: usize| real.is_none_or(|r| r[j] != 0);
+            let allowed = |j: usize| real.is_none_or(|r| r[j] != 0) && !hidden(j);
             let mut m = f32::NEG_INFINITY;
             for (j, v) in live.iter_mut().enumerate() {
                 *v *= self.scale;
@@ -537,13 +595,16 @@ impl AttentionSpec {
     fn probs(&self, qkv: &[f32], b: usize, h: usize, kr: &[f32], qr: &mut [f32], p: &mut [f32]) {
         let (s, d, cols) = (self.seq, self.head_dim, self.qkv_cols());
         let rows = &qkv[b * s * cols..(b + 1) * s * cols];
-        self.rope_head(rows, cols, h * d, qr);
+        self.rope_head(b, rows, cols, h * d, qr);
         for (r0, r1) in query_blocks(s) {
-            // Scores of query rows r0..r1 against keys 0..r1 (the rest of each row is masked and
-            // zeroed by `softmax`). SAFETY: `p` holds s x s, `qr` and `kr` s x d; single-threaded.
-            unsafe {
-                let q = Mat::rows(&qr[r0 * d..], d);
-                matmul(r1 - r0, r1, d, p.as_mut_ptr().add(r0 * s), s, false, q, Mat::rows_t(kr, d), Threads::Single);
+            // Scores of query rows r0..r1 against the keys they may see (the rest of each row is
+            // masked and zeroed by `softmax`).
+            for (k0, k1) in self.key_ranges(b, r0, r1) {
+                // SAFETY: `p` holds s x s, `qr` and `kr` s x d; k0 <= k1 <= s; single-threaded.
+                unsafe {
+                    let (q, k) = (Mat::rows(&qr[r0 * d..], d), Mat::rows_t(&kr[k0 * d..], d));
+                    matmul(r1 - r0, k1 - k0, d, p.as_mut_ptr().add(r0 * s + k0), s, false, q, k, Threads::Single);
+                }
             }
         }
         self.softmax(b, p);
@@ -569,16 +630,20 @@ impl AttentionSpec {
             |(kr, qr, p), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
-                self.rope_head(rows, cols, qc + g * d, kr);
+                self.rope_head(b, rows, cols, qc + g * d, kr);
                 let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
                 for h in g * n_rep..(g + 1) * n_rep {
                     self.probs(qkv, b, h, kr, qr, p);
                     for (r0, r1) in query_blocks(s) {
-                        // SAFETY: task (b, g) alone writes rows b * s.. of the columns of heads
-                        // g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
-                        unsafe {
-                            let o = dst.get().add((b * s + r0) * qc + h * d);
-                            matmul(r1 - r0, d, r1, o, qc, false, Mat::rows(&p[r0 * s..], s), v, Threads::Single);
+                        for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
+                            // out[r0..r1] += P[r0..r1, k0..k1] V[k0..k1] (`out` starts at 0).
+                            // SAFETY: task (b, g) alone writes rows b * s.. of the columns of
+                            // heads g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
+                            unsafe {
+                                let o = dst.get().add((b * s + r0) * qc + h * d);
+                                let pk = Mat::rows(&p[r0 * s + k0..], s);
+                                matmul(r1 - r0, d, k1 - k0, o, qc, true, pk, v.from_row(k0), Threads::Single);
+                            }
                         }
                     }
                 }
@@ -606,82 +671,72 @@ impl AttentionSpec {
             |(kr, qr, dkr, dvv, dqr, p, dp), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
-                self.rope_head(rows, cols, qc + g * d, kr);
+                self.rope_head(b, rows, cols, qc + g * d, kr);
                 let v = Mat { ptr: rows[qc + kc + g * d..].as_ptr(), rs: cols, cs: 1 };
                 dkr.fill(0.0);
                 dvv.fill(0.0);
                 for h in g * n_rep..(g + 1) * n_rep {
                     self.probs(qkv, b, h, kr, qr, p);
-                    let dout_from = |r: usize| Mat { ptr: dout[(b * s + r) * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
-                    // Query block r0..r1 only reaches keys 0..r1; key block c0..c1 only gets
-                    // gradient from queries c0..s (P and dS are 0 above the diagonal).
+                    let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
+                    // Products cover only the (query, key) blocks that can be non-zero: query
+                    // block r0..r1 reaches `key_ranges`, key block c0..c1 is reached from
+                    // `query_range`; P and dS are 0 elsewhere (dS is zeroed in a hidden branch).
                     // SAFETY (every product below): the scratch buffers are task-local with the
                     // extents given; `dout` and `qkv` are live inputs; products are single-threaded.
                     for (c0, c1) in query_blocks(s) {
-                        // dV[c0..c1] += P[c0.., c0..c1]^T dO[c0..]
-                        let pt = Mat { ptr: p[c0 * s + c0..].as_ptr(), rs: 1, cs: s };
-                        unsafe {
-                            matmul(
-                                c1 - c0,
-                                d,
-                                s - c0,
-                                dvv.as_mut_ptr().add(c0 * d),
-                                d,
-                                true,
-                                pt,
-                                dout_from(c0),
-                                Threads::Single,
-                            )
-                        };
+                        // dV[c0..c1] += P[q0..q1, c0..c1]^T dO[q0..q1]
+                        let (q0, q1) = self.query_range(b, c0, c1);
+                        let pt = Mat { ptr: p[q0 * s + c0..].as_ptr(), rs: 1, cs: s };
+                        let dvc = dvv.as_mut_ptr().wrapping_add(c0 * d);
+                        unsafe { matmul(c1 - c0, d, q1 - q0, dvc, d, true, pt, dout_h.from_row(q0), Threads::Single) };
                     }
                     for (r0, r1) in query_blocks(s) {
-                        // dP[r0..r1, 0..r1] = dO[r0..r1] V[0..r1]^T
-                        unsafe {
-                            matmul(
-                                r1 - r0,
-                                r1,
-                                d,
-                                dp.as_mut_ptr().add(r0 * s),
-                                s,
-                                false,
-                                dout_from(r0),
-                                v.t(),
-                                Threads::Single,
-                            )
-                        };
-                        for i in r0..r1 {
-                            let (prow, dprow) = (&p[i * s..i * s + r1], &mut dp[i * s..i * s + r1]);
-                            let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
-                            for (dv, &pv) in dprow.iter_mut().zip(prow) {
-                                *dv = pv * (*dv - dot) * self.scale;
-                            }
+                        let ranges = self.key_ranges(b, r0, r1);
+                        for (k0, k1) in ranges.into_iter().filter(|(k0, k1)| k1 > k0) {
+                            // dP[r0..r1, k0..k1] = dO[r0..r1] V[k0..k1]^T
+                            let dpk = dp.as_mut_ptr().wrapping_add(r0 * s + k0);
+                            let vt = v.from_row(k0).t();
+                            unsafe {
+                                matmul(r1 - r0, k1 - k0, d, dpk, s, false, dout_h.from_row(r0), vt, Threads::Single)
+                            };
                         }
-                        // dQ[r0..r1] = dS[r0..r1, 0..r1] K[0..r1]
-                        unsafe {
-                            let ds = Mat::rows(&dp[r0 * s..], s);
-                            matmul(
-                                r1 - r0,
-                                d,
-                                r1,
-                                dqr.as_mut_ptr().add(r0 * d),
-                                d,
-                                false,
-                                ds,
-                                Mat::rows(kr, d),
-                                Threads::Single,
-                            );
+                        for i in r0..r1 {
+                            // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges.
+                            let dot: f32 = ranges
+                                .iter()
+                                .map(|&(k0, k1)| {
+                                    let (pr, dpr) = (&p[i * s + k0..i * s + k1], &dp[i * s + k0..i * s + k1]);
+                                    pr.iter().zip(dpr).map(|(a, b)| a * b).sum::<f32>()
+                                })
+                                .sum();
+                            for &(k0, k1) in &ranges {
+                                let (pr, dpr) = (&p[i * s + k0..i * s + k1], &mut dp[i * s + k0..i * s + k1]);
+                                for (dv, &pv) in dpr.iter_mut().zip(pr) {
+                                    *dv = pv * (*dv - dot) * self.scale;
+                                }
+                            }
+                            let (hidden0, hidden1) = (ranges[0].1, ranges[1].0);
+                            dp[i * s + hidden0..i * s + hidden1].fill(0.0);
+                        }
+                        // dQ[r0..r1] = sum over ranges dS[r0..r1, k0..k1] K[k0..k1]
+                        let mut accumulate = false;
+                        for (k0, k1) in ranges.into_iter().filter(|(k0, k1)| k1 > k0) {
+                            let ds = Mat::rows(&dp[r0 * s + k0..], s);
+                            let dq = dqr.as_mut_ptr().wrapping_add(r0 * d);
+                            let k = Mat::rows(&kr[k0 * d..], d);
+                            unsafe { matmul(r1 - r0, d, k1 - k0, dq, d, accumulate, ds, k, Threads::Single) };
+                            accumulate = true;
                         }
                     }
                     for (c0, c1) in query_blocks(s) {
-                        // dK[c0..c1] += dS[c0.., c0..c1]^T Q[c0..]
-                        let dst_t = Mat { ptr: dp[c0 * s + c0..].as_ptr(), rs: 1, cs: s };
-                        let q = Mat::rows(&qr[c0 * d..], d);
-                        unsafe {
-                            matmul(c1 - c0, d, s - c0, dkr.as_mut_ptr().add(c0 * d), d, true, dst_t, q, Threads::Single)
-                        };
+                        // dK[c0..c1] += dS[q0..q1, c0..c1]^T Q[q0..q1]
+                        let (q0, q1) = self.query_range(b, c0, c1);
+                        let dst_t = Mat { ptr: dp[q0 * s + c0..].as_ptr(), rs: 1, cs: s };
+                        let (q, dk) = (Mat::rows(&qr[q0 * d..], d), dkr.as_mut_ptr().wrapping_add(c0 * d));
+                        unsafe { matmul(c1 - c0, d, q1 - q0, dk, d, true, dst_t, q, Threads::Single) };
                     }
                     for (t, gq) in dqr.chunks_exact(d).enumerate() {
-                        let (c, sn) = self.tables(t);
+                        let (c, sn) = self.tables(self.pos(b, t));
                         // SAFETY: task (b, g) alone writes rows b * s.. of the query columns of
                         // its heads and of key/value head g; `dqkv` outlives the loop.
                         let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((b * s + t) * cols + h * d), d) };
@@ -689,7 +744,7 @@ impl AttentionSpec {
                     }
                 }
                 for (t, (gk, gv)) in dkr.chunks_exact(d).zip(dvv.chunks_exact(d)).enumerate() {
-                    let (c, sn) = self.tables(t);
+                    let (c, sn) = self.tables(self.pos(b, t));
                     let base = (b * s + t) * cols + qc + g * d;
                     // SAFETY: as above (key and value columns of head g, rows of batch row b).
                     let (ok, ov) = unsafe {

@@ -48,6 +48,11 @@ impl Mat {
         Self { ptr: data.as_ptr(), rs: 1, cs: cols }
     }
 
+    /// The operand from row `r` on (row stride `rs`; no copy).
+    pub fn from_row(self, r: usize) -> Self {
+        Self { ptr: self.ptr.wrapping_add(r * self.rs), ..self }
+    }
+
     /// The transpose of this operand (no copy).
     pub fn t(self) -> Self {
         Self { ptr: self.ptr, rs: self.cs, cs: self.rs }

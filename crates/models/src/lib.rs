@@ -49,6 +49,7 @@ pub mod llama;
 pub mod logps;
 pub mod lora;
 pub mod ops;
+pub mod pairs;
 mod vmath;
 pub mod weights;
 

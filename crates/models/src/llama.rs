@@ -121,7 +121,7 @@ impl Llama {
     /// dtypes run the reference composition.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         match self.fused_weights() {
-            Some(weights) => self.forward_hidden_fused(input_ids, attention_mask, &weights),
+            Some(weights) => self.forward_hidden_fused(input_ids, attention_mask, &weights, None),
             None => self.forward_hidden_reference(input_ids, attention_mask),
         }
     }
@@ -169,6 +169,24 @@ impl Llama {
             .collect()
     }
 
+    /// Final hidden states `[batch, seq, hidden]` of rows that each hold two continuations of a
+    /// shared prefix, `[prefix | first | second | padding]` with per-row `(prefix, first)`
+    /// lengths (see [`AttentionSpec::with_branches`]): every position gets the hidden state it
+    /// has in the row `[prefix | its branch]`. Fused (f32 CPU) models only: `None` otherwise.
+    pub fn forward_hidden_branched(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        branches: &[(usize, usize)],
+    ) -> Result<Option<Tensor>> {
+        match self.fused_weights() {
+            Some(weights) => {
+                self.forward_hidden_fused(input_ids, Some(attention_mask), &weights, Some(branches)).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
     /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
     /// [`fused::attention_block`] and one [`fused::mlp_block`] op.
     fn forward_hidden_fused(
@@ -176,9 +194,13 @@ impl Llama {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         weights: &[[Tensor; 7]],
+        branches: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
-        crate::ops::check_positions(seq, self.cfg.max_position_embeddings)?;
+        // Branched rows reuse rotary positions: the last slot of a row is at `seq - 1 - first`.
+        let positions =
+            branches.map_or(seq, |b| b.iter().map(|&(p, f)| (p + f).max(seq.saturating_sub(f))).max().unwrap_or(seq));
+        crate::ops::check_positions(positions, self.cfg.max_position_embeddings)?;
         if let Some(m) = attention_mask
             && m.dims() != [batch, seq]
         {
@@ -187,14 +209,18 @@ impl Llama {
                 reason: format!("shape {:?} does not match input_ids {:?}", m.dims(), input_ids.dims()),
             });
         }
-        let spec = Arc::new(AttentionSpec::new(
+        let mut spec = AttentionSpec::new(
             batch,
             seq,
             self.cfg.num_attention_heads,
             self.cfg.kv_heads(),
             &self.inv_freq,
             attention_mask,
-        )?);
+        )?;
+        if let Some(branches) = branches {
+            spec = spec.with_branches(branches)?;
+        }
+        let spec = Arc::new(spec);
         let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
         for (layer, [q, k, v, o, gate, up, down]) in self.layers.iter().zip(weights) {
