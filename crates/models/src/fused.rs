@@ -642,7 +642,7 @@ impl AttentionSpec {
                             unsafe {
                                 let o = dst.get().add((b * s + r0) * qc + h * d);
                                 let pk = Mat::rows(&p[r0 * s + k0..], s);
-                                matmul(r1 - r0, d, k1 - k0, o, qc, true, pk, v.from_row(k0), Threads::Single);
+                                matmul(r1 - r0, d, k1 - k0, o, qc, true, pk, v.skip_rows(k0), Threads::Single);
                             }
                         }
                     }
@@ -688,16 +688,16 @@ impl AttentionSpec {
                         let (q0, q1) = self.query_range(b, c0, c1);
                         let pt = Mat { ptr: p[q0 * s + c0..].as_ptr(), rs: 1, cs: s };
                         let dvc = dvv.as_mut_ptr().wrapping_add(c0 * d);
-                        unsafe { matmul(c1 - c0, d, q1 - q0, dvc, d, true, pt, dout_h.from_row(q0), Threads::Single) };
+                        unsafe { matmul(c1 - c0, d, q1 - q0, dvc, d, true, pt, dout_h.skip_rows(q0), Threads::Single) };
                     }
                     for (r0, r1) in query_blocks(s) {
                         let ranges = self.key_ranges(b, r0, r1);
                         for (k0, k1) in ranges.into_iter().filter(|(k0, k1)| k1 > k0) {
                             // dP[r0..r1, k0..k1] = dO[r0..r1] V[k0..k1]^T
                             let dpk = dp.as_mut_ptr().wrapping_add(r0 * s + k0);
-                            let vt = v.from_row(k0).t();
+                            let vt = v.skip_rows(k0).t();
                             unsafe {
-                                matmul(r1 - r0, k1 - k0, d, dpk, s, false, dout_h.from_row(r0), vt, Threads::Single)
+                                matmul(r1 - r0, k1 - k0, d, dpk, s, false, dout_h.skip_rows(r0), vt, Threads::Single)
                             };
                         }
                         for i in r0..r1 {

@@ -49,7 +49,7 @@ impl Mat {
     }
 
     /// The operand from row `r` on (row stride `rs`; no copy).
-    pub fn from_row(self, r: usize) -> Self {
+    pub fn skip_rows(self, r: usize) -> Self {
         Self { ptr: self.ptr.wrapping_add(r * self.rs), ..self }
     }
 

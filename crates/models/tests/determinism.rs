@@ -5,8 +5,11 @@
 use candle_core::{Device, Tensor};
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig, Result};
 
-/// Log-probs and every trainable variable's gradient (in `trainable_vars` order) of one pass.
-fn logps_and_grads(lm: &CausalLm, ids: &Tensor, mask: &Tensor) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>)> {
+/// Log-probs and every trainable variable's (name, gradient), in `trainable_vars` order.
+type Pass = (Vec<f32>, Vec<(String, Vec<f32>)>);
+
+/// One forward and backward pass.
+fn logps_and_grads(lm: &CausalLm, ids: &Tensor, mask: &Tensor) -> Result<Pass> {
     let logps = lm.model().token_logps(ids, Some(mask), 128)?;
     let grads = logps.sum_all()?.backward()?;
     let mut out = Vec::new();
