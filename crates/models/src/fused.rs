@@ -373,10 +373,11 @@ pub fn swiglu_down_residual(x: &Tensor, gate_up: &Tensor, w: &Tensor) -> Result<
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-/// Query rows per block of the causal attention products: the rows `r0..r1` of a block attend
-/// to keys `0..r1` only, so the products skip the masked upper triangle above the block diagonal
-/// (at 32-row blocks, 10 of 16 score blocks at 128 tokens, ~51% at 2,048).
-const QUERY_BLOCK: usize = 32;
+/// Query rows per block of the attention kernels. A block's rows `r0..r1` attend to keys
+/// `0..r1` only, so the products skip the masked blocks above the diagonal (at 64 rows: 3 of 4
+/// block pairs computed at 128 tokens, 52% at 2,048), and a block's scores (at most 64 x seq)
+/// stay in cache instead of a seq x seq matrix per head.
+const QUERY_BLOCK: usize = 64;
 
 /// `(r0, r1)`: the query-row blocks of a sequence of `seq` tokens.
 fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -508,13 +509,6 @@ impl AttentionSpec {
         if r0 >= g1 { [(0, g0), (g1, r1)] } else { [(0, r1), (r1, r1)] }
     }
 
-    /// The query rows that can attend to the key block `c0..c1` of row `b`: `c0..seq`, or only
-    /// up to the end of the first branch for keys inside it.
-    fn query_range(&self, b: usize, c0: usize, c1: usize) -> (usize, usize) {
-        let (g0, g1) = self.gap[b];
-        if c0 >= g0 && c1 <= g1 { (c0, g1) } else { (c0, self.seq) }
-    }
-
     fn q_cols(&self) -> usize {
         self.heads * self.head_dim
     }
@@ -541,73 +535,71 @@ impl AttentionSpec {
         }
     }
 
-    /// Turns raw scores `p [seq, seq]` of batch row `b` into attention probabilities: scaled,
-    /// causal and padding-masked (a query with no real key up to itself keeps only its own
-    /// position, as [`crate::ops::attention_mask`]), softmax over the allowed keys, 0 elsewhere.
-    fn softmax(&self, b: usize, p: &mut [f32]) {
+    /// Turns the raw scores of query `i` of batch row `b` (`row`: keys `0..row.len()`, at least
+    /// `i + 1` of them) into attention probabilities: scaled, causal and padding-masked (a query
+    /// with no real key up to itself keeps only its own position, as
+    /// [`crate::ops::attention_mask`]; a second branch does not see the first), softmax over the
+    /// allowed keys, 0 elsewhere. Only the allowed scores are read.
+    fn softmax_row(&self, b: usize, i: usize, row: &mut [f32]) {
         let s = self.seq;
+        if i < self.first_real[b] {
+            row.fill(0.0);
+            row[i] = 1.0;
+            return;
+        }
+        let (g0, g1) = self.gap[b];
+        let hidden = |j: usize| i >= g1 && (g0..g1).contains(&j);
+        let (live, dead) = row.split_at_mut(i + 1);
+        dead.fill(0.0);
+        if i < self.first_masked[b] {
+            // Every key up to the query is real (but a hidden first branch): the vectorised row
+            // kernels on the one or two allowed ranges.
+            let (a, rest) = live.split_at_mut(if i >= g1 { g0 } else { i + 1 });
+            let (gap, c) = rest.split_at_mut(if i >= g1 { g1 - g0 } else { 0 });
+            gap.fill(0.0);
+            let m = vmath::scale_max(a, self.scale).max(vmath::scale_max(c, self.scale));
+            let sum = vmath::exp_shifted_sum(a, m) + vmath::exp_shifted_sum(c, m);
+            a.iter_mut().chain(c.iter_mut()).for_each(|v| *v /= sum);
+            return;
+        }
         let real = self.real.as_ref().map(|r| &r[b * s..(b + 1) * s]);
-        for (i, row) in p.chunks_exact_mut(s).enumerate() {
-            if i < self.first_real[b] {
-                row.fill(0.0);
-                row[i] = 1.0;
-                continue;
-            }
-            let (g0, g1) = self.gap[b];
-            let hidden = |j: usize| i >= g1 && (g0..g1).contains(&j);
-            let (live, dead) = row.split_at_mut(i + 1);
-            dead.fill(0.0);
-            if i < self.first_masked[b] {
-                // Every key up to the query is real (but a hidden first branch): the vectorised
-                // row kernels on the one or two allowed ranges.
-                let (a, rest) = live.split_at_mut(if i >= g1 { g0 } else { i + 1 });
-                let (gap, c) = rest.split_at_mut(if i >= g1 { g1 - g0 } else { 0 });
-                gap.fill(0.0);
-                let m = vmath::scale_max(a, self.scale).max(vmath::scale_max(c, self.scale));
-                let sum = vmath::exp_shifted_sum(a, m) + vmath::exp_shifted_sum(c, m);
-                a.iter_mut().chain(c.iter_mut()).for_each(|v| *v /= sum);
-                continue;
-            }
-            let allowed = |j: usize| real.is_none_or(|r| r[j] != 0) && !hidden(j);
-            let mut m = f32::NEG_INFINITY;
-            for (j, v) in live.iter_mut().enumerate() {
+        let allowed = |j: usize| real.is_none_or(|r| r[j] != 0) && !hidden(j);
+        let mut m = f32::NEG_INFINITY;
+        for (j, v) in live.iter_mut().enumerate() {
+            if allowed(j) {
                 *v *= self.scale;
-                if allowed(j) {
-                    m = m.max(*v);
-                }
+                m = m.max(*v);
             }
-            let mut sum = 0f32;
-            for (j, v) in live.iter_mut().enumerate() {
-                if allowed(j) {
-                    *v = vmath::exp(*v - m);
-                    sum += *v;
-                } else {
-                    *v = 0.0;
-                }
+        }
+        let mut sum = 0f32;
+        for (j, v) in live.iter_mut().enumerate() {
+            if allowed(j) {
+                *v = vmath::exp(*v - m);
+                sum += *v;
+            } else {
+                *v = 0.0;
             }
-            for v in live.iter_mut() {
-                *v /= sum;
-            }
+        }
+        for v in live.iter_mut() {
+            *v /= sum;
         }
     }
 
-    /// The probabilities of query head `h` of batch row `b` into `p` (`qr` receives its rotated queries).
-    fn probs(&self, qkv: &[f32], b: usize, h: usize, kr: &[f32], qr: &mut [f32], p: &mut [f32]) {
-        let (s, d, cols) = (self.seq, self.head_dim, self.qkv_cols());
-        let rows = &qkv[b * s * cols..(b + 1) * s * cols];
-        self.rope_head(b, rows, cols, h * d, qr);
-        for (r0, r1) in query_blocks(s) {
-            // Scores of query rows r0..r1 against the keys they may see (the rest of each row is
-            // masked and zeroed by `softmax`).
-            for (k0, k1) in self.key_ranges(b, r0, r1) {
-                // SAFETY: `p` holds s x s, `qr` and `kr` s x d; k0 <= k1 <= s; single-threaded.
-                unsafe {
-                    let (q, k) = (Mat::rows(&qr[r0 * d..], d), Mat::rows_t(&kr[k0 * d..], d));
-                    matmul(r1 - r0, k1 - k0, d, p.as_mut_ptr().add(r0 * s + k0), s, false, q, k, Threads::Single);
-                }
+    /// The probabilities of the query block `r0..r1` of head `h`, batch row `b`, into `pb`
+    /// (`r1 - r0` rows of `r1` keys, row stride `r1`), from its rotated queries `qr` (all of the
+    /// head's rows) and keys `kr`: scores only for the keys the block may see, then `softmax_row`.
+    fn block_probs(&self, b: usize, (r0, r1): (usize, usize), qr: &[f32], kr: &[f32], pb: &mut [f32]) {
+        let d = self.head_dim;
+        for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
+            // SAFETY: `pb` holds (r1 - r0) x r1, `qr` and `kr` seq x d; single-threaded.
+            unsafe {
+                let (q, k) = (Mat::rows(&qr[r0 * d..], d), Mat::rows_t(&kr[k0 * d..], d));
+                matmul(r1 - r0, k1 - k0, d, pb.as_mut_ptr().add(k0), r1, false, q, k, Threads::Single);
             }
         }
-        self.softmax(b, p);
+        for (i, row) in (r0..r1).zip(pb.chunks_exact_mut(r1)) {
+            self.softmax_row(b, i, row);
+        }
     }
 
     fn check(&self, n: usize, cols: usize, what: &str) -> candle_core::Result<()> {
@@ -625,23 +617,27 @@ impl AttentionSpec {
         let n_rep = self.heads / kv;
         let mut out = vec![0f32; self.batch * s * qc];
         let dst = SendPtr(out.as_mut_ptr());
+        // Per (batch row, key/value head) task, per query head and query block: the block's
+        // probabilities (at most QUERY_BLOCK x seq, cache-sized), then `out += P V`.
         (0..self.batch * kv).into_par_iter().for_each_init(
-            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * s]),
-            |(kr, qr, p), task| {
+            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; QUERY_BLOCK * s]),
+            |(kr, qr, pb), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(b, rows, cols, qc + g * d, kr);
                 let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
                 for h in g * n_rep..(g + 1) * n_rep {
-                    self.probs(qkv, b, h, kr, qr, p);
+                    self.rope_head(b, rows, cols, h * d, qr);
                     for (r0, r1) in query_blocks(s) {
+                        let pb = &mut pb[..(r1 - r0) * r1];
+                        self.block_probs(b, (r0, r1), qr, kr, pb);
                         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
-                            // out[r0..r1] += P[r0..r1, k0..k1] V[k0..k1] (`out` starts at 0).
+                            // out[r0..r1] += P[.., k0..k1] V[k0..k1] (`out` starts at 0).
                             // SAFETY: task (b, g) alone writes rows b * s.. of the columns of
                             // heads g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
                             unsafe {
                                 let o = dst.get().add((b * s + r0) * qc + h * d);
-                                let pk = Mat::rows(&p[r0 * s + k0..], s);
+                                let pk = Mat::rows(&pb[k0..], r1);
                                 matmul(r1 - r0, d, k1 - k0, o, qc, true, pk, v.skip_rows(k0), Threads::Single);
                             }
                         }
@@ -652,9 +648,11 @@ impl AttentionSpec {
         Ok(out)
     }
 
-    /// Backward: `d qkv` (same layout as `qkv`) from `d out`. Per (batch row, key/value head):
-    /// recompute each query head's probabilities `P`, then `dV += P^T dO`, `dP = dO V^T`,
-    /// `dS = P (dP - rowsum(P dP)) / sqrt(d)`, `dQ = dS K`, `dK += dS^T Q`, and rotate `dQ`, `dK` back.
+    /// Backward: `d qkv` (same layout as `qkv`) from `d out`. Per (batch row, key/value head),
+    /// per query head and query block (`P`, `dP` and `dS` at most QUERY_BLOCK x seq): recompute
+    /// the block's probabilities `P`, then `dV += P^T dO`, `dP = dO V^T`,
+    /// `dS = P (dP - rowsum(P dP)) / sqrt(d)`, `dQ = dS K`, `dK += dS^T Q`, over the key ranges
+    /// the block sees; finally rotate `dQ`, `dK` back.
     fn backward(&self, qkv: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
@@ -666,9 +664,9 @@ impl AttentionSpec {
         (0..self.batch * kv).into_par_iter().for_each_init(
             || {
                 let head = || vec![0f32; s * d];
-                (head(), head(), head(), head(), head(), vec![0f32; s * s], vec![0f32; s * s])
+                (head(), head(), head(), head(), head(), vec![0f32; QUERY_BLOCK * s], vec![0f32; QUERY_BLOCK * s])
             },
-            |(kr, qr, dkr, dvv, dqr, p, dp), task| {
+            |(kr, qr, dkr, dvv, dqr, pb, dpb), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(b, rows, cols, qc + g * d, kr);
@@ -676,64 +674,52 @@ impl AttentionSpec {
                 dkr.fill(0.0);
                 dvv.fill(0.0);
                 for h in g * n_rep..(g + 1) * n_rep {
-                    self.probs(qkv, b, h, kr, qr, p);
+                    self.rope_head(b, rows, cols, h * d, qr);
                     let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
-                    // Products cover only the (query, key) blocks that can be non-zero: query
-                    // block r0..r1 reaches `key_ranges`, key block c0..c1 is reached from
-                    // `query_range`; P and dS are 0 elsewhere (dS is zeroed in a hidden branch).
                     // SAFETY (every product below): the scratch buffers are task-local with the
-                    // extents given; `dout` and `qkv` are live inputs; products are single-threaded.
-                    for (c0, c1) in query_blocks(s) {
-                        // dV[c0..c1] += P[q0..q1, c0..c1]^T dO[q0..q1]
-                        let (q0, q1) = self.query_range(b, c0, c1);
-                        let pt = Mat { ptr: p[q0 * s + c0..].as_ptr(), rs: 1, cs: s };
-                        let dvc = dvv.as_mut_ptr().wrapping_add(c0 * d);
-                        unsafe { matmul(c1 - c0, d, q1 - q0, dvc, d, true, pt, dout_h.skip_rows(q0), Threads::Single) };
-                    }
+                    // extents given (`pb`, `dpb`: (r1 - r0) x r1, row stride r1); `dout` and
+                    // `qkv` are live inputs; products are single-threaded.
                     for (r0, r1) in query_blocks(s) {
+                        let (m, pb, dpb) = (r1 - r0, &mut pb[..(r1 - r0) * r1], &mut dpb[..(r1 - r0) * r1]);
+                        self.block_probs(b, (r0, r1), qr, kr, pb);
                         let ranges = self.key_ranges(b, r0, r1);
-                        for (k0, k1) in ranges.into_iter().filter(|(k0, k1)| k1 > k0) {
-                            // dP[r0..r1, k0..k1] = dO[r0..r1] V[k0..k1]^T
-                            let dpk = dp.as_mut_ptr().wrapping_add(r0 * s + k0);
-                            let vt = v.skip_rows(k0).t();
-                            unsafe {
-                                matmul(r1 - r0, k1 - k0, d, dpk, s, false, dout_h.skip_rows(r0), vt, Threads::Single)
-                            };
+                        let live = || ranges.into_iter().filter(|(k0, k1)| k1 > k0);
+                        let d_o = dout_h.skip_rows(r0);
+                        for (k0, k1) in live() {
+                            // dV[k0..k1] += P[.., k0..k1]^T dO[r0..r1]
+                            let (pt, dv) =
+                                (Mat { ptr: pb[k0..].as_ptr(), rs: 1, cs: r1 }, dvv.as_mut_ptr().wrapping_add(k0 * d));
+                            unsafe { matmul(k1 - k0, d, m, dv, d, true, pt, d_o, Threads::Single) };
+                            // dP[.., k0..k1] = dO[r0..r1] V[k0..k1]^T
+                            let dpk = dpb.as_mut_ptr().wrapping_add(k0);
+                            unsafe { matmul(m, k1 - k0, d, dpk, r1, false, d_o, v.skip_rows(k0).t(), Threads::Single) };
                         }
-                        for i in r0..r1 {
+                        for (prow, dprow) in pb.chunks_exact(r1).zip(dpb.chunks_exact_mut(r1)) {
                             // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges.
-                            let dot: f32 = ranges
-                                .iter()
-                                .map(|&(k0, k1)| {
-                                    let (pr, dpr) = (&p[i * s + k0..i * s + k1], &dp[i * s + k0..i * s + k1]);
-                                    pr.iter().zip(dpr).map(|(a, b)| a * b).sum::<f32>()
+                            let dot: f32 = live()
+                                .map(|(k0, k1)| {
+                                    prow[k0..k1].iter().zip(&dprow[k0..k1]).map(|(a, b)| a * b).sum::<f32>()
                                 })
                                 .sum();
-                            for &(k0, k1) in &ranges {
-                                let (pr, dpr) = (&p[i * s + k0..i * s + k1], &mut dp[i * s + k0..i * s + k1]);
-                                for (dv, &pv) in dpr.iter_mut().zip(pr) {
+                            for (k0, k1) in live() {
+                                for (dv, &pv) in dprow[k0..k1].iter_mut().zip(&prow[k0..k1]) {
                                     *dv = pv * (*dv - dot) * self.scale;
                                 }
                             }
-                            let (hidden0, hidden1) = (ranges[0].1, ranges[1].0);
-                            dp[i * s + hidden0..i * s + hidden1].fill(0.0);
                         }
-                        // dQ[r0..r1] = sum over ranges dS[r0..r1, k0..k1] K[k0..k1]
                         let mut accumulate = false;
-                        for (k0, k1) in ranges.into_iter().filter(|(k0, k1)| k1 > k0) {
-                            let ds = Mat::rows(&dp[r0 * s + k0..], s);
+                        for (k0, k1) in live() {
+                            // dQ[r0..r1] (+)= dS[.., k0..k1] K[k0..k1]
+                            let (ds, k) = (Mat::rows(&dpb[k0..], r1), Mat::rows(&kr[k0 * d..], d));
                             let dq = dqr.as_mut_ptr().wrapping_add(r0 * d);
-                            let k = Mat::rows(&kr[k0 * d..], d);
-                            unsafe { matmul(r1 - r0, d, k1 - k0, dq, d, accumulate, ds, k, Threads::Single) };
+                            unsafe { matmul(m, d, k1 - k0, dq, d, accumulate, ds, k, Threads::Single) };
                             accumulate = true;
+                            // dK[k0..k1] += dS[.., k0..k1]^T Q[r0..r1]
+                            let (dst_t, q) =
+                                (Mat { ptr: dpb[k0..].as_ptr(), rs: 1, cs: r1 }, Mat::rows(&qr[r0 * d..], d));
+                            let dk = dkr.as_mut_ptr().wrapping_add(k0 * d);
+                            unsafe { matmul(k1 - k0, d, m, dk, d, true, dst_t, q, Threads::Single) };
                         }
-                    }
-                    for (c0, c1) in query_blocks(s) {
-                        // dK[c0..c1] += dS[q0..q1, c0..c1]^T Q[q0..q1]
-                        let (q0, q1) = self.query_range(b, c0, c1);
-                        let dst_t = Mat { ptr: dp[q0 * s + c0..].as_ptr(), rs: 1, cs: s };
-                        let (q, dk) = (Mat::rows(&qr[q0 * d..], d), dkr.as_mut_ptr().wrapping_add(c0 * d));
-                        unsafe { matmul(c1 - c0, d, q1 - q0, dk, d, true, dst_t, q, Threads::Single) };
                     }
                     for (t, gq) in dqr.chunks_exact(d).enumerate() {
                         let (c, sn) = self.tables(self.pos(b, t));

@@ -138,9 +138,9 @@ fn fused_linears_match_composition_values_and_gradients() -> Result<()> {
 
 #[test]
 fn fused_attention_matches_composition_values_and_gradients() -> Result<()> {
-    // 11 tokens: one query block; 75: two full 32-row blocks and a partial one, so the skipped
-    // upper-triangle blocks and the block-wise dV / dK sums are exercised.
-    for seq in [11, 75] {
+    // 11 tokens: one query block; 75 and 150: several 64-row blocks, the last one partial, so
+    // the skipped upper-triangle blocks and the block-wise dV / dK sums are exercised.
+    for seq in [11, 75, 150] {
         attention_matches_composition(seq)?;
     }
     let dev = Device::Cpu;

@@ -1,7 +1,7 @@
 //! Pairs packed around their shared prefix (`Model::pair_token_logps`) give the log-probs and
 //! gradients of the two rows run separately (`Model::token_logps`), within 1e-5, on every real
 //! token: prefixes of different lengths, one pair sharing nothing, one pair of identical rows,
-//! a rejected row shorter than its prompt share, rows longer than one attention block.
+//! a rejected row shorter than its prompt share, packed rows longer than one attention block.
 
 use candle_core::{Device, Tensor};
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig, ModelError, Result};
@@ -56,7 +56,8 @@ fn check(lm: &CausalLm, what: &str) -> Result<()> {
 
 #[test]
 fn packed_pairs_equal_separate_rows_for_llama() -> Result<()> {
-    // Grouped-query attention, untied embeddings; 70 tokens span three 32-row query blocks.
+    // Grouped-query attention, untied embeddings; packed rows of up to 105 tokens span two
+    // 64-row query blocks, the second wholly in the rejected branch for the first pair.
     let mut cfg = LlamaConfig::tiny(61, 32, 48, 2, 4, 2);
     cfg.tie_word_embeddings = false;
     check(&CausalLm::random(&cfg, 5, &Device::Cpu)?, "llama")
