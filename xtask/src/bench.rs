@@ -32,6 +32,21 @@ pub struct Options {
     exe: Option<PathBuf>,
     scaling: bool,
     separate_rows: bool,
+    gradient_checkpointing: bool,
+}
+
+impl Options {
+    /// The flags our every `slime-step-bench` run gets.
+    fn our_flags(&self) -> Vec<&'static str> {
+        let mut flags = Vec::new();
+        if self.separate_rows {
+            flags.push("--separate-rows");
+        }
+        if self.gradient_checkpointing {
+            flags.push("--gradient-checkpointing");
+        }
+        flags
+    }
 }
 
 /// The `--scaling` sweep: `(hidden, seq, steps)`, one size changed at a time from the reference
@@ -40,8 +55,9 @@ const SCALING: [(usize, usize, usize); 5] =
     [(256, 128, 10), (512, 128, 6), (1024, 128, 4), (256, 512, 6), (256, 2048, 3)];
 
 /// Parses `[--only a,b] [--steps N] [--reps N] [--threads N] [--vs-pytorch DIR] [--out FILE]
-/// [--exe PATH] [--scaling] [--separate-rows]` (`--exe`: a prebuilt `slime-step-bench` instead of
-/// building one; `--separate-rows`: ours without packing pairs around their prompt).
+/// [--exe PATH] [--scaling] [--separate-rows] [--gradient-checkpointing]` (`--exe`: a prebuilt
+/// `slime-step-bench` instead of building one; `--separate-rows`: ours without packing pairs
+/// around their prompt; `--gradient-checkpointing`: ours recomputing activations in the backward).
 pub fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         only: OBJECTIVES.iter().map(|s| s.to_string()).collect(),
@@ -53,6 +69,7 @@ pub fn parse(args: &[String]) -> Result<Options> {
         exe: None,
         scaling: false,
         separate_rows: false,
+        gradient_checkpointing: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -72,6 +89,7 @@ pub fn parse(args: &[String]) -> Result<Options> {
             "--exe" => o.exe = Some(PathBuf::from(value()?)),
             "--scaling" => o.scaling = true,
             "--separate-rows" => o.separate_rows = true,
+            "--gradient-checkpointing" => o.gradient_checkpointing = true,
             other => bail!("unknown option `{other}` for `bench`"),
         }
     }
@@ -172,9 +190,7 @@ fn scaling(o: &Options, exe: &Path, file: &mut std::fs::File) -> Result<()> {
             &steps.to_string(),
         ]);
         cmd.env("RAYON_NUM_THREADS", o.threads.to_string());
-        if o.separate_rows {
-            cmd.arg("--separate-rows");
-        }
+        cmd.args(o.our_flags());
         let v = run_json(&mut cmd, &format!("simpo at hidden {hidden}, seq {seq}"))?;
         println!("{v}");
         writeln!(file, "{v}").with_context(|| format!("writing {}", o.out.display()))?;
@@ -265,9 +281,7 @@ pub fn bench(o: &Options) -> Result<()> {
             let mut cmd = Command::new(&exe);
             cmd.args(["--objective", obj, "--steps", &o.steps.to_string(), "--threads", &o.threads.to_string()]);
             cmd.env("RAYON_NUM_THREADS", o.threads.to_string());
-            if o.separate_rows {
-                cmd.arg("--separate-rows");
-            }
+            cmd.args(o.our_flags());
             jobs.push((format!("{obj}-slime-rs"), cmd));
             if let Some((dir, python)) = &anchors {
                 let script: &[&str] = match obj.as_str() {

@@ -112,6 +112,28 @@ impl Model {
         crate::pairs::pair_token_logps(self, input_ids, attention_mask, chunk)
     }
 
+    /// Turns gradient checkpointing on or off (see [`Llama::set_gradient_checkpointing`]). An
+    /// error for Gemma, whose composed layers keep what candle's graph keeps.
+    pub fn set_gradient_checkpointing(&self, on: bool) -> Result<()> {
+        match self {
+            Self::Llama(m) => {
+                m.set_gradient_checkpointing(on);
+                Ok(())
+            }
+            Self::Gemma(_) if on => Err(ModelError::Config {
+                file: "config".into(),
+                field: "gradient_checkpointing",
+                reason: "implemented for Llama-architecture models (the fused path); Gemma has no fused blocks".into(),
+            }),
+            Self::Gemma(_) => Ok(()),
+        }
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        matches!(self, Self::Llama(m) if m.gradient_checkpointing())
+    }
+
     /// Logits `[batch, vocab]` at each row's last real position.
     pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         match self {
@@ -392,6 +414,7 @@ impl CausalLm {
             enabled: enabled.clone(),
         };
         let model = build(&self.config, VarBuilder::from_tensors(frozen, dtype, &device), Some(&adapters))?;
+        model.set_gradient_checkpointing(self.model.gradient_checkpointing())?;
         Ok(Self { vars: self.vars, config: self.config, model, lora: Some(LoraState { cfg, vars, enabled }) })
     }
 
@@ -411,7 +434,9 @@ impl CausalLm {
             let merged = (w + delta.to_dtype(w.dtype())?)?;
             weights.insert(name, merged);
         }
-        Self::from_tensors(&self.config, weights)
+        let merged = Self::from_tensors(&self.config, weights)?;
+        merged.model.set_gradient_checkpointing(self.model.gradient_checkpointing())?;
+        Ok(merged)
     }
 
     /// Switches LoRA adapters on or off (off: the base model, e.g. DPO's reference, sharing the

@@ -9,10 +9,11 @@ use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Result;
 use crate::config::LlamaConfig;
-use crate::fused::{self, AttentionSpec};
+use crate::fused::{self, Activations, AttentionSpec};
 use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rope, rope_tables};
@@ -48,6 +49,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Tensor,
     inv_freq: Vec<f64>,
+    /// Gradient checkpointing on the fused path (see [`Self::set_gradient_checkpointing`]).
+    recompute: AtomicBool,
 }
 
 fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Adapters>) -> Result<Proj> {
@@ -98,6 +101,7 @@ impl Llama {
             norm: vb.get(h, "model.norm.weight")?,
             lm_head,
             inv_freq: cfg.inv_freq(),
+            recompute: AtomicBool::new(false),
         })
     }
 
@@ -109,6 +113,19 @@ impl Llama {
     /// The configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): each fused block keeps
+    /// only its input and recomputes its activations in the backward pass
+    /// ([`Activations::Recompute`]). Same values and gradients, less memory, more time. Applies
+    /// to the fused path (f32 CPU); the reference path keeps what candle's graph keeps.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.recompute.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.recompute.load(Ordering::Relaxed)
     }
 
     /// Final hidden states `[batch, seq, hidden]` (after the last RMSNorm) for `input_ids`
@@ -223,9 +240,10 @@ impl Llama {
         let spec = Arc::new(spec);
         let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
+        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
         for (layer, [q, k, v, o, gate, up, down]) in self.layers.iter().zip(weights) {
-            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps)?;
-            x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps)?;
+            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps, acts)?;
+            x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts)?;
         }
         Ok(fused::rms_norm(&x, &self.norm, eps)?.reshape((batch, seq, h))?)
     }

@@ -2,6 +2,7 @@
 //! gradients within 1e-5.
 
 use candle_core::{D, DType, Device, Tensor, Var};
+use slime_models::fused::Activations;
 use slime_models::{Result, fused, ops};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -67,7 +68,9 @@ fn fused_log_softmax_gather_matches_composition_values_and_gradients() -> Result
 }
 
 /// Values and the gradients of `sum(y * coef)` w.r.t. `vars`, for `f` run on the fused path and
-/// on the reference composition; asserts they agree within `tol`.
+/// on the reference composition; asserts they agree within `tol` (gradients: within `tol` times
+/// their largest magnitude when that exceeds 1, since f32 rounding scales with the values; the
+/// 150-token attention's gradients reach ~10).
 fn check_grads(
     what: &str,
     vars: &[&Var],
@@ -88,7 +91,7 @@ fn check_grads(
         let b = g0.get(v.as_tensor()).expect("reference gradient");
         let d = max_abs_diff(a, b)?;
         let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(d < tol, "{what}: gradient of input {i} differs by {d} (largest magnitude {scale})");
+        assert!(d < tol * scale.max(1.0), "{what}: gradient of input {i} differs by {d} (largest magnitude {scale})");
         assert!(b.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{what}: gradient of input {i} is zero");
     }
     Ok(())
@@ -211,44 +214,54 @@ fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
     let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
     let spec = std::sync::Arc::new(fused::AttentionSpec::new(batch, seq, heads, kv_heads, &inv_freq, Some(&mask))?);
     let (xt, nwt) = (x.as_tensor(), nw.as_tensor());
-    let attn_block =
-        || fused::attention_block(xt, nwt, [q.as_tensor(), k.as_tensor(), v.as_tensor(), o.as_tensor()], &spec, 1e-6);
-    check_grads(
-        "attention_block",
-        &[&x, &nw, &q, &k, &v, &o],
-        attn_block,
-        || {
-            let h = ops::rms_norm_composed(xt, nwt, 1e-6)?;
-            let qkv = Tensor::cat(
-                &[h.matmul(&q.as_tensor().t()?)?, h.matmul(&k.as_tensor().t()?)?, h.matmul(&v.as_tensor().t()?)?],
-                1,
-            )?;
-            let a = ops::attention_composed(&qkv, batch, heads, kv_heads, &inv_freq, Some(&mask))?;
-            Ok((xt + a.matmul(&o.as_tensor().t()?)?)?)
-        },
-        1e-5,
-    )?;
     let (g, u, d) = (w(inter, hidden)?, w(inter, hidden)?, w(hidden, inter)?);
-    let mlp_block = || fused::mlp_block(xt, nwt, [g.as_tensor(), u.as_tensor(), d.as_tensor()], 1e-6);
-    check_grads(
-        "mlp_block",
-        &[&x, &nw, &g, &u, &d],
-        mlp_block,
-        || {
-            let h = ops::rms_norm_composed(xt, nwt, 1e-6)?;
-            let act = (h.matmul(&g.as_tensor().t()?)?.silu()? * h.matmul(&u.as_tensor().t()?)?)?;
-            Ok((xt + act.matmul(&d.as_tensor().t()?)?)?)
-        },
-        1e-5,
-    )?;
-    // A graph differentiated twice: the second backward recomputes the activations the first
-    // one freed, with the same result.
-    for f in [&attn_block as &dyn Fn() -> Result<Tensor>, &mlp_block] {
-        let y = f()?.sqr()?.sum_all()?;
-        let (g1, g2) = (y.backward()?, y.backward()?);
-        for var in [&x, &nw] {
-            let (a, b) = (g1.get(var.as_tensor()).expect("grad"), g2.get(var.as_tensor()).expect("grad"));
-            assert_eq!(max_abs_diff(a, b)?, 0.0);
+    for acts in [Activations::Keep, Activations::Recompute] {
+        let attn_block = || {
+            fused::attention_block(
+                xt,
+                nwt,
+                [q.as_tensor(), k.as_tensor(), v.as_tensor(), o.as_tensor()],
+                &spec,
+                1e-6,
+                acts,
+            )
+        };
+        check_grads(
+            &format!("attention_block ({acts:?})"),
+            &[&x, &nw, &q, &k, &v, &o],
+            attn_block,
+            || {
+                let h = ops::rms_norm_composed(xt, nwt, 1e-6)?;
+                let qkv = Tensor::cat(
+                    &[h.matmul(&q.as_tensor().t()?)?, h.matmul(&k.as_tensor().t()?)?, h.matmul(&v.as_tensor().t()?)?],
+                    1,
+                )?;
+                let a = ops::attention_composed(&qkv, batch, heads, kv_heads, &inv_freq, Some(&mask))?;
+                Ok((xt + a.matmul(&o.as_tensor().t()?)?)?)
+            },
+            1e-5,
+        )?;
+        let mlp_block = || fused::mlp_block(xt, nwt, [g.as_tensor(), u.as_tensor(), d.as_tensor()], 1e-6, acts);
+        check_grads(
+            &format!("mlp_block ({acts:?})"),
+            &[&x, &nw, &g, &u, &d],
+            mlp_block,
+            || {
+                let h = ops::rms_norm_composed(xt, nwt, 1e-6)?;
+                let act = (h.matmul(&g.as_tensor().t()?)?.silu()? * h.matmul(&u.as_tensor().t()?)?)?;
+                Ok((xt + act.matmul(&d.as_tensor().t()?)?)?)
+            },
+            1e-5,
+        )?;
+        // A graph differentiated twice: the second backward recomputes the activations the first
+        // one freed, with the same result.
+        for f in [&attn_block as &dyn Fn() -> Result<Tensor>, &mlp_block] {
+            let y = f()?.sqr()?.sum_all()?;
+            let (g1, g2) = (y.backward()?, y.backward()?);
+            for var in [&x, &nw] {
+                let (a, b) = (g1.get(var.as_tensor()).expect("grad"), g2.get(var.as_tensor()).expect("grad"));
+                assert_eq!(max_abs_diff(a, b)?, 0.0);
+            }
         }
     }
     Ok(())

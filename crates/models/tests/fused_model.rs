@@ -81,3 +81,62 @@ fn fused_llama_with_lora_matches_reference_and_trains_only_adapters() -> Result<
     }
     Ok(())
 }
+
+/// Gradient checkpointing recomputes exactly what the kept activations held: the same log-probs
+/// and the same gradient for every weight, bit for bit, packed pairs and LoRA included.
+#[test]
+fn gradient_checkpointing_gives_identical_values_and_gradients() -> Result<()> {
+    let dev = Device::Cpu;
+    let cfg = LlamaConfig::tiny(61, 32, 48, 2, 4, 2);
+    let (batch, seq) = (4, 11);
+    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 29 + 5) % 61) as u32).collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
+    let mut m = vec![1u8; batch * seq];
+    m[2 * seq - 1] = 0;
+    let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
+    let coef = Tensor::randn(0f32, 1.0, (batch, seq), &dev)?;
+    for lora in [false, true] {
+        let mut lm = CausalLm::random(&cfg, 5, &dev)?;
+        if lora {
+            lm = lm
+                .with_lora(slime_models::LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "gate_proj", "down_proj"]), 1)?;
+            // Non-zero B, so the adapters change the model and get gradients through it.
+            for (_, var) in lm.trainable_vars() {
+                var.set(&Tensor::randn(0f32, 0.05, var.shape(), &dev)?)?;
+            }
+        }
+        let run = |on: bool| -> Result<(Tensor, Vec<Tensor>)> {
+            lm.model().set_gradient_checkpointing(on)?;
+            assert_eq!(lm.model().gradient_checkpointing(), on);
+            let logps = lm.model().pair_token_logps(&ids, Some(&mask), 4)?;
+            let grads = (&logps * &coef)?.sum_all()?.backward()?;
+            let per_var = lm
+                .trainable_vars()
+                .iter()
+                .map(|(name, v)| grads.get(v.as_tensor()).cloned().unwrap_or_else(|| panic!("no gradient for {name}")))
+                .collect();
+            Ok((logps, per_var))
+        };
+        let (l_keep, g_keep) = run(false)?;
+        let (l_rec, g_rec) = run(true)?;
+        assert_eq!(max_abs_diff(&l_keep, &l_rec)?, 0.0, "log-probs (lora {lora})");
+        for ((name, _), (a, b)) in lm.trainable_vars().iter().zip(g_keep.iter().zip(&g_rec)) {
+            assert_eq!(max_abs_diff(a, b)?, 0.0, "{name} (lora {lora})");
+        }
+        // The flag survives merging the adapters back.
+        if lora {
+            assert!(lm.merge_lora()?.model().gradient_checkpointing());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gradient_checkpointing_is_an_error_for_gemma() -> Result<()> {
+    let cfg = slime_models::GemmaConfig::tiny3(61, 32, 48, 2, 4, 2);
+    let lm = CausalLm::random(&cfg, 0, &Device::Cpu)?;
+    let err = lm.model().set_gradient_checkpointing(true).expect_err("Gemma has no fused blocks");
+    assert!(err.to_string().contains("gradient_checkpointing"), "{err}");
+    lm.model().set_gradient_checkpointing(false)?;
+    Ok(())
+}

@@ -1088,6 +1088,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
         // before the preference stage began.
         lm = CausalLm::from_dir_as(&run_dir.join("sft-model"), &device, cfg.model.load_dtype())?;
+        lm.model().set_gradient_checkpointing(cfg.model.gradient_checkpointing)?;
     }
     if let Some(lora) = &cfg.model.lora {
         lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x10_4A)?;
@@ -1162,6 +1163,7 @@ fn load_model_and_data(
             }
         }
     };
+    lm.model().set_gradient_checkpointing(cfg.model.gradient_checkpointing)?;
     if cfg.model.path.is_none() {
         let data = RunData::embedded(cfg.data.pairs, cfg.data.eval_pairs, cfg.seed)?;
         return Ok((lm, data, None));

@@ -121,6 +121,39 @@ fn gradient_accumulation_matches_the_full_batch() {
     }
 }
 
+/// `model.gradient_checkpointing = true` trains exactly the same weights (SFT, then SLIME with
+/// LoRA): recomputed activations are the kept ones, bit for bit.
+#[test]
+fn gradient_checkpointing_trains_the_same_weights() {
+    let train = |on: bool| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = tiny();
+        cfg.model.gradient_checkpointing = on;
+        cfg.model.lora = Some(slime_trainer::config::LoraSpec { r: 4, alpha: 8.0, ..Default::default() });
+        cfg.sft.steps = 2;
+        cfg.preference.steps = 2;
+        cfg.preference.objective = Objective::Slime(SlimeParams::paper());
+        run(&cfg, dir.path()).expect("run");
+        (weights(dir.path()), bytes(&dir.path().join("metrics.jsonl")))
+    };
+    let (off, on) = (train(false), train(true));
+    assert_eq!(max_abs_diff(&off.0, &on.0), 0.0);
+    let strip = |b: &[u8]| -> Vec<String> {
+        // Timing fields differ between runs; everything else must not.
+        String::from_utf8_lossy(b)
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).expect("json");
+                if let Some(m) = v.as_object_mut() {
+                    m.retain(|k, _| k != "tokens_per_second" && !k.ends_with("_s"));
+                }
+                v.to_string()
+            })
+            .collect()
+    };
+    assert_eq!(strip(&off.1), strip(&on.1));
+}
+
 /// A SAGE + DPO run with a checkpoint every 2 steps, interrupted by an injected fault at
 /// preference step 5 (the checkpoint of step 4 survives), then resumed.
 fn sage_dpo() -> RunConfig {

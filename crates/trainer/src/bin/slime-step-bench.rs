@@ -125,6 +125,10 @@ struct Args {
     /// packing each pair around its shared prompt (`Model::pair_token_logps`).
     #[arg(long)]
     separate_rows: bool,
+    /// Gradient checkpointing: the fused blocks keep only their inputs and recompute their
+    /// activations in the backward pass (less memory, about a third more forward work).
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 fn config(shape: Shape) -> LlamaConfig {
@@ -258,6 +262,7 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let cfg = config(shape);
     let lm = CausalLm::random(&cfg, args.seed, &dev)?;
+    lm.model().set_gradient_checkpointing(args.gradient_checkpointing)?;
     let data = pairs(1234, shape);
     let n = args.batch;
     let mut completion = vec![0u8; 2 * n * seq];
@@ -365,6 +370,7 @@ fn main() -> Result<()> {
         "hidden": shape.hidden,
         "seq": seq,
         "pairs_packed": !separate,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "steps": args.steps,
         "batch_pairs": n,
         "threads": threads,
