@@ -31,17 +31,21 @@ where people meet in the evening to talk, eat and listen to music.";
 
 /// Mean next-token loss of `text` (BOS first when the family uses one).
 fn mean_loss(lm: &CausalLm, tok: &TextTokenizer, text: &str) -> f64 {
-    let ids = tok.with_bos(tok.encode(text).unwrap());
+    let ids = tok.with_bos(tok.encode(text).expect("encode"));
     let n = ids.len();
-    let input = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
-    let logps: Vec<f32> = lm.model().token_logps(&input, None, 64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let input = Tensor::from_vec(ids, (1, n), &Device::Cpu).expect("ids tensor");
+    let logps: Vec<f32> = lm
+        .model()
+        .token_logps(&input, None, 64)
+        .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+        .expect("token log-probs");
     -logps[1..].iter().map(|&l| f64::from(l)).sum::<f64>() / (n - 1) as f64
 }
 
 fn greedy(lm: &CausalLm, tok: &TextTokenizer, prompt: &str, n: usize) -> String {
-    let ids = tok.with_bos(tok.encode(prompt).unwrap());
-    let out = lm.model().generate_greedy(&ids, n, &[]).unwrap();
-    tok.decode(&out, true).unwrap()
+    let ids = tok.with_bos(tok.encode(prompt).expect("encode"));
+    let out = lm.model().generate_greedy(&ids, n, &[]).expect("greedy generation");
+    tok.decode(&out, true).expect("decode")
 }
 
 #[test]

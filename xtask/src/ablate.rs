@@ -444,7 +444,7 @@ fn run_cells(
         }
         Ok(())
     })?;
-    Ok(failures.into_inner().map_err(|_| anyhow::anyhow!("a cell worker panicked"))?)
+    failures.into_inner().map_err(|_| anyhow::anyhow!("a cell worker panicked"))
 }
 
 pub fn ablate(opts: &Options) -> Result<()> {

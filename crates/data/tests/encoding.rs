@@ -104,7 +104,7 @@ fn masked_text(encoder: &PairEncoder, pair: &slime_data::TokenizedPair) -> Strin
     let batch = collate_pairs(&[pair], 0);
     let row: Vec<u32> =
         (0..batch.seq_len).filter(|&t| batch.completion_mask[t] == 1).map(|t| batch.input_ids[t]).collect();
-    encoder.tokenizer().decode(&row, false).unwrap()
+    encoder.tokenizer().decode(&row, false).expect("decode")
 }
 
 #[test]

@@ -277,7 +277,7 @@ mod fuzz {
                 let cell = |i: usize| cells[(offset + i) % cells.len()].clone();
                 match kind {
                     0 => Arc::new(StringArray::from((0..3).map(|i| cell(i).map(|b| String::from_utf8_lossy(&b).into_owned())).collect::<Vec<_>>())),
-                    1 => Arc::new(BinaryArray::from((0..3).map(|i| cell(i)).collect::<Vec<_>>().iter().map(|c| c.as_deref()).collect::<Vec<_>>())),
+                    1 => Arc::new(BinaryArray::from((0..3).map(cell).collect::<Vec<_>>().iter().map(|c| c.as_deref()).collect::<Vec<_>>())),
                     2 => Arc::new(Int64Array::from(vec![1, 2, 3])),
                     _ => message_list(&(0..3).map(|i| (0..(i + offset) % 3).map(|j| Message::new(roles[(i + j + offset) % roles.len()], &format!("m{j}"))).collect()).collect::<Vec<_>>()),
                 }

@@ -12,14 +12,14 @@ use slime_data::{
 
 fn encoder(truncation: Truncation) -> PairEncoder {
     let tok = common::tokenizer("<|begin_of_text|>", "<eos>", false);
-    let template = tok.chat_template(Some(BuiltinTemplate::Llama3)).unwrap();
-    PairEncoder::new(tok, Some(template), truncation).unwrap()
+    let template = tok.chat_template(Some(BuiltinTemplate::Llama3)).expect("Llama 3 template");
+    PairEncoder::new(tok, Some(template), truncation).expect("pair encoder")
 }
 
 /// The prompt texts of a split part, as a set (pair ids depend on file order; content doesn't).
 fn part_contents(path: &std::path::Path, split: HashSplit, part: SplitPart) -> BTreeSet<Vec<u32>> {
-    let (pairs, _) =
-        load_pairs(path, ReadOptions::default(), &encoder(Truncation::default()), Some((split, part))).unwrap();
+    let (pairs, _) = load_pairs(path, ReadOptions::default(), &encoder(Truncation::default()), Some((split, part)))
+        .expect("load pairs");
     pairs.into_iter().map(|p| [p.prompt, p.chosen].concat()).collect()
 }
 
