@@ -322,15 +322,18 @@ pub fn bench(o: &Options) -> Result<()> {
     };
     let tok_s = |label: &str| stat(label, "s_per_step_steady_median").map(|s| 1792.0 / s);
     println!();
-    println!("| run | n | s/step (median of steady steps) | tokens/s | peak RSS MiB | GFLOP/s | foreign CPU |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| run | n | s/step (median of steady steps) | tokens/s | peak RSS MiB | saved activations MiB | GFLOP/s | foreign CPU |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for label in results.keys() {
         println!(
-            "| {label} | {} | {:.3} | {:.0} | {:.0} | {} | {} |",
+            "| {label} | {} | {:.3} | {:.0} | {:.0} | {} | {} | {} |",
             results[label].len(),
             stat(label, "s_per_step_steady_median").unwrap_or(f64::NAN),
             tok_s(label).unwrap_or(f64::NAN),
             stat(label, "peak_rss_mib").unwrap_or(f64::NAN),
+            stat(label, "saved_activations_peak_mib").map_or("-".into(), |v| format!("{v:.1}")),
             stat(label, "gflop_per_s").map_or("-".into(), |v| format!("{v:.1}")),
             stat(label, "foreign_cpu_frac").map_or("-".into(), |v| format!("{v:.2}")),
         );

@@ -134,6 +134,15 @@ impl Model {
         matches!(self, Self::Llama(m) if m.gradient_checkpointing())
     }
 
+    /// The activation memory of the fused blocks (see [`Llama::activation_meter`]); `None` for
+    /// Gemma, whose composed layers keep what candle's graph keeps.
+    pub fn activation_meter(&self) -> Option<&crate::fused::ActivationMeter> {
+        match self {
+            Self::Llama(m) => Some(m.activation_meter()),
+            Self::Gemma(_) => None,
+        }
+    }
+
     /// Logits `[batch, vocab]` at each row's last real position.
     pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         match self {

@@ -884,40 +884,107 @@ pub enum Activations {
     Recompute,
 }
 
+/// Bytes of activations that fused blocks hold for their backward passes: now, and the most at
+/// once since the meter was made or its peak reset. A model owns one ([`crate::Llama::activation_meter`]);
+/// a forward pass adds what each block keeps, the backward pass (or dropping the graph)
+/// subtracts it, so after `backward()` the count is back to zero and the peak is the activation
+/// memory of one step (the residual stream between blocks and candle's own tensors not included).
+#[derive(Debug, Default)]
+pub struct ActivationMeter {
+    held: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl ActivationMeter {
+    /// Bytes held now.
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most bytes held at once since the meter was made or [`Self::reset_peak`].
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts a new peak from what is held now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.held_bytes(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn add(&self, bytes: usize) {
+        let now = self.held.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The activations a block saved in its forward pass ([`Activations::Keep`]); the first backward
 /// pass takes (frees) them, and a backward pass that finds none recomputes them from the inputs
-/// (a graph differentiated twice, or [`Activations::Recompute`]).
+/// (a graph differentiated twice, or [`Activations::Recompute`]). What it holds is counted on
+/// its meter.
 struct Saved {
     policy: Activations,
+    meter: Option<Arc<ActivationMeter>>,
     slot: std::sync::Mutex<Option<Pair>>,
 }
 
 /// A block's two saved activation buffers.
 type Pair = (Vec<f32>, Vec<f32>);
 
+fn pair_bytes((a, b): &Pair) -> usize {
+    (a.len() + b.len()) * std::mem::size_of::<f32>()
+}
+
 impl Saved {
-    fn new(policy: Activations) -> Self {
-        Self { policy, slot: std::sync::Mutex::new(None) }
+    fn new(policy: Activations, meter: Option<&Arc<ActivationMeter>>) -> Self {
+        Self { policy, meter: meter.cloned(), slot: std::sync::Mutex::new(None) }
     }
 
     /// Stores `acts` unless the policy is to recompute them.
     fn put(&self, acts: Pair) -> candle_core::Result<()> {
         if self.policy == Activations::Keep {
-            *self.lock()? = Some(acts);
+            if let Some(m) = &self.meter {
+                m.add(pair_bytes(&acts));
+            }
+            if let Some(old) = self.lock()?.replace(acts) {
+                self.uncount(&old);
+            }
         }
         Ok(())
     }
 
     /// The saved activations, or `recompute()`'s.
     fn take_or(&self, recompute: impl FnOnce() -> candle_core::Result<Pair>) -> candle_core::Result<Pair> {
-        match self.lock()?.take() {
-            Some(acts) => Ok(acts),
+        let taken = self.lock()?.take();
+        match taken {
+            Some(acts) => {
+                self.uncount(&acts);
+                Ok(acts)
+            }
             None => recompute(),
+        }
+    }
+
+    fn uncount(&self, acts: &Pair) {
+        if let Some(m) = &self.meter {
+            m.sub(pair_bytes(acts));
         }
     }
 
     fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Option<Pair>>> {
         self.slot.lock().map_err(|_| candle_core::Error::Msg("fused block: saved activations poisoned".into()))
+    }
+}
+
+impl Drop for Saved {
+    /// A graph dropped without a backward pass frees what its blocks kept.
+    fn drop(&mut self) {
+        if let Ok(Some(acts)) = self.slot.get_mut().map(Option::take) {
+            self.uncount(&acts);
+        }
     }
 }
 
@@ -1048,7 +1115,8 @@ impl CustomOp3 for AttentionBlockOp {
 /// activations live inside the op (freed by its backward pass), so candle's graph sees one node.
 /// Falls back to the pieces ([`norm_linear`], [`attention`], [`linear_residual`]) off f32 CPU
 /// (which then error in [`attention`]). `activations` says whether the op keeps its
-/// intermediate activations or recomputes them in the backward pass.
+/// intermediate activations or recomputes them in the backward pass; `meter` counts what it
+/// keeps.
 pub fn attention_block(
     x: &Tensor,
     norm_weight: &Tensor,
@@ -1056,6 +1124,7 @@ pub fn attention_block(
     spec: &Arc<AttentionSpec>,
     eps: f64,
     activations: Activations,
+    meter: Option<&Arc<ActivationMeter>>,
 ) -> Result<Tensor> {
     if !fusable(&[x, norm_weight, q, k, v, o]) {
         let qkv = norm_linear(x, norm_weight, &Tensor::cat(&[q, k, v], 0)?, eps)?;
@@ -1063,7 +1132,7 @@ pub fn attention_block(
     }
     let packed = Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?, o.flatten_all()?], 0)?;
     let hidden = x.dim(candle_core::D::Minus1)?;
-    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, saved: Saved::new(activations) };
+    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, saved: Saved::new(activations, meter) };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }
 
@@ -1239,13 +1308,14 @@ impl CustomOp3 for MlpBlockOp {
 /// `u = rms_norm(x, norm_weight) w_up^T`, for the residual stream `x [rows, hidden]`. The
 /// gate|up activations live inside the op (freed by its backward pass); the SwiGLU product and
 /// the normalised rows are recomputed there. Falls back to the pieces ([`norm_linear`],
-/// [`swiglu_down_residual`]) off f32 CPU. `activations` as in [`attention_block`].
+/// [`swiglu_down_residual`]) off f32 CPU. `activations` and `meter` as in [`attention_block`].
 pub fn mlp_block(
     x: &Tensor,
     norm_weight: &Tensor,
     [gate, up, down]: [&Tensor; 3],
     eps: f64,
     activations: Activations,
+    meter: Option<&Arc<ActivationMeter>>,
 ) -> Result<Tensor> {
     if !fusable(&[x, norm_weight, gate, up, down]) {
         let gu = norm_linear(x, norm_weight, &Tensor::cat(&[gate, up], 0)?, eps)?;
@@ -1253,6 +1323,6 @@ pub fn mlp_block(
     }
     let (inter, hidden) = gate.dims2()?;
     let packed = Tensor::cat(&[gate.flatten_all()?, up.flatten_all()?, down.flatten_all()?], 0)?;
-    let op = MlpBlockOp { eps, hidden, inter, saved: Saved::new(activations) };
+    let op = MlpBlockOp { eps, hidden, inter, saved: Saved::new(activations, meter) };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

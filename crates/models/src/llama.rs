@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Result;
 use crate::config::LlamaConfig;
-use crate::fused::{self, Activations, AttentionSpec};
+use crate::fused::{self, ActivationMeter, Activations, AttentionSpec};
 use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rope, rope_tables};
@@ -51,6 +51,8 @@ pub struct Llama {
     inv_freq: Vec<f64>,
     /// Gradient checkpointing on the fused path (see [`Self::set_gradient_checkpointing`]).
     recompute: AtomicBool,
+    /// What the fused blocks keep for the backward pass (see [`Self::activation_meter`]).
+    meter: Arc<ActivationMeter>,
 }
 
 fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Adapters>) -> Result<Proj> {
@@ -102,6 +104,7 @@ impl Llama {
             lm_head,
             inv_freq: cfg.inv_freq(),
             recompute: AtomicBool::new(false),
+            meter: Arc::default(),
         })
     }
 
@@ -126,6 +129,13 @@ impl Llama {
     /// Whether gradient checkpointing is on.
     pub fn gradient_checkpointing(&self) -> bool {
         self.recompute.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of activations this model's fused blocks hold for the backward pass (q|k|v and
+    /// the attention output, gate|up per layer; nothing with gradient checkpointing): now, and
+    /// the peak since [`ActivationMeter::reset_peak`]. Zero on the reference path.
+    pub fn activation_meter(&self) -> &ActivationMeter {
+        &self.meter
     }
 
     /// Final hidden states `[batch, seq, hidden]` (after the last RMSNorm) for `input_ids`
@@ -242,8 +252,9 @@ impl Llama {
         let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
         let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
         for (layer, [q, k, v, o, gate, up, down]) in self.layers.iter().zip(weights) {
-            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps, acts)?;
-            x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts)?;
+            let meter = Some(&self.meter);
+            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps, acts, meter)?;
+            x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts, meter)?;
         }
         Ok(fused::rms_norm(&x, &self.norm, eps)?.reshape((batch, seq, h))?)
     }

@@ -224,6 +224,7 @@ fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
                 &spec,
                 1e-6,
                 acts,
+                None,
             )
         };
         check_grads(
@@ -241,7 +242,7 @@ fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
             },
             1e-5,
         )?;
-        let mlp_block = || fused::mlp_block(xt, nwt, [g.as_tensor(), u.as_tensor(), d.as_tensor()], 1e-6, acts);
+        let mlp_block = || fused::mlp_block(xt, nwt, [g.as_tensor(), u.as_tensor(), d.as_tensor()], 1e-6, acts, None);
         check_grads(
             &format!("mlp_block ({acts:?})"),
             &[&x, &nw, &g, &u, &d],
@@ -282,7 +283,7 @@ fn mlp_block_over_several_row_chunks_matches_composition() -> Result<()> {
         check_grads(
             &format!("mlp_block, {rows} rows ({acts:?})"),
             &[&x, &nw, &g, &u, &d],
-            || fused::mlp_block(xt, nwt, [g.as_tensor(), u.as_tensor(), d.as_tensor()], 1e-6, acts),
+            || fused::mlp_block(xt, nwt, [g.as_tensor(), u.as_tensor(), d.as_tensor()], 1e-6, acts, None),
             || {
                 let h = ops::rms_norm_composed(xt, nwt, 1e-6)?;
                 let act = (h.matmul(&g.as_tensor().t()?)?.silu()? * h.matmul(&u.as_tensor().t()?)?)?;

@@ -140,3 +140,34 @@ fn gradient_checkpointing_is_an_error_for_gemma() -> Result<()> {
     lm.model().set_gradient_checkpointing(false)?;
     Ok(())
 }
+
+#[test]
+fn activation_meter_counts_what_the_blocks_keep_until_the_backward_pass() -> Result<()> {
+    let dev = Device::Cpu;
+    let (vocab, hidden, inter, layers, heads, kv_heads) = (61, 32, 48, 3, 4, 2);
+    let cfg = LlamaConfig::tiny(vocab, hidden, inter, layers, heads, kv_heads);
+    let (batch, seq) = (2, 9);
+    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 13 + 3) % vocab) as u32).collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
+    let lm = CausalLm::random(&cfg, 2, &dev)?;
+    let meter = lm.model().activation_meter().expect("a Llama has a meter");
+    // Per layer and position: q|k|v (heads + 2 kv heads) x head_dim, the attention output
+    // heads x head_dim, and gate|up 2 x intermediate, in f32.
+    let head_dim = hidden / heads;
+    let per_layer = batch * seq * ((heads + 2 * kv_heads) * head_dim + heads * head_dim + 2 * inter) * 4;
+    for checkpointing in [false, true] {
+        lm.model().set_gradient_checkpointing(checkpointing)?;
+        meter.reset_peak();
+        let expected = if checkpointing { 0 } else { layers * per_layer };
+        let logps = lm.model().token_logps(&ids, None, 4)?;
+        assert_eq!(meter.held_bytes(), expected, "after the forward pass (checkpointing {checkpointing})");
+        logps.sum_all()?.backward()?;
+        assert_eq!(meter.held_bytes(), 0, "after the backward pass (checkpointing {checkpointing})");
+        assert_eq!(meter.peak_bytes(), expected, "peak (checkpointing {checkpointing})");
+    }
+    // A forward pass whose graph is dropped without a backward pass releases its count too.
+    lm.model().set_gradient_checkpointing(false)?;
+    drop(lm.model().token_logps(&ids, None, 4)?);
+    assert_eq!(meter.held_bytes(), 0, "after dropping an un-differentiated graph");
+    Ok(())
+}

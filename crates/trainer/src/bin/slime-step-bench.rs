@@ -312,6 +312,10 @@ fn main() -> Result<()> {
     let setup_s = t_setup.elapsed().as_secs_f64();
     let rss_before_train_kib = vm_kib("VmRSS:");
 
+    let meter = lm.model().activation_meter();
+    if let Some(m) = meter {
+        m.reset_peak();
+    }
     let (mut step_s, mut fwd_s, mut bwd_s, mut opt_s, mut losses) = (vec![], vec![], vec![], vec![], vec![]);
     let (busy0, own0) = (machine_busy_jiffies(), own_jiffies());
     let loop_start = Instant::now();
@@ -389,6 +393,10 @@ fn main() -> Result<()> {
         "total_gflop_per_s": ((flop + attention_flop) / 1e9 / s_step * 10.0).round() / 10.0,
         "non_embedding_params": params,
         "peak_rss_mib": mib(vm_kib("VmHWM:")),
+        // What the fused blocks kept for the backward pass at most (q|k|v, attention output,
+        // gate|up; 0 with gradient checkpointing); the rest of the RSS is weights, gradients,
+        // AdamW moments, the residual stream and transient buffers.
+        "saved_activations_peak_mib": meter.map(|m| (m.peak_bytes() as f64 / (1 << 20) as f64 * 10.0).round() / 10.0),
         "rss_start_mib": mib(rss_start_kib),
         "rss_before_train_mib": mib(rss_before_train_kib),
         "rss_end_mib": mib(vm_kib("VmRSS:")),
