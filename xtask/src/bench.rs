@@ -333,8 +333,10 @@ pub fn bench(o: &Options) -> Result<()> {
             stat(label, "s_per_step_steady_median").unwrap_or(f64::NAN),
             tok_s(label).unwrap_or(f64::NAN),
             stat(label, "peak_rss_mib").unwrap_or(f64::NAN),
-            stat(label, "saved_activations_peak_mib").map_or("-".into(), |v| format!("{v:.1}")),
-            stat(label, "gflop_per_s").map_or("-".into(), |v| format!("{v:.1}")),
+            stat(label, "saved_activations_peak_mib")
+                .filter(|v| v.is_finite())
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            stat(label, "gflop_per_s").filter(|v| v.is_finite()).map_or("-".into(), |v| format!("{v:.1}")),
             stat(label, "foreign_cpu_frac").map_or("-".into(), |v| format!("{v:.2}")),
         );
     }
