@@ -18,6 +18,7 @@
 //! the composition on any other device or dtype, so the `cuda` feature keeps working.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -885,39 +886,40 @@ pub enum Activations {
 }
 
 /// Bytes of activations that fused blocks hold for their backward passes: now, and the most at
-/// once since the meter was made or its peak reset. A model owns one ([`crate::Llama::activation_meter`]);
-/// a forward pass adds what each block keeps, the backward pass (or dropping the graph)
-/// subtracts it, so after `backward()` the count is back to zero and the peak is the activation
-/// memory of one step (the residual stream between blocks and candle's own tensors not included).
+/// once since the meter was made or its peak reset. A model owns one
+/// ([`crate::Llama::activation_meter`]); a forward pass adds what each block keeps, the backward
+/// pass (or dropping the graph) subtracts it, so after `backward()` the count is back to zero and
+/// the peak is the activation memory of one step (the residual stream between blocks and
+/// candle's own tensors not included).
 #[derive(Debug, Default)]
 pub struct ActivationMeter {
-    held: std::sync::atomic::AtomicUsize,
-    peak: std::sync::atomic::AtomicUsize,
+    held: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl ActivationMeter {
     /// Bytes held now.
     pub fn held_bytes(&self) -> usize {
-        self.held.load(std::sync::atomic::Ordering::Relaxed)
+        self.held.load(Ordering::Relaxed)
     }
 
     /// The most bytes held at once since the meter was made or [`Self::reset_peak`].
     pub fn peak_bytes(&self) -> usize {
-        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+        self.peak.load(Ordering::Relaxed)
     }
 
     /// Starts a new peak from what is held now.
     pub fn reset_peak(&self) {
-        self.peak.store(self.held_bytes(), std::sync::atomic::Ordering::Relaxed);
+        self.peak.store(self.held_bytes(), Ordering::Relaxed);
     }
 
     fn add(&self, bytes: usize) {
-        let now = self.held.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        let now = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
     }
 
     fn sub(&self, bytes: usize) {
-        self.held.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 

@@ -251,8 +251,8 @@ impl Llama {
         let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
         let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
+        let meter = Some(&self.meter);
         for (layer, [q, k, v, o, gate, up, down]) in self.layers.iter().zip(weights) {
-            let meter = Some(&self.meter);
             x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps, acts, meter)?;
             x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts, meter)?;
         }
