@@ -9,46 +9,16 @@
 use candle_core::{Device, Tensor, Var, backprop::GradStore};
 use candle_nn::Optimizer;
 use criterion::{Criterion, criterion_group, criterion_main};
+use slime_models::{CausalLm, LlamaConfig};
 use slime_trainer::optim::{AdamW, AdamWConfig, clip_coefficient};
 
-const VOCAB: usize = 512;
-const HIDDEN: usize = 256;
-const INTER: usize = 688;
-const LAYERS: usize = 4;
-const KV_COLS: usize = 128;
-
-/// The reference model's parameter shapes, in Hugging Face order.
-fn shapes() -> Vec<(String, Vec<usize>)> {
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![VOCAB, HIDDEN])];
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        out.extend([
-            (format!("{p}.input_layernorm.weight"), vec![HIDDEN]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![HIDDEN, HIDDEN]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![KV_COLS, HIDDEN]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![KV_COLS, HIDDEN]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HIDDEN]),
-            (format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![INTER, HIDDEN]),
-            (format!("{p}.mlp.up_proj.weight"), vec![INTER, HIDDEN]),
-            (format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, INTER]),
-        ]);
-    }
-    out.push(("model.norm.weight".to_string(), vec![HIDDEN]));
-    out.push(("lm_head.weight".to_string(), vec![VOCAB, HIDDEN]));
-    out
-}
-
-/// Seeded parameters and, as their gradients, seeded values of gradient-like size.
+/// The reference model's parameters (seeded random init) and, as their gradients, seeded values
+/// of gradient-like size.
 fn params_and_grads() -> (Vec<(String, Var)>, GradStore) {
     let dev = Device::Cpu;
-    let params: Vec<(String, Var)> = shapes()
-        .into_iter()
-        .map(|(name, shape)| {
-            let t = Tensor::randn(0f32, 0.02, shape.as_slice(), &dev).expect("randn");
-            (name, Var::from_tensor(&t).expect("var"))
-        })
-        .collect();
+    let mut cfg = LlamaConfig::tiny(512, 256, 688, 4, 8, 4);
+    cfg.tie_word_embeddings = false;
+    let params = CausalLm::random(&cfg, 0, &dev).expect("reference model").trainable_vars();
     // d/dw sum(w * r) = r: one backward pass gives a GradStore holding r for every parameter.
     let mut loss = Tensor::zeros((), candle_core::DType::F32, &dev).expect("zero");
     for (_, var) in &params {
