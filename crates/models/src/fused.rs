@@ -951,9 +951,7 @@ impl Saved {
             if let Some(m) = &self.meter {
                 m.add(pair_bytes(&acts));
             }
-            if let Some(old) = self.lock()?.replace(acts) {
-                self.uncount(&old);
-            }
+            *self.lock()? = Some(acts);
         }
         Ok(())
     }
