@@ -18,6 +18,7 @@
 //! steps = 400
 //! batch_size = 32           # sequences per micro-batch
 //! grad_accum = 1            # micro-batches per optimiser step
+//! parallel_micro_batches = 1   # of those, how many run at once (one per core)
 //!
 //! [preference]
 //! steps = 200
@@ -248,6 +249,13 @@ pub struct StageSpec {
     /// normalised over the whole optimiser batch, so `batch_size = 8, grad_accum = 1` and
     /// `batch_size = 4, grad_accum = 2` train the same model (up to float rounding).
     pub grad_accum: usize,
+    /// Micro-batches of one optimiser step processed at once, each on its own thread of the
+    /// rayon pool (data parallelism over the CPU cores), 1..=grad_accum (default 1). Gradients
+    /// are still summed in micro-batch order, so the weights are bit-identical to 1. It pays
+    /// when one micro-batch is too small to keep every core busy inside each product (issue 7's
+    /// reference workload on 2 cores: see docs/performance.md); the activations of that many
+    /// micro-batches are alive at once.
+    pub parallel_micro_batches: usize,
     /// Learning-rate schedule.
     pub schedule: Schedule,
     /// Gradient-norm clipping (PyTorch's `clip_grad_norm_`); none if absent.
@@ -262,6 +270,7 @@ impl Default for StageSpec {
             steps: 600,
             batch_size: 32,
             grad_accum: 1,
+            parallel_micro_batches: 1,
             schedule: Schedule { lr: 3e-3, decay: Decay::Cosine, warmup_ratio: 0.05 },
             max_grad_norm: Some(1.0),
             weight_decay: 0.0,
@@ -281,6 +290,13 @@ pub struct PreferenceSpec {
     /// Gradient accumulation: micro-batches per optimiser step, >= 1 (default 1); the loss is
     /// normalised over the whole optimiser batch (see [`slime_objectives::BatchTotals`]).
     pub grad_accum: usize,
+    /// Micro-batches of one optimiser step processed at once, each on its own thread of the
+    /// rayon pool (data parallelism over the CPU cores), 1..=grad_accum (default 1). Gradients
+    /// are still summed in micro-batch order, so the weights are bit-identical to 1. It pays
+    /// when one micro-batch is too small to keep every core busy inside each product (issue 7's
+    /// reference workload on 2 cores: see docs/performance.md); the activations of that many
+    /// micro-batches are alive at once.
+    pub parallel_micro_batches: usize,
     /// Learning-rate schedule (the paper: linear decay).
     pub schedule: Schedule,
     /// Gradient-norm clipping.
@@ -303,6 +319,7 @@ impl Default for PreferenceSpec {
             steps: 200,
             batch_size: 32,
             grad_accum: 1,
+            parallel_micro_batches: 1,
             schedule: Schedule { lr: 1e-3, decay: Decay::Linear, warmup_ratio: 0.0 },
             max_grad_norm: Some(1.0),
             objective: Objective::Slime(SlimeParams::paper()),
@@ -446,15 +463,25 @@ impl RunConfig {
         if self.data.eval_pairs == 0 {
             return bad("data.eval_pairs = 0: expected at least 1".into());
         }
-        for (stage, batch, accum) in [
-            ("sft", self.sft.batch_size, self.sft.grad_accum),
-            ("preference", self.preference.batch_size, self.preference.grad_accum),
+        for (stage, batch, accum, parallel) in [
+            ("sft", self.sft.batch_size, self.sft.grad_accum, self.sft.parallel_micro_batches),
+            (
+                "preference",
+                self.preference.batch_size,
+                self.preference.grad_accum,
+                self.preference.parallel_micro_batches,
+            ),
         ] {
             if batch == 0 {
                 return bad(format!("{stage}.batch_size = 0: expected at least 1"));
             }
             if accum == 0 || accum > MAX_GRAD_ACCUM {
                 return bad(format!("{stage}.grad_accum = {accum}: expected 1..={MAX_GRAD_ACCUM}"));
+            }
+            if parallel == 0 || parallel > accum {
+                return bad(format!(
+                    "{stage}.parallel_micro_batches = {parallel}: expected 1..={accum} ({stage}.grad_accum)"
+                ));
             }
             if batch.checked_mul(accum).is_none_or(|n| n > 1 << 20) {
                 return bad(format!(
@@ -554,6 +581,8 @@ mod tests {
             ("[preference]\nmax_grad_norm = 0.0", "max_grad_norm"),
             ("[sft]\ngrad_accum = 0", "sft.grad_accum"),
             ("[preference]\ngrad_accum = 100000", "preference.grad_accum"),
+            ("[sft]\nparallel_micro_batches = 0", "sft.parallel_micro_batches"),
+            ("[preference]\ngrad_accum = 2\nparallel_micro_batches = 3", "preference.parallel_micro_batches"),
             ("[preference]\nbatch_size = 0", "preference.batch_size"),
             ("[sft.schedule]\nwarmup_ratio = 1.5", "sft.schedule.warmup_ratio"),
             ("[checkpoint]\nkeep_last = 0", "checkpoint.keep_last"),

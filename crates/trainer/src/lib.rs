@@ -32,5 +32,6 @@ pub mod run;
 pub mod schedule;
 pub mod selection;
 pub mod task;
+pub mod threads;
 
 pub use error::{Result, TrainError};

@@ -235,6 +235,8 @@ fn test_hooks(opts: &mut RunOptions) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any thread exists.
+    unsafe { slime_trainer::threads::keep_candle_off_its_own_pool() };
     match Cli::parse().command {
         Command::Train { config, run_dir, resume, progress, selection } => {
             let mut cfg = read_config(&config)?;
@@ -246,7 +248,11 @@ fn main() -> Result<()> {
             }
             let mut opts = RunOptions { resume, progress, ..RunOptions::default() };
             test_hooks(&mut opts)?;
-            let report = slime_trainer::run::run_with(&cfg, &run_dir, &opts)
+            // The run itself on a pool thread: its parallel regions fork from a worker instead
+            // of waking the pool and parking the main thread each time.
+            let pool = rayon::ThreadPoolBuilder::new().build().context("thread pool")?;
+            let report = pool
+                .install(|| slime_trainer::run::run_with(&cfg, &run_dir, &opts))
                 .with_context(|| format!("run {}", run_dir.display()))?;
             for (k, v) in report.final_eval {
                 println!("{k} = {v:.4}");

@@ -27,7 +27,9 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -341,6 +343,8 @@ struct StepSpec<'a> {
     max_grad_norm: Option<f64>,
     objective: &'a str,
     fault: Option<FaultTarget>,
+    /// Micro-batches run at once (`parallel_micro_batches`).
+    parallel: usize,
 }
 
 /// Full-batch sizes of `batches` (SFT: one row per sequence; preference: chosen rows then
@@ -367,39 +371,54 @@ fn batch_totals(batches: &[Batch], stage: Stage) -> BatchTotals {
 
 /// One optimiser step over `batches` (the micro-batches of one optimiser batch): per
 /// micro-batch the forward pass and loss (normalised by the full batch's [`BatchTotals`]) and
-/// a backward pass; the gradients are summed, checked, clipped, and AdamW steps once.
+/// a backward pass, `spec.parallel` micro-batches at a time on rayon's pool; the gradients are
+/// summed in micro-batch order (the same bits however many run at once), checked, clipped, and
+/// AdamW steps once.
 fn accumulated_step(
     lm: &CausalLm,
     opt: &mut AdamW,
     batches: &[Batch],
     spec: &StepSpec<'_>,
-    mut loss_of: impl FnMut(&Batch, BatchTotals, bool) -> Result<LossOutput>,
+    loss_of: impl Fn(&Batch, BatchTotals, bool) -> Result<LossOutput> + Sync,
 ) -> Result<StepOutcome> {
     let totals = batch_totals(batches, spec.stage);
+    let forward_backward = |i: usize, batch: &Batch| -> Result<(LossOutput, GradStore)> {
+        let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
+        let out = loss_of(batch, totals, poison)?;
+        check_metrics(spec.stage, spec.step, spec.objective, &out.metrics)?;
+        let grads = out.loss.backward()?;
+        Ok((out, grads))
+    };
     let mut grads = None;
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let (mut weight, mut tokens) = (0.0, 0usize);
     let mut single = None;
-    for (i, batch) in batches.iter().enumerate() {
-        let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
-        let out = loss_of(batch, totals, poison)?;
-        check_metrics(spec.stage, spec.step, spec.objective, &out.metrics)?;
-        let g = out.loss.backward()?;
-        match &mut grads {
-            None => grads = Some(g),
-            Some(acc) => opt.accumulate(acc, &g)?,
-        }
-        let pairs = match spec.stage {
-            Stage::Sft => batch.rows,
-            Stage::Preference => batch.rows / 2,
-        } as f64;
-        for (name, value) in out.metrics.iter() {
-            *sums.entry(name.to_string()).or_default() += value * pairs;
-        }
-        weight += pairs;
-        tokens += batch.real_tokens();
-        if i == 0 {
-            single = Some(out.metrics.iter().map(|(k, v)| (k.to_string(), v)).collect());
+    let parallel = spec.parallel.max(1);
+    for (group_index, group) in batches.chunks(parallel).enumerate() {
+        let first = group_index * parallel;
+        let outcomes: Vec<Result<(LossOutput, GradStore)>> = if group.len() == 1 {
+            vec![forward_backward(first, &group[0])]
+        } else {
+            group.par_iter().enumerate().map(|(j, batch)| forward_backward(first + j, batch)).collect()
+        };
+        for (j, (batch, outcome)) in group.iter().zip(outcomes).enumerate() {
+            let (out, g) = outcome?;
+            match &mut grads {
+                None => grads = Some(g),
+                Some(acc) => opt.accumulate(acc, &g)?,
+            }
+            let pairs = match spec.stage {
+                Stage::Sft => batch.rows,
+                Stage::Preference => batch.rows / 2,
+            } as f64;
+            for (name, value) in out.metrics.iter() {
+                *sums.entry(name.to_string()).or_default() += value * pairs;
+            }
+            weight += pairs;
+            tokens += batch.real_tokens();
+            if first + j == 0 {
+                single = Some(out.metrics.iter().map(|(k, v)| (k.to_string(), v)).collect());
+            }
         }
     }
     let mut grads =
@@ -564,6 +583,7 @@ fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume: Option<Re
             max_grad_norm: spec.max_grad_norm,
             objective: objective.name(),
             fault: ctx.fault(Stage::Sft, step + 1),
+            parallel: spec.parallel_micro_batches,
         };
         let out = accumulated_step(lm, &mut opt, &batches, &step_spec, |batch, totals, poison| {
             let t = to_tensors(batch, &device)?;
@@ -905,6 +925,7 @@ fn preference_stage(
             max_grad_norm: spec.max_grad_norm,
             objective: objective.name(),
             fault: ctx.fault(Stage::Preference, step + 1),
+            parallel: spec.parallel_micro_batches,
         };
         let out = accumulated_step(lm, &mut opt, &batches, &step_spec, |batch, totals, poison| {
             let (mut chosen, rejected) = pair_logps(lm, batch, &device)?;

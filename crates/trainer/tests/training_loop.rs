@@ -121,6 +121,54 @@ fn gradient_accumulation_matches_the_full_batch() {
     }
 }
 
+/// `parallel_micro_batches = 2` (micro-batches run concurrently on the pool) trains the same
+/// weights bit for bit, with the same logged loss and gradient norm, as running them one after
+/// another: 3 micro-batches per step make a group of 2 and a group of 1.
+#[test]
+fn parallel_micro_batches_train_bit_identical_weights() {
+    let train = |parallel: usize| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = tiny();
+        cfg.model.hidden = 64;
+        cfg.model.layers = 2;
+        cfg.sft.steps = 2;
+        cfg.preference.steps = 2;
+        cfg.preference.objective = Objective::Slime(SlimeParams::paper());
+        for (batch, accum, par) in [
+            (&mut cfg.sft.batch_size, &mut cfg.sft.grad_accum, &mut cfg.sft.parallel_micro_batches),
+            (
+                &mut cfg.preference.batch_size,
+                &mut cfg.preference.grad_accum,
+                &mut cfg.preference.parallel_micro_batches,
+            ),
+        ] {
+            (*batch, *accum, *par) = (4, 3, parallel);
+        }
+        run(&cfg, dir.path()).expect("run");
+        let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
+        let logged: Vec<(u64, u64)> = metrics
+            .lines()
+            .map(|l| {
+                let v = serde_json::from_str::<serde_json::Value>(l).expect("json");
+                let bits = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {l}")).to_bits();
+                (bits("loss"), bits("grad_norm"))
+            })
+            .collect();
+        (weights(dir.path()), logged)
+    };
+    let (sequential, sequential_log) = train(1);
+    let (parallel, parallel_log) = train(2);
+    assert_eq!(sequential_log.len(), 4, "2 SFT + 2 preference steps logged");
+    assert_eq!(sequential_log, parallel_log, "logged loss and gradient norm bits");
+    assert_eq!(sequential.len(), parallel.len());
+    for (name, a) in &sequential {
+        let (a, b) = (a.flatten_all().expect("flat"), parallel[name].flatten_all().expect("flat"));
+        let (a, b) = (a.to_vec1::<f32>().expect("a"), b.to_vec1::<f32>().expect("b"));
+        let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "`{name}` differs: max |diff| {}", max_abs_diff(&sequential, &parallel));
+    }
+}
+
 /// `model.gradient_checkpointing = true` trains exactly the same weights (SFT, then SLIME with
 /// LoRA): recomputed activations are the kept ones, bit for bit.
 #[test]

@@ -31,6 +31,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use rayon::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -129,6 +130,11 @@ struct Args {
     /// activations in the backward pass (less memory, about a third more forward work).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Split each batch into this many micro-batches run at once, one per pool thread, with
+    /// their gradients summed in order (the trainer's `parallel_micro_batches`); 1 = one forward
+    /// pass of the whole batch
+    #[arg(long, default_value_t = 1)]
+    parallel_micro_batches: usize,
 }
 
 fn config(shape: Shape) -> LlamaConfig {
@@ -232,8 +238,16 @@ fn main() -> Result<()> {
         // SAFETY: single-threaded at this point (before any pool or candle op exists).
         unsafe { std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string()) };
     }
+    // SAFETY: as above.
+    unsafe { slime_trainer::threads::keep_candle_off_its_own_pool() };
     let threads: usize = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(args.threads);
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("rayon pool")?;
+    // The step runs on a pool thread, so its parallel regions fork from a worker instead of
+    // waking the pool and parking the main thread every time.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("rayon pool")?;
+    pool.install(|| bench(args, threads))
+}
+
+fn bench(args: Args, threads: usize) -> Result<()> {
     let (objective, reference) = match args.objective.as_str() {
         "simpo" => (Objective::Simpo(SimpoParams { beta: 0.1, gamma_beta_ratio: 5.0, label_smoothing: 0.0 }), None),
         "slime" => (Objective::Slime(SlimeParams::paper()), None),
@@ -243,6 +257,10 @@ fn main() -> Result<()> {
     };
     if args.steps < 2 || args.batch == 0 || args.batch > PAIRS {
         bail!("need --steps >= 2 and 1 <= --batch <= {PAIRS}");
+    }
+    let parallel = args.parallel_micro_batches;
+    if parallel == 0 || !args.batch.is_multiple_of(parallel) {
+        bail!("--parallel-micro-batches {parallel}: expected a divisor of --batch {}", args.batch);
     }
     let shape = Shape { hidden: args.hidden, seq: args.seq };
     shape.check()?;
@@ -316,16 +334,14 @@ fn main() -> Result<()> {
     if let Some(m) = meter {
         m.reset_peak();
     }
-    let (mut step_s, mut fwd_s, mut bwd_s, mut opt_s, mut losses) = (vec![], vec![], vec![], vec![], vec![]);
-    let (busy0, own0) = (machine_busy_jiffies(), own_jiffies());
-    let loop_start = Instant::now();
-    let mut prev = loop_start;
-    for step in 0..args.steps {
-        let idx = pick(step);
-        let ids = batch_ids(&data, &idx, seq)?;
-        let t0 = Instant::now();
-        let logps = token_logps(&lm, &ids, &attention)?;
-        let (chosen, rejected) = split(&logps, &completion, n)?;
+    // One micro-batch: forward, loss (scaled by its share of the optimiser batch, as the
+    // trainer's `BatchTotals` normalisation does), backward.
+    let per = n / parallel;
+    let micro_batch = |idx: &[usize]| -> Result<(candle_core::backprop::GradStore, f64)> {
+        let ids = batch_ids(&data, idx, seq)?;
+        let rows = 2 * idx.len();
+        let logps = token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?)?;
+        let (chosen, rejected) = split(&logps, &completion.narrow(0, 0, rows)?, idx.len())?;
         let mut inputs = ObjectiveInputs::preference(chosen, rejected);
         match reference {
             Some(true) => inputs = inputs.with_reference(reference_sums(&ids)?),
@@ -335,20 +351,45 @@ fn main() -> Result<()> {
             }
             None => {}
         }
-        let out = objective.as_loss().compute(&inputs)?;
+        let mut loss = objective.as_loss().compute(&inputs)?.loss;
+        if parallel > 1 {
+            loss = (loss * (idx.len() as f64 / n as f64))?;
+        }
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        Ok((loss.backward()?, value))
+    };
+    let (mut step_s, mut fwd_bwd_s, mut opt_s, mut losses) = (vec![], vec![], vec![], vec![]);
+    let (busy0, own0) = (machine_busy_jiffies(), own_jiffies());
+    let loop_start = Instant::now();
+    let mut prev = loop_start;
+    for step in 0..args.steps {
+        let idx = pick(step);
+        let t0 = Instant::now();
+        let outcomes: Vec<Result<_>> = if parallel == 1 {
+            vec![micro_batch(&idx)]
+        } else {
+            idx.par_chunks(per).map(micro_batch).collect()
+        };
+        let (mut grads, mut loss) = (None, 0.0);
+        for outcome in outcomes {
+            let (g, value) = outcome?;
+            loss += value;
+            match &mut grads {
+                None => grads = Some(g),
+                Some(acc) => opt.accumulate(acc, &g)?,
+            }
+        }
+        let grads = grads.context("no micro-batch")?;
         let t1 = Instant::now();
-        let grads = out.loss.backward()?;
-        let t2 = Instant::now();
         let norm = opt.grad_norm(&grads)?;
         opt.step(&grads, schedule.lr_at(step as u64, args.steps as u64), clip_coefficient(norm, Some(1.0)))?;
         drop(grads);
-        losses.push(f64::from(out.loss.to_scalar::<f32>()?));
-        let t3 = Instant::now();
-        step_s.push((t3 - prev).as_secs_f64());
-        fwd_s.push((t1 - t0).as_secs_f64());
-        bwd_s.push((t2 - t1).as_secs_f64());
-        opt_s.push((t3 - t2).as_secs_f64());
-        prev = t3;
+        losses.push(loss);
+        let t2 = Instant::now();
+        step_s.push((t2 - prev).as_secs_f64());
+        fwd_bwd_s.push((t1 - t0).as_secs_f64());
+        opt_s.push((t2 - t1).as_secs_f64());
+        prev = t2;
     }
     let loop_wall = loop_start.elapsed().as_secs_f64();
     let hz = 100.0; // USER_HZ on Linux
@@ -377,6 +418,7 @@ fn main() -> Result<()> {
         "gradient_checkpointing": args.gradient_checkpointing,
         "steps": args.steps,
         "batch_pairs": n,
+        "parallel_micro_batches": parallel,
         "threads": threads,
         "tokens_per_step": tokens_per_step,
         "first_step_s": r4(step_s[0]),
@@ -384,8 +426,7 @@ fn main() -> Result<()> {
         "s_per_step_steady_mean": r4(steady.iter().sum::<f64>() / steady.len() as f64),
         "s_per_step_steady_min": r4(steady.iter().copied().fold(f64::INFINITY, f64::min)),
         "tok_per_s_steady": (tokens_per_step as f64 / s_step * 10.0).round() / 10.0,
-        "forward_s_median": r4(median(&fwd_s[1..])),
-        "backward_s_median": r4(median(&bwd_s[1..])),
+        "forward_backward_s_median": r4(median(&fwd_bwd_s[1..])),
         "optimizer_s_median": r4(median(&opt_s[1..])),
         "gflop_per_step": (flop / 1e9 * 100.0).round() / 100.0,
         "gflop_per_s": (flop / 1e9 / s_step * 10.0).round() / 10.0,
