@@ -8,7 +8,8 @@ Usage (a few minutes the first time; the venv stays outside the repository; no G
     /tmp/hfvenv/bin/python scripts/make_model_fixtures.py            # writes crates/models/tests/fixtures/hf/
     cargo test -p slime-models --test hf_parity                       # no Python needed from here on
 
-Options: --out DIR (default: crates/models/tests/fixtures/hf next to this script's repository).
+Options: --out DIR (default: crates/models/tests/fixtures/hf next to this script's repository);
+--only NAME ... writes only the named fixtures (each keeps its seed, so the others stay as committed).
 
 For each tiny random model (seeded, fp32, eager attention) it writes into <out>/<name>/:
 - config.json and model.safetensors, exactly as `save_pretrained` writes them (transformers 5 layout:
@@ -25,6 +26,10 @@ sequences longer than every sliding window):
   so tanh bites), query_pre_attn_scalar 24 != head_dim, sandwich norms, tied embeddings.
 - gemma3: Gemma 3 text with QK-norm, query_pre_attn_scalar 32 != head_dim, alternating local/global layers
   (local RoPE base 10,000; global base 1,000,000 with linear scaling 2), sliding window 5.
+- qwen2: Qwen2 (biased q/k/v projections, non-zero biases), GQA 4/2, head_dim = hidden / heads = 8 (Qwen2
+  configs have no head_dim), RoPE base 1,000,000, untied lm_head, use_sliding_window false.
+- qwen3: Qwen3 dense (per-head q/k RMSNorm before RoPE, no biases: attention_bias false as in Qwen3-4B), GQA
+  4/2, head_dim 16 != hidden / heads, RoPE base 1,000,000, tied embeddings (as in Qwen3-4B).
 
 transformers is the reference: if slime-models disagrees with these fixtures, slime-models is wrong.
 """
@@ -43,6 +48,10 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 128
@@ -95,16 +104,37 @@ def configs():
         },
         **common,
     )
+    qwen_common = {k: v for k, v in common.items() if k != "head_dim"}
+    qwen2 = Qwen2Config(
+        num_hidden_layers=2,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        **qwen_common,
+    )
+    qwen3 = Qwen3Config(
+        num_hidden_layers=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        **qwen_common,
+    )
     return [
         ("llama3", LlamaForCausalLM, llama, False),
         ("gemma2", Gemma2ForCausalLM, gemma2, True),
         ("gemma3", Gemma3ForCausalLM, gemma3, True),
+        ("qwen2", Qwen2ForCausalLM, qwen2, False),
+        ("qwen3", Qwen3ForCausalLM, qwen3, False),
     ]
 
 
 def randomize(model, gemma, gen):
-    """Projections ~ N(0, 0.15^2), embeddings ~ N(0, 1) (Llama) or N(0, 0.25^2) (Gemma scales them by
-    sqrt(hidden)), norm weights away from their neutral value (Llama: 1, Gemma: stored offset 0)."""
+    """Projections and biases ~ N(0, 0.15^2), embeddings ~ N(0, 1) (Llama, Qwen) or N(0, 0.25^2) (Gemma scales
+    them by sqrt(hidden)), norm weights away from their neutral value (Llama, Qwen: 1, Gemma: stored offset 0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -120,9 +150,12 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(here, "..", "crates", "models", "tests", "fixtures", "hf"))
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="write only these fixtures")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for seed, (name, cls, cfg, gemma) in enumerate(configs()):
+        if args.only and name not in args.only:
+            continue
         gen = torch.Generator().manual_seed(1000 + seed)
         torch.manual_seed(seed)
         model = cls(cfg).float().eval()

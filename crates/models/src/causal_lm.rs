@@ -21,7 +21,7 @@ use crate::{ModelError, Result};
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum ModelConfig {
-    /// Llama 2/3/3.1/3.2, SmolLM2.
+    /// Llama 2/3/3.1/3.2, SmolLM2; Qwen2 / Qwen2.5 and Qwen3 dense (by `model_type`).
     Llama(LlamaConfig),
     /// Gemma 1, 2 and 3 (text).
     Gemma(GemmaConfig),
@@ -41,7 +41,8 @@ impl From<GemmaConfig> for ModelConfig {
 
 impl ModelConfig {
     /// Parses a Hugging Face `config.json`, choosing the family by `model_type`
-    /// (`gemma` / `gemma2` / `gemma3_text` -> [`Gemma`], `llama` or absent -> Llama; anything else is an error).
+    /// (`gemma` / `gemma2` / `gemma3_text` -> [`Gemma`], `llama` or absent, `qwen2`, `qwen3` ->
+    /// Llama; anything else is an error).
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
             file: file.into(),
@@ -50,11 +51,13 @@ impl ModelConfig {
         })?;
         match value.get("model_type").and_then(|v| v.as_str()) {
             Some("gemma" | "gemma2" | "gemma3_text") => Ok(Self::Gemma(GemmaConfig::from_json(text, file)?)),
-            None | Some("llama") => Ok(Self::Llama(LlamaConfig::from_json(text, file)?)),
+            None | Some("llama" | "qwen2" | "qwen3") => Ok(Self::Llama(LlamaConfig::from_json(text, file)?)),
             Some(other) => Err(ModelError::Config {
                 file: file.into(),
                 field: "model_type",
-                reason: format!("`{other}` is not supported (expected `llama`, `gemma`, `gemma2` or `gemma3_text`)"),
+                reason: format!(
+                    "`{other}` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3_text`)"
+                ),
             }),
         }
     }
@@ -77,7 +80,7 @@ impl ModelConfig {
 
 /// One model of any supported family; every method has the same contract across families.
 pub enum Model {
-    /// A Llama-architecture model.
+    /// A Llama-architecture model (Llama, Qwen2, Qwen3).
     Llama(Llama),
     /// A Gemma 1, 2 or 3 (text) model.
     Gemma(Gemma),
@@ -285,8 +288,8 @@ impl CausalLm {
     }
 
     /// A randomly initialised model, deterministic in `seed`: linear and embedding weights
-    /// ~ N(0, 0.02^2) (Hugging Face's `initializer_range`), norm weights 1 (Gemma: stored 0,
-    /// i.e. an effective scale of 1).
+    /// ~ N(0, 0.02^2) (Hugging Face's `initializer_range`), biases 0 (as Hugging Face
+    /// initialises them), norm weights 1 (Gemma: stored 0, i.e. an effective scale of 1).
     pub fn random<C: Clone + Into<ModelConfig>>(cfg: &C, seed: u64, device: &Device) -> Result<Self> {
         let config: ModelConfig = cfg.clone().into();
         config.validate("config")?;
@@ -305,6 +308,8 @@ impl CausalLm {
         for (name, shape) in config.weight_shapes() {
             let t = if name.ends_with("norm.weight") {
                 (Tensor::ones(shape.as_slice(), DType::F32, device)? * norm_value)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape.as_slice(), DType::F32, device)?
             } else {
                 Tensor::from_vec(normal(shape.iter().product()), shape.as_slice(), device)?
             };
@@ -543,7 +548,8 @@ fn convert(weights: HashMap<String, Tensor>, dtype: Option<DType>) -> Result<Has
     weights.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect()
 }
 
-/// Every weight of a Llama config with its shape, Hugging Face names.
+/// Every weight of a Llama config with its shape, Hugging Face names (Qwen: with the attention
+/// biases and q/k norm weights).
 pub fn weight_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
     let mut out = vec![
@@ -566,6 +572,20 @@ pub fn weight_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
             (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
         ]);
+        if cfg.qkv_bias() {
+            out.extend([
+                (format!("{p}.self_attn.q_proj.bias"), vec![cfg.num_attention_heads * hd]),
+                (format!("{p}.self_attn.k_proj.bias"), vec![cfg.kv_heads() * hd]),
+                (format!("{p}.self_attn.v_proj.bias"), vec![cfg.kv_heads() * hd]),
+            ]);
+        }
+        if cfg.o_bias() {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
+        if cfg.qk_norm() {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+        }
     }
     out
 }

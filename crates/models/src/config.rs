@@ -1,8 +1,11 @@
-//! Llama-family configuration, read from a Hugging Face `config.json`.
+//! Llama-family configuration, read from a Hugging Face `config.json`: Llama itself and the
+//! Qwen2 / Qwen3 dense models, which are Llama with attention biases (Qwen2) or per-head q/k
+//! RMSNorm (Qwen3) and are told apart by `model_type`.
 //!
 //! Fields this crate does not use (`architectures`, `torch_dtype`, ...) are ignored; fields that
-//! would change the computation and are not supported (`attention_bias = true`, another
-//! `hidden_act`, an unknown `rope_scaling` type) are rejected by [`LlamaConfig::validate`].
+//! would change the computation and are not supported (`attention_bias = true` on Llama, another
+//! `hidden_act`, an unknown `rope_scaling` type, `use_sliding_window = true`) are rejected by
+//! [`LlamaConfig::validate`].
 
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +53,14 @@ fn default_max_pos() -> usize {
     4096
 }
 
-/// A Llama-architecture config (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama...).
+/// transformers' `Qwen3Config` default `head_dim` (Qwen3 does not derive it from the width).
+const QWEN3_DEFAULT_HEAD_DIM: usize = 128;
+
+/// A Llama-architecture config (Llama 2/3/3.1/3.2, SmolLM2, TinyLlama...), also the config of
+/// Qwen2 / Qwen2.5 (`model_type = "qwen2"`) and Qwen3 dense (`model_type = "qwen3"`) models, which
+/// the [`crate::Llama`] model runs with the differences [`Self::qkv_bias`], [`Self::o_bias`] and
+/// [`Self::qk_norm`] name. Serialised back with its `model_type`, so a saved Qwen checkpoint is a
+/// Qwen checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     /// Vocabulary size.
@@ -66,8 +76,9 @@ pub struct LlamaConfig {
     /// Key/value heads (GQA); defaults to `num_attention_heads`.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
-    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
-    #[serde(default)]
+    /// Per-head width; defaults to `hidden_size / num_attention_heads` (Qwen3: required in code,
+    /// 128 when a `config.json` leaves it out, as in transformers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// RMSNorm epsilon.
     #[serde(default = "default_eps")]
@@ -87,15 +98,28 @@ pub struct LlamaConfig {
     /// MLP activation; only `silu` is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
-    /// Bias in attention projections; only `false` is supported.
+    /// Bias in the q/k/v/o projections: supported for Qwen3 only (Llama: only `false`). Qwen2
+    /// ignores it, as transformers does: its q/k/v projections always have a bias, o_proj never.
     #[serde(default)]
     pub attention_bias: bool,
     /// Bias in MLP projections; only `false` is supported.
     #[serde(default)]
     pub mlp_bias: bool,
-    /// `model_type`, if given, must be `llama`.
+    /// `llama` (or absent), `qwen2` or `qwen3`.
     #[serde(default)]
     pub model_type: Option<String>,
+    /// Qwen: sliding-window attention; only `false` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Qwen: the window `use_sliding_window` would use; kept for the round trip, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen: the first layer `use_sliding_window` would window; kept for the round trip, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Per layer attention type (transformers 5); only `full_attention` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
 }
 
 impl LlamaConfig {
@@ -109,25 +133,82 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// Whether this is a Qwen2 / Qwen2.5 config (`model_type = "qwen2"`).
+    pub fn is_qwen2(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen2")
+    }
+
+    /// Whether this is a Qwen3 (dense) config (`model_type = "qwen3"`).
+    pub fn is_qwen3(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen3")
+    }
+
+    /// Whether q/k/v_proj carry a bias (`y = x W^T + b`): always for Qwen2, with
+    /// `attention_bias` for Qwen3.
+    pub fn qkv_bias(&self) -> bool {
+        self.is_qwen2() || (self.is_qwen3() && self.attention_bias)
+    }
+
+    /// Whether o_proj carries a bias: Qwen3 with `attention_bias` (never for Qwen2).
+    pub fn o_bias(&self) -> bool {
+        self.is_qwen3() && self.attention_bias
+    }
+
+    /// Whether every query and key head is RMS-normalised over `head_dim` (weights `q_norm`,
+    /// `k_norm` of shape `[head_dim]`) after the projection and before RoPE: Qwen3.
+    pub fn qk_norm(&self) -> bool {
+        self.is_qwen3()
+    }
+
+    /// Whether attention is plain Llama attention (no biases, no q/k norm), which the fused
+    /// attention block of [`crate::fused`] computes.
+    pub fn plain_attention(&self) -> bool {
+        !(self.qkv_bias() || self.o_bias() || self.qk_norm())
+    }
+
     /// Parses `config.json` text; `file` names it in errors. Reads both the classic layout
     /// (`rope_theta`, `rope_scaling`) and the one transformers 5 writes (`rope_parameters`).
+    /// Fields a Qwen `config.json` leaves out take transformers' Qwen defaults (`rms_norm_eps`
+    /// 1e-6, `max_position_embeddings` 32768; Qwen3 `head_dim` 128).
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
         let mut value = parse_json(text, file)?;
+        let rope_parameters = value.get("rope_parameters").is_some_and(|p| !p.is_null());
         lift_rope_parameters(&mut value, file, false)?;
+        if let Some(obj) = value.as_object_mut() {
+            let model_type = obj.get("model_type").and_then(|t| t.as_str()).unwrap_or("llama").to_string();
+            let mut defaults = Vec::new();
+            if matches!(model_type.as_str(), "qwen2" | "qwen3") {
+                defaults.extend([("rms_norm_eps", serde_json::json!(1e-6)), ("max_position_embeddings", 32768.into())]);
+            }
+            if model_type == "qwen3" {
+                defaults.push(("head_dim", QWEN3_DEFAULT_HEAD_DIM.into()));
+            }
+            for (key, v) in defaults {
+                obj.entry(key).or_insert(v);
+            }
+        }
         let cfg: Self = serde_json::from_value(value).map_err(|e| ModelError::Config {
             file: file.into(),
             field: "(json)",
             reason: e.to_string(),
         })?;
-        cfg.validate(file)?;
-        Ok(cfg)
+        match cfg.validate(file) {
+            // The scaling came from `rope_parameters`: name the field the file has.
+            Err(ModelError::Config { file, field: "rope_scaling", reason }) if rope_parameters => {
+                Err(ModelError::Config { file, field: "rope_parameters", reason })
+            }
+            other => other.map(|()| cfg),
+        }
     }
 
     /// Rejects unsupported or inconsistent values.
     pub fn validate(&self, file: &str) -> Result<()> {
         let err = |field: &'static str, reason: String| Err(ModelError::Config { file: file.into(), field, reason });
-        if let Some(t) = self.model_type.as_deref().filter(|t| *t != "llama") {
-            return err("model_type", format!("`{t}` is not a Llama-architecture model (expected `llama`)"));
+        if let Some(t) = self.model_type.as_deref().filter(|t| !matches!(*t, "llama" | "qwen2" | "qwen3")) {
+            return err(
+                "model_type",
+                format!("`{t}` is not a Llama-architecture model (expected `llama`, `qwen2` or `qwen3`)"),
+            );
         }
         for (field, v) in [
             ("vocab_size", self.vocab_size),
@@ -152,8 +233,31 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return err("hidden_act", format!("`{}` is not supported (expected `silu`)", self.hidden_act));
         }
-        if self.attention_bias || self.mlp_bias {
-            return err("attention_bias", "biased projections are not supported".into());
+        if self.is_qwen3() && self.head_dim.is_none() {
+            return err(
+                "head_dim",
+                "Qwen3 configs name it (transformers' default is 128, not hidden_size / num_attention_heads)".into(),
+            );
+        }
+        if self.attention_bias && !(self.is_qwen2() || self.is_qwen3()) {
+            return err("attention_bias", "biased projections are supported for `qwen2` and `qwen3` only".into());
+        }
+        if self.mlp_bias {
+            return err("mlp_bias", "biased MLP projections are not supported".into());
+        }
+        if self.use_sliding_window == Some(true) {
+            return err("use_sliding_window", "sliding-window attention is not supported (expected false)".into());
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return err(
+                    "layer_types",
+                    format!("{} entries for num_hidden_layers = {}", types.len(), self.num_hidden_layers),
+                );
+            }
+            if let Some(t) = types.iter().find(|t| *t != "full_attention") {
+                return err("layer_types", format!("`{t}` is not supported (expected `full_attention`)"));
+            }
         }
         if let Some(s) = self.rope_scaling.as_ref().filter(|s| s.rope_type != "llama3" && s.rope_type != "default") {
             return err("rope_scaling", format!("type `{}` is not supported (expected `llama3`)", s.rope_type));
@@ -223,6 +327,47 @@ impl LlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             model_type: Some("llama".into()),
+            use_sliding_window: None,
+            sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
+        }
+    }
+
+    /// A small Qwen2 config: [`Self::tiny`] with `model_type = "qwen2"` (biased q/k/v), RoPE base
+    /// 1,000,000 and eps 1e-6, as in the released models.
+    pub fn tiny_qwen2(
+        vocab: usize,
+        hidden: usize,
+        intermediate: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        Self {
+            model_type: Some("qwen2".into()),
+            rope_theta: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            use_sliding_window: Some(false),
+            ..Self::tiny(vocab, hidden, intermediate, layers, heads, kv_heads)
+        }
+    }
+
+    /// A small Qwen3 config: [`Self::tiny_qwen2`] with `model_type = "qwen3"` (q/k norm, no
+    /// biases) and an explicit `head_dim`.
+    pub fn tiny_qwen3(
+        vocab: usize,
+        hidden: usize,
+        intermediate: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self {
+            model_type: Some("qwen3".into()),
+            head_dim: Some(head_dim),
+            ..Self::tiny_qwen2(vocab, hidden, intermediate, layers, heads, kv_heads)
         }
     }
 }

@@ -5,7 +5,8 @@
 //! (`convert_hf_to_gguf.py`):
 //! - Llama: q/k rows were permuted per head from the `rotate_half` layout to interleaved pairs,
 //!   `w.reshape(heads, 2, d/2, in).swapaxes(1, 2)`; the inverse is
-//!   `w.reshape(heads, d/2, 2, in).swapaxes(1, 2)`.
+//!   `w.reshape(heads, d/2, 2, in).swapaxes(1, 2)`. Qwen2 / Qwen3 are not permuted (llama.cpp runs
+//!   them with `rotate_half` RoPE); their attention biases are `attn_{q,k,v,output}.bias`.
 //! - Gemma 1/2/3: every `*norm.weight` was stored as `1 + w`; `1` is subtracted.
 //!
 //! Tensors the model does not use (`rope_freqs.weight`, `output.weight` of a tied model) are
@@ -40,6 +41,10 @@ pub fn gguf_name(hf: &str, sandwich: bool) -> String {
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.o_proj.bias" => "attn_output.bias",
         "self_attn.q_norm.weight" => "attn_q_norm.weight",
         "self_attn.k_norm.weight" => "attn_k_norm.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
@@ -58,7 +63,7 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// Reads every weight `cfg` needs from the GGUF file at `path`, dequantized to f32, under Hugging
-/// Face names, with llama.cpp's q/k permutation (Llama) and norm `+1` (Gemma) undone.
+/// Face names, with llama.cpp's q/k permutation (Llama, not Qwen) and norm `+1` (Gemma) undone.
 pub fn load_gguf(path: &Path, cfg: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
     let io = |e: String| ModelError::Io { path: path.display().to_string(), reason: e };
     let mut file = std::fs::File::open(path).map_err(|e| io(e.to_string()))?;
@@ -77,7 +82,9 @@ pub fn load_gguf(path: &Path, cfg: &ModelConfig, device: &Device) -> Result<Hash
         if t.dims() != shape.as_slice() {
             return Err(io(format!("`{g}` has shape {:?}, expected {shape:?} for `{name}`", t.dims())));
         }
-        if let ModelConfig::Llama(c) = cfg {
+        if let ModelConfig::Llama(c) = cfg
+            && !(c.is_qwen2() || c.is_qwen3())
+        {
             if name.ends_with("q_proj.weight") {
                 t = unpermute_qk(&t, c.num_attention_heads)?;
             } else if name.ends_with("k_proj.weight") {

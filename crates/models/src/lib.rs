@@ -5,8 +5,9 @@
 //! sequences, record gradients through every weight, and compute per-token log-probs of given
 //! labels in chunks so `[batch, seq, vocab]` logits never exist at once.
 //!
-//! Supported: the Llama family ([`LlamaConfig`]: Llama 2/3/3.1/3.2, SmolLM2) and Gemma 1, 2 and 3 text
-//! ([`GemmaConfig`]), behind one [`CausalLm`] / [`Model`] with the same contract; safetensors
+//! Supported: the Llama family ([`LlamaConfig`]: Llama 2/3/3.1/3.2, SmolLM2; Qwen2 / Qwen2.5 and
+//! Qwen3 dense as Llama variants with attention biases / per-head q/k norm) and Gemma 1, 2 and 3
+//! text ([`GemmaConfig`]), behind one [`CausalLm`] / [`Model`] with the same contract; safetensors
 //! loading and saving (single file and sharded); LoRA adapters in PEFT's layout ([`lora`],
 //! [`CausalLm::with_lora`]); GGUF loading with dequantization ([`gguf`]); greedy and sampled
 //! generation with a key/value cache ([`generation`], [`KvCache`]). RMSNorm and the

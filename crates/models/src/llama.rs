@@ -2,6 +2,16 @@
 //! RMSNorm, rotary embeddings (Hugging Face `rotate_half` layout, optional Llama 3 scaling),
 //! grouped-query attention and a SwiGLU MLP. Weight names match Hugging Face checkpoints.
 //!
+//! The same model runs Qwen2 / Qwen2.5 and Qwen3 dense checkpoints ([`LlamaConfig::is_qwen2`],
+//! [`LlamaConfig::is_qwen3`]), which differ from Llama only in attention, as in transformers'
+//! `Qwen2ForCausalLM` / `Qwen3ForCausalLM`:
+//! - Qwen2: `q = x W_q^T + b_q` (likewise k and v; o_proj has no bias);
+//! - Qwen3: each query and key head is RMS-normalised over `head_dim` before RoPE,
+//!   `q_h = rms_norm(x W_q^T [head h], q_norm)`; biases on q/k/v/o only with `attention_bias`.
+//!
+//! The fused attention block computes neither, so Qwen models run the composed attention with the
+//! fused MLP block on f32 CPU (see [`Llama::forward_hidden`]).
+//!
 //! Unlike candle-transformers' inference model, the forward pass covers whole right-padded
 //! sequences, keeps no KV cache and records a backward pass through every weight.
 
@@ -23,9 +33,12 @@ struct Attention {
     k: Proj,
     v: Proj,
     o: Proj,
+    /// Qwen3's per-head RMSNorm weights `[head_dim]` of queries and keys.
+    qk_norm: Option<(Tensor, Tensor)>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    eps: f64,
 }
 
 struct Mlp {
@@ -55,13 +68,16 @@ pub struct Llama {
     meter: Arc<ActivationMeter>,
 }
 
-fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Adapters>) -> Result<Proj> {
-    Ok(Proj::new(vb.get((out, inp), &format!("{name}.weight"))?, name, lora))
+/// The projection `{name}.weight` `[out, inp]`, with `{name}.bias` `[out]` when `bias`.
+fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Adapters>, bias: bool) -> Result<Proj> {
+    let b = if bias { Some(vb.get(out, &format!("{name}.bias"))?) } else { None };
+    Ok(Proj::new(vb.get((out, inp), &format!("{name}.weight"))?, name, lora).with_bias(b))
 }
 
 impl Llama {
     /// Builds the model, taking every weight from `vb` under Hugging Face names
-    /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...).
+    /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...; Qwen:
+    /// `self_attn.{q,k,v}_proj.bias`, `self_attn.{q,k}_norm.weight`).
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         Self::new_with_lora(cfg, vb, None)
     }
@@ -70,6 +86,7 @@ impl Llama {
     pub fn new_with_lora(cfg: &LlamaConfig, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Self> {
         cfg.validate("config")?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nq, nkv, qkv_bias, o_bias) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.qkv_bias(), cfg.o_bias());
         let embed_w = vb.get((cfg.vocab_size, h), "model.embed_tokens.weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -77,19 +94,28 @@ impl Llama {
                 Ok(Layer {
                     input_norm: vb.get(h, &format!("{p}.input_layernorm.weight"))?,
                     attn: Attention {
-                        q: linear(&vb, h, cfg.num_attention_heads * hd, &format!("{p}.self_attn.q_proj"), lora)?,
-                        k: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.k_proj"), lora)?,
-                        v: linear(&vb, h, cfg.kv_heads() * hd, &format!("{p}.self_attn.v_proj"), lora)?,
-                        o: linear(&vb, cfg.num_attention_heads * hd, h, &format!("{p}.self_attn.o_proj"), lora)?,
-                        heads: cfg.num_attention_heads,
-                        kv_heads: cfg.kv_heads(),
+                        q: linear(&vb, h, nq * hd, &format!("{p}.self_attn.q_proj"), lora, qkv_bias)?,
+                        k: linear(&vb, h, nkv * hd, &format!("{p}.self_attn.k_proj"), lora, qkv_bias)?,
+                        v: linear(&vb, h, nkv * hd, &format!("{p}.self_attn.v_proj"), lora, qkv_bias)?,
+                        o: linear(&vb, nq * hd, h, &format!("{p}.self_attn.o_proj"), lora, o_bias)?,
+                        qk_norm: if cfg.qk_norm() {
+                            Some((
+                                vb.get(hd, &format!("{p}.self_attn.q_norm.weight"))?,
+                                vb.get(hd, &format!("{p}.self_attn.k_norm.weight"))?,
+                            ))
+                        } else {
+                            None
+                        },
+                        heads: nq,
+                        kv_heads: nkv,
                         head_dim: hd,
+                        eps: cfg.rms_norm_eps,
                     },
                     post_norm: vb.get(h, &format!("{p}.post_attention_layernorm.weight"))?,
                     mlp: Mlp {
-                        gate: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.gate_proj"), lora)?,
-                        up: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.up_proj"), lora)?,
-                        down: linear(&vb, cfg.intermediate_size, h, &format!("{p}.mlp.down_proj"), lora)?,
+                        gate: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.gate_proj"), lora, false)?,
+                        up: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.up_proj"), lora, false)?,
+                        down: linear(&vb, cfg.intermediate_size, h, &format!("{p}.mlp.down_proj"), lora, false)?,
                     },
                 })
             })
@@ -121,7 +147,8 @@ impl Llama {
     /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): each fused block keeps
     /// only its input and recomputes its activations in the backward pass
     /// ([`Activations::Recompute`]). Same values and gradients, less memory, more time. Applies
-    /// to the fused path (f32 CPU); the reference path keeps what candle's graph keeps.
+    /// to the fused blocks (f32 CPU; Qwen: the MLP blocks only); the composed attention and the
+    /// reference path keep what candle's graph keeps.
     pub fn set_gradient_checkpointing(&self, on: bool) {
         self.recompute.store(on, Ordering::Relaxed);
     }
@@ -133,7 +160,8 @@ impl Llama {
 
     /// The bytes of activations this model's fused blocks hold for the backward pass (q|k|v and
     /// the attention output, gate|up per layer; nothing with gradient checkpointing): now, and
-    /// the peak since [`ActivationMeter::reset_peak`]. Zero on the reference path.
+    /// the peak since [`ActivationMeter::reset_peak`]. Zero on the reference path; Qwen models count
+    /// only their MLP blocks (their composed attention keeps what candle's graph keeps).
     pub fn activation_meter(&self) -> &ActivationMeter {
         &self.meter
     }
@@ -145,11 +173,15 @@ impl Llama {
     /// f32 CPU models run the fused kernels of [`crate::fused`] (equal to
     /// [`Self::forward_hidden_reference`] within float rounding, values and gradients; active
     /// LoRA adapters are folded into the effective weights `W + scale * B A`); other devices and
-    /// dtypes run the reference composition.
+    /// dtypes run the reference composition. Qwen models on f32 CPU run the composed attention
+    /// (the fused attention block has no biases and no q/k norm) and the fused MLP block.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        match self.fused_weights() {
-            Some(weights) => self.forward_hidden_fused(input_ids, attention_mask, &weights, None),
-            None => self.forward_hidden_reference(input_ids, attention_mask),
+        let Some(mlp) = self.fused_mlp_weights() else {
+            return self.forward_hidden_reference(input_ids, attention_mask);
+        };
+        match self.fused_attention_weights() {
+            Some(attention) => self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None),
+            None => self.forward_hidden_composed(input_ids, attention_mask, Some(&mlp)),
         }
     }
 
@@ -158,39 +190,76 @@ impl Llama {
     /// additive mask, softmax): the reference the fused path is tested against, and the path of
     /// other devices and dtypes.
     pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let (_, seq) = input_ids.dims2()?;
+        self.forward_hidden_composed(input_ids, attention_mask, None)
+    }
+
+    /// Every layer's attention as the composition of differentiable candle ops, followed by its
+    /// MLP: the fused [`fused::mlp_block`] with `fused_mlp` (per layer `[gate, up, down]` effective
+    /// weights; Qwen on f32 CPU, with the fused RMSNorm), the composition without (the reference).
+    fn forward_hidden_composed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        fused_mlp: Option<&[[Tensor; 3]]>,
+    ) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
         let dtype = self.embed.embeddings().dtype();
         let (cos, sin) = rope_tables(&self.inv_freq, seq, dtype, device)?;
+        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        let norm = |x: &Tensor, w: &Tensor| match fused_mlp {
+            Some(_) => crate::ops::rms_norm(x, w, eps),
+            None => crate::ops::rms_norm_composed(x, w, eps),
+        };
+        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
         let mut x = self.embed.forward(input_ids)?;
-        for layer in &self.layers {
-            let h = crate::ops::rms_norm_composed(&x, &layer.input_norm, self.cfg.rms_norm_eps)?;
-            x = (x + layer.attn.forward(&h, &mask, &cos, &sin)?)?;
-            let h = crate::ops::rms_norm_composed(&x, &layer.post_norm, self.cfg.rms_norm_eps)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = (&x + layer.attn.forward(&norm(&x, &layer.input_norm)?, &mask, &cos, &sin)?)?;
+            x = match fused_mlp {
+                Some(weights) => {
+                    let [gate, up, down] = &weights[i];
+                    let rows = x.reshape((batch * seq, h))?;
+                    let meter = Some(&self.meter);
+                    fused::mlp_block(&rows, &layer.post_norm, [gate, up, down], eps, acts, meter)?
+                        .reshape((batch, seq, h))?
+                }
+                None => (&x + layer.mlp.forward(&norm(&x, &layer.post_norm)?)?)?,
+            };
         }
-        crate::ops::rms_norm_composed(&x, &self.norm, self.cfg.rms_norm_eps)
+        norm(&x, &self.norm)
     }
 
-    /// Per layer `[q, k, v, o, gate, up, down]` effective weights (LoRA folded in, see
-    /// [`Proj::effective_weight`]) when the fused path applies (f32 CPU).
-    fn fused_weights(&self) -> Option<Vec<[Tensor; 7]>> {
+    /// Per layer `[gate, up, down]` effective weights (LoRA folded in, see
+    /// [`Proj::effective_weight`]) when the fused MLP block applies (f32 CPU).
+    fn fused_mlp_weights(&self) -> Option<Vec<[Tensor; 3]>> {
         if !crate::fused::fusable(&[self.embed.embeddings(), &self.norm]) {
             return None;
         }
         self.layers
             .iter()
             .map(|l| {
-                let (a, m) = (&l.attn, &l.mlp);
+                let m = &l.mlp;
+                Some([m.gate.effective_weight().ok()?, m.up.effective_weight().ok()?, m.down.effective_weight().ok()?])
+            })
+            .collect()
+    }
+
+    /// Per layer `[q, k, v, o]` effective weights when the fused attention block applies: f32 CPU
+    /// and plain Llama attention ([`LlamaConfig::plain_attention`]: no biases, no q/k norm).
+    fn fused_attention_weights(&self) -> Option<Vec<[Tensor; 4]>> {
+        if !self.cfg.plain_attention() || !crate::fused::fusable(&[self.embed.embeddings(), &self.norm]) {
+            return None;
+        }
+        self.layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
                 Some([
                     a.q.effective_weight().ok()?,
                     a.k.effective_weight().ok()?,
                     a.v.effective_weight().ok()?,
                     a.o.effective_weight().ok()?,
-                    m.gate.effective_weight().ok()?,
-                    m.up.effective_weight().ok()?,
-                    m.down.effective_weight().ok()?,
                 ])
             })
             .collect()
@@ -199,18 +268,19 @@ impl Llama {
     /// Final hidden states `[batch, seq, hidden]` of rows that each hold two continuations of a
     /// shared prefix, `[prefix | first | second | padding]` with per-row `(prefix, first)`
     /// lengths (see [`AttentionSpec::with_branches`]): every position gets the hidden state it
-    /// has in the row `[prefix | its branch]`. Fused (f32 CPU) models only: `None` otherwise.
+    /// has in the row `[prefix | its branch]`. Fused (f32 CPU, plain attention) models only:
+    /// `None` otherwise (Qwen, other devices and dtypes).
     pub fn forward_hidden_branched(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         branches: &[(usize, usize)],
     ) -> Result<Option<Tensor>> {
-        match self.fused_weights() {
-            Some(weights) => {
-                self.forward_hidden_fused(input_ids, Some(attention_mask), &weights, Some(branches)).map(Some)
+        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
+            (Some(attention), Some(mlp)) => {
+                self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches)).map(Some)
             }
-            None => Ok(None),
+            _ => Ok(None),
         }
     }
 
@@ -220,7 +290,8 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        weights: &[[Tensor; 7]],
+        attention: &[[Tensor; 4]],
+        mlp: &[[Tensor; 3]],
         branches: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
@@ -252,7 +323,7 @@ impl Llama {
         let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
         let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
         let meter = Some(&self.meter);
-        for (layer, [q, k, v, o, gate, up, down]) in self.layers.iter().zip(weights) {
+        for ((layer, [q, k, v, o]), [gate, up, down]) in self.layers.iter().zip(attention).zip(mlp) {
             x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps, acts, meter)?;
             x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts, meter)?;
         }
@@ -283,20 +354,15 @@ impl Llama {
     pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         cache.check(self.layers.len(), input_ids.dim(0)?)?;
         let pos = cache.len();
-        let (b, n) = generation::check_step(input_ids, pos, self.cfg.max_position_embeddings)?;
-        let (heads, kv_heads, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        let (_, n) = generation::check_step(input_ids, pos, self.cfg.max_position_embeddings)?;
+        let hd = self.cfg.head_dim();
         let eps = self.cfg.rms_norm_eps;
         let mut x = self.embed.forward(input_ids)?.detach();
         let (cos, sin) = generation::rope_tables_at(&self.inv_freq, pos, n, &x)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let h = crate::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let split = |t: Tensor, nh: usize| -> Result<Tensor> {
-                Ok(t.reshape((b, n, nh, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let q = rope(&split(a.q.forward(&h)?, heads)?, &cos, &sin)?;
-            let k = rope(&split(a.k.forward(&h)?, kv_heads)?, &cos, &sin)?;
-            let v = split(a.v.forward(&h)?, kv_heads)?;
+            let (q, k, v) = a.project(&h, &cos, &sin)?;
             let att = generation::cached_attention(cache, idx, &q, &k, &v, (hd as f64).sqrt(), None)?;
             x = (x + a.o.forward(&att)?)?;
             let h = crate::ops::rms_norm(&x, &layer.post_norm, eps)?;
@@ -308,14 +374,29 @@ impl Llama {
 }
 
 impl Attention {
+    /// Queries `[b, heads, s, head_dim]`, keys and values `[b, kv_heads, s, head_dim]` of
+    /// `x [b, s, hidden]`: the projections (with their biases), Qwen3's per-head RMSNorm of
+    /// queries and keys, then RoPE on queries and keys.
+    fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, heads: usize, norm: Option<&Tensor>| -> Result<Tensor> {
+            let t = t.reshape((b, s, heads, self.head_dim))?;
+            let t = match norm {
+                Some(w) => crate::ops::rms_norm_composed(&t, w, self.eps)?,
+                None => t,
+            };
+            Ok(t.transpose(1, 2)?.contiguous()?)
+        };
+        let (q_norm, k_norm) = self.qk_norm.as_ref().map_or((None, None), |(q, k)| (Some(q), Some(k)));
+        let q = rope(&split(self.q.forward(x)?, self.heads, q_norm)?, cos, sin)?;
+        let k = rope(&split(self.k.forward(x)?, self.kv_heads, k_norm)?, cos, sin)?;
+        let v = split(self.v.forward(x)?, self.kv_heads, None)?;
+        Ok((q, k, v))
+    }
+
     fn forward(&self, x: &Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let split = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = rope(&split(self.q.forward(x)?, self.heads)?, cos, sin)?;
-        let k = rope(&split(self.k.forward(x)?, self.kv_heads)?, cos, sin)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let (q, k, v) = self.project(x, cos, sin)?;
         let n = self.heads / self.kv_heads;
         let (k, v) = (repeat_kv(&k, n)?, repeat_kv(&v, n)?);
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;

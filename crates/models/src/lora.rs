@@ -98,7 +98,7 @@ pub struct Adapters {
     pub enabled: Arc<AtomicBool>,
 }
 
-/// A bias-free projection with an optional LoRA adapter.
+/// A projection `x W^T (+ b)` with an optional LoRA adapter (on `W`; the bias stays as it is).
 pub struct Proj {
     base: Linear,
     lora: Option<(Tensor, Tensor, f64, Arc<AtomicBool>)>,
@@ -112,9 +112,20 @@ impl Proj {
         Self { base: Linear::new(weight, None), lora }
     }
 
-    /// The effective weight `[out, in]`: `W` without an active adapter, `W + scale * B A` with
-    /// one (differentiable w.r.t. `A` and `B`; the fused kernels apply it as one product). With
-    /// `B = 0` this is `W` exactly, so a fresh adapter computes exactly the base model.
+    /// The same projection with a bias `[out]` added to its output (`None`: bias-free).
+    pub fn with_bias(self, bias: Option<Tensor>) -> Self {
+        Self { base: Linear::new(self.base.weight().clone(), bias), lora: self.lora }
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.base.bias()
+    }
+
+    /// The effective weight `[out, in]` (without the bias): `W` without an active adapter,
+    /// `W + scale * B A` with one (differentiable w.r.t. `A` and `B`; the fused kernels apply it
+    /// as one product). With `B = 0` this is `W` exactly, so a fresh adapter computes exactly the
+    /// base model.
     pub fn effective_weight(&self) -> Result<Tensor> {
         match &self.lora {
             Some((a, b, scale, on)) if on.load(Ordering::Relaxed) => {
@@ -124,9 +135,13 @@ impl Proj {
         }
     }
 
-    /// `x W^T (+ scale * (x A^T) B^T when the adapter is on)`.
+    /// `x W^T (+ b) (+ scale * (x A^T) B^T when the adapter is on)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = crate::fused::linear(x, self.base.weight())?;
+        let y = match self.base.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
         match &self.lora {
             Some((a, b, scale, on)) if on.load(Ordering::Relaxed) => {
                 let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;

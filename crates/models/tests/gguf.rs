@@ -1,6 +1,7 @@
 //! GGUF: a checkpoint written the way llama.cpp's `convert_hf_to_gguf.py` writes it (q/k rows
-//! permuted for Llama, norms stored as `1 + w` for Gemma, llama.cpp names) loads back to the
-//! original weights; a Q8_0 file dequantizes close to them.
+//! permuted for Llama but not for Qwen, norms stored as `1 + w` for Gemma, llama.cpp names,
+//! Qwen's attention biases as `attn_{q,k,v,output}.bias`) loads back to the original weights; a
+//! Q8_0 file dequantizes close to them.
 
 use std::collections::HashMap;
 
@@ -25,7 +26,9 @@ fn write_gguf(lm: &CausalLm, dtype: GgmlDType, path: &std::path::Path) -> Result
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in lm.weights() {
         let mut t = t.copy()?;
-        if let ModelConfig::Llama(c) = &cfg {
+        if let ModelConfig::Llama(c) = &cfg
+            && !(c.is_qwen2() || c.is_qwen3())
+        {
             if name.ends_with("q_proj.weight") {
                 t = llama_cpp_permute(&t, c.num_attention_heads)?;
             } else if name.ends_with("k_proj.weight") {
@@ -55,11 +58,13 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
+/// Norm weights and biases (zero at initialisation) away from their initial values.
 fn perturb_norms(lm: &CausalLm) -> Result<()> {
     for (name, var) in lm.trainable_vars() {
-        if name.contains("norm") {
+        if name.contains("norm") || name.ends_with(".bias") {
             let n = var.elem_count();
-            let w: Vec<f32> = (0..n).map(|i| -0.25 + 0.5 * ((i * 7 % 13) as f32 / 13.0)).collect();
+            let salt: usize = name.bytes().map(usize::from).sum();
+            let w: Vec<f32> = (0..n).map(|i| -0.25 + 0.5 * ((i * 7 + salt) % 13) as f32 / 13.0).collect();
             var.set(&Tensor::from_vec(w, n, &Device::Cpu)?)?;
         }
     }
@@ -72,6 +77,8 @@ fn f32_gguf_loads_back_to_the_hugging_face_weights() -> Result<()> {
         LlamaConfig::tiny(97, 32, 64, 2, 4, 2).into(),
         GemmaConfig::tiny(97, 32, 64, 2, 4, 2).into(),
         GemmaConfig::tiny3(97, 32, 64, 2, 4, 2).into(),
+        LlamaConfig::tiny_qwen2(97, 32, 64, 2, 4, 2).into(),
+        LlamaConfig { attention_bias: true, ..LlamaConfig::tiny_qwen3(97, 32, 64, 2, 4, 2, 16) }.into(),
     ];
     for cfg in configs {
         let lm = CausalLm::random(&cfg, 1, &Device::Cpu)?;

@@ -1,9 +1,10 @@
 //! Parity with Hugging Face transformers (the reference implementation) on committed fixtures
-//! written by `scripts/make_model_fixtures.py` (transformers 5.23, fp32, eager attention): tiny
-//! random Llama with "llama3" RoPE scaling, Gemma 2 (soft-capping, sliding window 6 < 24 tokens,
-//! query_pre_attn_scalar != head_dim) and Gemma 3 text (QK-norm, local/global layers with their
-//! own RoPE bases, linear scaling on global layers, sliding window 5), non-trivial norm weights,
-//! one right-padded row. Loaded with `CausalLm::from_dir` from the config.json / model.safetensors
+//! written by `scripts/make_model_fixtures.py` (transformers 5.23, Qwen 5.24; fp32, eager
+//! attention): tiny random Llama with "llama3" RoPE scaling, Gemma 2 (soft-capping, sliding window
+//! 6 < 24 tokens, query_pre_attn_scalar != head_dim), Gemma 3 text (QK-norm, local/global layers
+//! with their own RoPE bases, linear scaling on global layers, sliding window 5), Qwen2 (q/k/v
+//! biases, untied) and Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads, tied), non-trivial
+//! norm weights and biases, one right-padded row. Loaded with `CausalLm::from_dir` from the config.json / model.safetensors
 //! transformers saved (its `rope_parameters` / `layer_types` layout); no Python at test time.
 
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use candle_core::{D, DType, Device, Tensor};
 use slime_models::{CausalLm, KvCache, ModelConfig, ModelError, Result};
 
-const FIXTURES: [&str; 3] = ["llama3", "gemma2", "gemma3"];
+const FIXTURES: [&str; 5] = ["llama3", "gemma2", "gemma3", "qwen2", "qwen3"];
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
@@ -110,6 +111,14 @@ fn transformers_5_config_layout_is_read_and_round_trips() -> Result<()> {
                 assert_eq!((c.rope_theta, c.rope_local_base_freq), (1_000_000.0, Some(10_000.0)));
                 assert_eq!(c.rope_scaling.as_ref().map(|s| (s.rope_type.as_str(), s.factor)), Some(("linear", 2.0)));
                 assert_eq!((0..4).map(|l| c.is_sliding(l)).collect::<Vec<_>>(), [true, false, true, false]);
+            }
+            ("qwen2", ModelConfig::Llama(c)) => {
+                assert!(c.is_qwen2() && c.qkv_bias() && !c.o_bias() && !c.qk_norm());
+                assert_eq!((c.rope_theta, c.head_dim(), c.use_sliding_window), (1_000_000.0, 8, Some(false)));
+            }
+            ("qwen3", ModelConfig::Llama(c)) => {
+                assert!(c.is_qwen3() && c.qk_norm() && !c.qkv_bias() && c.tie_word_embeddings);
+                assert_eq!((c.rope_theta, c.head_dim), (1_000_000.0, Some(16)));
             }
             (n, c) => panic!("{n}: unexpected family {c:?}"),
         }
