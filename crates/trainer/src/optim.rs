@@ -138,12 +138,27 @@ impl AdamW {
 
     /// Adds the gradients of the optimised variables in `more` into `into` (gradient
     /// accumulation over micro-batches: the sum of the micro-batch gradients).
+    /// f32 CPU gradients are added on rayon's pool, one pass over host buffers (the same bits
+    /// as the tensor add, which serves every other device and dtype).
     pub fn accumulate(&self, into: &mut GradStore, more: &GradStore) -> Result<()> {
         for slot in &self.slots {
             let t = slot.var.as_tensor();
             if let Some(g) = more.get(t) {
                 let sum = match into.get(t) {
-                    Some(acc) => (acc + g)?,
+                    Some(acc) => match (host_f32(acc), host_f32(g)) {
+                        (Some(a), Some(b)) if a.len() == b.len() => {
+                            let mut out = vec![0f32; a.len()];
+                            out.par_chunks_mut(PARALLEL_CHUNK)
+                                .zip(a.par_chunks(PARALLEL_CHUNK).zip(b.par_chunks(PARALLEL_CHUNK)))
+                                .for_each(|(o, (a, b))| {
+                                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                                        *o = a + b;
+                                    }
+                                });
+                            Tensor::from_vec(out, acc.shape(), acc.device())?
+                        }
+                        _ => (acc + g)?,
+                    },
                     None => g.clone(),
                 };
                 into.insert(t, sum);
@@ -497,6 +512,22 @@ mod tests {
         let opt = AdamW::new(vec![("w".into(), var)], AdamWConfig::default())?;
         let norm = opt.grad_norm(&grads)?;
         assert!((norm - expected).abs() < 1e-12 * expected, "{norm} vs {expected}");
+        Ok(())
+    }
+
+    #[test]
+    fn accumulation_over_several_chunks_equals_the_tensor_add() -> Result<()> {
+        let n = PARALLEL_CHUNK * 5 / 2 + 5;
+        let wave = |k: usize| -> Vec<f32> { (0..n).map(|i| ((i * k) % 1000) as f32 / 997.0 - 0.5).collect() };
+        let var = Var::new(vec![0f32; n].as_slice(), &Device::Cpu)?;
+        let grads_of = |w: &[f32]| (var.as_tensor() * Tensor::new(w, &Device::Cpu)?)?.sum_all()?.backward();
+        let (a, b) = (wave(7919), wave(104_729));
+        let (mut acc, more) = (grads_of(&a)?, grads_of(&b)?);
+        let opt = AdamW::new(vec![("w".into(), var.clone())], AdamWConfig::default())?;
+        opt.accumulate(&mut acc, &more)?;
+        let got = acc.get(var.as_tensor()).expect("w").to_vec1::<f32>()?;
+        let expected: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert!(got.iter().zip(&expected).all(|(g, e)| g.to_bits() == e.to_bits()));
         Ok(())
     }
 

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use slime_data::{
     Batch, Cursor, EpochSampler, PairLogps, TextTokenizer, TokenizedPair, collate_pairs, collate_sft, read_logps,

@@ -31,10 +31,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use rayon::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use slime_models::{CausalLm, LlamaConfig};
 use slime_objectives::{
     DpoParams, Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SimpoParams, SlimeParams,
@@ -365,11 +365,8 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     for step in 0..args.steps {
         let idx = pick(step);
         let t0 = Instant::now();
-        let outcomes: Vec<Result<_>> = if parallel == 1 {
-            vec![micro_batch(&idx)]
-        } else {
-            idx.par_chunks(per).map(micro_batch).collect()
-        };
+        let outcomes: Vec<Result<_>> =
+            if parallel == 1 { vec![micro_batch(&idx)] } else { idx.par_chunks(per).map(micro_batch).collect() };
         let (mut grads, mut loss) = (None, 0.0);
         for outcome in outcomes {
             let (g, value) = outcome?;
