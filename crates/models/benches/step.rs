@@ -1,6 +1,7 @@
 //! Criterion benches: forward + backward of the reference model (issue 7's workload: Llama,
 //! vocab 512, hidden 256, intermediate 688, 4 layers, 8 heads, 4 kv heads, untied, 16 x 128
-//! tokens, f32) on the fused path and on the reference composition; each fused piece at that
+//! tokens, f32) on the fused path (one pass, or two halves at once as the trainer's
+//! `parallel_micro_batches = 2` runs them) and on the reference composition; each fused piece at that
 //! workload's sizes (attention, MLP, RMSNorm + projection, rope, log-prob gather), forward and
 //! forward + backward; and the chunked log-prob path at a Gemma-sized vocabulary (262,144) on
 //! 1 x 512 positions (full logits would be 512 MiB; each chunk of 128 holds 128 MiB).
@@ -41,6 +42,20 @@ fn reference_step(c: &mut Criterion) {
         b.iter(|| {
             let logps = lm.model().token_logps(&ids, Some(&mask), 128).expect("logps");
             logps.sum_all().expect("sum").backward().expect("backward")
+        })
+    });
+    // The trainer's `parallel_micro_batches = 2`: two halves of the batch, each forward and
+    // backward on its own pool thread (run with `CANDLE_NUM_THREADS=1`, as the binaries set it:
+    // candle's own element-wise pool serialises concurrent callers).
+    let halves = [ids.narrow(0, 0, BATCH / 2).expect("half"), ids.narrow(0, BATCH / 2, BATCH / 2).expect("half")];
+    let half_mask = mask.narrow(0, 0, BATCH / 2).expect("mask");
+    group.bench_function("forward_backward_16x128_as_2_concurrent_8x128", |b| {
+        b.iter(|| {
+            let run = |ids: &Tensor| {
+                let logps = lm.model().token_logps(ids, Some(&half_mask), 128).expect("logps");
+                logps.sum_all().expect("sum").backward().expect("backward")
+            };
+            rayon::join(|| run(&halves[0]), || run(&halves[1]))
         })
     });
     group.bench_function("forward_backward_16x128_composed", |b| {
