@@ -1,6 +1,7 @@
 //! Host-side f32 building blocks of the fused CPU kernels in [`crate::fused`]: strided matrix
 //! products (the `gemm` crate candle itself uses), borrowed views of tensor storage, and the row
-//! kernels (RMSNorm, rotary embedding, SwiGLU, masked softmax) with their derivatives.
+//! kernels (RMSNorm, per-head q/k RMSNorm, bias rows and column sums, rotary embedding, SwiGLU,
+//! masked softmax) with their derivatives.
 //!
 //! Everything here is plain slices and explicit strides, so the kernels can read a head out of a
 //! `[tokens, heads * head_dim]` activation or write a transposed product without a copy.
@@ -224,6 +225,108 @@ pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &
             total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
             total
         })
+}
+
+/// Rows per partial sum of [`col_sums`]: a fixed partition, so the order of the additions (and
+/// the result) does not depend on the thread count or on scheduling.
+const COL_SUM_ROWS: usize = 64;
+
+/// Column sums of a row-major `[rows, cols]` matrix (a bias gradient): one partial sum per block
+/// of [`COL_SUM_ROWS`] rows (its rows added in order), the partials added in block order.
+pub(crate) fn col_sums(m: &[f32], cols: usize) -> Vec<f32> {
+    m.par_chunks(cols * COL_SUM_ROWS)
+        .map(|block| {
+            let mut sums = vec![0f32; cols];
+            for row in block.chunks_exact(cols) {
+                sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            sums
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; cols], |mut total, part| {
+            total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+            total
+        })
+}
+
+/// `m[r, c] += b[c]` for every row of a row-major `[rows, b.len()]` matrix (a bias), rows in
+/// parallel.
+pub(crate) fn add_rows(m: &mut [f32], b: &[f32]) {
+    let cols = b.len();
+    m.par_chunks_mut(cols * ROW_BLOCK).for_each(|block| {
+        for row in block.chunks_exact_mut(cols) {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    });
+}
+
+/// Per-head RMSNorm of the query and key columns of q|k|v rows (Qwen3's q/k norm): in each row,
+/// the first `heads` head vectors of `head_dim = q.len()` columns are normalised with weight `q`,
+/// the next `kv_heads` with weight `k` (each over its own `head_dim` values, as [`rms_norm_rows`]);
+/// the value columns after them are left alone.
+pub(crate) struct HeadNorm<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub eps: f64,
+}
+
+impl HeadNorm<'_> {
+    /// Columns of a row holding query and key heads.
+    fn qk_cols(&self) -> usize {
+        (self.heads + self.kv_heads) * self.q.len()
+    }
+
+    /// Normalises the query and key heads of `qkv` (`[rows, cols]`) in place.
+    pub fn apply(&self, qkv: &mut [f32], cols: usize) {
+        let (d, qk) = (self.q.len(), self.qk_cols());
+        qkv.par_chunks_mut(cols * ROW_BLOCK).for_each(|block| {
+            for row in block.chunks_exact_mut(cols) {
+                for (j, head) in row[..qk].chunks_exact_mut(d).enumerate() {
+                    let w = if j < self.heads { self.q } else { self.k };
+                    let r = inv_rms(head, self.eps);
+                    head.iter_mut().zip(w).for_each(|(v, &w)| *v = *v * r * w);
+                }
+            }
+        });
+    }
+
+    /// Backward pass in place: `g` (`[rows, cols]`, the gradient of the normalised rows) becomes
+    /// the gradient of the rows before normalising, `x`, in the query and key columns (the value
+    /// columns are unchanged): per head `dx = r g w - x r^3 mean(g w x)`. Returns the gradients of
+    /// the `q` and `k` weights, `sum g x r` over rows and heads; per-block partial sums added in
+    /// block order (independent of the thread count, as [`rms_norm_bwd_rows`]).
+    pub fn backward(&self, x: &[f32], cols: usize, g: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+        let (d, qk) = (self.q.len(), self.qk_cols());
+        g.par_chunks_mut(cols * ROW_BLOCK)
+            .zip(x.par_chunks(cols * ROW_BLOCK))
+            .map(|(gb, xb)| {
+                let (mut dq, mut dk) = (vec![0f32; d], vec![0f32; d]);
+                for (gr, xr) in gb.chunks_exact_mut(cols).zip(xb.chunks_exact(cols)) {
+                    for (j, (gh, xh)) in gr[..qk].chunks_exact_mut(d).zip(xr[..qk].chunks_exact(d)).enumerate() {
+                        let (w, dw) = if j < self.heads { (self.q, &mut dq) } else { (self.k, &mut dk) };
+                        let r = inv_rms(xh, self.eps);
+                        let dot =
+                            xh.iter().zip(gh.iter()).zip(w).map(|((&v, &g), &w)| f64::from(v * g * w)).sum::<f64>();
+                        let c = (dot / d as f64) as f32 * r * r * r;
+                        for (((g, &v), &w), dw) in gh.iter_mut().zip(xh).zip(w).zip(dw.iter_mut()) {
+                            *dw += *g * v * r;
+                            *g = r * *g * w - v * c;
+                        }
+                    }
+                }
+                (dq, dk)
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold((vec![0f32; d], vec![0f32; d]), |(mut tq, mut tk), (pq, pk)| {
+                tq.iter_mut().zip(&pq).for_each(|(t, p)| *t += p);
+                tk.iter_mut().zip(&pk).for_each(|(t, p)| *t += p);
+                (tq, tk)
+            })
+    }
 }
 
 /// SwiGLU of a `[rows, 2 i]` gate|up block: `out[r, j] = silu(gu[r, j]) * gu[r, i + j]`.

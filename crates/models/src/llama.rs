@@ -9,8 +9,8 @@
 //! - Qwen3: each query and key head is RMS-normalised over `head_dim` before RoPE,
 //!   `q_h = rms_norm(x W_q^T [head h], q_norm)`; biases on q/k/v/o only with `attention_bias`.
 //!
-//! The fused attention block computes neither, so Qwen models run the composed attention with the
-//! fused MLP block on f32 CPU (see [`Llama::forward_hidden`]).
+//! On f32 CPU both run in the fused attention block ([`fused::attention_block`] with
+//! [`AttentionExtras`]), like Llama (see [`Llama::forward_hidden`]).
 //!
 //! Unlike candle-transformers' inference model, the forward pass covers whole right-padded
 //! sequences, keeps no KV cache and records a backward pass through every weight.
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Result;
 use crate::config::LlamaConfig;
-use crate::fused::{self, ActivationMeter, Activations, AttentionSpec};
+use crate::fused::{self, ActivationMeter, Activations, AttentionExtras, AttentionSpec};
 use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rope, rope_tables};
@@ -147,8 +147,8 @@ impl Llama {
     /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): each fused block keeps
     /// only its input and recomputes its activations in the backward pass
     /// ([`Activations::Recompute`]). Same values and gradients, less memory, more time. Applies
-    /// to the fused blocks (f32 CPU; Qwen: the MLP blocks only); the composed attention and the
-    /// reference path keep what candle's graph keeps.
+    /// to the fused blocks (f32 CPU, Qwen included); the reference path keeps what candle's graph
+    /// keeps.
     pub fn set_gradient_checkpointing(&self, on: bool) {
         self.recompute.store(on, Ordering::Relaxed);
     }
@@ -160,8 +160,7 @@ impl Llama {
 
     /// The bytes of activations this model's fused blocks hold for the backward pass (q|k|v and
     /// the attention output, gate|up per layer; nothing with gradient checkpointing): now, and
-    /// the peak since [`ActivationMeter::reset_peak`]. Zero on the reference path; Qwen models count
-    /// only their MLP blocks (their composed attention keeps what candle's graph keeps).
+    /// the peak since [`ActivationMeter::reset_peak`]. Zero on the reference path.
     pub fn activation_meter(&self) -> &ActivationMeter {
         &self.meter
     }
@@ -173,15 +172,14 @@ impl Llama {
     /// f32 CPU models run the fused kernels of [`crate::fused`] (equal to
     /// [`Self::forward_hidden_reference`] within float rounding, values and gradients; active
     /// LoRA adapters are folded into the effective weights `W + scale * B A`); other devices and
-    /// dtypes run the reference composition. Qwen models on f32 CPU run the composed attention
-    /// (the fused attention block has no biases and no q/k norm) and the fused MLP block.
+    /// dtypes run the reference composition. Qwen models take the same fused path, their biases
+    /// and q/k norms inside the attention block.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let Some(mlp) = self.fused_mlp_weights() else {
-            return self.forward_hidden_reference(input_ids, attention_mask);
-        };
-        match self.fused_attention_weights() {
-            Some(attention) => self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None),
-            None => self.forward_hidden_composed(input_ids, attention_mask, Some(&mlp)),
+        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
+            (Some(attention), Some(mlp)) => {
+                self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None)
+            }
+            _ => self.forward_hidden_reference(input_ids, attention_mask),
         }
     }
 
@@ -190,42 +188,17 @@ impl Llama {
     /// additive mask, softmax): the reference the fused path is tested against, and the path of
     /// other devices and dtypes.
     pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_hidden_composed(input_ids, attention_mask, None)
-    }
-
-    /// Every layer's attention as the composition of differentiable candle ops, followed by its
-    /// MLP: the fused [`fused::mlp_block`] with `fused_mlp` (per layer `[gate, up, down]` effective
-    /// weights; Qwen on f32 CPU, with the fused RMSNorm), the composition without (the reference).
-    fn forward_hidden_composed(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        fused_mlp: Option<&[[Tensor; 3]]>,
-    ) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2()?;
+        let (_, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
         let dtype = self.embed.embeddings().dtype();
         let (cos, sin) = rope_tables(&self.inv_freq, seq, dtype, device)?;
-        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
-        let norm = |x: &Tensor, w: &Tensor| match fused_mlp {
-            Some(_) => crate::ops::rms_norm(x, w, eps),
-            None => crate::ops::rms_norm_composed(x, w, eps),
-        };
-        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
+        let eps = self.cfg.rms_norm_eps;
+        let norm = |x: &Tensor, w: &Tensor| crate::ops::rms_norm_composed(x, w, eps);
         let mut x = self.embed.forward(input_ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for layer in &self.layers {
             x = (&x + layer.attn.forward(&norm(&x, &layer.input_norm)?, &mask, &cos, &sin)?)?;
-            x = match fused_mlp {
-                Some(weights) => {
-                    let [gate, up, down] = &weights[i];
-                    let rows = x.reshape((batch * seq, h))?;
-                    let meter = Some(&self.meter);
-                    fused::mlp_block(&rows, &layer.post_norm, [gate, up, down], eps, acts, meter)?
-                        .reshape((batch, seq, h))?
-                }
-                None => (&x + layer.mlp.forward(&norm(&x, &layer.post_norm)?)?)?,
-            };
+            x = (&x + layer.mlp.forward(&norm(&x, &layer.post_norm)?)?)?;
         }
         norm(&x, &self.norm)
     }
@@ -245,10 +218,10 @@ impl Llama {
             .collect()
     }
 
-    /// Per layer `[q, k, v, o]` effective weights when the fused attention block applies: f32 CPU
-    /// and plain Llama attention ([`LlamaConfig::plain_attention`]: no biases, no q/k norm).
+    /// Per layer `[q, k, v, o]` effective weights when the fused attention block applies (f32
+    /// CPU; Llama and Qwen alike, the biases and q/k norms going in as [`Attention::extras`]).
     fn fused_attention_weights(&self) -> Option<Vec<[Tensor; 4]>> {
-        if !self.cfg.plain_attention() || !crate::fused::fusable(&[self.embed.embeddings(), &self.norm]) {
+        if !crate::fused::fusable(&[self.embed.embeddings(), &self.norm]) {
             return None;
         }
         self.layers
@@ -268,8 +241,8 @@ impl Llama {
     /// Final hidden states `[batch, seq, hidden]` of rows that each hold two continuations of a
     /// shared prefix, `[prefix | first | second | padding]` with per-row `(prefix, first)`
     /// lengths (see [`AttentionSpec::with_branches`]): every position gets the hidden state it
-    /// has in the row `[prefix | its branch]`. Fused (f32 CPU, plain attention) models only:
-    /// `None` otherwise (Qwen, other devices and dtypes).
+    /// has in the row `[prefix | its branch]`. Fused (f32 CPU) models only, Qwen included: `None`
+    /// on other devices and dtypes.
     pub fn forward_hidden_branched(
         &self,
         input_ids: &Tensor,
@@ -324,7 +297,8 @@ impl Llama {
         let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
         let meter = Some(&self.meter);
         for ((layer, [q, k, v, o]), [gate, up, down]) in self.layers.iter().zip(attention).zip(mlp) {
-            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], &spec, eps, acts, meter)?;
+            let extras = layer.attn.extras()?;
+            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], extras, &spec, eps, acts, meter)?;
             x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts, meter)?;
         }
         Ok(fused::rms_norm(&x, &self.norm, eps)?.reshape((batch, seq, h))?)
@@ -374,6 +348,23 @@ impl Llama {
 }
 
 impl Attention {
+    /// The fused attention block's optional parameters: Qwen's biases (LoRA leaves them as they
+    /// are) and q/k norm weights; none for Llama.
+    fn extras(&self) -> Result<AttentionExtras<'_>> {
+        let qkv_bias = match (self.q.bias(), self.k.bias(), self.v.bias()) {
+            (Some(q), Some(k), Some(v)) => Some([q, k, v]),
+            (None, None, None) => None,
+            _ => {
+                return Err(crate::ModelError::Input {
+                    input: "attention",
+                    reason: "q/k/v_proj must all have a bias or none".into(),
+                });
+            }
+        };
+        let qk_norm = self.qk_norm.as_ref().map(|(q, k)| [q, k]);
+        Ok(AttentionExtras { qkv_bias, o_bias: self.o.bias(), qk_norm })
+    }
+
     /// Queries `[b, heads, s, head_dim]`, keys and values `[b, kv_heads, s, head_dim]` of
     /// `x [b, s, hidden]`: the projections (with their biases), Qwen3's per-head RMSNorm of
     /// queries and keys, then RoPE on queries and keys.

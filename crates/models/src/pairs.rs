@@ -40,9 +40,9 @@ impl PairLayout {
 /// Per-token log-probs `[2 n, seq]` (f32) of the `n` pairs in `input_ids` `[2 n, seq]` (chosen
 /// rows, then rejected rows; `attention_mask` marks right padding): `out[r, t] = log p(ids[r, t]
 /// | ids[r, <t])` on real tokens, as [`Model::token_logps`]; padding positions hold some finite
-/// value. Models that do not run the fused attention block (Gemma, Qwen, other devices and
-/// dtypes), batches that are not right-padded and pairs that share nothing take
-/// [`Model::token_logps`] directly.
+/// value. Models that do not run the fused attention block (Gemma, other devices and dtypes),
+/// batches that are not right-padded and pairs that share nothing take [`Model::token_logps`]
+/// directly.
 pub fn pair_token_logps(
     model: &Model,
     input_ids: &Tensor,

@@ -221,6 +221,7 @@ fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
                 xt,
                 nwt,
                 [q.as_tensor(), k.as_tensor(), v.as_tensor(), o.as_tensor()],
+                fused::AttentionExtras::default(),
                 &spec,
                 1e-6,
                 acts,
@@ -291,6 +292,214 @@ fn mlp_block_over_several_row_chunks_matches_composition() -> Result<()> {
             },
             1e-5,
         )?;
+    }
+    Ok(())
+}
+
+/// Which of Qwen's optional attention parameters a block test uses.
+#[derive(Debug, Clone, Copy)]
+struct Parts {
+    qkv_bias: bool,
+    o_bias: bool,
+    qk_norm: bool,
+}
+
+/// Qwen2 (q/k/v biases), Qwen3 (q/k norm), Qwen3 with `attention_bias` (both, and the o_proj
+/// bias), and an o_proj bias alone.
+const QWEN_PARTS: [Parts; 4] = [
+    Parts { qkv_bias: true, o_bias: false, qk_norm: false },
+    Parts { qkv_bias: false, o_bias: false, qk_norm: true },
+    Parts { qkv_bias: true, o_bias: true, qk_norm: true },
+    Parts { qkv_bias: false, o_bias: true, qk_norm: false },
+];
+
+/// An attention block with head_dim 8 != hidden / heads (o_proj is 24 x 32), grouped heads, a
+/// padded row and 70 tokens (two query blocks, the second partial); every parameter a `Var`.
+struct QwenBlock {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    inv_freq: Vec<f64>,
+    mask: Tensor,
+    spec: std::sync::Arc<fused::AttentionSpec>,
+    x: Var,
+    nw: Var,
+    /// q, k, v, o.
+    w: [Var; 4],
+    /// q, k, v biases, o bias, q norm, k norm.
+    b: [Var; 3],
+    bo: Var,
+    qk: [Var; 2],
+}
+
+impl QwenBlock {
+    fn new() -> Result<Self> {
+        let dev = Device::Cpu;
+        let (batch, seq, heads, kv_heads, head_dim, hidden) = (2, 70, 4, 2, 8, 24);
+        let inv_freq: Vec<f64> =
+            (0..head_dim / 2).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let mut m = vec![1u8; batch * seq];
+        m[seq + 50..].fill(0);
+        let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
+        let spec = std::sync::Arc::new(fused::AttentionSpec::new(batch, seq, heads, kv_heads, &inv_freq, Some(&mask))?);
+        let var = |t: Tensor| Var::from_tensor(&t).expect("var");
+        let randn = |mean: f32, std: f32, shape: &[usize]| Tensor::randn(mean, std, shape, &dev).expect("randn");
+        let (qc, kc) = (heads * head_dim, kv_heads * head_dim);
+        Ok(Self {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            inv_freq,
+            mask,
+            spec,
+            x: var(randn(0.0, 1.0, &[batch * seq, hidden])),
+            nw: var(randn(1.0, 0.3, &[hidden])),
+            w: [
+                var(randn(0.0, 0.1, &[qc, hidden])),
+                var(randn(0.0, 0.1, &[kc, hidden])),
+                var(randn(0.0, 0.1, &[kc, hidden])),
+                var(randn(0.0, 0.1, &[hidden, qc])),
+            ],
+            b: [var(randn(0.0, 0.3, &[qc])), var(randn(0.0, 0.3, &[kc])), var(randn(0.0, 0.3, &[kc]))],
+            bo: var(randn(0.0, 0.3, &[hidden])),
+            qk: [var(randn(1.0, 0.3, &[head_dim])), var(randn(1.0, 0.3, &[head_dim]))],
+        })
+    }
+
+    /// The variables the block with `parts` reads.
+    fn vars(&self, parts: Parts) -> Vec<&Var> {
+        let mut vars = vec![&self.x, &self.nw];
+        vars.extend(&self.w);
+        if parts.qkv_bias {
+            vars.extend(&self.b);
+        }
+        if parts.o_bias {
+            vars.push(&self.bo);
+        }
+        if parts.qk_norm {
+            vars.extend(&self.qk);
+        }
+        vars
+    }
+
+    fn fused(
+        &self,
+        parts: Parts,
+        acts: Activations,
+        meter: Option<&std::sync::Arc<fused::ActivationMeter>>,
+    ) -> Result<Tensor> {
+        let [q, k, v, o] = &self.w;
+        let [bq, bk, bv] = &self.b;
+        let [qn, kn] = &self.qk;
+        let extras = fused::AttentionExtras {
+            qkv_bias: parts.qkv_bias.then(|| [bq.as_tensor(), bk.as_tensor(), bv.as_tensor()]),
+            o_bias: parts.o_bias.then(|| self.bo.as_tensor()),
+            qk_norm: parts.qk_norm.then(|| [qn.as_tensor(), kn.as_tensor()]),
+        };
+        let w = [q.as_tensor(), k.as_tensor(), v.as_tensor(), o.as_tensor()];
+        fused::attention_block(self.x.as_tensor(), self.nw.as_tensor(), w, extras, &self.spec, 1e-6, acts, meter)
+    }
+
+    /// The composition of candle ops, as the reference Qwen attention: projections plus biases,
+    /// per-head RMSNorm of q and k, rotary attention, o_proj plus bias, residual.
+    fn composed(&self, parts: Parts) -> Result<Tensor> {
+        let n = self.batch * self.seq;
+        let h = ops::rms_norm_composed(self.x.as_tensor(), self.nw.as_tensor(), 1e-6)?;
+        let proj = |w: &Var, b: &Var, bias: bool| -> Result<Tensor> {
+            let y = h.matmul(&w.as_tensor().t()?)?;
+            Ok(if bias { y.broadcast_add(b.as_tensor())? } else { y })
+        };
+        let head_norm = |t: Tensor, heads: usize, w: &Var| -> Result<Tensor> {
+            if !parts.qk_norm {
+                return Ok(t);
+            }
+            let normed = ops::rms_norm_composed(&t.reshape((n, heads, self.head_dim))?, w.as_tensor(), 1e-6)?;
+            Ok(normed.reshape((n, heads * self.head_dim))?)
+        };
+        let q = head_norm(proj(&self.w[0], &self.b[0], parts.qkv_bias)?, self.heads, &self.qk[0])?;
+        let k = head_norm(proj(&self.w[1], &self.b[1], parts.qkv_bias)?, self.kv_heads, &self.qk[1])?;
+        let v = proj(&self.w[2], &self.b[2], parts.qkv_bias)?;
+        let qkv = Tensor::cat(&[q, k, v], 1)?;
+        let a = ops::attention_composed(&qkv, self.batch, self.heads, self.kv_heads, &self.inv_freq, Some(&self.mask))?;
+        let out = a.matmul(&self.w[3].as_tensor().t()?)?;
+        let out = if parts.o_bias { out.broadcast_add(self.bo.as_tensor())? } else { out };
+        Ok((self.x.as_tensor() + out)?)
+    }
+}
+
+/// With Qwen's q/k/v and o_proj biases and per-head q/k RMSNorm, the fused attention block equals
+/// the composition in value and in the gradient of every input (x, norm weight, q/k/v/o weights,
+/// biases, q/k norm weights) within 1e-5, in both activation modes.
+#[test]
+fn attention_block_with_biases_and_qk_norm_matches_composition() -> Result<()> {
+    let block = QwenBlock::new()?;
+    for parts in QWEN_PARTS {
+        for acts in [Activations::Keep, Activations::Recompute] {
+            check_grads(
+                &format!("attention_block {parts:?} ({acts:?})"),
+                &block.vars(parts),
+                || block.fused(parts, acts, None),
+                || block.composed(parts),
+                1e-5,
+            )?;
+        }
+    }
+    // An ill-sized optional parameter is an error naming it.
+    let err = fused::attention_block(
+        block.x.as_tensor(),
+        block.nw.as_tensor(),
+        [block.w[0].as_tensor(), block.w[1].as_tensor(), block.w[2].as_tensor(), block.w[3].as_tensor()],
+        fused::AttentionExtras { o_bias: Some(block.b[0].as_tensor()), ..Default::default() },
+        &block.spec,
+        1e-6,
+        Activations::Keep,
+        None,
+    )
+    .expect_err("a 32-wide o bias on a 24-wide block");
+    assert!(err.to_string().contains("o bias"), "{err}");
+    Ok(())
+}
+
+/// Gradient checkpointing of the extended block changes no bit of the value or of any gradient;
+/// the meter counts exactly what the block keeps (q|k|v and the attention output, as without the
+/// optional parts) until the backward pass; a graph differentiated twice recomputes the same.
+#[test]
+fn attention_block_with_biases_and_qk_norm_checkpoints_bit_identically() -> Result<()> {
+    let block = QwenBlock::new()?;
+    let coef = Tensor::randn(0f32, 1.0, block.x.shape(), &Device::Cpu)?;
+    let n = block.batch * block.seq;
+    let (qc, kc) = (block.heads * block.head_dim, block.kv_heads * block.head_dim);
+    for parts in QWEN_PARTS {
+        let meter = std::sync::Arc::new(fused::ActivationMeter::default());
+        let run = |acts: Activations| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+            let y = block.fused(parts, acts, Some(&meter))?;
+            let kept = if acts == Activations::Keep { n * (qc + 2 * kc + qc) * 4 } else { 0 };
+            assert_eq!(meter.held_bytes(), kept, "{parts:?} ({acts:?}): after the forward pass");
+            let loss = (&y * &coef)?.sum_all()?;
+            let grads = loss.backward()?;
+            assert_eq!(meter.held_bytes(), 0, "{parts:?} ({acts:?}): after the backward pass");
+            // Differentiated again, the block recomputes what the first backward pass freed.
+            let again = loss.backward()?;
+            let mut out = Vec::new();
+            for v in block.vars(parts) {
+                let g = grads.get(v.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+                let g2 = again.get(v.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(g, g2, "{parts:?} ({acts:?}): second backward pass");
+                out.push(g);
+            }
+            Ok((y.flatten_all()?.to_vec1::<f32>()?, out))
+        };
+        let (y_keep, g_keep) = run(Activations::Keep)?;
+        let (y_rec, g_rec) = run(Activations::Recompute)?;
+        assert_eq!(y_keep, y_rec, "{parts:?}: values");
+        for (i, (a, b)) in g_keep.iter().zip(&g_rec).enumerate() {
+            assert_eq!(a, b, "{parts:?}: gradient of input {i}");
+        }
+        assert_eq!(meter.peak_bytes(), n * (2 * qc + 2 * kc) * 4, "{parts:?}: peak");
     }
     Ok(())
 }

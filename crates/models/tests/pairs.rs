@@ -1,7 +1,8 @@
 //! Pairs packed around their shared prefix (`Model::pair_token_logps`) give the log-probs and
 //! gradients of the two rows run separately (`Model::token_logps`), within 1e-5, on every real
 //! token: prefixes of different lengths, one pair sharing nothing, one pair of identical rows,
-//! a rejected row shorter than its prompt share, packed rows longer than one attention block.
+//! a rejected row shorter than its prompt share, packed rows longer than one attention block;
+//! Llama, Llama with LoRA, Qwen2 and Qwen3.
 
 use candle_core::{Device, Tensor};
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig, ModelError, Result};
@@ -61,6 +62,25 @@ fn packed_pairs_equal_separate_rows_for_llama() -> Result<()> {
     let mut cfg = LlamaConfig::tiny(61, 32, 48, 2, 4, 2);
     cfg.tie_word_embeddings = false;
     check(&CausalLm::random(&cfg, 5, &Device::Cpu)?, "llama")
+}
+
+#[test]
+fn packed_pairs_equal_separate_rows_for_qwen() -> Result<()> {
+    // Qwen2 (q/k/v biases) and Qwen3 with `attention_bias` (q/k norm, q/k/v/o biases, head_dim
+    // 16 != 32 / 4), with non-zero biases and norm weights away from 1 so they matter.
+    let qwen3 = LlamaConfig { attention_bias: true, ..LlamaConfig::tiny_qwen3(61, 32, 48, 2, 4, 2, 16) };
+    for (what, cfg) in [("qwen2", LlamaConfig::tiny_qwen2(61, 32, 48, 2, 4, 2)), ("qwen3", qwen3)] {
+        let lm = CausalLm::random(&cfg, 9, &Device::Cpu)?;
+        for (name, var) in lm.trainable_vars() {
+            if name.ends_with(".bias") {
+                var.set(&Tensor::randn(0f32, 0.2, var.shape(), &Device::Cpu)?)?;
+            } else if name.contains("_norm") {
+                var.set(&Tensor::randn(1f32, 0.2, var.shape(), &Device::Cpu)?)?;
+            }
+        }
+        check(&lm, what)?;
+    }
+    Ok(())
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! Qwen2 / Qwen2.5 and Qwen3 (dense), run by the Llama model with attention biases (Qwen2:
 //! q/k/v; Qwen3 with `attention_bias`: q/k/v/o) and per-head q/k RMSNorm (Qwen3): last-position
 //! logits equal candle-transformers' qwen2 / qwen3 models with identical weights; the released
-//! configs parse to the published parameter counts; the f32 CPU path (composed attention, fused
-//! MLP block) equals the reference composition in values and gradients; chunked log-probs,
+//! configs parse to the published parameter counts; the f32 CPU path (fused attention block with
+//! the biases and q/k norm, fused MLP block) equals the reference composition in values and
+//! gradients, and checkpoints bit-identically; chunked log-probs,
 //! padding invariance, gradients (biases and q/k norms included), LoRA, save/load, the KV cache,
 //! packed pairs, GGUF-free loading of the transformers fixtures and config errors.
 //! transformers parity itself is in `tests/hf_parity.rs` (fixtures `qwen2`, `qwen3`).
@@ -308,11 +309,19 @@ fn gradients_reach_every_weight_biases_and_qk_norms_included() -> Result<()> {
 /// Per-token log-probs and every trainable variable's gradient, flattened.
 type LogpsAndGrads = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// On f32 CPU a Qwen model runs the composed attention with the fused MLP block; it equals the
-/// plain composition in hidden states, log-probs and every weight's gradient, the activation meter
-/// counts exactly the MLP blocks' gate|up, and gradient checkpointing changes no bit.
+/// Bytes the fused blocks of `cfg` keep per position (f32): per layer q|k|v, the attention output
+/// and the MLP's gate|up.
+fn kept_per_position(cfg: &LlamaConfig) -> usize {
+    let (hd, heads, kv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
+    cfg.num_hidden_layers * ((heads + 2 * kv) * hd + heads * hd + 2 * cfg.intermediate_size) * 4
+}
+
+/// On f32 CPU a Qwen model runs the fused attention block (biases and q/k norm inside) and the
+/// fused MLP block; it equals the plain composition in hidden states, log-probs and every
+/// weight's gradient, the activation meter counts exactly what both blocks keep, and gradient
+/// checkpointing changes no bit (packed pairs included).
 #[test]
-fn fused_mlp_path_matches_the_reference_composition() -> Result<()> {
+fn fused_path_matches_the_reference_composition() -> Result<()> {
     let dev = Device::Cpu;
     let (batch, seq) = (3, 11);
     let mut m = vec![1u8; batch * seq];
@@ -328,8 +337,8 @@ fn fused_mlp_path_matches_the_reference_composition() -> Result<()> {
         let meter = lm.model().activation_meter().expect("a meter");
         meter.reset_peak();
         let (h1, h0) = (qwen.forward_hidden(&input, Some(&mask))?, qwen.forward_hidden_reference(&input, Some(&mask))?);
-        let kept = cfg.num_hidden_layers * batch * seq * 2 * cfg.intermediate_size * 4;
-        assert_eq!(meter.held_bytes(), kept, "{name}: the fused MLP blocks keep gate|up");
+        let kept = batch * seq * kept_per_position(&cfg);
+        assert_eq!(meter.held_bytes(), kept, "{name}: the fused blocks keep q|k|v, attention and gate|up");
         assert!(max_abs_diff(&h1, &h0)? < 1e-5, "{name}: hidden states differ by {}", max_abs_diff(&h1, &h0)?);
         let (l1, l0) = (logps(&h1)?, logps(&h0)?);
         let (g1, g0) = ((&l1 * &coef)?.sum_all()?.backward()?, (&l0 * &coef)?.sum_all()?.backward()?);
@@ -339,16 +348,27 @@ fn fused_mlp_path_matches_the_reference_composition() -> Result<()> {
             let d = max_abs_diff(a, b)?;
             assert!(d < 1e-5, "{name}: {weight} gradients differ by {d}");
         }
+        assert_eq!(meter.held_bytes(), 0, "{name}: the backward pass frees what the blocks kept");
         drop((h1, l1, g1));
-        assert_eq!(meter.held_bytes(), 0, "{name}");
-        // Checkpointing: the MLP blocks keep nothing and recompute; identical values and gradients.
-        let run = |on: bool| -> Result<LogpsAndGrads> {
+        // Checkpointing: the blocks keep nothing and recompute; identical values and gradients,
+        // for separate rows and for packed pairs (rows 0 and 1 share a 4-token prompt, as pairs).
+        let mut paired = input.to_vec2::<u32>()?;
+        paired.truncate(2);
+        let shared = paired[0][..4].to_vec();
+        paired[1][..4].copy_from_slice(&shared);
+        let paired = Tensor::new(paired, &dev)?;
+        let paired_mask = mask.narrow(0, 1, 2)?;
+        let run = |on: bool, pairs: bool| -> Result<LogpsAndGrads> {
             lm.model().set_gradient_checkpointing(on)?;
-            let l = lm.model().token_logps(&input, Some(&mask), 4)?;
+            let l = if pairs {
+                lm.model().pair_token_logps(&paired, Some(&paired_mask), 4)?
+            } else {
+                lm.model().token_logps(&input, Some(&mask), 4)?
+            };
             if on {
                 assert_eq!(meter.held_bytes(), 0, "{name}: checkpointed blocks keep nothing");
             }
-            let g = (&l * &coef)?.sum_all()?.backward()?;
+            let g = (&l * &coef.narrow(0, 0, l.dim(0)?)?)?.sum_all()?.backward()?;
             let grads = lm
                 .trainable_vars()
                 .iter()
@@ -356,7 +376,9 @@ fn fused_mlp_path_matches_the_reference_composition() -> Result<()> {
                 .collect::<Result<_>>()?;
             Ok((l.to_vec2::<f32>()?, grads))
         };
-        assert_eq!(run(false)?, run(true)?, "{name}: gradient checkpointing changed a value or gradient");
+        for pairs in [false, true] {
+            assert_eq!(run(false, pairs)?, run(true, pairs)?, "{name} (pairs {pairs}): checkpointing changed a bit");
+        }
         lm.model().set_gradient_checkpointing(false)?;
     }
     Ok(())
@@ -490,26 +512,47 @@ fn cached_decoding_equals_the_full_forward() -> Result<()> {
     Ok(())
 }
 
-/// Qwen takes `pair_token_logps`' unpacked fallback (no fused attention block to branch): the
-/// same log-probs as `token_logps` on every real token.
+/// Qwen packs pairs around their shared prompt like Llama (the fused attention block branches):
+/// `pair_token_logps` equals `token_logps` on every real token, log-probs and every weight's
+/// gradient within 1e-5, and the activation meter shows that the model ran the packed rows (each
+/// pair's prompt once), not the separate ones.
 #[test]
-fn pair_logps_equal_row_logps() -> Result<()> {
-    let (n, seq) = (2, 9);
+fn pair_logps_equal_row_logps_and_pack_the_pairs() -> Result<()> {
+    let (n, seq, prompt) = (2, 9, 4);
     let mut v = Vec::new();
     for r in 0..2 * n {
-        // Pairs i and n + i share a 4-token prompt.
-        v.extend((0..seq).map(|t| if t < 4 { (r % n * 7 + t + 1) as u32 } else { ((r * 13 + t * 5) % VOCAB) as u32 }));
+        // Pairs i and n + i share a 4-token prompt and then differ.
+        v.extend(
+            (0..seq).map(|t| if t < prompt { (r % n * 7 + t + 1) as u32 } else { ((r * 13 + t * 5) % VOCAB) as u32 }),
+        );
     }
     let input = Tensor::from_vec(v, (2 * n, seq), &Device::Cpu)?;
     let mut m = vec![1u8; 2 * n * seq];
     m[seq + 7..2 * seq].fill(0);
     let mask = Tensor::from_vec(m, (2 * n, seq), &Device::Cpu)?;
     let maskf = mask.to_dtype(DType::F32)?;
+    // Chosen rows of 9 and 7 real tokens, rejected rows of 9: packed rows of 9 + 9 - 4 = 14 and
+    // 7 + 9 - 4 = 12 tokens, padded to 14.
+    let (packed_positions, separate_positions) = (n * 14, 2 * n * seq);
+    let coef = (Tensor::randn(0f32, 1.0, (2 * n, seq), &Device::Cpu)? * &maskf)?;
     for (name, cfg) in configs() {
         let lm = model(&cfg, 10)?;
-        let pairs = (lm.model().pair_token_logps(&input, Some(&mask), 4)? * &maskf)?;
-        let rows = (lm.model().token_logps(&input, Some(&mask), 4)? * &maskf)?;
-        assert!(max_abs_diff(&pairs, &rows)? < 1e-6, "{name}");
+        let meter = lm.model().activation_meter().expect("a meter");
+        let pairs = lm.model().pair_token_logps(&input, Some(&mask), 4)?;
+        assert_eq!(meter.held_bytes(), packed_positions * kept_per_position(&cfg), "{name}: pairs were not packed");
+        let rows = lm.model().token_logps(&input, Some(&mask), 4)?;
+        let both = (packed_positions + separate_positions) * kept_per_position(&cfg);
+        assert_eq!(meter.held_bytes(), both, "{name}: separate rows");
+        let diff = max_abs_diff(&(&pairs * &maskf)?, &(&rows * &maskf)?)?;
+        assert!(diff < 1e-5, "{name}: log-probs differ by {diff}");
+        let (g_pairs, g_rows) = ((&pairs * &coef)?.sum_all()?.backward()?, (&rows * &coef)?.sum_all()?.backward()?);
+        for (weight, var) in lm.trainable_vars() {
+            let a = g_pairs.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: packed gradient for {weight}"));
+            let b = g_rows.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: gradient for {weight}"));
+            let d = max_abs_diff(a, b)?;
+            assert!(d < 1e-5, "{name}: gradients of {weight} differ by {d}");
+        }
+        assert_eq!(meter.held_bytes(), 0, "{name}");
     }
     Ok(())
 }
