@@ -62,6 +62,14 @@ impl ModelConfig {
         }
     }
 
+    /// Reads the architecture of a llama.cpp GGUF file from its metadata, without a Hugging Face
+    /// `config.json` (`general.architecture` `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or
+    /// `gemma3`; the keys read are listed at [`crate::gguf::config_from_content`]). Missing,
+    /// mistyped or unsupported keys are errors naming the file and the key.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        crate::gguf::read_config(path)
+    }
+
     /// Every weight with its shape, Hugging Face names.
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
         match self {
@@ -70,7 +78,7 @@ impl ModelConfig {
         }
     }
 
-    fn validate(&self, file: &str) -> Result<()> {
+    pub(crate) fn validate(&self, file: &str) -> Result<()> {
         match self {
             Self::Llama(c) => c.validate(file),
             Self::Gemma(c) => c.validate(file),
@@ -342,6 +350,7 @@ impl CausalLm {
 
     /// Loads a llama.cpp GGUF checkpoint (any quantization candle reads, dequantized to f32) for
     /// the architecture `cfg` (e.g. from the model's Hugging Face `config.json`); see [`crate::gguf`].
+    /// [`Self::from_gguf_file`] reads the architecture from the file instead.
     pub fn from_gguf<C: Clone + Into<ModelConfig>>(path: &Path, cfg: &C, device: &Device) -> Result<Self> {
         Self::from_gguf_as(path, cfg, device, None)
     }
@@ -356,6 +365,20 @@ impl CausalLm {
     ) -> Result<Self> {
         let config: ModelConfig = cfg.clone().into();
         let weights = crate::gguf::load_gguf(path, &config, device)?;
+        Self::from_tensors(&config, convert(weights, dtype)?)
+    }
+
+    /// Loads a llama.cpp GGUF checkpoint on its own: the architecture from the file's metadata
+    /// ([`ModelConfig::from_gguf`]), the weights as [`Self::from_gguf`] loads them.
+    pub fn from_gguf_file(path: &Path, device: &Device) -> Result<Self> {
+        Self::from_gguf_file_as(path, device, None)
+    }
+
+    /// [`Self::from_gguf_file`] with every dequantized weight converted to `dtype` (e.g. `BF16`).
+    pub fn from_gguf_file_as(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+        let (content, mut file) = crate::gguf::open(path)?;
+        let config = crate::gguf::config_from_content(&content, &mut file, &path.display().to_string())?;
+        let weights = crate::gguf::load_tensors(&content, &mut file, path, &config, device)?;
         Self::from_tensors(&config, convert(weights, dtype)?)
     }
 

@@ -13,6 +13,17 @@ pub enum ModelError {
         /// What was wrong and what is expected.
         reason: String,
     },
+    /// A GGUF file whose metadata (or tensor directory) does not describe a supported model:
+    /// the metadata key or tensor at fault, named.
+    #[error("{file}: GGUF `{key}`: {reason}")]
+    Gguf {
+        /// The GGUF file.
+        file: String,
+        /// The metadata key (e.g. `llama.block_count`) or tensor name (e.g. `output.weight`).
+        key: String,
+        /// What was wrong and what is expected.
+        reason: String,
+    },
     /// Inputs of the wrong shape or dtype.
     #[error("invalid input `{input}`: {reason}")]
     Input {

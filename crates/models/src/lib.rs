@@ -9,7 +9,8 @@
 //! Qwen3 dense as Llama variants with attention biases / per-head q/k norm) and Gemma 1, 2 and 3
 //! text ([`GemmaConfig`]), behind one [`CausalLm`] / [`Model`] with the same contract; safetensors
 //! loading and saving (single file and sharded); LoRA adapters in PEFT's layout ([`lora`],
-//! [`CausalLm::with_lora`]); GGUF loading with dequantization ([`gguf`]); greedy and sampled
+//! [`CausalLm::with_lora`]); GGUF loading with dequantization, the architecture from a config or
+//! from the file's metadata ([`gguf`], [`CausalLm::from_gguf_file`]); greedy and sampled
 //! generation with a key/value cache ([`generation`], [`KvCache`]). RMSNorm and the
 //! log-softmax + gather of the log-prob path are fused CPU kernels with a backward ([`fused`]).
 //!
