@@ -4,8 +4,9 @@
 //! directory.
 //!
 //! - GGUF -> `config.json` (architecture read from the GGUF metadata) + `model.safetensors`
-//!   (dequantized to f32, llama.cpp's q/k permutation and Gemma's folded "+1" undone by
-//!   `slime_models`' GGUF loader).
+//!   (dequantized to f32, llama.cpp's q/k permutation and Gemma's folded "+1" undone), both by
+//!   `slime_models`' GGUF loader (`CausalLm::from_gguf_file`); any architecture it reads (llama,
+//!   qwen2, qwen3, gemma, gemma2, gemma3).
 //! - SmolLM2's GGUF tokenizer (GPT-2 byte-level BPE: token list, merges, token types) ->
 //!   `tokenizer.json`, with its ChatML template into `tokenizer_config.json`.
 //! - LLaMA-Factory's `dpo_en_demo.json` -> Parquet in TRL's conversational schema, plus the
@@ -35,11 +36,6 @@ fn meta_u64(c: &Content, key: &str) -> Result<u64> {
     v.to_u64().or_else(|_| v.to_i32().map(|x| x as u64)).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))
 }
 
-fn meta_f64(c: &Content, key: &str) -> Result<f64> {
-    let v = meta(c, key)?;
-    v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))
-}
-
 fn meta_str<'a>(c: &'a Content, key: &str) -> Result<&'a str> {
     meta(c, key)?.to_string().map(String::as_str).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))
 }
@@ -53,51 +49,26 @@ fn meta_strings(c: &Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// A Hugging Face `config.json` for the GGUF's architecture (`llama` or `gemma3`).
-pub fn hf_config(c: &Content) -> Result<Json> {
-    let arch = meta_str(c, "general.architecture")?;
-    let k = |name: &str| format!("{arch}.{name}");
-    let vocab = meta(c, "tokenizer.ggml.tokens")?.to_vec().map(Vec::len).unwrap_or(0);
-    let tied = !c.tensor_infos.contains_key("output.weight");
-    let common = json!({
-        "vocab_size": vocab,
-        "hidden_size": meta_u64(c, &k("embedding_length"))?,
-        "intermediate_size": meta_u64(c, &k("feed_forward_length"))?,
-        "num_hidden_layers": meta_u64(c, &k("block_count"))?,
-        "num_attention_heads": meta_u64(c, &k("attention.head_count"))?,
-        "num_key_value_heads": meta_u64(c, &k("attention.head_count_kv"))?,
-        "rms_norm_eps": meta_f64(c, &k("attention.layer_norm_rms_epsilon"))?,
-        "max_position_embeddings": meta_u64(c, &k("context_length"))?,
-        "tie_word_embeddings": tied,
-        "bos_token_id": meta_u64(c, "tokenizer.ggml.bos_token_id").ok(),
-        "eos_token_id": meta_u64(c, "tokenizer.ggml.eos_token_id").ok(),
-        "torch_dtype": "float32",
-    });
-    let mut config = common.as_object().cloned().unwrap_or_default();
-    let rope_theta = meta_f64(c, &k("rope.freq_base"));
-    match arch {
-        "llama" => {
-            config.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-            config.insert("model_type".into(), json!("llama"));
-            config.insert("hidden_act".into(), json!("silu"));
-            config.insert("rope_theta".into(), json!(rope_theta.unwrap_or(10_000.0)));
-        }
-        "gemma3" => {
-            let head_dim = meta_u64(c, &k("attention.key_length"))?;
-            config.insert("architectures".into(), json!(["Gemma3ForCausalLM"]));
-            config.insert("model_type".into(), json!("gemma3_text"));
-            config.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
-            config.insert("head_dim".into(), json!(head_dim));
-            config.insert("query_pre_attn_scalar".into(), json!(head_dim));
-            config.insert("rope_theta".into(), json!(rope_theta.unwrap_or(1_000_000.0)));
-            // llama.cpp does not store the local RoPE base; Gemma 3 uses 10,000 on local layers.
-            config.insert("rope_local_base_freq".into(), json!(10_000.0));
-            config.insert("sliding_window".into(), json!(meta_u64(c, &k("attention.sliding_window"))?));
-            config.insert("sliding_window_pattern".into(), json!(6));
-        }
-        other => bail!("GGUF architecture `{other}` is not converted (expected llama or gemma3)"),
-    }
-    Ok(Json::Object(config))
+/// The `config.json` of a model whose architecture `slime_models` read from GGUF metadata: the
+/// config as the library serialises it, plus what transformers also reads (`architectures`,
+/// BOS / EOS ids from the GGUF tokenizer, `torch_dtype`).
+pub fn hf_config(cfg: &slime_models::ModelConfig, c: &Content) -> Result<Json> {
+    let mut config = serde_json::to_value(cfg)?;
+    let model_type = config.get("model_type").and_then(Json::as_str).unwrap_or("llama").to_string();
+    let class = match model_type.as_str() {
+        "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        "gemma" => "GemmaForCausalLM",
+        "gemma2" => "Gemma2ForCausalLM",
+        "gemma3_text" => "Gemma3ForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    let obj = config.as_object_mut().context("the model config is not a JSON object")?;
+    obj.insert("architectures".into(), json!([class]));
+    obj.insert("bos_token_id".into(), json!(meta_u64(c, "tokenizer.ggml.bos_token_id").ok()));
+    obj.insert("eos_token_id".into(), json!(meta_u64(c, "tokenizer.ggml.eos_token_id").ok()));
+    obj.insert("torch_dtype".into(), json!("float32"));
+    Ok(config)
 }
 
 /// `tokenizer.json` and `tokenizer_config.json` rebuilt from a GPT-2-style GGUF tokenizer.
@@ -170,17 +141,14 @@ pub fn gguf_tokenizer(c: &Content) -> Result<(Json, Json)> {
 /// tokenizer too when `tokenizer` is set.
 pub fn convert_gguf(gguf: &Path, out: &Path, tokenizer: bool) -> Result<()> {
     let content = gguf_content(gguf)?;
-    let config = hf_config(&content)?;
-    let text = serde_json::to_string_pretty(&config)?;
-    let cfg = slime_models::ModelConfig::from_json(&text, "config.json (from GGUF)")?;
-    let device = candle_core::Device::Cpu;
-    let lm = slime_models::CausalLm::from_gguf(gguf, &cfg, &device)?;
+    let lm = slime_models::CausalLm::from_gguf_file(gguf, &candle_core::Device::Cpu)?;
+    let text = serde_json::to_string_pretty(&hf_config(lm.config(), &content)?)?;
     let tmp = out.with_extension("partial");
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
     lm.save_dir(&tmp)?;
-    // save_dir writes its own config.json; keep ours, which carries the architecture fields too.
+    // save_dir writes the bare config; ours adds the fields transformers reads besides.
     fs::write(tmp.join("config.json"), text)?;
     if tokenizer {
         let (tok, tok_config) = gguf_tokenizer(&content)?;
@@ -316,6 +284,28 @@ mod tests {
         assert_eq!(config["bos_token"], "<bos>");
         assert_eq!(config["eos_token"], "<|im_end|>");
         assert!(config["chat_template"].as_str().unwrap().contains("messages"));
+    }
+
+    #[test]
+    fn hf_config_reads_back_as_the_library_config() {
+        use slime_models::{GemmaConfig, LlamaConfig, ModelConfig};
+        let md = [("tokenizer.ggml.bos_token_id", Value::U32(1)), ("tokenizer.ggml.eos_token_id", Value::U32(2))];
+        let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let mut buf = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut buf, &refs, &[]).unwrap();
+        buf.set_position(0);
+        let content = Content::read(&mut buf).unwrap();
+        let configs: Vec<(ModelConfig, &str)> = vec![
+            (LlamaConfig::tiny(97, 32, 64, 2, 4, 2).into(), "LlamaForCausalLM"),
+            (LlamaConfig::tiny_qwen3(97, 32, 64, 2, 4, 2, 16).into(), "Qwen3ForCausalLM"),
+            (GemmaConfig::tiny3(97, 32, 64, 2, 4, 2).into(), "Gemma3ForCausalLM"),
+        ];
+        for (cfg, class) in configs {
+            let json = hf_config(&cfg, &content).unwrap();
+            assert_eq!(json["architectures"][0], class);
+            assert_eq!((json["bos_token_id"].as_u64(), json["eos_token_id"].as_u64()), (Some(1), Some(2)));
+            assert_eq!(ModelConfig::from_json(&json.to_string(), "config.json").unwrap(), cfg);
+        }
     }
 
     #[test]
