@@ -94,7 +94,8 @@ pub struct ModelSpec {
     pub layers: usize,
     /// A pretrained model instead of a preset: a Hugging Face model directory (config.json,
     /// model.safetensors or a sharded set, tokenizer.json, tokenizer_config.json) or a `.gguf`
-    /// file with a config.json beside it. Needs `data.parquet` (its tokenizer cannot encode the
+    /// file (architecture from a config.json beside it, else from its GGUF metadata) with a
+    /// tokenizer.json beside it. Needs `data.parquet` (its tokenizer cannot encode the
     /// embedded task).
     pub path: Option<PathBuf>,
     /// The directory with tokenizer.json (and tokenizer_config.json) when it is not `path`'s.

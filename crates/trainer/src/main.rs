@@ -146,7 +146,7 @@ struct ModelArgs {
     #[arg(long)]
     model: PathBuf,
     /// For a .gguf model: the Hugging Face config.json of its architecture (or a directory
-    /// holding it). Default: config.json beside the .gguf file.
+    /// holding it). Default: config.json beside the .gguf file, else the file's GGUF metadata.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Directory with tokenizer.json (and tokenizer_config.json). Default: the model directory

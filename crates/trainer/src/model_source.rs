@@ -1,7 +1,8 @@
 //! A model and its tokenizer from disk, for the `logps` and `generate` commands: a Hugging Face
 //! model directory (`config.json`, `model.safetensors` or a sharded set, `tokenizer.json`,
-//! optionally `tokenizer_config.json`), or a llama.cpp `.gguf` file together with the
-//! architecture's `config.json` (GGUF metadata is not parsed) and a tokenizer directory.
+//! optionally `tokenizer_config.json`), or a llama.cpp `.gguf` file with a tokenizer directory;
+//! a GGUF file's architecture comes from a Hugging Face `config.json` when one is given or lies
+//! beside the file, otherwise from the file's own metadata ([`CausalLm::from_gguf_file_as`]).
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -87,8 +88,8 @@ impl ModelSource {
     }
 
     /// Loads the model onto `device` and the tokenizer. Errors name the file and what was
-    /// expected (a missing directory, no `config.json`, no weights, no `tokenizer.json`, a
-    /// `.gguf` file without a config).
+    /// expected (a missing directory, no `config.json`, no weights, no `tokenizer.json`, GGUF
+    /// metadata that does not describe a supported architecture).
     pub fn load(&self, device: &Device) -> Result<LoadedModel> {
         let lm = self.load_model(device)?;
         let tokenizer_dir = self.tokenizer.clone().unwrap_or_else(|| tokenizer_dir(&self.model));
@@ -140,13 +141,8 @@ impl ModelSource {
                 Some(c) if c.is_dir() => c.join("config.json"),
                 Some(c) => c.clone(),
                 None if dir.join("config.json").is_file() => dir.join("config.json"),
-                None => {
-                    return Err(not_found(
-                        path,
-                        "a GGUF file holds the weights only and there is no config.json beside it; pass \
-                         --config with the model's Hugging Face config.json",
-                    ));
-                }
+                // No Hugging Face config: the architecture from the file's metadata.
+                None => return Ok(CausalLm::from_gguf_file_as(path, device, dtype)?),
             };
             let text = std::fs::read_to_string(&config)
                 .map_err(|source| TrainError::Io { path: config.display().to_string(), source })?;
@@ -236,13 +232,14 @@ mod tests {
     }
 
     #[test]
-    fn gguf_without_config_and_missing_paths_are_named() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    fn unreadable_gguf_and_missing_paths_are_named() -> std::result::Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let gguf = dir.path().join("m.Q4_0.GGUF");
         std::fs::write(&gguf, b"")?;
         assert!(is_gguf(&gguf));
+        // No config.json: the architecture is read from the file's metadata, and this file has none.
         let e = ModelSource::new(&gguf).load(&Device::Cpu).err().map(message).unwrap_or_default();
-        assert!(e.contains("m.Q4_0.GGUF") && e.contains("pass --config"), "{e}");
+        assert!(e.contains("m.Q4_0.GGUF") && e.contains("not a readable GGUF file"), "{e}");
 
         let missing = dir.path().join("absent");
         let e = ModelSource::new(&missing).load(&Device::Cpu).err().map(message).unwrap_or_default();
