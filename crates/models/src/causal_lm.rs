@@ -123,34 +123,31 @@ impl Model {
         crate::pairs::pair_token_logps(self, input_ids, attention_mask, chunk)
     }
 
-    /// Turns gradient checkpointing on or off (see [`Llama::set_gradient_checkpointing`]). An
-    /// error for Gemma, whose composed layers keep what candle's graph keeps.
+    /// Turns gradient checkpointing on or off (see [`Llama::set_gradient_checkpointing`],
+    /// [`Gemma::set_gradient_checkpointing`]: the fused blocks keep only their inputs). Never an
+    /// error (the `Result` is kept for callers).
     pub fn set_gradient_checkpointing(&self, on: bool) -> Result<()> {
         match self {
-            Self::Llama(m) => {
-                m.set_gradient_checkpointing(on);
-                Ok(())
-            }
-            Self::Gemma(_) if on => Err(ModelError::Config {
-                file: "config".into(),
-                field: "gradient_checkpointing",
-                reason: "implemented for Llama-architecture models (the fused path); Gemma has no fused blocks".into(),
-            }),
-            Self::Gemma(_) => Ok(()),
+            Self::Llama(m) => m.set_gradient_checkpointing(on),
+            Self::Gemma(m) => m.set_gradient_checkpointing(on),
         }
+        Ok(())
     }
 
     /// Whether gradient checkpointing is on.
     pub fn gradient_checkpointing(&self) -> bool {
-        matches!(self, Self::Llama(m) if m.gradient_checkpointing())
+        match self {
+            Self::Llama(m) => m.gradient_checkpointing(),
+            Self::Gemma(m) => m.gradient_checkpointing(),
+        }
     }
 
-    /// The activation memory of the fused blocks (see [`Llama::activation_meter`]); `None` for
-    /// Gemma, whose composed layers keep what candle's graph keeps.
+    /// The activation memory of the fused blocks (see [`Llama::activation_meter`],
+    /// [`Gemma::activation_meter`]: Gemma's fused MLP blocks only). Always `Some`.
     pub fn activation_meter(&self) -> Option<&crate::fused::ActivationMeter> {
         match self {
             Self::Llama(m) => Some(m.activation_meter()),
-            Self::Gemma(_) => None,
+            Self::Gemma(m) => Some(m.activation_meter()),
         }
     }
 

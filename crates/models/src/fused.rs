@@ -13,6 +13,7 @@
 //! | [`log_softmax_gather`] | `log_softmax(x).gather(labels)` | `x` |
 //! | [`attention_block`] | `x + attention(rms_norm(x) [W_q \| W_k \| W_v]^T (+ b_qkv), per-head q/k RMSNorm) W_o^T (+ b_o)`: a Llama layer's attention half, Qwen2's q/k/v biases and Qwen3's q/k norm and optional q/k/v/o biases ([`AttentionExtras`]) | `x`, and with [`Activations::Keep`] `q\|k\|v` (after the bias, before the q/k norm) and the attention output (the normalised rows, the normalised q/k heads and the scores are recomputed) |
 //! | [`mlp_block`] | `x + (silu(g) * u) W_down^T` with `[g \| u] = rms_norm(x) [W_gate \| W_up]^T` | `x`, and with [`Activations::Keep`] `g\|u` |
+//! | [`mlp_block_with`] | [`mlp_block`] with GeGLU `gelu_tanh(g) * u` ([`Glu`]) and an optional post-norm `x + rms_norm(m, w_post)` of the MLP output `m` ([`MlpExtras`]): Gemma 1's MLP half, and Gemma 2/3's with its post-feedforward norm (the `(1 + w)` norms given as effective weights) | `x`, and with [`Activations::Keep`] `g\|u` and, with a post-norm, `m` |
 //!
 //! Matrix products use the `gemm` crate (candle's own CPU backend) on strided views, so heads are
 //! read straight out of `[tokens, heads * head_dim]` activations; row-wise work runs on rayon's
@@ -27,8 +28,8 @@ use rayon::prelude::*;
 
 use crate::Result;
 use crate::host::{
-    HeadNorm, HostF32, Mat, ROW_BLOCK, SendPtr, Threads, add_rows, col_sums, f32_slice, matmul, product,
-    rms_norm_bwd_rows, rms_norm_rows, rope_row, rope_row_bwd, row_lse, swiglu_bwd_rows, swiglu_rows, u32_slice,
+    HeadNorm, HostF32, Mat, ROW_BLOCK, SendPtr, Threads, add_rows, col_sums, f32_slice, glu_bwd_rows, glu_rows, matmul,
+    product, rms_norm_bwd_rows, rms_norm_rows, rope_row, rope_row_bwd, row_lse, u32_slice,
 };
 use crate::vmath;
 
@@ -326,7 +327,7 @@ impl CustomOp3 for SwigluDownResidualOp {
             candle_core::bail!("swiglu_down_residual: residual has {} elements, expected {n} x {out}", x.len())
         }
         let mut act = vec![0f32; n * i];
-        swiglu_rows(gu, i, &mut act);
+        glu_rows(Glu::Silu, gu, i, &mut act);
         let mut y = x.to_vec();
         // SAFETY: `y` holds n x out elements; `act` n x i; `w` out x i.
         unsafe { matmul(n, out, i, y.as_mut_ptr(), out, true, Mat::rows(&act, i), Mat::rows_t(w, i), Threads::Pool) };
@@ -347,12 +348,12 @@ impl CustomOp3 for SwigluDownResidualOp {
         let n = gu.dim(0)?;
         let (gus, ws, gs) = (HostF32::new(gu, "gate|up")?, HostF32::new(w, "weight")?, HostF32::new(&g, "grad")?);
         let mut act = vec![0f32; n * i];
-        swiglu_rows(gus.slice(), i, &mut act);
+        glu_rows(Glu::Silu, gus.slice(), i, &mut act);
         let dw = product(out, i, n, Mat::rows_t(gs.slice(), out), Mat::rows(&act, i));
         drop(act);
         let dact = product(n, i, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), i));
         let mut dgu = vec![0f32; n * 2 * i];
-        swiglu_bwd_rows(gus.slice(), &dact, i, &mut dgu);
+        glu_bwd_rows(Glu::Silu, gus.slice(), &dact, i, &mut dgu);
         drop(gs);
         Ok((Some(g), Some(cpu(dgu, (n, 2 * i))?), Some(cpu(dw, (out, i))?)))
     }
@@ -1326,12 +1327,39 @@ pub fn attention_block(
 /// 1,792 rows), while the products stay large enough to run at gemm's full rate.
 const MLP_ROWS: usize = 256;
 
-/// `x + (silu(g) * u) w_down^T` with `[g | u] = rms_norm(x) [w_gate | w_up]^T`, weights packed as
-/// `[gate_proj (flattened), up_proj, down_proj]` (1-D).
+/// The gate activation of a gated MLP: `act(g) * u`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Glu {
+    /// SwiGLU, `silu(g) * u` (Llama, Qwen).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU, `gelu_tanh(g) * u` (Gemma's
+    /// `gelu_pytorch_tanh`; candle's `gelu`).
+    GeluTanh,
+}
+
+/// The options of an MLP block beyond Llama's (the default: SwiGLU, no post-norm).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MlpExtras<'a> {
+    /// The gate activation.
+    pub act: Glu,
+    /// An RMSNorm weight `[hidden]` applied to the MLP's output before the residual add, with
+    /// the block's `eps` (Gemma 2/3's post-feedforward norm, given as its effective weight
+    /// `1 + w`): `x + rms_norm(mlp(x), post_norm)`.
+    pub post_norm: Option<&'a Tensor>,
+}
+
+/// `x + post(act(g) * u) w_down^T` with `[g | u] = rms_norm(x) [w_gate | w_up]^T` and `post` the
+/// optional post-norm, weights packed as `[gate_proj (flattened), up_proj, down_proj]` (1-D),
+/// then the post-norm weight when there is one. Saved ([`Activations::Keep`]): `g|u`, and with a
+/// post-norm the MLP output `m` before it (`[rows, hidden]`, so its backward need not redo the
+/// down projection).
 struct MlpBlockOp {
     eps: f64,
     hidden: usize,
     inter: usize,
+    act: Glu,
+    post_norm: bool,
     saved: Saved,
 }
 
@@ -1345,16 +1373,40 @@ impl MlpBlockOp {
         (normed, gu)
     }
 
-    /// `y += silu(g) * u @ w_down^T` for the rows of `gu`; returns the SwiGLU product.
+    /// `y += act(g) * u @ w_down^T` for the rows of `gu`; returns the gated product.
     fn down(&self, gu: &[f32], w: &[f32], y: &mut [f32]) -> Vec<f32> {
         let (h, i) = (self.hidden, self.inter);
         let rows = gu.len() / (2 * i);
         let mut act = vec![0f32; rows * i];
-        swiglu_rows(gu, i, &mut act);
+        glu_rows(self.act, gu, i, &mut act);
         let wd = at(w, 2 * i * h);
-        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (the tail of `w`, length checked).
+        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (inside `w`, length checked).
         unsafe { matmul(rows, h, i, y.as_mut_ptr(), h, true, Mat::rows(&act, i), Mat::rows_t(wd, i), Threads::Pool) };
         act
+    }
+
+    /// The post-norm weight in the packed weights, if any.
+    fn post<'a>(&self, w: &'a [f32]) -> Option<&'a [f32]> {
+        let (h, i) = (self.hidden, self.inter);
+        self.post_norm.then(|| &w[3 * i * h..3 * i * h + h])
+    }
+
+    /// `y = x + post(mlp)` for rows whose `y` already holds `x` and whose gate|up is `gu`;
+    /// returns the MLP output before the post-norm (empty without one).
+    fn finish(&self, gu: &[f32], w: &[f32], y: &mut [f32]) -> Vec<f32> {
+        let Some(pw) = self.post(w) else {
+            self.down(gu, w, y);
+            return Vec::new();
+        };
+        let mut m = vec![0f32; y.len()];
+        self.down(gu, w, &mut m);
+        let mut normed = vec![0f32; m.len()];
+        rms_norm_rows(&m, pw, self.eps, &mut normed);
+        let h = self.hidden;
+        y.par_chunks_mut(h * ROW_BLOCK).zip(normed.par_chunks(h * ROW_BLOCK)).for_each(|(y, n)| {
+            y.iter_mut().zip(n).for_each(|(y, n)| *y += n);
+        });
+        m
     }
 }
 
@@ -1376,19 +1428,20 @@ impl CustomOp3 for MlpBlockOp {
         let nw = f32_slice(s2, l2, "mlp block norm")?;
         let w = f32_slice(s3, l3, "mlp block weights")?;
         let (h, i) = (self.hidden, self.inter);
-        if nw.len() != h || w.len() != 3 * i * h || x.len() % h != 0 {
+        let packed = 3 * i * h + if self.post_norm { h } else { 0 };
+        if nw.len() != h || w.len() != packed || x.len() % h != 0 {
             candle_core::bail!("mlp block: x {}, norm {}, packed weights {} do not match", x.len(), nw.len(), w.len())
         }
         let mut y = x.to_vec();
         match self.saved.policy {
             Activations::Keep => {
                 let (_, gu) = self.gate_up(x, nw, w);
-                self.down(&gu, w, &mut y);
-                self.saved.put((gu, Vec::new()))?;
+                let m = self.finish(&gu, w, &mut y);
+                self.saved.put((gu, m))?;
             }
             Activations::Recompute => {
                 for (xc, yc) in x.chunks(MLP_ROWS * h).zip(y.chunks_mut(MLP_ROWS * h)) {
-                    self.down(&self.gate_up(xc, nw, w).1, w, yc);
+                    self.finish(&self.gate_up(xc, nw, w).1, w, yc);
                 }
             }
         }
@@ -1396,8 +1449,10 @@ impl CustomOp3 for MlpBlockOp {
     }
 
     /// Per chunk of [`MLP_ROWS`] rows (the weight gradients accumulate over the chunks in order):
-    /// `act = silu(g) u`, `dW_down += dy^T act`, `d[g|u]` from `dact = dy W_down`,
-    /// `dW_gate|up += d[g|u]^T rms_norm(x)`, then RMSNorm's backward and the residual `dx += dy`.
+    /// `act = act(g) u`; with a post-norm, its backward from the MLP output `m` (saved, or
+    /// `act W_down^T` again) turns `dy` into `dm` (without one, `dm = dy`); `dW_down += dm^T act`,
+    /// `d[g|u]` from `dact = dm W_down`, `dW_gate|up += d[g|u]^T rms_norm(x)`, then RMSNorm's
+    /// backward and the residual `dx += dy`.
     fn bwd(
         &self,
         x: &Tensor,
@@ -1414,12 +1469,14 @@ impl CustomOp3 for MlpBlockOp {
         if x_.is_empty() {
             candle_core::bail!("mlp block: no rows")
         }
-        // Empty when nothing was kept: each chunk then recomputes its gate|up.
-        let (saved_gu, _) = self.saved.take_or(|| Ok((Vec::new(), Vec::new())))?;
+        // Empty when nothing was kept: each chunk then recomputes its gate|up (and `m`).
+        let (saved_gu, saved_m) = self.saved.take_or(|| Ok((Vec::new(), Vec::new())))?;
         let wd = at(w_, 2 * i * h);
+        let post = self.post(w_);
         let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
         let mut dx = vec![0f32; x_.len()];
         let mut dnw = vec![0f32; h];
+        let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
         for (c, (xc, gc)) in x_.chunks(MLP_ROWS * h).zip(g_.chunks(MLP_ROWS * h)).enumerate() {
             let rows = xc.len() / h;
             let recomputed;
@@ -1433,7 +1490,26 @@ impl CustomOp3 for MlpBlockOp {
                 (normed, &saved_gu[c * MLP_ROWS * 2 * i..][..rows * 2 * i])
             };
             let mut act = vec![0f32; rows * i];
-            swiglu_rows(gu, i, &mut act);
+            glu_rows(self.act, gu, i, &mut act);
+            // The gradient reaching the down projection's output.
+            let dm_owned;
+            let dm: &[f32] = match post {
+                None => gc,
+                Some(pw) => {
+                    let m_owned;
+                    let m: &[f32] = if saved_m.is_empty() {
+                        m_owned = product(rows, h, i, Mat::rows(&act, i), Mat::rows_t(wd, i));
+                        &m_owned
+                    } else {
+                        &saved_m[c * MLP_ROWS * h..][..rows * h]
+                    };
+                    let mut d = vec![0f32; rows * h];
+                    let part = rms_norm_bwd_rows(m, pw, gc, self.eps, &mut d);
+                    dpost.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+                    dm_owned = d;
+                    &dm_owned
+                }
+            };
             let accumulate = c > 0;
             // SAFETY: `dw` has room for 3 i h elements; the first chunk's products write
             // [2 i h, 3 i h) and [0, 2 i h) completely (accumulate = false), later chunks add to
@@ -1447,15 +1523,15 @@ impl CustomOp3 for MlpBlockOp {
                     dw.as_mut_ptr().add(2 * i * h),
                     i,
                     accumulate,
-                    Mat::rows_t(gc, h),
+                    Mat::rows_t(dm, h),
                     Mat::rows(&act, i),
                     Threads::Pool,
                 );
             }
             drop(act);
-            let dact = product(rows, i, h, Mat::rows(gc, h), Mat::rows(wd, i));
+            let dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
             let mut dgu = vec![0f32; rows * 2 * i];
-            swiglu_bwd_rows(gu, &dact, i, &mut dgu);
+            glu_bwd_rows(self.act, gu, &dact, i, &mut dgu);
             drop(dact);
             // SAFETY: as above.
             unsafe {
@@ -1481,8 +1557,9 @@ impl CustomOp3 for MlpBlockOp {
                 d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
             });
         }
-        // SAFETY: the first chunk wrote every element (see above).
-        unsafe { dw.set_len(w_.len()) };
+        // SAFETY: the first chunk wrote every element of the three matrices (see above).
+        unsafe { dw.set_len(3 * i * h) };
+        dw.extend_from_slice(&dpost);
         Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, w.shape())?)))
     }
 }
@@ -1493,20 +1570,71 @@ impl CustomOp3 for MlpBlockOp {
 /// gate|up activations live inside the op (freed by its backward pass); the SwiGLU product and
 /// the normalised rows are recomputed there. Falls back to the pieces ([`norm_linear`],
 /// [`swiglu_down_residual`]) off f32 CPU. `activations` and `meter` as in [`attention_block`].
+/// [`mlp_block_with`] adds GeGLU and a post-norm.
 pub fn mlp_block(
     x: &Tensor,
     norm_weight: &Tensor,
-    [gate, up, down]: [&Tensor; 3],
+    weights: [&Tensor; 3],
     eps: f64,
     activations: Activations,
     meter: Option<&Arc<ActivationMeter>>,
 ) -> Result<Tensor> {
-    if !fusable(&[x, norm_weight, gate, up, down]) {
+    mlp_block_with(x, norm_weight, weights, MlpExtras::default(), eps, activations, meter)
+}
+
+/// [`mlp_block`] with the gate activation and optional post-norm of `extras`:
+/// `x + post_norm(act(g) * u w_down^T)` (Gemma 1: GeGLU, no post-norm; Gemma 2/3: GeGLU and the
+/// post-feedforward norm; with the default extras, exactly [`mlp_block`]). With a post-norm and
+/// [`Activations::Keep`] the op also keeps the MLP output before the norm (`hidden` floats a
+/// row). Off f32 CPU, the composition of candle ops.
+pub fn mlp_block_with(
+    x: &Tensor,
+    norm_weight: &Tensor,
+    [gate, up, down]: [&Tensor; 3],
+    extras: MlpExtras<'_>,
+    eps: f64,
+    activations: Activations,
+    meter: Option<&Arc<ActivationMeter>>,
+) -> Result<Tensor> {
+    let mut all = vec![x, norm_weight, gate, up, down];
+    all.extend(extras.post_norm);
+    if !fusable(&all) {
         let gu = norm_linear(x, norm_weight, &Tensor::cat(&[gate, up], 0)?, eps)?;
-        return swiglu_down_residual(x, &gu, down);
+        if extras.act == Glu::Silu && extras.post_norm.is_none() {
+            return swiglu_down_residual(x, &gu, down);
+        }
+        let i = down.dim(1)?;
+        let g = gu.narrow(D::Minus1, 0, i)?;
+        let g = match extras.act {
+            Glu::Silu => g.silu()?,
+            Glu::GeluTanh => g.gelu()?,
+        };
+        let m = (g * gu.narrow(D::Minus1, i, i)?)?.broadcast_matmul(&down.t()?)?;
+        let m = match extras.post_norm {
+            Some(p) => rms_norm(&m, p, eps)?,
+            None => m,
+        };
+        return Ok((x + m)?);
     }
     let (inter, hidden) = gate.dims2()?;
-    let packed = Tensor::cat(&[gate.flatten_all()?, up.flatten_all()?, down.flatten_all()?], 0)?;
-    let op = MlpBlockOp { eps, hidden, inter, saved: Saved::new(activations, meter) };
+    let mut pieces = vec![gate.flatten_all()?, up.flatten_all()?, down.flatten_all()?];
+    if let Some(p) = extras.post_norm {
+        if p.dims() != [hidden] {
+            return Err(crate::ModelError::Input {
+                input: "mlp block",
+                reason: format!("post norm has shape {:?}, expected [{hidden}]", p.dims()),
+            });
+        }
+        pieces.push(p.flatten_all()?);
+    }
+    let packed = Tensor::cat(&pieces, 0)?;
+    let op = MlpBlockOp {
+        eps,
+        hidden,
+        inter,
+        act: extras.act,
+        post_norm: extras.post_norm.is_some(),
+        saved: Saved::new(activations, meter),
+    };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

@@ -24,11 +24,15 @@
 //!   `(layer + 1) % pattern == 0`) with a sliding window and RoPE base `rope_local_base_freq`;
 //!   global layers use `rope_theta` with optional linear `rope_scaling` (`inv_freq / factor`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RopeScaling;
+use crate::fused::{self, ActivationMeter, Activations, Glu, MlpExtras};
 use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
@@ -426,6 +430,10 @@ pub struct Gemma {
     norm: Tensor,
     inv_freq: Vec<f64>,
     local_inv_freq: Vec<f64>,
+    /// Gradient checkpointing of the fused MLP blocks (see [`Self::set_gradient_checkpointing`]).
+    recompute: AtomicBool,
+    /// What the fused blocks keep for the backward pass (see [`Self::activation_meter`]).
+    meter: Arc<ActivationMeter>,
 }
 
 fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Adapters>) -> Result<Proj> {
@@ -487,7 +495,46 @@ impl Gemma {
             norm: vb.get(h, "model.norm.weight")?,
             inv_freq: cfg.inv_freq(),
             local_inv_freq: cfg.local_inv_freq(),
+            recompute: AtomicBool::new(false),
+            meter: Arc::default(),
         })
+    }
+
+    /// Gradient checkpointing (as [`crate::Llama::set_gradient_checkpointing`]): each fused MLP
+    /// block keeps only its input and recomputes its activations in the backward pass. Same
+    /// values and gradients; applies to the fused path (f32 CPU, `gelu_pytorch_tanh`), while the
+    /// attention half (composed candle ops) and the reference path keep what candle's graph keeps.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.recompute.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.recompute.load(Ordering::Relaxed)
+    }
+
+    /// The bytes of activations this model's fused MLP blocks hold for the backward pass (per
+    /// layer and position gate|up, `2 x intermediate` floats, and with Gemma 2/3's
+    /// post-feedforward norm the MLP output, `hidden` floats; nothing with gradient
+    /// checkpointing): now, and the peak since [`ActivationMeter::reset_peak`]. Zero on the
+    /// reference path.
+    pub fn activation_meter(&self) -> &ActivationMeter {
+        &self.meter
+    }
+
+    /// Per layer `[gate, up, down]` effective weights (LoRA folded in) when the fused MLP block
+    /// applies: f32 CPU and the tanh GELU (`gelu_pytorch_tanh`, the default; the erf `gelu`
+    /// keeps the composed path).
+    fn fused_mlp_weights(&self) -> Option<Vec<[Tensor; 3]>> {
+        if !fused::fusable(&[self.embed.embeddings(), &self.norm]) || self.cfg.activation() != "gelu_pytorch_tanh" {
+            return None;
+        }
+        self.layers
+            .iter()
+            .map(|l| {
+                Some([l.gate.effective_weight().ok()?, l.up.effective_weight().ok()?, l.down.effective_weight().ok()?])
+            })
+            .collect()
     }
 
     /// The configuration.
@@ -502,7 +549,31 @@ impl Gemma {
 
     /// Final hidden states `[batch, seq, hidden]`; same contract as
     /// [`crate::Llama::forward_hidden`] (right padding, real tokens never see padding).
+    ///
+    /// f32 CPU models with the tanh GELU run each layer's MLP half (its norms included) as one
+    /// [`fused::mlp_block_with`] op (GeGLU, Gemma's `(1 + w)` norm weights, Gemma 2/3's
+    /// post-feedforward norm inside), equal to [`Self::forward_hidden_reference`] within float
+    /// rounding, values and gradients; the attention half is the composition of candle ops on
+    /// both paths.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let mlp = self.fused_mlp_weights();
+        self.forward_hidden_with(input_ids, attention_mask, mlp.as_deref())
+    }
+
+    /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops:
+    /// the reference the fused path is tested against, and the path of other devices, dtypes
+    /// and of the erf `gelu` activation.
+    pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_hidden_with(input_ids, attention_mask, None)
+    }
+
+    /// The forward pass, with each layer's MLP half fused when `mlp` holds the layers' weights.
+    fn forward_hidden_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mlp: Option<&[[Tensor; 3]]>,
+    ) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
@@ -554,23 +625,10 @@ impl Gemma {
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq, nq * hd))?;
             let attn = l.o.forward(&attn)?;
-            let mlp = |h: &Tensor| -> Result<Tensor> {
-                let gate = l.gate.forward(h)?;
-                let gate = if self.cfg.activation() == "gelu" { gate.gelu_erf()? } else { gate.gelu()? };
-                l.down.forward(&(gate * l.up.forward(h)?)?)
+            x = match mlp {
+                Some(weights) => self.fused_mlp_residual(l, x, &attn, &weights[idx])?,
+                None => self.mlp_residual(l, x, &attn)?,
             };
-            match &l.ff_norms {
-                Some((pre_ff, post_ff)) => {
-                    x = (x + gemma_norm(&attn, &l.post_norm, eps)?)?;
-                    let m = mlp(&gemma_norm(&x, pre_ff, eps)?)?;
-                    x = (&x + gemma_norm(&m, post_ff, eps)?)?;
-                }
-                None => {
-                    x = (x + attn)?;
-                    let m = mlp(&gemma_norm(&x, &l.post_norm, eps)?)?;
-                    x = (x + m)?;
-                }
-            }
         }
         gemma_norm(&x, &self.norm, eps)
     }
@@ -636,6 +694,28 @@ impl Gemma {
                 (x + m)?
             }
         })
+    }
+
+    /// [`Self::mlp_residual`] with the MLP (and its norms) as one fused block, `[gate, up, down]`
+    /// its effective weights.
+    fn fused_mlp_residual(
+        &self,
+        l: &Layer,
+        x: Tensor,
+        attn: &Tensor,
+        [gate, up, down]: &[Tensor; 3],
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
+        let meter = Some(&self.meter);
+        let (x, pre, post) = match &l.ff_norms {
+            Some((pre_ff, post_ff)) => {
+                ((x + gemma_norm(attn, &l.post_norm, eps)?)?, (pre_ff + 1.0)?, Some((post_ff + 1.0)?))
+            }
+            None => ((x + attn)?, (&l.post_norm + 1.0)?, None),
+        };
+        let extras = MlpExtras { act: Glu::GeluTanh, post_norm: post.as_ref() };
+        fused::mlp_block_with(&x, &pre, [gate, up, down], extras, eps, acts, meter)
     }
 
     /// Logits `[batch, vocab]` at each row's last real position.

@@ -1,7 +1,7 @@
 //! Host-side f32 building blocks of the fused CPU kernels in [`crate::fused`]: strided matrix
 //! products (the `gemm` crate candle itself uses), borrowed views of tensor storage, and the row
-//! kernels (RMSNorm, per-head q/k RMSNorm, bias rows and column sums, rotary embedding, SwiGLU,
-//! masked softmax) with their derivatives.
+//! kernels (RMSNorm, per-head q/k RMSNorm, bias rows and column sums, rotary embedding, SwiGLU
+//! and GeGLU, masked softmax) with their derivatives.
 //!
 //! Everything here is plain slices and explicit strides, so the kernels can read a head out of a
 //! `[tokens, heads * head_dim]` activation or write a transposed product without a copy.
@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, Layout, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
+use crate::fused::Glu;
 use crate::vmath;
 
 /// Rows handed to one rayon task by the row-parallel loops (a few KiB of work each).
@@ -329,20 +330,35 @@ impl HeadNorm<'_> {
     }
 }
 
-/// SwiGLU of a `[rows, 2 i]` gate|up block: `out[r, j] = silu(gu[r, j]) * gu[r, i + j]`.
-pub(crate) fn swiglu_rows(gu: &[f32], i: usize, out: &mut [f32]) {
+/// The row kernels of a gate `act`: its forward and backward (see [`vmath::swiglu_row`],
+/// [`vmath::geglu_row`]), chosen once per call, so SwiGLU runs exactly as it always has.
+type GluRow = fn(&mut [f32], &[f32], &[f32]);
+type GluBwdRow = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
+
+fn glu_kernels(act: Glu) -> (GluRow, GluBwdRow) {
+    match act {
+        Glu::Silu => (vmath::swiglu_row, vmath::swiglu_bwd_row),
+        Glu::GeluTanh => (vmath::geglu_row, vmath::geglu_bwd_row),
+    }
+}
+
+/// The gated product of a `[rows, 2 i]` gate|up block: `out[r, j] = act(gu[r, j]) * gu[r, i + j]`
+/// (SwiGLU: `act = silu`; GeGLU: `act = gelu_tanh`).
+pub(crate) fn glu_rows(act: Glu, gu: &[f32], i: usize, out: &mut [f32]) {
+    let row_fn = glu_kernels(act).0;
     out.par_chunks_mut(i * ROW_BLOCK).zip(gu.par_chunks(2 * i * ROW_BLOCK)).for_each(|(o, gu)| {
         for (o, row) in o.chunks_exact_mut(i).zip(gu.chunks_exact(2 * i)) {
             let (gate, up) = row.split_at(i);
-            vmath::swiglu_row(o, gate, up);
+            row_fn(o, gate, up);
         }
     });
 }
 
-/// SwiGLU backward: from `d act` `[rows, i]` and the `[rows, 2 i]` gate|up block, the gradient
-/// of the block (written into `dgu`, same layout): `d gate = d act * up * silu'(gate)`,
-/// `d up = d act * silu(gate)`, `silu'(v) = s (1 + v (1 - s))` with `s = sigmoid(v)`.
-pub(crate) fn swiglu_bwd_rows(gu: &[f32], dact: &[f32], i: usize, dgu: &mut [f32]) {
+/// The gated product's backward: from `d act` `[rows, i]` and the `[rows, 2 i]` gate|up block,
+/// the gradient of the block (written into `dgu`, same layout): `d gate = d act * up * act'(gate)`,
+/// `d up = d act * act(gate)` (SwiGLU: `silu'(v) = s (1 + v (1 - s))` with `s = sigmoid(v)`).
+pub(crate) fn glu_bwd_rows(act: Glu, gu: &[f32], dact: &[f32], i: usize, dgu: &mut [f32]) {
+    let bwd_fn = glu_kernels(act).1;
     dgu.par_chunks_mut(2 * i * ROW_BLOCK)
         .zip(gu.par_chunks(2 * i * ROW_BLOCK))
         .zip(dact.par_chunks(i * ROW_BLOCK))
@@ -350,7 +366,7 @@ pub(crate) fn swiglu_bwd_rows(gu: &[f32], dact: &[f32], i: usize, dgu: &mut [f32
             for ((d, row), da) in d.chunks_exact_mut(2 * i).zip(gu.chunks_exact(2 * i)).zip(da.chunks_exact(i)) {
                 let (gate, up) = row.split_at(i);
                 let (dg, du) = d.split_at_mut(i);
-                vmath::swiglu_bwd_row(dg, du, gate, up, da);
+                bwd_fn(dg, du, gate, up, da);
             }
         });
 }

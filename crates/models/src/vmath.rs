@@ -1,6 +1,7 @@
-//! Row kernels with a vectorisable `exp`, compiled twice: for the baseline x86-64 target and
-//! with AVX2 + FMA, picked at run time (the workspace builds for the baseline CPU, where libm's
-//! scalar `expf` and 4-wide SSE loops are all the compiler can use).
+//! Row kernels with a vectorisable `exp` (and the SiLU and tanh-GELU gates built on it),
+//! compiled twice: for the baseline x86-64 target and with AVX2 + FMA, picked at run time (the
+//! workspace builds for the baseline CPU, where libm's scalar `expf` and 4-wide SSE loops are
+//! all the compiler can use).
 //!
 //! Both builds run the same arithmetic in the same order (explicit 8-lane accumulators, no
 //! fused multiply-adds), so the results do not depend on the CPU.
@@ -83,6 +84,47 @@ dispatch! {
             let s = 1.0 / (1.0 + exp(-g));
             *du = a * (g * s);
             *dg = a * u * (s * (1.0 + g * (1.0 - s)));
+        }
+    }
+}
+
+/// `sqrt(2 / pi)` and the cubic coefficient of the tanh approximation of GELU.
+const GELU_C: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+
+/// GELU, tanh approximation (candle's `gelu`, PyTorch's `gelu(approximate="tanh")`):
+/// `0.5 v (1 + tanh(u))` with `u = sqrt(2 / pi) v (1 + 0.044715 v^2)`, computed as the equal
+/// `v sigmoid(2 u) = v / (1 + e^(-2 u))`, which needs only the vectorisable [`exp`] and, unlike
+/// `1 + tanh(u)`, does not cancel for negative `v`.
+#[inline(always)]
+fn gelu_tanh(v: f32) -> f32 {
+    let u = GELU_C * v * (1.0 + GELU_A * v * v);
+    v / (1.0 + exp(-2.0 * u))
+}
+
+dispatch! {
+    /// GeGLU of one row: `out[j] = gelu_tanh(gate[j]) * up[j]`.
+    pub(crate) fn geglu_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = gelu_tanh(g) * u;
+        }
+    }
+}
+
+dispatch! {
+    /// GeGLU backward of one row: `d up = d act * gelu_tanh(gate)`,
+    /// `d gate = d act * up * gelu_tanh'(gate)`, where with `s = sigmoid(2 u)`
+    /// `gelu_tanh'(v) = s + 2 v s (1 - s) sqrt(2 / pi) (1 + 3 * 0.044715 v^2)`
+    /// (the derivative of `v s`, as `0.5 (1 + tanh u)` = `s` and `tanh' = 1 - tanh^2 = 4 s (1 - s)`).
+    pub(crate) fn geglu_bwd_row(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+        for ((((dg, du), &g), &u), &a) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dact) {
+            let inner = GELU_C * g * (1.0 + GELU_A * g * g);
+            let e = exp(-2.0 * inner);
+            let s = 1.0 / (1.0 + e);
+            let du_dg = GELU_C * (1.0 + 3.0 * GELU_A * g * g);
+            *du = a * (g * s);
+            // `1 - s = e s`, without the cancellation of `1 - s` near s = 1.
+            *dg = a * u * (s + 2.0 * g * s * (e * s) * du_dg);
         }
     }
 }
@@ -220,5 +262,40 @@ mod tests {
             assert!((f64::from(du[j]) - a * g * s).abs() < 1e-5, "d up {j}");
             assert!((f64::from(dg[j]) - a * u * s * (1.0 + g * (1.0 - s))).abs() < 1e-5, "d gate {j}");
         }
+    }
+
+    /// GeGLU against candle's f32 `gelu` formula (`0.5 v (1 + tanh(..))`, libm's tanh) and the
+    /// f64 definition, and its backward against the f64 derivative, over [-12, 12] (both tails
+    /// included) and at a few special points.
+    #[test]
+    fn geglu_matches_candles_gelu_and_the_f64_derivative() {
+        let candle = |v: f32| 0.5 * v * (1.0 + f32::tanh(GELU_C * v * (1.0 + GELU_A * v * v)));
+        let exact = |v: f64| {
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (v + 0.044_715 * v * v * v);
+            (0.5 * v * (1.0 + u.tanh()), u)
+        };
+        let gate: Vec<f32> = (0..2401).map(|k| -12.0 + k as f32 * 0.01).chain([0.0, -0.0, 1e-30, -1e4, 1e4]).collect();
+        let up: Vec<f32> = gate.iter().enumerate().map(|(k, _)| 1.0 - (k % 7) as f32 * 0.3).collect();
+        let dact: Vec<f32> = gate.iter().enumerate().map(|(k, _)| 0.5 + (k % 5) as f32 * 0.25).collect();
+        let n = gate.len();
+        let mut out = vec![0f32; n];
+        geglu_row(&mut out, &gate, &up);
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        geglu_bwd_row(&mut dg, &mut du, &gate, &up, &dact);
+        for j in 0..n {
+            let (g, u, a) = (gate[j], f64::from(up[j]), f64::from(dact[j]));
+            let (want, inner) = exact(f64::from(g));
+            let have = f64::from(out[j]) / u;
+            let tol = 2e-7 * want.abs().max(1.0);
+            assert!((have - want).abs() < tol, "gelu({g}) = {have}, f64 {want}");
+            assert!((have - f64::from(candle(g))).abs() < tol, "gelu({g}) = {have}, candle {}", candle(g));
+            let t = inner.tanh();
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let g = f64::from(g);
+            let deriv = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * g * g);
+            assert!((f64::from(du[j]) - a * want).abs() < 1e-6 * (a * want).abs().max(1.0), "d up at {g}");
+            assert!((f64::from(dg[j]) - a * u * deriv).abs() < 1e-6 * (a * u * deriv).abs().max(1.0), "d gate at {g}");
+        }
+        assert_eq!(out[gate.len() - 5], 0.0);
     }
 }

@@ -296,6 +296,55 @@ fn mlp_block_over_several_row_chunks_matches_composition() -> Result<()> {
     Ok(())
 }
 
+/// Gemma's MLP block: GeGLU (candle's tanh `gelu`) and, for Gemma 2/3, a post-norm of the MLP
+/// output before the residual add, over 600 rows (three row chunks) in both modes; values and
+/// gradients (the post-norm weight's included) equal the composition; off f32 CPU the fallback
+/// gives the same values.
+#[test]
+fn geglu_mlp_block_with_post_norm_matches_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    let (rows, hidden, inter) = (600, 24, 40);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, hidden), &dev)?)?;
+    let nw = Var::from_tensor(&Tensor::randn(1f32, 0.3, hidden, &dev)?)?;
+    let pw = Var::from_tensor(&Tensor::randn(1f32, 0.3, hidden, &dev)?)?;
+    // Gate pre-activations of a few units, wide enough to reach both tails of the GELU.
+    let w = |r: usize, c: usize, s: f32| Var::from_tensor(&Tensor::randn(0f32, s, (r, c), &dev).expect("w"));
+    let (g, u, d) = (w(inter, hidden, 0.6)?, w(inter, hidden, 0.1)?, w(hidden, inter, 0.1)?);
+    let (xt, nwt, pwt) = (x.as_tensor(), nw.as_tensor(), pw.as_tensor());
+    let weights = [g.as_tensor(), u.as_tensor(), d.as_tensor()];
+    for post in [false, true] {
+        let extras = fused::MlpExtras { act: fused::Glu::GeluTanh, post_norm: post.then_some(pwt) };
+        let composed = |x: &Tensor, nw: &Tensor, pw: &Tensor, [g, u, d]: [&Tensor; 3]| -> Result<Tensor> {
+            let h = ops::rms_norm_composed(x, nw, 1e-6)?;
+            let m = (h.matmul(&g.t()?)?.gelu()? * h.matmul(&u.t()?)?)?.matmul(&d.t()?)?;
+            let m = if post { ops::rms_norm_composed(&m, pw, 1e-6)? } else { m };
+            Ok((x + m)?)
+        };
+        let mut vars = vec![&x, &nw, &g, &u, &d];
+        if post {
+            vars.push(&pw);
+        }
+        for acts in [Activations::Keep, Activations::Recompute] {
+            check_grads(
+                &format!("GeGLU mlp block, post-norm {post}, {rows} rows ({acts:?})"),
+                &vars,
+                || fused::mlp_block_with(xt, nwt, weights, extras, 1e-6, acts, None),
+                || composed(xt, nwt, pwt, weights),
+                1e-5,
+            )?;
+        }
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).expect("f64");
+        let (x64, nw64, pw64) = (f64s(xt), f64s(nwt), f64s(pwt));
+        let w64 = weights.map(f64s);
+        let extras64 = fused::MlpExtras { post_norm: post.then_some(&pw64), ..extras };
+        let fallback =
+            fused::mlp_block_with(&x64, &nw64, [&w64[0], &w64[1], &w64[2]], extras64, 1e-6, Activations::Keep, None)?;
+        let want = composed(xt, nwt, pwt, weights)?;
+        assert!(max_abs_diff(&fallback.to_dtype(DType::F32)?, &want)? < 1e-5, "fallback, post-norm {post}");
+    }
+    Ok(())
+}
+
 /// Which of Qwen's optional attention parameters a block test uses.
 #[derive(Debug, Clone, Copy)]
 struct Parts {

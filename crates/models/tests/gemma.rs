@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::gemma as reference;
-use slime_models::{CausalLm, GemmaConfig, ModelConfig, ModelError, Result};
+use slime_models::{CausalLm, GemmaConfig, Model, ModelConfig, ModelError, Result};
 
 fn configs() -> Vec<(&'static str, GemmaConfig)> {
     let gqa = GemmaConfig::tiny(97, 32, 80, 2, 4, 2);
@@ -327,5 +327,120 @@ fn gemma3_trains_every_weight_and_round_trips() -> Result<()> {
     let back = CausalLm::from_dir(dir.path(), &Device::Cpu)?;
     assert_eq!(back.config(), &ModelConfig::Gemma(cfg));
     assert_eq!(got.to_vec2::<f32>()?, back.model().token_logps(&input, Some(&mask), 3)?.to_vec2::<f32>()?);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused path (f32 CPU): each layer's MLP half as one `fused::mlp_block_with` op.
+
+fn gemma(lm: &CausalLm) -> &slime_models::Gemma {
+    let Model::Gemma(m) = lm.model() else { unreachable!("a Gemma config builds the Gemma model") };
+    m
+}
+
+/// Gemma 1 (head_dim 12 != hidden / heads), Gemma 2 and Gemma 3 (window 4, three layers: local,
+/// global, local; soft-capping, sandwich norms, QK-norm), for fused-against-reference tests.
+fn fused_configs() -> Vec<(&'static str, GemmaConfig)> {
+    let gemma1 = GemmaConfig { head_dim: 12, ..GemmaConfig::tiny(97, 32, 80, 2, 4, 2) };
+    vec![("gemma1", gemma1), ("gemma2", gemma2(Some(4), 3)), ("gemma3", gemma3(4, 3))]
+}
+
+/// Two rows of 11 tokens (longer than the window), the second right-padded after 7.
+fn padded_input(vocab: usize) -> Result<(Tensor, Tensor)> {
+    let mask: Vec<u8> = (0..22).map(|i| u8::from(i < 11 || i - 11 < 7)).collect();
+    Ok((ids(2, 11, vocab, 5)?, Tensor::from_vec(mask, (2, 11), &Device::Cpu)?))
+}
+
+/// Bytes the fused MLP blocks keep for a forward pass of `positions` tokens: gate|up per layer
+/// and position, and with the post-feedforward norm (Gemma 2/3) the MLP output, in f32.
+fn kept_bytes(cfg: &GemmaConfig, positions: usize) -> usize {
+    let post = if cfg.is_gemma2() || cfg.is_gemma3() { cfg.hidden_size } else { 0 };
+    cfg.num_hidden_layers * positions * (2 * cfg.intermediate_size + post) * 4
+}
+
+/// `sum(hidden * coef)` for a fixed `coef`, and its gradient for every trainable weight.
+fn hidden_and_grads(lm: &CausalLm, hidden: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let n = hidden.elem_count();
+    let coef: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
+    let coef = Tensor::from_vec(coef, hidden.shape(), &Device::Cpu)?;
+    let grads = (hidden * coef)?.sum_all()?.backward()?;
+    let mut out = Vec::new();
+    for (name, var) in lm.trainable_vars() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        out.push((name, g.clone()));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The fused path equals the composed reference (kept as `forward_hidden_reference`): hidden
+/// states and the gradient of every weight (norm weights away from 0, a padded row, 11 tokens
+/// against a window of 4) within 1e-5; the meter shows the fused blocks ran (and the reference
+/// keeps nothing in them).
+#[test]
+fn fused_mlp_matches_the_reference_values_and_every_weight_gradient() -> Result<()> {
+    for (name, cfg) in fused_configs() {
+        let lm = model(&cfg, 31)?;
+        let m = gemma(&lm);
+        let (input, mask) = padded_input(cfg.vocab_size)?;
+        let fused = m.forward_hidden(&input, Some(&mask))?;
+        assert_eq!(m.activation_meter().held_bytes(), kept_bytes(&cfg, 22), "{name}: the fused blocks ran");
+        let fused_grads = hidden_and_grads(&lm, &fused)?;
+        assert_eq!(m.activation_meter().held_bytes(), 0, "{name}: freed by the backward pass");
+        let reference = m.forward_hidden_reference(&input, Some(&mask))?;
+        assert_eq!(m.activation_meter().held_bytes(), 0, "{name}: the reference keeps nothing in fused blocks");
+        let reference_grads = hidden_and_grads(&lm, &reference)?;
+        let d = max_abs_diff(&fused, &reference)?;
+        assert!(d < 1e-5, "{name}: hidden states differ by {d}");
+        assert_eq!(fused_grads.len(), reference_grads.len());
+        for ((weight, a), (_, b)) in fused_grads.iter().zip(&reference_grads) {
+            let d = max_abs_diff(a, b)?;
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(d < 1e-5 * scale.max(1.0), "{name}: gradient of {weight} differs by {d} (largest {scale})");
+            assert!(scale > 0.0, "{name}: gradient of {weight} is zero");
+        }
+    }
+    // The erf GELU keeps the composed path: the same numbers bit for bit, nothing kept.
+    let erf = GemmaConfig { hidden_activation: Some("gelu".into()), ..gemma3(4, 2) };
+    let lm = model(&erf, 32)?;
+    let (input, mask) = padded_input(erf.vocab_size)?;
+    let have = gemma(&lm).forward_hidden(&input, Some(&mask))?;
+    assert_eq!(gemma(&lm).activation_meter().held_bytes(), 0);
+    let want = gemma(&lm).forward_hidden_reference(&input, Some(&mask))?;
+    assert_eq!(have.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
+}
+
+/// Gradient checkpointing changes nothing, bit for bit (log-probs and every weight's gradient);
+/// the meter counts exactly what the blocks keep (nothing when checkpointing) until the
+/// backward pass, and the peak.
+#[test]
+fn gradient_checkpointing_is_bit_identical_and_the_meter_exact() -> Result<()> {
+    for (name, cfg) in fused_configs() {
+        let lm = model(&cfg, 33)?;
+        let meter = lm.model().activation_meter().expect("Gemma has a meter");
+        let (input, mask) = padded_input(cfg.vocab_size)?;
+        let mut runs = Vec::new();
+        for checkpointing in [false, true] {
+            lm.model().set_gradient_checkpointing(checkpointing)?;
+            assert_eq!(lm.model().gradient_checkpointing(), checkpointing);
+            meter.reset_peak();
+            let expected = if checkpointing { 0 } else { kept_bytes(&cfg, 22) };
+            let logps = lm.model().token_logps(&input, Some(&mask), 4)?;
+            assert_eq!(meter.held_bytes(), expected, "{name}: after the forward pass ({checkpointing})");
+            let grads = logps.sum_all()?.backward()?;
+            assert_eq!(meter.held_bytes(), 0, "{name}: after the backward pass ({checkpointing})");
+            assert_eq!(meter.peak_bytes(), expected, "{name}: peak ({checkpointing})");
+            let mut bits = vec![logps.flatten_all()?.to_vec1::<f32>()?];
+            let mut vars = lm.trainable_vars();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (_, var) in vars {
+                bits.push(grads.get(var.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?);
+            }
+            runs.push(bits);
+        }
+        assert!(runs[0] == runs[1], "{name}: checkpointing changed values or gradients");
+        lm.model().set_gradient_checkpointing(false)?;
+    }
     Ok(())
 }
