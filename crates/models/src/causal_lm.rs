@@ -143,7 +143,7 @@ impl Model {
     }
 
     /// The activation memory of the fused blocks (see [`Llama::activation_meter`],
-    /// [`Gemma::activation_meter`]: Gemma's fused MLP blocks only). Always `Some`.
+    /// [`Gemma::activation_meter`]). Always `Some`.
     pub fn activation_meter(&self) -> Option<&crate::fused::ActivationMeter> {
         match self {
             Self::Llama(m) => Some(m.activation_meter()),

@@ -7,11 +7,11 @@
 //! | [`rms_norm`] | `x / sqrt(mean(x^2) + eps) * w` (7 ops) | `x` |
 //! | [`linear`] | `x.matmul(w.t())` with 2-D gradients (no batched weight-gradient sum) | `x` |
 //! | [`norm_linear`] | `rms_norm(x, w_n).matmul(w.t())` | `x` (the normalised rows are recomputed) |
-//! | [`attention`] | rope + repeat_kv + `q k^T / sqrt(d)` + mask + softmax + `p v` | `q, k, v` (scores are recomputed, flash-style) |
+//! | [`attention`] | rope + repeat_kv + `q k^T / sqrt(d)` + mask + softmax + `p v`; per [`AttentionSpec`] also another scale, soft-capped scores `cap * tanh(s / cap)` and a sliding window (Gemma) | `q, k, v` (scores are recomputed, flash-style) |
 //! | [`linear_residual`] | `x + a.matmul(w.t())` | `x, a` |
 //! | [`swiglu_down_residual`] | `x + (silu(gate) * up).matmul(w.t())` | `x, [gate, up]` (the product is recomputed) |
 //! | [`log_softmax_gather`] | `log_softmax(x).gather(labels)` | `x` |
-//! | [`attention_block`] | `x + attention(rms_norm(x) [W_q \| W_k \| W_v]^T (+ b_qkv), per-head q/k RMSNorm) W_o^T (+ b_o)`: a Llama layer's attention half, Qwen2's q/k/v biases and Qwen3's q/k norm and optional q/k/v/o biases ([`AttentionExtras`]) | `x`, and with [`Activations::Keep`] `q\|k\|v` (after the bias, before the q/k norm) and the attention output (the normalised rows, the normalised q/k heads and the scores are recomputed) |
+//! | [`attention_block`] | `x + attention(rms_norm(x) [W_q \| W_k \| W_v]^T (+ b_qkv), per-head q/k RMSNorm) W_o^T (+ b_o)`: a Llama layer's attention half, Qwen2's q/k/v biases and Qwen3's q/k norm and optional q/k/v/o biases ([`AttentionExtras`]); with a post-norm `x + rms_norm(o, w_post)` and the spec's scale, soft-capping and window, a Gemma 1/2/3 layer's attention half | `x`, and with [`Activations::Keep`] `q\|k\|v` (after the bias, before the q/k norm) and the attention output (the normalised rows, the normalised q/k heads, the scores and the projection before a post-norm are recomputed) |
 //! | [`mlp_block`] | `x + (silu(g) * u) W_down^T` with `[g \| u] = rms_norm(x) [W_gate \| W_up]^T` | `x`, and with [`Activations::Keep`] `g\|u` |
 //! | [`mlp_block_with`] | [`mlp_block`] with GeGLU `gelu_tanh(g) * u` ([`Glu`]) and an optional post-norm `x + rms_norm(m, w_post)` of the MLP output `m` ([`MlpExtras`]): Gemma 1's MLP half, and Gemma 2/3's with its post-feedforward norm (the `(1 + w)` norms given as effective weights) | `x`, and with [`Activations::Keep`] `g\|u` and, with a post-norm, `m` |
 //!
@@ -411,6 +411,11 @@ pub struct AttentionSpec {
     /// positions are `g1 - g0` lower (two branches sharing a prefix, see [`Self::with_branches`]);
     /// `(seq, seq)` for an ordinary row.
     gap: Vec<(usize, usize)>,
+    /// Soft-capping of the scaled scores, `cap * tanh(s / cap)`, before the mask (Gemma 2).
+    softcap: Option<f32>,
+    /// Sliding window: a query at rotary position `p` sees keys at positions `> p - window`
+    /// (Gemma's local layers).
+    window: Option<usize>,
 }
 
 impl AttentionSpec {
@@ -470,7 +475,46 @@ impl AttentionSpec {
             .collect();
         let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
         let gap = vec![(seq, seq); batch];
-        Ok(Self { batch, seq, heads, kv_heads, head_dim, scale, cos, sin, real, first_real, first_masked, gap })
+        Ok(Self {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            cos,
+            sin,
+            real,
+            first_real,
+            first_masked,
+            gap,
+            softcap: None,
+            window: None,
+        })
+    }
+
+    /// Scores scaled by `scale` instead of `1 / sqrt(head_dim)` (Gemma 2/3:
+    /// `query_pre_attn_scalar^-1/2`).
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = scale as f32;
+        self
+    }
+
+    /// Soft-capped scores: `cap * tanh(s / cap)` of the scaled scores `s`, before the mask and
+    /// the softmax (Gemma 2's `attn_logit_softcapping`); `None` leaves them as they are.
+    pub fn with_softcap(mut self, cap: Option<f64>) -> Self {
+        self.softcap = cap.map(|c| c as f32);
+        self
+    }
+
+    /// A sliding window of `window` keys: a query sees key `j` only if `i - j < window` in
+    /// rotary positions (transformers' sliding-window layers: itself and the `window - 1` keys
+    /// before it; in a second branch, distances count through the prefix as in the row
+    /// `[prefix | branch]`). A padding query that sees no real key keeps only its own position.
+    /// `None`: no window.
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.window = window.map(|w| w.max(1));
+        self
     }
 
     /// Rows holding two continuations of one prefix, `[prefix | first | second | padding]`
@@ -544,7 +588,10 @@ impl AttentionSpec {
     /// with no real key up to itself keeps only its own position, as
     /// [`crate::ops::attention_mask`]; a second branch does not see the first), softmax over the
     /// allowed keys, 0 elsewhere. Only the allowed scores are read.
-    fn softmax_row(&self, b: usize, i: usize, row: &mut [f32]) {
+    fn softmax_row(&self, b: usize, i: usize, row: &mut [f32], dcap: Option<&mut [f32]>) {
+        if self.softcap.is_some() || self.window.is_some() {
+            return self.softmax_row_gemma(b, i, row, dcap);
+        }
         let s = self.seq;
         if i < self.first_real[b] {
             row.fill(0.0);
@@ -589,10 +636,90 @@ impl AttentionSpec {
         }
     }
 
+    /// [`Self::softmax_row`] with soft-capping and/or a sliding window: the scaled scores of the
+    /// allowed keys are capped (`cap * tanh(s / cap)`), then the softmax over them. With `dcap`
+    /// (the backward pass, soft-capping only), `dcap[j]` receives the cap's derivative
+    /// `1 - tanh^2` at each allowed key and 0 elsewhere (over `row`'s length).
+    fn softmax_row_gemma(&self, b: usize, i: usize, row: &mut [f32], mut dcap: Option<&mut [f32]>) {
+        let s = self.seq;
+        if let Some(d) = dcap.as_deref_mut() {
+            d[..row.len()].fill(0.0);
+        }
+        let own_only = |row: &mut [f32]| {
+            row.fill(0.0);
+            row[i] = 1.0;
+        };
+        if i < self.first_real[b] {
+            return own_only(row);
+        }
+        let (g0, g1) = self.gap[b];
+        let p = self.pos(b, i);
+        let in_window = |j: usize| self.window.is_none_or(|w| p - self.pos(b, j) < w);
+        let (live, dead) = row.split_at_mut(i + 1);
+        dead.fill(0.0);
+        // The allowed keys as at most two ranges (prefix / first part, second branch) when every
+        // key up to the query is real; key by key otherwise.
+        let real = self.real.as_ref().map(|r| &r[b * s..(b + 1) * s]);
+        let allowed = |j: usize| real.is_none_or(|r| r[j] != 0) && !(i >= g1 && (g0..g1).contains(&j)) && in_window(j);
+        let ranges: Vec<(usize, usize)> = if i < self.first_masked[b] {
+            let (a1, c0) = if i >= g1 { (g0, g1) } else { (i + 1, i + 1) };
+            let lo = |end: usize, start: usize| (start..end).find(|&j| in_window(j)).unwrap_or(end);
+            vec![(lo(a1, 0), a1), (lo(i + 1, c0), i + 1)]
+        } else {
+            let mut out: Vec<(usize, usize)> = Vec::new();
+            for j in (0..=i).filter(|&j| allowed(j)) {
+                match out.last_mut() {
+                    Some((_, e)) if *e == j => *e = j + 1,
+                    _ => out.push((j, j + 1)),
+                }
+            }
+            out
+        };
+        let ranges: Vec<(usize, usize)> = ranges.into_iter().filter(|(a, e)| e > a).collect();
+        if ranges.is_empty() {
+            return own_only(row);
+        }
+        let mut m = f32::NEG_INFINITY;
+        for &(a, e) in &ranges {
+            m = m.max(match self.softcap {
+                Some(cap) => vmath::scale_cap_max(&mut live[a..e], self.scale, cap),
+                None => vmath::scale_max(&mut live[a..e], self.scale),
+            });
+        }
+        if let (Some(cap), Some(d)) = (self.softcap, dcap) {
+            for &(a, e) in &ranges {
+                for (d, &v) in d[a..e].iter_mut().zip(&live[a..e]) {
+                    let t = v / cap;
+                    *d = 1.0 - t * t;
+                }
+            }
+        }
+        let mut sum = 0f32;
+        let mut next = 0;
+        for &(a, e) in &ranges {
+            live[next..a].fill(0.0);
+            sum += vmath::exp_shifted_sum(&mut live[a..e], m);
+            next = e;
+        }
+        live[next..].fill(0.0);
+        for &(a, e) in &ranges {
+            live[a..e].iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+
     /// The probabilities of the query block `r0..r1` of head `h`, batch row `b`, into `pb`
     /// (`r1 - r0` rows of `r1` keys, row stride `r1`), from its rotated queries `qr` (all of the
     /// head's rows) and keys `kr`: scores only for the keys the block may see, then `softmax_row`.
-    fn block_probs(&self, b: usize, (r0, r1): (usize, usize), qr: &[f32], kr: &[f32], pb: &mut [f32]) {
+    /// With `dcap` (the backward pass of soft-capped scores), also the cap's derivative there.
+    fn block_probs(
+        &self,
+        b: usize,
+        (r0, r1): (usize, usize),
+        qr: &[f32],
+        kr: &[f32],
+        pb: &mut [f32],
+        mut dcap: Option<&mut [f32]>,
+    ) {
         let d = self.head_dim;
         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
             // SAFETY: `pb` holds (r1 - r0) x r1, `qr` and `kr` seq x d; single-threaded.
@@ -602,7 +729,8 @@ impl AttentionSpec {
             }
         }
         for (i, row) in (r0..r1).zip(pb.chunks_exact_mut(r1)) {
-            self.softmax_row(b, i, row);
+            let d = dcap.as_deref_mut().map(|d| &mut d[(i - r0) * r1..(i - r0 + 1) * r1]);
+            self.softmax_row(b, i, row, d);
         }
     }
 
@@ -634,7 +762,7 @@ impl AttentionSpec {
                     self.rope_head(b, rows, cols, h * d, qr);
                     for (r0, r1) in query_blocks(s) {
                         let pb = &mut pb[..(r1 - r0) * r1];
-                        self.block_probs(b, (r0, r1), qr, kr, pb);
+                        self.block_probs(b, (r0, r1), qr, kr, pb, None);
                         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
                             // out[r0..r1] += P[.., k0..k1] V[k0..k1] (`out` starts at 0).
                             // SAFETY: task (b, g) alone writes rows b * s.. of the columns of
@@ -668,9 +796,12 @@ impl AttentionSpec {
         (0..self.batch * kv).into_par_iter().for_each_init(
             || {
                 let head = || vec![0f32; s * d];
-                (head(), head(), head(), head(), head(), vec![0f32; QUERY_BLOCK * s], vec![0f32; QUERY_BLOCK * s])
+                let block = || vec![0f32; QUERY_BLOCK * s];
+                // The soft-cap derivative per score (soft-capped attention only).
+                let cap = if self.softcap.is_some() { block() } else { Vec::new() };
+                (head(), head(), head(), head(), head(), block(), block(), cap)
             },
-            |(kr, qr, dkr, dvv, dqr, pb, dpb), task| {
+            |(kr, qr, dkr, dvv, dqr, pb, dpb, cb), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(b, rows, cols, qc + g * d, kr);
@@ -685,7 +816,8 @@ impl AttentionSpec {
                     // `qkv` are live inputs; products are single-threaded.
                     for (r0, r1) in query_blocks(s) {
                         let (m, pb, dpb) = (r1 - r0, &mut pb[..(r1 - r0) * r1], &mut dpb[..(r1 - r0) * r1]);
-                        self.block_probs(b, (r0, r1), qr, kr, pb);
+                        let capped = self.softcap.is_some();
+                        self.block_probs(b, (r0, r1), qr, kr, pb, capped.then(|| &mut cb[..m * r1]));
                         let ranges = self.key_ranges(b, r0, r1);
                         let live = || ranges.into_iter().filter(|(k0, k1)| k1 > k0);
                         let d_o = dout_h.skip_rows(r0);
@@ -698,16 +830,27 @@ impl AttentionSpec {
                             let dpk = dpb.as_mut_ptr().wrapping_add(k0);
                             unsafe { matmul(m, k1 - k0, d, dpk, r1, false, d_o, v.skip_rows(k0).t(), Threads::Single) };
                         }
-                        for (prow, dprow) in pb.chunks_exact(r1).zip(dpb.chunks_exact_mut(r1)) {
-                            // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges.
+                        for (ri, (prow, dprow)) in pb.chunks_exact(r1).zip(dpb.chunks_exact_mut(r1)).enumerate() {
+                            // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges
+                            // (soft-capped: times the cap's derivative).
                             let dot: f32 = live()
                                 .map(|(k0, k1)| {
                                     prow[k0..k1].iter().zip(&dprow[k0..k1]).map(|(a, b)| a * b).sum::<f32>()
                                 })
                                 .sum();
-                            for (k0, k1) in live() {
-                                for (dv, &pv) in dprow[k0..k1].iter_mut().zip(&prow[k0..k1]) {
-                                    *dv = pv * (*dv - dot) * self.scale;
+                            if capped {
+                                let crow = &cb[ri * r1..(ri + 1) * r1];
+                                for (k0, k1) in live() {
+                                    let cs = &crow[k0..k1];
+                                    for ((dv, &pv), &c) in dprow[k0..k1].iter_mut().zip(&prow[k0..k1]).zip(cs) {
+                                        *dv = pv * (*dv - dot) * c * self.scale;
+                                    }
+                                }
+                            } else {
+                                for (k0, k1) in live() {
+                                    for (dv, &pv) in dprow[k0..k1].iter_mut().zip(&prow[k0..k1]) {
+                                        *dv = pv * (*dv - dot) * self.scale;
+                                    }
                                 }
                             }
                         }
@@ -779,8 +922,10 @@ impl CustomOp1 for AttentionOp {
 /// (heads concatenated, ready for the output projection). Equal to [`crate::ops::rope`] on q and
 /// k, [`crate::ops::repeat_kv`], scores `q k^T / sqrt(head_dim)` plus
 /// [`crate::ops::attention_mask`], softmax and `p v`; no `[batch, heads, seq, seq]` tensor or
-/// mask is kept (the backward recomputes the scores per head). f32 CPU only; see
-/// [`crate::ops::attention_composed`] for the composition the other devices use.
+/// mask is kept (the backward recomputes the scores per head). With [`AttentionSpec::with_scale`],
+/// [`AttentionSpec::with_softcap`] and [`AttentionSpec::with_window`], Gemma's attention: scores
+/// `cap * tanh(scale q k^T / cap)` and keys at most `window - 1` positions back. f32 CPU only;
+/// see [`crate::ops::attention_composed`] for the composition the other devices use.
 pub fn attention(qkv: &Tensor, spec: &Arc<AttentionSpec>) -> Result<Tensor> {
     if !fusable(&[qkv]) {
         return Err(crate::ModelError::Input {
@@ -998,12 +1143,13 @@ fn at(data: &[f32], offset: usize) -> &[f32] {
 
 /// Which optional parameters an attention block carries after its four projection matrices in
 /// the packed weight vector, in this order: q|k|v bias (`qkv_cols`), o_proj bias (`hidden`), q
-/// norm weight (`head_dim`), k norm weight (`head_dim`).
+/// norm weight (`head_dim`), k norm weight (`head_dim`), post-norm weight (`hidden`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct BlockParts {
     qkv_bias: bool,
     o_bias: bool,
     qk_norm: bool,
+    post_norm: bool,
 }
 
 /// Offsets of the pieces of an attention block's packed weights.
@@ -1013,6 +1159,7 @@ struct PackedAttention {
     qkv_bias: Option<usize>,
     o_bias: Option<usize>,
     qk_norm: Option<usize>,
+    post_norm: Option<usize>,
     total: usize,
 }
 
@@ -1044,7 +1191,8 @@ impl AttentionBlockOp {
         let qkv_bias = take(self.parts.qkv_bias, cols);
         let o_bias = take(self.parts.o_bias, h);
         let qk_norm = take(self.parts.qk_norm, 2 * d);
-        PackedAttention { matrices, qkv_bias, o_bias, qk_norm, total: end }
+        let post_norm = take(self.parts.post_norm, h);
+        PackedAttention { matrices, qkv_bias, o_bias, qk_norm, post_norm, total: end }
     }
 
     /// The q|k|v bias, the o_proj bias and the q/k head norm in the packed weights `w`.
@@ -1060,6 +1208,24 @@ impl AttentionBlockOp {
             eps: self.eps,
         });
         (p.qkv_bias.map(|o| &w[o..o + cols]), p.o_bias.map(|o| &w[o..o + self.hidden]), norm)
+    }
+
+    /// The post-norm weight in the packed weights `w`, if any.
+    fn post<'a>(&self, w: &'a [f32]) -> Option<&'a [f32]> {
+        self.packed().post_norm.map(|o| &w[o..o + self.hidden])
+    }
+
+    /// The output projection `attn W_o^T (+ b_o)` of `n` rows, before any post-norm.
+    fn project_out(&self, attn: &[f32], w: &[f32], n: usize) -> Vec<f32> {
+        let (h, qc) = (self.hidden, self.spec.q_cols());
+        let mut m = vec![0f32; n * h];
+        if let (_, Some(b), _) = self.parts(w) {
+            add_rows(&mut m, b);
+        }
+        let wo = at(w, self.spec.qkv_cols() * h);
+        // SAFETY: `m` n x h, `attn` n x qc, `wo` h x qc (inside `w`, length checked).
+        unsafe { matmul(n, h, qc, m.as_mut_ptr(), h, true, Mat::rows(attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
+        m
     }
 
     /// `(qkv, attn)` of the forward pass: `qkv` before the q/k head norm.
@@ -1123,11 +1289,23 @@ impl CustomOp3 for AttentionBlockOp {
         let (qkv, attn) = self.activations(x, nw, w)?;
         let wo = at(w, self.spec.qkv_cols() * h);
         let mut y = x.to_vec();
-        if let (_, Some(b), _) = self.parts(w) {
-            add_rows(&mut y, b);
+        if let Some(pw) = self.post(w) {
+            // y = x + rms_norm(attn W_o^T + b_o, post).
+            let m = self.project_out(&attn, w, n);
+            let mut normed = vec![0f32; m.len()];
+            rms_norm_rows(&m, pw, self.eps, &mut normed);
+            y.par_chunks_mut(h * ROW_BLOCK).zip(normed.par_chunks(h * ROW_BLOCK)).for_each(|(y, v)| {
+                y.iter_mut().zip(v).for_each(|(y, v)| *y += v);
+            });
+        } else {
+            if let (_, Some(b), _) = self.parts(w) {
+                add_rows(&mut y, b);
+            }
+            // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (inside `w`, length checked).
+            unsafe {
+                matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool)
+            };
         }
-        // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (inside `w`, length checked).
-        unsafe { matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
         self.saved.put((qkv, attn))?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -1155,15 +1333,27 @@ impl CustomOp3 for AttentionBlockOp {
         let wo = at(w_, cols * h);
         let matrices = self.packed().matrices;
         let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
+        // With a post-norm: its backward from the recomputed projection `m` turns `dy` into `dm`.
+        let (dm, d_post) = match self.post(w_) {
+            None => (None, None),
+            Some(pw) => {
+                let m = self.project_out(&attn, w_, n);
+                let mut dm = vec![0f32; n * h];
+                let d_post = rms_norm_bwd_rows(&m, pw, g_, self.eps, &mut dm);
+                (Some(dm), Some(d_post))
+            }
+        };
+        let gy: &[f32] = dm.as_deref().unwrap_or(g_);
         // SAFETY: `dw` has room for `matrices` = cols * h + h * qc elements; the two products
         // write [0, cols * h) and [cols * h, matrices) completely before `set_len`.
         unsafe {
             let dwo = dw.as_mut_ptr().add(cols * h);
-            matmul(h, qc, n, dwo, qc, false, Mat::rows_t(g_, h), Mat::rows(&attn, qc), Threads::Pool);
+            matmul(h, qc, n, dwo, qc, false, Mat::rows_t(gy, h), Mat::rows(&attn, qc), Threads::Pool);
         }
         drop(attn);
-        let d_o_bias = o_bias.map(|_| col_sums(g_, h));
-        let dattn = product(n, qc, h, Mat::rows(g_, h), Mat::rows(wo, qc));
+        let d_o_bias = o_bias.map(|_| col_sums(gy, h));
+        let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
+        drop(dm);
         let (dqkv, d_norms) = match &head_norm {
             None => (self.spec.backward(&qkv, &dattn)?, None),
             Some(norm) => {
@@ -1199,6 +1389,9 @@ impl CustomOp3 for AttentionBlockOp {
             dw.extend_from_slice(&dq);
             dw.extend_from_slice(&dk);
         }
+        if let Some(dp) = d_post {
+            dw.extend_from_slice(&dp);
+        }
         drop(normed);
         let dnormed = product(n, h, cols, Mat::rows(&dqkv, cols), Mat::rows(w_, h));
         drop(dqkv);
@@ -1224,19 +1417,29 @@ pub struct AttentionExtras<'a> {
     /// `head_dim` after the projection (and its bias) and before the rotary embedding, with the
     /// block's `eps`.
     pub qk_norm: Option<[&'a Tensor; 2]>,
+    /// An RMSNorm weight `[hidden]` applied to the attention half's output (after o_proj and
+    /// its bias) before the residual add, with the block's `eps`: `x + rms_norm(o, post_norm)`
+    /// (Gemma 2/3's post-attention norm, given as its effective weight `1 + w`).
+    pub post_norm: Option<&'a Tensor>,
 }
 
 impl AttentionExtras<'_> {
-    /// The tensors present, in the packed order (q|k|v bias, o bias, q norm, k norm).
+    /// The tensors present, in the packed order (q|k|v bias, o bias, q norm, k norm, post norm).
     fn tensors(&self) -> Vec<&Tensor> {
         let mut out: Vec<&Tensor> = self.qkv_bias.map(Vec::from).unwrap_or_default();
         out.extend(self.o_bias);
         out.extend(self.qk_norm.into_iter().flatten());
+        out.extend(self.post_norm);
         out
     }
 
     fn parts(&self) -> BlockParts {
-        BlockParts { qkv_bias: self.qkv_bias.is_some(), o_bias: self.o_bias.is_some(), qk_norm: self.qk_norm.is_some() }
+        BlockParts {
+            qkv_bias: self.qkv_bias.is_some(),
+            o_bias: self.o_bias.is_some(),
+            qk_norm: self.qk_norm.is_some(),
+            post_norm: self.post_norm.is_some(),
+        }
     }
 
     /// Rejects parameters whose sizes do not fit the block.
@@ -1251,6 +1454,9 @@ impl AttentionExtras<'_> {
         }
         if let Some([q, k]) = self.qk_norm {
             expected.extend([(q, d, "q norm"), (k, d, "k norm")]);
+        }
+        if let Some(p) = self.post_norm {
+            expected.push((p, hidden, "post norm"));
         }
         for (t, len, what) in expected {
             if t.dims() != [len] {
@@ -1305,6 +1511,14 @@ pub fn attention_block(
     all.extend(&extra);
     if !fusable(&all) {
         let qkv = extras.compose_qkv(norm_linear(x, norm_weight, &Tensor::cat(&[q, k, v], 0)?, eps)?, spec, eps)?;
+        if let Some(p) = extras.post_norm {
+            let m = linear(&attention(&qkv, spec)?, o)?;
+            let m = match extras.o_bias {
+                Some(b) => m.broadcast_add(b)?,
+                None => m,
+            };
+            return Ok((x + rms_norm(&m, p, eps)?)?);
+        }
         let y = linear_residual(x, &attention(&qkv, spec)?, o)?;
         return Ok(match extras.o_bias {
             Some(b) => y.broadcast_add(b)?,

@@ -23,6 +23,12 @@
 //! - local layers (all but every `sliding_window_pattern`-th, i.e. global iff
 //!   `(layer + 1) % pattern == 0`) with a sliding window and RoPE base `rope_local_base_freq`;
 //!   global layers use `rope_theta` with optional linear `rope_scaling` (`inv_freq / factor`).
+//!
+//! On f32 CPU (with the tanh GELU) every layer runs as two fused ops with real backward passes,
+//! as Llama's: [`fused::attention_block`] and [`fused::mlp_block_with`] (see
+//! [`Gemma::forward_hidden`]), so Gemma gets packed preference pairs
+//! ([`Gemma::forward_hidden_branched`]), gradient checkpointing and the activation meter;
+//! [`Gemma::forward_hidden_reference`] keeps the composed forward pass as the reference.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +38,7 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RopeScaling;
-use crate::fused::{self, ActivationMeter, Activations, Glu, MlpExtras};
+use crate::fused::{self, ActivationMeter, Activations, AttentionExtras, AttentionSpec, Glu, MlpExtras};
 use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
@@ -430,7 +436,7 @@ pub struct Gemma {
     norm: Tensor,
     inv_freq: Vec<f64>,
     local_inv_freq: Vec<f64>,
-    /// Gradient checkpointing of the fused MLP blocks (see [`Self::set_gradient_checkpointing`]).
+    /// Gradient checkpointing of the fused blocks (see [`Self::set_gradient_checkpointing`]).
     recompute: AtomicBool,
     /// What the fused blocks keep for the backward pass (see [`Self::activation_meter`]).
     meter: Arc<ActivationMeter>,
@@ -500,10 +506,10 @@ impl Gemma {
         })
     }
 
-    /// Gradient checkpointing (as [`crate::Llama::set_gradient_checkpointing`]): each fused MLP
-    /// block keeps only its input and recomputes its activations in the backward pass. Same
-    /// values and gradients; applies to the fused path (f32 CPU, `gelu_pytorch_tanh`), while the
-    /// attention half (composed candle ops) and the reference path keep what candle's graph keeps.
+    /// Gradient checkpointing (as [`crate::Llama::set_gradient_checkpointing`]): each fused block
+    /// keeps only its input and recomputes its activations in the backward pass. Same values and
+    /// gradients; applies to the fused path (f32 CPU, `gelu_pytorch_tanh`), while the reference
+    /// path keeps what candle's graph keeps.
     pub fn set_gradient_checkpointing(&self, on: bool) {
         self.recompute.store(on, Ordering::Relaxed);
     }
@@ -513,11 +519,11 @@ impl Gemma {
         self.recompute.load(Ordering::Relaxed)
     }
 
-    /// The bytes of activations this model's fused MLP blocks hold for the backward pass (per
-    /// layer and position gate|up, `2 x intermediate` floats, and with Gemma 2/3's
-    /// post-feedforward norm the MLP output, `hidden` floats; nothing with gradient
-    /// checkpointing): now, and the peak since [`ActivationMeter::reset_peak`]. Zero on the
-    /// reference path.
+    /// The bytes of activations this model's fused blocks hold for the backward pass (per layer
+    /// and position: q|k|v and the attention output, as Llama's; gate|up, `2 x intermediate`
+    /// floats, and with Gemma 2/3's post-feedforward norm the MLP output, `hidden` floats;
+    /// nothing with gradient checkpointing): now, and the peak since
+    /// [`ActivationMeter::reset_peak`]. Zero on the reference path.
     pub fn activation_meter(&self) -> &ActivationMeter {
         &self.meter
     }
@@ -537,6 +543,25 @@ impl Gemma {
             .collect()
     }
 
+    /// Per layer `[q, k, v, o]` effective weights when the fused path applies (the same
+    /// conditions as [`Self::fused_mlp_weights`]).
+    fn fused_attention_weights(&self) -> Option<Vec<[Tensor; 4]>> {
+        if !fused::fusable(&[self.embed.embeddings(), &self.norm]) || self.cfg.activation() != "gelu_pytorch_tanh" {
+            return None;
+        }
+        self.layers
+            .iter()
+            .map(|l| {
+                Some([
+                    l.q.effective_weight().ok()?,
+                    l.k.effective_weight().ok()?,
+                    l.v.effective_weight().ok()?,
+                    l.o.effective_weight().ok()?,
+                ])
+            })
+            .collect()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &GemmaConfig {
         &self.cfg
@@ -550,30 +575,122 @@ impl Gemma {
     /// Final hidden states `[batch, seq, hidden]`; same contract as
     /// [`crate::Llama::forward_hidden`] (right padding, real tokens never see padding).
     ///
-    /// f32 CPU models with the tanh GELU run each layer's MLP half (its norms included) as one
-    /// [`fused::mlp_block_with`] op (GeGLU, Gemma's `(1 + w)` norm weights, Gemma 2/3's
-    /// post-feedforward norm inside), equal to [`Self::forward_hidden_reference`] within float
-    /// rounding, values and gradients; the attention half is the composition of candle ops on
-    /// both paths.
+    /// f32 CPU models with the tanh GELU (`gelu_pytorch_tanh`, the default) run each layer as two
+    /// fused ops, as Llama does: [`fused::attention_block`] (Gemma's `(1 + w)` norm weights passed
+    /// as effective weights, the `query_pre_attn_scalar` scale, Gemma 2's score soft-capping, the
+    /// local layers' sliding window and RoPE base, Gemma 3's QK-norm, Gemma 2/3's post-attention
+    /// norm inside) and [`fused::mlp_block_with`] (GeGLU, Gemma 2/3's post-feedforward norm
+    /// inside). Equal to [`Self::forward_hidden_reference`] within float rounding, values and
+    /// gradients, at every real position (a padding position, whose value nothing reads, may
+    /// differ where a sliding window leaves its query no real key).
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let mlp = self.fused_mlp_weights();
-        self.forward_hidden_with(input_ids, attention_mask, mlp.as_deref())
+        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
+            (Some(attention), Some(mlp)) => {
+                self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None)
+            }
+            _ => self.forward_hidden_reference(input_ids, attention_mask),
+        }
     }
 
-    /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops:
-    /// the reference the fused path is tested against, and the path of other devices, dtypes
-    /// and of the erf `gelu` activation.
-    pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_hidden_with(input_ids, attention_mask, None)
+    /// Final hidden states `[batch, seq, hidden]` of rows that each hold two continuations of a
+    /// shared prefix (see [`crate::Llama::forward_hidden_branched`]: every position gets the
+    /// hidden state it has in the row `[prefix | its branch]`, sliding windows counted in those
+    /// rows' positions). Fused (f32 CPU, tanh GELU) models only: `None` otherwise.
+    pub fn forward_hidden_branched(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        branches: &[(usize, usize)],
+    ) -> Result<Option<Tensor>> {
+        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
+            (Some(attention), Some(mlp)) => {
+                self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches)).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
-    /// The forward pass, with each layer's MLP half fused when `mlp` holds the layers' weights.
-    fn forward_hidden_with(
+    /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
+    /// [`fused::attention_block`] (with the layer's global or local [`AttentionSpec`]) and one
+    /// [`fused::mlp_block_with`] op.
+    fn forward_hidden_fused(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        mlp: Option<&[[Tensor; 3]]>,
+        attention: &[[Tensor; 4]],
+        mlp: &[[Tensor; 3]],
+        branches: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        // Branched rows reuse rotary positions: the last slot of a row is at `seq - 1 - first`.
+        let positions =
+            branches.map_or(seq, |b| b.iter().map(|&(p, f)| (p + f).max(seq.saturating_sub(f))).max().unwrap_or(seq));
+        crate::ops::check_positions(positions, self.cfg.max_position_embeddings)?;
+        if let Some(m) = attention_mask
+            && m.dims() != [batch, seq]
+        {
+            return Err(ModelError::Input {
+                input: "attention_mask",
+                reason: format!("shape {:?} does not match input_ids {:?}", m.dims(), input_ids.dims()),
+            });
+        }
+        let (h, hd, eps) = (self.cfg.hidden_size, self.cfg.head_dim, self.cfg.rms_norm_eps);
+        let scale = 1.0 / self.cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
+        let spec = |inv_freq: &[f64], window: Option<usize>| -> Result<Arc<AttentionSpec>> {
+            let (nq, nkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+            let mut spec = AttentionSpec::new(batch, seq, nq, nkv, inv_freq, attention_mask)?
+                .with_scale(scale)
+                .with_softcap(self.cfg.attn_logit_softcapping)
+                .with_window(window);
+            if let Some(branches) = branches {
+                spec = spec.with_branches(branches)?;
+            }
+            Ok(Arc::new(spec))
+        };
+        let global = spec(&self.inv_freq, None)?;
+        let local = match (0..self.layers.len()).any(|l| self.cfg.is_sliding(l)) {
+            true => Some(spec(&self.local_inv_freq, self.cfg.sliding_window)?),
+            false => None,
+        };
+        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
+        let meter = Some(&self.meter);
+        let plus_one = |w: &Tensor| -> Result<Tensor> { Ok((w + 1.0)?) };
+        let mut x = (self.embed.forward(input_ids)? * (h as f64).sqrt())?.reshape((batch * seq, h))?;
+        for (idx, ((l, [q, k, v, o]), [gate, up, down])) in self.layers.iter().zip(attention).zip(mlp).enumerate() {
+            let spec = match &local {
+                Some(local) if self.cfg.is_sliding(idx) => local,
+                _ => &global,
+            };
+            let qk_norm = match &l.qk_norms {
+                Some((qn, kn)) => Some([plus_one(qn)?, plus_one(kn)?]),
+                None => None,
+            };
+            // Gemma 2/3: the post-attention norm inside the attention block, the pre/post
+            // feed-forward norms around the MLP; Gemma 1: `post_attention_layernorm` is the MLP's
+            // pre-norm.
+            let (post_attention, pre_mlp, post_mlp) = match &l.ff_norms {
+                Some((pre_ff, post_ff)) => (Some(plus_one(&l.post_norm)?), plus_one(pre_ff)?, Some(plus_one(post_ff)?)),
+                None => (None, plus_one(&l.post_norm)?, None),
+            };
+            let extras = AttentionExtras {
+                qkv_bias: None,
+                o_bias: None,
+                qk_norm: qk_norm.as_ref().map(|[a, b]| [a, b]),
+                post_norm: post_attention.as_ref(),
+            };
+            let input_norm = plus_one(&l.input_norm)?;
+            x = fused::attention_block(&x, &input_norm, [q, k, v, o], extras, spec, eps, acts, meter)?;
+            let extras = MlpExtras { act: Glu::GeluTanh, post_norm: post_mlp.as_ref() };
+            x = fused::mlp_block_with(&x, &pre_mlp, [gate, up, down], extras, eps, acts, meter)?;
+        }
+        Ok(fused::rms_norm(&x, &plus_one(&self.norm)?, eps)?.reshape((batch, seq, h))?)
+    }
+
+    /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops
+    /// (separate projections, [`crate::ops::rope`], [`crate::ops::repeat_kv`], a materialised
+    /// additive mask, softmax): the reference the fused path is tested against, and the path of
+    /// other devices, dtypes and of the erf `gelu` activation.
+    pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
@@ -625,10 +742,7 @@ impl Gemma {
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq, nq * hd))?;
             let attn = l.o.forward(&attn)?;
-            x = match mlp {
-                Some(weights) => self.fused_mlp_residual(l, x, &attn, &weights[idx])?,
-                None => self.mlp_residual(l, x, &attn)?,
-            };
+            x = self.mlp_residual(l, x, &attn)?;
         }
         gemma_norm(&x, &self.norm, eps)
     }
@@ -694,28 +808,6 @@ impl Gemma {
                 (x + m)?
             }
         })
-    }
-
-    /// [`Self::mlp_residual`] with the MLP (and its norms) as one fused block, `[gate, up, down]`
-    /// its effective weights.
-    fn fused_mlp_residual(
-        &self,
-        l: &Layer,
-        x: Tensor,
-        attn: &Tensor,
-        [gate, up, down]: &[Tensor; 3],
-    ) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps;
-        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
-        let meter = Some(&self.meter);
-        let (x, pre, post) = match &l.ff_norms {
-            Some((pre_ff, post_ff)) => {
-                ((x + gemma_norm(attn, &l.post_norm, eps)?)?, (pre_ff + 1.0)?, Some((post_ff + 1.0)?))
-            }
-            None => ((x + attn)?, (&l.post_norm + 1.0)?, None),
-        };
-        let extras = MlpExtras { act: Glu::GeluTanh, post_norm: post.as_ref() };
-        fused::mlp_block_with(&x, &pre, [gate, up, down], extras, eps, acts, meter)
     }
 
     /// Logits `[batch, vocab]` at each row's last real position.

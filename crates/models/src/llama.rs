@@ -362,7 +362,7 @@ impl Attention {
             }
         };
         let qk_norm = self.qk_norm.as_ref().map(|(q, k)| [q, k]);
-        Ok(AttentionExtras { qkv_bias, o_bias: self.o.bias(), qk_norm })
+        Ok(AttentionExtras { qkv_bias, o_bias: self.o.bias(), qk_norm, post_norm: None })
     }
 
     /// Queries `[b, heads, s, head_dim]`, keys and values `[b, kv_heads, s, head_dim]` of

@@ -40,16 +40,15 @@ impl PairLayout {
 /// Per-token log-probs `[2 n, seq]` (f32) of the `n` pairs in `input_ids` `[2 n, seq]` (chosen
 /// rows, then rejected rows; `attention_mask` marks right padding): `out[r, t] = log p(ids[r, t]
 /// | ids[r, <t])` on real tokens, as [`Model::token_logps`]; padding positions hold some finite
-/// value. Models that do not run the fused attention block (Gemma, other devices and dtypes),
-/// batches that are not right-padded and pairs that share nothing take [`Model::token_logps`]
-/// directly.
+/// value. Models that do not run the fused attention block (other devices and dtypes, Gemma with
+/// the erf `gelu`), batches that are not right-padded and pairs that share nothing take
+/// [`Model::token_logps`] directly.
 pub fn pair_token_logps(
     model: &Model,
     input_ids: &Tensor,
     attention_mask: Option<&Tensor>,
     chunk: usize,
 ) -> Result<Tensor> {
-    let Model::Llama(llama) = model else { return model.token_logps(input_ids, attention_mask, chunk) };
     let (rows, seq) = input_ids.dims2()?;
     if rows % 2 != 0 {
         return Err(ModelError::Input {
@@ -85,7 +84,11 @@ pub fn pair_token_logps(
     let packed = Tensor::from_vec(packed, (n, width), device)?;
     let mask = Tensor::from_vec(mask, (n, width), device)?;
     let branches: Vec<(usize, usize)> = layouts.iter().map(|l| (l.prefix, l.chosen - l.prefix)).collect();
-    let Some(hidden) = llama.forward_hidden_branched(&packed, &mask, &branches)? else {
+    let hidden = match model {
+        Model::Llama(m) => m.forward_hidden_branched(&packed, &mask, &branches)?,
+        Model::Gemma(m) => m.forward_hidden_branched(&packed, &mask, &branches)?,
+    };
+    let Some(hidden) = hidden else {
         return model.token_logps(input_ids, attention_mask, chunk);
     };
     // Every original (row, position) reads its packed slot; padding reads the row's first slot.
@@ -99,7 +102,13 @@ pub fn pair_token_logps(
     let h = hidden.dim(2)?;
     let index = Tensor::from_vec(index, rows * seq, device)?;
     let unpacked = hidden.reshape((n * width, h))?.index_select(&index, 0)?.reshape((rows, seq, h))?;
-    crate::logps::chunked_token_logps(&unpacked, llama.lm_head(), input_ids, chunk)
+    match model {
+        Model::Llama(m) => crate::logps::chunked_token_logps(&unpacked, m.lm_head(), input_ids, chunk),
+        Model::Gemma(m) => {
+            let cap = m.config().final_logit_softcapping;
+            crate::logps::chunked_token_logps_capped(&unpacked, m.lm_head(), input_ids, chunk, cap)
+        }
+    }
 }
 
 /// Real lengths of `rows` rows of `seq` tokens under `mask` (all `seq` without one), or `None`

@@ -191,6 +191,96 @@ fn attention_matches_composition(seq: usize) -> Result<()> {
     Ok(())
 }
 
+/// Gemma's attention, composed: [`ops::attention_composed`] with scores scaled by `scale`,
+/// soft-capped (`cap * tanh(s / cap)`) before the mask, and keys `i - j >= window` masked.
+#[allow(clippy::too_many_arguments)]
+fn gemma_attention_composed(
+    qkv: &Tensor,
+    (batch, heads, kv_heads): (usize, usize, usize),
+    inv_freq: &[f64],
+    padding: Option<&Tensor>,
+    scale: f64,
+    cap: Option<f64>,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let head_dim = 2 * inv_freq.len();
+    let seq = qkv.dim(0)? / batch;
+    let dev = qkv.device();
+    let qkv = qkv.reshape((batch, seq, (heads + 2 * kv_heads) * head_dim))?;
+    let split = |start: usize, n: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(D::Minus1, start * head_dim, n * head_dim)?
+            .reshape((batch, seq, n, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (cos, sin) = ops::rope_tables(inv_freq, seq, DType::F32, dev)?;
+    let q = ops::rope(&split(0, heads)?, &cos, &sin)?;
+    let k = ops::rope(&split(heads, kv_heads)?, &cos, &sin)?;
+    let v = split(heads + kv_heads, kv_heads)?;
+    let n = heads / kv_heads;
+    let (k, v) = (ops::repeat_kv(&k, n)?, ops::repeat_kv(&v, n)?);
+    let mut mask = ops::input_attention_mask(&Tensor::zeros((batch, seq), DType::U32, dev)?, padding, usize::MAX)?;
+    if let Some(w) = window {
+        let data: Vec<f32> =
+            (0..seq).flat_map(|i| (0..seq).map(move |j| if i >= j + w { -1e30 } else { 0.0 })).collect();
+        mask = mask.broadcast_add(&Tensor::from_vec(data, (seq, seq), dev)?)?;
+    }
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(cap) = cap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((batch * seq, heads * head_dim))?)
+}
+
+/// Gemma's attention variants (a query scale other than `1 / sqrt(head_dim)`, soft-capped scores,
+/// a sliding window, and both) equal the composition in value and gradient, over 75 tokens (two
+/// query blocks) with a right-padded row and a row with leading padding and holes; rows of
+/// padding queries are left out (multiplied by 0: with a window, a padding query may see no key
+/// at all, where the composition averages over every masked key).
+#[test]
+fn attention_with_scale_softcap_and_window_matches_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    let (batch, seq, heads, kv_heads, head_dim) = (3, 75, 4, 2, 8);
+    let inv_freq: Vec<f64> =
+        (0..head_dim / 2).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64)).collect();
+    let cols = (heads + 2 * kv_heads) * head_dim;
+    let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.5, (batch * seq, cols), &dev)?)?;
+    let mut m = vec![1u8; batch * seq];
+    for t in 50..seq {
+        m[seq + t] = 0;
+    }
+    for t in [0, 1, 2, 6, 40] {
+        m[2 * seq + t] = 0;
+    }
+    let rows = Tensor::from_vec(m.iter().map(|&v| f32::from(v)).collect::<Vec<_>>(), (batch * seq, 1), &dev)?;
+    let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
+    for (cap, window) in [(None, Some(5)), (Some(4.0), None), (Some(4.0), Some(5)), (Some(4.0), Some(70))] {
+        let spec = fused::AttentionSpec::new(batch, seq, heads, kv_heads, &inv_freq, Some(&mask))?;
+        let spec = std::sync::Arc::new(spec.with_scale(0.3).with_softcap(cap).with_window(window));
+        check_grads(
+            &format!("attention (scale 0.3, cap {cap:?}, window {window:?})"),
+            &[&qkv],
+            || Ok(fused::attention(qkv.as_tensor(), &spec)?.broadcast_mul(&rows)?),
+            || {
+                let y = gemma_attention_composed(
+                    qkv.as_tensor(),
+                    (batch, heads, kv_heads),
+                    &inv_freq,
+                    Some(&mask),
+                    0.3,
+                    cap,
+                    window,
+                )?;
+                Ok(y.broadcast_mul(&rows)?)
+            },
+            1e-5,
+        )?;
+    }
+    Ok(())
+}
+
 #[test]
 fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
     let dev = Device::Cpu;
@@ -351,15 +441,19 @@ struct Parts {
     qkv_bias: bool,
     o_bias: bool,
     qk_norm: bool,
+    post_norm: bool,
 }
 
 /// Qwen2 (q/k/v biases), Qwen3 (q/k norm), Qwen3 with `attention_bias` (both, and the o_proj
-/// bias), and an o_proj bias alone.
-const QWEN_PARTS: [Parts; 4] = [
-    Parts { qkv_bias: true, o_bias: false, qk_norm: false },
-    Parts { qkv_bias: false, o_bias: false, qk_norm: true },
-    Parts { qkv_bias: true, o_bias: true, qk_norm: true },
-    Parts { qkv_bias: false, o_bias: true, qk_norm: false },
+/// bias), an o_proj bias alone; Gemma 3's q/k norm with a post-attention norm, and a post-norm
+/// after an o_proj bias.
+const QWEN_PARTS: [Parts; 6] = [
+    Parts { qkv_bias: true, o_bias: false, qk_norm: false, post_norm: false },
+    Parts { qkv_bias: false, o_bias: false, qk_norm: true, post_norm: false },
+    Parts { qkv_bias: true, o_bias: true, qk_norm: true, post_norm: false },
+    Parts { qkv_bias: false, o_bias: true, qk_norm: false, post_norm: false },
+    Parts { qkv_bias: false, o_bias: false, qk_norm: true, post_norm: true },
+    Parts { qkv_bias: true, o_bias: true, qk_norm: false, post_norm: true },
 ];
 
 /// An attention block with head_dim 8 != hidden / heads (o_proj is 24 x 32), grouped heads, a
@@ -381,6 +475,8 @@ struct QwenBlock {
     b: [Var; 3],
     bo: Var,
     qk: [Var; 2],
+    /// Post-norm weight.
+    post: Var,
 }
 
 impl QwenBlock {
@@ -416,6 +512,7 @@ impl QwenBlock {
             b: [var(randn(0.0, 0.3, &[qc])), var(randn(0.0, 0.3, &[kc])), var(randn(0.0, 0.3, &[kc]))],
             bo: var(randn(0.0, 0.3, &[hidden])),
             qk: [var(randn(1.0, 0.3, &[head_dim])), var(randn(1.0, 0.3, &[head_dim]))],
+            post: var(randn(1.0, 0.3, &[hidden])),
         })
     }
 
@@ -431,6 +528,9 @@ impl QwenBlock {
         }
         if parts.qk_norm {
             vars.extend(&self.qk);
+        }
+        if parts.post_norm {
+            vars.push(&self.post);
         }
         vars
     }
@@ -448,6 +548,7 @@ impl QwenBlock {
             qkv_bias: parts.qkv_bias.then(|| [bq.as_tensor(), bk.as_tensor(), bv.as_tensor()]),
             o_bias: parts.o_bias.then(|| self.bo.as_tensor()),
             qk_norm: parts.qk_norm.then(|| [qn.as_tensor(), kn.as_tensor()]),
+            post_norm: parts.post_norm.then(|| self.post.as_tensor()),
         };
         let w = [q.as_tensor(), k.as_tensor(), v.as_tensor(), o.as_tensor()];
         fused::attention_block(self.x.as_tensor(), self.nw.as_tensor(), w, extras, &self.spec, 1e-6, acts, meter)
@@ -476,13 +577,15 @@ impl QwenBlock {
         let a = ops::attention_composed(&qkv, self.batch, self.heads, self.kv_heads, &self.inv_freq, Some(&self.mask))?;
         let out = a.matmul(&self.w[3].as_tensor().t()?)?;
         let out = if parts.o_bias { out.broadcast_add(self.bo.as_tensor())? } else { out };
+        let out = if parts.post_norm { ops::rms_norm_composed(&out, self.post.as_tensor(), 1e-6)? } else { out };
         Ok((self.x.as_tensor() + out)?)
     }
 }
 
-/// With Qwen's q/k/v and o_proj biases and per-head q/k RMSNorm, the fused attention block equals
-/// the composition in value and in the gradient of every input (x, norm weight, q/k/v/o weights,
-/// biases, q/k norm weights) within 1e-5, in both activation modes.
+/// With Qwen's q/k/v and o_proj biases and per-head q/k RMSNorm, and Gemma's post-attention norm,
+/// the fused attention block equals the composition in value and in the gradient of every input
+/// (x, norm weight, q/k/v/o weights, biases, q/k norm weights, post-norm weight) within 1e-5, in
+/// both activation modes.
 #[test]
 fn attention_block_with_biases_and_qk_norm_matches_composition() -> Result<()> {
     let block = QwenBlock::new()?;

@@ -131,7 +131,7 @@ fn gradient_checkpointing_gives_identical_values_and_gradients() -> Result<()> {
     Ok(())
 }
 
-/// Gemma's fused MLP blocks take gradient checkpointing too (tested in `tests/gemma.rs`).
+/// Gemma's fused blocks take gradient checkpointing too (tested in `tests/gemma.rs`).
 #[test]
 fn gradient_checkpointing_switches_for_gemma() -> Result<()> {
     let cfg = slime_models::GemmaConfig::tiny3(61, 32, 48, 2, 4, 2);

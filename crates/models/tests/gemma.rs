@@ -331,7 +331,8 @@ fn gemma3_trains_every_weight_and_round_trips() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused path (f32 CPU): each layer's MLP half as one `fused::mlp_block_with` op.
+// The fused path (f32 CPU): each layer as one `fused::attention_block` and one
+// `fused::mlp_block_with` op.
 
 fn gemma(lm: &CausalLm) -> &slime_models::Gemma {
     let Model::Gemma(m) = lm.model() else { unreachable!("a Gemma config builds the Gemma model") };
@@ -339,10 +340,25 @@ fn gemma(lm: &CausalLm) -> &slime_models::Gemma {
 }
 
 /// Gemma 1 (head_dim 12 != hidden / heads), Gemma 2 and Gemma 3 (window 4, three layers: local,
-/// global, local; soft-capping, sandwich norms, QK-norm), for fused-against-reference tests.
+/// global, local; sandwich norms; Gemma 2 with soft-capping at 1 and a query scale of 20^-1/2,
+/// Gemma 3 with QK-norm), for fused-against-reference tests.
 fn fused_configs() -> Vec<(&'static str, GemmaConfig)> {
     let gemma1 = GemmaConfig { head_dim: 12, ..GemmaConfig::tiny(97, 32, 80, 2, 4, 2) };
-    vec![("gemma1", gemma1), ("gemma2", gemma2(Some(4), 3)), ("gemma3", gemma3(4, 3))]
+    let gemma2 =
+        GemmaConfig { attn_logit_softcapping: Some(1.0), query_pre_attn_scalar: Some(20.0), ..gemma2(Some(4), 3) };
+    vec![("gemma1", gemma1), ("gemma2", gemma2), ("gemma3", gemma3(4, 3))]
+}
+
+/// [`model`] with query and key projections 8x larger, so scores spread out (and soft-capping
+/// at 1 bites).
+fn fused_model(cfg: &GemmaConfig, seed: u64) -> Result<CausalLm> {
+    let lm = model(cfg, seed)?;
+    for (name, var) in lm.trainable_vars() {
+        if name.contains("q_proj") || name.contains("k_proj") {
+            var.set(&(var.as_tensor() * 8.0)?)?;
+        }
+    }
+    Ok(lm)
 }
 
 /// Two rows of 11 tokens (longer than the window), the second right-padded after 7.
@@ -351,19 +367,28 @@ fn padded_input(vocab: usize) -> Result<(Tensor, Tensor)> {
     Ok((ids(2, 11, vocab, 5)?, Tensor::from_vec(mask, (2, 11), &Device::Cpu)?))
 }
 
-/// Bytes the fused MLP blocks keep for a forward pass of `positions` tokens: gate|up per layer
-/// and position, and with the post-feedforward norm (Gemma 2/3) the MLP output, in f32.
+/// Bytes the fused blocks keep for a forward pass of `positions` tokens, per layer and position:
+/// q|k|v and the attention output; gate|up, and with the post-feedforward norm (Gemma 2/3) the
+/// MLP output; in f32.
 fn kept_bytes(cfg: &GemmaConfig, positions: usize) -> usize {
     let post = if cfg.is_gemma2() || cfg.is_gemma3() { cfg.hidden_size } else { 0 };
-    cfg.num_hidden_layers * positions * (2 * cfg.intermediate_size + post) * 4
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    cfg.num_hidden_layers * positions * ((q + 2 * kv) + q + 2 * cfg.intermediate_size + post) * 4
 }
 
-/// `sum(hidden * coef)` for a fixed `coef`, and its gradient for every trainable weight.
-fn hidden_and_grads(lm: &CausalLm, hidden: &Tensor) -> Result<Vec<(String, Tensor)>> {
+/// `hidden` at real positions (padding zeroed: a padding query whose sliding window holds no real
+/// key is defined differently by the two paths, and nothing reads it).
+fn real_positions(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok(hidden.broadcast_mul(&mask.to_dtype(DType::F32)?.unsqueeze(2)?)?)
+}
+
+/// `sum(hidden * coef)` over real positions for a fixed `coef`, and its gradient for every
+/// trainable weight.
+fn hidden_and_grads(lm: &CausalLm, hidden: &Tensor, mask: &Tensor) -> Result<Vec<(String, Tensor)>> {
     let n = hidden.elem_count();
     let coef: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
     let coef = Tensor::from_vec(coef, hidden.shape(), &Device::Cpu)?;
-    let grads = (hidden * coef)?.sum_all()?.backward()?;
+    let grads = (real_positions(hidden, mask)? * coef)?.sum_all()?.backward()?;
     let mut out = Vec::new();
     for (name, var) in lm.trainable_vars() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
@@ -374,23 +399,23 @@ fn hidden_and_grads(lm: &CausalLm, hidden: &Tensor) -> Result<Vec<(String, Tenso
 }
 
 /// The fused path equals the composed reference (kept as `forward_hidden_reference`): hidden
-/// states and the gradient of every weight (norm weights away from 0, a padded row, 11 tokens
-/// against a window of 4) within 1e-5; the meter shows the fused blocks ran (and the reference
-/// keeps nothing in them).
+/// states at every real position and the gradient of every weight (norm weights away from 0, a
+/// padded row, 11 tokens against a window of 4, so local layers cut keys) within 1e-5; the meter
+/// shows the fused blocks ran (and the reference keeps nothing in them).
 #[test]
-fn fused_mlp_matches_the_reference_values_and_every_weight_gradient() -> Result<()> {
+fn fused_path_matches_the_reference_values_and_every_weight_gradient() -> Result<()> {
     for (name, cfg) in fused_configs() {
-        let lm = model(&cfg, 31)?;
+        let lm = fused_model(&cfg, 31)?;
         let m = gemma(&lm);
         let (input, mask) = padded_input(cfg.vocab_size)?;
         let fused = m.forward_hidden(&input, Some(&mask))?;
         assert_eq!(m.activation_meter().held_bytes(), kept_bytes(&cfg, 22), "{name}: the fused blocks ran");
-        let fused_grads = hidden_and_grads(&lm, &fused)?;
+        let fused_grads = hidden_and_grads(&lm, &fused, &mask)?;
         assert_eq!(m.activation_meter().held_bytes(), 0, "{name}: freed by the backward pass");
         let reference = m.forward_hidden_reference(&input, Some(&mask))?;
         assert_eq!(m.activation_meter().held_bytes(), 0, "{name}: the reference keeps nothing in fused blocks");
-        let reference_grads = hidden_and_grads(&lm, &reference)?;
-        let d = max_abs_diff(&fused, &reference)?;
+        let reference_grads = hidden_and_grads(&lm, &reference, &mask)?;
+        let d = max_abs_diff(&real_positions(&fused, &mask)?, &real_positions(&reference, &mask)?)?;
         assert!(d < 1e-5, "{name}: hidden states differ by {d}");
         assert_eq!(fused_grads.len(), reference_grads.len());
         for ((weight, a), (_, b)) in fused_grads.iter().zip(&reference_grads) {
@@ -411,13 +436,13 @@ fn fused_mlp_matches_the_reference_values_and_every_weight_gradient() -> Result<
     Ok(())
 }
 
-/// Gradient checkpointing changes nothing, bit for bit (log-probs and every weight's gradient);
-/// the meter counts exactly what the blocks keep (nothing when checkpointing) until the
-/// backward pass, and the peak.
+/// Gradient checkpointing changes nothing, bit for bit (log-probs and every weight's gradient,
+/// rows and packed pairs); the meter counts exactly what the blocks keep (nothing when
+/// checkpointing) until the backward pass, and the peak.
 #[test]
 fn gradient_checkpointing_is_bit_identical_and_the_meter_exact() -> Result<()> {
     for (name, cfg) in fused_configs() {
-        let lm = model(&cfg, 33)?;
+        let lm = fused_model(&cfg, 33)?;
         let meter = lm.model().activation_meter().expect("Gemma has a meter");
         let (input, mask) = padded_input(cfg.vocab_size)?;
         let mut runs = Vec::new();
@@ -435,6 +460,23 @@ fn gradient_checkpointing_is_bit_identical_and_the_meter_exact() -> Result<()> {
             let mut vars = lm.trainable_vars();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             for (_, var) in vars {
+                bits.push(grads.get(var.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?);
+            }
+            // One pair packed as one row of 11 + 9 - 5 = 15 positions: the rejected row shares
+            // the first 5 tokens and is right-padded after 9.
+            let chosen: Vec<u32> = input.narrow(0, 0, 1)?.flatten_all()?.to_vec1()?;
+            let rejected: Vec<u32> =
+                chosen.iter().enumerate().map(|(t, &v)| if t < 5 { v } else { (v + 1) % 97 }).collect();
+            let pair_ids = Tensor::from_vec([chosen, rejected].concat(), (2, 11), &Device::Cpu)?;
+            let pair_mask: Vec<u8> = (0..22).map(|i| u8::from(i < 11 || i - 11 < 9)).collect();
+            let pair_mask = Tensor::from_vec(pair_mask, (2, 11), &Device::Cpu)?;
+            let pair_logps = lm.model().pair_token_logps(&pair_ids, Some(&pair_mask), 4)?;
+            let expected = if checkpointing { 0 } else { kept_bytes(&cfg, 15) };
+            assert_eq!(meter.held_bytes(), expected, "{name}: after the packed forward pass ({checkpointing})");
+            let grads = pair_logps.sum_all()?.backward()?;
+            assert_eq!(meter.held_bytes(), 0, "{name}: after the packed backward pass ({checkpointing})");
+            bits.push(pair_logps.flatten_all()?.to_vec1::<f32>()?);
+            for (_, var) in lm.trainable_vars() {
                 bits.push(grads.get(var.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?);
             }
             runs.push(bits);
