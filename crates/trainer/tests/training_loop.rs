@@ -173,9 +173,16 @@ fn parallel_micro_batches_train_bit_identical_weights() {
 /// LoRA): recomputed activations are the kept ones, bit for bit.
 #[test]
 fn gradient_checkpointing_trains_the_same_weights() {
+    for preset in ["tiny-llama", "tiny-gemma"] {
+        gradient_checkpointing_trains_the_same_weights_with(preset);
+    }
+}
+
+fn gradient_checkpointing_trains_the_same_weights_with(preset: &str) {
     let train = |on: bool| {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = tiny();
+        cfg.model.preset = preset.into();
         cfg.model.gradient_checkpointing = on;
         cfg.model.lora = Some(slime_trainer::config::LoraSpec { r: 4, alpha: 8.0, ..Default::default() });
         cfg.sft.steps = 2;
@@ -185,7 +192,7 @@ fn gradient_checkpointing_trains_the_same_weights() {
         (weights(dir.path()), bytes(&dir.path().join("metrics.jsonl")))
     };
     let (off, on) = (train(false), train(true));
-    assert_eq!(max_abs_diff(&off.0, &on.0), 0.0);
+    assert_eq!(max_abs_diff(&off.0, &on.0), 0.0, "{preset}");
     let strip = |b: &[u8]| -> Vec<String> {
         // Timing fields differ between runs; everything else must not.
         String::from_utf8_lossy(b)
@@ -199,7 +206,7 @@ fn gradient_checkpointing_trains_the_same_weights() {
             })
             .collect()
     };
-    assert_eq!(strip(&off.1), strip(&on.1));
+    assert_eq!(strip(&off.1), strip(&on.1), "{preset}");
 }
 
 /// A SAGE + DPO run with a checkpoint every 2 steps, interrupted by an injected fault at
