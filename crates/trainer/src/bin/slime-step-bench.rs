@@ -5,7 +5,8 @@
 //! Llama (vocab 512, hidden 256, intermediate 688, 4 layers, 8 heads, 4 key/value heads, untied
 //! embeddings, f32, 3,164,416 parameters); 256 seeded pairs (prompt = `<bos>` + 31 tokens, chosen
 //! and rejected = 95 tokens + `</s>`); batches of 8 pairs as one `[16, 128]` forward (chosen rows,
-//! then rejected rows); AdamW lr 1e-5 with linear decay, weight decay 0, gradient clipping 1.0;
+//! then rejected rows), or with `--parallel-micro-batches K` as K micro-batches run at once, each
+//! loss scaled by its share of the batch and the gradients summed in order; AdamW lr 1e-5 with linear decay, weight decay 0, gradient clipping 1.0;
 //! 20 steps; 2 threads. Objectives: `simpo` (beta 0.1, gamma 0.5), `slime` (paper preset),
 //! `dpo-precomputed` (beta 0.1, reference log-prob sums computed once before timing) and
 //! `dpo-live` (beta 0.1, a frozen reference model's forward pass every step).
