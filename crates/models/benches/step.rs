@@ -1,8 +1,8 @@
 //! Criterion benches: forward + backward of the reference model (issue 7's workload: Llama,
 //! vocab 512, hidden 256, intermediate 688, 4 layers, 8 heads, 4 kv heads, untied, 16 x 128
 //! tokens, f32) on the fused path (one pass, or two halves at once as the trainer's
-//! `parallel_micro_batches = 2` runs them) and on the reference composition; each fused piece at that
-//! workload's sizes (attention, MLP, RMSNorm + projection, rope, log-prob gather), forward and
+//! `parallel_micro_batches = 2` runs them) and on the reference composition; the same sizes as a
+//! Gemma 3 (`gemma3/`), fused and composed; each fused piece at that workload's sizes (attention, MLP, RMSNorm + projection, rope, log-prob gather), forward and
 //! forward + backward; and the chunked log-prob path at a Gemma-sized vocabulary (262,144) on
 //! 1 x 512 positions (full logits would be 512 MiB; each chunk of 128 holds 128 MiB).
 //!
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
-use slime_models::{CausalLm, LlamaConfig, Model, fused, ops};
+use slime_models::{CausalLm, GemmaConfig, LlamaConfig, Model, fused, ops};
 
 const BATCH: usize = 16;
 const SEQ: usize = 128;
@@ -62,6 +62,37 @@ fn reference_step(c: &mut Criterion) {
         b.iter(|| {
             let hidden = llama.forward_hidden_reference(&ids, Some(&mask)).expect("hidden");
             let logps = slime_models::logps::chunked_token_logps(&hidden, llama.lm_head(), &ids, 128).expect("logps");
+            logps.sum_all().expect("sum").backward().expect("backward")
+        })
+    });
+    group.finish();
+}
+
+/// The reference workload's sizes as a Gemma 3 (QK-norm, sandwich norms, GeGLU, local layers with
+/// a 64-token window and global ones every third layer): the fused blocks against the composed
+/// reference path, forward + backward of 16 x 128 tokens.
+fn gemma_step(c: &mut Criterion) {
+    let mut cfg = GemmaConfig::tiny3(VOCAB, HIDDEN, INTER, 4, HEADS, KV);
+    cfg.sliding_window = Some(64);
+    cfg.sliding_window_pattern = Some(3);
+    cfg.max_position_embeddings = 2048;
+    let lm = CausalLm::random(&cfg, 0, &Device::Cpu).expect("model");
+    let Model::Gemma(gemma) = lm.model() else { unreachable!("a Gemma config") };
+    let ids: Vec<u32> = (0..BATCH * SEQ).map(|i| ((i * 7919 + 13) % VOCAB) as u32).collect();
+    let ids = Tensor::from_vec(ids, (BATCH, SEQ), &Device::Cpu).expect("ids");
+    let mask = Tensor::ones((BATCH, SEQ), DType::U8, &Device::Cpu).expect("mask");
+    let mut group = c.benchmark_group("gemma3");
+    group.sample_size(10);
+    group.bench_function("forward_backward_16x128", |b| {
+        b.iter(|| {
+            let logps = lm.model().token_logps(&ids, Some(&mask), 128).expect("logps");
+            logps.sum_all().expect("sum").backward().expect("backward")
+        })
+    });
+    group.bench_function("forward_backward_16x128_composed", |b| {
+        b.iter(|| {
+            let hidden = gemma.forward_hidden_reference(&ids, Some(&mask)).expect("hidden");
+            let logps = slime_models::logps::chunked_token_logps(&hidden, gemma.lm_head(), &ids, 128).expect("logps");
             logps.sum_all().expect("sum").backward().expect("backward")
         })
     });
@@ -145,5 +176,5 @@ fn logps_memory(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, reference_step, pieces, logps_memory);
+criterion_group!(benches, reference_step, gemma_step, pieces, logps_memory);
 criterion_main!(benches);
