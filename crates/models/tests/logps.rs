@@ -6,6 +6,9 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use slime_models::Result;
 use slime_models::logps::{chunked_token_logps_capped, lm_head_logps};
 
+mod common;
+use common::randn;
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
@@ -23,8 +26,8 @@ fn composed(h: &Tensor, w: &Tensor, labels: &Tensor, cap: Option<f64>) -> Result
 fn fused_lm_head_logps_matches_composition_values_and_gradients() -> Result<()> {
     let dev = Device::Cpu;
     let (n, hd, v) = (11, 16, 37);
-    let h = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (n, hd), &dev)?))?;
-    let w = Var::from_tensor(&(Tensor::randn(0f32, 0.5, (v, hd), &dev)?))?;
+    let h = Var::from_tensor(&randn(1, 0.0, 1.0, (n, hd)))?;
+    let w = Var::from_tensor(&randn(2, 0.0, 0.5, (v, hd)))?;
     let labels = Tensor::from_vec((0..n as u32).map(|i| (i * 7 + 3) % v as u32).collect::<Vec<_>>(), n, &dev)?;
     // A per-row weight so the gradient is not symmetric in the rows.
     let g = Tensor::from_vec((0..n).map(|i| 0.5 + i as f32 / 7.0).collect::<Vec<_>>(), n, &dev)?;
@@ -58,8 +61,8 @@ fn fused_lm_head_logps_matches_composition_values_and_gradients() -> Result<()> 
 fn chunked_logps_with_softcap_equal_full_logits() -> Result<()> {
     let dev = Device::Cpu;
     let (b, s, hd, v) = (2, 9, 8, 23);
-    let hidden = Tensor::randn(0f32, 1.0, (b, s, hd), &dev)?;
-    let w = Tensor::randn(0f32, 1.0, (v, hd), &dev)?;
+    let hidden = randn(3, 0.0, 1.0, (b, s, hd));
+    let w = randn(4, 0.0, 1.0, (v, hd));
     let ids = Tensor::from_vec((0..(b * s) as u32).map(|i| (i * 5 + 1) % v as u32).collect::<Vec<_>>(), (b, s), &dev)?;
     let logits = ((hidden.broadcast_matmul(&w.t()?)? / 3.0)?.tanh()? * 3.0)?;
     let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;

@@ -9,6 +9,9 @@
 use candle_core::{Device, Tensor};
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig, ModelError, Result};
 
+mod common;
+use common::randn;
+
 /// `(prefix, chosen length, rejected length)` of each pair; the rows share exactly `prefix`
 /// leading tokens.
 const PAIRS: [(usize, usize, usize); 5] = [(20, 50, 65), (5, 70, 12), (0, 40, 40), (33, 33, 33), (9, 9, 30)];
@@ -41,7 +44,7 @@ fn check(lm: &CausalLm, what: &str) -> Result<()> {
     let dev = Device::Cpu;
     let (ids, mask) = batch(61, &dev)?;
     let real = mask.to_dtype(candle_core::DType::F32)?;
-    let coef = (Tensor::randn(0f32, 1.0, ids.dims(), &dev)? * &real)?;
+    let coef = (randn(1, 0.0, 1.0, ids.dims()) * &real)?;
     let packed = lm.model().pair_token_logps(&ids, Some(&mask), 16)?;
     let separate = lm.model().token_logps(&ids, Some(&mask), 16)?;
     let diff = ((&packed - &separate)? * &real)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
@@ -76,11 +79,11 @@ fn packed_pairs_equal_separate_rows_for_qwen() -> Result<()> {
     let qwen3 = LlamaConfig { attention_bias: true, ..LlamaConfig::tiny_qwen3(61, 32, 48, 2, 4, 2, 16) };
     for (what, cfg) in [("qwen2", LlamaConfig::tiny_qwen2(61, 32, 48, 2, 4, 2)), ("qwen3", qwen3)] {
         let lm = CausalLm::random(&cfg, 9, &Device::Cpu)?;
-        for (name, var) in lm.trainable_vars() {
+        for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
             if name.ends_with(".bias") {
-                var.set(&Tensor::randn(0f32, 0.2, var.shape(), &Device::Cpu)?)?;
+                var.set(&randn(100 + i as u64, 0.0, 0.2, var.shape()))?;
             } else if name.contains("_norm") {
-                var.set(&Tensor::randn(1f32, 0.2, var.shape(), &Device::Cpu)?)?;
+                var.set(&randn(100 + i as u64, 1.0, 0.2, var.shape()))?;
             }
         }
         check(&lm, what)?;
@@ -98,9 +101,9 @@ fn packed_pairs_with_lora_adapters_equal_separate_rows() -> Result<()> {
     );
     let lm = CausalLm::random(&cfg, 6, &Device::Cpu)?.with_lora(lora, 1)?;
     // Non-zero B, so the adapters change the model.
-    for (name, var) in lm.trainable_vars() {
+    for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
         if name.contains("lora_B") {
-            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu)?)?;
+            var.set(&randn(200 + i as u64, 0.0, 0.1, var.shape()))?;
         }
     }
     check(&lm, "llama + LoRA")
@@ -120,9 +123,9 @@ fn packed_pairs_equal_separate_rows_for_gemma() -> Result<()> {
     let gemma3 = GemmaConfig { sliding_window: Some(6), ..GemmaConfig::tiny3(61, 32, 48, 3, 4, 1) };
     for (what, cfg) in [("gemma1", gemma1), ("gemma2", gemma2), ("gemma3", gemma3)] {
         let lm = CausalLm::random(&cfg, 10, &Device::Cpu)?;
-        for (name, var) in lm.trainable_vars() {
+        for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
             if name.contains("norm") {
-                var.set(&Tensor::randn(0f32, 0.2, var.shape(), &Device::Cpu)?)?;
+                var.set(&randn(300 + i as u64, 0.0, 0.2, var.shape()))?;
             } else if name.contains("q_proj") || name.contains("k_proj") {
                 var.set(&(var.as_tensor() * 8.0)?)?;
             }

@@ -16,6 +16,9 @@ use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::{qwen2, qwen3};
 use slime_models::{CausalLm, KvCache, LlamaConfig, LoraConfig, Model, ModelConfig, ModelError, Result};
 
+mod common;
+use common::randn;
+
 const VOCAB: usize = 97;
 
 /// Qwen2 GQA untied (head_dim = hidden / heads, as Qwen2 configs have no head_dim), Qwen2 MHA tied,
@@ -332,7 +335,7 @@ fn fused_path_matches_the_reference_composition() -> Result<()> {
         let lm = model(&cfg, 7)?;
         let qwen = llama(&lm);
         let input = ids(batch, seq, 4)?;
-        let coef = Tensor::randn(0f32, 1.0, (batch, seq), &dev)?;
+        let coef = randn(1, 0.0, 1.0, (batch, seq));
         let logps = |h: &Tensor| slime_models::logps::chunked_token_logps(h, qwen.lm_head(), &input, 5);
         let meter = lm.model().activation_meter().expect("a meter");
         meter.reset_peak();
@@ -534,7 +537,7 @@ fn pair_logps_equal_row_logps_and_pack_the_pairs() -> Result<()> {
     // Chosen rows of 9 and 7 real tokens, rejected rows of 9: packed rows of 9 + 9 - 4 = 14 and
     // 7 + 9 - 4 = 12 tokens, padded to 14.
     let (packed_positions, separate_positions) = (n * 14, 2 * n * seq);
-    let coef = (Tensor::randn(0f32, 1.0, (2 * n, seq), &Device::Cpu)? * &maskf)?;
+    let coef = (randn(2, 0.0, 1.0, (2 * n, seq)) * &maskf)?;
     for (name, cfg) in configs() {
         let lm = model(&cfg, 10)?;
         let meter = lm.model().activation_meter().expect("a meter");
