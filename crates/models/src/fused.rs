@@ -379,8 +379,9 @@ pub fn swiglu_down_residual(x: &Tensor, gate_up: &Tensor, w: &Tensor) -> Result<
 
 /// Query rows per block of the attention kernels. A block's rows `r0..r1` attend to keys
 /// `0..r1` only, so the products skip the masked blocks above the diagonal (at 64 rows: 3 of 4
-/// block pairs computed at 128 tokens, 52% at 2,048), and a block's scores (at most 64 x seq)
-/// stay in cache instead of a seq x seq matrix per head.
+/// block pairs computed at 128 tokens, 52% at 2,048), and with a sliding window also the keys
+/// before the block's window; a block's scores (at most 64 x seq) stay in cache instead of a
+/// seq x seq matrix per head.
 const QUERY_BLOCK: usize = 64;
 
 /// `(r0, r1)`: the query-row blocks of a sequence of `seq` tokens.
@@ -550,11 +551,30 @@ impl AttentionSpec {
         if t >= g1 { t - (g1 - g0) } else { t }
     }
 
-    /// The key ranges the query block `r0..r1` of row `b` needs scores for (the second may be
-    /// empty): keys `0..r1`, minus the hidden first branch when the whole block is in the second.
+    /// The key ranges the query block `r0..r1` of row `b` needs scores for (either may be
+    /// empty): keys `0..r1`, minus the hidden first branch when the whole block is in the second,
+    /// and with a window minus the keys before the lowest one any query of the block sees (each
+    /// range cut on its own: a second-branch query at rotary position `p` sees prefix keys from
+    /// `p + 1 - window` and branch keys from its own index `+ 1 - window`). Rows still mask
+    /// per query inside them ([`Self::softmax_row`]); every query's own key is in them.
     fn key_ranges(&self, b: usize, r0: usize, r1: usize) -> [(usize, usize); 2] {
         let (g0, g1) = self.gap[b];
-        if r0 >= g1 { [(0, g0), (g1, r1)] } else { [(0, r1), (r1, r1)] }
+        let Some(w) = self.window else {
+            return if r0 >= g1 { [(0, g0), (g1, r1)] } else { [(0, r1), (r1, r1)] };
+        };
+        // Within a region (before `g1`, or the second branch) the lowest visible key grows with
+        // the query, so the block's first query in each region bounds it.
+        let from = |p: usize| (p + 1).saturating_sub(w);
+        if r0 >= g1 {
+            // Prefix keys `j` (position `j`) and branch keys `j` (position `j - (g1 - g0)`).
+            [(from(self.pos(b, r0)).min(g0), g0), (from(r0).max(g1), r1)]
+        } else {
+            // Queries before `g1` see keys from `r0 + 1 - window`; second-branch queries of a
+            // block straddling `g1` (the first at position `g0`) see prefix keys from
+            // `g0 + 1 - window` and their own branch's keys, all at `g1..r1`.
+            let lo = if r1 > g1 { from(r0).min(from(g0)) } else { from(r0) };
+            [(lo, r1), (r1, r1)]
+        }
     }
 
     fn q_cols(&self) -> usize {
@@ -924,8 +944,11 @@ impl CustomOp1 for AttentionOp {
 /// [`crate::ops::attention_mask`], softmax and `p v`; no `[batch, heads, seq, seq]` tensor or
 /// mask is kept (the backward recomputes the scores per head). With [`AttentionSpec::with_scale`],
 /// [`AttentionSpec::with_softcap`] and [`AttentionSpec::with_window`], Gemma's attention: scores
-/// `cap * tanh(scale q k^T / cap)` and keys at most `window - 1` positions back. f32 CPU only;
-/// see [`crate::ops::attention_composed`] for the composition the other devices use.
+/// `cap * tanh(scale q k^T / cap)` and keys at most `window - 1` positions back; with a window,
+/// each query block computes scores (and the backward's products) only over the keys some of its
+/// queries can see, so a local layer's products grow with `window` plus the block's rows, not
+/// with the sequence (the per-row masking still passes over every key up to the query). f32 CPU
+/// only; see [`crate::ops::attention_composed`] for the composition the other devices use.
 pub fn attention(qkv: &Tensor, spec: &Arc<AttentionSpec>) -> Result<Tensor> {
     if !fusable(&[qkv]) {
         return Err(crate::ModelError::Input {

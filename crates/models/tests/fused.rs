@@ -288,6 +288,146 @@ fn attention_with_scale_softcap_and_window_matches_composition() -> Result<()> {
     Ok(())
 }
 
+/// A window much shorter than the sequence (8 keys of 200 tokens, 64-row query blocks), so the
+/// kernels skip whole key blocks and cut ranges inside them: values and every gradient equal the
+/// composition, (a) with right padding, leading padding, holes and a hole longer than the window
+/// (padding queries that see no real key), and (b) with packed pairs whose second branch sees
+/// the prefix partly (a block wholly in the second branch, blocks straddling the branch point) or
+/// not at all, against each branch composed as its own row `[prefix | branch]`. The windowed
+/// attention block checkpoints bit-identically.
+#[test]
+fn attention_with_a_short_window_skips_keys_and_matches_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    let (batch, seq, heads, kv_heads, head_dim, window) = (3, 200, 4, 2, 8, 8);
+    let inv_freq: Vec<f64> =
+        (0..head_dim / 2).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64)).collect();
+    let (qc, cols) = (heads * head_dim, (heads + 2 * kv_heads) * head_dim);
+    let qkv = Var::from_tensor(&randn(53, 0.0, 1.5, (batch * seq, cols)))?;
+    let row_mask = |m: &[u8]| Tensor::from_vec(m.iter().map(|&v| f32::from(v)).collect::<Vec<_>>(), (m.len(), 1), &dev);
+
+    // (a) Padding.
+    let mut m = vec![1u8; batch * seq];
+    m[seq + 150..2 * seq].fill(0);
+    for t in [0, 1, 2, 6, 70] {
+        m[2 * seq + t] = 0;
+    }
+    m[2 * seq + 100..2 * seq + 112].fill(0);
+    let rows = row_mask(&m)?;
+    let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
+    for cap in [None, Some(4.0)] {
+        let spec = fused::AttentionSpec::new(batch, seq, heads, kv_heads, &inv_freq, Some(&mask))?;
+        let spec = std::sync::Arc::new(spec.with_scale(0.3).with_softcap(cap).with_window(Some(window)));
+        check_grads(
+            &format!("attention (200 tokens, window {window}, cap {cap:?}, padding)"),
+            &[&qkv],
+            || Ok(fused::attention(qkv.as_tensor(), &spec)?.broadcast_mul(&rows)?),
+            || {
+                let y = gemma_attention_composed(
+                    qkv.as_tensor(),
+                    (batch, heads, kv_heads),
+                    &inv_freq,
+                    Some(&mask),
+                    0.3,
+                    cap,
+                    Some(window),
+                )?;
+                Ok(y.broadcast_mul(&rows)?)
+            },
+            1e-5,
+            208,
+        )?;
+    }
+
+    // (b) Packed pairs `(prefix, first, second)`: row 0's block 64..128 lies wholly in the second
+    // branch and sees the prefix's last keys; row 1's block 64..128 straddles the branch point;
+    // row 2's block 128..192 is in the second branch with its prefix wholly out of the window.
+    let pairs = [(60, 4, 136), (5, 60, 70), (70, 3, 100)];
+    let mut m = vec![0u8; batch * seq];
+    for (b, &(p, f, s2)) in pairs.iter().enumerate() {
+        m[b * seq..b * seq + p + f + s2].fill(1);
+    }
+    let rows = row_mask(&m)?;
+    let mask = Tensor::from_vec(m, (batch, seq), &dev)?;
+    // Reference rows `[prefix | first]` and `[prefix | second]` (right-padded to `seq`, padding
+    // reading token 0), and where each packed token's output is found among them.
+    let (mut src, mut ref_mask, mut gather) = (Vec::new(), vec![0u8; 2 * batch * seq], vec![0u32; batch * seq]);
+    for (b, &(p, f, s2)) in pairs.iter().enumerate() {
+        let toks = [(0..p + f).collect::<Vec<_>>(), (0..p).chain(p + f..p + f + s2).collect()];
+        for (r, toks) in toks.iter().enumerate() {
+            let row = 2 * b + r;
+            for t in 0..seq {
+                src.push(toks.get(t).map_or(0, |&i| (b * seq + i) as u32));
+            }
+            ref_mask[row * seq..row * seq + toks.len()].fill(1);
+            for (t, &i) in toks.iter().enumerate() {
+                if r == 0 || t >= p {
+                    gather[b * seq + i] = (row * seq + t) as u32;
+                }
+            }
+        }
+    }
+    let src = Tensor::from_vec(src, 2 * batch * seq, &dev)?;
+    let gather = Tensor::from_vec(gather, batch * seq, &dev)?;
+    let ref_mask = Tensor::from_vec(ref_mask, (2 * batch, seq), &dev)?;
+    let branches: Vec<(usize, usize)> = pairs.iter().map(|&(p, f, _)| (p, f)).collect();
+    for cap in [None, Some(4.0)] {
+        let spec = fused::AttentionSpec::new(batch, seq, heads, kv_heads, &inv_freq, Some(&mask))?;
+        let spec = spec.with_branches(&branches)?.with_scale(0.3).with_softcap(cap).with_window(Some(window));
+        let spec = std::sync::Arc::new(spec);
+        check_grads(
+            &format!("attention (200 tokens, window {window}, cap {cap:?}, packed pairs)"),
+            &[&qkv],
+            || Ok(fused::attention(qkv.as_tensor(), &spec)?.broadcast_mul(&rows)?),
+            || {
+                let y = gemma_attention_composed(
+                    &qkv.as_tensor().index_select(&src, 0)?,
+                    (2 * batch, heads, kv_heads),
+                    &inv_freq,
+                    Some(&ref_mask),
+                    0.3,
+                    cap,
+                    Some(window),
+                )?;
+                Ok(y.index_select(&gather, 0)?.broadcast_mul(&rows)?)
+            },
+            1e-5,
+            209,
+        )?;
+
+        // The windowed, packed attention block: Keep and Recompute agree to the bit.
+        let hidden = 24;
+        let x = Var::from_tensor(&randn(54, 0.0, 1.0, (batch * seq, hidden)))?;
+        let nw = randn(55, 1.0, 0.3, hidden);
+        let w = [
+            randn(56, 0.0, 0.1, (qc, hidden)),
+            randn(57, 0.0, 0.1, (kv_heads * head_dim, hidden)),
+            randn(58, 0.0, 0.1, (kv_heads * head_dim, hidden)),
+            randn(59, 0.0, 0.1, (hidden, qc)),
+        ];
+        let coef = randn(60, 0.0, 1.0, (batch * seq, hidden));
+        let run = |acts: Activations| -> Result<(Vec<f32>, Vec<f32>)> {
+            let extras = fused::AttentionExtras::default();
+            let y = fused::attention_block(
+                x.as_tensor(),
+                &nw,
+                [&w[0], &w[1], &w[2], &w[3]],
+                extras,
+                &spec,
+                1e-6,
+                acts,
+                None,
+            )?;
+            let g = (&y * &coef)?.sum_all()?.backward()?;
+            let gx = g.get(x.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+            Ok((y.flatten_all()?.to_vec1::<f32>()?, gx))
+        };
+        let (keep, recompute) = (run(Activations::Keep)?, run(Activations::Recompute)?);
+        assert_eq!(keep.0, recompute.0, "windowed attention block (cap {cap:?}): values");
+        assert_eq!(keep.1, recompute.1, "windowed attention block (cap {cap:?}): gradient");
+    }
+    Ok(())
+}
+
 #[test]
 fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
     let dev = Device::Cpu;
