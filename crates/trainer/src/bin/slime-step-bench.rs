@@ -302,10 +302,12 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         }
         None => None,
     };
+    // The live reference's sums for the pairs of `ids` (`[2 pairs, seq]`: a batch or a micro-batch).
     let reference_sums = |ids: &Tensor| -> Result<ReferenceLogps> {
         let model = reference_model.as_ref().context("reference model")?;
-        let logps = token_logps(model, ids, &attention)?.detach();
-        let (c, r) = split(&logps, &completion, n)?;
+        let rows = ids.dim(0)?;
+        let logps = token_logps(model, ids, &attention.narrow(0, 0, rows)?)?.detach();
+        let (c, r) = split(&logps, &completion.narrow(0, 0, rows)?, rows / 2)?;
         Ok(ReferenceLogps::new(c.sum(), r.sum())?)
     };
     // dpo-precomputed: every pair's reference sums once, before timing (as `run` does).
@@ -469,6 +471,45 @@ mod tests {
         assert!((gflop - 37.27).abs() < 0.01, "{gflop}");
         // 3 x 4 layers x 2 x 2 x 16 rows x 8 heads x 32 x 128^2 / 2 = 1.61 GFLOP
         assert!((shape.attention_gflop(16) - 1.610_612_736).abs() < 1e-9);
+        Ok(())
+    }
+
+    /// Every objective runs end to end, as one pass and as 2 micro-batches at once (a small
+    /// shape: the timing is not the point); a micro-batch count that does not divide the batch is
+    /// refused.
+    #[test]
+    fn every_objective_runs_as_one_pass_and_as_parallel_micro_batches() -> Result<()> {
+        for objective in ["simpo", "slime", "dpo-precomputed", "dpo-live"] {
+            for parallel in ["1", "2"] {
+                let args = Args::parse_from([
+                    "slime-step-bench",
+                    "--objective",
+                    objective,
+                    "--steps",
+                    "2",
+                    "--batch",
+                    "4",
+                    "--hidden",
+                    "32",
+                    "--seq",
+                    "16",
+                    "--parallel-micro-batches",
+                    parallel,
+                ]);
+                bench(args, 1).with_context(|| format!("{objective} with {parallel} micro-batches at once"))?;
+            }
+        }
+        let odd = Args::parse_from([
+            "slime-step-bench",
+            "--objective",
+            "simpo",
+            "--batch",
+            "4",
+            "--parallel-micro-batches",
+            "3",
+        ]);
+        let e = bench(odd, 1).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("--parallel-micro-batches 3"), "{e}");
         Ok(())
     }
 
