@@ -621,19 +621,8 @@ impl Gemma {
         mlp: &[[Tensor; 3]],
         branches: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2()?;
-        // Branched rows reuse rotary positions: the last slot of a row is at `seq - 1 - first`.
-        let positions =
-            branches.map_or(seq, |b| b.iter().map(|&(p, f)| (p + f).max(seq.saturating_sub(f))).max().unwrap_or(seq));
-        crate::ops::check_positions(positions, self.cfg.max_position_embeddings)?;
-        if let Some(m) = attention_mask
-            && m.dims() != [batch, seq]
-        {
-            return Err(ModelError::Input {
-                input: "attention_mask",
-                reason: format!("shape {:?} does not match input_ids {:?}", m.dims(), input_ids.dims()),
-            });
-        }
+        let (batch, seq) =
+            crate::ops::check_fused_input(input_ids, attention_mask, branches, self.cfg.max_position_embeddings)?;
         let (h, hd, eps) = (self.cfg.hidden_size, self.cfg.head_dim, self.cfg.rms_norm_eps);
         let scale = 1.0 / self.cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
         let spec = |inv_freq: &[f64], window: Option<usize>| -> Result<Arc<AttentionSpec>> {

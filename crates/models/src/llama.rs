@@ -267,19 +267,8 @@ impl Llama {
         mlp: &[[Tensor; 3]],
         branches: Option<&[(usize, usize)]>,
     ) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2()?;
-        // Branched rows reuse rotary positions: the last slot of a row is at `seq - 1 - first`.
-        let positions =
-            branches.map_or(seq, |b| b.iter().map(|&(p, f)| (p + f).max(seq.saturating_sub(f))).max().unwrap_or(seq));
-        crate::ops::check_positions(positions, self.cfg.max_position_embeddings)?;
-        if let Some(m) = attention_mask
-            && m.dims() != [batch, seq]
-        {
-            return Err(crate::ModelError::Input {
-                input: "attention_mask",
-                reason: format!("shape {:?} does not match input_ids {:?}", m.dims(), input_ids.dims()),
-            });
-        }
+        let (batch, seq) =
+            crate::ops::check_fused_input(input_ids, attention_mask, branches, self.cfg.max_position_embeddings)?;
         let mut spec = AttentionSpec::new(
             batch,
             seq,

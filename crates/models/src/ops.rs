@@ -100,6 +100,30 @@ pub fn check_positions(seq: usize, max_positions: usize) -> Result<()> {
     Ok(())
 }
 
+/// `(batch, seq)` of the fused forward pass's `input_ids`, after checking that the rotary
+/// positions fit `max_positions` (branched rows, `(prefix, first)` per row, reuse positions: a
+/// row's last slot is at `seq - 1 - first`) and that `attention_mask` is `[batch, seq]`.
+pub(crate) fn check_fused_input(
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    branches: Option<&[(usize, usize)]>,
+    max_positions: usize,
+) -> Result<(usize, usize)> {
+    let (batch, seq) = input_ids.dims2()?;
+    let positions =
+        branches.map_or(seq, |b| b.iter().map(|&(p, f)| (p + f).max(seq.saturating_sub(f))).max().unwrap_or(seq));
+    check_positions(positions, max_positions)?;
+    if let Some(m) = attention_mask
+        && m.dims() != [batch, seq]
+    {
+        return Err(crate::ModelError::Input {
+            input: "attention_mask",
+            reason: format!("shape {:?} does not match input_ids {:?}", m.dims(), input_ids.dims()),
+        });
+    }
+    Ok((batch, seq))
+}
+
 /// Hidden states `[batch, hidden]` at each row's last real position of `hidden` `[batch, seq,
 /// hidden]` (right padding: position `sum(mask) - 1`; the last position without a mask).
 pub fn last_positions(hidden: &Tensor, padding: Option<&Tensor>) -> Result<Tensor> {
