@@ -1,6 +1,6 @@
 //! Pairs packed around their shared prefix (`Model::pair_token_logps`) give the log-probs and
-//! gradients of the two rows run separately (`Model::token_logps`), within 1e-5 (gradients:
-//! relative to their largest magnitude when that exceeds 1), on every real
+//! gradients of the two rows run separately (`Model::token_logps`), within 1e-5 (Gemma's
+//! gradients, which reach ~35: relative to their largest magnitude when that exceeds 1), on every real
 //! token: prefixes of different lengths, one pair sharing nothing, one pair of identical rows,
 //! a rejected row shorter than its prompt share, packed rows longer than one attention block;
 //! Llama, Llama with LoRA, Qwen2, Qwen3 and Gemma 1/2/3 (sliding windows that cut through the
@@ -40,7 +40,9 @@ fn batch(vocab: u32, dev: &Device) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::from_vec(ids, (2 * n, seq), dev)?, Tensor::from_vec(mask, (2 * n, seq), dev)?))
 }
 
-fn check(lm: &CausalLm, what: &str) -> Result<()> {
+/// `relative_grads`: the gradient tolerance is 1e-5 times the largest gradient magnitude (at
+/// least 1) instead of 1e-5.
+fn check(lm: &CausalLm, what: &str, relative_grads: bool) -> Result<()> {
     let dev = Device::Cpu;
     let (ids, mask) = batch(61, &dev)?;
     let real = mask.to_dtype(candle_core::DType::F32)?;
@@ -55,10 +57,9 @@ fn check(lm: &CausalLm, what: &str) -> Result<()> {
         let a = g_packed.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: packed gradient for {name}"));
         let b = g_separate.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: gradient for {name}"));
         let d = a.sub(b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        // f32 rounding scales with the gradients (Gemma's reach ~35): within 1e-5 of the largest
-        // magnitude when that exceeds 1.
         let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(d < 1e-5 * scale.max(1.0), "{what}: gradients of {name} differ by {d} (largest {scale})");
+        let tolerance = if relative_grads { 1e-5 * scale.max(1.0) } else { 1e-5 };
+        assert!(d < tolerance, "{what}: gradients of {name} differ by {d} (largest {scale})");
     }
     Ok(())
 }
@@ -69,7 +70,7 @@ fn packed_pairs_equal_separate_rows_for_llama() -> Result<()> {
     // 64-row query blocks, the second wholly in the rejected branch for the first pair.
     let mut cfg = LlamaConfig::tiny(61, 32, 48, 2, 4, 2);
     cfg.tie_word_embeddings = false;
-    check(&CausalLm::random(&cfg, 5, &Device::Cpu)?, "llama")
+    check(&CausalLm::random(&cfg, 5, &Device::Cpu)?, "llama", false)
 }
 
 #[test]
@@ -86,7 +87,7 @@ fn packed_pairs_equal_separate_rows_for_qwen() -> Result<()> {
                 var.set(&randn(100 + i as u64, 1.0, 0.2, var.shape()))?;
             }
         }
-        check(&lm, what)?;
+        check(&lm, what, false)?;
     }
     Ok(())
 }
@@ -106,7 +107,7 @@ fn packed_pairs_with_lora_adapters_equal_separate_rows() -> Result<()> {
             var.set(&randn(200 + i as u64, 0.0, 0.1, var.shape()))?;
         }
     }
-    check(&lm, "llama + LoRA")
+    check(&lm, "llama + LoRA", false)
 }
 
 #[test]
@@ -130,7 +131,9 @@ fn packed_pairs_equal_separate_rows_for_gemma() -> Result<()> {
                 var.set(&(var.as_tensor() * 8.0)?)?;
             }
         }
-        check(&lm, what)?;
+        // f32 rounding scales with these gradients (up to ~35): gemma2's o_proj differs by
+        // 1.14e-5 at magnitude 23 (6 ulp), so the tolerance is relative here.
+        check(&lm, what, true)?;
     }
     Ok(())
 }
