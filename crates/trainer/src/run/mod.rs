@@ -1,0 +1,294 @@
+//! A run: SFT on one split, then a preference objective on the disjoint split, with evaluation
+//! of preference accuracy, format validity, chosen log-prob drift (unlearning), rejected-token
+//! collapse and, on the embedded task, task quality. The data is the embedded task with a tiny
+//! preset model, or a Parquet file with a pretrained model (see [`crate::corpus`]).
+//!
+//! Files written into the run directory: `config.toml` (the resolved config), `metrics.jsonl`
+//! (one line per optimiser step), `eval.jsonl` (one line per evaluation), `model/`
+//! (config.json + model.safetensors of the final weights, LoRA adapters merged; after SFT also
+//! `sft-model/`; with LoRA also `adapter/`, PEFT's layout) and
+//! `result.json` (the final evaluation, for `cargo xtask report`), and `checkpoints/` (see
+//! [`crate::checkpoint`]; what a resumed run needs, every `checkpoint.every` steps). With a
+//! pretrained model and LoRA, `model/` is not written (the adapters are the result; merge them
+//! with `CausalLm::merge_lora`). DPO-style objectives also leave `reference_logps.parquet`
+//! (the reference sums, [`slime_data::write_logps`]); Parquet data leaves `data.json` (what
+//! the load read, skipped and truncated) and `generations.jsonl` (the final greedy
+//! generations, decoded).
+//!
+//! Resuming ([`RunOptions::resume`]) is exact: the checkpoint holds the trainable weights, the
+//! AdamW moments and step, the stage and its step, the data sampler's cursor, the SAGE pool, its
+//! weights, the previous margins and the draw RNG, the reference log-probs and the drift
+//! baseline, and the lengths of the JSONL logs; everything else is recomputed deterministically
+//! from the config. A resumed run therefore writes a bit-identical `model/model.safetensors`
+//! and the same metrics as an uninterrupted one (except the wall-clock `tokens_per_second`).
+
+mod eval;
+mod model;
+mod preference;
+mod sft;
+mod state;
+mod step;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use slime_models::CausalLm;
+
+use self::eval::write_generations;
+pub use self::eval::{evaluate, evaluate_dir};
+use self::model::load_model_and_data;
+pub use self::model::{tiny_gemma, tiny_llama};
+use self::preference::preference_stage;
+use self::sft::sft_stage;
+use self::state::{Ctx, Resume, STATE_FORMAT, TrainState};
+use self::step::ensure_weights_finite;
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::metrics_log::MetricsLog;
+use crate::progress::ProgressMode;
+use crate::{Result, TrainError};
+
+/// Which stage of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Supervised fine-tuning on the SFT split.
+    Sft,
+    /// The preference objective on the preference split.
+    Preference,
+}
+
+impl Stage {
+    /// `sft` or `preference` (as in `metrics.jsonl`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Sft => "sft",
+            Stage::Preference => "preference",
+        }
+    }
+}
+
+/// A fault injected on purpose, to test the non-finite handling end to end (the command line
+/// reads it from `SLIME_TRAINER_INJECT_FAULT=STAGE:STEP:TARGET`, e.g. `preference:3:logps`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// The stage.
+    pub stage: Stage,
+    /// The optimiser step of that stage (1-based).
+    pub step: u64,
+    /// What is poisoned.
+    pub target: FaultTarget,
+}
+
+/// What an injected [`Fault`] poisons.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultTarget {
+    /// The policy's chosen-side per-token log-probs of the step's first micro-batch become NaN
+    /// (every loss term that reads them becomes NaN).
+    Logps,
+    /// The accumulated gradient of the first trainable weight becomes NaN (the loss stays finite).
+    Gradient,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = TrainError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || TrainError::Config(format!("fault `{text}`: expected STAGE:STEP:TARGET, e.g. preference:3:logps"));
+        let parts: Vec<&str> = text.split(':').collect();
+        let [stage, step, target] = parts.as_slice() else { return Err(bad()) };
+        let stage = match *stage {
+            "sft" => Stage::Sft,
+            "preference" => Stage::Preference,
+            _ => return Err(bad()),
+        };
+        let step = step.parse().map_err(|_| bad())?;
+        let target = match *target {
+            "logps" => FaultTarget::Logps,
+            "gradient" => FaultTarget::Gradient,
+            _ => return Err(bad()),
+        };
+        Ok(Self { stage, step, target })
+    }
+}
+
+/// How a run is carried out, apart from its config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's latest checkpoint. A finished run (`result.json`
+    /// present) is left as it is; a run directory without a checkpoint starts fresh.
+    pub resume: bool,
+    /// Progress display on stderr (the library default: none).
+    pub progress: ProgressMode,
+    /// Test hook: sleep this long after every optimiser step (the command line reads
+    /// `SLIME_TRAINER_STEP_DELAY_MS`), so a test can interrupt a tiny run reliably.
+    #[doc(hidden)]
+    pub step_delay: Duration,
+    /// Test hook: an injected non-finite value.
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunReport {
+    /// The final evaluation (as in `result.json`).
+    pub final_eval: BTreeMap<String, f64>,
+    /// The checkpoint the run continued from (e.g. `step-000040`), if it resumed.
+    pub resumed_from: Option<String>,
+    /// True when `resume` found the run finished and did nothing.
+    pub already_finished: bool,
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    fs::write(path, text).map_err(|source| TrainError::Io { path: path.display().to_string(), source })
+}
+
+/// Runs `cfg` into `run_dir` from scratch and returns the final evaluation (see [`run_with`]).
+pub fn run(cfg: &RunConfig, run_dir: &Path) -> Result<BTreeMap<String, f64>> {
+    Ok(run_with(cfg, run_dir, &RunOptions::default())?.final_eval)
+}
+
+/// Prints a status line when progress is shown.
+fn note(opts: &RunOptions, text: &str) {
+    if opts.progress != ProgressMode::Off {
+        eprintln!("{text}");
+    }
+}
+
+/// Runs `cfg` into `run_dir`: SFT (unless `init` is set), then the preference stage, writing
+/// checkpoints every `checkpoint.every` steps of each stage. With `opts.resume`, continues from
+/// the latest checkpoint and ends with exactly the weights, metrics and evaluations an
+/// uninterrupted run would have (except the wall-clock `tokens_per_second`). Without it, any
+/// earlier logs, checkpoints and result in `run_dir` are discarded.
+pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunReport> {
+    cfg.validate()?;
+    let device = crate::model_source::parse_device(&cfg.model.device)?;
+    let io = |source| TrainError::Io { path: run_dir.display().to_string(), source };
+    fs::create_dir_all(run_dir).map_err(io)?;
+    let result_path = run_dir.join("result.json");
+    let config_path = run_dir.join("config.toml");
+    let mut resume: Option<(String, Resume)> = None;
+    if opts.resume {
+        if result_path.is_file() {
+            let text = fs::read_to_string(&result_path).map_err(io)?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", result_path.display())))?;
+            let final_eval = serde_json::from_value(value["final"].clone())
+                .map_err(|e| TrainError::Checkpoint(format!("{}: `final`: {e}", result_path.display())))?;
+            note(opts, &format!("{}: the run already finished (result.json exists); nothing to do", run_dir.display()));
+            return Ok(RunReport { final_eval, resumed_from: None, already_finished: true });
+        }
+        match checkpoint::load_latest(run_dir, &device)? {
+            Some((dir, ckpt)) => {
+                if config_path.is_file() {
+                    let text = fs::read_to_string(&config_path).map_err(io)?;
+                    let saved = RunConfig::from_toml(&text)?;
+                    if !saved.same_training(cfg) {
+                        return Err(TrainError::Config(format!(
+                            "--resume: the config differs from the one the run started with ({}); only [checkpoint] may change",
+                            config_path.display()
+                        )));
+                    }
+                }
+                let state: TrainState = serde_json::from_value(ckpt.state.clone())
+                    .map_err(|e| TrainError::Checkpoint(format!("{}/state.json: {e}", dir.display())))?;
+                if state.format != STATE_FORMAT {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{}/state.json: format {} (this trainer writes {STATE_FORMAT})",
+                        dir.display(),
+                        state.format
+                    )));
+                }
+                let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                note(opts, &format!("resuming from checkpoint {name}: {} step {}", state.stage.name(), state.step));
+                resume = Some((name, (state, ckpt)));
+            }
+            None => note(opts, &format!("{}: no checkpoint, starting fresh", run_dir.display())),
+        }
+    }
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let eval_path = run_dir.join("eval.jsonl");
+    let (log, eval_log) = match &resume {
+        Some((_, (state, _))) => (
+            MetricsLog::open_truncated(&metrics_path, state.metrics_bytes)?,
+            MetricsLog::open_truncated(&eval_path, state.eval_bytes)?,
+        ),
+        None => {
+            checkpoint::clear(run_dir)?;
+            if result_path.exists() {
+                fs::remove_file(&result_path).map_err(io)?;
+            }
+            (MetricsLog::open_truncated(&metrics_path, 0)?, MetricsLog::open_truncated(&eval_path, 0)?)
+        }
+    };
+    let resolved = toml::to_string(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+    fs::write(&config_path, resolved).map_err(io)?;
+    let (mut lm, data, decoder) = load_model_and_data(cfg, &device, opts)?;
+    if let Some(summary) = &data.summary {
+        let value = serde_json::to_value(summary).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        write_json(&run_dir.join("data.json"), &value)?;
+    }
+
+    let sft_steps = if cfg.init.is_none() { cfg.sft.steps } else { 0 };
+    let mut ctx = Ctx { cfg, run_dir, opts, log, eval_log, sft_steps, generations: Vec::new() };
+    let sft_lora = cfg.model.lora.as_ref().filter(|l| l.sft && sft_steps > 0);
+    let resumed_from = resume.as_ref().map(|(name, _)| name.clone());
+    let (sft_resume, preference_resume) = match resume {
+        Some((_, r)) if r.0.stage == Stage::Sft => (Some(r), None),
+        Some((_, r)) => (None, Some(r)),
+        None => (None, None),
+    };
+    if sft_resume.is_some() && sft_steps == 0 {
+        return Err(TrainError::Checkpoint("an SFT checkpoint, but this config has no SFT stage".into()));
+    }
+    if sft_steps > 0 && preference_resume.is_none() {
+        if let Some(lora) = sft_lora {
+            lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x5F7)?;
+        }
+        sft_stage(&mut ctx, &lm, &data, sft_resume)?;
+        ensure_weights_finite(&lm, Stage::Sft, cfg.sft.steps)?;
+        if sft_lora.is_some() {
+            lm = lm.merge_lora()?;
+        }
+        lm.save_dir(&run_dir.join("sft-model"))?;
+    } else if sft_steps > 0 && cfg.model.lora.is_some() {
+        // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
+        // before the preference stage began.
+        lm = CausalLm::from_dir_as(&run_dir.join("sft-model"), &device, cfg.model.load_dtype())?;
+        lm.model().set_gradient_checkpointing(cfg.model.gradient_checkpointing)?;
+    }
+    if let Some(lora) = &cfg.model.lora {
+        lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x10_4A)?;
+    }
+    let final_eval = preference_stage(&mut ctx, &lm, &data, preference_resume)?;
+    ensure_weights_finite(&lm, Stage::Preference, cfg.preference.steps)?;
+    if let Some(decoder) = &decoder {
+        write_generations(&run_dir.join("generations.jsonl"), decoder, &data, &ctx.generations)?;
+    }
+    if cfg.model.lora.is_some() {
+        lm.save_adapters(&run_dir.join("adapter"))?;
+    }
+    // A pretrained model's merged copy would cost its full size per run: with LoRA its result
+    // is `adapter/` (after a preference stage) or `sft-model/` (SFT only).
+    if cfg.model.lora.is_none() || cfg.model.path.is_none() {
+        if cfg.model.lora.is_some() {
+            lm = lm.merge_lora()?;
+        }
+        lm.save_dir(&run_dir.join("model"))?;
+    }
+    let result = serde_json::json!({
+        "variant": cfg.name,
+        "seed": cfg.seed,
+        "model": cfg.model.display_name(),
+        "final": final_eval,
+    });
+    write_json(&run_dir.join("result.json"), &result)?;
+    Ok(RunReport { final_eval, resumed_from, already_finished: false })
+}

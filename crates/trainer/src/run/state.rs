@@ -1,0 +1,179 @@
+//! A run's state: the context its stages share (logs, checkpoints, test hooks) and what a
+//! checkpoint holds for an exact resumption.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use slime_data::Cursor;
+use slime_models::CausalLm;
+
+use super::eval::evaluate_with_generations;
+use super::step::ensure_weights_finite;
+use super::{FaultTarget, RunOptions, Stage};
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::RunConfig;
+use crate::corpus::RunData;
+use crate::metrics_log::MetricsLog;
+use crate::optim::AdamW;
+use crate::{Result, TrainError};
+
+/// What a checkpoint's `state.json` holds besides the weights and the optimiser moments.
+/// Floats are stored as their IEEE-754 bit patterns so they round-trip exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TrainState {
+    /// Layout version of this struct.
+    pub(super) format: u32,
+    /// The stage the checkpoint was written in.
+    pub(super) stage: Stage,
+    /// Optimiser steps done in that stage (also AdamW's step count).
+    pub(super) step: u64,
+    /// The stage's data sampler.
+    pub(super) cursor: Cursor,
+    /// Lengths of `metrics.jsonl` and `eval.jsonl` when the checkpoint was written; a resumed
+    /// run cuts them back to these, dropping lines of steps it will redo.
+    pub(super) metrics_bytes: u64,
+    pub(super) eval_bytes: u64,
+    /// Preference-stage state.
+    pub(super) preference: Option<PreferenceState>,
+}
+
+pub(super) const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PreferenceState {
+    /// Held-out chosen log-prob at the start of the stage (the drift baseline), f64 bits.
+    pub(super) start_chosen_logp: u64,
+    /// Reference sums `(pair id, S_w bits, S_l bits)`, sorted by id; absent for
+    /// reference-free objectives.
+    pub(super) reference: Option<Vec<(u64, u64, u64)>>,
+    /// The SAGE draw RNG.
+    pub(super) rng: RngState,
+    /// SAGE: the current pool (indices into the preference split) and its weights (bits).
+    pub(super) pool: Vec<usize>,
+    pub(super) pool_weights: Vec<u64>,
+    /// SAGE: margins at the previous refresh, `(pair id, bits)`, sorted by id.
+    pub(super) previous: Vec<(u64, u64)>,
+}
+
+/// A ChaCha8 generator's exact position.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RngState {
+    seed: Vec<u8>,
+    stream: u64,
+    /// `u128` word position, as a decimal string (JSON numbers stop at 64 bits).
+    word_pos: String,
+}
+
+impl RngState {
+    pub(super) fn of(rng: &ChaCha8Rng) -> Self {
+        Self { seed: rng.get_seed().to_vec(), stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
+    }
+
+    pub(super) fn restore(&self) -> Result<ChaCha8Rng> {
+        let seed: [u8; 32] = self
+            .seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| TrainError::Checkpoint("rng.seed: expected 32 bytes".into()))?;
+        let pos: u128 = self.word_pos.parse().map_err(|_| TrainError::Checkpoint("rng.word_pos: not a u128".into()))?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(pos);
+        Ok(rng)
+    }
+}
+
+/// The shared state of a run's stages.
+pub(super) struct Ctx<'a> {
+    pub(super) cfg: &'a RunConfig,
+    pub(super) run_dir: &'a Path,
+    pub(super) opts: &'a RunOptions,
+    pub(super) log: MetricsLog,
+    pub(super) eval_log: MetricsLog,
+    /// SFT steps this run takes (0 with `init`): the offset of preference checkpoints' numbers.
+    pub(super) sft_steps: u64,
+    /// The greedy generations of the latest evaluation.
+    pub(super) generations: Vec<Vec<u32>>,
+}
+
+impl Ctx<'_> {
+    /// [`evaluate`](super::evaluate), keeping the generations.
+    pub(super) fn evaluate(&mut self, lm: &CausalLm, data: &RunData) -> Result<BTreeMap<String, f64>> {
+        let (metrics, generations) = evaluate_with_generations(lm, data, self.cfg)?;
+        self.generations = generations;
+        Ok(metrics)
+    }
+
+    pub(super) fn checkpoint_due(&self, step: u64) -> bool {
+        self.cfg.checkpoint.every > 0 && step.is_multiple_of(self.cfg.checkpoint.every)
+    }
+
+    /// Writes the checkpoint of `stage` after `step`, then prunes old ones.
+    pub(super) fn checkpoint(
+        &self,
+        lm: &CausalLm,
+        stage: Stage,
+        step: u64,
+        opt: &AdamW,
+        cursor: Cursor,
+        preference: Option<PreferenceState>,
+    ) -> Result<()> {
+        ensure_weights_finite(lm, stage, step)?;
+        let weights: HashMap<String, Tensor> =
+            lm.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let (optimizer, opt_step) = opt.state_tensors()?;
+        debug_assert_eq!(opt_step, step);
+        let state = TrainState {
+            format: STATE_FORMAT,
+            stage,
+            step,
+            cursor,
+            metrics_bytes: self.log.len_bytes()?,
+            eval_bytes: self.eval_log.len_bytes()?,
+            preference,
+        };
+        let state = serde_json::to_value(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        let global = step + if stage == Stage::Preference { self.sft_steps } else { 0 };
+        checkpoint::save(self.run_dir, global, &Checkpoint { weights, optimizer, state })?;
+        checkpoint::prune(self.run_dir, self.cfg.checkpoint.keep_last)?;
+        Ok(())
+    }
+
+    pub(super) fn pause(&self) {
+        if !self.opts.step_delay.is_zero() {
+            std::thread::sleep(self.opts.step_delay);
+        }
+    }
+
+    pub(super) fn fault(&self, stage: Stage, step: u64) -> Option<FaultTarget> {
+        self.opts.fault.filter(|f| f.stage == stage && f.step == step).map(|f| f.target)
+    }
+}
+
+/// Sets the trainable weights from a checkpoint (every one must be present, with its shape).
+pub(super) fn restore_weights(lm: &CausalLm, weights: &HashMap<String, Tensor>) -> Result<()> {
+    for (name, var) in lm.trainable_vars() {
+        let t = weights
+            .get(&name)
+            .ok_or_else(|| TrainError::Checkpoint(format!("checkpoint lacks the weight `{name}`")))?;
+        if t.shape() != var.shape() {
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint weight `{name}` has shape {:?}, the model has {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// A resumed stage: its state and the checkpoint's tensors.
+pub(super) type Resume = (TrainState, Checkpoint);
