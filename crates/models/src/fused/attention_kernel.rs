@@ -1,0 +1,597 @@
+//! Causal self-attention with rotary embeddings: [`AttentionSpec`] (geometry, rotary tables,
+//! masking, the forward and backward kernels) and the [`attention`] op.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{cpu, fusable};
+use crate::Result;
+use crate::host::{HostF32, Mat, SendPtr, Threads, f32_slice, matmul, rope_row, rope_row_bwd};
+use crate::vmath;
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Query rows per block of the attention kernels. A block's rows `r0..r1` attend to keys
+/// `0..r1` only, so the products skip the masked blocks above the diagonal (at 64 rows: 3 of 4
+/// block pairs computed at 128 tokens, 52% at 2,048), and with a sliding window also the keys
+/// before the block's window; a block's scores (at most 64 x seq) stay in cache instead of a
+/// seq x seq matrix per head.
+const QUERY_BLOCK: usize = 64;
+
+/// `(r0, r1)`: the query-row blocks of a sequence of `seq` tokens.
+fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq).step_by(QUERY_BLOCK).map(move |r0| (r0, (r0 + QUERY_BLOCK).min(seq)))
+}
+
+/// The geometry, rotary tables and padding of one attention call, shared by every layer of a
+/// forward pass (and by the backward passes, which recompute the scores).
+#[derive(Debug, Clone)]
+pub struct AttentionSpec {
+    pub(super) batch: usize,
+    pub(super) seq: usize,
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
+    scale: f32,
+    /// `[seq, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// `[batch, seq]`, non-zero = real token; `None` = every token is real.
+    real: Option<Vec<u8>>,
+    /// Per batch row: the first real position (`seq` if none).
+    first_real: Vec<usize>,
+    /// Per batch row: the first padding position (`seq` if none).
+    first_masked: Vec<usize>,
+    /// Per batch row `(g0, g1)`: queries at `g1..` do not see keys `g0..g1`, and their rotary
+    /// positions are `g1 - g0` lower (two branches sharing a prefix, see [`Self::with_branches`]);
+    /// `(seq, seq)` for an ordinary row.
+    gap: Vec<(usize, usize)>,
+    /// Soft-capping of the scaled scores, `cap * tanh(s / cap)`, before the mask (Gemma 2).
+    softcap: Option<f32>,
+    /// Sliding window: a query at rotary position `p` sees keys at positions `> p - window`
+    /// (Gemma's local layers).
+    window: Option<usize>,
+}
+
+impl AttentionSpec {
+    /// `batch x seq` tokens, `heads` query heads sharing `kv_heads` key/value heads (grouped-query
+    /// attention: query head `h` reads key/value head `h / (heads / kv_heads)`), rotary
+    /// inverse frequencies `inv_freq` (`head_dim / 2` of them) and an optional `[batch, seq]`
+    /// padding mask (1 = real token).
+    pub fn new(
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        inv_freq: &[f64],
+        padding: Option<&Tensor>,
+    ) -> Result<Self> {
+        let half = inv_freq.len();
+        let head_dim = 2 * half;
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || half == 0 {
+            return Err(crate::ModelError::Input {
+                input: "attention",
+                reason: format!("{heads} heads, {kv_heads} key/value heads, head_dim {head_dim}"),
+            });
+        }
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for pos in 0..seq {
+            for f in inv_freq {
+                // The same f32 angle as `ops::rope_tables`.
+                let a = (pos as f64 * f) as f32;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let real: Option<Vec<u8>> = match padding {
+            Some(m) => Some(m.to_dtype(DType::U8)?.flatten_all()?.to_vec1()?),
+            None => None,
+        };
+        if let Some(r) = &real
+            && r.len() != batch * seq
+        {
+            return Err(crate::ModelError::Input {
+                input: "attention_mask",
+                reason: format!("{} elements for {batch} x {seq} tokens", r.len()),
+            });
+        }
+        let first_real = (0..batch)
+            .map(|b| match &real {
+                Some(r) => r[b * seq..(b + 1) * seq].iter().position(|&v| v != 0).unwrap_or(seq),
+                None => 0,
+            })
+            .collect();
+        let first_masked = (0..batch)
+            .map(|b| match &real {
+                Some(r) => r[b * seq..(b + 1) * seq].iter().position(|&v| v == 0).unwrap_or(seq),
+                None => seq,
+            })
+            .collect();
+        let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+        let gap = vec![(seq, seq); batch];
+        Ok(Self {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            cos,
+            sin,
+            real,
+            first_real,
+            first_masked,
+            gap,
+            softcap: None,
+            window: None,
+        })
+    }
+
+    /// Scores scaled by `scale` instead of `1 / sqrt(head_dim)` (Gemma 2/3:
+    /// `query_pre_attn_scalar^-1/2`).
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = scale as f32;
+        self
+    }
+
+    /// Soft-capped scores: `cap * tanh(s / cap)` of the scaled scores `s`, before the mask and
+    /// the softmax (Gemma 2's `attn_logit_softcapping`); `None` leaves them as they are.
+    pub fn with_softcap(mut self, cap: Option<f64>) -> Self {
+        self.softcap = cap.map(|c| c as f32);
+        self
+    }
+
+    /// A sliding window of `window` keys: a query sees key `j` only if `i - j < window` in
+    /// rotary positions (transformers' sliding-window layers: itself and the `window - 1` keys
+    /// before it; in a second branch, distances count through the prefix as in the row
+    /// `[prefix | branch]`). A padding query that sees no real key keeps only its own position.
+    /// `None`: no window.
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.window = window.map(|w| w.max(1));
+        self
+    }
+
+    /// Rows holding two continuations of one prefix, `[prefix | first | second | padding]`
+    /// (a preference pair with its prompt once): per batch row `(prefix, first)` lengths. The
+    /// second branch does not attend to the first, and its rotary positions continue from the
+    /// prefix, so every position computes exactly what it would in a row `[prefix | branch]`.
+    /// Rows must be right-padded (no padding before the end of the second branch).
+    pub fn with_branches(mut self, branches: &[(usize, usize)]) -> Result<Self> {
+        if branches.len() != self.batch {
+            return Err(crate::ModelError::Input {
+                input: "branches",
+                reason: format!("{} rows for a batch of {}", branches.len(), self.batch),
+            });
+        }
+        for (b, &(prefix, first)) in branches.iter().enumerate() {
+            if prefix + first > self.first_masked[b] || self.first_real[b] != 0 {
+                return Err(crate::ModelError::Input {
+                    input: "branches",
+                    reason: format!(
+                        "row {b}: prefix {prefix} + first branch {first} tokens, but padding at {} (rows must be right-padded)",
+                        self.first_masked[b]
+                    ),
+                });
+            }
+            self.gap[b] = (prefix, prefix + first);
+        }
+        Ok(self)
+    }
+
+    /// The rotary position of token `t` of batch row `b`.
+    fn pos(&self, b: usize, t: usize) -> usize {
+        let (g0, g1) = self.gap[b];
+        if t >= g1 { t - (g1 - g0) } else { t }
+    }
+
+    /// The key ranges the query block `r0..r1` of row `b` needs scores for (either may be
+    /// empty): keys `0..r1`, minus the hidden first branch when the whole block is in the second,
+    /// and with a window minus the keys before the lowest one any query of the block sees (each
+    /// range cut on its own: a second-branch query at rotary position `p` sees prefix keys from
+    /// `p + 1 - window` and branch keys from its own index `+ 1 - window`). Rows still mask
+    /// per query inside them ([`Self::softmax_row`]); every query's own key is in them.
+    fn key_ranges(&self, b: usize, r0: usize, r1: usize) -> [(usize, usize); 2] {
+        let (g0, g1) = self.gap[b];
+        let Some(w) = self.window else {
+            return if r0 >= g1 { [(0, g0), (g1, r1)] } else { [(0, r1), (r1, r1)] };
+        };
+        // Within a region (before `g1`, or the second branch) the lowest visible key grows with
+        // the query, so the block's first query in each region bounds it.
+        let from = |p: usize| (p + 1).saturating_sub(w);
+        if r0 >= g1 {
+            // Prefix keys `j` (position `j`) and branch keys `j` (position `j - (g1 - g0)`).
+            [(from(self.pos(b, r0)).min(g0), g0), (from(r0).max(g1), r1)]
+        } else {
+            // Queries before `g1` see keys from `r0 + 1 - window`; second-branch queries of a
+            // block straddling `g1` (the first at position `g0`) see prefix keys from
+            // `g0 + 1 - window` and their own branch's keys, all at `g1..r1`.
+            let lo = if r1 > g1 { from(r0).min(from(g0)) } else { from(r0) };
+            [(lo, r1), (r1, r1)]
+        }
+    }
+
+    pub(super) fn q_cols(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    pub(super) fn kv_cols(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    pub(super) fn qkv_cols(&self) -> usize {
+        self.q_cols() + 2 * self.kv_cols()
+    }
+
+    fn tables(&self, pos: usize) -> (&[f32], &[f32]) {
+        let half = self.head_dim / 2;
+        (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half])
+    }
+
+    /// Rotated rows of one head of batch row `b`: `out[t] = rope(src[t * rs + col ..][..head_dim])`.
+    fn rope_head(&self, b: usize, src: &[f32], rs: usize, col: usize, out: &mut [f32]) {
+        let d = self.head_dim;
+        for (t, o) in out.chunks_exact_mut(d).enumerate() {
+            let (c, s) = self.tables(self.pos(b, t));
+            rope_row(o, &src[t * rs + col..t * rs + col + d], c, s);
+        }
+    }
+
+    /// Turns the raw scores of query `i` of batch row `b` (`row`: keys `0..row.len()`, at least
+    /// `i + 1` of them) into attention probabilities: scaled, causal and padding-masked (a query
+    /// with no real key up to itself keeps only its own position, as
+    /// [`crate::ops::attention_mask`]; a second branch does not see the first), softmax over the
+    /// allowed keys, 0 elsewhere. Only the allowed scores are read.
+    fn softmax_row(&self, b: usize, i: usize, row: &mut [f32], dcap: Option<&mut [f32]>) {
+        if self.softcap.is_some() || self.window.is_some() {
+            return self.softmax_row_gemma(b, i, row, dcap);
+        }
+        let s = self.seq;
+        if i < self.first_real[b] {
+            row.fill(0.0);
+            row[i] = 1.0;
+            return;
+        }
+        let (g0, g1) = self.gap[b];
+        let hidden = |j: usize| i >= g1 && (g0..g1).contains(&j);
+        let (live, dead) = row.split_at_mut(i + 1);
+        dead.fill(0.0);
+        if i < self.first_masked[b] {
+            // Every key up to the query is real (but a hidden first branch): the vectorised row
+            // kernels on the one or two allowed ranges.
+            let (a, rest) = live.split_at_mut(if i >= g1 { g0 } else { i + 1 });
+            let (gap, c) = rest.split_at_mut(if i >= g1 { g1 - g0 } else { 0 });
+            gap.fill(0.0);
+            let m = vmath::scale_max(a, self.scale).max(vmath::scale_max(c, self.scale));
+            let sum = vmath::exp_shifted_sum(a, m) + vmath::exp_shifted_sum(c, m);
+            a.iter_mut().chain(c.iter_mut()).for_each(|v| *v /= sum);
+            return;
+        }
+        let real = self.real.as_ref().map(|r| &r[b * s..(b + 1) * s]);
+        let allowed = |j: usize| real.is_none_or(|r| r[j] != 0) && !hidden(j);
+        let mut m = f32::NEG_INFINITY;
+        for (j, v) in live.iter_mut().enumerate() {
+            if allowed(j) {
+                *v *= self.scale;
+                m = m.max(*v);
+            }
+        }
+        let mut sum = 0f32;
+        for (j, v) in live.iter_mut().enumerate() {
+            if allowed(j) {
+                *v = vmath::exp(*v - m);
+                sum += *v;
+            } else {
+                *v = 0.0;
+            }
+        }
+        for v in live.iter_mut() {
+            *v /= sum;
+        }
+    }
+
+    /// [`Self::softmax_row`] with soft-capping and/or a sliding window: the scaled scores of the
+    /// allowed keys are capped (`cap * tanh(s / cap)`), then the softmax over them. With `dcap`
+    /// (the backward pass, soft-capping only), `dcap[j]` receives the cap's derivative
+    /// `1 - tanh^2` at each allowed key and 0 elsewhere (over `row`'s length).
+    fn softmax_row_gemma(&self, b: usize, i: usize, row: &mut [f32], mut dcap: Option<&mut [f32]>) {
+        let s = self.seq;
+        if let Some(d) = dcap.as_deref_mut() {
+            d[..row.len()].fill(0.0);
+        }
+        let own_only = |row: &mut [f32]| {
+            row.fill(0.0);
+            row[i] = 1.0;
+        };
+        if i < self.first_real[b] {
+            return own_only(row);
+        }
+        let (g0, g1) = self.gap[b];
+        let p = self.pos(b, i);
+        let in_window = |j: usize| self.window.is_none_or(|w| p - self.pos(b, j) < w);
+        let (live, dead) = row.split_at_mut(i + 1);
+        dead.fill(0.0);
+        // The allowed keys as at most two ranges (prefix / first part, second branch) when every
+        // key up to the query is real; key by key otherwise.
+        let real = self.real.as_ref().map(|r| &r[b * s..(b + 1) * s]);
+        let allowed = |j: usize| real.is_none_or(|r| r[j] != 0) && !(i >= g1 && (g0..g1).contains(&j)) && in_window(j);
+        let ranges: Vec<(usize, usize)> = if i < self.first_masked[b] {
+            let (a1, c0) = if i >= g1 { (g0, g1) } else { (i + 1, i + 1) };
+            let lo = |end: usize, start: usize| (start..end).find(|&j| in_window(j)).unwrap_or(end);
+            vec![(lo(a1, 0), a1), (lo(i + 1, c0), i + 1)]
+        } else {
+            let mut out: Vec<(usize, usize)> = Vec::new();
+            for j in (0..=i).filter(|&j| allowed(j)) {
+                match out.last_mut() {
+                    Some((_, e)) if *e == j => *e = j + 1,
+                    _ => out.push((j, j + 1)),
+                }
+            }
+            out
+        };
+        let ranges: Vec<(usize, usize)> = ranges.into_iter().filter(|(a, e)| e > a).collect();
+        if ranges.is_empty() {
+            return own_only(row);
+        }
+        let mut m = f32::NEG_INFINITY;
+        for &(a, e) in &ranges {
+            m = m.max(match self.softcap {
+                Some(cap) => vmath::scale_cap_max(&mut live[a..e], self.scale, cap),
+                None => vmath::scale_max(&mut live[a..e], self.scale),
+            });
+        }
+        if let (Some(cap), Some(d)) = (self.softcap, dcap) {
+            for &(a, e) in &ranges {
+                for (d, &v) in d[a..e].iter_mut().zip(&live[a..e]) {
+                    let t = v / cap;
+                    *d = 1.0 - t * t;
+                }
+            }
+        }
+        let mut sum = 0f32;
+        let mut next = 0;
+        for &(a, e) in &ranges {
+            live[next..a].fill(0.0);
+            sum += vmath::exp_shifted_sum(&mut live[a..e], m);
+            next = e;
+        }
+        live[next..].fill(0.0);
+        for &(a, e) in &ranges {
+            live[a..e].iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+
+    /// The probabilities of the query block `r0..r1` of head `h`, batch row `b`, into `pb`
+    /// (`r1 - r0` rows of `r1` keys, row stride `r1`), from its rotated queries `qr` (all of the
+    /// head's rows) and keys `kr`: scores only for the keys the block may see, then `softmax_row`.
+    /// With `dcap` (the backward pass of soft-capped scores), also the cap's derivative there.
+    fn block_probs(
+        &self,
+        b: usize,
+        (r0, r1): (usize, usize),
+        qr: &[f32],
+        kr: &[f32],
+        pb: &mut [f32],
+        mut dcap: Option<&mut [f32]>,
+    ) {
+        let d = self.head_dim;
+        for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
+            // SAFETY: `pb` holds (r1 - r0) x r1, `qr` and `kr` seq x d; single-threaded.
+            unsafe {
+                let (q, k) = (Mat::rows(&qr[r0 * d..], d), Mat::rows_t(&kr[k0 * d..], d));
+                matmul(r1 - r0, k1 - k0, d, pb.as_mut_ptr().add(k0), r1, false, q, k, Threads::Single);
+            }
+        }
+        for (i, row) in (r0..r1).zip(pb.chunks_exact_mut(r1)) {
+            let d = dcap.as_deref_mut().map(|d| &mut d[(i - r0) * r1..(i - r0 + 1) * r1]);
+            self.softmax_row(b, i, row, d);
+        }
+    }
+
+    fn check(&self, n: usize, cols: usize, what: &str) -> candle_core::Result<()> {
+        if n != self.batch * self.seq * cols {
+            candle_core::bail!("{what}: {n} elements, expected {} x {} x {cols}", self.batch, self.seq)
+        }
+        Ok(())
+    }
+
+    /// Forward: `out [batch * seq, heads * head_dim]` from `qkv [batch * seq, (heads + 2 kv) * head_dim]`.
+    pub(super) fn forward(&self, qkv: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
+        let (cols, qc) = (self.qkv_cols(), self.q_cols());
+        self.check(qkv.len(), cols, "attention qkv")?;
+        let n_rep = self.heads / kv;
+        let mut out = vec![0f32; self.batch * s * qc];
+        let dst = SendPtr(out.as_mut_ptr());
+        // Per (batch row, key/value head) task, per query head and query block: the block's
+        // probabilities (at most QUERY_BLOCK x seq, cache-sized), then `out += P V`.
+        (0..self.batch * kv).into_par_iter().for_each_init(
+            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; QUERY_BLOCK * s]),
+            |(kr, qr, pb), task| {
+                let (b, g) = (task / kv, task % kv);
+                let rows = &qkv[b * s * cols..(b + 1) * s * cols];
+                self.rope_head(b, rows, cols, qc + g * d, kr);
+                let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
+                for h in g * n_rep..(g + 1) * n_rep {
+                    self.rope_head(b, rows, cols, h * d, qr);
+                    for (r0, r1) in query_blocks(s) {
+                        let pb = &mut pb[..(r1 - r0) * r1];
+                        self.block_probs(b, (r0, r1), qr, kr, pb, None);
+                        for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
+                            // out[r0..r1] += P[.., k0..k1] V[k0..k1] (`out` starts at 0).
+                            // SAFETY: task (b, g) alone writes rows b * s.. of the columns of
+                            // heads g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
+                            unsafe {
+                                let o = dst.get().add((b * s + r0) * qc + h * d);
+                                let pk = Mat::rows(&pb[k0..], r1);
+                                matmul(r1 - r0, d, k1 - k0, o, qc, true, pk, v.skip_rows(k0), Threads::Single);
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        Ok(out)
+    }
+
+    /// Backward: `d qkv` (same layout as `qkv`) from `d out`. Per (batch row, key/value head),
+    /// per query head and query block (`P`, `dP` and `dS` at most QUERY_BLOCK x seq): recompute
+    /// the block's probabilities `P`, then `dV += P^T dO`, `dP = dO V^T`,
+    /// `dS = P (dP - rowsum(P dP)) / sqrt(d)`, `dQ = dS K`, `dK += dS^T Q`, over the key ranges
+    /// the block sees; finally rotate `dQ`, `dK` back.
+    pub(super) fn backward(&self, qkv: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
+        let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
+        self.check(qkv.len(), cols, "attention qkv")?;
+        self.check(dout.len(), qc, "attention grad")?;
+        let n_rep = self.heads / kv;
+        let mut dqkv = vec![0f32; qkv.len()];
+        let dst = SendPtr(dqkv.as_mut_ptr());
+        (0..self.batch * kv).into_par_iter().for_each_init(
+            || {
+                let head = || vec![0f32; s * d];
+                let block = || vec![0f32; QUERY_BLOCK * s];
+                // The soft-cap derivative per score (soft-capped attention only).
+                let cap = if self.softcap.is_some() { block() } else { Vec::new() };
+                (head(), head(), head(), head(), head(), block(), block(), cap)
+            },
+            |(kr, qr, dkr, dvv, dqr, pb, dpb, cb), task| {
+                let (b, g) = (task / kv, task % kv);
+                let rows = &qkv[b * s * cols..(b + 1) * s * cols];
+                self.rope_head(b, rows, cols, qc + g * d, kr);
+                let v = Mat { ptr: rows[qc + kc + g * d..].as_ptr(), rs: cols, cs: 1 };
+                dkr.fill(0.0);
+                dvv.fill(0.0);
+                for h in g * n_rep..(g + 1) * n_rep {
+                    self.rope_head(b, rows, cols, h * d, qr);
+                    let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
+                    // SAFETY (every product below): the scratch buffers are task-local with the
+                    // extents given (`pb`, `dpb`: (r1 - r0) x r1, row stride r1); `dout` and
+                    // `qkv` are live inputs; products are single-threaded.
+                    for (r0, r1) in query_blocks(s) {
+                        let (m, pb, dpb) = (r1 - r0, &mut pb[..(r1 - r0) * r1], &mut dpb[..(r1 - r0) * r1]);
+                        let capped = self.softcap.is_some();
+                        self.block_probs(b, (r0, r1), qr, kr, pb, capped.then(|| &mut cb[..m * r1]));
+                        let ranges = self.key_ranges(b, r0, r1);
+                        let live = || ranges.into_iter().filter(|(k0, k1)| k1 > k0);
+                        let d_o = dout_h.skip_rows(r0);
+                        for (k0, k1) in live() {
+                            // dV[k0..k1] += P[.., k0..k1]^T dO[r0..r1]
+                            let (pt, dv) =
+                                (Mat { ptr: pb[k0..].as_ptr(), rs: 1, cs: r1 }, dvv.as_mut_ptr().wrapping_add(k0 * d));
+                            unsafe { matmul(k1 - k0, d, m, dv, d, true, pt, d_o, Threads::Single) };
+                            // dP[.., k0..k1] = dO[r0..r1] V[k0..k1]^T
+                            let dpk = dpb.as_mut_ptr().wrapping_add(k0);
+                            unsafe { matmul(m, k1 - k0, d, dpk, r1, false, d_o, v.skip_rows(k0).t(), Threads::Single) };
+                        }
+                        for (ri, (prow, dprow)) in pb.chunks_exact(r1).zip(dpb.chunks_exact_mut(r1)).enumerate() {
+                            // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges
+                            // (soft-capped: times the cap's derivative).
+                            let dot: f32 = live()
+                                .map(|(k0, k1)| {
+                                    prow[k0..k1].iter().zip(&dprow[k0..k1]).map(|(a, b)| a * b).sum::<f32>()
+                                })
+                                .sum();
+                            if capped {
+                                let crow = &cb[ri * r1..(ri + 1) * r1];
+                                for (k0, k1) in live() {
+                                    let cs = &crow[k0..k1];
+                                    for ((dv, &pv), &c) in dprow[k0..k1].iter_mut().zip(&prow[k0..k1]).zip(cs) {
+                                        *dv = pv * (*dv - dot) * c * self.scale;
+                                    }
+                                }
+                            } else {
+                                for (k0, k1) in live() {
+                                    for (dv, &pv) in dprow[k0..k1].iter_mut().zip(&prow[k0..k1]) {
+                                        *dv = pv * (*dv - dot) * self.scale;
+                                    }
+                                }
+                            }
+                        }
+                        let mut accumulate = false;
+                        for (k0, k1) in live() {
+                            // dQ[r0..r1] (+)= dS[.., k0..k1] K[k0..k1]
+                            let (ds, k) = (Mat::rows(&dpb[k0..], r1), Mat::rows(&kr[k0 * d..], d));
+                            let dq = dqr.as_mut_ptr().wrapping_add(r0 * d);
+                            unsafe { matmul(m, d, k1 - k0, dq, d, accumulate, ds, k, Threads::Single) };
+                            accumulate = true;
+                            // dK[k0..k1] += dS[.., k0..k1]^T Q[r0..r1]
+                            let (dst_t, q) =
+                                (Mat { ptr: dpb[k0..].as_ptr(), rs: 1, cs: r1 }, Mat::rows(&qr[r0 * d..], d));
+                            let dk = dkr.as_mut_ptr().wrapping_add(k0 * d);
+                            unsafe { matmul(k1 - k0, d, m, dk, d, true, dst_t, q, Threads::Single) };
+                        }
+                    }
+                    for (t, gq) in dqr.chunks_exact(d).enumerate() {
+                        let (c, sn) = self.tables(self.pos(b, t));
+                        // SAFETY: task (b, g) alone writes rows b * s.. of the query columns of
+                        // its heads and of key/value head g; `dqkv` outlives the loop.
+                        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((b * s + t) * cols + h * d), d) };
+                        rope_row_bwd(o, gq, c, sn);
+                    }
+                }
+                for (t, (gk, gv)) in dkr.chunks_exact(d).zip(dvv.chunks_exact(d)).enumerate() {
+                    let (c, sn) = self.tables(self.pos(b, t));
+                    let base = (b * s + t) * cols + qc + g * d;
+                    // SAFETY: as above (key and value columns of head g, rows of batch row b).
+                    let (ok, ov) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(dst.get().add(base), d),
+                            std::slice::from_raw_parts_mut(dst.get().add(base + kc), d),
+                        )
+                    };
+                    rope_row_bwd(ok, gk, c, sn);
+                    ov.copy_from_slice(gv);
+                }
+            },
+        );
+        Ok(dqkv)
+    }
+}
+
+struct AttentionOp(Arc<AttentionSpec>);
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "slime-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s, l, "attention qkv")?;
+        let out = self.0.forward(qkv)?;
+        Ok((CpuStorage::F32(out), Shape::from((self.0.batch * self.0.seq, self.0.q_cols()))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let (xs, gs) = (HostF32::new(qkv, "attention qkv")?, HostF32::new(&g, "grad")?);
+        let d = self.0.backward(xs.slice(), gs.slice())?;
+        Ok(Some(cpu(d, qkv.shape())?))
+    }
+}
+
+/// Causal self-attention with rotary embeddings and grouped-query heads, from the fused
+/// projection `qkv [batch * seq, (heads + 2 kv_heads) * head_dim]` (queries, then keys, then
+/// values, each head-major as the Hugging Face projections) to `[batch * seq, heads * head_dim]`
+/// (heads concatenated, ready for the output projection). Equal to [`crate::ops::rope`] on q and
+/// k, [`crate::ops::repeat_kv`], scores `q k^T / sqrt(head_dim)` plus
+/// [`crate::ops::attention_mask`], softmax and `p v`; no `[batch, heads, seq, seq]` tensor or
+/// mask is kept (the backward recomputes the scores per head). With [`AttentionSpec::with_scale`],
+/// [`AttentionSpec::with_softcap`] and [`AttentionSpec::with_window`], Gemma's attention: scores
+/// `cap * tanh(scale q k^T / cap)` and keys at most `window - 1` positions back; with a window,
+/// each query block computes scores (and the backward's products) only over the keys some of its
+/// queries can see, so a local layer's products grow with `window` plus the block's rows, not
+/// with the sequence (the per-row masking still passes over every key up to the query). f32 CPU
+/// only; see [`crate::ops::attention_composed`] for the composition the other devices use.
+pub fn attention(qkv: &Tensor, spec: &Arc<AttentionSpec>) -> Result<Tensor> {
+    if !fusable(&[qkv]) {
+        return Err(crate::ModelError::Input {
+            input: "qkv",
+            reason: "the fused attention runs on f32 CPU tensors; use ops::attention_composed".into(),
+        });
+    }
+    Ok(qkv.contiguous()?.apply_op1(AttentionOp(spec.clone()))?)
+}

@@ -1,0 +1,411 @@
+//! The attention half of a layer as one op: [`attention_block`] and its [`AttentionExtras`].
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::activations::Saved;
+use super::{
+    ActivationMeter, Activations, AttentionSpec, at, attention, cpu, fusable, linear, linear_residual, norm_linear,
+    rms_norm,
+};
+use crate::Result;
+use crate::host::{
+    HeadNorm, HostF32, Mat, ROW_BLOCK, Threads, add_rows, col_sums, f32_slice, matmul, product, rms_norm_bwd_rows,
+    rms_norm_rows,
+};
+
+/// Which optional parameters an attention block carries after its four projection matrices in
+/// the packed weight vector, in this order: q|k|v bias (`qkv_cols`), o_proj bias (`hidden`), q
+/// norm weight (`head_dim`), k norm weight (`head_dim`), post-norm weight (`hidden`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct BlockParts {
+    qkv_bias: bool,
+    o_bias: bool,
+    qk_norm: bool,
+    post_norm: bool,
+}
+
+/// Offsets of the pieces of an attention block's packed weights.
+struct PackedAttention {
+    /// End of the four matrices (o_proj starts at `qkv_cols * hidden`).
+    matrices: usize,
+    qkv_bias: Option<usize>,
+    o_bias: Option<usize>,
+    qk_norm: Option<usize>,
+    post_norm: Option<usize>,
+    total: usize,
+}
+
+/// `x + o(attention(rms_norm(x) [q|k|v]))`, weights packed as
+/// `[q_proj (flattened), k_proj, v_proj, o_proj]` (1-D), followed by the optional parts of
+/// [`BlockParts`]: `qkv = rms_norm(x) W_qkv^T (+ b_qkv)`, the query and key heads RMS-normalised
+/// (with q/k norm), attention, `y = x + attn W_o^T (+ b_o)`. The saved activations are the same
+/// with or without the optional parts: `qkv` (after the bias, before the head norm, which the
+/// backward pass recomputes: one cheap row pass) and the attention output.
+struct AttentionBlockOp {
+    spec: Arc<AttentionSpec>,
+    eps: f64,
+    hidden: usize,
+    parts: BlockParts,
+    saved: Saved,
+}
+
+impl AttentionBlockOp {
+    fn packed(&self) -> PackedAttention {
+        let (h, cols, qc, d) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols(), self.spec.head_dim);
+        let matrices = cols * h + h * qc;
+        let mut end = matrices;
+        let mut take = |present: bool, len: usize| {
+            present.then(|| {
+                end += len;
+                end - len
+            })
+        };
+        let qkv_bias = take(self.parts.qkv_bias, cols);
+        let o_bias = take(self.parts.o_bias, h);
+        let qk_norm = take(self.parts.qk_norm, 2 * d);
+        let post_norm = take(self.parts.post_norm, h);
+        PackedAttention { matrices, qkv_bias, o_bias, qk_norm, post_norm, total: end }
+    }
+
+    /// The q|k|v bias, the o_proj bias and the q/k head norm in the packed weights `w`.
+    #[allow(clippy::type_complexity)]
+    fn parts<'a>(&self, w: &'a [f32]) -> (Option<&'a [f32]>, Option<&'a [f32]>, Option<HeadNorm<'a>>) {
+        let p = self.packed();
+        let (cols, d) = (self.spec.qkv_cols(), self.spec.head_dim);
+        let norm = p.qk_norm.map(|o| HeadNorm {
+            q: &w[o..o + d],
+            k: &w[o + d..o + 2 * d],
+            heads: self.spec.heads,
+            kv_heads: self.spec.kv_heads,
+            eps: self.eps,
+        });
+        (p.qkv_bias.map(|o| &w[o..o + cols]), p.o_bias.map(|o| &w[o..o + self.hidden]), norm)
+    }
+
+    /// The post-norm weight in the packed weights `w`, if any.
+    fn post<'a>(&self, w: &'a [f32]) -> Option<&'a [f32]> {
+        self.packed().post_norm.map(|o| &w[o..o + self.hidden])
+    }
+
+    /// The output projection `attn W_o^T (+ b_o)` of `n` rows, before any post-norm.
+    fn project_out(&self, attn: &[f32], w: &[f32], n: usize) -> Vec<f32> {
+        let (h, qc) = (self.hidden, self.spec.q_cols());
+        let mut m = vec![0f32; n * h];
+        if let (_, Some(b), _) = self.parts(w) {
+            add_rows(&mut m, b);
+        }
+        let wo = at(w, self.spec.qkv_cols() * h);
+        // SAFETY: `m` n x h, `attn` n x qc, `wo` h x qc (inside `w`, length checked).
+        unsafe { matmul(n, h, qc, m.as_mut_ptr(), h, true, Mat::rows(attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
+        m
+    }
+
+    /// `(qkv, attn)` of the forward pass: `qkv` before the q/k head norm.
+    fn activations(&self, x: &[f32], nw: &[f32], w: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (h, cols) = (self.hidden, self.spec.qkv_cols());
+        let n = x.len() / h;
+        let mut normed = vec![0f32; x.len()];
+        rms_norm_rows(x, nw, self.eps, &mut normed);
+        let mut qkv = product(n, cols, h, Mat::rows(&normed, h), Mat::rows_t(w, h));
+        drop(normed);
+        let (qkv_bias, _, head_norm) = self.parts(w);
+        if let Some(b) = qkv_bias {
+            add_rows(&mut qkv, b);
+        }
+        let attn = match head_norm {
+            None => self.spec.forward(&qkv)?,
+            Some(norm) => self.spec.forward(&Self::head_normed(&qkv, cols, &norm))?,
+        };
+        Ok((qkv, attn))
+    }
+
+    /// A copy of `qkv` with its query and key heads normalised.
+    fn head_normed(qkv: &[f32], cols: usize, norm: &HeadNorm) -> Vec<f32> {
+        let mut out = qkv.to_vec();
+        norm.apply(&mut out, cols);
+        out
+    }
+
+    fn check(&self, x: usize, nw: usize, w: usize) -> candle_core::Result<()> {
+        let h = self.hidden;
+        if nw != h || w != self.packed().total || x != self.spec.batch * self.spec.seq * h {
+            candle_core::bail!(
+                "attention block: x {x}, norm {nw}, packed weights {w} do not match hidden {h} ({:?})",
+                self.parts
+            )
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp3 for AttentionBlockOp {
+    fn name(&self) -> &'static str {
+        "slime-attention-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "attention block x")?;
+        let nw = f32_slice(s2, l2, "attention block norm")?;
+        let w = f32_slice(s3, l3, "attention block weights")?;
+        self.check(x.len(), nw.len(), w.len())?;
+        let (h, qc) = (self.hidden, self.spec.q_cols());
+        let n = x.len() / h;
+        let (qkv, attn) = self.activations(x, nw, w)?;
+        let wo = at(w, self.spec.qkv_cols() * h);
+        let mut y = x.to_vec();
+        if let Some(pw) = self.post(w) {
+            // y = x + rms_norm(attn W_o^T + b_o, post).
+            let m = self.project_out(&attn, w, n);
+            let mut normed = vec![0f32; m.len()];
+            rms_norm_rows(&m, pw, self.eps, &mut normed);
+            y.par_chunks_mut(h * ROW_BLOCK).zip(normed.par_chunks(h * ROW_BLOCK)).for_each(|(y, v)| {
+                y.iter_mut().zip(v).for_each(|(y, v)| *y += v);
+            });
+        } else {
+            if let (_, Some(b), _) = self.parts(w) {
+                add_rows(&mut y, b);
+            }
+            // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (inside `w`, length checked).
+            unsafe {
+                matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool)
+            };
+        }
+        self.saved.put((qkv, attn))?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// `dW_o = dy^T attn` (`db_o` = column sums of `dy`), `d attn = dy W_o`, the attention
+    /// backward to `d qkv` (through the q/k head norm, recomputed from the saved `qkv`, whose
+    /// backward also gives the norm weights' gradients), `db_qkv` = column sums of `d qkv`,
+    /// `dW_qkv = d qkv^T rms_norm(x)`, then RMSNorm's backward and the residual `dx += dy`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        nw: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (xs, nws, ws, gs) =
+            (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
+        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), ws.slice(), gs.slice());
+        let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
+        let n = x_.len() / h;
+        let (qkv_bias, o_bias, head_norm) = self.parts(w_);
+        let (qkv, attn) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
+        let wo = at(w_, cols * h);
+        let matrices = self.packed().matrices;
+        let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
+        // With a post-norm: its backward from the recomputed projection `m` turns `dy` into `dm`.
+        let (dm, d_post) = match self.post(w_) {
+            None => (None, None),
+            Some(pw) => {
+                let m = self.project_out(&attn, w_, n);
+                let mut dm = vec![0f32; n * h];
+                let d_post = rms_norm_bwd_rows(&m, pw, g_, self.eps, &mut dm);
+                (Some(dm), Some(d_post))
+            }
+        };
+        let gy: &[f32] = dm.as_deref().unwrap_or(g_);
+        // SAFETY: `dw` has room for `matrices` = cols * h + h * qc elements; the two products
+        // write [0, cols * h) and [cols * h, matrices) completely before `set_len`.
+        unsafe {
+            let dwo = dw.as_mut_ptr().add(cols * h);
+            matmul(h, qc, n, dwo, qc, false, Mat::rows_t(gy, h), Mat::rows(&attn, qc), Threads::Pool);
+        }
+        drop(attn);
+        let d_o_bias = o_bias.map(|_| col_sums(gy, h));
+        let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
+        drop(dm);
+        let (dqkv, d_norms) = match &head_norm {
+            None => (self.spec.backward(&qkv, &dattn)?, None),
+            Some(norm) => {
+                let mut dqkv = self.spec.backward(&Self::head_normed(&qkv, cols, norm), &dattn)?;
+                let d_norms = norm.backward(&qkv, cols, &mut dqkv);
+                (dqkv, Some(d_norms))
+            }
+        };
+        drop((qkv, dattn));
+        let d_qkv_bias = qkv_bias.map(|_| col_sums(&dqkv, cols));
+        let mut normed = vec![0f32; x_.len()];
+        rms_norm_rows(x_, nw_, self.eps, &mut normed);
+        // SAFETY: as above.
+        unsafe {
+            matmul(
+                cols,
+                h,
+                n,
+                dw.as_mut_ptr(),
+                h,
+                false,
+                Mat::rows_t(&dqkv, cols),
+                Mat::rows(&normed, h),
+                Threads::Pool,
+            );
+            dw.set_len(matrices);
+        }
+        // The optional parts' gradients, in the packed order.
+        for part in [d_qkv_bias, d_o_bias].into_iter().flatten() {
+            dw.extend_from_slice(&part);
+        }
+        if let Some((dq, dk)) = d_norms {
+            dw.extend_from_slice(&dq);
+            dw.extend_from_slice(&dk);
+        }
+        if let Some(dp) = d_post {
+            dw.extend_from_slice(&dp);
+        }
+        drop(normed);
+        let dnormed = product(n, h, cols, Mat::rows(&dqkv, cols), Mat::rows(w_, h));
+        drop(dqkv);
+        let mut dx = vec![0f32; x_.len()];
+        let dnw = rms_norm_bwd_rows(x_, nw_, &dnormed, self.eps, &mut dx);
+        dx.par_chunks_mut(h * ROW_BLOCK).zip(g_.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
+            d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
+        });
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, w.shape())?)))
+    }
+}
+
+/// The optional parameters of an attention block beyond Llama's (all `None`, the default, for
+/// Llama): Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm and its optional q/k/v/o biases.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttentionExtras<'a> {
+    /// Biases of q_proj, k_proj and v_proj (`[heads * head_dim]`, `[kv_heads * head_dim]`,
+    /// `[kv_heads * head_dim]`), added to the projections.
+    pub qkv_bias: Option<[&'a Tensor; 3]>,
+    /// Bias of o_proj (`[hidden]`).
+    pub o_bias: Option<&'a Tensor>,
+    /// RMSNorm weights `[head_dim]` of every query head and of every key head, applied over
+    /// `head_dim` after the projection (and its bias) and before the rotary embedding, with the
+    /// block's `eps`.
+    pub qk_norm: Option<[&'a Tensor; 2]>,
+    /// An RMSNorm weight `[hidden]` applied to the attention half's output (after o_proj and
+    /// its bias) before the residual add, with the block's `eps`: `x + rms_norm(o, post_norm)`
+    /// (Gemma 2/3's post-attention norm, given as its effective weight `1 + w`).
+    pub post_norm: Option<&'a Tensor>,
+}
+
+impl AttentionExtras<'_> {
+    /// The tensors present, in the packed order (q|k|v bias, o bias, q norm, k norm, post norm).
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut out: Vec<&Tensor> = self.qkv_bias.map(Vec::from).unwrap_or_default();
+        out.extend(self.o_bias);
+        out.extend(self.qk_norm.into_iter().flatten());
+        out.extend(self.post_norm);
+        out
+    }
+
+    fn parts(&self) -> BlockParts {
+        BlockParts {
+            qkv_bias: self.qkv_bias.is_some(),
+            o_bias: self.o_bias.is_some(),
+            qk_norm: self.qk_norm.is_some(),
+            post_norm: self.post_norm.is_some(),
+        }
+    }
+
+    /// Rejects parameters whose sizes do not fit the block.
+    fn check(&self, spec: &AttentionSpec, hidden: usize) -> Result<()> {
+        let (qc, kc, d) = (spec.q_cols(), spec.kv_cols(), spec.head_dim);
+        let mut expected: Vec<(&Tensor, usize, &str)> = Vec::new();
+        if let Some([q, k, v]) = self.qkv_bias {
+            expected.extend([(q, qc, "q bias"), (k, kc, "k bias"), (v, kc, "v bias")]);
+        }
+        if let Some(o) = self.o_bias {
+            expected.push((o, hidden, "o bias"));
+        }
+        if let Some([q, k]) = self.qk_norm {
+            expected.extend([(q, d, "q norm"), (k, d, "k norm")]);
+        }
+        if let Some(p) = self.post_norm {
+            expected.push((p, hidden, "post norm"));
+        }
+        for (t, len, what) in expected {
+            if t.dims() != [len] {
+                return Err(crate::ModelError::Input {
+                    input: "attention block",
+                    reason: format!("{what} has shape {:?}, expected [{len}]", t.dims()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The composition the fused block replaces from `qkv` (bias and head norm; other devices).
+    fn compose_qkv(&self, qkv: Tensor, spec: &AttentionSpec, eps: f64) -> Result<Tensor> {
+        let qkv = match self.qkv_bias {
+            Some(b) => qkv.broadcast_add(&Tensor::cat(&b, 0)?)?,
+            None => qkv,
+        };
+        let Some([qn, kn]) = self.qk_norm else { return Ok(qkv) };
+        let (n, d, (qc, kc)) = (qkv.dim(0)?, spec.head_dim, (spec.q_cols(), spec.kv_cols()));
+        let q = rms_norm(&qkv.narrow(1, 0, qc)?.reshape((n, spec.heads, d))?, qn, eps)?.reshape((n, qc))?;
+        let k = rms_norm(&qkv.narrow(1, qc, kc)?.reshape((n, spec.kv_heads, d))?, kn, eps)?.reshape((n, kc))?;
+        Ok(Tensor::cat(&[q, k, qkv.narrow(1, qc + kc, kc)?], 1)?)
+    }
+}
+
+/// The attention half of a pre-norm Llama layer as one op:
+/// `x + attention(rms_norm(x, norm_weight) [w_q | w_k | w_v]^T) w_o^T` for the residual stream
+/// `x [batch * seq, hidden]`, with [`attention`]'s semantics; `extras` adds Qwen's optional
+/// biases and per-head q/k RMSNorm (see [`AttentionExtras`]; with none, exactly the Llama block).
+/// The q, k, v and attention activations live inside the op (freed by its backward pass), so
+/// candle's graph sees one node; the weights, biases and norm weights are packed into one input,
+/// whose gradient candle splits back. Falls back to the pieces ([`norm_linear`], [`attention`],
+/// [`linear_residual`]) off f32 CPU (which then error in [`attention`]). `activations` says
+/// whether the op keeps its intermediate activations or recomputes them in the backward pass;
+/// `meter` counts what it keeps.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block(
+    x: &Tensor,
+    norm_weight: &Tensor,
+    [q, k, v, o]: [&Tensor; 4],
+    extras: AttentionExtras<'_>,
+    spec: &Arc<AttentionSpec>,
+    eps: f64,
+    activations: Activations,
+    meter: Option<&Arc<ActivationMeter>>,
+) -> Result<Tensor> {
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    extras.check(spec, hidden)?;
+    let extra = extras.tensors();
+    let mut all = vec![x, norm_weight, q, k, v, o];
+    all.extend(&extra);
+    if !fusable(&all) {
+        let qkv = extras.compose_qkv(norm_linear(x, norm_weight, &Tensor::cat(&[q, k, v], 0)?, eps)?, spec, eps)?;
+        if let Some(p) = extras.post_norm {
+            let m = linear(&attention(&qkv, spec)?, o)?;
+            let m = match extras.o_bias {
+                Some(b) => m.broadcast_add(b)?,
+                None => m,
+            };
+            return Ok((x + rms_norm(&m, p, eps)?)?);
+        }
+        let y = linear_residual(x, &attention(&qkv, spec)?, o)?;
+        return Ok(match extras.o_bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    let mut pieces = vec![q.flatten_all()?, k.flatten_all()?, v.flatten_all()?, o.flatten_all()?];
+    for t in extra {
+        pieces.push(t.flatten_all()?);
+    }
+    let packed = Tensor::cat(&pieces, 0)?;
+    let parts = extras.parts();
+    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved: Saved::new(activations, meter) };
+    Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
+}

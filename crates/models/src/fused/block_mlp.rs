@@ -1,0 +1,334 @@
+//! The MLP half of a layer as one op: [`mlp_block`] and [`mlp_block_with`].
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, D, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::activations::Saved;
+#[cfg(doc)]
+use super::attention_block;
+use super::{ActivationMeter, Activations, at, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
+use crate::Result;
+use crate::host::{
+    HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_bwd_rows, glu_rows, matmul, product, rms_norm_bwd_rows,
+    rms_norm_rows,
+};
+
+/// Rows of the MLP block's backward pass (and of its forward pass when it keeps nothing) handled
+/// at a time: the gate|up, SwiGLU and gradient buffers exist for this many rows, not for the
+/// whole batch (256 rows x 2 x 688 floats = 1.4 MiB at the reference width, against 9.4 MiB for
+/// 1,792 rows), while the products stay large enough to run at gemm's full rate.
+const MLP_ROWS: usize = 256;
+
+/// The gate activation of a gated MLP: `act(g) * u`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Glu {
+    /// SwiGLU, `silu(g) * u` (Llama, Qwen).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU, `gelu_tanh(g) * u` (Gemma's
+    /// `gelu_pytorch_tanh`; candle's `gelu`).
+    GeluTanh,
+}
+
+/// The options of an MLP block beyond Llama's (the default: SwiGLU, no post-norm).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MlpExtras<'a> {
+    /// The gate activation.
+    pub act: Glu,
+    /// An RMSNorm weight `[hidden]` applied to the MLP's output before the residual add, with
+    /// the block's `eps` (Gemma 2/3's post-feedforward norm, given as its effective weight
+    /// `1 + w`): `x + rms_norm(mlp(x), post_norm)`.
+    pub post_norm: Option<&'a Tensor>,
+}
+
+/// `x + post(act(g) * u) w_down^T` with `[g | u] = rms_norm(x) [w_gate | w_up]^T` and `post` the
+/// optional post-norm, weights packed as `[gate_proj (flattened), up_proj, down_proj]` (1-D),
+/// then the post-norm weight when there is one. Saved ([`Activations::Keep`]): `g|u`, and with a
+/// post-norm the MLP output `m` before it (`[rows, hidden]`, so its backward need not redo the
+/// down projection).
+struct MlpBlockOp {
+    eps: f64,
+    hidden: usize,
+    inter: usize,
+    act: Glu,
+    post_norm: bool,
+    saved: Saved,
+}
+
+impl MlpBlockOp {
+    /// `(rms_norm(x), gate|up)` of the rows `x`.
+    fn gate_up(&self, x: &[f32], nw: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (h, i) = (self.hidden, self.inter);
+        let mut normed = vec![0f32; x.len()];
+        rms_norm_rows(x, nw, self.eps, &mut normed);
+        let gu = product(x.len() / h, 2 * i, h, Mat::rows(&normed, h), Mat::rows_t(w, h));
+        (normed, gu)
+    }
+
+    /// `y += act(g) * u @ w_down^T` for the rows of `gu`; returns the gated product.
+    fn down(&self, gu: &[f32], w: &[f32], y: &mut [f32]) -> Vec<f32> {
+        let (h, i) = (self.hidden, self.inter);
+        let rows = gu.len() / (2 * i);
+        let mut act = vec![0f32; rows * i];
+        glu_rows(self.act, gu, i, &mut act);
+        let wd = at(w, 2 * i * h);
+        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (inside `w`, length checked).
+        unsafe { matmul(rows, h, i, y.as_mut_ptr(), h, true, Mat::rows(&act, i), Mat::rows_t(wd, i), Threads::Pool) };
+        act
+    }
+
+    /// The post-norm weight in the packed weights, if any.
+    fn post<'a>(&self, w: &'a [f32]) -> Option<&'a [f32]> {
+        let (h, i) = (self.hidden, self.inter);
+        self.post_norm.then(|| &w[3 * i * h..3 * i * h + h])
+    }
+
+    /// `y = x + post(mlp)` for rows whose `y` already holds `x` and whose gate|up is `gu`;
+    /// returns the MLP output before the post-norm (empty without one).
+    fn finish(&self, gu: &[f32], w: &[f32], y: &mut [f32]) -> Vec<f32> {
+        let Some(pw) = self.post(w) else {
+            self.down(gu, w, y);
+            return Vec::new();
+        };
+        let mut m = vec![0f32; y.len()];
+        self.down(gu, w, &mut m);
+        let mut normed = vec![0f32; m.len()];
+        rms_norm_rows(&m, pw, self.eps, &mut normed);
+        let h = self.hidden;
+        y.par_chunks_mut(h * ROW_BLOCK).zip(normed.par_chunks(h * ROW_BLOCK)).for_each(|(y, n)| {
+            y.iter_mut().zip(n).for_each(|(y, n)| *y += n);
+        });
+        m
+    }
+}
+
+impl CustomOp3 for MlpBlockOp {
+    fn name(&self) -> &'static str {
+        "slime-mlp-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "mlp block x")?;
+        let nw = f32_slice(s2, l2, "mlp block norm")?;
+        let w = f32_slice(s3, l3, "mlp block weights")?;
+        let (h, i) = (self.hidden, self.inter);
+        let packed = 3 * i * h + if self.post_norm { h } else { 0 };
+        if nw.len() != h || w.len() != packed || x.len() % h != 0 {
+            candle_core::bail!("mlp block: x {}, norm {}, packed weights {} do not match", x.len(), nw.len(), w.len())
+        }
+        let mut y = x.to_vec();
+        match self.saved.policy {
+            Activations::Keep => {
+                let (_, gu) = self.gate_up(x, nw, w);
+                let m = self.finish(&gu, w, &mut y);
+                self.saved.put((gu, m))?;
+            }
+            Activations::Recompute => {
+                for (xc, yc) in x.chunks(MLP_ROWS * h).zip(y.chunks_mut(MLP_ROWS * h)) {
+                    self.finish(&self.gate_up(xc, nw, w).1, w, yc);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// Per chunk of [`MLP_ROWS`] rows (the weight gradients accumulate over the chunks in order):
+    /// `act = act(g) u`; with a post-norm, its backward from the MLP output `m` (saved, or
+    /// `act W_down^T` again) turns `dy` into `dm` (without one, `dm = dy`); `dW_down += dm^T act`,
+    /// `d[g|u]` from `dact = dm W_down`, `dW_gate|up += d[g|u]^T rms_norm(x)`, then RMSNorm's
+    /// backward and the residual `dx += dy`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        nw: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (xs, nws, ws, gs) =
+            (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
+        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), ws.slice(), gs.slice());
+        let (h, i) = (self.hidden, self.inter);
+        if x_.is_empty() {
+            candle_core::bail!("mlp block: no rows")
+        }
+        // Empty when nothing was kept: each chunk then recomputes its gate|up (and `m`).
+        let (saved_gu, saved_m) = self.saved.take_or(|| Ok((Vec::new(), Vec::new())))?;
+        let wd = at(w_, 2 * i * h);
+        let post = self.post(w_);
+        let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
+        let mut dx = vec![0f32; x_.len()];
+        let mut dnw = vec![0f32; h];
+        let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
+        for (c, (xc, gc)) in x_.chunks(MLP_ROWS * h).zip(g_.chunks(MLP_ROWS * h)).enumerate() {
+            let rows = xc.len() / h;
+            let recomputed;
+            let (normed, gu): (Vec<f32>, &[f32]) = if saved_gu.is_empty() {
+                let (normed, gu) = self.gate_up(xc, nw_, w_);
+                recomputed = gu;
+                (normed, &recomputed)
+            } else {
+                let mut normed = vec![0f32; xc.len()];
+                rms_norm_rows(xc, nw_, self.eps, &mut normed);
+                (normed, &saved_gu[c * MLP_ROWS * 2 * i..][..rows * 2 * i])
+            };
+            let mut act = vec![0f32; rows * i];
+            glu_rows(self.act, gu, i, &mut act);
+            // The gradient reaching the down projection's output.
+            let dm_owned;
+            let dm: &[f32] = match post {
+                None => gc,
+                Some(pw) => {
+                    let m_owned;
+                    let m: &[f32] = if saved_m.is_empty() {
+                        m_owned = product(rows, h, i, Mat::rows(&act, i), Mat::rows_t(wd, i));
+                        &m_owned
+                    } else {
+                        &saved_m[c * MLP_ROWS * h..][..rows * h]
+                    };
+                    let mut d = vec![0f32; rows * h];
+                    let part = rms_norm_bwd_rows(m, pw, gc, self.eps, &mut d);
+                    dpost.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+                    dm_owned = d;
+                    &dm_owned
+                }
+            };
+            let accumulate = c > 0;
+            // SAFETY: `dw` has room for 3 i h elements; the first chunk's products write
+            // [2 i h, 3 i h) and [0, 2 i h) completely (accumulate = false), later chunks add to
+            // them; `set_len` follows the loop, which runs at least once (x is not empty,
+            // checked above).
+            unsafe {
+                matmul(
+                    h,
+                    i,
+                    rows,
+                    dw.as_mut_ptr().add(2 * i * h),
+                    i,
+                    accumulate,
+                    Mat::rows_t(dm, h),
+                    Mat::rows(&act, i),
+                    Threads::Pool,
+                );
+            }
+            drop(act);
+            let dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
+            let mut dgu = vec![0f32; rows * 2 * i];
+            glu_bwd_rows(self.act, gu, &dact, i, &mut dgu);
+            drop(dact);
+            // SAFETY: as above.
+            unsafe {
+                matmul(
+                    2 * i,
+                    h,
+                    rows,
+                    dw.as_mut_ptr(),
+                    h,
+                    accumulate,
+                    Mat::rows_t(&dgu, 2 * i),
+                    Mat::rows(&normed, h),
+                    Threads::Pool,
+                );
+            }
+            drop(normed);
+            let dnormed = product(rows, h, 2 * i, Mat::rows(&dgu, 2 * i), Mat::rows(w_, h));
+            drop(dgu);
+            let dxc = &mut dx[c * MLP_ROWS * h..][..xc.len()];
+            let part = rms_norm_bwd_rows(xc, nw_, &dnormed, self.eps, dxc);
+            dnw.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+            dxc.par_chunks_mut(h * ROW_BLOCK).zip(gc.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
+                d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
+            });
+        }
+        // SAFETY: the first chunk wrote every element of the three matrices (see above).
+        unsafe { dw.set_len(3 * i * h) };
+        dw.extend_from_slice(&dpost);
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, w.shape())?)))
+    }
+}
+
+/// The MLP half of a pre-norm Llama layer as one op:
+/// `x + (silu(g) * u) w_down^T` with `g = rms_norm(x, norm_weight) w_gate^T` and
+/// `u = rms_norm(x, norm_weight) w_up^T`, for the residual stream `x [rows, hidden]`. The
+/// gate|up activations live inside the op (freed by its backward pass); the SwiGLU product and
+/// the normalised rows are recomputed there. Falls back to the pieces ([`norm_linear`],
+/// [`swiglu_down_residual`]) off f32 CPU. `activations` and `meter` as in [`attention_block`].
+/// [`mlp_block_with`] adds GeGLU and a post-norm.
+pub fn mlp_block(
+    x: &Tensor,
+    norm_weight: &Tensor,
+    weights: [&Tensor; 3],
+    eps: f64,
+    activations: Activations,
+    meter: Option<&Arc<ActivationMeter>>,
+) -> Result<Tensor> {
+    mlp_block_with(x, norm_weight, weights, MlpExtras::default(), eps, activations, meter)
+}
+
+/// [`mlp_block`] with the gate activation and optional post-norm of `extras`:
+/// `x + post_norm(act(g) * u w_down^T)` (Gemma 1: GeGLU, no post-norm; Gemma 2/3: GeGLU and the
+/// post-feedforward norm; with the default extras, exactly [`mlp_block`]). With a post-norm and
+/// [`Activations::Keep`] the op also keeps the MLP output before the norm (`hidden` floats a
+/// row). Off f32 CPU, the composition of candle ops.
+pub fn mlp_block_with(
+    x: &Tensor,
+    norm_weight: &Tensor,
+    [gate, up, down]: [&Tensor; 3],
+    extras: MlpExtras<'_>,
+    eps: f64,
+    activations: Activations,
+    meter: Option<&Arc<ActivationMeter>>,
+) -> Result<Tensor> {
+    let mut all = vec![x, norm_weight, gate, up, down];
+    all.extend(extras.post_norm);
+    if !fusable(&all) {
+        let gu = norm_linear(x, norm_weight, &Tensor::cat(&[gate, up], 0)?, eps)?;
+        if extras.act == Glu::Silu && extras.post_norm.is_none() {
+            return swiglu_down_residual(x, &gu, down);
+        }
+        let i = down.dim(1)?;
+        let g = gu.narrow(D::Minus1, 0, i)?;
+        let g = match extras.act {
+            Glu::Silu => g.silu()?,
+            Glu::GeluTanh => g.gelu()?,
+        };
+        let m = (g * gu.narrow(D::Minus1, i, i)?)?.broadcast_matmul(&down.t()?)?;
+        let m = match extras.post_norm {
+            Some(p) => rms_norm(&m, p, eps)?,
+            None => m,
+        };
+        return Ok((x + m)?);
+    }
+    let (inter, hidden) = gate.dims2()?;
+    let mut pieces = vec![gate.flatten_all()?, up.flatten_all()?, down.flatten_all()?];
+    if let Some(p) = extras.post_norm {
+        if p.dims() != [hidden] {
+            return Err(crate::ModelError::Input {
+                input: "mlp block",
+                reason: format!("post norm has shape {:?}, expected [{hidden}]", p.dims()),
+            });
+        }
+        pieces.push(p.flatten_all()?);
+    }
+    let packed = Tensor::cat(&pieces, 0)?;
+    let op = MlpBlockOp {
+        eps,
+        hidden,
+        inter,
+        act: extras.act,
+        post_norm: extras.post_norm.is_some(),
+        saved: Saved::new(activations, meter),
+    };
+    Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
+}

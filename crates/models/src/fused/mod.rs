@@ -1,0 +1,51 @@
+//! Fused CPU kernels with a real backward pass (candle `CustomOp`s), each equal to the
+//! straightforward differentiable composition in [`crate::ops`] within float rounding
+//! (tested in `tests/fused.rs`, values and gradients within 1e-5).
+//!
+//! | kernel | replaces | saved activations |
+//! |---|---|---|
+//! | [`rms_norm`] | `x / sqrt(mean(x^2) + eps) * w` (7 ops) | `x` |
+//! | [`linear`] | `x.matmul(w.t())` with 2-D gradients (no batched weight-gradient sum) | `x` |
+//! | [`norm_linear`] | `rms_norm(x, w_n).matmul(w.t())` | `x` (the normalised rows are recomputed) |
+//! | [`attention`] | rope + repeat_kv + `q k^T / sqrt(d)` + mask + softmax + `p v`; per [`AttentionSpec`] also another scale, soft-capped scores `cap * tanh(s / cap)` and a sliding window (Gemma) | `q, k, v` (scores are recomputed, flash-style) |
+//! | [`linear_residual`] | `x + a.matmul(w.t())` | `x, a` |
+//! | [`swiglu_down_residual`] | `x + (silu(gate) * up).matmul(w.t())` | `x, [gate, up]` (the product is recomputed) |
+//! | [`log_softmax_gather`] | `log_softmax(x).gather(labels)` | `x` |
+//! | [`attention_block`] | `x + attention(rms_norm(x) [W_q \| W_k \| W_v]^T (+ b_qkv), per-head q/k RMSNorm) W_o^T (+ b_o)`: a Llama layer's attention half, Qwen2's q/k/v biases and Qwen3's q/k norm and optional q/k/v/o biases ([`AttentionExtras`]); with a post-norm `x + rms_norm(o, w_post)` and the spec's scale, soft-capping and window, a Gemma 1/2/3 layer's attention half | `x`, and with [`Activations::Keep`] `q\|k\|v` (after the bias, before the q/k norm) and the attention output (the normalised rows, the normalised q/k heads, the scores and the projection before a post-norm are recomputed) |
+//! | [`mlp_block`] | `x + (silu(g) * u) W_down^T` with `[g \| u] = rms_norm(x) [W_gate \| W_up]^T` | `x`, and with [`Activations::Keep`] `g\|u` |
+//! | [`mlp_block_with`] | [`mlp_block`] with GeGLU `gelu_tanh(g) * u` ([`Glu`]) and an optional post-norm `x + rms_norm(m, w_post)` of the MLP output `m` ([`MlpExtras`]): Gemma 1's MLP half, and Gemma 2/3's with its post-feedforward norm (the `(1 + w)` norms given as effective weights) | `x`, and with [`Activations::Keep`] `g\|u` and, with a post-norm, `m` |
+//!
+//! Matrix products use the `gemm` crate (candle's own CPU backend) on strided views, so heads are
+//! read straight out of `[tokens, heads * head_dim]` activations; row-wise work runs on rayon's
+//! pool (`RAYON_NUM_THREADS`). They run on f32 CPU tensors; every public function falls back to
+//! the composition on any other device or dtype, so the `cuda` feature keeps working.
+
+use candle_core::{DType, Device, Shape, Tensor};
+
+mod activations;
+mod attention_kernel;
+mod block_attention;
+mod block_mlp;
+mod projections;
+mod rows;
+
+pub use activations::{ActivationMeter, Activations};
+pub use attention_kernel::{AttentionSpec, attention};
+pub use block_attention::{AttentionExtras, attention_block};
+pub use block_mlp::{Glu, MlpExtras, mlp_block, mlp_block_with};
+pub use projections::{linear, linear_residual, norm_linear, swiglu_down_residual};
+pub use rows::{log_softmax_gather, rms_norm};
+
+/// Whether the fused kernels can run on these tensors (f32 on the CPU).
+pub fn fusable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+fn cpu(v: Vec<f32>, shape: impl Into<Shape>) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// `ptr[offset..]` as an operand.
+fn at(data: &[f32], offset: usize) -> &[f32] {
+    &data[offset..]
+}
