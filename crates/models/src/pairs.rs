@@ -7,7 +7,8 @@
 //! into one row `[prefix | chosen rest | rejected rest | padding]`, where the rejected rest
 //! attends to the prefix and to itself (not to the chosen rest) with rotary positions continuing
 //! from the prefix ([`crate::fused::AttentionSpec::with_branches`]), runs the model over `n`
-//! rows, and gathers every original row's hidden states back before the log-prob head. The
+//! rows, and computes each needed log-prob once from its packed slot (the prefix's log-probs,
+//! the same in both rows of a pair, once). The
 //! log-probs equal [`Model::token_logps`] on every real token, values and gradients, within
 //! float rounding (`tests/pairs.rs`), and the model processes `P` fewer positions for each pair
 //! sharing `P` tokens (a quarter of the positions for prompts as long as each response).
@@ -39,8 +40,8 @@ impl PairLayout {
 
 /// Per-token log-probs `[2 n, seq]` (f32) of the `n` pairs in `input_ids` `[2 n, seq]` (chosen
 /// rows, then rejected rows; `attention_mask` marks right padding): `out[r, t] = log p(ids[r, t]
-/// | ids[r, <t])` on real tokens, as [`Model::token_logps`]; padding positions hold some finite
-/// value. Models that do not run the fused attention block (other devices and dtypes, Gemma with
+/// | ids[r, <t])` on real tokens, as [`Model::token_logps`]; position 0 and padding positions
+/// hold 0 (the separate-rows fallback: some finite value). Models that do not run the fused attention block (other devices and dtypes, Gemma with
 /// the erf `gelu`), batches that are not right-padded and pairs that share nothing take
 /// [`Model::token_logps`] directly.
 pub fn pair_token_logps(
@@ -91,23 +92,61 @@ pub fn pair_token_logps(
     let Some(hidden) = hidden else {
         return model.token_logps(input_ids, attention_mask, chunk);
     };
-    // Every original (row, position) reads its packed slot; padding reads the row's first slot.
-    let mut index = Vec::with_capacity(rows * seq);
-    for (i, l) in layouts.iter().enumerate() {
-        index.extend((0..seq).map(|t| (i * width + if t < l.chosen { t } else { 0 }) as u32));
-    }
-    for (i, l) in layouts.iter().enumerate() {
-        index.extend((0..seq).map(|t| (i * width + if t < l.rejected { l.rejected_slot(t) } else { 0 }) as u32));
-    }
+    let wanted = Wanted::of(&layouts, &ids, n, seq, width);
     let h = hidden.dim(2)?;
-    let index = Tensor::from_vec(index, rows * seq, device)?;
-    let unpacked = hidden.reshape((n * width, h))?.index_select(&index, 0)?.reshape((rows, seq, h))?;
-    match model {
-        Model::Llama(m) => crate::logps::chunked_token_logps(&unpacked, m.lm_head(), input_ids, chunk),
-        Model::Gemma(m) => {
-            let cap = m.config().final_logit_softcapping;
-            crate::logps::chunked_token_logps_capped(&unpacked, m.lm_head(), input_ids, chunk, cap)
+    let gather = Tensor::from_vec(wanted.slots, wanted.labels.len(), device)?;
+    let picked = hidden.reshape((n * width, h))?.index_select(&gather, 0)?;
+    let labels = Tensor::from_vec(wanted.labels, picked.dim(0)?, device)?;
+    let (lm_head, cap) = match model {
+        Model::Llama(m) => (m.lm_head(), None),
+        Model::Gemma(m) => (m.lm_head(), m.config().final_logit_softcapping),
+    };
+    let values = crate::logps::lm_head_logps(&picked, lm_head, &labels, cap, rows.saturating_mul(chunk))?;
+    // Position 0 and padding read the appended 0.
+    let values = Tensor::cat(&[&values, &Tensor::zeros(1, DType::F32, device)?], 0)?;
+    let out_index = Tensor::from_vec(wanted.out_index, rows * seq, device)?;
+    Ok(values.index_select(&out_index, 0)?.reshape((rows, seq))?)
+}
+
+/// The log-probs a packed batch needs, each computed once: entry `e` is
+/// `log p(labels[e] | hidden at packed slot slots[e])`, and output position `(r, t)` reads entry
+/// `out_index[r * seq + t]` (the entry count, one past the last, for position 0 and padding).
+/// A rejected row's labels inside the shared prefix are the chosen row's (same slot, same
+/// token), so a pair sharing `P` tokens needs `P - 1` entries fewer than its two rows.
+struct Wanted {
+    slots: Vec<u32>,
+    labels: Vec<u32>,
+    out_index: Vec<u32>,
+}
+
+impl Wanted {
+    fn of(layouts: &[PairLayout], ids: &[u32], n: usize, seq: usize, width: usize) -> Self {
+        let rejected_entries =
+            |l: &PairLayout| if l.prefix > 0 { l.rejected - l.prefix } else { l.rejected.saturating_sub(1) };
+        let entries: usize = layouts.iter().map(|l| l.chosen.saturating_sub(1) + rejected_entries(l)).sum();
+        let none = entries as u32;
+        let (mut slots, mut labels) = (Vec::with_capacity(entries), Vec::with_capacity(entries));
+        let mut out_index = vec![none; 2 * n * seq];
+        let mut push = |slot: usize, label: u32| {
+            slots.push(slot as u32);
+            labels.push(label);
+            (labels.len() - 1) as u32
+        };
+        for (i, l) in layouts.iter().enumerate() {
+            let (chosen, rejected) = (&ids[i * seq..], &ids[(n + i) * seq..]);
+            for t in 1..l.chosen {
+                out_index[i * seq + t] = push(i * width + t - 1, chosen[t]);
+            }
+            for t in 1..l.rejected {
+                out_index[(n + i) * seq + t] = if t < l.prefix {
+                    out_index[i * seq + t]
+                } else {
+                    push(i * width + l.rejected_slot(t - 1), rejected[t])
+                };
+            }
         }
+        debug_assert_eq!(labels.len(), entries);
+        Self { slots, labels, out_index }
     }
 }
 
