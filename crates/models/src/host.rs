@@ -94,6 +94,8 @@ pub(crate) unsafe fn matmul(
         Threads::Pool if rayon::current_num_threads() > 1 => gemm::Parallelism::Rayon(rayon::current_num_threads()),
         _ => gemm::Parallelism::None,
     };
+    #[cfg(feature = "product-stats")]
+    let started = std::time::Instant::now();
     // SAFETY: forwarded from the caller's contract.
     unsafe {
         gemm::gemm(
@@ -118,6 +120,8 @@ pub(crate) unsafe fn matmul(
             parallelism,
         );
     }
+    #[cfg(feature = "product-stats")]
+    crate::product_stats::record((2 * m * n * k) as u64, started.elapsed());
 }
 
 /// A freshly allocated row-major `m x n` product `lhs @ rhs` (threads: the whole pool).

@@ -52,6 +52,7 @@ pub mod logps;
 pub mod lora;
 pub mod ops;
 pub mod pairs;
+pub mod product_stats;
 mod vmath;
 pub mod weights;
 

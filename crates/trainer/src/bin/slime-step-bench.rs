@@ -367,6 +367,10 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     let mut prev = loop_start;
     for step in 0..args.steps {
         let idx = pick(step);
+        #[cfg(feature = "product-stats")]
+        if step == 1 {
+            slime_models::product_stats::reset();
+        }
         let t0 = Instant::now();
         let outcomes: Vec<Result<_>> =
             if parallel == 1 { vec![micro_batch(&idx)] } else { idx.par_chunks(per).map(micro_batch).collect() };
@@ -392,6 +396,10 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         prev = t2;
     }
     let loop_wall = loop_start.elapsed().as_secs_f64();
+    #[cfg(feature = "product-stats")]
+    let products = product_figures(slime_models::product_stats::snapshot(), args.steps.saturating_sub(1));
+    #[cfg(not(feature = "product-stats"))]
+    let products = serde_json::Value::Null;
     let hz = 100.0; // USER_HZ on Linux
     let (busy, own) = ((machine_busy_jiffies() - busy0) as f64 / hz, (own_jiffies() - own0) as f64 / hz);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -451,9 +459,27 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         "train_loss": r4(losses.iter().sum::<f64>() / losses.len() as f64),
         "first_loss": r4(losses[0]),
         "last_loss": r4(*losses.last().unwrap_or(&f64::NAN)),
+        // Feature `product-stats` only: the fused kernels' matrix products over the steady steps.
+        "products": products,
     });
     println!("{line}");
     Ok(())
+}
+
+/// Per steady step: the products' summed call time (wall time when one micro-batch runs at a
+/// time; concurrent micro-batches' calls overlap), GFLOP and calls, and the small ones'
+/// (attention's per-head products) separately.
+#[cfg(feature = "product-stats")]
+fn product_figures(s: slime_models::product_stats::ProductStats, steps: usize) -> serde_json::Value {
+    let per = |v: f64| (v / steps.max(1) as f64 * 1e4).round() / 1e4;
+    serde_json::json!({
+        "call_s_per_step": per(s.seconds),
+        "gflop_per_step": per(s.flop as f64 / 1e9),
+        "calls_per_step": per(s.calls as f64),
+        "small_call_s_per_step": per(s.small_seconds),
+        "small_gflop_per_step": per(s.small_flop as f64 / 1e9),
+        "small_calls_per_step": per(s.small_calls as f64),
+    })
 }
 
 #[cfg(test)]
