@@ -123,6 +123,19 @@ impl Model {
         crate::pairs::pair_token_logps(self, input_ids, attention_mask, chunk)
     }
 
+    /// [`Self::pair_token_logps`] at the positions `wanted` `[2 n, seq]` marks (e.g. the
+    /// completion mask), 0 elsewhere; the rest is not computed (see
+    /// [`crate::pairs::pair_token_logps_at`]).
+    pub fn pair_token_logps_at(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        wanted: &Tensor,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        crate::pairs::pair_token_logps_at(self, input_ids, attention_mask, wanted, chunk)
+    }
+
     /// Turns gradient checkpointing on or off (see [`Llama::set_gradient_checkpointing`],
     /// [`Gemma::set_gradient_checkpointing`]: the fused blocks keep only their inputs). Never an
     /// error (the `Result` is kept for callers).

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::RopeScaling;
 use crate::fused::{self, ActivationMeter, Activations, AttentionExtras, AttentionSpec, Glu, MlpExtras};
 use crate::generation::{self, KvCache};
+use crate::llama::keep_rows;
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
 use crate::{ModelError, Result};
@@ -586,7 +587,9 @@ impl Gemma {
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         match (self.fused_attention_weights(), self.fused_mlp_weights()) {
             (Some(attention), Some(mlp)) => {
-                self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None)
+                let (batch, seq) = input_ids.dims2()?;
+                let x = self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None, None)?;
+                Ok(x.reshape((batch, seq, ()))?)
             }
             _ => self.forward_hidden_reference(input_ids, attention_mask),
         }
@@ -602,17 +605,34 @@ impl Gemma {
         attention_mask: &Tensor,
         branches: &[(usize, usize)],
     ) -> Result<Option<Tensor>> {
+        let (batch, seq) = input_ids.dims2()?;
+        let x = self.forward_hidden_branched_rows(input_ids, attention_mask, branches, None)?;
+        x.map(|x| Ok(x.reshape((batch, seq, ()))?)).transpose()
+    }
+
+    /// [`Self::forward_hidden_branched`] at the flat positions `rows` (`b * seq + t`, u32) only:
+    /// `[rows.len(), hidden]` (all `batch * seq` positions without `rows`). The last layer's MLP
+    /// block runs on those positions alone (its attention still over every position, whose keys
+    /// and values the kept ones read), so positions whose output nothing needs cost less there.
+    pub fn forward_hidden_branched_rows(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        branches: &[(usize, usize)],
+        rows: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         match (self.fused_attention_weights(), self.fused_mlp_weights()) {
-            (Some(attention), Some(mlp)) => {
-                self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches)).map(Some)
-            }
+            (Some(attention), Some(mlp)) => self
+                .forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)
+                .map(Some),
             _ => Ok(None),
         }
     }
 
     /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
     /// [`fused::attention_block`] (with the layer's global or local [`AttentionSpec`]) and one
-    /// [`fused::mlp_block_with`] op.
+    /// [`fused::mlp_block_with`] op; `[batch * seq, hidden]` out, or the `keep` rows only (see
+    /// [`crate::llama::keep_rows`]).
     fn forward_hidden_fused(
         &self,
         input_ids: &Tensor,
@@ -620,6 +640,7 @@ impl Gemma {
         attention: &[[Tensor; 4]],
         mlp: &[[Tensor; 3]],
         branches: Option<&[(usize, usize)]>,
+        keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (batch, seq) =
             crate::ops::check_fused_input(input_ids, attention_mask, branches, self.cfg.max_position_embeddings)?;
@@ -645,6 +666,7 @@ impl Gemma {
         let meter = Some(&self.meter);
         let plus_one = |w: &Tensor| -> Result<Tensor> { Ok((w + 1.0)?) };
         let mut x = (self.embed.forward(input_ids)? * (h as f64).sqrt())?.reshape((batch * seq, h))?;
+        let last = self.layers.len().checked_sub(1);
         for (idx, ((l, [q, k, v, o]), [gate, up, down])) in self.layers.iter().zip(attention).zip(mlp).enumerate() {
             let spec = match &local {
                 Some(local) if self.cfg.is_sliding(idx) => local,
@@ -669,10 +691,16 @@ impl Gemma {
             };
             let input_norm = plus_one(&l.input_norm)?;
             x = fused::attention_block(&x, &input_norm, [q, k, v, o], extras, spec, eps, acts, meter)?;
+            if Some(idx) == last {
+                x = keep_rows(x, keep)?;
+            }
             let extras = MlpExtras { act: Glu::GeluTanh, post_norm: post_mlp.as_ref() };
             x = fused::mlp_block_with(&x, &pre_mlp, [gate, up, down], extras, eps, acts, meter)?;
         }
-        Ok(fused::rms_norm(&x, &plus_one(&self.norm)?, eps)?.reshape((batch, seq, h))?)
+        if last.is_none() {
+            x = keep_rows(x, keep)?;
+        }
+        Ok(fused::rms_norm(&x, &plus_one(&self.norm)?, eps)?)
     }
 
     /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops

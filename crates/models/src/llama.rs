@@ -177,7 +177,9 @@ impl Llama {
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         match (self.fused_attention_weights(), self.fused_mlp_weights()) {
             (Some(attention), Some(mlp)) => {
-                self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None)
+                let (batch, seq) = input_ids.dims2()?;
+                let x = self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None, None)?;
+                Ok(x.reshape((batch, seq, ()))?)
             }
             _ => self.forward_hidden_reference(input_ids, attention_mask),
         }
@@ -249,16 +251,33 @@ impl Llama {
         attention_mask: &Tensor,
         branches: &[(usize, usize)],
     ) -> Result<Option<Tensor>> {
+        let (batch, seq) = input_ids.dims2()?;
+        let x = self.forward_hidden_branched_rows(input_ids, attention_mask, branches, None)?;
+        x.map(|x| Ok(x.reshape((batch, seq, ()))?)).transpose()
+    }
+
+    /// [`Self::forward_hidden_branched`] at the flat positions `rows` (`b * seq + t`, u32) only:
+    /// `[rows.len(), hidden]` (all `batch * seq` positions without `rows`). The last layer's MLP
+    /// block runs on those positions alone (its attention still over every position, whose keys
+    /// and values the kept ones read), so positions whose output nothing needs cost less there.
+    pub fn forward_hidden_branched_rows(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        branches: &[(usize, usize)],
+        rows: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         match (self.fused_attention_weights(), self.fused_mlp_weights()) {
-            (Some(attention), Some(mlp)) => {
-                self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches)).map(Some)
-            }
+            (Some(attention), Some(mlp)) => self
+                .forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)
+                .map(Some),
             _ => Ok(None),
         }
     }
 
     /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
-    /// [`fused::attention_block`] and one [`fused::mlp_block`] op.
+    /// [`fused::attention_block`] and one [`fused::mlp_block`] op; `[batch * seq, hidden]` out,
+    /// or the `keep` rows only (see [`keep_rows`]).
     fn forward_hidden_fused(
         &self,
         input_ids: &Tensor,
@@ -266,6 +285,7 @@ impl Llama {
         attention: &[[Tensor; 4]],
         mlp: &[[Tensor; 3]],
         branches: Option<&[(usize, usize)]>,
+        keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (batch, seq) =
             crate::ops::check_fused_input(input_ids, attention_mask, branches, self.cfg.max_position_embeddings)?;
@@ -285,12 +305,19 @@ impl Llama {
         let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
         let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
         let meter = Some(&self.meter);
-        for ((layer, [q, k, v, o]), [gate, up, down]) in self.layers.iter().zip(attention).zip(mlp) {
+        let last = self.layers.len().checked_sub(1);
+        for (idx, ((layer, [q, k, v, o]), [gate, up, down])) in self.layers.iter().zip(attention).zip(mlp).enumerate() {
             let extras = layer.attn.extras()?;
             x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], extras, &spec, eps, acts, meter)?;
+            if Some(idx) == last {
+                x = keep_rows(x, keep)?;
+            }
             x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts, meter)?;
         }
-        Ok(fused::rms_norm(&x, &self.norm, eps)?.reshape((batch, seq, h))?)
+        if last.is_none() {
+            x = keep_rows(x, keep)?;
+        }
+        Ok(fused::rms_norm(&x, &self.norm, eps)?)
     }
 
     /// Logits `[batch, vocab]` at each row's last real position (greedy decoding, parity checks).
@@ -307,6 +334,15 @@ impl Llama {
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
         crate::logps::chunked_token_logps(&hidden, &self.lm_head, input_ids, chunk)
     }
+}
+
+/// The rows `keep` (u32 indices) of the residual stream `x`, or all of it without `keep`: taken
+/// before the last layer's MLP block, which is per position.
+pub(crate) fn keep_rows(x: Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match keep {
+        Some(rows) => x.index_select(rows, 0)?,
+        None => x,
+    })
 }
 
 impl Llama {

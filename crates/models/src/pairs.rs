@@ -41,13 +41,38 @@ impl PairLayout {
 /// Per-token log-probs `[2 n, seq]` (f32) of the `n` pairs in `input_ids` `[2 n, seq]` (chosen
 /// rows, then rejected rows; `attention_mask` marks right padding): `out[r, t] = log p(ids[r, t]
 /// | ids[r, <t])` on real tokens, as [`Model::token_logps`]; position 0 and padding positions
-/// hold 0 (the separate-rows fallback: some finite value). Models that do not run the fused attention block (other devices and dtypes, Gemma with
-/// the erf `gelu`), batches that are not right-padded and pairs that share nothing take
-/// [`Model::token_logps`] directly.
+/// hold 0 (the separate-rows fallback: some finite value). Models that do not run the fused
+/// attention block (other devices and dtypes, Gemma with the erf `gelu`), batches that are not
+/// right-padded and pairs that share nothing take [`Model::token_logps`] directly.
 pub fn pair_token_logps(
     model: &Model,
     input_ids: &Tensor,
     attention_mask: Option<&Tensor>,
+    chunk: usize,
+) -> Result<Tensor> {
+    pair_logps(model, input_ids, attention_mask, None, chunk)
+}
+
+/// [`pair_token_logps`] at the positions `wanted` `[2 n, seq]` marks (non-zero; e.g. the
+/// completion mask of a preference batch), 0 everywhere else: the log-probs nobody reads are not
+/// computed, and the last layer's MLP block skips the packed positions none of the wanted ones
+/// is predicted from (a pair's prompt, but for its last token). Values and gradients at the
+/// wanted positions equal [`pair_token_logps`]'s within float rounding.
+pub fn pair_token_logps_at(
+    model: &Model,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    wanted: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
+    pair_logps(model, input_ids, attention_mask, Some(wanted), chunk)
+}
+
+fn pair_logps(
+    model: &Model,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    wanted: Option<&Tensor>,
     chunk: usize,
 ) -> Result<Tensor> {
     let (rows, seq) = input_ids.dims2()?;
@@ -57,9 +82,24 @@ pub fn pair_token_logps(
             reason: format!("{rows} rows; pairs need chosen rows then rejected rows, an even number"),
         });
     }
+    if let Some(w) = wanted
+        && w.dims() != [rows, seq]
+    {
+        return Err(ModelError::Input {
+            input: "wanted",
+            reason: format!("shape {:?} does not match input_ids [{rows}, {seq}]", w.dims()),
+        });
+    }
+    let separate_rows = || -> Result<Tensor> {
+        let all = model.token_logps(input_ids, attention_mask, chunk)?;
+        Ok(match wanted {
+            Some(w) => (all * w.ne(0u32)?.to_dtype(DType::F32)?)?,
+            None => all,
+        })
+    };
     let ids: Vec<u32> = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
     let Some(lengths) = right_padded_lengths(attention_mask, rows, seq)? else {
-        return model.token_logps(input_ids, attention_mask, chunk);
+        return separate_rows();
     };
     let n = rows / 2;
     let layouts: Vec<PairLayout> = (0..n)
@@ -71,7 +111,7 @@ pub fn pair_token_logps(
         })
         .collect();
     if layouts.iter().all(|l| l.prefix == 0) {
-        return model.token_logps(input_ids, attention_mask, chunk);
+        return separate_rows();
     }
     let width = layouts.iter().map(PairLayout::packed_len).max().unwrap_or(0).max(1);
     let (mut packed, mut mask) = (vec![0u32; n * width], vec![0u8; n * width]);
@@ -81,72 +121,89 @@ pub fn pair_token_logps(
         row[l.chosen..l.packed_len()].copy_from_slice(&ids[(n + i) * seq + l.prefix..(n + i) * seq + l.rejected]);
         mask[i * width..i * width + l.packed_len()].fill(1);
     }
+    let wanted: Option<Vec<u8>> = match wanted {
+        Some(w) => Some(w.ne(0u32)?.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    let needed = Needed::of(&layouts, &ids, wanted.as_deref(), n, seq, width);
     let device = input_ids.device();
     let packed = Tensor::from_vec(packed, (n, width), device)?;
     let mask = Tensor::from_vec(mask, (n, width), device)?;
     let branches: Vec<(usize, usize)> = layouts.iter().map(|l| (l.prefix, l.chosen - l.prefix)).collect();
+    let keep = Tensor::from_vec(needed.rows, needed.row_count, device)?;
     let hidden = match model {
-        Model::Llama(m) => m.forward_hidden_branched(&packed, &mask, &branches)?,
-        Model::Gemma(m) => m.forward_hidden_branched(&packed, &mask, &branches)?,
+        Model::Llama(m) => m.forward_hidden_branched_rows(&packed, &mask, &branches, Some(&keep))?,
+        Model::Gemma(m) => m.forward_hidden_branched_rows(&packed, &mask, &branches, Some(&keep))?,
     };
     let Some(hidden) = hidden else {
-        return model.token_logps(input_ids, attention_mask, chunk);
+        return separate_rows();
     };
-    let wanted = Wanted::of(&layouts, &ids, n, seq, width);
-    let h = hidden.dim(2)?;
-    let gather = Tensor::from_vec(wanted.slots, wanted.labels.len(), device)?;
-    let picked = hidden.reshape((n * width, h))?.index_select(&gather, 0)?;
-    let labels = Tensor::from_vec(wanted.labels, picked.dim(0)?, device)?;
+    let entries = needed.labels.len();
+    if entries == 0 {
+        return Ok(Tensor::zeros((rows, seq), DType::F32, device)?);
+    }
+    let picked = hidden.index_select(&Tensor::from_vec(needed.entry_rows, entries, device)?, 0)?;
+    let labels = Tensor::from_vec(needed.labels, entries, device)?;
     let (lm_head, cap) = match model {
         Model::Llama(m) => (m.lm_head(), None),
         Model::Gemma(m) => (m.lm_head(), m.config().final_logit_softcapping),
     };
     let values = crate::logps::lm_head_logps(&picked, lm_head, &labels, cap, rows.saturating_mul(chunk))?;
-    // Position 0 and padding read the appended 0.
+    // Positions without an entry read the appended 0.
     let values = Tensor::cat(&[&values, &Tensor::zeros(1, DType::F32, device)?], 0)?;
-    let out_index = Tensor::from_vec(wanted.out_index, rows * seq, device)?;
+    let out_index = Tensor::from_vec(needed.out_index, rows * seq, device)?;
     Ok(values.index_select(&out_index, 0)?.reshape((rows, seq))?)
 }
 
-/// The log-probs a packed batch needs, each computed once: entry `e` is
-/// `log p(labels[e] | hidden at packed slot slots[e])`, and output position `(r, t)` reads entry
-/// `out_index[r * seq + t]` (the entry count, one past the last, for position 0 and padding).
-/// A rejected row's labels inside the shared prefix are the chosen row's (same slot, same
-/// token), so a pair sharing `P` tokens needs `P - 1` entries fewer than its two rows.
-struct Wanted {
-    slots: Vec<u32>,
+/// The log-probs a packed batch needs, each computed once, and the packed positions they are
+/// predicted from. Entry `e` is `log p(labels[e] | hidden state of the kept row
+/// entry_rows[e])`; kept row `k` is packed position `rows[k]` (`pair * width + slot`,
+/// ascending); output position `(r, t)` reads entry `out_index[r * seq + t]`, or the entry
+/// count (one past the last: 0) where nothing is wanted (position 0, padding, unwanted). A
+/// rejected row's labels inside the shared prefix are the chosen row's (same slot, same token),
+/// so a pair sharing `P` tokens needs up to `P - 1` entries fewer than its two rows.
+struct Needed {
+    rows: Vec<u32>,
+    row_count: usize,
+    entry_rows: Vec<u32>,
     labels: Vec<u32>,
     out_index: Vec<u32>,
 }
 
-impl Wanted {
-    fn of(layouts: &[PairLayout], ids: &[u32], n: usize, seq: usize, width: usize) -> Self {
-        let rejected_entries =
-            |l: &PairLayout| if l.prefix > 0 { l.rejected - l.prefix } else { l.rejected.saturating_sub(1) };
-        let entries: usize = layouts.iter().map(|l| l.chosen.saturating_sub(1) + rejected_entries(l)).sum();
-        let none = entries as u32;
-        let (mut slots, mut labels) = (Vec::with_capacity(entries), Vec::with_capacity(entries));
-        let mut out_index = vec![none; 2 * n * seq];
+impl Needed {
+    fn of(layouts: &[PairLayout], ids: &[u32], wanted: Option<&[u8]>, n: usize, seq: usize, width: usize) -> Self {
+        const NONE: u32 = u32::MAX;
+        let is_wanted = |r: usize, t: usize| wanted.is_none_or(|w| w[r * seq + t] != 0);
+        let (mut slots, mut labels) = (Vec::new(), Vec::new());
+        let mut out_index = vec![NONE; 2 * n * seq];
         let mut push = |slot: usize, label: u32| {
-            slots.push(slot as u32);
+            slots.push(slot);
             labels.push(label);
             (labels.len() - 1) as u32
         };
         for (i, l) in layouts.iter().enumerate() {
             let (chosen, rejected) = (&ids[i * seq..], &ids[(n + i) * seq..]);
-            for t in 1..l.chosen {
+            for t in (1..l.chosen).filter(|&t| is_wanted(i, t)) {
                 out_index[i * seq + t] = push(i * width + t - 1, chosen[t]);
             }
-            for t in 1..l.rejected {
-                out_index[(n + i) * seq + t] = if t < l.prefix {
-                    out_index[i * seq + t]
-                } else {
-                    push(i * width + l.rejected_slot(t - 1), rejected[t])
-                };
+            for t in (1..l.rejected).filter(|&t| is_wanted(n + i, t)) {
+                let shared = if t < l.prefix { out_index[i * seq + t] } else { NONE };
+                out_index[(n + i) * seq + t] =
+                    if shared != NONE { shared } else { push(i * width + l.rejected_slot(t - 1), rejected[t]) };
             }
         }
-        debug_assert_eq!(labels.len(), entries);
-        Self { slots, labels, out_index }
+        let entries = labels.len() as u32;
+        out_index.iter_mut().filter(|e| **e == NONE).for_each(|e| *e = entries);
+        // Kept rows: the distinct slots, ascending; each entry's row among them.
+        let mut kept = vec![NONE; n * width];
+        slots.iter().for_each(|&s| kept[s] = 0);
+        let mut rows = Vec::new();
+        for (slot, k) in kept.iter_mut().enumerate().filter(|(_, k)| **k != NONE) {
+            *k = rows.len() as u32;
+            rows.push(slot as u32);
+        }
+        let entry_rows = slots.iter().map(|&s| kept[s]).collect();
+        Self { row_count: rows.len(), rows, entry_rows, labels, out_index }
     }
 }
 

@@ -45,13 +45,42 @@ fn batch(vocab: u32, dev: &Device) -> Result<(Tensor, Tensor)> {
 fn check(lm: &CausalLm, what: &str, relative_grads: bool) -> Result<()> {
     let dev = Device::Cpu;
     let (ids, mask) = batch(61, &dev)?;
-    let real = mask.to_dtype(candle_core::DType::F32)?;
-    let coef = (randn(1, 0.0, 1.0, ids.dims()) * &real)?;
     let packed = lm.model().pair_token_logps(&ids, Some(&mask), 16)?;
+    check_against_separate_rows(lm, what, relative_grads, &packed, &mask)?;
+    // Only the completions (from each row's prefix on) and, in pair 1's rows, every third
+    // position: the rest is 0, the wanted positions as before.
+    let n = PAIRS.len();
+    let seq = ids.dim(1)?;
+    let mut wanted = vec![0u8; 2 * n * seq];
+    for (r, row) in wanted.chunks_exact_mut(seq).enumerate() {
+        let (prefix, ..) = PAIRS[r % n];
+        for (t, w) in row.iter_mut().enumerate() {
+            *w = u8::from(if r % n == 1 { t % 3 == 0 } else { t >= prefix.max(1) });
+        }
+    }
+    let wanted = (Tensor::from_vec(wanted, ids.dims(), &dev)? * &mask)?;
+    let at = lm.model().pair_token_logps_at(&ids, Some(&mask), &wanted, 16)?;
+    let unwanted = (at.abs()? * wanted.eq(0u8)?.to_dtype(candle_core::DType::F32)?)?.sum_all()?.to_scalar::<f32>()?;
+    assert_eq!(unwanted, 0.0, "{what}: unwanted positions hold log-probs");
+    check_against_separate_rows(lm, &format!("{what}, wanted positions"), relative_grads, &at, &wanted)
+}
+
+/// `packed` equals `token_logps` (the rows run separately) at the positions `marked` marks,
+/// values and gradients (through a random weighting of those positions).
+fn check_against_separate_rows(
+    lm: &CausalLm,
+    what: &str,
+    relative_grads: bool,
+    packed: &Tensor,
+    marked: &Tensor,
+) -> Result<()> {
+    let (ids, mask) = batch(61, &Device::Cpu)?;
+    let real = marked.to_dtype(candle_core::DType::F32)?;
+    let coef = (randn(1, 0.0, 1.0, ids.dims()) * &real)?;
     let separate = lm.model().token_logps(&ids, Some(&mask), 16)?;
-    let diff = ((&packed - &separate)? * &real)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = ((packed - &separate)? * &real)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     assert!(diff < 1e-5, "{what}: log-probs differ by {diff}");
-    let g_packed = (&packed * &coef)?.sum_all()?.backward()?;
+    let g_packed = (packed * &coef)?.sum_all()?.backward()?;
     let g_separate = (&separate * &coef)?.sum_all()?.backward()?;
     for (name, var) in lm.trainable_vars() {
         let a = g_packed.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: packed gradient for {name}"));

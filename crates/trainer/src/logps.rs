@@ -107,7 +107,9 @@ pub fn score_batch(
     }
     let ids = Tensor::from_slice(&batch.input_ids, (rows, seq), device)?;
     let attention = Tensor::from_slice(&batch.attention_mask, (rows, seq), device)?;
-    let logps: Vec<Vec<f32>> = model.lm.model().pair_token_logps(&ids, Some(&attention), LOGP_CHUNK)?.to_vec2()?;
+    let completion = Tensor::from_slice(&batch.completion_mask, (rows, seq), device)?;
+    let logps: Vec<Vec<f32>> =
+        model.lm.model().pair_token_logps_at(&ids, Some(&attention), &completion, LOGP_CHUNK)?.to_vec2()?;
     let n = pairs.len();
     let mut sums = Vec::with_capacity(n);
     let mut tokens = Vec::new();

@@ -269,11 +269,12 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     // Positions per log-prob chunk: the whole sequence (seq x 512 logits per row are small).
     let logp_chunk = seq;
     let separate = args.separate_rows;
-    let token_logps = |lm: &CausalLm, ids: &Tensor, mask: &Tensor| -> Result<Tensor> {
+    // Log-probs of the completion positions `wanted` marks (the objectives read no others).
+    let token_logps = |lm: &CausalLm, ids: &Tensor, mask: &Tensor, wanted: &Tensor| -> Result<Tensor> {
         Ok(if separate {
             lm.model().token_logps(ids, Some(mask), logp_chunk)?
         } else {
-            lm.model().pair_token_logps(ids, Some(mask), logp_chunk)?
+            lm.model().pair_token_logps_at(ids, Some(mask), wanted, logp_chunk)?
         })
     };
     let rss_start_kib = vm_kib("VmRSS:");
@@ -306,8 +307,9 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     let reference_sums = |ids: &Tensor| -> Result<ReferenceLogps> {
         let model = reference_model.as_ref().context("reference model")?;
         let rows = ids.dim(0)?;
-        let logps = token_logps(model, ids, &attention.narrow(0, 0, rows)?)?.detach();
-        let (c, r) = split(&logps, &completion.narrow(0, 0, rows)?, rows / 2)?;
+        let wanted = completion.narrow(0, 0, rows)?;
+        let logps = token_logps(model, ids, &attention.narrow(0, 0, rows)?, &wanted)?.detach();
+        let (c, r) = split(&logps, &wanted, rows / 2)?;
         Ok(ReferenceLogps::new(c.sum(), r.sum())?)
     };
     // dpo-precomputed: every pair's reference sums once, before timing (as `run` does).
@@ -318,8 +320,9 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         for chunk in (0..PAIRS).collect::<Vec<_>>().chunks(n) {
             let ids = batch_ids(&data, chunk, seq)?;
             let mask = Tensor::ones((2 * chunk.len(), seq), DType::U8, &dev)?;
-            let logps = token_logps(model, &ids, &mask)?.detach();
-            let (c, r) = split(&logps, &completion.narrow(0, 0, 2 * chunk.len())?, chunk.len())?;
+            let wanted = completion.narrow(0, 0, 2 * chunk.len())?;
+            let logps = token_logps(model, &ids, &mask, &wanted)?.detach();
+            let (c, r) = split(&logps, &wanted, chunk.len())?;
             let (c, r): (Vec<f32>, Vec<f32>) = (c.sum().to_vec1()?, r.sum().to_vec1()?);
             for (k, &i) in chunk.iter().enumerate() {
                 precomputed[i] = (c[k], r[k]);
@@ -343,8 +346,9 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     let micro_batch = |idx: &[usize]| -> Result<(candle_core::backprop::GradStore, f64)> {
         let ids = batch_ids(&data, idx, seq)?;
         let rows = 2 * idx.len();
-        let logps = token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?)?;
-        let (chosen, rejected) = split(&logps, &completion.narrow(0, 0, rows)?, idx.len())?;
+        let wanted = completion.narrow(0, 0, rows)?;
+        let logps = token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?, &wanted)?;
+        let (chosen, rejected) = split(&logps, &wanted, idx.len())?;
         let mut inputs = ObjectiveInputs::preference(chosen, rejected);
         match reference {
             Some(true) => inputs = inputs.with_reference(reference_sums(&ids)?),

@@ -37,7 +37,7 @@ pub(super) fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
 /// Per-token log-probs of a batch, split into its chosen and rejected halves.
 pub(super) fn pair_logps(lm: &CausalLm, batch: &Batch, device: &Device) -> Result<(SequenceLogps, SequenceLogps)> {
     let t = to_tensors(batch, device)?;
-    let logps = lm.model().pair_token_logps(&t.ids, Some(&t.attention), LOGP_CHUNK)?;
+    let logps = lm.model().pair_token_logps_at(&t.ids, Some(&t.attention), &t.completion, LOGP_CHUNK)?;
     let n = batch.rows / 2;
     Ok((
         SequenceLogps::from_tokens(&logps.narrow(0, 0, n)?, &t.completion.narrow(0, 0, n)?)?,
