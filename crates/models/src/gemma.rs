@@ -700,7 +700,7 @@ impl Gemma {
         if last.is_none() {
             x = keep_rows(x, keep)?;
         }
-        Ok(fused::rms_norm(&x, &plus_one(&self.norm)?, eps)?)
+        fused::rms_norm(&x, &plus_one(&self.norm)?, eps)
     }
 
     /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops

@@ -317,7 +317,7 @@ impl Llama {
         if last.is_none() {
             x = keep_rows(x, keep)?;
         }
-        Ok(fused::rms_norm(&x, &self.norm, eps)?)
+        fused::rms_norm(&x, &self.norm, eps)
     }
 
     /// Logits `[batch, vocab]` at each row's last real position (greedy decoding, parity checks).
