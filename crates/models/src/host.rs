@@ -375,6 +375,27 @@ pub(crate) fn glu_bwd_rows(act: Glu, gu: &[f32], dact: &[f32], i: usize, dgu: &m
         });
 }
 
+/// [`glu_rows`] and [`glu_bwd_rows`] in one pass (the gate's exponential once): the gated
+/// product into `act` `[rows, i]` and the block's gradient into `dgu`, the same bits as the two.
+pub(crate) fn glu_act_bwd_rows(act: Glu, gu: &[f32], dact: &[f32], i: usize, out: &mut [f32], dgu: &mut [f32]) {
+    let both_fn = match act {
+        Glu::Silu => vmath::swiglu_act_bwd_row,
+        Glu::GeluTanh => vmath::geglu_act_bwd_row,
+    };
+    dgu.par_chunks_mut(2 * i * ROW_BLOCK)
+        .zip(out.par_chunks_mut(i * ROW_BLOCK))
+        .zip(gu.par_chunks(2 * i * ROW_BLOCK))
+        .zip(dact.par_chunks(i * ROW_BLOCK))
+        .for_each(|(((d, o), gu), da)| {
+            let rows = d.chunks_exact_mut(2 * i).zip(o.chunks_exact_mut(i)).zip(gu.chunks_exact(2 * i));
+            for (((d, o), row), da) in rows.zip(da.chunks_exact(i)) {
+                let (gate, up) = row.split_at(i);
+                let (dg, du) = d.split_at_mut(i);
+                both_fn(o, dg, du, gate, up, da);
+            }
+        });
+}
+
 /// Rotary embedding of one head vector (`rotate_half` layout): `out = x cos + rotate_half(x) sin`.
 #[inline]
 pub(crate) fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {

@@ -88,6 +88,21 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// [`swiglu_row`] and [`swiglu_bwd_row`] in one pass, `e^-gate` computed once: the same
+    /// arithmetic, so the same bits.
+    pub(crate) fn swiglu_act_bwd_row(act: &mut [f32], dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+        let outs = act.iter_mut().zip(dgate.iter_mut()).zip(dup.iter_mut());
+        for ((((o, dg), du), (&g, &u)), &a) in outs.zip(gate.iter().zip(up)).zip(dact) {
+            let e = exp(-g);
+            *o = g / (1.0 + e) * u;
+            let s = 1.0 / (1.0 + e);
+            *du = a * (g * s);
+            *dg = a * u * (s * (1.0 + g * (1.0 - s)));
+        }
+    }
+}
+
 /// `sqrt(2 / pi)` and the cubic coefficient of the tanh approximation of GELU.
 const GELU_C: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044_715;
@@ -124,6 +139,23 @@ dispatch! {
             let du_dg = GELU_C * (1.0 + 3.0 * GELU_A * g * g);
             *du = a * (g * s);
             // `1 - s = e s`, without the cancellation of `1 - s` near s = 1.
+            *dg = a * u * (s + 2.0 * g * s * (e * s) * du_dg);
+        }
+    }
+}
+
+dispatch! {
+    /// [`geglu_row`] and [`geglu_bwd_row`] in one pass, the exponential computed once: the same
+    /// arithmetic, so the same bits.
+    pub(crate) fn geglu_act_bwd_row(act: &mut [f32], dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+        let outs = act.iter_mut().zip(dgate.iter_mut()).zip(dup.iter_mut());
+        for ((((o, dg), du), (&g, &u)), &a) in outs.zip(gate.iter().zip(up)).zip(dact) {
+            let inner = GELU_C * g * (1.0 + GELU_A * g * g);
+            let e = exp(-2.0 * inner);
+            *o = g / (1.0 + e) * u;
+            let s = 1.0 / (1.0 + e);
+            let du_dg = GELU_C * (1.0 + 3.0 * GELU_A * g * g);
+            *du = a * (g * s);
             *dg = a * u * (s + 2.0 * g * s * (e * s) * du_dg);
         }
     }
@@ -292,6 +324,29 @@ mod tests {
             assert!((f64::from(out[j]) - g * s * u).abs() < 1e-5, "swiglu {j}");
             assert!((f64::from(du[j]) - a * g * s).abs() < 1e-5, "d up {j}");
             assert!((f64::from(dg[j]) - a * u * s * (1.0 + g * (1.0 - s))).abs() < 1e-5, "d gate {j}");
+        }
+    }
+
+    /// The one-pass gated products and backward give the bits of the two separate kernels.
+    #[test]
+    fn one_pass_glu_backward_equals_the_separate_kernels_bit_for_bit() {
+        let gate: Vec<f32> = (0..2403).map(|k| -12.0 + k as f32 * 0.01).chain([0.0, -0.0, -1e4, 1e4]).collect();
+        let up: Vec<f32> = gate.iter().enumerate().map(|(k, _)| 1.0 - (k % 7) as f32 * 0.3).collect();
+        let dact: Vec<f32> = gate.iter().enumerate().map(|(k, _)| 0.5 - (k % 5) as f32 * 0.25).collect();
+        let n = gate.len();
+        type Fwd = fn(&mut [f32], &[f32], &[f32]);
+        type Bwd = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
+        type Both = fn(&mut [f32], &mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
+        let kernels: [(Fwd, Bwd, Both); 2] =
+            [(swiglu_row, swiglu_bwd_row, swiglu_act_bwd_row), (geglu_row, geglu_bwd_row, geglu_act_bwd_row)];
+        for (fwd, bwd, both) in kernels {
+            let (mut act, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            fwd(&mut act, &gate, &up);
+            bwd(&mut dg, &mut du, &gate, &up, &dact);
+            let (mut act1, mut dg1, mut du1) = (vec![1f32; n], vec![1f32; n], vec![1f32; n]);
+            both(&mut act1, &mut dg1, &mut du1, &gate, &up, &dact);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(&act1), bits(&dg1), bits(&du1)), (bits(&act), bits(&dg), bits(&du)));
         }
     }
 

@@ -11,8 +11,8 @@ use super::attention_block;
 use super::{ActivationMeter, Activations, at, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
 use crate::Result;
 use crate::host::{
-    HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_bwd_rows, glu_rows, matmul, product, rms_norm_bwd_rows,
-    rms_norm_rows,
+    HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_act_bwd_rows, glu_bwd_rows, glu_rows, matmul, product,
+    rms_norm_bwd_rows, rms_norm_rows,
 };
 
 /// Rows of the MLP block's backward pass (and of its forward pass when it keeps nothing) handled
@@ -184,7 +184,12 @@ impl CustomOp3 for MlpBlockOp {
                 (normed, &saved_gu[c * MLP_ROWS * 2 * i..][..rows * 2 * i])
             };
             let mut act = vec![0f32; rows * i];
-            glu_rows(self.act, gu, i, &mut act);
+            // Only a post-norm's recomputed input needs `act` before `dact` exists; otherwise
+            // both come from one pass below.
+            let act_first = post.is_some() && saved_m.is_empty();
+            if act_first {
+                glu_rows(self.act, gu, i, &mut act);
+            }
             // The gradient reaching the down projection's output.
             let dm_owned;
             let dm: &[f32] = match post {
@@ -204,6 +209,14 @@ impl CustomOp3 for MlpBlockOp {
                     &dm_owned
                 }
             };
+            let dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
+            let mut dgu = vec![0f32; rows * 2 * i];
+            if act_first {
+                glu_bwd_rows(self.act, gu, &dact, i, &mut dgu);
+            } else {
+                glu_act_bwd_rows(self.act, gu, &dact, i, &mut act, &mut dgu);
+            }
+            drop(dact);
             let accumulate = c > 0;
             // SAFETY: `dw` has room for 3 i h elements; the first chunk's products write
             // [2 i h, 3 i h) and [0, 2 i h) completely (accumulate = false), later chunks add to
@@ -223,10 +236,6 @@ impl CustomOp3 for MlpBlockOp {
                 );
             }
             drop(act);
-            let dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
-            let mut dgu = vec![0f32; rows * 2 * i];
-            glu_bwd_rows(self.act, gu, &dact, i, &mut dgu);
-            drop(dact);
             // SAFETY: as above.
             unsafe {
                 matmul(
