@@ -185,7 +185,7 @@ pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle
 
 /// `1 / sqrt(mean(x^2) + eps)` of one row, accumulated in f64.
 pub(crate) fn inv_rms(row: &[f32], eps: f64) -> f32 {
-    let ms = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / row.len() as f64;
+    let ms = vmath::sum_squares_f64(row) / row.len() as f64;
     (1.0 / (ms + eps).sqrt()) as f32
 }
 
@@ -215,7 +215,7 @@ pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &
             let mut dw = vec![0f32; h];
             for ((d, row), gr) in d.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
                 let r = inv_rms(row, eps);
-                let dot = row.iter().zip(gr).zip(w).map(|((&v, &g), &w)| f64::from(v * g * w)).sum::<f64>();
+                let dot = vmath::dot3_f64(row, gr, w);
                 let c = (dot / h as f64) as f32 * r * r * r;
                 for ((((d, &v), &g), &w), dw) in d.iter_mut().zip(row).zip(gr).zip(w).zip(dw.iter_mut()) {
                     *d = r * g * w - v * c;
@@ -313,8 +313,7 @@ impl HeadNorm<'_> {
                     for (j, (gh, xh)) in gr[..qk].chunks_exact_mut(d).zip(xr[..qk].chunks_exact(d)).enumerate() {
                         let (w, dw) = if j < self.heads { (self.q, &mut dq) } else { (self.k, &mut dk) };
                         let r = inv_rms(xh, self.eps);
-                        let dot =
-                            xh.iter().zip(gh.iter()).zip(w).map(|((&v, &g), &w)| f64::from(v * g * w)).sum::<f64>();
+                        let dot = vmath::dot3_f64(xh, gh, w);
                         let c = (dot / d as f64) as f32 * r * r * r;
                         for (((g, &v), &w), dw) in gh.iter_mut().zip(xh).zip(w).zip(dw.iter_mut()) {
                             *dw += *g * v * r;

@@ -262,6 +262,47 @@ dispatch! {
 }
 
 dispatch! {
+    /// `sum_j row[j]^2` accumulated in f64 over [`LANES`] independent sums (added in lane order,
+    /// then the tail), so the additions do not wait on each other.
+    pub(crate) fn sum_squares_f64(row: &[f32]) -> f64 {
+        let mut lanes = [0f64; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for k in 0..LANES {
+                let v = f64::from(c[k]);
+                lanes[k] += v * v;
+            }
+        }
+        let mut total: f64 = lanes.iter().sum();
+        for &v in tail {
+            total += f64::from(v) * f64::from(v);
+        }
+        total
+    }
+}
+
+dispatch! {
+    /// `sum_j a[j] b[j] c[j]`, each product in f32, accumulated in f64 as [`sum_squares_f64`].
+    pub(crate) fn dot3_f64(a: &[f32], b: &[f32], c: &[f32]) -> f64 {
+        let mut lanes = [0f64; LANES];
+        let n = a.len().min(b.len()).min(c.len());
+        let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+        let body = n / LANES * LANES;
+        for ((a, b), c) in a[..body].chunks_exact(LANES).zip(b[..body].chunks_exact(LANES)).zip(c[..body].chunks_exact(LANES)) {
+            for k in 0..LANES {
+                lanes[k] += f64::from(a[k] * b[k] * c[k]);
+            }
+        }
+        let mut total: f64 = lanes.iter().sum();
+        for j in body..n {
+            total += f64::from(a[j] * b[j] * c[j]);
+        }
+        total
+    }
+}
+
+dispatch! {
     /// The maximum of `row` (NaN entries ignored; `-inf` for an empty row).
     pub(crate) fn max(row: &[f32]) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; LANES];
@@ -324,6 +365,19 @@ mod tests {
             assert!((f64::from(out[j]) - g * s * u).abs() < 1e-5, "swiglu {j}");
             assert!((f64::from(du[j]) - a * g * s).abs() < 1e-5, "d up {j}");
             assert!((f64::from(dg[j]) - a * u * s * (1.0 + g * (1.0 - s))).abs() < 1e-5, "d gate {j}");
+        }
+    }
+
+    #[test]
+    fn lane_sums_equal_the_f64_sums() {
+        let a: Vec<f32> = (0..261).map(|k| ((k * 7919) % 103) as f32 * 0.37 - 19.0).collect();
+        let b: Vec<f32> = a.iter().map(|v| 1.0 - 0.01 * v).collect();
+        let c: Vec<f32> = a.iter().map(|v| 0.5 + 0.002 * v * v).collect();
+        for n in [0, 1, 7, 8, 9, 64, 261] {
+            let squares: f64 = a[..n].iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            assert!((sum_squares_f64(&a[..n]) - squares).abs() <= 1e-12 * squares.max(1.0), "{n}");
+            let dot: f64 = (0..n).map(|j| f64::from(a[j] * b[j] * c[j])).sum();
+            assert!((dot3_f64(&a[..n], &b[..n], &c[..n]) - dot).abs() <= 1e-12 * dot.abs().max(1.0), "{n}");
         }
     }
 
