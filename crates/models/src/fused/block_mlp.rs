@@ -171,50 +171,53 @@ impl CustomOp3 for MlpBlockOp {
         let mut dx = vec![0f32; x_.len()];
         let mut dnw = vec![0f32; h];
         let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
+        // Row buffers of one chunk, allocated (and zeroed) once: every chunk overwrites them.
+        let chunk_rows = MLP_ROWS.min(x_.len() / h);
+        let mut normed_buf = if saved_gu.is_empty() { Vec::new() } else { vec![0f32; chunk_rows * h] };
+        let mut act_buf = vec![0f32; chunk_rows * i];
+        let mut dgu_buf = vec![0f32; chunk_rows * 2 * i];
+        let mut dm_buf = vec![0f32; if post.is_some() { chunk_rows * h } else { 0 }];
         for (c, (xc, gc)) in x_.chunks(MLP_ROWS * h).zip(g_.chunks(MLP_ROWS * h)).enumerate() {
             let rows = xc.len() / h;
             let recomputed;
-            let (normed, gu): (Vec<f32>, &[f32]) = if saved_gu.is_empty() {
-                let (normed, gu) = self.gate_up(xc, nw_, w_);
-                recomputed = gu;
-                (normed, &recomputed)
+            let (normed, gu): (&[f32], &[f32]) = if saved_gu.is_empty() {
+                recomputed = self.gate_up(xc, nw_, w_);
+                (&recomputed.0, &recomputed.1)
             } else {
-                let mut normed = vec![0f32; xc.len()];
-                rms_norm_rows(xc, nw_, self.eps, &mut normed);
+                let normed = &mut normed_buf[..xc.len()];
+                rms_norm_rows(xc, nw_, self.eps, normed);
                 (normed, &saved_gu[c * MLP_ROWS * 2 * i..][..rows * 2 * i])
             };
-            let mut act = vec![0f32; rows * i];
+            let act = &mut act_buf[..rows * i];
             // Only a post-norm's recomputed input needs `act` before `dact` exists; otherwise
             // both come from one pass below.
             let act_first = post.is_some() && saved_m.is_empty();
             if act_first {
-                glu_rows(self.act, gu, i, &mut act);
+                glu_rows(self.act, gu, i, act);
             }
             // The gradient reaching the down projection's output.
-            let dm_owned;
             let dm: &[f32] = match post {
                 None => gc,
                 Some(pw) => {
                     let m_owned;
                     let m: &[f32] = if saved_m.is_empty() {
-                        m_owned = product(rows, h, i, Mat::rows(&act, i), Mat::rows_t(wd, i));
+                        m_owned = product(rows, h, i, Mat::rows(act, i), Mat::rows_t(wd, i));
                         &m_owned
                     } else {
                         &saved_m[c * MLP_ROWS * h..][..rows * h]
                     };
-                    let mut d = vec![0f32; rows * h];
-                    let part = rms_norm_bwd_rows(m, pw, gc, self.eps, &mut d);
+                    let d = &mut dm_buf[..rows * h];
+                    let part = rms_norm_bwd_rows(m, pw, gc, self.eps, d);
                     dpost.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
-                    dm_owned = d;
-                    &dm_owned
+                    d
                 }
             };
             let dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
-            let mut dgu = vec![0f32; rows * 2 * i];
+            let dgu = &mut dgu_buf[..rows * 2 * i];
             if act_first {
-                glu_bwd_rows(self.act, gu, &dact, i, &mut dgu);
+                glu_bwd_rows(self.act, gu, &dact, i, dgu);
             } else {
-                glu_act_bwd_rows(self.act, gu, &dact, i, &mut act, &mut dgu);
+                glu_act_bwd_rows(self.act, gu, &dact, i, act, dgu);
             }
             drop(dact);
             let accumulate = c > 0;
@@ -231,11 +234,10 @@ impl CustomOp3 for MlpBlockOp {
                     i,
                     accumulate,
                     Mat::rows_t(dm, h),
-                    Mat::rows(&act, i),
+                    Mat::rows(act, i),
                     Threads::Pool,
                 );
             }
-            drop(act);
             // SAFETY: as above.
             unsafe {
                 matmul(
@@ -245,14 +247,12 @@ impl CustomOp3 for MlpBlockOp {
                     dw.as_mut_ptr(),
                     h,
                     accumulate,
-                    Mat::rows_t(&dgu, 2 * i),
-                    Mat::rows(&normed, h),
+                    Mat::rows_t(dgu, 2 * i),
+                    Mat::rows(normed, h),
                     Threads::Pool,
                 );
             }
-            drop(normed);
-            let dnormed = product(rows, h, 2 * i, Mat::rows(&dgu, 2 * i), Mat::rows(w_, h));
-            drop(dgu);
+            let dnormed = product(rows, h, 2 * i, Mat::rows(dgu, 2 * i), Mat::rows(w_, h));
             let dxc = &mut dx[c * MLP_ROWS * h..][..xc.len()];
             let part = rms_norm_bwd_rows(xc, nw_, &dnormed, self.eps, dxc);
             dnw.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
