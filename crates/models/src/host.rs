@@ -395,20 +395,8 @@ pub(crate) fn glu_act_bwd_rows(act: Glu, gu: &[f32], dact: &[f32], i: usize, out
         });
 }
 
-/// Rotary embedding of one head vector (`rotate_half` layout): `out = x cos + rotate_half(x) sin`.
-#[inline]
-pub(crate) fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
-    let half = cos.len();
-    let (o1, o2) = out.split_at_mut(half);
-    let (x1, x2) = x.split_at(half);
-    for i in 0..half {
-        let (a, b) = (x1[i], x2[i]);
-        o1[i] = a * cos[i] + -b * sin[i];
-        o2[i] = b * cos[i] + a * sin[i];
-    }
-}
-
-/// The transpose of [`rope_row`] (rotation by the negative angle): the gradient of its input.
+/// The transpose of the rotary embedding of one head vector ([`vmath::rope_rows`], rotation by
+/// the negative angle): the gradient of its input.
 #[inline]
 pub(crate) fn rope_row_bwd(out: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();

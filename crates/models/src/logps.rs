@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::fused::{fusable, linear, log_softmax_gather};
 use crate::host::{HostF32, Mat, Threads, f32_slice, matmul, product, row_lse, u32_slice};
-use crate::{ModelError, Result};
+use crate::{ModelError, Result, vmath};
 
 /// Upper bound on the logits one block of [`lm_head_logps`] holds (64 MiB: 64 rows of a
 /// 262,144-token vocabulary).
@@ -110,8 +110,12 @@ impl CustomOp3 for LmHeadLogps {
             d.par_chunks_mut(v).zip(&labels[r0..r0 + rows]).zip(&gv[r0..r0 + rows]).for_each(|((row, &label), &g)| {
                 let lse = row_lse(row);
                 let z_label = row[label as usize];
-                for z in row.iter_mut() {
-                    *z = -g * (*z - lse).exp() * dcap(*z);
+                if cap.is_some() {
+                    for z in row.iter_mut() {
+                        *z = -g * (*z - lse).exp() * dcap(*z);
+                    }
+                } else {
+                    vmath::neg_scaled_softmax_row(row, lse, g);
                 }
                 row[label as usize] += g * dcap(z_label);
             });

@@ -312,6 +312,32 @@ dispatch! {
 }
 
 dispatch! {
+    /// Rotary embedding (`rotate_half` layout) of consecutive head vectors: row `t` of `out`
+    /// (row stride `out_rs`) is `x cos + rotate_half(x) sin` of `x = src[t * src_rs..][..2 half]`,
+    /// with row `t` of the `[rows, half]` tables `cos`, `sin`.
+    pub(crate) fn rope_rows(out: &mut [f32], out_rs: usize, src: &[f32], src_rs: usize, cos: &[f32], sin: &[f32], half: usize) {
+        for (t, (c, s)) in cos.chunks_exact(half).zip(sin.chunks_exact(half)).enumerate() {
+            let (x1, x2) = src[t * src_rs..][..2 * half].split_at(half);
+            let (o1, o2) = out[t * out_rs..][..2 * half].split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                o1[i] = a * c[i] + -b * s[i];
+                o2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// `row[j] = -g e^(row[j] - lse)` (the log-softmax's gradient before the label's `+ g`).
+    pub(crate) fn neg_scaled_softmax_row(row: &mut [f32], lse: f32, g: f32) {
+        for z in row.iter_mut() {
+            *z = -g * exp(*z - lse);
+        }
+    }
+}
+
+dispatch! {
     /// The maximum of `row` (NaN entries ignored; `-inf` for an empty row).
     pub(crate) fn max(row: &[f32]) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; LANES];

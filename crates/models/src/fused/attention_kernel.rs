@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::{cpu, fusable};
 use crate::Result;
-use crate::host::{HostF32, Mat, SendPtr, Threads, f32_slice, matmul, rope_row, rope_row_bwd};
+use crate::host::{HostF32, Mat, SendPtr, Threads, f32_slice, matmul, rope_row_bwd};
 use crate::vmath;
 
 // ---------------------------------------------------------------------------------------------
@@ -232,11 +232,16 @@ impl AttentionSpec {
     }
 
     /// Rotated rows of one head of batch row `b`: `out[t] = rope(src[t * rs + col ..][..head_dim])`.
+    /// Rows `0..g1` have positions `0..g1`, rows `g1..` continue from `g0` (see [`Self::pos`]):
+    /// two runs of consecutive positions, each one [`vmath::rope_rows`] call.
     fn rope_head(&self, b: usize, src: &[f32], rs: usize, col: usize, out: &mut [f32]) {
-        let d = self.head_dim;
-        for (t, o) in out.chunks_exact_mut(d).enumerate() {
-            let (c, s) = self.tables(self.pos(b, t));
-            rope_row(o, &src[t * rs + col..t * rs + col + d], c, s);
+        let (d, half) = (self.head_dim, self.head_dim / 2);
+        let rows = out.len() / d;
+        let g1 = self.gap[b].1.min(rows);
+        for (t0, t1) in [(0, g1), (g1, rows)].into_iter().filter(|(t0, t1)| t1 > t0) {
+            let (p0, p1) = (self.pos(b, t0), self.pos(b, t1 - 1) + 1);
+            let (c, s) = (&self.cos[p0 * half..p1 * half], &self.sin[p0 * half..p1 * half]);
+            vmath::rope_rows(&mut out[t0 * d..t1 * d], d, &src[t0 * rs + col..], rs, c, s, half);
         }
     }
 
