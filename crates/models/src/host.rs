@@ -54,11 +54,6 @@ impl Mat {
     pub fn skip_rows(self, r: usize) -> Self {
         Self { ptr: self.ptr.wrapping_add(r * self.rs), ..self }
     }
-
-    /// The transpose of this operand (no copy).
-    pub fn t(self) -> Self {
-        Self { ptr: self.ptr, rs: self.cs, cs: self.rs }
-    }
 }
 
 /// How a product may use threads: the whole rayon pool, or the calling thread only (inside a

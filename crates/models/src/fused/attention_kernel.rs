@@ -371,22 +371,23 @@ impl AttentionSpec {
 
     /// The probabilities of the query block `r0..r1` of head `h`, batch row `b`, into `pb`
     /// (`r1 - r0` rows of `r1` keys, row stride `r1`), from its rotated queries `qr` (all of the
-    /// head's rows) and keys `kr`: scores only for the keys the block may see, then `softmax_row`.
+    /// head's rows) and keys, transposed, `kt` (`[head_dim, seq]`: the product then packs its
+    /// operand by plain copies): scores only for the keys the block may see, then `softmax_row`.
     /// With `dcap` (the backward pass of soft-capped scores), also the cap's derivative there.
     fn block_probs(
         &self,
         b: usize,
         (r0, r1): (usize, usize),
         qr: &[f32],
-        kr: &[f32],
+        kt: &[f32],
         pb: &mut [f32],
         mut dcap: Option<&mut [f32]>,
     ) {
         let d = self.head_dim;
         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
-            // SAFETY: `pb` holds (r1 - r0) x r1, `qr` and `kr` seq x d; single-threaded.
+            // SAFETY: `pb` holds (r1 - r0) x r1, `qr` seq x d, `kt` d x seq; single-threaded.
             unsafe {
-                let (q, k) = (Mat::rows(&qr[r0 * d..], d), Mat::rows_t(&kr[k0 * d..], d));
+                let (q, k) = (Mat::rows(&qr[r0 * d..], d), Mat::rows(&kt[k0..], self.seq));
                 matmul(r1 - r0, k1 - k0, d, pb.as_mut_ptr().add(k0), r1, false, q, k, Threads::Single);
             }
         }
@@ -414,17 +415,18 @@ impl AttentionSpec {
         // Per (batch row, key/value head) task, per query head and query block: the block's
         // probabilities (at most QUERY_BLOCK x seq, cache-sized), then `out += P V`.
         (0..self.batch * kv).into_par_iter().for_each_init(
-            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; QUERY_BLOCK * s]),
-            |(kr, qr, pb), task| {
+            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; QUERY_BLOCK * s]),
+            |(kr, kt, qr, pb), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(b, rows, cols, qc + g * d, kr);
+                transpose(kr, d, kt);
                 let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
                 for h in g * n_rep..(g + 1) * n_rep {
                     self.rope_head(b, rows, cols, h * d, qr);
                     for (r0, r1) in query_blocks(s) {
                         let pb = &mut pb[..(r1 - r0) * r1];
-                        self.block_probs(b, (r0, r1), qr, kr, pb, None);
+                        self.block_probs(b, (r0, r1), qr, kt, pb, None);
                         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
                             // out[r0..r1] += P[.., k0..k1] V[k0..k1] (`out` starts at 0).
                             // SAFETY: task (b, g) alone writes rows b * s.. of the columns of
@@ -461,13 +463,19 @@ impl AttentionSpec {
                 let block = || vec![0f32; QUERY_BLOCK * s];
                 // The soft-cap derivative per score (soft-capped attention only).
                 let cap = if self.softcap.is_some() { block() } else { Vec::new() };
-                (head(), head(), head(), head(), head(), block(), block(), cap)
+                ([head(), head(), head(), head(), head(), head(), head()], block(), block(), cap)
             },
-            |(kr, qr, dkr, dvv, dqr, pb, dpb, cb), task| {
+            |([kr, kt, vt, qr, dkr, dvv, dqr], pb, dpb, cb), task| {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(b, rows, cols, qc + g * d, kr);
-                let v = Mat { ptr: rows[qc + kc + g * d..].as_ptr(), rs: cols, cs: 1 };
+                transpose(kr, d, kt);
+                // V^T ([head_dim, seq]) for `dP = dO V^T`.
+                for (t, row) in rows.chunks_exact(cols).enumerate() {
+                    for (j, &x) in row[qc + kc + g * d..][..d].iter().enumerate() {
+                        vt[j * s + t] = x;
+                    }
+                }
                 dkr.fill(0.0);
                 dvv.fill(0.0);
                 for h in g * n_rep..(g + 1) * n_rep {
@@ -479,7 +487,7 @@ impl AttentionSpec {
                     for (r0, r1) in query_blocks(s) {
                         let (m, pb, dpb) = (r1 - r0, &mut pb[..(r1 - r0) * r1], &mut dpb[..(r1 - r0) * r1]);
                         let capped = self.softcap.is_some();
-                        self.block_probs(b, (r0, r1), qr, kr, pb, capped.then(|| &mut cb[..m * r1]));
+                        self.block_probs(b, (r0, r1), qr, kt, pb, capped.then(|| &mut cb[..m * r1]));
                         let ranges = self.key_ranges(b, r0, r1);
                         let live = || ranges.into_iter().filter(|(k0, k1)| k1 > k0);
                         let d_o = dout_h.skip_rows(r0);
@@ -490,7 +498,8 @@ impl AttentionSpec {
                             unsafe { matmul(k1 - k0, d, m, dv, d, true, pt, d_o, Threads::Single) };
                             // dP[.., k0..k1] = dO[r0..r1] V[k0..k1]^T
                             let dpk = dpb.as_mut_ptr().wrapping_add(k0);
-                            unsafe { matmul(m, k1 - k0, d, dpk, r1, false, d_o, v.skip_rows(k0).t(), Threads::Single) };
+                            let vtk = Mat::rows(&vt[k0..], s);
+                            unsafe { matmul(m, k1 - k0, d, dpk, r1, false, d_o, vtk, Threads::Single) };
                         }
                         for (ri, (prow, dprow)) in pb.chunks_exact(r1).zip(dpb.chunks_exact_mut(r1)).enumerate() {
                             // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges
@@ -554,6 +563,16 @@ impl AttentionSpec {
             },
         );
         Ok(dqkv)
+    }
+}
+
+/// `dst [cols, rows] = src [rows, cols]^T` (both row-major).
+fn transpose(src: &[f32], cols: usize, dst: &mut [f32]) {
+    let rows = src.len() / cols;
+    for (t, row) in src.chunks_exact(cols).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            dst[j * rows + t] = x;
+        }
     }
 }
 
