@@ -329,6 +329,35 @@ dispatch! {
 }
 
 dispatch! {
+    /// `sum_j a[j] b[j]` in f32 over [`LANES`] independent sums (added in lane order, then the
+    /// tail), so it vectorises.
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let body = n / LANES * LANES;
+        let mut lanes = [0f32; LANES];
+        for (a, b) in a[..body].chunks_exact(LANES).zip(b[..body].chunks_exact(LANES)) {
+            for k in 0..LANES {
+                lanes[k] += a[k] * b[k];
+            }
+        }
+        let mut total: f32 = lanes.iter().sum();
+        for j in body..n {
+            total += a[j] * b[j];
+        }
+        total
+    }
+}
+
+dispatch! {
+    /// The softmax backward of one row's range: `dp[j] = p[j] (dp[j] - dot) scale`.
+    pub(crate) fn softmax_bwd_row(dp: &mut [f32], p: &[f32], dot: f32, scale: f32) {
+        for (dv, &pv) in dp.iter_mut().zip(p) {
+            *dv = pv * (*dv - dot) * scale;
+        }
+    }
+}
+
+dispatch! {
     /// `row[j] = -g e^(row[j] - lse)` (the log-softmax's gradient before the label's `+ g`).
     pub(crate) fn neg_scaled_softmax_row(row: &mut [f32], lse: f32, g: f32) {
         for z in row.iter_mut() {
@@ -401,6 +430,19 @@ mod tests {
             assert!((f64::from(du[j]) - a * g * s).abs() < 1e-5, "d up {j}");
             assert!((f64::from(dg[j]) - a * u * s * (1.0 + g * (1.0 - s))).abs() < 1e-5, "d gate {j}");
         }
+    }
+
+    #[test]
+    fn dot_and_softmax_backward_rows() {
+        let a: Vec<f32> = (0..77).map(|k| ((k * 31) % 17) as f32 * 0.25 - 2.0).collect();
+        let b: Vec<f32> = a.iter().map(|v| 0.5 - 0.1 * v).collect();
+        for n in [0, 3, 8, 77] {
+            let want: f64 = (0..n).map(|j| f64::from(a[j]) * f64::from(b[j])).sum();
+            assert!((f64::from(dot(&a[..n], &b[..n])) - want).abs() < 1e-5, "{n}");
+        }
+        let mut dp = b.clone();
+        softmax_bwd_row(&mut dp, &a, 0.3, 0.5);
+        assert!(dp.iter().zip(&a).zip(&b).all(|((d, &p), &g)| *d == p * (g - 0.3) * 0.5));
     }
 
     #[test]

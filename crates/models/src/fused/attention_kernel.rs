@@ -504,11 +504,7 @@ impl AttentionSpec {
                         for (ri, (prow, dprow)) in pb.chunks_exact(r1).zip(dpb.chunks_exact_mut(r1)).enumerate() {
                             // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges
                             // (soft-capped: times the cap's derivative).
-                            let dot: f32 = live()
-                                .map(|(k0, k1)| {
-                                    prow[k0..k1].iter().zip(&dprow[k0..k1]).map(|(a, b)| a * b).sum::<f32>()
-                                })
-                                .sum();
+                            let dot: f32 = live().map(|(k0, k1)| vmath::dot(&prow[k0..k1], &dprow[k0..k1])).sum();
                             if capped {
                                 let crow = &cb[ri * r1..(ri + 1) * r1];
                                 for (k0, k1) in live() {
@@ -519,9 +515,7 @@ impl AttentionSpec {
                                 }
                             } else {
                                 for (k0, k1) in live() {
-                                    for (dv, &pv) in dprow[k0..k1].iter_mut().zip(&prow[k0..k1]) {
-                                        *dv = pv * (*dv - dot) * self.scale;
-                                    }
+                                    vmath::softmax_bwd_row(&mut dprow[k0..k1], &prow[k0..k1], dot, self.scale);
                                 }
                             }
                         }
