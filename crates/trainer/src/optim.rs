@@ -291,8 +291,25 @@ struct Hyper {
 }
 
 impl Hyper {
-    /// The fused update of one chunk (see the module docs for the formula).
+    /// The fused update of one chunk (see the module docs for the formula), in 16-lane AVX-512
+    /// loops when the CPU has them: element-wise IEEE operations only, so the same bits.
     fn update(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { self.update_avx512(theta, m, v, g) };
+        }
+        self.update_plain(theta, m, v, g)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn update_avx512(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        self.update_plain(theta, m, v, g)
+    }
+
+    #[inline(always)]
+    fn update_plain(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
         for (((t, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
             let g = g * self.grad_scale;
             *m = self.beta1 * *m + (1.0 - self.beta1) * g;
