@@ -21,12 +21,12 @@ use candle_nn::{Embedding, VarBuilder};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::Result;
 use crate::config::LlamaConfig;
 use crate::fused::{self, ActivationMeter, Activations, AttentionExtras, AttentionSpec};
 use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rope, rope_tables};
+use crate::{ModelError, Result};
 
 struct Attention {
     q: Proj,
@@ -339,10 +339,16 @@ impl Llama {
 /// The rows `keep` (u32 indices) of the residual stream `x`, or all of it without `keep`: taken
 /// before the last layer's MLP block, which is per position.
 pub(crate) fn keep_rows(x: Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
-    Ok(match keep {
-        Some(rows) => x.index_select(rows, 0)?,
-        None => x,
-    })
+    let Some(rows) = keep else { return Ok(x) };
+    let n = x.dim(0)?;
+    let wanted: Vec<u32> = rows.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    if let Some(bad) = wanted.iter().find(|&&r| r as usize >= n) {
+        return Err(ModelError::Input {
+            input: "rows",
+            reason: format!("position {bad} is past the batch's {n} positions (batch * seq)"),
+        });
+    }
+    Ok(x.index_select(rows, 0)?)
 }
 
 impl Llama {

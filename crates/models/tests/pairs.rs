@@ -189,3 +189,24 @@ fn an_odd_number_of_rows_is_an_error() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_wanted_mask_of_another_shape_and_rows_past_the_batch_are_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let lm = CausalLm::random(&LlamaConfig::tiny(61, 32, 48, 2, 4, 2), 8, &dev)?;
+    let (ids, mask) = batch(61, &dev)?;
+    let wrong = Tensor::ones((ids.dim(0)?, 3), candle_core::DType::U8, &dev)?;
+    match lm.model().pair_token_logps_at(&ids, Some(&mask), &wrong, 4) {
+        Err(ModelError::Input { input: "wanted", reason }) => assert!(reason.contains("does not match"), "{reason}"),
+        other => panic!("expected an input error, got {other:?}"),
+    }
+    let slime_models::Model::Llama(llama) = lm.model() else { panic!("a Llama") };
+    let packed = Tensor::zeros((1, 6), candle_core::DType::U32, &dev)?;
+    let packed_mask = Tensor::ones((1, 6), candle_core::DType::U8, &dev)?;
+    let rows = Tensor::new(&[0u32, 6], &dev)?;
+    match llama.forward_hidden_branched_rows(&packed, &packed_mask, &[(2, 2)], Some(&rows)) {
+        Err(ModelError::Input { input: "rows", reason }) => assert!(reason.contains("position 6"), "{reason}"),
+        other => panic!("expected an input error, got {other:?}"),
+    }
+    Ok(())
+}
