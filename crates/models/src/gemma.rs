@@ -595,38 +595,24 @@ impl Gemma {
         }
     }
 
-    /// Final hidden states `[batch, seq, hidden]` of rows that each hold two continuations of a
-    /// shared prefix (see [`crate::Llama::forward_hidden_branched`]: every position gets the
-    /// hidden state it has in the row `[prefix | its branch]`, sliding windows counted in those
-    /// rows' positions). Fused (f32 CPU, tanh GELU) models only: `None` otherwise.
+    /// Final hidden states of rows that each hold two continuations of a shared prefix (see
+    /// [`crate::Llama::forward_hidden_branched`]: every position gets the hidden state it has in
+    /// the row `[prefix | its branch]`, sliding windows counted in those rows' positions;
+    /// `[batch, seq, hidden]`, or with `rows` those flat positions only, the last layer's MLP
+    /// block on them alone). Fused (f32 CPU, tanh GELU) models only: `None` otherwise.
     pub fn forward_hidden_branched(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        branches: &[(usize, usize)],
-    ) -> Result<Option<Tensor>> {
-        let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_branched_rows(input_ids, attention_mask, branches, None)?;
-        x.map(|x| Ok(x.reshape((batch, seq, ()))?)).transpose()
-    }
-
-    /// [`Self::forward_hidden_branched`] at the flat positions `rows` (`b * seq + t`, u32) only:
-    /// `[rows.len(), hidden]` (all `batch * seq` positions without `rows`). The last layer's MLP
-    /// block runs on those positions alone (its attention still over every position, whose keys
-    /// and values the kept ones read), so positions whose output nothing needs cost less there.
-    pub fn forward_hidden_branched_rows(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         branches: &[(usize, usize)],
         rows: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
-            (Some(attention), Some(mlp)) => self
-                .forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)
-                .map(Some),
-            _ => Ok(None),
-        }
+        let (Some(attention), Some(mlp)) = (self.fused_attention_weights(), self.fused_mlp_weights()) else {
+            return Ok(None);
+        };
+        let (batch, seq) = input_ids.dims2()?;
+        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)?;
+        Ok(Some(if rows.is_some() { x } else { x.reshape((batch, seq, ()))? }))
     }
 
     /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one

@@ -240,39 +240,27 @@ impl Llama {
             .collect()
     }
 
-    /// Final hidden states `[batch, seq, hidden]` of rows that each hold two continuations of a
-    /// shared prefix, `[prefix | first | second | padding]` with per-row `(prefix, first)`
-    /// lengths (see [`AttentionSpec::with_branches`]): every position gets the hidden state it
-    /// has in the row `[prefix | its branch]`. Fused (f32 CPU) models only, Qwen included: `None`
-    /// on other devices and dtypes.
+    /// Final hidden states of rows that each hold two continuations of a shared prefix,
+    /// `[prefix | first | second | padding]` with per-row `(prefix, first)` lengths (see
+    /// [`AttentionSpec::with_branches`]): every position gets the hidden state it has in the row
+    /// `[prefix | its branch]`. `[batch, seq, hidden]`, or with `rows` (flat positions
+    /// `b * seq + t`, u32) `[rows.len(), hidden]` for those positions only: the last layer's MLP
+    /// block then runs on them alone (its attention still over every position, whose keys and
+    /// values they read). Fused (f32 CPU) models only, Qwen included: `None` on other devices and
+    /// dtypes.
     pub fn forward_hidden_branched(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        branches: &[(usize, usize)],
-    ) -> Result<Option<Tensor>> {
-        let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_branched_rows(input_ids, attention_mask, branches, None)?;
-        x.map(|x| Ok(x.reshape((batch, seq, ()))?)).transpose()
-    }
-
-    /// [`Self::forward_hidden_branched`] at the flat positions `rows` (`b * seq + t`, u32) only:
-    /// `[rows.len(), hidden]` (all `batch * seq` positions without `rows`). The last layer's MLP
-    /// block runs on those positions alone (its attention still over every position, whose keys
-    /// and values the kept ones read), so positions whose output nothing needs cost less there.
-    pub fn forward_hidden_branched_rows(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         branches: &[(usize, usize)],
         rows: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
-            (Some(attention), Some(mlp)) => self
-                .forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)
-                .map(Some),
-            _ => Ok(None),
-        }
+        let (Some(attention), Some(mlp)) = (self.fused_attention_weights(), self.fused_mlp_weights()) else {
+            return Ok(None);
+        };
+        let (batch, seq) = input_ids.dims2()?;
+        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)?;
+        Ok(Some(if rows.is_some() { x } else { x.reshape((batch, seq, ()))? }))
     }
 
     /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
@@ -340,15 +328,8 @@ impl Llama {
 /// before the last layer's MLP block, which is per position.
 pub(crate) fn keep_rows(x: Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
     let Some(rows) = keep else { return Ok(x) };
-    let n = x.dim(0)?;
-    let wanted: Vec<u32> = rows.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-    if let Some(bad) = wanted.iter().find(|&&r| r as usize >= n) {
-        return Err(ModelError::Input {
-            input: "rows",
-            reason: format!("position {bad} is past the batch's {n} positions (batch * seq)"),
-        });
-    }
-    Ok(x.index_select(rows, 0)?)
+    // index_select checks the positions; its error is the caller's bad `rows`.
+    x.index_select(rows, 0).map_err(|e| ModelError::Input { input: "rows", reason: e.to_string() })
 }
 
 impl Llama {

@@ -132,8 +132,8 @@ fn pair_logps(
     let branches: Vec<(usize, usize)> = layouts.iter().map(|l| (l.prefix, l.chosen - l.prefix)).collect();
     let keep = Tensor::from_vec(needed.rows, needed.row_count, device)?;
     let hidden = match model {
-        Model::Llama(m) => m.forward_hidden_branched_rows(&packed, &mask, &branches, Some(&keep))?,
-        Model::Gemma(m) => m.forward_hidden_branched_rows(&packed, &mask, &branches, Some(&keep))?,
+        Model::Llama(m) => m.forward_hidden_branched(&packed, &mask, &branches, Some(&keep))?,
+        Model::Gemma(m) => m.forward_hidden_branched(&packed, &mask, &branches, Some(&keep))?,
     };
     let Some(hidden) = hidden else {
         return separate_rows();

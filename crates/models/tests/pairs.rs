@@ -45,8 +45,9 @@ fn batch(vocab: u32, dev: &Device) -> Result<(Tensor, Tensor)> {
 fn check(lm: &CausalLm, what: &str, relative_grads: bool) -> Result<()> {
     let dev = Device::Cpu;
     let (ids, mask) = batch(61, &dev)?;
+    let separate = lm.model().token_logps(&ids, Some(&mask), 16)?;
     let packed = lm.model().pair_token_logps(&ids, Some(&mask), 16)?;
-    check_against_separate_rows(lm, what, relative_grads, &packed, &mask)?;
+    check_against_separate_rows(lm, what, relative_grads, &packed, &separate, &mask)?;
     // Only the completions (from each row's prefix on) and, in pair 1's rows, every third
     // position: the rest is 0, the wanted positions as before.
     let n = PAIRS.len();
@@ -62,26 +63,25 @@ fn check(lm: &CausalLm, what: &str, relative_grads: bool) -> Result<()> {
     let at = lm.model().pair_token_logps_at(&ids, Some(&mask), &wanted, 16)?;
     let unwanted = (at.abs()? * wanted.eq(0u8)?.to_dtype(candle_core::DType::F32)?)?.sum_all()?.to_scalar::<f32>()?;
     assert_eq!(unwanted, 0.0, "{what}: unwanted positions hold log-probs");
-    check_against_separate_rows(lm, &format!("{what}, wanted positions"), relative_grads, &at, &wanted)
+    check_against_separate_rows(lm, &format!("{what}, wanted positions"), relative_grads, &at, &separate, &wanted)
 }
 
-/// `packed` equals `token_logps` (the rows run separately) at the positions `marked` marks,
-/// values and gradients (through a random weighting of those positions).
+/// `packed` equals `separate` (`token_logps`, the rows run separately) at the positions
+/// `marked` marks, values and gradients (through a random weighting of those positions).
 fn check_against_separate_rows(
     lm: &CausalLm,
     what: &str,
     relative_grads: bool,
     packed: &Tensor,
+    separate: &Tensor,
     marked: &Tensor,
 ) -> Result<()> {
-    let (ids, mask) = batch(61, &Device::Cpu)?;
     let real = marked.to_dtype(candle_core::DType::F32)?;
-    let coef = (randn(1, 0.0, 1.0, ids.dims()) * &real)?;
-    let separate = lm.model().token_logps(&ids, Some(&mask), 16)?;
-    let diff = ((packed - &separate)? * &real)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let coef = (randn(1, 0.0, 1.0, marked.dims()) * &real)?;
+    let diff = ((packed - separate)? * &real)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     assert!(diff < 1e-5, "{what}: log-probs differ by {diff}");
     let g_packed = (packed * &coef)?.sum_all()?.backward()?;
-    let g_separate = (&separate * &coef)?.sum_all()?.backward()?;
+    let g_separate = (separate * &coef)?.sum_all()?.backward()?;
     for (name, var) in lm.trainable_vars() {
         let a = g_packed.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: packed gradient for {name}"));
         let b = g_separate.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: gradient for {name}"));
@@ -204,8 +204,8 @@ fn a_wanted_mask_of_another_shape_and_rows_past_the_batch_are_errors() -> Result
     let packed = Tensor::zeros((1, 6), candle_core::DType::U32, &dev)?;
     let packed_mask = Tensor::ones((1, 6), candle_core::DType::U8, &dev)?;
     let rows = Tensor::new(&[0u32, 6], &dev)?;
-    match llama.forward_hidden_branched_rows(&packed, &packed_mask, &[(2, 2)], Some(&rows)) {
-        Err(ModelError::Input { input: "rows", reason }) => assert!(reason.contains("position 6"), "{reason}"),
+    match llama.forward_hidden_branched(&packed, &packed_mask, &[(2, 2)], Some(&rows)) {
+        Err(ModelError::Input { input: "rows", reason }) => assert!(reason.contains("invalid index 6"), "{reason}"),
         other => panic!("expected an input error, got {other:?}"),
     }
     Ok(())
