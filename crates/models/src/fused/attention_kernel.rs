@@ -420,7 +420,7 @@ impl AttentionSpec {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(b, rows, cols, qc + g * d, kr);
-                transpose(kr, d, kt);
+                transpose(kr, d, 0, d, kt);
                 let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
                 for h in g * n_rep..(g + 1) * n_rep {
                     self.rope_head(b, rows, cols, h * d, qr);
@@ -469,13 +469,9 @@ impl AttentionSpec {
                 let (b, g) = (task / kv, task % kv);
                 let rows = &qkv[b * s * cols..(b + 1) * s * cols];
                 self.rope_head(b, rows, cols, qc + g * d, kr);
-                transpose(kr, d, kt);
+                transpose(kr, d, 0, d, kt);
                 // V^T ([head_dim, seq]) for `dP = dO V^T`.
-                for (t, row) in rows.chunks_exact(cols).enumerate() {
-                    for (j, &x) in row[qc + kc + g * d..][..d].iter().enumerate() {
-                        vt[j * s + t] = x;
-                    }
-                }
+                transpose(rows, cols, qc + kc + g * d, d, vt);
                 dkr.fill(0.0);
                 dvv.fill(0.0);
                 for h in g * n_rep..(g + 1) * n_rep {
@@ -560,11 +556,12 @@ impl AttentionSpec {
     }
 }
 
-/// `dst [cols, rows] = src [rows, cols]^T` (both row-major).
-fn transpose(src: &[f32], cols: usize, dst: &mut [f32]) {
-    let rows = src.len() / cols;
-    for (t, row) in src.chunks_exact(cols).enumerate() {
-        for (j, &x) in row.iter().enumerate() {
+/// `dst [cols, rows] = src[.., col..col + cols]^T` for the `rows = dst.len() / cols` rows of
+/// `src` (row stride `rs`; `dst` row-major).
+fn transpose(src: &[f32], rs: usize, col: usize, cols: usize, dst: &mut [f32]) {
+    let rows = dst.len() / cols;
+    for t in 0..rows {
+        for (j, &x) in src[t * rs + col..][..cols].iter().enumerate() {
             dst[j * rows + t] = x;
         }
     }
