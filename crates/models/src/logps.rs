@@ -110,13 +110,7 @@ impl CustomOp3 for LmHeadLogps {
             d.par_chunks_mut(v).zip(&labels[r0..r0 + rows]).zip(&gv[r0..r0 + rows]).for_each(|((row, &label), &g)| {
                 let lse = row_lse(row);
                 let z_label = row[label as usize];
-                if cap.is_some() {
-                    for z in row.iter_mut() {
-                        *z = -g * (*z - lse).exp() * dcap(*z);
-                    }
-                } else {
-                    vmath::neg_scaled_softmax_row(row, lse, g);
-                }
+                vmath::neg_scaled_softmax_row(row, lse, g, cap.unwrap_or(f32::INFINITY));
                 row[label as usize] += g * dcap(z_label);
             });
             if want_dx {

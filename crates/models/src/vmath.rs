@@ -358,10 +358,13 @@ dispatch! {
 }
 
 dispatch! {
-    /// `row[j] = -g e^(row[j] - lse)` (the log-softmax's gradient before the label's `+ g`).
-    pub(crate) fn neg_scaled_softmax_row(row: &mut [f32], lse: f32, g: f32) {
+    /// `row[j] = -g e^(z - lse) (1 - (z / cap)^2)` with `z = row[j]`: the gradient of a
+    /// soft-capped log-softmax w.r.t. the raw logits, before the label's term (`cap` infinite:
+    /// no soft-capping, the factor exactly 1).
+    pub(crate) fn neg_scaled_softmax_row(row: &mut [f32], lse: f32, g: f32, cap: f32) {
         for z in row.iter_mut() {
-            *z = -g * exp(*z - lse);
+            let c = *z / cap;
+            *z = -g * exp(*z - lse) * (1.0 - c * c);
         }
     }
 }
