@@ -390,7 +390,7 @@ pub(crate) fn glu_act_bwd_rows(act: Glu, gu: &[f32], dact: &[f32], i: usize, out
         });
 }
 
-/// The transpose of the rotary embedding of one head vector ([`vmath::rope_rows`], rotation by
+/// The transpose of the rotary embedding of one head vector ([`vmath::rope_heads`], rotation by
 /// the negative angle): the gradient of its input.
 #[inline]
 pub(crate) fn rope_row_bwd(out: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32]) {

@@ -312,13 +312,16 @@ dispatch! {
 }
 
 dispatch! {
-    /// Rotary embedding (`rotate_half` layout) of consecutive head vectors: row `t` of `out`
-    /// (row stride `out_rs`) is `x cos + rotate_half(x) sin` of `x = src[t * src_rs..][..2 half]`,
-    /// with row `t` of the `[rows, half]` tables `cos`, `sin`.
-    pub(crate) fn rope_rows(out: &mut [f32], out_rs: usize, src: &[f32], src_rs: usize, cos: &[f32], sin: &[f32], half: usize) {
-        for (t, (c, s)) in cos.chunks_exact(half).zip(sin.chunks_exact(half)).enumerate() {
-            let (x1, x2) = src[t * src_rs..][..2 * half].split_at(half);
-            let (o1, o2) = out[t * out_rs..][..2 * half].split_at_mut(half);
+    /// Rotary embedding (`rotate_half` layout) of one token's `heads` consecutive head vectors:
+    /// `out[h * out_stride..][..2 half]` = `x cos + rotate_half(x) sin` of
+    /// `x = src[h * 2 half..][..2 half]`, with the token's `cos`, `sin` (`half` each). The same
+    /// arithmetic as [`crate::ops::rope`]'s `x cos + rotate_half(x) sin`.
+    pub(crate) fn rope_heads(out: &mut [f32], out_stride: usize, src: &[f32], heads: usize, cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        let (c, s) = (cos, &sin[..half]);
+        for h in 0..heads {
+            let (x1, x2) = src[h * 2 * half..][..2 * half].split_at(half);
+            let (o1, o2) = out[h * out_stride..][..2 * half].split_at_mut(half);
             for i in 0..half {
                 let (a, b) = (x1[i], x2[i]);
                 o1[i] = a * c[i] + -b * s[i];

@@ -231,18 +231,26 @@ impl AttentionSpec {
         (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half])
     }
 
-    /// Rotated rows of one head of batch row `b`: `out[t] = rope(src[t * rs + col ..][..head_dim])`.
-    /// Rows `0..g1` have positions `0..g1`, rows `g1..` continue from `g0` (see [`Self::pos`]):
-    /// two runs of consecutive positions, each one [`vmath::rope_rows`] call.
-    fn rope_head(&self, b: usize, src: &[f32], rs: usize, col: usize, out: &mut [f32]) {
-        let (d, half) = (self.head_dim, self.head_dim / 2);
-        let rows = out.len() / d;
-        let g1 = self.gap[b].1.min(rows);
-        for (t0, t1) in [(0, g1), (g1, rows)].into_iter().filter(|(t0, t1)| t1 > t0) {
-            let (p0, p1) = (self.pos(b, t0), self.pos(b, t1 - 1) + 1);
-            let (c, s) = (&self.cos[p0 * half..p1 * half], &self.sin[p0 * half..p1 * half]);
-            vmath::rope_rows(&mut out[t0 * d..t1 * d], d, &src[t0 * rs + col..], rs, c, s, half);
-        }
+    /// `qkv` rearranged head-major, with the rotary embedding applied to queries and keys: per
+    /// batch row, `[heads + 2 kv_heads, seq, head_dim]` (rotated query heads, rotated key heads,
+    /// value heads), so every head the kernels read is one contiguous `[seq, head_dim]` block.
+    /// One pass over the rows in order (each `qkv` row read once, whole), instead of a strided
+    /// column read per head, which missed the cache on every row.
+    fn head_major(&self, qkv: &[f32]) -> Vec<f32> {
+        let (s, d, heads, kv) = (self.seq, self.head_dim, self.heads, self.kv_heads);
+        let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
+        let mut out = vec![0f32; qkv.len()];
+        out.par_chunks_mut(s * cols).enumerate().for_each(|(b, ob)| {
+            for (t, row) in qkv[b * s * cols..(b + 1) * s * cols].chunks_exact(cols).enumerate() {
+                let (c, sn) = self.tables(self.pos(b, t));
+                vmath::rope_heads(&mut ob[t * d..], s * d, &row[..qc], heads, c, sn);
+                vmath::rope_heads(&mut ob[(heads * s + t) * d..], s * d, &row[qc..qc + kc], kv, c, sn);
+                for (g, v) in row[qc + kc..].chunks_exact(d).enumerate() {
+                    ob[((heads + kv + g) * s + t) * d..][..d].copy_from_slice(v);
+                }
+            }
+        });
+        out
     }
 
     /// Turns the raw scores of query `i` of batch row `b` (`row`: keys `0..row.len()`, at least
@@ -412,18 +420,18 @@ impl AttentionSpec {
         let n_rep = self.heads / kv;
         let mut out = vec![0f32; self.batch * s * qc];
         let dst = SendPtr(out.as_mut_ptr());
+        let hm = self.head_major(qkv);
         // Per (batch row, key/value head) task, per query head and query block: the block's
         // probabilities (at most QUERY_BLOCK x seq, cache-sized), then `out += P V`.
         (0..self.batch * kv).into_par_iter().for_each_init(
-            || (vec![0f32; s * d], vec![0f32; s * d], vec![0f32; s * d], vec![0f32; QUERY_BLOCK * s]),
-            |(kr, kt, qr, pb), task| {
+            || (vec![0f32; s * d], vec![0f32; QUERY_BLOCK * s]),
+            |(kt, pb), task| {
                 let (b, g) = (task / kv, task % kv);
-                let rows = &qkv[b * s * cols..(b + 1) * s * cols];
-                self.rope_head(b, rows, cols, qc + g * d, kr);
-                transpose(kr, d, 0, d, kt);
-                let v = Mat { ptr: rows[qc + self.kv_cols() + g * d..].as_ptr(), rs: cols, cs: 1 };
+                let head = |i: usize| &hm[(b * cols + i * d) * s..][..s * d];
+                transpose(head(self.heads + g), d, 0, d, kt);
+                let v = Mat::rows(head(self.heads + kv + g), d);
                 for h in g * n_rep..(g + 1) * n_rep {
-                    self.rope_head(b, rows, cols, h * d, qr);
+                    let qr = head(h);
                     for (r0, r1) in query_blocks(s) {
                         let pb = &mut pb[..(r1 - r0) * r1];
                         self.block_probs(b, (r0, r1), qr, kt, pb, None);
@@ -455,27 +463,32 @@ impl AttentionSpec {
         self.check(qkv.len(), cols, "attention qkv")?;
         self.check(dout.len(), qc, "attention grad")?;
         let n_rep = self.heads / kv;
-        let mut dqkv = vec![0f32; qkv.len()];
-        let dst = SendPtr(dqkv.as_mut_ptr());
+        let hm = self.head_major(qkv);
+        // The gradients head-major as `hm` (unrotated back at the end, row by row).
+        let mut dhm = vec![0f32; qkv.len()];
+        let dst = SendPtr(dhm.as_mut_ptr());
         (0..self.batch * kv).into_par_iter().for_each_init(
             || {
-                let head = || vec![0f32; s * d];
                 let block = || vec![0f32; QUERY_BLOCK * s];
                 // The soft-cap derivative per score (soft-capped attention only).
                 let cap = if self.softcap.is_some() { block() } else { Vec::new() };
-                ([head(), head(), head(), head(), head(), head(), head()], block(), block(), cap)
+                ([vec![0f32; s * d], vec![0f32; s * d]], block(), block(), cap)
             },
-            |([kr, kt, vt, qr, dkr, dvv, dqr], pb, dpb, cb), task| {
+            |([kt, vt], pb, dpb, cb), task| {
                 let (b, g) = (task / kv, task % kv);
-                let rows = &qkv[b * s * cols..(b + 1) * s * cols];
-                self.rope_head(b, rows, cols, qc + g * d, kr);
+                let at = |i: usize| (b * cols + i * d) * s;
+                let head = |i: usize| &hm[at(i)..][..s * d];
+                // SAFETY: task (b, g) alone uses the gradient blocks of batch row b's query heads
+                // g * n_rep..(g + 1) * n_rep, key head g and value head g; `dhm` (zeroed)
+                // outlives the loop, and each block is borrowed once.
+                let grad = |i: usize| unsafe { std::slice::from_raw_parts_mut(dst.get().add(at(i)), s * d) };
+                let kr = head(self.heads + g);
                 transpose(kr, d, 0, d, kt);
                 // V^T ([head_dim, seq]) for `dP = dO V^T`.
-                transpose(rows, cols, qc + kc + g * d, d, vt);
-                dkr.fill(0.0);
-                dvv.fill(0.0);
+                transpose(head(self.heads + kv + g), d, 0, d, vt);
+                let (dkr, dvv) = (grad(self.heads + g), grad(self.heads + kv + g));
                 for h in g * n_rep..(g + 1) * n_rep {
-                    self.rope_head(b, rows, cols, h * d, qr);
+                    let (qr, dqr) = (head(h), grad(h));
                     let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
                     // SAFETY (every product below): the scratch buffers are task-local with the
                     // extents given (`pb`, `dpb`: (r1 - r0) x r1, row stride r1); `dout` and
@@ -529,29 +542,24 @@ impl AttentionSpec {
                             unsafe { matmul(k1 - k0, d, m, dk, d, true, dst_t, q, Threads::Single) };
                         }
                     }
-                    for (t, gq) in dqr.chunks_exact(d).enumerate() {
-                        let (c, sn) = self.tables(self.pos(b, t));
-                        // SAFETY: task (b, g) alone writes rows b * s.. of the query columns of
-                        // its heads and of key/value head g; `dqkv` outlives the loop.
-                        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add((b * s + t) * cols + h * d), d) };
-                        rope_row_bwd(o, gq, c, sn);
-                    }
-                }
-                for (t, (gk, gv)) in dkr.chunks_exact(d).zip(dvv.chunks_exact(d)).enumerate() {
-                    let (c, sn) = self.tables(self.pos(b, t));
-                    let base = (b * s + t) * cols + qc + g * d;
-                    // SAFETY: as above (key and value columns of head g, rows of batch row b).
-                    let (ok, ov) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(dst.get().add(base), d),
-                            std::slice::from_raw_parts_mut(dst.get().add(base + kc), d),
-                        )
-                    };
-                    rope_row_bwd(ok, gk, c, sn);
-                    ov.copy_from_slice(gv);
                 }
             },
         );
+        // Back to `qkv`'s layout, rotating the query and key gradients back.
+        let heads = self.heads;
+        let mut dqkv = vec![0f32; qkv.len()];
+        dqkv.par_chunks_mut(s * cols).enumerate().for_each(|(b, rows)| {
+            for (t, row) in rows.chunks_exact_mut(cols).enumerate() {
+                let (c, sn) = self.tables(self.pos(b, t));
+                let (rotated, values) = row.split_at_mut(qc + kc);
+                for (i, o) in rotated.chunks_exact_mut(d).enumerate() {
+                    rope_row_bwd(o, &dhm[(b * cols + i * d) * s + t * d..][..d], c, sn);
+                }
+                for (g, o) in values.chunks_exact_mut(d).enumerate() {
+                    o.copy_from_slice(&dhm[(b * cols + (heads + kv + g) * d) * s + t * d..][..d]);
+                }
+            }
+        });
         Ok(dqkv)
     }
 }
