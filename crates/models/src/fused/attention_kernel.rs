@@ -236,9 +236,10 @@ impl AttentionSpec {
     /// value heads), so every head the kernels read is one contiguous `[seq, head_dim]` block.
     /// One pass over the rows in order (each `qkv` row read once, whole), instead of a strided
     /// column read per head, which missed the cache on every row.
-    fn head_major(&self, qkv: &[f32]) -> Vec<f32> {
+    pub(super) fn head_major(&self, qkv: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (s, d, heads, kv) = (self.seq, self.head_dim, self.heads, self.kv_heads);
         let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
+        self.check(qkv.len(), cols, "attention qkv")?;
         let mut out = vec![0f32; qkv.len()];
         out.par_chunks_mut(s * cols).enumerate().for_each(|(b, ob)| {
             for (t, row) in qkv[b * s * cols..(b + 1) * s * cols].chunks_exact(cols).enumerate() {
@@ -250,7 +251,7 @@ impl AttentionSpec {
                 }
             }
         });
-        out
+        Ok(out)
     }
 
     /// Turns the raw scores of query `i` of batch row `b` (`row`: keys `0..row.len()`, at least
@@ -414,13 +415,16 @@ impl AttentionSpec {
 
     /// Forward: `out [batch * seq, heads * head_dim]` from `qkv [batch * seq, (heads + 2 kv) * head_dim]`.
     pub(super) fn forward(&self, qkv: &[f32]) -> candle_core::Result<Vec<f32>> {
+        Ok(self.forward_head_major(&self.head_major(qkv)?))
+    }
+
+    /// [`Self::forward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]).
+    pub(super) fn forward_head_major(&self, hm: &[f32]) -> Vec<f32> {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc) = (self.qkv_cols(), self.q_cols());
-        self.check(qkv.len(), cols, "attention qkv")?;
         let n_rep = self.heads / kv;
         let mut out = vec![0f32; self.batch * s * qc];
         let dst = SendPtr(out.as_mut_ptr());
-        let hm = self.head_major(qkv);
         // Per (batch row, key/value head) task, per query head and query block: the block's
         // probabilities (at most QUERY_BLOCK x seq, cache-sized), then `out += P V`.
         (0..self.batch * kv).into_par_iter().for_each_init(
@@ -449,7 +453,7 @@ impl AttentionSpec {
                 }
             },
         );
-        Ok(out)
+        out
     }
 
     /// Backward: `d qkv` (same layout as `qkv`) from `d out`. Per (batch row, key/value head),
@@ -458,14 +462,18 @@ impl AttentionSpec {
     /// `dS = P (dP - rowsum(P dP)) / sqrt(d)`, `dQ = dS K`, `dK += dS^T Q`, over the key ranges
     /// the block sees; finally rotate `dQ`, `dK` back.
     pub(super) fn backward(&self, qkv: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
+        self.backward_head_major(&self.head_major(qkv)?, dout)
+    }
+
+    /// [`Self::backward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]).
+    pub(super) fn backward_head_major(&self, hm: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
-        self.check(qkv.len(), cols, "attention qkv")?;
+        self.check(hm.len(), cols, "attention qkv")?;
         self.check(dout.len(), qc, "attention grad")?;
         let n_rep = self.heads / kv;
-        let hm = self.head_major(qkv);
         // The gradients head-major as `hm` (unrotated back at the end, row by row).
-        let mut dhm = vec![0f32; qkv.len()];
+        let mut dhm = vec![0f32; hm.len()];
         let dst = SendPtr(dhm.as_mut_ptr());
         (0..self.batch * kv).into_par_iter().for_each_init(
             || {
@@ -547,7 +555,7 @@ impl AttentionSpec {
         );
         // Back to `qkv`'s layout, rotating the query and key gradients back.
         let heads = self.heads;
-        let mut dqkv = vec![0f32; qkv.len()];
+        let mut dqkv = vec![0f32; hm.len()];
         dqkv.par_chunks_mut(s * cols).enumerate().for_each(|(b, rows)| {
             for (t, row) in rows.chunks_exact_mut(cols).enumerate() {
                 let (c, sn) = self.tables(self.pos(b, t));

@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activations::Saved;
+use super::weight_grads::{Packing, WeightGrads, route};
 use super::{
     ActivationMeter, Activations, AttentionSpec, at, attention, cpu, fusable, linear, linear_residual, norm_linear,
     rms_norm,
@@ -50,6 +51,8 @@ struct AttentionBlockOp {
     hidden: usize,
     parts: BlockParts,
     saved: Saved,
+    /// Where the weights' gradients go in a [`WeightGrads`] scope.
+    direct: Option<(WeightGrads, Vec<Tensor>)>,
 }
 
 impl AttentionBlockOp {
@@ -103,7 +106,9 @@ impl AttentionBlockOp {
         m
     }
 
-    /// `(qkv, attn)` of the forward pass: `qkv` before the q/k head norm.
+    /// `(kept, attn)` of the forward pass: `kept` is what the backward pass starts from, the
+    /// head-major rotated copy ([`AttentionSpec::head_major`]) without a q/k head norm, `qkv`
+    /// before the head norm with one (whose backward needs it).
     fn activations(&self, x: &[f32], nw: &[f32], w: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let (h, cols) = (self.hidden, self.spec.qkv_cols());
         let n = x.len() / h;
@@ -115,11 +120,18 @@ impl AttentionBlockOp {
         if let Some(b) = qkv_bias {
             add_rows(&mut qkv, b);
         }
-        let attn = match head_norm {
-            None => self.spec.forward(&qkv)?,
-            Some(norm) => self.spec.forward(&Self::head_normed(&qkv, cols, &norm))?,
-        };
-        Ok((qkv, attn))
+        Ok(match head_norm {
+            None => {
+                let hm = self.spec.head_major(&qkv)?;
+                drop(qkv);
+                let attn = self.spec.forward_head_major(&hm);
+                (hm, attn)
+            }
+            Some(norm) => {
+                let attn = self.spec.forward(&Self::head_normed(&qkv, cols, &norm))?;
+                (qkv, attn)
+            }
+        })
     }
 
     /// A copy of `qkv` with its query and key heads normalised.
@@ -204,7 +216,7 @@ impl CustomOp3 for AttentionBlockOp {
         let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
         let n = x_.len() / h;
         let (qkv_bias, o_bias, head_norm) = self.parts(w_);
-        let (qkv, attn) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
+        let (kept, attn) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
         let wo = at(w_, cols * h);
         let matrices = self.packed().matrices;
         let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
@@ -230,14 +242,14 @@ impl CustomOp3 for AttentionBlockOp {
         let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
         drop(dm);
         let (dqkv, d_norms) = match &head_norm {
-            None => (self.spec.backward(&qkv, &dattn)?, None),
+            None => (self.spec.backward_head_major(&kept, &dattn)?, None),
             Some(norm) => {
-                let mut dqkv = self.spec.backward(&Self::head_normed(&qkv, cols, norm), &dattn)?;
-                let d_norms = norm.backward(&qkv, cols, &mut dqkv);
+                let mut dqkv = self.spec.backward(&Self::head_normed(&kept, cols, norm), &dattn)?;
+                let d_norms = norm.backward(&kept, cols, &mut dqkv);
                 (dqkv, Some(d_norms))
             }
         };
-        drop((qkv, dattn));
+        drop((kept, dattn));
         let d_qkv_bias = qkv_bias.map(|_| col_sums(&dqkv, cols));
         let mut normed = vec![0f32; x_.len()];
         rms_norm_rows(x_, nw_, self.eps, &mut normed);
@@ -275,7 +287,7 @@ impl CustomOp3 for AttentionBlockOp {
         dx.par_chunks_mut(h * ROW_BLOCK).zip(g_.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
             d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
         });
-        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, w.shape())?)))
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, cpu(dw, w.shape())?)?))
     }
 }
 
@@ -400,12 +412,11 @@ pub fn attention_block(
             None => y,
         });
     }
-    let mut pieces = vec![q.flatten_all()?, k.flatten_all()?, v.flatten_all()?, o.flatten_all()?];
-    for t in extra {
-        pieces.push(t.flatten_all()?);
-    }
+    let mut weights = vec![q, k, v, o];
+    weights.extend(extra);
+    let Packing { pieces, direct } = Packing::new(weights)?;
     let packed = Tensor::cat(&pieces, 0)?;
     let parts = extras.parts();
-    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved: Saved::new(activations, meter) };
+    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved: Saved::new(activations, meter), direct };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::activations::Saved;
 #[cfg(doc)]
 use super::attention_block;
+use super::weight_grads::{Packing, WeightGrads, route};
 use super::{ActivationMeter, Activations, at, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
 use crate::Result;
 use crate::host::{
@@ -55,6 +56,8 @@ struct MlpBlockOp {
     act: Glu,
     post_norm: bool,
     saved: Saved,
+    /// Where the weights' gradients go in a [`WeightGrads`] scope.
+    direct: Option<(WeightGrads, Vec<Tensor>)>,
 }
 
 impl MlpBlockOp {
@@ -263,7 +266,7 @@ impl CustomOp3 for MlpBlockOp {
         // SAFETY: the first chunk wrote every element of the three matrices (see above).
         unsafe { dw.set_len(3 * i * h) };
         dw.extend_from_slice(&dpost);
-        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, w.shape())?)))
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, cpu(dw, w.shape())?)?))
     }
 }
 
@@ -320,7 +323,7 @@ pub fn mlp_block_with(
         return Ok((x + m)?);
     }
     let (inter, hidden) = gate.dims2()?;
-    let mut pieces = vec![gate.flatten_all()?, up.flatten_all()?, down.flatten_all()?];
+    let mut weights = vec![gate, up, down];
     if let Some(p) = extras.post_norm {
         if p.dims() != [hidden] {
             return Err(crate::ModelError::Input {
@@ -328,8 +331,9 @@ pub fn mlp_block_with(
                 reason: format!("post norm has shape {:?}, expected [{hidden}]", p.dims()),
             });
         }
-        pieces.push(p.flatten_all()?);
+        weights.push(p);
     }
+    let Packing { pieces, direct } = Packing::new(weights)?;
     let packed = Tensor::cat(&pieces, 0)?;
     let op = MlpBlockOp {
         eps,
@@ -338,6 +342,7 @@ pub fn mlp_block_with(
         act: extras.act,
         post_norm: extras.post_norm.is_some(),
         saved: Saved::new(activations, meter),
+        direct,
     };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

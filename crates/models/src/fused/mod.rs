@@ -11,9 +11,14 @@
 //! | [`linear_residual`] | `x + a.matmul(w.t())` | `x, a` |
 //! | [`swiglu_down_residual`] | `x + (silu(gate) * up).matmul(w.t())` | `x, [gate, up]` (the product is recomputed) |
 //! | [`log_softmax_gather`] | `log_softmax(x).gather(labels)` | `x` |
-//! | [`attention_block`] | `x + attention(rms_norm(x) [W_q \| W_k \| W_v]^T (+ b_qkv), per-head q/k RMSNorm) W_o^T (+ b_o)`: a Llama layer's attention half, Qwen2's q/k/v biases and Qwen3's q/k norm and optional q/k/v/o biases ([`AttentionExtras`]); with a post-norm `x + rms_norm(o, w_post)` and the spec's scale, soft-capping and window, a Gemma 1/2/3 layer's attention half | `x`, and with [`Activations::Keep`] `q\|k\|v` (after the bias, before the q/k norm) and the attention output (the normalised rows, the normalised q/k heads, the scores and the projection before a post-norm are recomputed) |
+//! | [`attention_block`] | `x + attention(rms_norm(x) [W_q \| W_k \| W_v]^T (+ b_qkv), per-head q/k RMSNorm) W_o^T (+ b_o)`: a Llama layer's attention half, Qwen2's q/k/v biases and Qwen3's q/k norm and optional q/k/v/o biases ([`AttentionExtras`]); with a post-norm `x + rms_norm(o, w_post)` and the spec's scale, soft-capping and window, a Gemma 1/2/3 layer's attention half | `x`, and with [`Activations::Keep`] the rotated `q\|k\|v` head-major ([`AttentionSpec`]'s one pass over the rows; with Qwen3's q/k norm, `q\|k\|v` after the bias and before the norm) and the attention output (the normalised rows, the normalised q/k heads, the scores and the projection before a post-norm are recomputed) |
 //! | [`mlp_block`] | `x + (silu(g) * u) W_down^T` with `[g \| u] = rms_norm(x) [W_gate \| W_up]^T` | `x`, and with [`Activations::Keep`] `g\|u` |
 //! | [`mlp_block_with`] | [`mlp_block`] with GeGLU `gelu_tanh(g) * u` ([`Glu`]) and an optional post-norm `x + rms_norm(m, w_post)` of the MLP output `m` ([`MlpExtras`]): Gemma 1's MLP half, and Gemma 2/3's with its post-feedforward norm (the `(1 + w)` norms given as effective weights) | `x`, and with [`Activations::Keep`] `g\|u` and, with a post-norm, `m` |
+//!
+//! Inside a [`WeightGrads`] scope, a block whose weights are all variables gives their gradients
+//! to the scope's collector instead of through candle's graph (merged into the `GradStore`
+//! afterwards: the same values, without candle's zero-filled entry and add for the packed
+//! tensor, the `cat` and the `reshape` of every weight).
 //!
 //! Matrix products use the `gemm` crate (candle's own CPU backend) on strided views, so heads are
 //! read straight out of `[tokens, heads * head_dim]` activations; row-wise work runs on rayon's
@@ -28,6 +33,7 @@ mod block_attention;
 mod block_mlp;
 mod projections;
 mod rows;
+mod weight_grads;
 
 pub use activations::{ActivationMeter, Activations};
 pub use attention_kernel::{AttentionSpec, attention};
@@ -35,6 +41,7 @@ pub use block_attention::{AttentionExtras, attention_block};
 pub use block_mlp::{Glu, MlpExtras, mlp_block, mlp_block_with};
 pub use projections::{linear, linear_residual, norm_linear, swiglu_down_residual};
 pub use rows::{log_softmax_gather, rms_norm};
+pub use weight_grads::WeightGrads;
 
 /// Whether the fused kernels can run on these tensors (f32 on the CPU).
 pub fn fusable(ts: &[&Tensor]) -> bool {

@@ -36,6 +36,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use slime_models::fused::WeightGrads;
 use slime_models::{CausalLm, LlamaConfig};
 use slime_objectives::{
     DpoParams, Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SimpoParams, SlimeParams,
@@ -131,6 +132,10 @@ struct Args {
     /// activations in the backward pass (less memory, about a third more forward work).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Route the weights' gradients through candle's graph instead of handing them over
+    /// directly (`slime_models::fused::WeightGrads`, what the trainer does).
+    #[arg(long)]
+    graph_weight_grads: bool,
     /// Split each batch into this many micro-batches run at once, one per pool thread, with
     /// their gradients summed in order (the trainer's `parallel_micro_batches`); 1 = one forward
     /// pass of the whole batch
@@ -347,7 +352,12 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         let ids = batch_ids(&data, idx, seq)?;
         let rows = 2 * idx.len();
         let wanted = completion.narrow(0, 0, rows)?;
-        let logps = token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?, &wanted)?;
+        let direct = WeightGrads::new();
+        let logps = if args.graph_weight_grads {
+            token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?, &wanted)?
+        } else {
+            direct.scope(|| token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?, &wanted))?
+        };
         let (chosen, rejected) = split(&logps, &wanted, idx.len())?;
         let mut inputs = ObjectiveInputs::preference(chosen, rejected);
         match reference {
@@ -363,7 +373,9 @@ fn bench(args: Args, threads: usize) -> Result<()> {
             loss = (loss * (idx.len() as f64 / n as f64))?;
         }
         let value = f64::from(loss.to_scalar::<f32>()?);
-        Ok((loss.backward()?, value))
+        let mut grads = loss.backward()?;
+        direct.merge_into(&mut grads)?;
+        Ok((grads, value))
     };
     let (mut step_s, mut fwd_bwd_s, mut opt_s, mut losses) = (vec![], vec![], vec![], vec![]);
     let (busy0, own0) = (machine_busy_jiffies(), own_jiffies());
@@ -428,6 +440,7 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         "seq": seq,
         "pairs_packed": !separate,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "graph_weight_grads": args.graph_weight_grads,
         "steps": args.steps,
         "batch_pairs": n,
         "parallel_micro_batches": parallel,

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use slime_data::{Batch, TokenizedPair};
 use slime_models::CausalLm;
+use slime_models::fused::WeightGrads;
 use slime_objectives::{BatchTotals, LossOutput, SequenceLogps};
 
 use super::{FaultTarget, Stage};
@@ -160,9 +161,13 @@ pub(super) fn accumulated_step(
     let totals = batch_totals(batches, spec.stage);
     let forward_backward = |i: usize, batch: &Batch| -> Result<(LossOutput, GradStore)> {
         let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
-        let out = loss_of(batch, totals, poison)?;
+        // The fused blocks hand their weights' gradients over directly (the same values as
+        // through candle's graph, without its zero-fill-and-add per packing step).
+        let direct = WeightGrads::new();
+        let out = direct.scope(|| loss_of(batch, totals, poison))?;
         check_metrics(spec.stage, spec.step, spec.objective, &out.metrics)?;
-        let grads = out.loss.backward()?;
+        let mut grads = out.loss.backward()?;
+        direct.merge_into(&mut grads)?;
         Ok((out, grads))
     };
     let mut grads = None;
