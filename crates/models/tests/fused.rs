@@ -508,8 +508,9 @@ fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
     Ok(())
 }
 
-/// The MLP block's backward pass works 256 rows at a time: with 600 rows (two full chunks and a
-/// partial one) its values and gradients still equal the composition, in both modes.
+/// The MLP block's backward pass works in equal row chunks of at most 256 rows (512 when it kept
+/// its gate|up): over 600 rows (3 chunks of 200, or 2 of 300) its values and gradients still
+/// equal the composition, in both modes.
 #[test]
 fn mlp_block_over_several_row_chunks_matches_composition() -> Result<()> {
     let (rows, hidden, inter) = (600, 24, 40);
@@ -536,7 +537,7 @@ fn mlp_block_over_several_row_chunks_matches_composition() -> Result<()> {
 }
 
 /// Gemma's MLP block: GeGLU (candle's tanh `gelu`) and, for Gemma 2/3, a post-norm of the MLP
-/// output before the residual add, over 600 rows (three row chunks) in both modes; values and
+/// output before the residual add, over 600 rows (2 or 3 row chunks) in both modes; values and
 /// gradients (the post-norm weight's included) equal the composition; off f32 CPU the fallback
 /// gives the same values.
 #[test]

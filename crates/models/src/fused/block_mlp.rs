@@ -22,6 +22,16 @@ use crate::host::{
 /// 1,792 rows), while the products stay large enough to run at gemm's full rate.
 const MLP_ROWS: usize = 256;
 
+/// [`MLP_ROWS`] for the backward pass of a block that kept its gate|up: its chunk buffers are
+/// small next to what it kept, and every chunk packs the weights for its products again (at
+/// 256 rows, 4 times a micro-batch of 896 rows; here twice, 1.8 % of the reference step).
+const MLP_ROWS_KEPT: usize = 512;
+
+/// Rows per chunk when `rows` are split into equal chunks of at most `max` rows.
+fn chunk_rows(rows: usize, max: usize) -> usize {
+    rows.div_ceil(rows.div_ceil(max).max(1)).max(1)
+}
+
 /// The gate activation of a gated MLP: `act(g) * u`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Glu {
@@ -145,7 +155,8 @@ impl CustomOp3 for MlpBlockOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    /// Per chunk of [`MLP_ROWS`] rows (the weight gradients accumulate over the chunks in order):
+    /// Per chunk (equal chunks of at most [`MLP_ROWS`] rows, [`MLP_ROWS_KEPT`] when the gate|up
+    /// was kept; the weight gradients accumulate over the chunks in order):
     /// `act = act(g) u`; with a post-norm, its backward from the MLP output `m` (saved, or
     /// `act W_down^T` again) turns `dy` into `dm` (without one, `dm = dy`); `dW_down += dm^T act`,
     /// `d[g|u]` from `dact = dm W_down`, `dW_gate|up += d[g|u]^T rms_norm(x)`, then RMSNorm's
@@ -175,12 +186,12 @@ impl CustomOp3 for MlpBlockOp {
         let mut dnw = vec![0f32; h];
         let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
         // Row buffers of one chunk, allocated (and zeroed) once: every chunk overwrites them.
-        let chunk_rows = MLP_ROWS.min(x_.len() / h);
+        let chunk_rows = chunk_rows(x_.len() / h, if saved_gu.is_empty() { MLP_ROWS } else { MLP_ROWS_KEPT });
         let mut normed_buf = if saved_gu.is_empty() { Vec::new() } else { vec![0f32; chunk_rows * h] };
         let mut act_buf = vec![0f32; chunk_rows * i];
         let mut dgu_buf = vec![0f32; chunk_rows * 2 * i];
         let mut dm_buf = vec![0f32; if post.is_some() { chunk_rows * h } else { 0 }];
-        for (c, (xc, gc)) in x_.chunks(MLP_ROWS * h).zip(g_.chunks(MLP_ROWS * h)).enumerate() {
+        for (c, (xc, gc)) in x_.chunks(chunk_rows * h).zip(g_.chunks(chunk_rows * h)).enumerate() {
             let rows = xc.len() / h;
             let recomputed;
             let (normed, gu): (&[f32], &[f32]) = if saved_gu.is_empty() {
@@ -189,7 +200,7 @@ impl CustomOp3 for MlpBlockOp {
             } else {
                 let normed = &mut normed_buf[..xc.len()];
                 rms_norm_rows(xc, nw_, self.eps, normed);
-                (normed, &saved_gu[c * MLP_ROWS * 2 * i..][..rows * 2 * i])
+                (normed, &saved_gu[c * chunk_rows * 2 * i..][..rows * 2 * i])
             };
             let act = &mut act_buf[..rows * i];
             // Only a post-norm's recomputed input needs `act` before `dact` exists; otherwise
@@ -207,7 +218,7 @@ impl CustomOp3 for MlpBlockOp {
                         m_owned = product(rows, h, i, Mat::rows(act, i), Mat::rows_t(wd, i));
                         &m_owned
                     } else {
-                        &saved_m[c * MLP_ROWS * h..][..rows * h]
+                        &saved_m[c * chunk_rows * h..][..rows * h]
                     };
                     let d = &mut dm_buf[..rows * h];
                     let part = rms_norm_bwd_rows(m, pw, gc, self.eps, d);
@@ -256,7 +267,7 @@ impl CustomOp3 for MlpBlockOp {
                 );
             }
             let dnormed = product(rows, h, 2 * i, Mat::rows(dgu, 2 * i), Mat::rows(w_, h));
-            let dxc = &mut dx[c * MLP_ROWS * h..][..xc.len()];
+            let dxc = &mut dx[c * chunk_rows * h..][..xc.len()];
             let part = rms_norm_bwd_rows(xc, nw_, &dnormed, self.eps, dxc);
             dnw.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
             dxc.par_chunks_mut(h * ROW_BLOCK).zip(gc.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
