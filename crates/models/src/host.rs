@@ -6,6 +6,8 @@
 //! Everything here is plain slices and explicit strides, so the kernels can read a head out of a
 //! `[tokens, heads * head_dim]` activation or write a transposed product without a copy.
 
+use std::cell::Cell;
+
 use candle_core::{CpuStorage, Layout, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
@@ -64,6 +66,27 @@ pub(crate) enum Threads {
     Single,
 }
 
+thread_local! {
+    /// Set inside [`products_on_this_thread`]: `Threads::Pool` products stay on this thread.
+    static ONE_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the matrix products it starts on this thread kept on this thread, for work
+/// that already runs one task per pool thread (the trainer's concurrent micro-batches): gemm
+/// splitting each product over the pool then only adds hand-offs and a second packing of the
+/// shared operand on the thread that ends up running both halves. Row-wise work and products
+/// started on other threads are unaffected; results are the same bits either way. Scopes nest.
+pub fn products_on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ONE_THREAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ONE_THREAD.with(|c| c.replace(true)));
+    f()
+}
+
 /// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)`; `dst` is row-major with row stride `dst_rs`.
 ///
 /// # Safety
@@ -86,7 +109,9 @@ pub(crate) unsafe fn matmul(
         return;
     }
     let parallelism = match threads {
-        Threads::Pool if rayon::current_num_threads() > 1 => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        Threads::Pool if rayon::current_num_threads() > 1 && !ONE_THREAD.with(Cell::get) => {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        }
         _ => gemm::Parallelism::None,
     };
     #[cfg(feature = "product-stats")]

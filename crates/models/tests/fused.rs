@@ -508,9 +508,9 @@ fn fused_blocks_match_composition_values_and_gradients() -> Result<()> {
     Ok(())
 }
 
-/// The MLP block's backward pass works in equal row chunks of at most 256 rows (512 when it kept
-/// its gate|up): over 600 rows (3 chunks of 200, or 2 of 300) its values and gradients still
-/// equal the composition, in both modes.
+/// The MLP block's backward pass works 256 rows at a time (512 for the products with the weights
+/// when it kept its gate|up): over 600 rows (two full chunks and a partial one) its values and
+/// gradients still equal the composition, in both modes.
 #[test]
 fn mlp_block_over_several_row_chunks_matches_composition() -> Result<()> {
     let (rows, hidden, inter) = (600, 24, 40);
@@ -536,8 +536,41 @@ fn mlp_block_over_several_row_chunks_matches_composition() -> Result<()> {
     Ok(())
 }
 
+/// Kept and recomputed activations give the MLP block the same gradients bit for bit over 1,100
+/// rows (kept: 512-row chunks for the products with the weights; both: the weight and norm
+/// gradients summed over the same 256-row slices in the same order), with and without a
+/// post-norm.
+#[test]
+fn mlp_block_gradients_are_the_same_bits_kept_or_recomputed() -> Result<()> {
+    let (rows, hidden, inter) = (1100, 16, 24);
+    let x = Var::from_tensor(&randn(91, 0.0, 1.0, (rows, hidden)))?;
+    let nw = Var::from_tensor(&randn(92, 1.0, 0.3, hidden))?;
+    let pw = Var::from_tensor(&randn(93, 1.0, 0.3, hidden))?;
+    let w = |seed: u64, r: usize, c: usize| Var::from_tensor(&randn(seed, 0.0, 0.2, (r, c)));
+    let (g, u, d) = (w(94, inter, hidden)?, w(95, inter, hidden)?, w(96, hidden, inter)?);
+    let scale = randn(97, 0.0, 1.0, (rows, hidden));
+    for post in [false, true] {
+        let grads = |acts: Activations| -> Result<Vec<Vec<u32>>> {
+            let extras = fused::MlpExtras { act: fused::Glu::Silu, post_norm: post.then_some(pw.as_tensor()) };
+            let weights = [g.as_tensor(), u.as_tensor(), d.as_tensor()];
+            let y = fused::mlp_block_with(x.as_tensor(), nw.as_tensor(), weights, extras, 1e-6, acts, None)?;
+            let store = (y * &scale)?.sum_all()?.backward()?;
+            [&x, &nw, &pw, &g, &u, &d]
+                .iter()
+                .filter(|v| post || v.as_tensor().id() != pw.as_tensor().id())
+                .map(|v| {
+                    let t = store.get(v.as_tensor()).expect("a gradient");
+                    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|f| f.to_bits()).collect())
+                })
+                .collect()
+        };
+        assert_eq!(grads(Activations::Keep)?, grads(Activations::Recompute)?, "post-norm {post}");
+    }
+    Ok(())
+}
+
 /// Gemma's MLP block: GeGLU (candle's tanh `gelu`) and, for Gemma 2/3, a post-norm of the MLP
-/// output before the residual add, over 600 rows (2 or 3 row chunks) in both modes; values and
+/// output before the residual add, over 600 rows (several row chunks) in both modes; values and
 /// gradients (the post-norm weight's included) equal the composition; off f32 CPU the fallback
 /// gives the same values.
 #[test]

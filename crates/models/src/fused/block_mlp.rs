@@ -22,15 +22,12 @@ use crate::host::{
 /// 1,792 rows), while the products stay large enough to run at gemm's full rate.
 const MLP_ROWS: usize = 256;
 
-/// [`MLP_ROWS`] for the backward pass of a block that kept its gate|up: its chunk buffers are
-/// small next to what it kept, and every chunk packs the weights for its products again (at
-/// 256 rows, 4 times a micro-batch of 896 rows; here twice, 1.8 % of the reference step).
-const MLP_ROWS_KEPT: usize = 512;
-
-/// Rows per chunk when `rows` are split into equal chunks of at most `max` rows.
-fn chunk_rows(rows: usize, max: usize) -> usize {
-    rows.div_ceil(rows.div_ceil(max).max(1)).max(1)
-}
+/// Rows of the backward pass of a block that kept its gate|up, for its products with the weights
+/// (row by row independent): each chunk packs the weights again (at 256 rows, 4 times for a
+/// micro-batch of 896 rows; at 512, twice: 1.6 % of the reference step), and the chunk buffers
+/// are small next to what the block kept. The sums over rows (weight and norm gradients) still
+/// go [`MLP_ROWS`] rows at a time, in order, so both modes give the same bits.
+const MLP_ROWS_KEPT: usize = 2 * MLP_ROWS;
 
 /// The gate activation of a gated MLP: `act(g) * u`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,8 +152,8 @@ impl CustomOp3 for MlpBlockOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    /// Per chunk (equal chunks of at most [`MLP_ROWS`] rows, [`MLP_ROWS_KEPT`] when the gate|up
-    /// was kept; the weight gradients accumulate over the chunks in order):
+    /// Per chunk of [`MLP_ROWS`] rows ([`MLP_ROWS_KEPT`] when the gate|up was kept; the weight
+    /// and norm gradients accumulate over [`MLP_ROWS`]-row slices in order):
     /// `act = act(g) u`; with a post-norm, its backward from the MLP output `m` (saved, or
     /// `act W_down^T` again) turns `dy` into `dm` (without one, `dm = dy`); `dW_down += dm^T act`,
     /// `d[g|u]` from `dact = dm W_down`, `dW_gate|up += d[g|u]^T rms_norm(x)`, then RMSNorm's
@@ -186,7 +183,7 @@ impl CustomOp3 for MlpBlockOp {
         let mut dnw = vec![0f32; h];
         let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
         // Row buffers of one chunk, allocated (and zeroed) once: every chunk overwrites them.
-        let chunk_rows = chunk_rows(x_.len() / h, if saved_gu.is_empty() { MLP_ROWS } else { MLP_ROWS_KEPT });
+        let chunk_rows = (x_.len() / h).min(if saved_gu.is_empty() { MLP_ROWS } else { MLP_ROWS_KEPT });
         let mut normed_buf = if saved_gu.is_empty() { Vec::new() } else { vec![0f32; chunk_rows * h] };
         let mut act_buf = vec![0f32; chunk_rows * i];
         let mut dgu_buf = vec![0f32; chunk_rows * 2 * i];
@@ -221,8 +218,12 @@ impl CustomOp3 for MlpBlockOp {
                         &saved_m[c * chunk_rows * h..][..rows * h]
                     };
                     let d = &mut dm_buf[..rows * h];
-                    let part = rms_norm_bwd_rows(m, pw, gc, self.eps, d);
-                    dpost.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+                    for ((m, g), d) in
+                        m.chunks(MLP_ROWS * h).zip(gc.chunks(MLP_ROWS * h)).zip(d.chunks_mut(MLP_ROWS * h))
+                    {
+                        let part = rms_norm_bwd_rows(m, pw, g, self.eps, d);
+                        dpost.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+                    }
                     d
                 }
             };
@@ -234,47 +235,31 @@ impl CustomOp3 for MlpBlockOp {
                 glu_act_bwd_rows(self.act, gu, &dact, i, act, dgu);
             }
             drop(dact);
-            let accumulate = c > 0;
-            // SAFETY: `dw` has room for 3 i h elements; the first chunk's products write
-            // [2 i h, 3 i h) and [0, 2 i h) completely (accumulate = false), later chunks add to
-            // them; `set_len` follows the loop, which runs at least once (x is not empty,
-            // checked above).
-            unsafe {
-                matmul(
-                    h,
-                    i,
-                    rows,
-                    dw.as_mut_ptr().add(2 * i * h),
-                    i,
-                    accumulate,
-                    Mat::rows_t(dm, h),
-                    Mat::rows(act, i),
-                    Threads::Pool,
-                );
-            }
-            // SAFETY: as above.
-            unsafe {
-                matmul(
-                    2 * i,
-                    h,
-                    rows,
-                    dw.as_mut_ptr(),
-                    h,
-                    accumulate,
-                    Mat::rows_t(dgu, 2 * i),
-                    Mat::rows(normed, h),
-                    Threads::Pool,
-                );
+            // SAFETY: `dw` has room for 3 i h elements; the first products write [2 i h, 3 i h)
+            // and [0, 2 i h) completely (accumulate = false), later ones add to them; `set_len`
+            // follows the loop, which runs at least once (x is not empty, checked above).
+            for s in 0..rows.div_ceil(MLP_ROWS) {
+                let (s0, n) = (s * MLP_ROWS, MLP_ROWS.min(rows - s * MLP_ROWS));
+                let accumulate = c > 0 || s > 0;
+                unsafe {
+                    let (dmt, a) = (Mat::rows_t(&dm[s0 * h..], h), Mat::rows(&act[s0 * i..], i));
+                    matmul(h, i, n, dw.as_mut_ptr().add(2 * i * h), i, accumulate, dmt, a, Threads::Pool);
+                    let (dgut, x) = (Mat::rows_t(&dgu[s0 * 2 * i..], 2 * i), Mat::rows(&normed[s0 * h..], h));
+                    matmul(2 * i, h, n, dw.as_mut_ptr(), h, accumulate, dgut, x, Threads::Pool);
+                }
             }
             let dnormed = product(rows, h, 2 * i, Mat::rows(dgu, 2 * i), Mat::rows(w_, h));
             let dxc = &mut dx[c * chunk_rows * h..][..xc.len()];
-            let part = rms_norm_bwd_rows(xc, nw_, &dnormed, self.eps, dxc);
-            dnw.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+            let sub = MLP_ROWS * h;
+            for ((xs, dn), dxs) in xc.chunks(sub).zip(dnormed.chunks(sub)).zip(dxc.chunks_mut(sub)) {
+                let part = rms_norm_bwd_rows(xs, nw_, dn, self.eps, dxs);
+                dnw.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+            }
             dxc.par_chunks_mut(h * ROW_BLOCK).zip(gc.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
                 d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
             });
         }
-        // SAFETY: the first chunk wrote every element of the three matrices (see above).
+        // SAFETY: the first products wrote every element of the three matrices (see above).
         unsafe { dw.set_len(3 * i * h) };
         dw.extend_from_slice(&dpost);
         Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, cpu(dw, w.shape())?)?))

@@ -43,6 +43,8 @@ pub use projections::{linear, linear_residual, norm_linear, swiglu_down_residual
 pub use rows::{log_softmax_gather, rms_norm};
 pub use weight_grads::WeightGrads;
 
+pub use crate::host::products_on_this_thread;
+
 /// Whether the fused kernels can run on these tensors (f32 on the CPU).
 pub fn fusable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)

@@ -36,7 +36,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use slime_models::fused::WeightGrads;
+use slime_models::fused::{WeightGrads, products_on_this_thread};
 use slime_models::{CausalLm, LlamaConfig};
 use slime_objectives::{
     DpoParams, Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SimpoParams, SlimeParams,
@@ -388,8 +388,11 @@ fn bench(args: Args, threads: usize) -> Result<()> {
             slime_models::product_stats::reset();
         }
         let t0 = Instant::now();
-        let outcomes: Vec<Result<_>> =
-            if parallel == 1 { vec![micro_batch(&idx)] } else { idx.par_chunks(per).map(micro_batch).collect() };
+        let outcomes: Vec<Result<_>> = if parallel == 1 {
+            vec![micro_batch(&idx)]
+        } else {
+            idx.par_chunks(per).map(|c| products_on_this_thread(|| micro_batch(c))).collect()
+        };
         let (mut grads, mut loss) = (None, 0.0);
         for outcome in outcomes {
             let (g, value) = outcome?;

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use slime_data::{Batch, TokenizedPair};
 use slime_models::CausalLm;
-use slime_models::fused::WeightGrads;
+use slime_models::fused::{WeightGrads, products_on_this_thread};
 use slime_objectives::{BatchTotals, LossOutput, SequenceLogps};
 
 use super::{FaultTarget, Stage};
@@ -180,7 +180,12 @@ pub(super) fn accumulated_step(
         let outcomes: Vec<Result<(LossOutput, GradStore)>> = if group.len() == 1 {
             vec![forward_backward(first, &group[0])]
         } else {
-            group.par_iter().enumerate().map(|(j, batch)| forward_backward(first + j, batch)).collect()
+            // One micro-batch per pool thread: each keeps its products on its own thread.
+            group
+                .par_iter()
+                .enumerate()
+                .map(|(j, batch)| products_on_this_thread(|| forward_backward(first + j, batch)))
+                .collect()
         };
         for (j, (batch, outcome)) in group.iter().zip(outcomes).enumerate() {
             let (out, g) = outcome?;
