@@ -462,11 +462,12 @@ impl AttentionSpec {
     /// `dS = P (dP - rowsum(P dP)) / sqrt(d)`, `dQ = dS K`, `dK += dS^T Q`, over the key ranges
     /// the block sees; finally rotate `dQ`, `dK` back.
     pub(super) fn backward(&self, qkv: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
-        self.backward_head_major(&self.head_major(qkv)?, dout)
+        self.backward_head_major(self.head_major(qkv)?, dout)
     }
 
-    /// [`Self::backward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]).
-    pub(super) fn backward_head_major(&self, hm: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
+    /// [`Self::backward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]), which
+    /// it frees before building `d qkv`.
+    pub(super) fn backward_head_major(&self, hm: Vec<f32>, dout: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
         self.check(hm.len(), cols, "attention qkv")?;
@@ -553,9 +554,10 @@ impl AttentionSpec {
                 }
             },
         );
+        drop(hm);
         // Back to `qkv`'s layout, rotating the query and key gradients back.
         let heads = self.heads;
-        let mut dqkv = vec![0f32; hm.len()];
+        let mut dqkv = vec![0f32; dhm.len()];
         dqkv.par_chunks_mut(s * cols).enumerate().for_each(|(b, rows)| {
             for (t, row) in rows.chunks_exact_mut(cols).enumerate() {
                 let (c, sn) = self.tables(self.pos(b, t));

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activations::Saved;
-use super::weight_grads::{Packing, WeightGrads, route};
+use super::weight_grads::{Direct, Packing, route, weights};
 use super::{
     ActivationMeter, Activations, AttentionSpec, at, attention, cpu, fusable, linear, linear_residual, norm_linear,
     rms_norm,
@@ -52,7 +52,7 @@ struct AttentionBlockOp {
     parts: BlockParts,
     saved: Saved,
     /// Where the weights' gradients go in a [`WeightGrads`] scope.
-    direct: Option<(WeightGrads, Vec<Tensor>)>,
+    direct: Option<Direct>,
 }
 
 impl AttentionBlockOp {
@@ -169,7 +169,8 @@ impl CustomOp3 for AttentionBlockOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "attention block x")?;
         let nw = f32_slice(s2, l2, "attention block norm")?;
-        let w = f32_slice(s3, l3, "attention block weights")?;
+        let w = weights(&self.direct, f32_slice(s3, l3, "attention block weights")?)?;
+        let w = &w[..];
         self.check(x.len(), nw.len(), w.len())?;
         let (h, qc) = (self.hidden, self.spec.q_cols());
         let n = x.len() / h;
@@ -212,7 +213,8 @@ impl CustomOp3 for AttentionBlockOp {
         let g = g.contiguous()?;
         let (xs, nws, ws, gs) =
             (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
-        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), ws.slice(), gs.slice());
+        let packed = weights(&self.direct, ws.slice())?;
+        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), &packed[..], gs.slice());
         let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
         let n = x_.len() / h;
         let (qkv_bias, o_bias, head_norm) = self.parts(w_);
@@ -242,14 +244,15 @@ impl CustomOp3 for AttentionBlockOp {
         let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
         drop(dm);
         let (dqkv, d_norms) = match &head_norm {
-            None => (self.spec.backward_head_major(&kept, &dattn)?, None),
+            None => (self.spec.backward_head_major(kept, &dattn)?, None),
             Some(norm) => {
                 let mut dqkv = self.spec.backward(&Self::head_normed(&kept, cols, norm), &dattn)?;
                 let d_norms = norm.backward(&kept, cols, &mut dqkv);
+                drop(kept);
                 (dqkv, Some(d_norms))
             }
         };
-        drop((kept, dattn));
+        drop(dattn);
         let d_qkv_bias = qkv_bias.map(|_| col_sums(&dqkv, cols));
         let mut normed = vec![0f32; x_.len()];
         rms_norm_rows(x_, nw_, self.eps, &mut normed);
@@ -287,7 +290,7 @@ impl CustomOp3 for AttentionBlockOp {
         dx.par_chunks_mut(h * ROW_BLOCK).zip(g_.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
             d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
         });
-        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, cpu(dw, w.shape())?)?))
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, dw, w)?))
     }
 }
 
@@ -414,8 +417,7 @@ pub fn attention_block(
     }
     let mut weights = vec![q, k, v, o];
     weights.extend(extra);
-    let Packing { pieces, direct } = Packing::new(weights)?;
-    let packed = Tensor::cat(&pieces, 0)?;
+    let Packing { packed, direct } = Packing::new(weights, activations)?;
     let parts = extras.parts();
     let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved: Saved::new(activations, meter), direct };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)

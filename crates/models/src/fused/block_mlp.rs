@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::activations::Saved;
 #[cfg(doc)]
 use super::attention_block;
-use super::weight_grads::{Packing, WeightGrads, route};
+use super::weight_grads::{Direct, Packing, route, weights};
 use super::{ActivationMeter, Activations, at, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
 use crate::Result;
 use crate::host::{
@@ -64,7 +64,7 @@ struct MlpBlockOp {
     post_norm: bool,
     saved: Saved,
     /// Where the weights' gradients go in a [`WeightGrads`] scope.
-    direct: Option<(WeightGrads, Vec<Tensor>)>,
+    direct: Option<Direct>,
 }
 
 impl MlpBlockOp {
@@ -130,7 +130,8 @@ impl CustomOp3 for MlpBlockOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "mlp block x")?;
         let nw = f32_slice(s2, l2, "mlp block norm")?;
-        let w = f32_slice(s3, l3, "mlp block weights")?;
+        let w = weights(&self.direct, f32_slice(s3, l3, "mlp block weights")?)?;
+        let w = &w[..];
         let (h, i) = (self.hidden, self.inter);
         let packed = 3 * i * h + if self.post_norm { h } else { 0 };
         if nw.len() != h || w.len() != packed || x.len() % h != 0 {
@@ -169,7 +170,8 @@ impl CustomOp3 for MlpBlockOp {
         let g = g.contiguous()?;
         let (xs, nws, ws, gs) =
             (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
-        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), ws.slice(), gs.slice());
+        let packed = weights(&self.direct, ws.slice())?;
+        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), &packed[..], gs.slice());
         let (h, i) = (self.hidden, self.inter);
         if x_.is_empty() {
             candle_core::bail!("mlp block: no rows")
@@ -262,7 +264,7 @@ impl CustomOp3 for MlpBlockOp {
         // SAFETY: the first products wrote every element of the three matrices (see above).
         unsafe { dw.set_len(3 * i * h) };
         dw.extend_from_slice(&dpost);
-        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, cpu(dw, w.shape())?)?))
+        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, dw, w)?))
     }
 }
 
@@ -329,8 +331,7 @@ pub fn mlp_block_with(
         }
         weights.push(p);
     }
-    let Packing { pieces, direct } = Packing::new(weights)?;
-    let packed = Tensor::cat(&pieces, 0)?;
+    let Packing { packed, direct } = Packing::new(weights, activations)?;
     let op = MlpBlockOp {
         eps,
         hidden,

@@ -5,19 +5,24 @@
 //! in candle's backward each weight's gradient passes through the packed tensor, the `cat` and
 //! the flattening `reshape`, and candle's gradient store starts every one of those three
 //! entries as a zero-filled tensor and adds the incoming gradient to it: three zero fills and
-//! three adds over every weight of the model per backward pass. Inside [`WeightGrads::scope`],
-//! a block whose weights are all trainable variables packs detached copies instead and, in its
+//! three adds over every weight of the model per backward pass; and the graph keeps the packed
+//! copy alive from the forward to the backward pass. Inside [`WeightGrads::scope`], a block
+//! whose weights are all trainable variables packs detached copies (with recomputed activations,
+//! none: it packs them for the length of each pass, so the graph holds no copy) and, in its
 //! backward pass, gives each weight its slice of the packed gradient (a view, no copy) here;
 //! [`WeightGrads::merge_into`] then puts them into the [`GradStore`] of `loss.backward()`. The
 //! merged store holds the same values as the graph path's (which adds each gradient to zero).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
 use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
 
+use super::Activations;
 use crate::Result;
+use crate::host::HostF32;
 
 thread_local! {
     /// The collector of the innermost [`WeightGrads::scope`] running on this thread.
@@ -101,35 +106,82 @@ impl WeightGrads {
     }
 }
 
-/// The weights a block packs, and where its gradients go: `direct` when a [`WeightGrads`] scope
-/// is active and every weight is a variable.
+/// A block's packed weights input, and where its weights' gradients go.
 pub(super) struct Packing {
-    /// The flattened weights to `cat` (detached in direct mode).
-    pub(super) pieces: Vec<Tensor>,
-    /// In direct mode: the collector and the original weights, in packed order.
-    pub(super) direct: Option<(WeightGrads, Vec<Tensor>)>,
+    /// The op's third input: the flattened weights concatenated (`cat`), or, in direct mode
+    /// with recomputed activations, an empty tensor: the op then packs the weights itself in
+    /// each pass (see [`Direct`]).
+    pub(super) packed: Tensor,
+    pub(super) direct: Option<Direct>,
+}
+
+/// Direct mode: the collector and the weights, in packed order.
+pub(super) struct Direct {
+    sink: WeightGrads,
+    weights: Vec<Tensor>,
+    /// With [`Activations::Recompute`] (memory before speed) the graph holds no packed copy of
+    /// the weights from the forward to the backward pass (one copy of every layer's weights,
+    /// 11.6 MiB for the reference model): each pass packs them again from the variables.
+    repack: bool,
 }
 
 impl Packing {
-    pub(super) fn new(weights: Vec<&Tensor>) -> Result<Self> {
-        let direct = WeightGrads::active().filter(|_| weights.iter().all(|w| w.is_variable()));
-        let pieces = weights
-            .iter()
-            .map(|w| Ok(if direct.is_some() { w.detach().flatten_all()? } else { w.flatten_all()? }))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { pieces, direct: direct.map(|d| (d, weights.into_iter().cloned().collect())) })
+    /// Direct mode when a [`WeightGrads`] scope is active and every weight is a contiguous
+    /// variable: the `cat` of detached weights, or with `Activations::Recompute` none; the `cat`
+    /// of the weights in the graph otherwise.
+    pub(super) fn new(weights: Vec<&Tensor>, activations: Activations) -> Result<Self> {
+        let direct = WeightGrads::active().filter(|_| weights.iter().all(|w| w.is_variable() && w.is_contiguous()));
+        let repack = activations == Activations::Recompute;
+        let cat = |detach: bool| -> Result<Tensor> {
+            let pieces = weights
+                .iter()
+                .map(|w| if detach { w.detach().flatten_all() } else { w.flatten_all() })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&pieces, 0)?)
+        };
+        Ok(match direct {
+            Some(sink) => Self {
+                packed: if repack { Tensor::zeros(0, DType::F32, &Device::Cpu)? } else { cat(true)? },
+                direct: Some(Direct { sink, weights: weights.iter().map(|&w| w.clone()).collect(), repack }),
+            },
+            None => Self { packed: cat(false)?, direct: None },
+        })
     }
 }
 
-/// In direct mode, hands each weight its slice of the packed gradient `dw` (views into one
-/// buffer) and returns `None` for the packed input; otherwise returns `dw` for candle to route.
-pub(super) fn route(direct: &Option<(WeightGrads, Vec<Tensor>)>, dw: Tensor) -> candle_core::Result<Option<Tensor>> {
-    let Some((sink, weights)) = direct else { return Ok(Some(dw)) };
+impl Direct {
+    /// The weights concatenated in packed order: a copy for the duration of one pass.
+    fn pack(&self) -> candle_core::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.weights.iter().map(Tensor::elem_count).sum());
+        for w in &self.weights {
+            out.extend_from_slice(HostF32::new(w, "block weight")?.slice());
+        }
+        Ok(out)
+    }
+}
+
+/// The op's packed weights: `given` (its third input), or a fresh packing when it has none.
+pub(super) fn weights<'a>(direct: &Option<Direct>, given: &'a [f32]) -> candle_core::Result<Cow<'a, [f32]>> {
+    Ok(match direct {
+        Some(d) if d.repack => Cow::Owned(d.pack()?),
+        _ => Cow::Borrowed(given),
+    })
+}
+
+/// The gradient for the op's packed weights input from the packed gradient `dw`: in direct mode
+/// each weight gets its slice of `dw` (views into one buffer) through the collector and the
+/// input gets none; otherwise `dw` in the input's shape, for candle to route.
+pub(super) fn route(direct: &Option<Direct>, dw: Vec<f32>, packed: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let Some(Direct { sink, weights, .. }) = direct else {
+        return Ok(Some(Tensor::from_vec(dw, packed.shape(), &Device::Cpu)?));
+    };
+    let n = dw.len();
+    let dw = Tensor::from_vec(dw, n, &Device::Cpu)?;
     let mut offset = 0;
     for w in weights {
-        let n = w.elem_count();
-        sink.push(w.clone(), dw.narrow(0, offset, n)?.reshape(w.shape())?);
-        offset += n;
+        let len = w.elem_count();
+        sink.push(w.clone(), dw.narrow(0, offset, len)?.reshape(w.shape())?);
+        offset += len;
     }
     Ok(None)
 }
