@@ -227,6 +227,16 @@ pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
 /// The per-block partial sums of `dw` are added in block order, not in rayon's (work-stealing)
 /// reduction order, so the result does not depend on the thread count or scheduling.
 pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &mut [f32]) -> Vec<f32> {
+    rms_norm_bwd::<false>(x, w, g, eps, dx)
+}
+
+/// [`rms_norm_bwd_rows`] added to what `dx` holds (a residual's gradient, so no zero-filled `dx`
+/// and no separate pass adding it; the same bits as adding it afterwards).
+pub(crate) fn rms_norm_bwd_rows_add(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &mut [f32]) -> Vec<f32> {
+    rms_norm_bwd::<true>(x, w, g, eps, dx)
+}
+
+fn rms_norm_bwd<const ADD: bool>(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &mut [f32]) -> Vec<f32> {
     let h = w.len();
     dx.par_chunks_mut(h * ROW_BLOCK)
         .zip(x.par_chunks(h * ROW_BLOCK))
@@ -238,7 +248,8 @@ pub(crate) fn rms_norm_bwd_rows(x: &[f32], w: &[f32], g: &[f32], eps: f64, dx: &
                 let dot = vmath::dot3_f64(row, gr, w);
                 let c = (dot / h as f64) as f32 * r * r * r;
                 for ((((d, &v), &g), &w), dw) in d.iter_mut().zip(row).zip(gr).zip(w).zip(dw.iter_mut()) {
-                    *d = r * g * w - v * c;
+                    let t = r * g * w - v * c;
+                    *d = if ADD { *d + t } else { t };
                     *dw += g * v * r;
                 }
             }
@@ -434,4 +445,29 @@ pub(crate) fn rope_row_bwd(out: &mut [f32], g: &[f32], cos: &[f32], sin: &[f32])
 pub(crate) fn row_lse(row: &[f32]) -> f32 {
     let m = vmath::max(row);
     m + vmath::exp_shifted_sum_f64(row, m).ln() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Adding RMSNorm's backward into the residual's gradient gives the bits of writing it and
+    /// adding the residual's gradient afterwards (IEEE addition commutes).
+    #[test]
+    fn rms_norm_backward_added_in_place_equals_written_then_added() {
+        let (rows, h) = (37, 24);
+        let x: Vec<f32> = (0..rows * h).map(|k| ((k * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
+        let g: Vec<f32> = (0..rows * h).map(|k| ((k * 104_729) % 997) as f32 / 300.0 - 1.6).collect();
+        let res: Vec<f32> = (0..rows * h).map(|k| ((k * 31) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..h).map(|k| 0.5 + k as f32 * 0.05).collect();
+        let mut written = vec![0f32; rows * h];
+        let dw_written = rms_norm_bwd_rows(&x, &w, &g, 1e-6, &mut written);
+        written.iter_mut().zip(&res).for_each(|(d, r)| *d += r);
+        let mut added = res.clone();
+        let dw_added = rms_norm_bwd_rows_add(&x, &w, &g, 1e-6, &mut added);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&written), bits(&added));
+        assert_eq!(bits(&dw_written), bits(&dw_added));
+        assert_ne!(bits(&added), bits(&res), "the backward added something");
+    }
 }

@@ -14,7 +14,7 @@ use super::{
 use crate::Result;
 use crate::host::{
     HeadNorm, HostF32, Mat, ROW_BLOCK, Threads, add_rows, col_sums, f32_slice, matmul, product, rms_norm_bwd_rows,
-    rms_norm_rows,
+    rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
 /// Which optional parameters an attention block carries after its four projection matrices in
@@ -285,11 +285,9 @@ impl CustomOp3 for AttentionBlockOp {
         drop(normed);
         let dnormed = product(n, h, cols, Mat::rows(&dqkv, cols), Mat::rows(w_, h));
         drop(dqkv);
-        let mut dx = vec![0f32; x_.len()];
-        let dnw = rms_norm_bwd_rows(x_, nw_, &dnormed, self.eps, &mut dx);
-        dx.par_chunks_mut(h * ROW_BLOCK).zip(g_.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
-            d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
-        });
+        // The residual's gradient plus RMSNorm's backward.
+        let mut dx = g_.to_vec();
+        let dnw = rms_norm_bwd_rows_add(x_, nw_, &dnormed, self.eps, &mut dx);
         Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, dw, w)?))
     }
 }

@@ -13,7 +13,7 @@ use super::{ActivationMeter, Activations, at, cpu, fusable, norm_linear, rms_nor
 use crate::Result;
 use crate::host::{
     HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_act_bwd_rows, glu_bwd_rows, glu_rows, matmul, product,
-    rms_norm_bwd_rows, rms_norm_rows,
+    rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
 /// Rows of the MLP block's backward pass (and of its forward pass when it keeps nothing) handled
@@ -181,7 +181,8 @@ impl CustomOp3 for MlpBlockOp {
         let wd = at(w_, 2 * i * h);
         let post = self.post(w_);
         let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
-        let mut dx = vec![0f32; x_.len()];
+        // The residual's gradient, to which each chunk adds RMSNorm's backward.
+        let mut dx = g_.to_vec();
         let mut dnw = vec![0f32; h];
         let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
         // Row buffers of one chunk, allocated (and zeroed) once: every chunk overwrites them.
@@ -254,12 +255,9 @@ impl CustomOp3 for MlpBlockOp {
             let dxc = &mut dx[c * chunk_rows * h..][..xc.len()];
             let sub = MLP_ROWS * h;
             for ((xs, dn), dxs) in xc.chunks(sub).zip(dnormed.chunks(sub)).zip(dxc.chunks_mut(sub)) {
-                let part = rms_norm_bwd_rows(xs, nw_, dn, self.eps, dxs);
+                let part = rms_norm_bwd_rows_add(xs, nw_, dn, self.eps, dxs);
                 dnw.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
             }
-            dxc.par_chunks_mut(h * ROW_BLOCK).zip(gc.par_chunks(h * ROW_BLOCK)).for_each(|(d, g)| {
-                d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
-            });
         }
         // SAFETY: the first products wrote every element of the three matrices (see above).
         unsafe { dw.set_len(3 * i * h) };
