@@ -432,7 +432,7 @@ impl AttentionSpec {
             |(kt, pb), task| {
                 let (b, g) = (task / kv, task % kv);
                 let head = |i: usize| &hm[(b * cols + i * d) * s..][..s * d];
-                transpose(head(self.heads + g), d, 0, d, kt);
+                transpose(head(self.heads + g), d, kt);
                 let v = Mat::rows(head(self.heads + kv + g), d);
                 for h in g * n_rep..(g + 1) * n_rep {
                     let qr = head(h);
@@ -492,9 +492,9 @@ impl AttentionSpec {
                 // outlives the loop, and each block is borrowed once.
                 let grad = |i: usize| unsafe { std::slice::from_raw_parts_mut(dst.get().add(at(i)), s * d) };
                 let kr = head(self.heads + g);
-                transpose(kr, d, 0, d, kt);
+                transpose(kr, d, kt);
                 // V^T ([head_dim, seq]) for `dP = dO V^T`.
-                transpose(head(self.heads + kv + g), d, 0, d, vt);
+                transpose(head(self.heads + kv + g), d, vt);
                 let (dkr, dvv) = (grad(self.heads + g), grad(self.heads + kv + g));
                 for h in g * n_rep..(g + 1) * n_rep {
                     let (qr, dqr) = (head(h), grad(h));
@@ -574,12 +574,11 @@ impl AttentionSpec {
     }
 }
 
-/// `dst [cols, rows] = src[.., col..col + cols]^T` for the `rows = dst.len() / cols` rows of
-/// `src` (row stride `rs`; `dst` row-major).
-fn transpose(src: &[f32], rs: usize, col: usize, cols: usize, dst: &mut [f32]) {
+/// `dst [cols, rows] = src^T` for the row-major `src [rows, cols]` (`rows = dst.len() / cols`).
+fn transpose(src: &[f32], cols: usize, dst: &mut [f32]) {
     let rows = dst.len() / cols;
-    for t in 0..rows {
-        for (j, &x) in src[t * rs + col..][..cols].iter().enumerate() {
+    for (t, row) in src.chunks_exact(cols).take(rows).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
             dst[j * rows + t] = x;
         }
     }
