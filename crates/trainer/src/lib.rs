@@ -24,6 +24,7 @@ pub mod corpus;
 mod error;
 pub mod generate;
 pub mod logps;
+pub mod malloc;
 pub mod metrics_log;
 pub mod model_source;
 pub mod optim;
