@@ -109,13 +109,7 @@ fn packed_pairs_equal_separate_rows_for_qwen() -> Result<()> {
     let qwen3 = LlamaConfig { attention_bias: true, ..LlamaConfig::tiny_qwen3(61, 32, 48, 2, 4, 2, 16) };
     for (what, cfg) in [("qwen2", LlamaConfig::tiny_qwen2(61, 32, 48, 2, 4, 2)), ("qwen3", qwen3)] {
         let lm = CausalLm::random(&cfg, 9, &Device::Cpu)?;
-        for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
-            if name.ends_with(".bias") {
-                var.set(&randn(100 + i as u64, 0.0, 0.2, var.shape()))?;
-            } else if name.contains("_norm") {
-                var.set(&randn(100 + i as u64, 1.0, 0.2, var.shape()))?;
-            }
-        }
+        common::spread_biases_and_norms(&lm)?;
         check(&lm, what, false)?;
     }
     Ok(())

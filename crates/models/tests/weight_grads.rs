@@ -56,13 +56,7 @@ fn direct_weight_gradients_equal_the_graphs_for_llama_and_qwen3() -> Result<()> 
     check(&CausalLm::random(&llama, 3, &Device::Cpu)?, "llama", true)?;
     let qwen3 = LlamaConfig { attention_bias: true, ..LlamaConfig::tiny_qwen3(61, 32, 48, 2, 4, 2, 16) };
     let lm = CausalLm::random(&qwen3, 4, &Device::Cpu)?;
-    for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
-        if name.ends_with(".bias") {
-            var.set(&randn(100 + i as u64, 0.0, 0.2, var.shape()))?;
-        } else if name.contains("_norm") {
-            var.set(&randn(100 + i as u64, 1.0, 0.2, var.shape()))?;
-        }
-    }
+    common::spread_biases_and_norms(&lm)?;
     check(&lm, "qwen3", true)
 }
 

@@ -20,3 +20,18 @@ pub fn randn(seed: u64, mean: f32, std: f32, shape: impl Into<Shape>) -> Tensor 
         .collect();
     Tensor::from_vec(data, shape, &Device::Cpu).expect("as many values as the shape holds")
 }
+
+/// Gives `lm`'s biases N(0, 0.2^2) values and its norm weights N(1, 0.2^2) ones (seeds
+/// `100 + i` by position in `trainable_vars`), so Qwen's biases and q/k norms change the output
+/// and a kernel that drops or swaps one is caught.
+#[allow(dead_code)] // not every test file that includes `common` has Qwen models
+pub fn spread_biases_and_norms(lm: &slime_models::CausalLm) -> slime_models::Result<()> {
+    for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
+        if name.ends_with(".bias") {
+            var.set(&randn(100 + i as u64, 0.0, 0.2, var.shape()))?;
+        } else if name.contains("_norm") {
+            var.set(&randn(100 + i as u64, 1.0, 0.2, var.shape()))?;
+        }
+    }
+    Ok(())
+}
