@@ -130,7 +130,8 @@ fn pair_logps(
     let packed = Tensor::from_vec(packed, (n, width), device)?;
     let mask = Tensor::from_vec(mask, (n, width), device)?;
     let branches: Vec<(usize, usize)> = layouts.iter().map(|l| (l.prefix, l.chosen - l.prefix)).collect();
-    let keep = Tensor::from_vec(needed.rows, needed.row_count, device)?;
+    let kept = needed.rows.len();
+    let keep = Tensor::from_vec(needed.rows, kept, device)?;
     let hidden = match model {
         Model::Llama(m) => m.forward_hidden_branched(&packed, &mask, &branches, Some(&keep))?,
         Model::Gemma(m) => m.forward_hidden_branched(&packed, &mask, &branches, Some(&keep))?,
@@ -164,7 +165,6 @@ fn pair_logps(
 /// so a pair sharing `P` tokens needs up to `P - 1` entries fewer than its two rows.
 struct Needed {
     rows: Vec<u32>,
-    row_count: usize,
     entry_rows: Vec<u32>,
     labels: Vec<u32>,
     out_index: Vec<u32>,
@@ -203,7 +203,7 @@ impl Needed {
             rows.push(slot as u32);
         }
         let entry_rows = slots.iter().map(|&s| kept[s]).collect();
-        Self { row_count: rows.len(), rows, entry_rows, labels, out_index }
+        Self { rows, entry_rows, labels, out_index }
     }
 }
 
