@@ -117,6 +117,15 @@ pub(crate) unsafe fn matmul(
     #[cfg(feature = "product-stats")]
     let started = std::time::Instant::now();
     // SAFETY: forwarded from the caller's contract.
+    #[cfg(target_arch = "x86_64")]
+    if matches!(parallelism, gemm::Parallelism::None)
+        && unsafe { crate::tile_product::try_product((m, n, k), dst, dst_rs, accumulate, lhs, rhs) }
+    {
+        #[cfg(feature = "product-stats")]
+        crate::product_stats::record((2 * m * n * k) as u64, started.elapsed());
+        return;
+    }
+    // SAFETY: forwarded from the caller's contract.
     unsafe {
         gemm::gemm(
             m,

@@ -53,6 +53,8 @@ pub mod lora;
 pub mod ops;
 pub mod pairs;
 pub mod product_stats;
+#[cfg(target_arch = "x86_64")]
+mod tile_product;
 mod vmath;
 pub mod weights;
 

@@ -1,0 +1,351 @@
+//! Matrix products `C (+)= A B` whose right operand `B` and destination `C` are row-major
+//! (unit column stride), computed without packing either operand (x86-64 with AVX-512 only;
+//! [`crate::host::matmul`] sends the other products to the `gemm` crate).
+//!
+//! A register tile of `R` rows by `16 NV` columns of `C` (24 accumulators at most, of the 32
+//! vector registers) runs down the whole shared dimension: at each step `p` it loads the `NV`
+//! vectors `B[p, j0..j0 + 16 NV]` as they lie in memory and broadcasts the `R` scalars
+//! `A[i, p]` straight from `A`'s storage, whatever its strides. `gemm` instead copies both
+//! operands into panels before each product (about a tenth of the product time at this
+//! project's sizes, more for attention's small per-head products); here every operand the
+//! fused kernels use is read in place: weights and activations row-major or transposed as
+//! `A`, row-major as `B`. Tiles cover `C` in strips of 64 columns (`R` = 6), narrower at the
+//! right edge (48: 8 rows, 32 or 16: 12 rows, a partial vector masked), rows in order.
+//!
+//! Each element of `C` is the sum over `p` in order, fused multiply-adds from 0, then added to
+//! `C` when accumulating: the same bits whatever the tile, so a row's result does not depend
+//! on which other rows share the product.
+
+use crate::host::Mat;
+use std::arch::x86_64::{
+    __m512, _MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
+    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm512_shuffle_f32x4, _mm512_storeu_ps, _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_pd,
+    _mm512_unpacklo_ps,
+};
+
+/// Steps of the shared dimension ahead of the tile at which it prefetches `B`'s rows (and a
+/// transposed `A`'s), so strided operands arrive from L2/L3 in time (about 400 cycles ahead).
+const AHEAD: usize = 16;
+
+/// Whether this CPU runs the tile products (AVX-512F; `std` caches the detection).
+pub(crate) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Rows of `C` from which a product whose `B` is stored transposed (unit row stride) is worth
+/// copying `B` into row-major order first: the copy costs `k n` moves against `m k n`
+/// multiply-adds (about 1 % of the product at 64 rows).
+const TRANSPOSE_MIN_ROWS: usize = 64;
+
+thread_local! {
+    /// This thread's row-major copy of a transposed `B`, kept between products (at most
+    /// `k n` floats of the largest one: 1.4 MiB for the reference model's gate|up weights).
+    static ROW_MAJOR_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`product`] for [`crate::host::matmul`]'s operands when this CPU and `B`'s layout allow
+/// (`B` row-major, or stored transposed with at least [`TRANSPOSE_MIN_ROWS`] rows of `C`,
+/// then copied row-major into a scratch buffer first): returns whether it ran.
+///
+/// # Safety
+/// As [`crate::host::matmul`]: every operand valid for the extents and strides given, `dst`
+/// not overlapping the inputs.
+pub(crate) unsafe fn try_product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) -> bool {
+    if !available() {
+        return false;
+    }
+    let run = |b: *const f32, b_rs: usize| {
+        // SAFETY: AVX-512F is present; operands as the caller promised.
+        unsafe { product((m, n, k), (lhs.ptr, lhs.rs, lhs.cs), (b, b_rs), (dst, dst_rs), accumulate) }
+    };
+    if rhs.cs == 1 {
+        run(rhs.ptr, rhs.rs);
+        return true;
+    }
+    if rhs.rs != 1 || m < TRANSPOSE_MIN_ROWS {
+        return false;
+    }
+    ROW_MAJOR_B.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        scratch.reserve(k * n);
+        // SAFETY: B's column j is `k` contiguous floats at `rhs.ptr + j cs` (caller's
+        // contract); `transpose` writes all `k n` elements before `set_len`.
+        unsafe {
+            transpose_into(rhs.ptr, rhs.cs, k, n, scratch.as_mut_ptr());
+            scratch.set_len(k * n);
+        }
+        run(scratch.as_ptr(), n);
+    });
+    true
+}
+
+/// `dst [k x n]` (row-major) `= src^T` for `src` holding `n` rows of `k` contiguous floats at
+/// row stride `src_rs`: whole 16 x 16 blocks through registers, the edges element by element.
+///
+/// # Safety
+/// AVX-512F; `src` valid for `n` rows of `k` floats at stride `src_rs`; `dst` for `k n` writes.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_into(src: *const f32, src_rs: usize, k: usize, n: usize, dst: *mut f32) {
+    let (k16, n16) = (k / 16 * 16, n / 16 * 16);
+    // SAFETY (all blocks and edges): rows j < n of `src`, columns p < k; `dst` k x n.
+    unsafe {
+        for j0 in (0..n16).step_by(16) {
+            for p0 in (0..k16).step_by(16) {
+                let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add((j0 + i) * src_rs + p0)));
+                for (q, v) in transpose16(rows).into_iter().enumerate() {
+                    _mm512_storeu_ps(dst.add((p0 + q) * n + j0), v);
+                }
+            }
+        }
+        let scalar = |j: usize, p: usize| *dst.add(p * n + j) = *src.add(j * src_rs + p);
+        for j in 0..n {
+            for p in if j < n16 { k16..k } else { 0..k } {
+                scalar(j, p);
+            }
+        }
+    }
+}
+
+/// The transpose of the 16 x 16 block whose rows are `r`: within each 128-bit lane a 4 x 4
+/// transpose of every group of four rows (`unpack` of floats, then of pairs), then a 4 x 4
+/// transpose of the lanes across the groups (`shuffle_f32x4`).
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // s[4 g + c], lane l: rows 4 g..4 g + 4 of column 4 l + c.
+    let mut s = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let [a, b, c, d] = [r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]];
+        let (t0, t1) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let (t2, t3) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        let pd = _mm512_castps_pd;
+        s[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
+        s[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
+        s[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
+        s[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let [a, b, cc, d] = [s[c], s[4 + c], s[8 + c], s[12 + c]];
+        // Lanes [a0 a1 b0 b1], [a2 a3 b2 b3], then the same of cc, d.
+        let (u0, u1) = (_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+        let (u2, u3) = (_mm512_shuffle_f32x4::<0x44>(cc, d), _mm512_shuffle_f32x4::<0xEE>(cc, d));
+        // Row 4 l + c of the transpose: lane l of a, b, cc, d.
+        out[c] = _mm512_shuffle_f32x4::<0x88>(u0, u2);
+        out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(u0, u2);
+        out[8 + c] = _mm512_shuffle_f32x4::<0x88>(u1, u3);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(u1, u3);
+    }
+    out
+}
+
+/// `C [m x n] (+)= A [m x k] B [k x n]`: element `(i, p)` of `A` at `a + i a_rs + p a_cs`,
+/// `B` row-major with row stride `b_rs`, `C` row-major with row stride `c_rs`; with
+/// `accumulate` false `C` is overwritten (it need not be initialised).
+///
+/// # Safety
+/// The CPU must support AVX-512F ([`available`]); every operand must be valid for the extents
+/// and strides given, and `C` must not overlap `A` or `B`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs): (*const f32, usize),
+    (c, c_rs): (*mut f32, usize),
+    accumulate: bool,
+) {
+    let mut j0 = 0;
+    while j0 < n {
+        let width = (n - j0).min(64);
+        let vectors = width.div_ceil(16);
+        let tail = width - 16 * (vectors - 1);
+        let last = if tail == 16 { u16::MAX } else { (1u16 << tail) - 1 };
+        let s =
+            Strip { m, k, a, a_rs, a_cs, b: b.wrapping_add(j0), b_rs, c: c.wrapping_add(j0), c_rs, accumulate, last };
+        // SAFETY: forwarded from the caller's contract; the strip's columns are inside C and B.
+        unsafe {
+            match vectors {
+                4 => s.run::<6, 4>(),
+                3 => s.run::<8, 3>(),
+                2 => s.run::<12, 2>(),
+                _ => s.run::<12, 1>(),
+            }
+        }
+        j0 += 64;
+    }
+}
+
+/// Columns `j0..j0 + 16 NV` of a product (pointers already at column `j0`): `last` masks the
+/// columns of the final vector that exist.
+struct Strip {
+    m: usize,
+    k: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    c: *mut f32,
+    c_rs: usize,
+    accumulate: bool,
+    last: u16,
+}
+
+impl Strip {
+    /// Tiles of `MR` rows down the strip, then the remaining rows as tiles of 8, 4, 2 and 1.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const MR: usize, const NV: usize>(&self) {
+        let mut i0 = 0;
+        // SAFETY (every tile): rows i0.. of A and C exist (i0 + rows <= m).
+        unsafe {
+            while i0 + MR <= self.m {
+                self.tile::<MR, NV>(i0);
+                i0 += MR;
+            }
+            if self.m - i0 >= 8 {
+                self.tile::<8, NV>(i0);
+                i0 += 8;
+            }
+            if self.m - i0 >= 4 {
+                self.tile::<4, NV>(i0);
+                i0 += 4;
+            }
+            if self.m - i0 >= 2 {
+                self.tile::<2, NV>(i0);
+                i0 += 2;
+            }
+            if self.m - i0 >= 1 {
+                self.tile::<1, NV>(i0);
+            }
+        }
+    }
+
+    /// Rows `i0..i0 + R` of the strip.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const R: usize, const NV: usize>(&self, i0: usize) {
+        let masks: [u16; NV] = std::array::from_fn(|j| if j + 1 == NV { self.last } else { u16::MAX });
+        let mut sum = [[_mm512_setzero_ps(); NV]; R];
+        let (mut a, mut b) = (self.a.wrapping_add(i0 * self.a_rs), self.b);
+        let c = self.c.wrapping_add(i0 * self.c_rs);
+        // SAFETY: A's rows i0.. and B's rows 0..k, masked to the strip's columns, are inside
+        // the operands (caller's contract); C likewise.
+        unsafe {
+            // The tile of C, for writing at the end (its lines arrive during the loop).
+            for i in 0..R {
+                for j in 0..NV {
+                    _mm_prefetch::<_MM_HINT_ET0>(c.wrapping_add(i * self.c_rs + 16 * j).cast());
+                }
+            }
+            for _ in 0..self.k {
+                for j in 0..NV {
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(AHEAD * self.b_rs + 16 * j).cast());
+                }
+                if self.a_rs == 1 {
+                    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(AHEAD * self.a_cs).cast());
+                }
+                let bv: [__m512; NV] = std::array::from_fn(|j| _mm512_maskz_loadu_ps(masks[j], b.add(16 * j)));
+                for (i, row) in sum.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(i * self.a_rs));
+                    for (s, bv) in row.iter_mut().zip(&bv) {
+                        *s = _mm512_fmadd_ps(av, *bv, *s);
+                    }
+                }
+                a = a.wrapping_add(self.a_cs);
+                b = b.wrapping_add(self.b_rs);
+            }
+            for (i, row) in sum.iter().enumerate() {
+                for (j, (&s, &mask)) in row.iter().zip(&masks).enumerate() {
+                    let p = c.add(i * self.c_rs + 16 * j);
+                    let v = if self.accumulate { _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p)) } else { s };
+                    _mm512_mask_storeu_ps(p, mask, v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-0.5, 0.5).
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect()
+    }
+
+    #[test]
+    fn transpose_matches_the_definition_on_blocks_and_edges() {
+        if !available() {
+            return;
+        }
+        for (n, k, src_rs) in [(16, 16, 16), (48, 32, 40), (37, 21, 21), (5, 70, 75), (1, 1, 1)] {
+            let src = values(n * src_rs, 1);
+            let mut dst = vec![f32::NAN; k * n];
+            // SAFETY: AVX-512F present; extents as allocated.
+            unsafe { transpose_into(src.as_ptr(), src_rs, k, n, dst.as_mut_ptr()) };
+            for j in 0..n {
+                for p in 0..k {
+                    assert_eq!(dst[p * n + j], src[j * src_rs + p], "n {n} k {k}: element ({p}, {j})");
+                }
+            }
+        }
+    }
+
+    /// `try_product` against sums in f64, for every operand layout the fused kernels use and
+    /// edge sizes of each tile shape.
+    #[test]
+    fn products_match_f64_sums_in_every_layout() {
+        if !available() {
+            return;
+        }
+        for (m, n, k) in [(1, 1, 1), (7, 17, 3), (13, 33, 29), (64, 64, 32), (70, 80, 40), (9, 130, 0)] {
+            for (a_t, b_t, accumulate) in
+                [(false, false, false), (true, false, true), (false, true, false), (true, true, true)]
+            {
+                let a = values(m * k, 2);
+                let b = values(k * n, 3);
+                let lhs = if a_t { Mat { ptr: a.as_ptr(), rs: 1, cs: m } } else { Mat::rows(&a, k) };
+                let rhs = if b_t { Mat::rows_t(&b, k) } else { Mat::rows(&b, n) };
+                let c0 = values(m * (n + 3), 4);
+                let mut c = c0.clone();
+                // SAFETY: operands as allocated; C has row stride n + 3.
+                let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n + 3, accumulate, lhs, rhs) };
+                if !ran {
+                    assert!(b_t && m < TRANSPOSE_MIN_ROWS, "m {m} n {n} k {k} a_t {a_t} b_t {b_t} did not run");
+                    continue;
+                }
+                for i in 0..m {
+                    for j in 0..n + 3 {
+                        let got = c[i * (n + 3) + j];
+                        if j >= n {
+                            assert_eq!(got, c0[i * (n + 3) + j], "column {j} past n was written");
+                            continue;
+                        }
+                        let at = |t: bool, r: usize, q: usize, rows: usize, cols: usize, v: &[f32]| {
+                            if t { v[q * rows + r] } else { v[r * cols + q] }
+                        };
+                        let mut want: f64 =
+                            (0..k).map(|p| at(a_t, i, p, m, k, &a) as f64 * at(b_t, p, j, k, n, &b) as f64).sum();
+                        if accumulate {
+                            want += c0[i * (n + 3) + j] as f64;
+                        }
+                        assert!(
+                            (got as f64 - want).abs() < 1e-5,
+                            "m {m} n {n} k {k} a_t {a_t} b_t {b_t}: ({i}, {j}) {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
