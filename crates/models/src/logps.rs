@@ -5,7 +5,8 @@
 //! [`BLOCK_BYTES`]; its backward recomputes each block's logits instead of keeping them, so
 //! neither pass ever holds more than one block of logits (a graph of per-chunk ops would keep
 //! every chunk's logits alive until the backward pass: 16 GiB for 8 x 2048 tokens of a
-//! 262,144-token vocabulary). Other devices and dtypes run the composition chunk by chunk.
+//! 262,144-token vocabulary). Only logits of at most [`KEPT_BYTES`] in all (one block) are kept
+//! from the forward pass for the backward pass instead. Other devices and dtypes run the composition chunk by chunk.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -18,10 +19,19 @@ use crate::{ModelError, Result, vmath};
 /// 262,144-token vocabulary).
 pub const BLOCK_BYTES: usize = 64 << 20;
 
+/// Largest logits [`lm_head_logps`] keeps from its forward pass for its backward pass when all
+/// its rows fit one block (4 MiB; 1.5 MiB on the reference benchmark): small enough to hold
+/// through the backward pass of the whole model, and it saves recomputing the product.
+pub const KEPT_BYTES: usize = 4 << 20;
+
 /// `log softmax(cap(h W^T))[label]` per row of `hidden [n, h]`, `lm_head [v, h]`, `labels [n]`.
 struct LmHeadLogps {
     softcap: Option<f64>,
     block: usize,
+    /// Whether the forward pass keeps its logits (one block of at most [`KEPT_BYTES`]).
+    keep: bool,
+    /// The kept logits, taken (freed) by the first backward pass.
+    kept: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl LmHeadLogps {
@@ -75,13 +85,16 @@ impl CustomOp3 for LmHeadLogps {
                 .zip(z.par_chunks(v))
                 .zip(&labels[r0..r0 + rows])
                 .for_each(|((o, row), &label)| *o = row[label as usize] - row_lse(row));
+            if self.keep {
+                *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(z);
+            }
         }
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
     /// With `d z = g (onehot(label) - softmax(z))` and `d l = d z (1 - (z / cap)^2)` under
-    /// soft-capping: `d hidden = d l W`, `d W = d l^T hidden`, block by block (logits recomputed),
-    /// each only when that input is part of a graph.
+    /// soft-capping: `d hidden = d l W`, `d W = d l^T hidden`, block by block (logits kept or
+    /// recomputed), each only when that input is part of a graph.
     fn bwd(
         &self,
         x: &Tensor,
@@ -103,9 +116,13 @@ impl CustomOp3 for LmHeadLogps {
         let mut dx = if want_dx { vec![0f32; n * hd] } else { Vec::new() };
         let mut dw = if want_dw { vec![0f32; v * hd] } else { Vec::new() };
         let cap = self.softcap.map(|c| c as f32);
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take();
         for r0 in (0..n).step_by(self.block) {
             let rows = self.block.min(n - r0);
-            let mut d = self.logits(h, wt, r0, rows, v, hd);
+            let mut d = match kept.take() {
+                Some(z) if z.len() == rows * v => z,
+                _ => self.logits(h, wt, r0, rows, v, hd),
+            };
             let dcap = |z: f32| cap.map_or(1.0, |c| 1.0 - (z / c) * (z / c));
             d.par_chunks_mut(v).zip(&labels[r0..r0 + rows]).zip(&gv[r0..r0 + rows]).for_each(|((row, &label), &g)| {
                 let lse = row_lse(row);
@@ -215,7 +232,8 @@ pub fn lm_head_logps(
         return Ok(Tensor::zeros(0, DType::F32, hidden.device())?);
     }
     if fusable(&[hidden, lm_head]) {
-        let op = LmHeadLogps { softcap, block };
+        let keep = n <= block && n.saturating_mul(v).saturating_mul(4) <= KEPT_BYTES;
+        let op = LmHeadLogps { softcap, block, keep, kept: std::sync::Mutex::new(None) };
         return Ok(hidden.contiguous()?.apply_op3(&lm_head.contiguous()?, &labels, op)?);
     }
     let mut parts = Vec::new();

@@ -57,6 +57,29 @@ fn fused_lm_head_logps_matches_composition_values_and_gradients() -> Result<()> 
     Ok(())
 }
 
+/// Logits small enough to fit one block are kept from the forward pass; a second backward pass
+/// over the same graph finds them taken and recomputes them: the same gradients, bit for bit.
+#[test]
+fn kept_and_recomputed_logits_give_the_same_gradient_bits() -> Result<()> {
+    let dev = Device::Cpu;
+    let (n, hd, v) = (9, 16, 29);
+    let h = Var::from_tensor(&randn(5, 0.0, 1.0, (n, hd)))?;
+    let w = Var::from_tensor(&randn(6, 0.0, 0.5, (v, hd)))?;
+    let labels = Tensor::from_vec((0..n as u32).map(|i| (i * 5 + 2) % v as u32).collect::<Vec<_>>(), n, &dev)?;
+    for cap in [None, Some(2.0)] {
+        let loss = lm_head_logps(h.as_tensor(), w.as_tensor(), &labels, cap, n)?.sum_all()?;
+        let (kept, recomputed) = (loss.backward()?, loss.backward()?);
+        for var in [&h, &w] {
+            let bits = |g: &candle_core::backprop::GradStore| -> Result<Vec<u32>> {
+                let g = g.get(var.as_tensor()).expect("a gradient");
+                Ok(g.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+            };
+            assert_eq!(bits(&kept)?, bits(&recomputed)?, "cap {cap:?}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn chunked_logps_with_softcap_equal_full_logits() -> Result<()> {
     let dev = Device::Cpu;
