@@ -118,9 +118,13 @@ pub(crate) unsafe fn matmul(
     let started = std::time::Instant::now();
     // SAFETY: forwarded from the caller's contract.
     #[cfg(target_arch = "x86_64")]
-    if matches!(parallelism, gemm::Parallelism::None)
-        && unsafe { crate::tile_product::try_product((m, n, k), dst, dst_rs, accumulate, lhs, rhs) }
-    {
+    if unsafe {
+        let threads = match parallelism {
+            gemm::Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        crate::tile_product::try_product((m, n, k), dst, dst_rs, accumulate, lhs, rhs, threads)
+    } {
         #[cfg(feature = "product-stats")]
         crate::product_stats::record((2 * m * n * k) as u64, started.elapsed());
         return;
@@ -161,6 +165,50 @@ pub(crate) fn product(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f
     unsafe {
         matmul(m, n, k, out.as_mut_ptr(), n, false, lhs, rhs, Threads::Pool);
         out.set_len(m * n);
+    }
+    out
+}
+
+/// `x [m, k] @ [W_1; W_2; ...]^T` for row-major weights `W_i [n_i, k]` stacked by rows (a block's
+/// `[gate; up]` or `[q; k; v]`, each in its own storage): `[m, n_1 + n_2 + ...]`, one product per
+/// piece into its columns.
+pub(crate) fn product_stacked_t(m: usize, k: usize, x: &[f32], pieces: &[&[f32]]) -> Vec<f32> {
+    let cols: usize = pieces.iter().map(|w| w.len() / k).sum();
+    let mut out: Vec<f32> = Vec::with_capacity(m * cols);
+    let mut col = 0;
+    for w in pieces {
+        let n = w.len() / k;
+        // SAFETY: `out` has room for m x cols; this piece writes its n columns of every row
+        // completely (accumulate = false), and the pieces cover all columns before `set_len`.
+        unsafe {
+            matmul(m, n, k, out.as_mut_ptr().add(col), cols, false, Mat::rows(x, k), Mat::rows_t(w, k), Threads::Pool)
+        };
+        col += n;
+    }
+    // SAFETY: every element was written above.
+    unsafe { out.set_len(m * cols) };
+    out
+}
+
+/// `dy [m, k_1 + k_2 + ...] @ [W_1; W_2; ...]` for row-major weights `W_i [k_i, n]` stacked by
+/// rows: `[m, n]`, the pieces' products added in order (the backward of [`product_stacked_t`]).
+pub(crate) fn product_stacked(m: usize, n: usize, dy: &[f32], pieces: &[&[f32]]) -> Vec<f32> {
+    let ks: usize = pieces.iter().map(|w| w.len() / n).sum();
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let mut k0 = 0;
+    for (i, w) in pieces.iter().enumerate() {
+        let k = w.len() / n;
+        let a = Mat { ptr: dy[k0..].as_ptr(), rs: ks, cs: 1 };
+        // SAFETY: `out` has room for m x n; the first piece writes it completely (accumulate =
+        // false), later ones add to it; `dy` holds m rows of ks columns.
+        unsafe { matmul(m, n, k, out.as_mut_ptr(), n, i > 0, a, Mat::rows(w, n), Threads::Pool) };
+        k0 += k;
+    }
+    if pieces.is_empty() {
+        out.resize(m * n, 0.0);
+    } else {
+        // SAFETY: the first product wrote every element.
+        unsafe { out.set_len(m * n) };
     }
     out
 }

@@ -16,7 +16,9 @@
 //! `C` when accumulating: the same bits whatever the tile, so a row's result does not depend
 //! on which other rows share the product.
 
-use crate::host::Mat;
+use rayon::prelude::*;
+
+use crate::host::{Mat, SendPtr};
 use std::arch::x86_64::{
     __m512, _MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
     _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
@@ -44,9 +46,15 @@ thread_local! {
     static ROW_MAJOR_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Rows of C a thread takes at least when a product is split over the pool (a multiple of
+/// every tile height).
+const ROWS_PER_TASK: usize = 48;
+
 /// [`product`] for [`crate::host::matmul`]'s operands when this CPU and `B`'s layout allow
 /// (`B` row-major, or stored transposed with at least [`TRANSPOSE_MIN_ROWS`] rows of `C`,
-/// then copied row-major into a scratch buffer first): returns whether it ran.
+/// then copied row-major into a scratch buffer first): returns whether it ran. With `threads`
+/// above 1 the rows of C are split over the rayon pool (each row's sum is the same whichever
+/// task computes it, so the result has the same bits).
 ///
 /// # Safety
 /// As [`crate::host::matmul`]: every operand valid for the extents and strides given, `dst`
@@ -58,13 +66,33 @@ pub(crate) unsafe fn try_product(
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
+    threads: usize,
 ) -> bool {
     if !available() {
         return false;
     }
     let run = |b: *const f32, b_rs: usize| {
-        // SAFETY: AVX-512F is present; operands as the caller promised.
-        unsafe { product((m, n, k), (lhs.ptr, lhs.rs, lhs.cs), (b, b_rs), (dst, dst_rs), accumulate) }
+        let tasks = threads.min(m / ROWS_PER_TASK).max(1);
+        if tasks == 1 {
+            // SAFETY: AVX-512F is present; operands as the caller promised.
+            unsafe { product((m, n, k), (lhs.ptr, lhs.rs, lhs.cs), (b, b_rs), (dst, dst_rs), accumulate) };
+            return;
+        }
+        let per = m.div_ceil(tasks).next_multiple_of(24);
+        let (a, b, c) = (SendPtr(lhs.ptr.cast_mut()), SendPtr(b.cast_mut()), SendPtr(dst));
+        (0..m.div_ceil(per)).into_par_iter().for_each(|t| {
+            let (r0, rows) = (t * per, per.min(m - t * per));
+            // SAFETY: as above; task t alone writes rows r0..r0 + rows of C.
+            unsafe {
+                product(
+                    (rows, n, k),
+                    (a.get().wrapping_add(r0 * lhs.rs).cast_const(), lhs.rs, lhs.cs),
+                    (b.get().cast_const(), b_rs),
+                    (c.get().wrapping_add(r0 * dst_rs), dst_rs),
+                    accumulate,
+                )
+            }
+        });
     };
     if rhs.cs == 1 {
         run(rhs.ptr, rhs.rs);
@@ -73,28 +101,57 @@ pub(crate) unsafe fn try_product(
     if rhs.rs != 1 || m < TRANSPOSE_MIN_ROWS {
         return false;
     }
-    ROW_MAJOR_B.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
+    let transpose_and_run = |scratch: &mut Vec<f32>| {
         scratch.clear();
         scratch.reserve(k * n);
         // SAFETY: B's column j is `k` contiguous floats at `rhs.ptr + j cs` (caller's
         // contract); `transpose` writes all `k n` elements before `set_len`.
         unsafe {
-            transpose_into(rhs.ptr, rhs.cs, k, n, scratch.as_mut_ptr());
+            let (src, dst) = (SendPtr(rhs.ptr.cast_mut()), SendPtr(scratch.as_mut_ptr()));
+            if threads > 1 && m < threads * TRANSPOSE_ALONE_ROWS {
+                // Split over the pool too: alone, the copy would leave the other threads idle
+                // for a tenth of a product this small. Task `t` writes columns `t * 64..` of
+                // every row of the copy.
+                (0..n.div_ceil(64)).into_par_iter().for_each(|t| {
+                    let (j0, cols) = (t * 64, 64.min(n - t * 64));
+                    transpose_into(
+                        src.get().cast_const().wrapping_add(j0 * rhs.cs),
+                        rhs.cs,
+                        k,
+                        cols,
+                        n,
+                        dst.get().wrapping_add(j0),
+                    )
+                });
+            } else {
+                transpose_into(rhs.ptr, rhs.cs, k, n, n, scratch.as_mut_ptr());
+            }
             scratch.set_len(k * n);
         }
         run(scratch.as_ptr(), n);
+    };
+    // A product started by this thread while it waits inside another one's split (rayon runs
+    // queued work there) finds the scratch in use and takes a buffer of its own.
+    ROW_MAJOR_B.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => transpose_and_run(&mut scratch),
+        Err(_) => transpose_and_run(&mut Vec::new()),
     });
     true
 }
 
-/// `dst [k x n]` (row-major) `= src^T` for `src` holding `n` rows of `k` contiguous floats at
-/// row stride `src_rs`: whole 16 x 16 blocks through registers, the edges element by element.
+/// Rows of C per thread under which a product split over the pool also splits the copy of a
+/// transposed B.
+const TRANSPOSE_ALONE_ROWS: usize = 512;
+
+/// `dst [k x n]` (row-major, row stride `dst_rs`) `= src^T` for `src` holding `n` rows of `k`
+/// contiguous floats at row stride `src_rs`: whole 16 x 16 blocks through registers, the edges
+/// element by element.
 ///
 /// # Safety
-/// AVX-512F; `src` valid for `n` rows of `k` floats at stride `src_rs`; `dst` for `k n` writes.
+/// AVX-512F; `src` valid for `n` rows of `k` floats at stride `src_rs`; `dst` for `k` rows of
+/// `n` writes at stride `dst_rs`.
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_into(src: *const f32, src_rs: usize, k: usize, n: usize, dst: *mut f32) {
+unsafe fn transpose_into(src: *const f32, src_rs: usize, k: usize, n: usize, dst_rs: usize, dst: *mut f32) {
     let (k16, n16) = (k / 16 * 16, n / 16 * 16);
     // SAFETY (all blocks and edges): rows j < n of `src`, columns p < k; `dst` k x n.
     unsafe {
@@ -102,11 +159,11 @@ unsafe fn transpose_into(src: *const f32, src_rs: usize, k: usize, n: usize, dst
             for p0 in (0..k16).step_by(16) {
                 let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add((j0 + i) * src_rs + p0)));
                 for (q, v) in transpose16(rows).into_iter().enumerate() {
-                    _mm512_storeu_ps(dst.add((p0 + q) * n + j0), v);
+                    _mm512_storeu_ps(dst.add((p0 + q) * dst_rs + j0), v);
                 }
             }
         }
-        let scalar = |j: usize, p: usize| *dst.add(p * n + j) = *src.add(j * src_rs + p);
+        let scalar = |j: usize, p: usize| *dst.add(p * dst_rs + j) = *src.add(j * src_rs + p);
         for j in 0..n {
             for p in if j < n16 { k16..k } else { 0..k } {
                 scalar(j, p);
@@ -292,11 +349,36 @@ mod tests {
             let src = values(n * src_rs, 1);
             let mut dst = vec![f32::NAN; k * n];
             // SAFETY: AVX-512F present; extents as allocated.
-            unsafe { transpose_into(src.as_ptr(), src_rs, k, n, dst.as_mut_ptr()) };
+            unsafe { transpose_into(src.as_ptr(), src_rs, k, n, n, dst.as_mut_ptr()) };
             for j in 0..n {
                 for p in 0..k {
                     assert_eq!(dst[p * n + j], src[j * src_rs + p], "n {n} k {k}: element ({p}, {j})");
                 }
+            }
+        }
+    }
+
+    /// Products split over the pool (rows over tasks, and a transposed B's copy over tasks when
+    /// the product is small) give the same bits as on one thread.
+    #[test]
+    fn products_split_over_threads_have_the_same_bits() {
+        if !available() {
+            return;
+        }
+        for (m, n, k) in [(100, 70, 33), (300, 130, 64), (1100, 40, 20), (70, 300, 9)] {
+            for b_t in [false, true] {
+                let (a, b) = (values(m * k, 7), values(k * n, 8));
+                let rhs = if b_t { Mat::rows_t(&b, k) } else { Mat::rows(&b, n) };
+                let run = |threads: usize| {
+                    let mut c = values(m * n, 9);
+                    // SAFETY: operands as allocated.
+                    let ran =
+                        unsafe { try_product((m, n, k), c.as_mut_ptr(), n, true, Mat::rows(&a, k), rhs, threads) };
+                    (ran, c.into_iter().map(f32::to_bits).collect::<Vec<_>>())
+                };
+                let ((ran1, one), (ran4, four)) = (run(1), run(4));
+                assert!(ran1 && ran4, "m {m} n {n} k {k} b_t {b_t}");
+                assert!(one == four, "m {m} n {n} k {k} b_t {b_t}: different bits");
             }
         }
     }
@@ -319,7 +401,7 @@ mod tests {
                 let c0 = values(m * (n + 3), 4);
                 let mut c = c0.clone();
                 // SAFETY: operands as allocated; C has row stride n + 3.
-                let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n + 3, accumulate, lhs, rhs) };
+                let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n + 3, accumulate, lhs, rhs, 1) };
                 if !ran {
                     assert!(b_t && m < TRANSPOSE_MIN_ROWS, "m {m} n {n} k {k} a_t {a_t} b_t {b_t} did not run");
                     continue;

@@ -6,19 +6,19 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activations::Saved;
-use super::weight_grads::{Direct, Packing, route, weights};
+use super::weight_grads::{BlockWeights, Direct, Packing, route};
 use super::{
-    ActivationMeter, Activations, AttentionSpec, at, attention, cpu, fusable, linear, linear_residual, norm_linear,
+    ActivationMeter, Activations, AttentionSpec, attention, cpu, fusable, linear, linear_residual, norm_linear,
     rms_norm,
 };
 use crate::Result;
 use crate::host::{
-    HeadNorm, HostF32, Mat, ROW_BLOCK, Threads, add_rows, col_sums, f32_slice, matmul, product, rms_norm_bwd_rows,
-    rms_norm_bwd_rows_add, rms_norm_rows,
+    HeadNorm, HostF32, Mat, ROW_BLOCK, Threads, add_rows, col_sums, f32_slice, matmul, product, product_stacked,
+    product_stacked_t, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
-/// Which optional parameters an attention block carries after its four projection matrices in
-/// the packed weight vector, in this order: q|k|v bias (`qkv_cols`), o_proj bias (`hidden`), q
+/// Which optional parameters an attention block carries after its four projection matrices
+/// (q, k, v, o) among its weights, in this order: q, k and v biases, o_proj bias (`hidden`), q
 /// norm weight (`head_dim`), k norm weight (`head_dim`), post-norm weight (`hidden`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct BlockParts {
@@ -28,20 +28,18 @@ struct BlockParts {
     post_norm: bool,
 }
 
-/// Offsets of the pieces of an attention block's packed weights.
-struct PackedAttention {
-    /// End of the four matrices (o_proj starts at `qkv_cols * hidden`).
-    matrices: usize,
+/// Indices of an attention block's optional weights among its weights (after q, k, v, o).
+struct OptionalWeights {
+    /// The q bias; the k and v biases follow.
     qkv_bias: Option<usize>,
     o_bias: Option<usize>,
+    /// The q norm weight; the k norm weight follows.
     qk_norm: Option<usize>,
     post_norm: Option<usize>,
-    total: usize,
 }
 
-/// `x + o(attention(rms_norm(x) [q|k|v]))`, weights packed as
-/// `[q_proj (flattened), k_proj, v_proj, o_proj]` (1-D), followed by the optional parts of
-/// [`BlockParts`]: `qkv = rms_norm(x) W_qkv^T (+ b_qkv)`, the query and key heads RMS-normalised
+/// `x + o(attention(rms_norm(x) [q|k|v]))`, weights (in [`BlockWeights`]' order) `q_proj,
+/// k_proj, v_proj, o_proj`, followed by the optional parts of [`BlockParts`]: `qkv = rms_norm(x) W_qkv^T (+ b_qkv)`, the query and key heads RMS-normalised
 /// (with q/k norm), attention, `y = x + attn W_o^T (+ b_o)`. The saved activations are the same
 /// with or without the optional parts: `qkv` (after the bias, before the head norm, which the
 /// backward pass recomputes: one cheap row pass) and the attention output.
@@ -53,55 +51,54 @@ struct AttentionBlockOp {
     saved: Saved,
     /// Where the weights' gradients go in a [`WeightGrads`] scope.
     direct: Option<Direct>,
+    /// The weights' element counts.
+    lens: Vec<usize>,
 }
 
 impl AttentionBlockOp {
-    fn packed(&self) -> PackedAttention {
-        let (h, cols, qc, d) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols(), self.spec.head_dim);
-        let matrices = cols * h + h * qc;
-        let mut end = matrices;
-        let mut take = |present: bool, len: usize| {
+    fn optional(&self) -> OptionalWeights {
+        let mut next = 4;
+        let mut take = |present: bool, count: usize| {
             present.then(|| {
-                end += len;
-                end - len
+                next += count;
+                next - count
             })
         };
-        let qkv_bias = take(self.parts.qkv_bias, cols);
-        let o_bias = take(self.parts.o_bias, h);
-        let qk_norm = take(self.parts.qk_norm, 2 * d);
-        let post_norm = take(self.parts.post_norm, h);
-        PackedAttention { matrices, qkv_bias, o_bias, qk_norm, post_norm, total: end }
+        let qkv_bias = take(self.parts.qkv_bias, 3);
+        let o_bias = take(self.parts.o_bias, 1);
+        let qk_norm = take(self.parts.qk_norm, 2);
+        let post_norm = take(self.parts.post_norm, 1);
+        OptionalWeights { qkv_bias, o_bias, qk_norm, post_norm }
     }
 
-    /// The q|k|v bias, the o_proj bias and the q/k head norm in the packed weights `w`.
+    /// The q|k|v bias (concatenated), the o_proj bias and the q/k head norm.
     #[allow(clippy::type_complexity)]
-    fn parts<'a>(&self, w: &'a [f32]) -> (Option<&'a [f32]>, Option<&'a [f32]>, Option<HeadNorm<'a>>) {
-        let p = self.packed();
-        let (cols, d) = (self.spec.qkv_cols(), self.spec.head_dim);
-        let norm = p.qk_norm.map(|o| HeadNorm {
-            q: &w[o..o + d],
-            k: &w[o + d..o + 2 * d],
+    fn parts<'a>(&self, w: &'a BlockWeights) -> (Option<Vec<f32>>, Option<&'a [f32]>, Option<HeadNorm<'a>>) {
+        let p = self.optional();
+        let norm = p.qk_norm.map(|i| HeadNorm {
+            q: w.get(i),
+            k: w.get(i + 1),
             heads: self.spec.heads,
             kv_heads: self.spec.kv_heads,
             eps: self.eps,
         });
-        (p.qkv_bias.map(|o| &w[o..o + cols]), p.o_bias.map(|o| &w[o..o + self.hidden]), norm)
+        (p.qkv_bias.map(|i| w.pieces(i..i + 3).concat()), p.o_bias.map(|i| w.get(i)), norm)
     }
 
-    /// The post-norm weight in the packed weights `w`, if any.
-    fn post<'a>(&self, w: &'a [f32]) -> Option<&'a [f32]> {
-        self.packed().post_norm.map(|o| &w[o..o + self.hidden])
+    /// The post-norm weight, if any.
+    fn post<'a>(&self, w: &'a BlockWeights) -> Option<&'a [f32]> {
+        self.optional().post_norm.map(|i| w.get(i))
     }
 
     /// The output projection `attn W_o^T (+ b_o)` of `n` rows, before any post-norm.
-    fn project_out(&self, attn: &[f32], w: &[f32], n: usize) -> Vec<f32> {
+    fn project_out(&self, attn: &[f32], w: &BlockWeights, n: usize) -> Vec<f32> {
         let (h, qc) = (self.hidden, self.spec.q_cols());
         let mut m = vec![0f32; n * h];
         if let (_, Some(b), _) = self.parts(w) {
             add_rows(&mut m, b);
         }
-        let wo = at(w, self.spec.qkv_cols() * h);
-        // SAFETY: `m` n x h, `attn` n x qc, `wo` h x qc (inside `w`, length checked).
+        let wo = w.get(3);
+        // SAFETY: `m` n x h, `attn` n x qc, `wo` h x qc (its length checked at construction).
         unsafe { matmul(n, h, qc, m.as_mut_ptr(), h, true, Mat::rows(attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
         m
     }
@@ -109,16 +106,16 @@ impl AttentionBlockOp {
     /// `(kept, attn)` of the forward pass: `kept` is what the backward pass starts from, the
     /// head-major rotated copy ([`AttentionSpec::head_major`]) without a q/k head norm, `qkv`
     /// before the head norm with one (whose backward needs it).
-    fn activations(&self, x: &[f32], nw: &[f32], w: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    fn activations(&self, x: &[f32], nw: &[f32], w: &BlockWeights) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let (h, cols) = (self.hidden, self.spec.qkv_cols());
         let n = x.len() / h;
         let mut normed = vec![0f32; x.len()];
         rms_norm_rows(x, nw, self.eps, &mut normed);
-        let mut qkv = product(n, cols, h, Mat::rows(&normed, h), Mat::rows_t(w, h));
+        let mut qkv = product_stacked_t(n, h, &normed, &w.pieces(0..3));
         drop(normed);
         let (qkv_bias, _, head_norm) = self.parts(w);
         if let Some(b) = qkv_bias {
-            add_rows(&mut qkv, b);
+            add_rows(&mut qkv, &b);
         }
         Ok(match head_norm {
             None => {
@@ -141,11 +138,13 @@ impl AttentionBlockOp {
         out
     }
 
-    fn check(&self, x: usize, nw: usize, w: usize) -> candle_core::Result<()> {
-        let h = self.hidden;
-        if nw != h || w != self.packed().total || x != self.spec.batch * self.spec.seq * h {
+    fn check(&self, x: usize, nw: usize) -> candle_core::Result<()> {
+        let (h, qc, kc) = (self.hidden, self.spec.q_cols(), self.spec.kv_cols());
+        let matrices = [qc * h, kc * h, kc * h, h * qc];
+        if nw != h || x != self.spec.batch * self.spec.seq * h || self.lens[..4] != matrices {
             candle_core::bail!(
-                "attention block: x {x}, norm {nw}, packed weights {w} do not match hidden {h} ({:?})",
+                "attention block: x {x}, norm {nw}, weights {:?} do not match hidden {h} ({:?})",
+                self.lens,
                 self.parts
             )
         }
@@ -169,13 +168,12 @@ impl CustomOp3 for AttentionBlockOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "attention block x")?;
         let nw = f32_slice(s2, l2, "attention block norm")?;
-        let w = weights(&self.direct, f32_slice(s3, l3, "attention block weights")?)?;
-        let w = &w[..];
-        self.check(x.len(), nw.len(), w.len())?;
+        let w = &BlockWeights::new(&self.direct, f32_slice(s3, l3, "attention block weights")?, &self.lens)?;
+        self.check(x.len(), nw.len())?;
         let (h, qc) = (self.hidden, self.spec.q_cols());
         let n = x.len() / h;
         let (qkv, attn) = self.activations(x, nw, w)?;
-        let wo = at(w, self.spec.qkv_cols() * h);
+        let wo = w.get(3);
         let mut y = x.to_vec();
         if let Some(pw) = self.post(w) {
             // y = x + rms_norm(attn W_o^T + b_o, post).
@@ -189,7 +187,7 @@ impl CustomOp3 for AttentionBlockOp {
             if let (_, Some(b), _) = self.parts(w) {
                 add_rows(&mut y, b);
             }
-            // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (inside `w`, length checked).
+            // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (its length checked at construction).
             unsafe {
                 matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool)
             };
@@ -213,15 +211,15 @@ impl CustomOp3 for AttentionBlockOp {
         let g = g.contiguous()?;
         let (xs, nws, ws, gs) =
             (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
-        let packed = weights(&self.direct, ws.slice())?;
-        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), &packed[..], gs.slice());
+        let w_ = &BlockWeights::new(&self.direct, ws.slice(), &self.lens)?;
+        let (x_, nw_, g_) = (xs.slice(), nws.slice(), gs.slice());
         let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
         let n = x_.len() / h;
         let (qkv_bias, o_bias, head_norm) = self.parts(w_);
         let (kept, attn) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
-        let wo = at(w_, cols * h);
-        let matrices = self.packed().matrices;
-        let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
+        let wo = w_.get(3);
+        let matrices = cols * h + h * qc;
+        let mut dw: Vec<f32> = Vec::with_capacity(self.lens.iter().sum());
         // With a post-norm: its backward from the recomputed projection `m` turns `dy` into `dm`.
         let (dm, d_post) = match self.post(w_) {
             None => (None, None),
@@ -283,7 +281,7 @@ impl CustomOp3 for AttentionBlockOp {
             dw.extend_from_slice(&dp);
         }
         drop(normed);
-        let dnormed = product(n, h, cols, Mat::rows(&dqkv, cols), Mat::rows(w_, h));
+        let dnormed = product_stacked(n, h, &dqkv, &w_.pieces(0..3));
         drop(dqkv);
         // The residual's gradient plus RMSNorm's backward.
         let mut dx = g_.to_vec();
@@ -415,8 +413,9 @@ pub fn attention_block(
     }
     let mut weights = vec![q, k, v, o];
     weights.extend(extra);
-    let Packing { packed, direct } = Packing::new(weights, activations)?;
+    let Packing { packed, direct, lens } = Packing::new(weights)?;
     let parts = extras.parts();
-    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved: Saved::new(activations, meter), direct };
+    let saved = Saved::new(activations, meter);
+    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved, direct, lens };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

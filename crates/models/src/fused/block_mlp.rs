@@ -8,12 +8,12 @@ use rayon::prelude::*;
 use super::activations::Saved;
 #[cfg(doc)]
 use super::attention_block;
-use super::weight_grads::{Direct, Packing, route, weights};
-use super::{ActivationMeter, Activations, at, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
+use super::weight_grads::{BlockWeights, Direct, Packing, route};
+use super::{ActivationMeter, Activations, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
 use crate::Result;
 use crate::host::{
     HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_act_bwd_rows, glu_bwd_rows, glu_rows, matmul, product,
-    rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
+    product_stacked, product_stacked_t, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
 /// Rows of the MLP block's backward pass (and of its forward pass when it keeps nothing) handled
@@ -52,8 +52,8 @@ pub struct MlpExtras<'a> {
 }
 
 /// `x + post(act(g) * u) w_down^T` with `[g | u] = rms_norm(x) [w_gate | w_up]^T` and `post` the
-/// optional post-norm, weights packed as `[gate_proj (flattened), up_proj, down_proj]` (1-D),
-/// then the post-norm weight when there is one. Saved ([`Activations::Keep`]): `g|u`, and with a
+/// optional post-norm, weights (in [`BlockWeights`]' order) `gate_proj, up_proj, down_proj`, then
+/// the post-norm weight when there is one. Saved ([`Activations::Keep`]): `g|u`, and with a
 /// post-norm the MLP output `m` before it (`[rows, hidden]`, so its backward need not redo the
 /// down projection).
 struct MlpBlockOp {
@@ -65,39 +65,40 @@ struct MlpBlockOp {
     saved: Saved,
     /// Where the weights' gradients go in a [`WeightGrads`] scope.
     direct: Option<Direct>,
+    /// The weights' element counts.
+    lens: Vec<usize>,
 }
 
 impl MlpBlockOp {
     /// `(rms_norm(x), gate|up)` of the rows `x`.
-    fn gate_up(&self, x: &[f32], nw: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let (h, i) = (self.hidden, self.inter);
+    fn gate_up(&self, x: &[f32], nw: &[f32], w: &BlockWeights) -> (Vec<f32>, Vec<f32>) {
+        let h = self.hidden;
         let mut normed = vec![0f32; x.len()];
         rms_norm_rows(x, nw, self.eps, &mut normed);
-        let gu = product(x.len() / h, 2 * i, h, Mat::rows(&normed, h), Mat::rows_t(w, h));
+        let gu = product_stacked_t(x.len() / h, h, &normed, &w.pieces(0..2));
         (normed, gu)
     }
 
     /// `y += act(g) * u @ w_down^T` for the rows of `gu`; returns the gated product.
-    fn down(&self, gu: &[f32], w: &[f32], y: &mut [f32]) -> Vec<f32> {
+    fn down(&self, gu: &[f32], w: &BlockWeights, y: &mut [f32]) -> Vec<f32> {
         let (h, i) = (self.hidden, self.inter);
         let rows = gu.len() / (2 * i);
         let mut act = vec![0f32; rows * i];
         glu_rows(self.act, gu, i, &mut act);
-        let wd = at(w, 2 * i * h);
-        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (inside `w`, length checked).
+        let wd = w.get(2);
+        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (its length checked at construction).
         unsafe { matmul(rows, h, i, y.as_mut_ptr(), h, true, Mat::rows(&act, i), Mat::rows_t(wd, i), Threads::Pool) };
         act
     }
 
-    /// The post-norm weight in the packed weights, if any.
-    fn post<'a>(&self, w: &'a [f32]) -> Option<&'a [f32]> {
-        let (h, i) = (self.hidden, self.inter);
-        self.post_norm.then(|| &w[3 * i * h..3 * i * h + h])
+    /// The post-norm weight, if any.
+    fn post<'a>(&self, w: &'a BlockWeights) -> Option<&'a [f32]> {
+        self.post_norm.then(|| w.get(3))
     }
 
     /// `y = x + post(mlp)` for rows whose `y` already holds `x` and whose gate|up is `gu`;
     /// returns the MLP output before the post-norm (empty without one).
-    fn finish(&self, gu: &[f32], w: &[f32], y: &mut [f32]) -> Vec<f32> {
+    fn finish(&self, gu: &[f32], w: &BlockWeights, y: &mut [f32]) -> Vec<f32> {
         let Some(pw) = self.post(w) else {
             self.down(gu, w, y);
             return Vec::new();
@@ -130,12 +131,17 @@ impl CustomOp3 for MlpBlockOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "mlp block x")?;
         let nw = f32_slice(s2, l2, "mlp block norm")?;
-        let w = weights(&self.direct, f32_slice(s3, l3, "mlp block weights")?)?;
-        let w = &w[..];
+        let w = BlockWeights::new(&self.direct, f32_slice(s3, l3, "mlp block weights")?, &self.lens)?;
+        let w = &w;
         let (h, i) = (self.hidden, self.inter);
-        let packed = 3 * i * h + if self.post_norm { h } else { 0 };
-        if nw.len() != h || w.len() != packed || x.len() % h != 0 {
-            candle_core::bail!("mlp block: x {}, norm {}, packed weights {} do not match", x.len(), nw.len(), w.len())
+        let expected = [i * h, i * h, h * i];
+        if nw.len() != h || x.len() % h != 0 || self.lens[..3] != expected {
+            candle_core::bail!(
+                "mlp block: x {}, norm {}, weights {:?} do not match hidden {h}, intermediate {i}",
+                x.len(),
+                nw.len(),
+                self.lens
+            )
         }
         let mut y = x.to_vec();
         match self.saved.policy {
@@ -170,17 +176,17 @@ impl CustomOp3 for MlpBlockOp {
         let g = g.contiguous()?;
         let (xs, nws, ws, gs) =
             (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
-        let packed = weights(&self.direct, ws.slice())?;
-        let (x_, nw_, w_, g_) = (xs.slice(), nws.slice(), &packed[..], gs.slice());
+        let w_ = &BlockWeights::new(&self.direct, ws.slice(), &self.lens)?;
+        let (x_, nw_, g_) = (xs.slice(), nws.slice(), gs.slice());
         let (h, i) = (self.hidden, self.inter);
         if x_.is_empty() {
             candle_core::bail!("mlp block: no rows")
         }
         // Empty when nothing was kept: each chunk then recomputes its gate|up (and `m`).
         let (saved_gu, saved_m) = self.saved.take_or(|| Ok((Vec::new(), Vec::new())))?;
-        let wd = at(w_, 2 * i * h);
+        let wd = w_.get(2);
         let post = self.post(w_);
-        let mut dw: Vec<f32> = Vec::with_capacity(w_.len());
+        let mut dw: Vec<f32> = Vec::with_capacity(self.lens.iter().sum());
         // The residual's gradient, to which each chunk adds RMSNorm's backward.
         let mut dx = g_.to_vec();
         let mut dnw = vec![0f32; h];
@@ -251,7 +257,7 @@ impl CustomOp3 for MlpBlockOp {
                     matmul(2 * i, h, n, dw.as_mut_ptr(), h, accumulate, dgut, x, Threads::Pool);
                 }
             }
-            let dnormed = product(rows, h, 2 * i, Mat::rows(dgu, 2 * i), Mat::rows(w_, h));
+            let dnormed = product_stacked(rows, h, dgu, &w_.pieces(0..2));
             let dxc = &mut dx[c * chunk_rows * h..][..xc.len()];
             let sub = MLP_ROWS * h;
             for ((xs, dn), dxs) in xc.chunks(sub).zip(dnormed.chunks(sub)).zip(dxc.chunks_mut(sub)) {
@@ -329,7 +335,7 @@ pub fn mlp_block_with(
         }
         weights.push(p);
     }
-    let Packing { packed, direct } = Packing::new(weights, activations)?;
+    let Packing { packed, direct, lens } = Packing::new(weights)?;
     let op = MlpBlockOp {
         eps,
         hidden,
@@ -338,6 +344,7 @@ pub fn mlp_block_with(
         post_norm: extras.post_norm.is_some(),
         saved: Saved::new(activations, meter),
         direct,
+        lens,
     };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

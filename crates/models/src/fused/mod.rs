@@ -53,8 +53,3 @@ pub fn fusable(ts: &[&Tensor]) -> bool {
 fn cpu(v: Vec<f32>, shape: impl Into<Shape>) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
-
-/// `ptr[offset..]` as an operand.
-fn at(data: &[f32], offset: usize) -> &[f32] {
-    &data[offset..]
-}

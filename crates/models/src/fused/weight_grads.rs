@@ -7,20 +7,18 @@
 //! entries as a zero-filled tensor and adds the incoming gradient to it: three zero fills and
 //! three adds over every weight of the model per backward pass; and the graph keeps the packed
 //! copy alive from the forward to the backward pass. Inside [`WeightGrads::scope`], a block
-//! whose weights are all trainable variables packs detached copies (with recomputed activations,
-//! none: it packs them for the length of each pass, so the graph holds no copy) and, in its
-//! backward pass, gives each weight its slice of the packed gradient (a view, no copy) here;
+//! whose weights are all trainable variables packs nothing (it reads each weight in place, and
+//! the graph holds no copy) and, in its backward pass, gives each weight its slice of the packed
+//! gradient (a view, no copy) here;
 //! [`WeightGrads::merge_into`] then puts them into the [`GradStore`] of `loss.backward()`. The
 //! merged store holds the same values as the graph path's (which adds each gradient to zero).
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
-use super::Activations;
 use crate::Result;
 use crate::host::HostF32;
 
@@ -106,66 +104,91 @@ impl WeightGrads {
     }
 }
 
-/// A block's packed weights input, and where its weights' gradients go.
+/// A block's weights input, and where its weights' gradients go.
 pub(super) struct Packing {
-    /// The op's third input: the flattened weights concatenated (`cat`), or, in direct mode
-    /// with recomputed activations, an empty tensor: the op then packs the weights itself in
-    /// each pass (see [`Direct`]).
+    /// The op's third input: the flattened weights concatenated (`cat`), or, in direct mode, an
+    /// empty tensor: the op then reads each weight in place from its variable (see [`Direct`]).
     pub(super) packed: Tensor,
     pub(super) direct: Option<Direct>,
+    /// Each weight's element count, in packed order.
+    pub(super) lens: Vec<usize>,
 }
 
-/// Direct mode: the collector and the weights, in packed order.
+/// Direct mode: the collector and the weights, in packed order. The op reads the weights from
+/// the variables' own storage in each pass (no packed copy: the graph holds none from the
+/// forward to the backward pass, 11.6 MiB a micro-batch for the reference model); the variables
+/// do not change between a step's forward and backward passes.
 pub(super) struct Direct {
     sink: WeightGrads,
     weights: Vec<Tensor>,
-    /// With [`Activations::Recompute`] (memory before speed) the graph holds no packed copy of
-    /// the weights from the forward to the backward pass (one copy of every layer's weights,
-    /// 11.6 MiB for the reference model): each pass packs them again from the variables.
-    repack: bool,
 }
 
 impl Packing {
     /// Direct mode when a [`WeightGrads`] scope is active and every weight is a contiguous
-    /// variable: the `cat` of detached weights, or with `Activations::Recompute` none; the `cat`
-    /// of the weights in the graph otherwise.
-    pub(super) fn new(weights: Vec<&Tensor>, activations: Activations) -> Result<Self> {
+    /// variable (no packed input); the `cat` of the weights in the graph otherwise.
+    pub(super) fn new(weights: Vec<&Tensor>) -> Result<Self> {
         let direct = WeightGrads::active().filter(|_| weights.iter().all(|w| w.is_variable() && w.is_contiguous()));
-        let repack = activations == Activations::Recompute;
-        let cat = |detach: bool| -> Result<Tensor> {
-            let pieces = weights
-                .iter()
-                .map(|w| if detach { w.detach().flatten_all() } else { w.flatten_all() })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&pieces, 0)?)
-        };
+        let lens = weights.iter().map(|w| w.elem_count()).collect();
         Ok(match direct {
             Some(sink) => Self {
-                packed: if repack { Tensor::zeros(0, DType::F32, &Device::Cpu)? } else { cat(true)? },
-                direct: Some(Direct { sink, weights: weights.iter().map(|&w| w.clone()).collect(), repack }),
+                packed: Tensor::zeros(0, DType::F32, &Device::Cpu)?,
+                direct: Some(Direct { sink, weights: weights.iter().map(|&w| w.clone()).collect() }),
+                lens,
             },
-            None => Self { packed: cat(false)?, direct: None },
+            None => {
+                let pieces = weights.iter().map(|w| w.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+                Self { packed: Tensor::cat(&pieces, 0)?, direct: None, lens }
+            }
         })
     }
 }
 
-impl Direct {
-    /// The weights concatenated in packed order: a copy for the duration of one pass.
-    fn pack(&self) -> candle_core::Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(self.weights.iter().map(Tensor::elem_count).sum());
-        for w in &self.weights {
-            out.extend_from_slice(HostF32::new(w, "block weight")?.slice());
-        }
-        Ok(out)
-    }
+/// A block's weights as the op reads them, piece by piece in packed order: slices of the packed
+/// input, or (direct mode) each variable's own storage. Products with several stacked weights
+/// (`[gate; up]`, `[q; k; v]`) go piece by piece in both cases, so both give the same bits.
+pub(super) enum BlockWeights<'a> {
+    Packed(Vec<&'a [f32]>),
+    Variables(Vec<HostF32<'a>>),
 }
 
-/// The op's packed weights: `given` (its third input), or a fresh packing when it has none.
-pub(super) fn weights<'a>(direct: &Option<Direct>, given: &'a [f32]) -> candle_core::Result<Cow<'a, [f32]>> {
-    Ok(match direct {
-        Some(d) if d.repack => Cow::Owned(d.pack()?),
-        _ => Cow::Borrowed(given),
-    })
+impl<'a> BlockWeights<'a> {
+    /// The weights of an op with `direct` (or the packed input `given`), of `lens` elements each.
+    pub(super) fn new(direct: &'a Option<Direct>, given: &'a [f32], lens: &[usize]) -> candle_core::Result<Self> {
+        let Some(d) = direct else {
+            if given.len() != lens.iter().sum::<usize>() {
+                candle_core::bail!("packed weights: {} elements, expected {}", given.len(), lens.iter().sum::<usize>())
+            }
+            let mut rest = given;
+            return Ok(Self::Packed(
+                lens.iter()
+                    .map(|&n| {
+                        let (piece, tail) = rest.split_at(n);
+                        rest = tail;
+                        piece
+                    })
+                    .collect(),
+            ));
+        };
+        let guards =
+            d.weights.iter().map(|w| HostF32::new(w, "block weight")).collect::<candle_core::Result<Vec<_>>>()?;
+        if guards.iter().map(|g| g.slice().len()).ne(lens.iter().copied()) {
+            candle_core::bail!("block weights: the variables' sizes changed since the forward pass")
+        }
+        Ok(Self::Variables(guards))
+    }
+
+    /// Weight `i` (packed order).
+    pub(super) fn get(&self, i: usize) -> &[f32] {
+        match self {
+            Self::Packed(p) => p[i],
+            Self::Variables(g) => g[i].slice(),
+        }
+    }
+
+    /// Weights `range`, in order.
+    pub(super) fn pieces(&self, range: std::ops::Range<usize>) -> Vec<&[f32]> {
+        range.map(|i| self.get(i)).collect()
+    }
 }
 
 /// The gradient for the op's packed weights input from the packed gradient `dw`: in direct mode
