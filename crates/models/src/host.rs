@@ -462,25 +462,43 @@ pub(crate) fn glu_bwd_rows(act: Glu, gu: &[f32], dact: &[f32], i: usize, dgu: &m
         });
 }
 
-/// [`glu_rows`] and [`glu_bwd_rows`] in one pass (the gate's exponential once): the gated
-/// product into `act` `[rows, i]` and the block's gradient into `dgu`, the same bits as the two.
-pub(crate) fn glu_act_bwd_rows(act: Glu, gu: &[f32], dact: &[f32], i: usize, out: &mut [f32], dgu: &mut [f32]) {
+/// [`glu_bwd_rows`] with the block's gradient written over the gate|up block `gu` itself (each
+/// row copied aside first): no separate gradient buffer, the same bits.
+pub(crate) fn glu_bwd_rows_in_place(act: Glu, gu: &mut [f32], dact: &[f32], i: usize) {
+    let bwd_fn = glu_kernels(act).1;
+    gu.par_chunks_mut(2 * i * ROW_BLOCK).zip(dact.par_chunks(i * ROW_BLOCK)).for_each_init(
+        || vec![0f32; 2 * i],
+        |aside, (gu, da)| {
+            for (row, da) in gu.chunks_exact_mut(2 * i).zip(da.chunks_exact(i)) {
+                aside.copy_from_slice(row);
+                let ((gate, up), (dg, du)) = (aside.split_at(i), row.split_at_mut(i));
+                bwd_fn(dg, du, gate, up, da);
+            }
+        },
+    );
+}
+
+/// [`glu_rows`] and [`glu_bwd_rows_in_place`] in one pass (the gate's exponential once): the
+/// gated product into `out` `[rows, i]` and the block's gradient over `gu`, the same bits as
+/// the two.
+pub(crate) fn glu_act_bwd_rows_in_place(act: Glu, gu: &mut [f32], dact: &[f32], i: usize, out: &mut [f32]) {
     let both_fn = match act {
         Glu::Silu => vmath::swiglu_act_bwd_row,
         Glu::GeluTanh => vmath::geglu_act_bwd_row,
     };
-    dgu.par_chunks_mut(2 * i * ROW_BLOCK)
+    gu.par_chunks_mut(2 * i * ROW_BLOCK)
         .zip(out.par_chunks_mut(i * ROW_BLOCK))
-        .zip(gu.par_chunks(2 * i * ROW_BLOCK))
         .zip(dact.par_chunks(i * ROW_BLOCK))
-        .for_each(|(((d, o), gu), da)| {
-            let rows = d.chunks_exact_mut(2 * i).zip(o.chunks_exact_mut(i)).zip(gu.chunks_exact(2 * i));
-            for (((d, o), row), da) in rows.zip(da.chunks_exact(i)) {
-                let (gate, up) = row.split_at(i);
-                let (dg, du) = d.split_at_mut(i);
-                both_fn(o, dg, du, gate, up, da);
-            }
-        });
+        .for_each_init(
+            || vec![0f32; 2 * i],
+            |aside, ((gu, o), da)| {
+                for ((row, o), da) in gu.chunks_exact_mut(2 * i).zip(o.chunks_exact_mut(i)).zip(da.chunks_exact(i)) {
+                    aside.copy_from_slice(row);
+                    let ((gate, up), (dg, du)) = (aside.split_at(i), row.split_at_mut(i));
+                    both_fn(o, dg, du, gate, up, da);
+                }
+            },
+        );
 }
 
 /// The transpose of the rotary embedding of one head vector ([`vmath::rope_heads`], rotation by

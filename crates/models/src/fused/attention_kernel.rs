@@ -465,8 +465,8 @@ impl AttentionSpec {
         self.backward_head_major(self.head_major(qkv)?, dout)
     }
 
-    /// [`Self::backward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]), which
-    /// it frees before building `d qkv`.
+    /// [`Self::backward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]), whose
+    /// buffer becomes `d qkv`.
     pub(super) fn backward_head_major(&self, hm: Vec<f32>, dout: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
@@ -554,10 +554,10 @@ impl AttentionSpec {
                 }
             },
         );
-        drop(hm);
-        // Back to `qkv`'s layout, rotating the query and key gradients back.
+        // Back to `qkv`'s layout, rotating the query and key gradients back, into `hm`'s buffer
+        // (the same size; every element is written below).
         let heads = self.heads;
-        let mut dqkv = vec![0f32; dhm.len()];
+        let mut dqkv = hm;
         dqkv.par_chunks_mut(s * cols).enumerate().for_each(|(b, rows)| {
             for (t, row) in rows.chunks_exact_mut(cols).enumerate() {
                 let (c, sn) = self.tables(self.pos(b, t));

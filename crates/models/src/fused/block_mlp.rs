@@ -12,8 +12,8 @@ use super::weight_grads::{BlockWeights, Direct, Packing, route};
 use super::{ActivationMeter, Activations, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
 use crate::Result;
 use crate::host::{
-    HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_act_bwd_rows, glu_bwd_rows, glu_rows, matmul, product,
-    product_stacked, product_stacked_t, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
+    HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_act_bwd_rows_in_place, glu_bwd_rows_in_place, glu_rows, matmul,
+    product, product_stacked, product_stacked_t, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
 /// Rows of the MLP block's backward pass (and of its forward pass when it keeps nothing) handled
@@ -183,7 +183,7 @@ impl CustomOp3 for MlpBlockOp {
             candle_core::bail!("mlp block: no rows")
         }
         // Empty when nothing was kept: each chunk then recomputes its gate|up (and `m`).
-        let (saved_gu, saved_m) = self.saved.take_or(|| Ok((Vec::new(), Vec::new())))?;
+        let (mut saved_gu, saved_m) = self.saved.take_or(|| Ok((Vec::new(), Vec::new())))?;
         let wd = w_.get(2);
         let post = self.post(w_);
         let mut dw: Vec<f32> = Vec::with_capacity(self.lens.iter().sum());
@@ -191,22 +191,22 @@ impl CustomOp3 for MlpBlockOp {
         let mut dx = g_.to_vec();
         let mut dnw = vec![0f32; h];
         let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
-        // Row buffers of one chunk, allocated (and zeroed) once: every chunk overwrites them.
+        // Row buffers of one chunk, allocated (and zeroed) once: every chunk overwrites them. The
+        // gate|up gradient takes the place of the chunk's gate|up (kept or recomputed).
         let chunk_rows = (x_.len() / h).min(if saved_gu.is_empty() { MLP_ROWS } else { MLP_ROWS_KEPT });
         let mut normed_buf = if saved_gu.is_empty() { Vec::new() } else { vec![0f32; chunk_rows * h] };
         let mut act_buf = vec![0f32; chunk_rows * i];
-        let mut dgu_buf = vec![0f32; chunk_rows * 2 * i];
         let mut dm_buf = vec![0f32; if post.is_some() { chunk_rows * h } else { 0 }];
         for (c, (xc, gc)) in x_.chunks(chunk_rows * h).zip(g_.chunks(chunk_rows * h)).enumerate() {
             let rows = xc.len() / h;
-            let recomputed;
-            let (normed, gu): (&[f32], &[f32]) = if saved_gu.is_empty() {
+            let mut recomputed;
+            let (normed, gu): (&[f32], &mut [f32]) = if saved_gu.is_empty() {
                 recomputed = self.gate_up(xc, nw_, w_);
-                (&recomputed.0, &recomputed.1)
+                (&recomputed.0, &mut recomputed.1)
             } else {
                 let normed = &mut normed_buf[..xc.len()];
                 rms_norm_rows(xc, nw_, self.eps, normed);
-                (normed, &saved_gu[c * chunk_rows * 2 * i..][..rows * 2 * i])
+                (normed, &mut saved_gu[c * chunk_rows * 2 * i..][..rows * 2 * i])
             };
             let act = &mut act_buf[..rows * i];
             // Only a post-norm's recomputed input needs `act` before `dact` exists; otherwise
@@ -237,13 +237,13 @@ impl CustomOp3 for MlpBlockOp {
                 }
             };
             let dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
-            let dgu = &mut dgu_buf[..rows * 2 * i];
             if act_first {
-                glu_bwd_rows(self.act, gu, &dact, i, dgu);
+                glu_bwd_rows_in_place(self.act, gu, &dact, i);
             } else {
-                glu_act_bwd_rows(self.act, gu, &dact, i, act, dgu);
+                glu_act_bwd_rows_in_place(self.act, gu, &dact, i, act);
             }
             drop(dact);
+            let dgu: &[f32] = gu;
             // SAFETY: `dw` has room for 3 i h elements; the first products write [2 i h, 3 i h)
             // and [0, 2 i h) completely (accumulate = false), later ones add to them; `set_len`
             // follows the loop, which runs at least once (x is not empty, checked above).
