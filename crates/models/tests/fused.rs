@@ -801,7 +801,8 @@ fn attention_block_with_biases_and_qk_norm_matches_composition() -> Result<()> {
 
 /// Gradient checkpointing of the extended block changes no bit of the value or of any gradient;
 /// the meter counts exactly what the block keeps (q|k|v and the attention output, as without the
-/// optional parts) until the backward pass; a graph differentiated twice recomputes the same.
+/// optional parts, and the probabilities without a q/k head norm) until the backward pass; a
+/// graph differentiated twice recomputes the same.
 #[test]
 fn attention_block_with_biases_and_qk_norm_checkpoints_bit_identically() -> Result<()> {
     let block = QwenBlock::new()?;
@@ -812,7 +813,9 @@ fn attention_block_with_biases_and_qk_norm_checkpoints_bit_identically() -> Resu
         let meter = std::sync::Arc::new(fused::ActivationMeter::default());
         let run = |acts: Activations| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
             let y = block.fused(parts, acts, Some(&meter))?;
-            let kept = if acts == Activations::Keep { n * (qc + 2 * kc + qc) * 4 } else { 0 };
+            // With a q/k head norm the attention recomputes its probabilities; without, it keeps them.
+            let probs = if parts.qk_norm { 0 } else { block.spec.kept_probabilities() };
+            let kept = if acts == Activations::Keep { (n * (qc + 2 * kc + qc) + probs) * 4 } else { 0 };
             assert_eq!(meter.held_bytes(), kept, "{parts:?} ({acts:?}): after the forward pass");
             let loss = (&y * &coef)?.sum_all()?;
             let grads = loss.backward()?;
@@ -834,7 +837,8 @@ fn attention_block_with_biases_and_qk_norm_checkpoints_bit_identically() -> Resu
         for (i, (a, b)) in g_keep.iter().zip(&g_rec).enumerate() {
             assert_eq!(a, b, "{parts:?}: gradient of input {i}");
         }
-        assert_eq!(meter.peak_bytes(), n * (2 * qc + 2 * kc) * 4, "{parts:?}: peak");
+        let probs = if parts.qk_norm { 0 } else { block.spec.kept_probabilities() };
+        assert_eq!(meter.peak_bytes(), (n * (2 * qc + 2 * kc) + probs) * 4, "{parts:?}: peak");
     }
     Ok(())
 }

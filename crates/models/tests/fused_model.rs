@@ -158,9 +158,10 @@ fn activation_meter_counts_what_the_blocks_keep_until_the_backward_pass() -> Res
     let lm = CausalLm::random(&cfg, 2, &dev)?;
     let meter = lm.model().activation_meter().expect("a Llama has a meter");
     // Per layer and position: q|k|v (heads + 2 kv heads) x head_dim, the attention output
-    // heads x head_dim, and gate|up 2 x intermediate, in f32.
+    // heads x head_dim, and gate|up 2 x intermediate; and the attention probabilities; in f32.
     let head_dim = hidden / heads;
-    let per_layer = batch * seq * ((heads + 2 * kv_heads) * head_dim + heads * head_dim + 2 * inter) * 4;
+    let per_layer = batch * seq * ((heads + 2 * kv_heads) * head_dim + heads * head_dim + 2 * inter) * 4
+        + slime_models::fused::kept_probability_floats(batch, seq, heads) * 4;
     for checkpointing in [false, true] {
         lm.model().set_gradient_checkpointing(checkpointing)?;
         meter.reset_peak();

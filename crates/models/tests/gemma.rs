@@ -367,12 +367,20 @@ fn padded_input(vocab: usize) -> Result<(Tensor, Tensor)> {
     Ok((ids(2, 11, vocab, 5)?, Tensor::from_vec(mask, (2, 11), &Device::Cpu)?))
 }
 
-/// Bytes the fused blocks keep for a forward pass of `positions` tokens, per layer and position:
-/// q|k|v and the attention output; gate|up, and with the post-feedforward norm (Gemma 2/3) the
-/// MLP output; in f32.
-fn kept_bytes(cfg: &GemmaConfig, positions: usize) -> usize {
+/// Bytes the fused blocks keep for a forward pass of `batch` rows of `seq` tokens, per layer:
+/// per position q|k|v and the attention output; the attention probabilities (not with
+/// soft-capped scores, Gemma 2, nor with the q/k norm, Gemma 3); per position gate|up, and with
+/// the post-feedforward norm (Gemma 2/3) the MLP output; in f32.
+fn kept_bytes(cfg: &GemmaConfig, batch: usize, seq: usize) -> usize {
     let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
-    cfg.num_hidden_layers * positions * ((q + 2 * kv) + q) * 4 + cfg.num_hidden_layers * mlp_kept_bytes(cfg, positions)
+    let positions = batch * seq;
+    let probs = if cfg.attn_logit_softcapping.is_some() || cfg.is_gemma3() {
+        0
+    } else {
+        slime_models::fused::kept_probability_floats(batch, seq, cfg.num_attention_heads)
+    };
+    cfg.num_hidden_layers * (positions * ((q + 2 * kv) + q) + probs) * 4
+        + cfg.num_hidden_layers * mlp_kept_bytes(cfg, positions)
 }
 
 /// What one MLP block keeps for `positions` positions: gate|up, and the post-feed-forward norm's
@@ -415,7 +423,7 @@ fn fused_path_matches_the_reference_values_and_every_weight_gradient() -> Result
         let m = gemma(&lm);
         let (input, mask) = padded_input(cfg.vocab_size)?;
         let fused = m.forward_hidden(&input, Some(&mask))?;
-        assert_eq!(m.activation_meter().held_bytes(), kept_bytes(&cfg, 22), "{name}: the fused blocks ran");
+        assert_eq!(m.activation_meter().held_bytes(), kept_bytes(&cfg, 2, 11), "{name}: the fused blocks ran");
         let fused_grads = hidden_and_grads(&lm, &fused, &mask)?;
         assert_eq!(m.activation_meter().held_bytes(), 0, "{name}: freed by the backward pass");
         let reference = m.forward_hidden_reference(&input, Some(&mask))?;
@@ -456,7 +464,7 @@ fn gradient_checkpointing_is_bit_identical_and_the_meter_exact() -> Result<()> {
             lm.model().set_gradient_checkpointing(checkpointing)?;
             assert_eq!(lm.model().gradient_checkpointing(), checkpointing);
             meter.reset_peak();
-            let expected = if checkpointing { 0 } else { kept_bytes(&cfg, 22) };
+            let expected = if checkpointing { 0 } else { kept_bytes(&cfg, 2, 11) };
             let logps = lm.model().token_logps(&input, Some(&mask), 4)?;
             assert_eq!(meter.held_bytes(), expected, "{name}: after the forward pass ({checkpointing})");
             let grads = logps.sum_all()?.backward()?;
@@ -479,7 +487,7 @@ fn gradient_checkpointing_is_bit_identical_and_the_meter_exact() -> Result<()> {
             let pair_logps = lm.model().pair_token_logps(&pair_ids, Some(&pair_mask), 4)?;
             // The last layer's MLP block runs on the 13 positions some log-prob is predicted
             // from: not on the two branches' last positions.
-            let expected = if checkpointing { 0 } else { kept_bytes(&cfg, 15) - mlp_kept_bytes(&cfg, 2) };
+            let expected = if checkpointing { 0 } else { kept_bytes(&cfg, 1, 15) - mlp_kept_bytes(&cfg, 2) };
             assert_eq!(meter.held_bytes(), expected, "{name}: after the packed forward pass ({checkpointing})");
             let grads = pair_logps.sum_all()?.backward()?;
             assert_eq!(meter.held_bytes(), 0, "{name}: after the packed backward pass ({checkpointing})");

@@ -319,6 +319,13 @@ fn kept_per_position(cfg: &LlamaConfig) -> usize {
     cfg.num_hidden_layers * ((heads + 2 * kv) * hd + heads * hd + 2 * cfg.intermediate_size) * 4
 }
 
+/// Bytes of attention probabilities the fused attention blocks keep for `batch` rows of `seq`
+/// positions: none with a q/k head norm (Qwen3), which recomputes them.
+fn kept_probs(cfg: &LlamaConfig, batch: usize, seq: usize) -> usize {
+    let floats = slime_models::fused::kept_probability_floats(batch, seq, cfg.num_attention_heads);
+    if cfg.qk_norm() { 0 } else { cfg.num_hidden_layers * floats * 4 }
+}
+
 /// On f32 CPU a Qwen model runs the fused attention block (biases and q/k norm inside) and the
 /// fused MLP block; it equals the plain composition in hidden states, log-probs and every
 /// weight's gradient, the activation meter counts exactly what both blocks keep, and gradient
@@ -340,7 +347,7 @@ fn fused_path_matches_the_reference_composition() -> Result<()> {
         let meter = lm.model().activation_meter().expect("a meter");
         meter.reset_peak();
         let (h1, h0) = (qwen.forward_hidden(&input, Some(&mask))?, qwen.forward_hidden_reference(&input, Some(&mask))?);
-        let kept = batch * seq * kept_per_position(&cfg);
+        let kept = batch * seq * kept_per_position(&cfg) + kept_probs(&cfg, batch, seq);
         assert_eq!(meter.held_bytes(), kept, "{name}: the fused blocks keep q|k|v, attention and gate|up");
         assert!(max_abs_diff(&h1, &h0)? < 1e-5, "{name}: hidden states differ by {}", max_abs_diff(&h1, &h0)?);
         let (l1, l0) = (logps(&h1)?, logps(&h0)?);
@@ -544,10 +551,11 @@ fn pair_logps_equal_row_logps_and_pack_the_pairs() -> Result<()> {
         let pairs = lm.model().pair_token_logps(&input, Some(&mask), 4)?;
         // The last layer's MLP block (gate|up kept) runs on the 22 packed positions some log-prob
         // is predicted from: not on each branch's last position nor on pair 1's 2 padding slots.
-        let packed = packed_positions * kept_per_position(&cfg) - 6 * 2 * cfg.intermediate_size * 4;
+        let packed =
+            packed_positions * kept_per_position(&cfg) - 6 * 2 * cfg.intermediate_size * 4 + kept_probs(&cfg, n, 14);
         assert_eq!(meter.held_bytes(), packed, "{name}: pairs were not packed");
         let rows = lm.model().token_logps(&input, Some(&mask), 4)?;
-        let both = packed + separate_positions * kept_per_position(&cfg);
+        let both = packed + separate_positions * kept_per_position(&cfg) + kept_probs(&cfg, 2 * n, seq);
         assert_eq!(meter.held_bytes(), both, "{name}: separate rows");
         let diff = max_abs_diff(&(&pairs * &maskf)?, &(&rows * &maskf)?)?;
         assert!(diff < 1e-5, "{name}: log-probs differ by {diff}");

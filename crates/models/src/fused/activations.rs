@@ -70,11 +70,12 @@ pub(super) struct Saved {
     slot: std::sync::Mutex<Option<Pair>>,
 }
 
-/// A block's two saved activation buffers.
-type Pair = (Vec<f32>, Vec<f32>);
+/// A block's saved activation buffers (attention: its start, its output and its probabilities;
+/// MLP: gate|up and the output before a post-norm, nothing third).
+type Pair = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-fn pair_bytes((a, b): &Pair) -> usize {
-    (a.len() + b.len()) * std::mem::size_of::<f32>()
+fn pair_bytes((a, b, c): &Pair) -> usize {
+    (a.len() + b.len() + c.len()) * std::mem::size_of::<f32>()
 }
 
 impl Saved {

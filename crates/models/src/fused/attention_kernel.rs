@@ -26,6 +26,15 @@ fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..seq).step_by(QUERY_BLOCK).map(move |r0| (r0, (r0 + QUERY_BLOCK).min(seq)))
 }
 
+/// Floats of attention probabilities the fused attention keeps from its forward to its backward
+/// pass (activations kept, no soft-capping, no q/k head norm) for `batch` rows of `seq`
+/// positions and `heads` query heads: per row and head, each query block's `(r1 - r0) x r1`
+/// scores (the keys up to the block's end), about 4 MiB a layer for 4 rows of 224 positions and
+/// 8 heads.
+pub fn kept_probability_floats(batch: usize, seq: usize, heads: usize) -> usize {
+    batch * heads * query_blocks(seq).map(|(r0, r1)| (r1 - r0) * r1).sum::<usize>()
+}
+
 /// The geometry, rotary tables and padding of one attention call, shared by every layer of a
 /// forward pass (and by the backward passes, which recompute the scores).
 #[derive(Debug, Clone)]
@@ -406,6 +415,25 @@ impl AttentionSpec {
         }
     }
 
+    /// Floats of one query head's kept probabilities ([`Self::forward_head_major`]): every query
+    /// block's `(r1 - r0) x r1` block, in order.
+    fn probs_per_head(&self) -> usize {
+        kept_probability_floats(1, self.seq, 1)
+    }
+
+    /// Floats of attention probabilities a fused attention block with kept activations holds
+    /// from its forward to its backward pass: [`kept_probability_floats`] of its geometry, or 0
+    /// with soft-capped scores (and a block with a q/k head norm recomputes them too).
+    pub fn kept_probabilities(&self) -> usize {
+        if self.can_keep_probs() { kept_probability_floats(self.batch, self.seq, self.heads) } else { 0 }
+    }
+
+    /// Whether the forward pass can keep the probabilities for the backward pass (soft-capped
+    /// scores also need the cap's derivative, which the backward recomputes with them).
+    pub(super) fn can_keep_probs(&self) -> bool {
+        self.softcap.is_none()
+    }
+
     fn check(&self, n: usize, cols: usize, what: &str) -> candle_core::Result<()> {
         if n != self.batch * self.seq * cols {
             candle_core::bail!("{what}: {n} elements, expected {} x {} x {cols}", self.batch, self.seq)
@@ -415,29 +443,45 @@ impl AttentionSpec {
 
     /// Forward: `out [batch * seq, heads * head_dim]` from `qkv [batch * seq, (heads + 2 kv) * head_dim]`.
     pub(super) fn forward(&self, qkv: &[f32]) -> candle_core::Result<Vec<f32>> {
-        Ok(self.forward_head_major(&self.head_major(qkv)?))
+        Ok(self.forward_head_major(&self.head_major(qkv)?, false).0)
     }
 
-    /// [`Self::forward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]).
-    pub(super) fn forward_head_major(&self, hm: &[f32]) -> Vec<f32> {
+    /// [`Self::forward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]); with
+    /// `keep_probs` (and [`Self::can_keep_probs`]) also the attention probabilities, for
+    /// [`Self::backward_head_major`] (per batch row, query head and query block the
+    /// `(r1 - r0) x r1` block: about 4 MiB a layer for 4 rows of 224 positions and 8 heads),
+    /// which then need not recompute them; otherwise an empty vector.
+    pub(super) fn forward_head_major(&self, hm: &[f32], keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc) = (self.qkv_cols(), self.q_cols());
         let n_rep = self.heads / kv;
         let mut out = vec![0f32; self.batch * s * qc];
         let dst = SendPtr(out.as_mut_ptr());
+        let per_head = if keep_probs && self.can_keep_probs() { self.probs_per_head() } else { 0 };
+        let mut probs = vec![0f32; self.batch * self.heads * per_head];
+        let kept = SendPtr(probs.as_mut_ptr());
         // Per (batch row, key/value head) task, per query head and query block: the block's
-        // probabilities (at most QUERY_BLOCK x seq, cache-sized), then `out += P V`.
+        // probabilities (at most QUERY_BLOCK x seq, cache-sized, or in `probs`), then `out += P V`.
         (0..self.batch * kv).into_par_iter().for_each_init(
-            || (vec![0f32; s * d], vec![0f32; QUERY_BLOCK * s]),
-            |(kt, pb), task| {
+            || (vec![0f32; s * d], vec![0f32; if per_head > 0 { 0 } else { QUERY_BLOCK * s }]),
+            |(kt, scratch), task| {
                 let (b, g) = (task / kv, task % kv);
                 let head = |i: usize| &hm[(b * cols + i * d) * s..][..s * d];
                 transpose(head(self.heads + g), d, kt);
                 let v = Mat::rows(head(self.heads + kv + g), d);
                 for h in g * n_rep..(g + 1) * n_rep {
                     let qr = head(h);
+                    let mut at = (b * self.heads + h) * per_head;
                     for (r0, r1) in query_blocks(s) {
-                        let pb = &mut pb[..(r1 - r0) * r1];
+                        let len = (r1 - r0) * r1;
+                        let pb = if per_head > 0 {
+                            at += len;
+                            // SAFETY: task (b, g) alone writes the blocks of batch row b's query
+                            // heads g * n_rep..(g + 1) * n_rep in `probs`, which outlives the loop.
+                            unsafe { std::slice::from_raw_parts_mut(kept.get().add(at - len), len) }
+                        } else {
+                            &mut scratch[..len]
+                        };
                         self.block_probs(b, (r0, r1), qr, kt, pb, None);
                         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
                             // out[r0..r1] += P[.., k0..k1] V[k0..k1] (`out` starts at 0).
@@ -453,7 +497,7 @@ impl AttentionSpec {
                 }
             },
         );
-        out
+        (out, probs)
     }
 
     /// Backward: `d qkv` (same layout as `qkv`) from `d out`. Per (batch row, key/value head),
@@ -462,17 +506,27 @@ impl AttentionSpec {
     /// `dS = P (dP - rowsum(P dP)) / sqrt(d)`, `dQ = dS K`, `dK += dS^T Q`, over the key ranges
     /// the block sees; finally rotate `dQ`, `dK` back.
     pub(super) fn backward(&self, qkv: &[f32], dout: &[f32]) -> candle_core::Result<Vec<f32>> {
-        self.backward_head_major(self.head_major(qkv)?, dout)
+        self.backward_head_major(self.head_major(qkv)?, &[], dout)
     }
 
     /// [`Self::backward`] from the head-major copy `hm` of `qkv` ([`Self::head_major`]), whose
-    /// buffer becomes `d qkv`.
-    pub(super) fn backward_head_major(&self, hm: Vec<f32>, dout: &[f32]) -> candle_core::Result<Vec<f32>> {
+    /// buffer becomes `d qkv`, and the probabilities the forward pass kept (empty: recompute
+    /// them).
+    pub(super) fn backward_head_major(
+        &self,
+        hm: Vec<f32>,
+        probs: &[f32],
+        dout: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc, kc) = (self.qkv_cols(), self.q_cols(), self.kv_cols());
         self.check(hm.len(), cols, "attention qkv")?;
         self.check(dout.len(), qc, "attention grad")?;
         let n_rep = self.heads / kv;
+        let per_head = if probs.is_empty() { 0 } else { self.probs_per_head() };
+        if per_head > 0 && (probs.len() != self.batch * self.heads * per_head || !self.can_keep_probs()) {
+            candle_core::bail!("attention: {} kept probabilities do not fit this attention", probs.len())
+        }
         // The gradients head-major as `hm` (unrotated back at the end, row by row).
         let mut dhm = vec![0f32; hm.len()];
         let dst = SendPtr(dhm.as_mut_ptr());
@@ -481,7 +535,8 @@ impl AttentionSpec {
                 let block = || vec![0f32; QUERY_BLOCK * s];
                 // The soft-cap derivative per score (soft-capped attention only).
                 let cap = if self.softcap.is_some() { block() } else { Vec::new() };
-                ([vec![0f32; s * d], vec![0f32; s * d]], block(), block(), cap)
+                let probs = if per_head > 0 { Vec::new() } else { block() };
+                ([vec![0f32; s * d], vec![0f32; s * d]], probs, block(), cap)
             },
             |([kt, vt], pb, dpb, cb), task| {
                 let (b, g) = (task / kv, task % kv);
@@ -499,13 +554,21 @@ impl AttentionSpec {
                 for h in g * n_rep..(g + 1) * n_rep {
                     let (qr, dqr) = (head(h), grad(h));
                     let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
+                    let mut at_p = (b * self.heads + h) * per_head;
                     // SAFETY (every product below): the scratch buffers are task-local with the
                     // extents given (`pb`, `dpb`: (r1 - r0) x r1, row stride r1); `dout` and
                     // `qkv` are live inputs; products are single-threaded.
                     for (r0, r1) in query_blocks(s) {
-                        let (m, pb, dpb) = (r1 - r0, &mut pb[..(r1 - r0) * r1], &mut dpb[..(r1 - r0) * r1]);
+                        let (m, dpb) = (r1 - r0, &mut dpb[..(r1 - r0) * r1]);
                         let capped = self.softcap.is_some();
-                        self.block_probs(b, (r0, r1), qr, kt, pb, capped.then(|| &mut cb[..m * r1]));
+                        let pb: &[f32] = if per_head > 0 {
+                            at_p += m * r1;
+                            &probs[at_p - m * r1..at_p]
+                        } else {
+                            let pb = &mut pb[..m * r1];
+                            self.block_probs(b, (r0, r1), qr, kt, pb, capped.then(|| &mut cb[..m * r1]));
+                            pb
+                        };
                         let ranges = self.key_ranges(b, r0, r1);
                         let live = || ranges.into_iter().filter(|(k0, k1)| k1 > k0);
                         let d_o = dout_h.skip_rows(r0);

@@ -103,10 +103,18 @@ impl AttentionBlockOp {
         m
     }
 
-    /// `(kept, attn)` of the forward pass: `kept` is what the backward pass starts from, the
-    /// head-major rotated copy ([`AttentionSpec::head_major`]) without a q/k head norm, `qkv`
-    /// before the head norm with one (whose backward needs it).
-    fn activations(&self, x: &[f32], nw: &[f32], w: &BlockWeights) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    /// `(kept, attn, probs)` of the forward pass: `kept` is what the backward pass starts from,
+    /// the head-major rotated copy ([`AttentionSpec::head_major`]) without a q/k head norm,
+    /// `qkv` before the head norm with one (whose backward needs it); `probs` the attention
+    /// probabilities when the attention could keep them (without a q/k head norm or
+    /// soft-capping), else empty.
+    #[allow(clippy::type_complexity)]
+    fn activations(
+        &self,
+        x: &[f32],
+        nw: &[f32],
+        w: &BlockWeights,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (h, cols) = (self.hidden, self.spec.qkv_cols());
         let n = x.len() / h;
         let mut normed = vec![0f32; x.len()];
@@ -121,12 +129,12 @@ impl AttentionBlockOp {
             None => {
                 let hm = self.spec.head_major(&qkv)?;
                 drop(qkv);
-                let attn = self.spec.forward_head_major(&hm);
-                (hm, attn)
+                let (attn, probs) = self.spec.forward_head_major(&hm, true);
+                (hm, attn, probs)
             }
             Some(norm) => {
                 let attn = self.spec.forward(&Self::head_normed(&qkv, cols, &norm))?;
-                (qkv, attn)
+                (qkv, attn, Vec::new())
             }
         })
     }
@@ -172,7 +180,7 @@ impl CustomOp3 for AttentionBlockOp {
         self.check(x.len(), nw.len())?;
         let (h, qc) = (self.hidden, self.spec.q_cols());
         let n = x.len() / h;
-        let (qkv, attn) = self.activations(x, nw, w)?;
+        let (qkv, attn, probs) = self.activations(x, nw, w)?;
         let wo = w.get(3);
         let mut y = x.to_vec();
         if let Some(pw) = self.post(w) {
@@ -192,7 +200,7 @@ impl CustomOp3 for AttentionBlockOp {
                 matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool)
             };
         }
-        self.saved.put((qkv, attn))?;
+        self.saved.put((qkv, attn, probs))?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -216,7 +224,7 @@ impl CustomOp3 for AttentionBlockOp {
         let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
         let n = x_.len() / h;
         let (qkv_bias, o_bias, head_norm) = self.parts(w_);
-        let (kept, attn) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
+        let (kept, attn, probs) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
         let wo = w_.get(3);
         let matrices = cols * h + h * qc;
         let mut dw: Vec<f32> = Vec::with_capacity(self.lens.iter().sum());
@@ -242,7 +250,7 @@ impl CustomOp3 for AttentionBlockOp {
         let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
         drop(dm);
         let (dqkv, d_norms) = match &head_norm {
-            None => (self.spec.backward_head_major(kept, &dattn)?, None),
+            None => (self.spec.backward_head_major(kept, &probs, &dattn)?, None),
             Some(norm) => {
                 let mut dqkv = self.spec.backward(&Self::head_normed(&kept, cols, norm), &dattn)?;
                 let d_norms = norm.backward(&kept, cols, &mut dqkv);

@@ -148,7 +148,7 @@ impl CustomOp3 for MlpBlockOp {
             Activations::Keep => {
                 let (_, gu) = self.gate_up(x, nw, w);
                 let m = self.finish(&gu, w, &mut y);
-                self.saved.put((gu, m))?;
+                self.saved.put((gu, m, Vec::new()))?;
             }
             Activations::Recompute => {
                 for (xc, yc) in x.chunks(MLP_ROWS * h).zip(y.chunks_mut(MLP_ROWS * h)) {
@@ -183,7 +183,7 @@ impl CustomOp3 for MlpBlockOp {
             candle_core::bail!("mlp block: no rows")
         }
         // Empty when nothing was kept: each chunk then recomputes its gate|up (and `m`).
-        let (mut saved_gu, saved_m) = self.saved.take_or(|| Ok((Vec::new(), Vec::new())))?;
+        let (mut saved_gu, saved_m, _) = self.saved.take_or(|| Ok((Vec::new(), Vec::new(), Vec::new())))?;
         let wd = w_.get(2);
         let post = self.post(w_);
         let mut dw: Vec<f32> = Vec::with_capacity(self.lens.iter().sum());
