@@ -213,6 +213,46 @@ pub(crate) fn product_stacked(m: usize, n: usize, dy: &[f32], pieces: &[&[f32]])
     out
 }
 
+thread_local! {
+    /// Buffers given back with [`recycle`], for [`scratch`] on the same thread.
+    static SPARE: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare buffers a thread keeps at most.
+const SPARE_BUFFERS: usize = 16;
+
+/// A buffer of `len` floats with unspecified contents (left from an earlier use, or zeros), for
+/// an output the caller overwrites completely: a buffer given back on this thread with
+/// [`recycle`] when one is between `len` and twice `len` floats large, so the large per-layer
+/// buffers of a step are not zero-filled again every step; otherwise a fresh zeroed one.
+pub(crate) fn scratch(len: usize) -> Vec<f32> {
+    let spare = SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        let fits = spare.iter().position(|v| v.capacity() >= len && v.capacity() <= 2 * len.max(1))?;
+        Some(spare.swap_remove(fits))
+    });
+    match spare {
+        Some(mut v) => {
+            // Already initialised up to its length; only a shorter one is extended (with zeros).
+            v.truncate(len);
+            v.resize(len, 0.0);
+            v
+        }
+        None => vec![0f32; len],
+    }
+}
+
+/// Gives `buffer` back for [`scratch`] on this thread (dropped when the thread keeps
+/// [`SPARE_BUFFERS`] already).
+pub(crate) fn recycle(buffer: Vec<f32>) {
+    SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS && buffer.capacity() > 0 {
+            spare.push(buffer);
+        }
+    });
+}
+
 /// A read guard on a contiguous f32 CPU tensor's storage.
 pub(crate) struct HostF32<'a> {
     guard: StorageRef<'a>,

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::{cpu, fusable};
 use crate::Result;
-use crate::host::{HostF32, Mat, SendPtr, Threads, f32_slice, matmul, rope_row_bwd};
+use crate::host::{HostF32, Mat, SendPtr, Threads, f32_slice, matmul, rope_row_bwd, scratch};
 use crate::vmath;
 
 // ---------------------------------------------------------------------------------------------
@@ -458,7 +458,8 @@ impl AttentionSpec {
         let mut out = vec![0f32; self.batch * s * qc];
         let dst = SendPtr(out.as_mut_ptr());
         let per_head = if keep_probs && self.can_keep_probs() { self.probs_per_head() } else { 0 };
-        let mut probs = vec![0f32; self.batch * self.heads * per_head];
+        // Every element is written below (`block_probs` fills whole rows).
+        let mut probs = if per_head > 0 { scratch(self.batch * self.heads * per_head) } else { Vec::new() };
         let kept = SendPtr(probs.as_mut_ptr());
         // Per (batch row, key/value head) task, per query head and query block: the block's
         // probabilities (at most QUERY_BLOCK x seq, cache-sized, or in `probs`), then `out += P V`.

@@ -14,7 +14,7 @@ use super::{
 use crate::Result;
 use crate::host::{
     HeadNorm, HostF32, Mat, ROW_BLOCK, Threads, add_rows, col_sums, f32_slice, matmul, product, product_stacked,
-    product_stacked_t, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
+    product_stacked_t, recycle, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
 /// Which optional parameters an attention block carries after its four projection matrices
@@ -250,7 +250,11 @@ impl CustomOp3 for AttentionBlockOp {
         let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
         drop(dm);
         let (dqkv, d_norms) = match &head_norm {
-            None => (self.spec.backward_head_major(kept, &probs, &dattn)?, None),
+            None => {
+                let dqkv = self.spec.backward_head_major(kept, &probs, &dattn)?;
+                recycle(probs);
+                (dqkv, None)
+            }
             Some(norm) => {
                 let mut dqkv = self.spec.backward(&Self::head_normed(&kept, cols, norm), &dattn)?;
                 let d_norms = norm.backward(&kept, cols, &mut dqkv);

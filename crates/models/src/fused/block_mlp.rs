@@ -13,7 +13,8 @@ use super::{ActivationMeter, Activations, cpu, fusable, norm_linear, rms_norm, s
 use crate::Result;
 use crate::host::{
     HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_act_bwd_rows_in_place, glu_bwd_rows_in_place, glu_rows, matmul,
-    product, product_stacked, product_stacked_t, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
+    product, product_stacked, product_stacked_t, recycle, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
+    scratch,
 };
 
 /// Rows of the MLP block's backward pass (and of its forward pass when it keeps nothing) handled
@@ -83,7 +84,7 @@ impl MlpBlockOp {
     fn down(&self, gu: &[f32], w: &BlockWeights, y: &mut [f32]) -> Vec<f32> {
         let (h, i) = (self.hidden, self.inter);
         let rows = gu.len() / (2 * i);
-        let mut act = vec![0f32; rows * i];
+        let mut act = scratch(rows * i);
         glu_rows(self.act, gu, i, &mut act);
         let wd = w.get(2);
         // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (its length checked at construction).
@@ -100,11 +101,11 @@ impl MlpBlockOp {
     /// returns the MLP output before the post-norm (empty without one).
     fn finish(&self, gu: &[f32], w: &BlockWeights, y: &mut [f32]) -> Vec<f32> {
         let Some(pw) = self.post(w) else {
-            self.down(gu, w, y);
+            recycle(self.down(gu, w, y));
             return Vec::new();
         };
         let mut m = vec![0f32; y.len()];
-        self.down(gu, w, &mut m);
+        recycle(self.down(gu, w, &mut m));
         let mut normed = vec![0f32; m.len()];
         rms_norm_rows(&m, pw, self.eps, &mut normed);
         let h = self.hidden;
@@ -191,12 +192,12 @@ impl CustomOp3 for MlpBlockOp {
         let mut dx = g_.to_vec();
         let mut dnw = vec![0f32; h];
         let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
-        // Row buffers of one chunk, allocated (and zeroed) once: every chunk overwrites them. The
-        // gate|up gradient takes the place of the chunk's gate|up (kept or recomputed).
+        // Row buffers of one chunk, taken once: every chunk overwrites them. The gate|up gradient
+        // takes the place of the chunk's gate|up (kept or recomputed).
         let chunk_rows = (x_.len() / h).min(if saved_gu.is_empty() { MLP_ROWS } else { MLP_ROWS_KEPT });
-        let mut normed_buf = if saved_gu.is_empty() { Vec::new() } else { vec![0f32; chunk_rows * h] };
-        let mut act_buf = vec![0f32; chunk_rows * i];
-        let mut dm_buf = vec![0f32; if post.is_some() { chunk_rows * h } else { 0 }];
+        let mut normed_buf = if saved_gu.is_empty() { Vec::new() } else { scratch(chunk_rows * h) };
+        let mut act_buf = scratch(chunk_rows * i);
+        let mut dm_buf = if post.is_some() { scratch(chunk_rows * h) } else { Vec::new() };
         for (c, (xc, gc)) in x_.chunks(chunk_rows * h).zip(g_.chunks(chunk_rows * h)).enumerate() {
             let rows = xc.len() / h;
             let mut recomputed;
@@ -267,6 +268,7 @@ impl CustomOp3 for MlpBlockOp {
         }
         // SAFETY: the first products wrote every element of the three matrices (see above).
         unsafe { dw.set_len(3 * i * h) };
+        [normed_buf, act_buf, dm_buf].into_iter().for_each(recycle);
         dw.extend_from_slice(&dpost);
         Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, dw, w)?))
     }
