@@ -566,6 +566,28 @@ pub(crate) fn row_lse(row: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn scratch_reuses_a_recycled_buffer_of_a_fitting_size_only() {
+        // Each test runs on its own thread: the spare buffers start empty.
+        let fresh = scratch(100);
+        assert_eq!(fresh, vec![0.0; 100]);
+        let mut used = fresh;
+        used.fill(7.0);
+        let at = used.as_ptr();
+        recycle(used);
+        // Too small a request (the buffer is over twice as large): a fresh zeroed buffer.
+        assert_eq!(scratch(40), vec![0.0; 40]);
+        // A fitting request gets the recycled allocation, truncated, contents left as they were.
+        let again = scratch(80);
+        assert_eq!((again.as_ptr(), again.len()), (at, 80));
+        assert!(again.iter().all(|&v| v == 7.0));
+        recycle(again);
+        // Longer than its initialised part (but within its capacity): the tail is zeros.
+        let longer = scratch(100);
+        assert_eq!((longer.as_ptr(), longer.len()), (at, 100));
+        assert!(longer[..80].iter().all(|&v| v == 7.0) && longer[80..].iter().all(|&v| v == 0.0));
+    }
+
     /// Adding RMSNorm's backward into the residual's gradient gives the bits of writing it and
     /// adding the residual's gradient afterwards (IEEE addition commutes).
     #[test]
