@@ -18,6 +18,10 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+/// Pause between two benchmark processes: runs that started right after an anchor exited were
+/// up to 15 % slower, with less of their own CPU time (2026-11-30).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Our objectives, in run order.
 const OBJECTIVES: [&str; 4] = ["simpo", "slime", "dpo-precomputed", "dpo-live"];
 
@@ -319,7 +323,12 @@ pub fn bench(o: &Options) -> Result<()> {
     }
     let file = &mut results_file;
     let mut results: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for (label, mut cmd) in jobs {
+    for (i, (label, mut cmd)) in jobs.into_iter().enumerate() {
+        if i > 0 {
+            // Let the previous process's exit settle (an anchor returns over 1 GiB to the
+            // kernel) before the next run's clock starts.
+            std::thread::sleep(SETTLE);
+        }
         let before = loadavg();
         let mut v = run_json(&mut cmd, &label)?;
         if let Some(m) = v.as_object_mut() {

@@ -46,6 +46,12 @@ thread_local! {
     static ROW_MAJOR_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Floats of B one strip of 64 columns may hold (384 KiB, in the 1 MiB L2 of a Zen 4 core with
+/// room for A and C): up to 1,536 rows of B at 64 columns or more, 3,072 at 32 (attention's
+/// head_dim). The reference model's largest strip is 688 x 64; hidden 512 and up have larger
+/// ones.
+const B_STRIP_FLOATS: usize = 96 << 10;
+
 /// Rows of C a thread takes at least when a product is split over the pool (a multiple of
 /// every tile height).
 const ROWS_PER_TASK: usize = 48;
@@ -68,7 +74,9 @@ pub(crate) unsafe fn try_product(
     rhs: Mat,
     threads: usize,
 ) -> bool {
-    if !available() {
+    // A strip of B must stay in L2 while the tiles of every row pass over it; past that the
+    // products are left to gemm, which blocks the shared dimension.
+    if !available() || k * n.min(64) > B_STRIP_FLOATS {
         return false;
     }
     let run = |b: *const f32, b_rs: usize| {

@@ -26,11 +26,16 @@ fn query_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..seq).step_by(QUERY_BLOCK).map(move |r0| (r0, (r0 + QUERY_BLOCK).min(seq)))
 }
 
+/// Most bytes of attention probabilities one attention call keeps from its forward to its
+/// backward pass (8 MiB: 4 rows of 224 positions at 8 heads take 4 MiB; 4 rows of 512, 18 MiB,
+/// recompute them as longer sequences do).
+pub const KEPT_PROBS_BYTES: usize = 8 << 20;
+
 /// Floats of attention probabilities the fused attention keeps from its forward to its backward
-/// pass (activations kept, no soft-capping, no q/k head norm) for `batch` rows of `seq`
-/// positions and `heads` query heads: per row and head, each query block's `(r1 - r0) x r1`
-/// scores (the keys up to the block's end), about 4 MiB a layer for 4 rows of 224 positions and
-/// 8 heads.
+/// pass, when it keeps them (activations kept, no soft-capping, no q/k head norm, and this count
+/// at most a quarter of [`KEPT_PROBS_BYTES`]), for `batch` rows of `seq` positions and `heads`
+/// query heads: per row and head, each query block's `(r1 - r0) x r1` scores (the keys up to the
+/// block's end).
 pub fn kept_probability_floats(batch: usize, seq: usize, heads: usize) -> usize {
     batch * heads * query_blocks(seq).map(|(r0, r1)| (r1 - r0) * r1).sum::<usize>()
 }
@@ -423,15 +428,17 @@ impl AttentionSpec {
 
     /// Floats of attention probabilities a fused attention block with kept activations holds
     /// from its forward to its backward pass: [`kept_probability_floats`] of its geometry, or 0
-    /// with soft-capped scores (and a block with a q/k head norm recomputes them too).
+    /// with soft-capped scores or over [`KEPT_PROBS_BYTES`] (and a block with a q/k head norm
+    /// recomputes them too).
     pub fn kept_probabilities(&self) -> usize {
         if self.can_keep_probs() { kept_probability_floats(self.batch, self.seq, self.heads) } else { 0 }
     }
 
-    /// Whether the forward pass can keep the probabilities for the backward pass (soft-capped
-    /// scores also need the cap's derivative, which the backward recomputes with them).
+    /// Whether the forward pass can keep the probabilities for the backward pass: not soft-capped
+    /// scores (they also need the cap's derivative, which the backward recomputes with them), and
+    /// at most [`KEPT_PROBS_BYTES`] of them (they grow with the square of the sequence).
     pub(super) fn can_keep_probs(&self) -> bool {
-        self.softcap.is_none()
+        self.softcap.is_none() && kept_probability_floats(self.batch, self.seq, self.heads) * 4 <= KEPT_PROBS_BYTES
     }
 
     fn check(&self, n: usize, cols: usize, what: &str) -> candle_core::Result<()> {

@@ -36,7 +36,7 @@ mod rows;
 mod weight_grads;
 
 pub use activations::{ActivationMeter, Activations};
-pub use attention_kernel::{AttentionSpec, attention, kept_probability_floats};
+pub use attention_kernel::{AttentionSpec, KEPT_PROBS_BYTES, attention, kept_probability_floats};
 pub use block_attention::{AttentionExtras, attention_block};
 pub use block_mlp::{Glu, MlpExtras, mlp_block, mlp_block_with};
 pub use projections::{linear, linear_residual, norm_linear, swiglu_down_residual};
