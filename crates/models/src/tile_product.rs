@@ -366,6 +366,17 @@ mod tests {
         }
     }
 
+    /// A product whose strip of B would not stay in L2 is left to gemm (and nothing is written).
+    #[test]
+    fn products_with_a_strip_of_b_past_l2_are_declined() {
+        let (m, n, k) = (8, 64, B_STRIP_FLOATS / 64 + 1);
+        let (a, b) = (values(m * k, 1), values(k * n, 2));
+        let mut c = vec![f32::NAN; m * n];
+        // SAFETY: operands as allocated.
+        let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n, false, Mat::rows(&a, k), Mat::rows(&b, n), 1) };
+        assert!(!ran && c.iter().all(|v| v.is_nan()));
+    }
+
     /// Products split over the pool (rows over tasks, and a transposed B's copy over tasks when
     /// the product is small) give the same bits as on one thread.
     #[test]

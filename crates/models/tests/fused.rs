@@ -842,3 +842,18 @@ fn attention_block_with_biases_and_qk_norm_checkpoints_bit_identically() -> Resu
     }
     Ok(())
 }
+
+/// The attention keeps its probabilities for the backward pass only while they are small (they
+/// grow with the square of the sequence) and its scores are not soft-capped.
+#[test]
+fn attention_keeps_probabilities_only_within_the_budget() -> Result<()> {
+    let inv_freq: Vec<f64> = (0..16).map(|i| 1.0 / 10_000f64.powf(i as f64 / 16.0)).collect();
+    let spec = |seq: usize| fused::AttentionSpec::new(4, seq, 8, 4, &inv_freq, None);
+    let reference = spec(224)?.kept_probabilities();
+    assert_eq!(reference, fused::kept_probability_floats(4, 224, 8));
+    assert!(reference > 0 && reference * 4 <= fused::KEPT_PROBS_BYTES);
+    assert!(fused::kept_probability_floats(4, 512, 8) * 4 > fused::KEPT_PROBS_BYTES);
+    assert_eq!(spec(512)?.kept_probabilities(), 0, "4 x 512 positions: over the budget");
+    assert_eq!(spec(224)?.with_softcap(Some(50.0)).kept_probabilities(), 0, "soft-capped scores");
+    Ok(())
+}
