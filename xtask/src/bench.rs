@@ -18,8 +18,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-/// Pause between two benchmark processes: runs that started right after an anchor exited were
-/// up to 15 % slower, with less of their own CPU time (2026-11-30).
+/// Pause between two benchmark processes, so the previous one's exit (an anchor returns over
+/// 1 GiB to the kernel) cannot overlap the next one's timed steps.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Our objectives, in run order.
@@ -325,8 +325,6 @@ pub fn bench(o: &Options) -> Result<()> {
     let mut results: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (i, (label, mut cmd)) in jobs.into_iter().enumerate() {
         if i > 0 {
-            // Let the previous process's exit settle (an anchor returns over 1 GiB to the
-            // kernel) before the next run's clock starts.
             std::thread::sleep(SETTLE);
         }
         let before = loadavg();

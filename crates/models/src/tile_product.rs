@@ -47,9 +47,10 @@ thread_local! {
 }
 
 /// Floats of B one strip of 64 columns may hold (384 KiB, in the 1 MiB L2 of a Zen 4 core with
-/// room for A and C): up to 1,536 rows of B at 64 columns or more, 3,072 at 32 (attention's
-/// head_dim). The reference model's largest strip is 688 x 64; hidden 512 and up have larger
-/// ones.
+/// room for A and C): a longer shared dimension is split into equal parts of at most 1,536 rows
+/// of B at 64 columns or more (3,072 at 32, attention's head_dim), each added to C in turn. The
+/// reference model's largest strip is 688 x 64; hidden 512 and up, or one pass of 8 pairs
+/// (weight gradients over 1,792 rows), have larger ones.
 const B_STRIP_FLOATS: usize = 96 << 10;
 
 /// Rows of C a thread takes at least when a product is split over the pool (a multiple of
@@ -74,9 +75,7 @@ pub(crate) unsafe fn try_product(
     rhs: Mat,
     threads: usize,
 ) -> bool {
-    // A strip of B must stay in L2 while the tiles of every row pass over it; past that the
-    // products are left to gemm, which blocks the shared dimension.
-    if !available() || k * n.min(64) > B_STRIP_FLOATS {
+    if !available() {
         return false;
     }
     let run = |b: *const f32, b_rs: usize| {
@@ -228,6 +227,26 @@ pub(crate) unsafe fn product(
     (c, c_rs): (*mut f32, usize),
     accumulate: bool,
 ) {
+    // The shared dimension in equal parts whose strips of B fit [`B_STRIP_FLOATS`].
+    let parts = k.div_ceil((B_STRIP_FLOATS / n.clamp(1, 64)).max(1)).max(1);
+    let per = k.div_ceil(parts);
+    for part in 0..parts {
+        let (p0, len) = (part * per, per.min(k - part * per));
+        let (a, b) = (a.wrapping_add(p0 * a_cs), b.wrapping_add(p0 * b_rs));
+        // SAFETY: forwarded from the caller's contract (rows p0..p0 + len of B, columns of A).
+        unsafe { strips((m, n, len), (a, a_rs, a_cs), (b, b_rs), (c, c_rs), accumulate || part > 0) };
+    }
+}
+
+/// [`product`] for a shared dimension whose strips of B fit L2: strips of 64 columns.
+#[target_feature(enable = "avx512f")]
+unsafe fn strips(
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs): (*const f32, usize),
+    (c, c_rs): (*mut f32, usize),
+    accumulate: bool,
+) {
     let mut j0 = 0;
     while j0 < n {
         let width = (n - j0).min(64);
@@ -366,15 +385,31 @@ mod tests {
         }
     }
 
-    /// A product whose strip of B would not stay in L2 is left to gemm (and nothing is written).
+    /// A shared dimension too long for one strip of B in L2 is summed in parts: the result still
+    /// matches f64 sums (within the rounding of that many terms).
     #[test]
-    fn products_with_a_strip_of_b_past_l2_are_declined() {
-        let (m, n, k) = (8, 64, B_STRIP_FLOATS / 64 + 1);
-        let (a, b) = (values(m * k, 1), values(k * n, 2));
-        let mut c = vec![f32::NAN; m * n];
-        // SAFETY: operands as allocated.
-        let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n, false, Mat::rows(&a, k), Mat::rows(&b, n), 1) };
-        assert!(!ran && c.iter().all(|v| v.is_nan()));
+    fn products_over_a_long_shared_dimension_match_f64_sums() {
+        if !available() {
+            return;
+        }
+        let shapes = [(7, 64, B_STRIP_FLOATS / 64 * 2 + 5, true), (13, 32, B_STRIP_FLOATS / 32 + 1, false)];
+        for (m, n, k, accumulate) in shapes {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let mut c = values(m * n, 3);
+            let c0 = c.clone();
+            // SAFETY: operands as allocated.
+            let ran =
+                unsafe { try_product((m, n, k), c.as_mut_ptr(), n, accumulate, Mat::rows(&a, k), Mat::rows(&b, n), 1) };
+            assert!(ran);
+            for i in 0..m {
+                for j in 0..n {
+                    let start = if accumulate { c0[i * n + j] as f64 } else { 0.0 };
+                    let want: f64 = start + (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>();
+                    let got = c[i * n + j] as f64;
+                    assert!((got - want).abs() < 2e-4, "m {m} n {n} k {k}: ({i}, {j}) {got} vs {want}");
+                }
+            }
+        }
     }
 
     /// Products split over the pool (rows over tasks, and a transposed B's copy over tasks when

@@ -106,8 +106,8 @@ impl AttentionBlockOp {
     /// `(kept, attn, probs)` of the forward pass: `kept` is what the backward pass starts from,
     /// the head-major rotated copy ([`AttentionSpec::head_major`]) without a q/k head norm,
     /// `qkv` before the head norm with one (whose backward needs it); `probs` the attention
-    /// probabilities when the attention could keep them (without a q/k head norm or
-    /// soft-capping), else empty.
+    /// probabilities when the block keeps its activations and the attention could keep them
+    /// (without a q/k head norm or soft-capping, within its budget), else empty.
     #[allow(clippy::type_complexity)]
     fn activations(
         &self,
@@ -129,7 +129,9 @@ impl AttentionBlockOp {
             None => {
                 let hm = self.spec.head_major(&qkv)?;
                 drop(qkv);
-                let (attn, probs) = self.spec.forward_head_major(&hm, true);
+                // Gradient checkpointing puts memory first: its backward recomputes them.
+                let keep_probs = self.saved.policy == Activations::Keep;
+                let (attn, probs) = self.spec.forward_head_major(&hm, keep_probs);
                 (hm, attn, probs)
             }
             Some(norm) => {
