@@ -13,18 +13,20 @@
 //! right edge (48: 8 rows, 32 or 16: 12 rows, a partial vector masked), rows in order.
 //!
 //! Each element of `C` is the sum over `p` in order, fused multiply-adds from 0, then added to
-//! `C` when accumulating: the same bits whatever the tile, so a row's result does not depend
-//! on which other rows share the product.
+//! `C` when accumulating (a shared dimension too long for L2 in equal parts, each added in
+//! turn): the same bits whatever the tile, so a row's result does not depend on which other
+//! rows share the product.
 
-use rayon::prelude::*;
-
-use crate::host::{Mat, SendPtr};
 use std::arch::x86_64::{
     __m512, _MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
     _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
     _mm512_shuffle_f32x4, _mm512_storeu_ps, _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_pd,
     _mm512_unpacklo_ps,
 };
+
+use rayon::prelude::*;
+
+use crate::host::{Mat, SendPtr};
 
 /// Steps of the shared dimension ahead of the tile at which it prefetches `B`'s rows (and a
 /// transposed `A`'s), so strided operands arrive from L2/L3 in time (about 400 cycles ahead).
@@ -160,7 +162,7 @@ const TRANSPOSE_ALONE_ROWS: usize = 512;
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_into(src: *const f32, src_rs: usize, k: usize, n: usize, dst_rs: usize, dst: *mut f32) {
     let (k16, n16) = (k / 16 * 16, n / 16 * 16);
-    // SAFETY (all blocks and edges): rows j < n of `src`, columns p < k; `dst` k x n.
+    // SAFETY (all blocks and edges): rows j < n of `src`, columns p < k; `dst` k rows of n.
     unsafe {
         for j0 in (0..n16).step_by(16) {
             for p0 in (0..k16).step_by(16) {
@@ -219,8 +221,7 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 /// The CPU must support AVX-512F ([`available`]); every operand must be valid for the extents
 /// and strides given, and `C` must not overlap `A` or `B`.
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn product(
+unsafe fn product(
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (*const f32, usize, usize),
     (b, b_rs): (*const f32, usize),

@@ -39,10 +39,12 @@ struct OptionalWeights {
 }
 
 /// `x + o(attention(rms_norm(x) [q|k|v]))`, weights (in [`BlockWeights`]' order) `q_proj,
-/// k_proj, v_proj, o_proj`, followed by the optional parts of [`BlockParts`]: `qkv = rms_norm(x) W_qkv^T (+ b_qkv)`, the query and key heads RMS-normalised
-/// (with q/k norm), attention, `y = x + attn W_o^T (+ b_o)`. The saved activations are the same
-/// with or without the optional parts: `qkv` (after the bias, before the head norm, which the
-/// backward pass recomputes: one cheap row pass) and the attention output.
+/// k_proj, v_proj, o_proj`, followed by the optional parts of [`BlockParts`]:
+/// `qkv = rms_norm(x) W_qkv^T (+ b_qkv)`, the query and key heads RMS-normalised (with q/k norm),
+/// attention, `y = x + attn W_o^T (+ b_o)`. The saved activations: `qkv` (after the bias, before
+/// the head norm, which the backward pass recomputes: one cheap row pass; without a head norm its
+/// rotated head-major copy), the attention output and, without a head norm, the attention
+/// probabilities (see [`AttentionSpec::kept_probabilities`]).
 struct AttentionBlockOp {
     spec: Arc<AttentionSpec>,
     eps: f64,
@@ -98,7 +100,7 @@ impl AttentionBlockOp {
             add_rows(&mut m, b);
         }
         let wo = w.get(3);
-        // SAFETY: `m` n x h, `attn` n x qc, `wo` h x qc (its length checked at construction).
+        // SAFETY: `m` n x h, `attn` n x qc, `wo` h x qc (its length checked in the forward pass).
         unsafe { matmul(n, h, qc, m.as_mut_ptr(), h, true, Mat::rows(attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
         m
     }
@@ -197,7 +199,7 @@ impl CustomOp3 for AttentionBlockOp {
             if let (_, Some(b), _) = self.parts(w) {
                 add_rows(&mut y, b);
             }
-            // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (its length checked at construction).
+            // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (its length checked in the forward pass).
             unsafe {
                 matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool)
             };

@@ -87,7 +87,7 @@ impl MlpBlockOp {
         let mut act = scratch(rows * i);
         glu_rows(self.act, gu, i, &mut act);
         let wd = w.get(2);
-        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (its length checked at construction).
+        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (its length checked in the forward pass).
         unsafe { matmul(rows, h, i, y.as_mut_ptr(), h, true, Mat::rows(&act, i), Mat::rows_t(wd, i), Threads::Pool) };
         act
     }
