@@ -5,8 +5,9 @@
 //! [`BLOCK_BYTES`]; its backward recomputes each block's logits instead of keeping them, so
 //! neither pass ever holds more than one block of logits (a graph of per-chunk ops would keep
 //! every chunk's logits alive until the backward pass: 16 GiB for 8 x 2048 tokens of a
-//! 262,144-token vocabulary). Only logits of at most [`KEPT_BYTES`] in all (one block) are kept
-//! from the forward pass for the backward pass instead. Other devices and dtypes run the composition chunk by chunk.
+//! 262,144-token vocabulary); only logits of at most [`KEPT_BYTES`] in all (one block) are kept
+//! from the forward pass for the backward pass instead. Other devices and dtypes run the
+//! composition chunk by chunk.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;

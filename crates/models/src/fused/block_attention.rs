@@ -73,18 +73,25 @@ impl AttentionBlockOp {
         OptionalWeights { qkv_bias, o_bias, qk_norm, post_norm }
     }
 
-    /// The q|k|v bias (concatenated), the o_proj bias and the q/k head norm.
-    #[allow(clippy::type_complexity)]
-    fn parts<'a>(&self, w: &'a BlockWeights) -> (Option<Vec<f32>>, Option<&'a [f32]>, Option<HeadNorm<'a>>) {
-        let p = self.optional();
-        let norm = p.qk_norm.map(|i| HeadNorm {
+    /// The q|k|v bias, concatenated (a copy of `qkv_cols` floats), if any.
+    fn qkv_bias(&self, w: &BlockWeights) -> Option<Vec<f32>> {
+        self.optional().qkv_bias.map(|i| w.pieces(i..i + 3).concat())
+    }
+
+    /// The o_proj bias, if any.
+    fn o_bias<'a>(&self, w: &'a BlockWeights) -> Option<&'a [f32]> {
+        self.optional().o_bias.map(|i| w.get(i))
+    }
+
+    /// The per-head q/k RMSNorm, if any.
+    fn head_norm<'a>(&self, w: &'a BlockWeights) -> Option<HeadNorm<'a>> {
+        self.optional().qk_norm.map(|i| HeadNorm {
             q: w.get(i),
             k: w.get(i + 1),
             heads: self.spec.heads,
             kv_heads: self.spec.kv_heads,
             eps: self.eps,
-        });
-        (p.qkv_bias.map(|i| w.pieces(i..i + 3).concat()), p.o_bias.map(|i| w.get(i)), norm)
+        })
     }
 
     /// The post-norm weight, if any.
@@ -96,7 +103,7 @@ impl AttentionBlockOp {
     fn project_out(&self, attn: &[f32], w: &BlockWeights, n: usize) -> Vec<f32> {
         let (h, qc) = (self.hidden, self.spec.q_cols());
         let mut m = vec![0f32; n * h];
-        if let (_, Some(b), _) = self.parts(w) {
+        if let Some(b) = self.o_bias(w) {
             add_rows(&mut m, b);
         }
         let wo = w.get(3);
@@ -123,11 +130,10 @@ impl AttentionBlockOp {
         rms_norm_rows(x, nw, self.eps, &mut normed);
         let mut qkv = product_stacked_t(n, h, &normed, &w.pieces(0..3));
         drop(normed);
-        let (qkv_bias, _, head_norm) = self.parts(w);
-        if let Some(b) = qkv_bias {
+        if let Some(b) = self.qkv_bias(w) {
             add_rows(&mut qkv, &b);
         }
-        Ok(match head_norm {
+        Ok(match self.head_norm(w) {
             None => {
                 let hm = self.spec.head_major(&qkv)?;
                 drop(qkv);
@@ -196,7 +202,7 @@ impl CustomOp3 for AttentionBlockOp {
                 y.iter_mut().zip(v).for_each(|(y, v)| *y += v);
             });
         } else {
-            if let (_, Some(b), _) = self.parts(w) {
+            if let Some(b) = self.o_bias(w) {
                 add_rows(&mut y, b);
             }
             // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (its length checked in the forward pass).
@@ -227,7 +233,7 @@ impl CustomOp3 for AttentionBlockOp {
         let (x_, nw_, g_) = (xs.slice(), nws.slice(), gs.slice());
         let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
         let n = x_.len() / h;
-        let (qkv_bias, o_bias, head_norm) = self.parts(w_);
+        let head_norm = self.head_norm(w_);
         let (kept, attn, probs) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
         let wo = w_.get(3);
         let matrices = cols * h + h * qc;
@@ -250,7 +256,7 @@ impl CustomOp3 for AttentionBlockOp {
             matmul(h, qc, n, dwo, qc, false, Mat::rows_t(gy, h), Mat::rows(&attn, qc), Threads::Pool);
         }
         drop(attn);
-        let d_o_bias = o_bias.map(|_| col_sums(gy, h));
+        let d_o_bias = self.parts.o_bias.then(|| col_sums(gy, h));
         let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
         drop(dm);
         let (dqkv, d_norms) = match &head_norm {
@@ -267,7 +273,7 @@ impl CustomOp3 for AttentionBlockOp {
             }
         };
         drop(dattn);
-        let d_qkv_bias = qkv_bias.map(|_| col_sums(&dqkv, cols));
+        let d_qkv_bias = self.parts.qkv_bias.then(|| col_sums(&dqkv, cols));
         let mut normed = vec![0f32; x_.len()];
         rms_norm_rows(x_, nw_, self.eps, &mut normed);
         // SAFETY: as above.
