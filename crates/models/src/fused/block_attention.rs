@@ -117,7 +117,6 @@ impl AttentionBlockOp {
     /// `qkv` before the head norm with one (whose backward needs it); `probs` the attention
     /// probabilities when the block keeps its activations and the attention could keep them
     /// (without a q/k head norm or soft-capping, within its budget), else empty.
-    #[allow(clippy::type_complexity)]
     fn activations(
         &self,
         x: &[f32],
