@@ -7,6 +7,8 @@
 //! [`map_with_grad`] instead evaluates value and derivative of a scalar function in f64 and
 //! attaches the derivative to the graph, so every function here is exact at every point.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -144,11 +146,25 @@ pub fn map_with_grad(x: &Tensor, f: &impl ScalarFn) -> Result<Tensor> {
         return to_tensor(values);
     }
     let derivative = to_tensor(derivs)?;
-    if x.device().is_cpu() {
+    if x.device().is_cpu() && cpu_custom_op_enabled() {
         return Ok(x.apply_op1(AttachDerivative { values, derivative })?);
     }
     let zero_with_identity_grad = (&x - x.detach())?;
     Ok((to_tensor(values)? + derivative.mul(&zero_with_identity_grad)?)?)
+}
+
+static CPU_CUSTOM_OP: AtomicBool = AtomicBool::new(true);
+
+/// Switches [`map_with_grad`]'s CPU custom op on (the default) or off for the whole process.
+/// Off, CPU tensors take the surrogate every other device takes: the same values and
+/// gradients, through ordinary candle ops.
+pub fn set_cpu_custom_op(enabled: bool) {
+    CPU_CUSTOM_OP.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`map_with_grad`] attaches derivatives with its CPU custom op (see [`set_cpu_custom_op`]).
+pub fn cpu_custom_op_enabled() -> bool {
+    CPU_CUSTOM_OP.load(Ordering::Relaxed)
 }
 
 /// Host values and derivatives, written in place; parallel above 16k elements (the

@@ -275,7 +275,7 @@ impl AdamW {
 }
 
 fn is_host_f32(var: &Var) -> bool {
-    var.device().is_cpu() && var.dtype() == DType::F32
+    crate::kernels::host_optimiser_enabled() && var.device().is_cpu() && var.dtype() == DType::F32
 }
 
 /// Per-step constants of the fused update.

@@ -25,6 +25,8 @@
 //! pool (`RAYON_NUM_THREADS`). They run on f32 CPU tensors; every public function falls back to
 //! the composition on any other device or dtype, so the `cuda` feature keeps working.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Device, Shape, Tensor};
 
 mod activations;
@@ -45,9 +47,23 @@ pub use weight_grads::WeightGrads;
 
 pub use crate::host::products_on_this_thread;
 
-/// Whether the fused kernels can run on these tensors (f32 on the CPU).
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Switches the fused kernels on (the default) or off for the whole process. Off, f32 CPU
+/// tensors take the composed candle ops that every other device and dtype takes (the portable
+/// path), so that path can be run and compared on a machine without a GPU.
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are switched on (see [`set_enabled`]).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether the fused kernels can run on these tensors (switched on, f32 on the CPU).
 pub fn fusable(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    enabled() && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 fn cpu(v: Vec<f32>, shape: impl Into<Shape>) -> candle_core::Result<Tensor> {
