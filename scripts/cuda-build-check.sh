@@ -35,10 +35,10 @@ for lib in "$CR"/lib/lib*.so.*; do
   ln -sf "../lib/$name" "$CR/lib64/${name%%.so.*}.so"
 done
 if [ ! -f "$CR/lib64/stubs/libcuda.so" ]; then
-  cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -name 'cudarc-0.19.*' | sort | tail -n 1)
+  cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -mindepth 2 -maxdepth 2 -name "cudarc-0.19.*" | sort | tail -n 1)
   if [ -z "$cudarc" ]; then
     cargo fetch --locked
-    cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 1 -name 'cudarc-0.19.*' | sort | tail -n 1)
+    cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -mindepth 2 -maxdepth 2 -name "cudarc-0.19.*" | sort | tail -n 1)
   fi
   stub_c=$(mktemp --suffix=.c)
   grep -oE '^\s+fn cu[A-Za-z0-9_]+\(' "$cudarc/src/driver/sys/mod.rs" | sed -E 's/^\s+fn //; s/\($//' | sort -u \
