@@ -320,7 +320,7 @@ fn convert_all(root: &Path) -> Result<usize> {
             exe.display(),
             args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
         );
-        run(Command::new(&*exe).arg("convert").args(args), "converting", &by_hand)
+        run(Command::new(exe).arg("convert").args(args), "converting", &by_hand)
     };
     let models = [
         ("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2-135m-instruct", None),
