@@ -55,7 +55,8 @@ pub trait Loss {
 pub trait ObjectiveKind: Loss + Default + Serialize + DeserializeOwned + Into<Objective> {
     /// Name in configs (`type = "..."`), errors and metric prefixes.
     const NAME: &'static str;
-    /// Metric keys of the loss's own terms: per example, the loss is their weighted sum.
+    /// Metric keys of the loss's terms when it has several (per example, the loss is their
+    /// weighted sum); empty for a one-term loss.
     const LOSS_TERMS: &'static [&'static str];
     /// Every other metric key `compute` may record, besides [`crate::metrics::LOSS`].
     const METRICS: &'static [&'static str];
