@@ -7,35 +7,19 @@
 //! cell is run with `--resume`, so an interrupted grid continues each cell from its last
 //! checkpoint (a cell whose settings changed starts afresh). Every seed's SFT model is trained
 //! once (the `sft` cell, its `sft-model/`) and every preference variant of that seed starts
-//! from it. At the end the report (table.md, table.csv, plots/) is written into `<out>`.
+//! from it. At the end the report (table.md, table.csv, plots/) is written into `<out>`. The
+//! variants and their objectives come from the grid file ([`crate::grid`]).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 
-use crate::report;
-
-/// The default grid: (variant name, `[preference]` objective as a TOML inline table).
-pub const GRID: [(&str, &str); 16] = [
-    ("sft", ""),
-    ("slime", r#"{ type = "slime" }"#),
-    ("slime-no-anchor", r#"{ type = "slime", use_anchor = false }"#),
-    ("slime-no-stabilizer", r#"{ type = "slime", use_stabilizer = false }"#),
-    ("slime-no-hard-margin", r#"{ type = "slime", use_hard_margin = false }"#),
-    ("slime-no-soft-margin", r#"{ type = "slime", use_soft_margin = false }"#),
-    ("slime-p1.0", r#"{ type = "slime", p = 1.0 }"#),
-    ("slime-p1.5", r#"{ type = "slime", p = 1.5 }"#),
-    ("slime-p2.0", r#"{ type = "slime", p = 2.0 }"#),
-    ("slime-p3.0", r#"{ type = "slime", p = 3.0 }"#),
-    ("dpo", r#"{ type = "dpo" }"#),
-    ("simpo", r#"{ type = "simpo" }"#),
-    ("cpo", r#"{ type = "cpo" }"#),
-    ("orpo", r#"{ type = "orpo" }"#),
-    ("ipo", r#"{ type = "ipo" }"#),
-    ("slime-authors-code", r#"{ type = "slime", preset = "authors-code" }"#),
-];
+use crate::grid::{Grid, SFT};
+use crate::{report, trainer};
 
 /// A named setup that `--preset` selects: a pretrained model and a Parquet file (paths
 /// relative to the workspace root, made by `cargo xtask assets`), the variants, seeds and step
@@ -63,10 +47,15 @@ pub struct Preset {
 /// TOML lines added to each section of every cell's config.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Sections {
+    /// `[model]` lines.
     pub model: &'static str,
+    /// `[data]` lines.
     pub data: &'static str,
+    /// `[sft]` lines.
     pub sft: &'static str,
+    /// `[preference]` lines.
     pub preference: &'static str,
+    /// `[eval]` lines.
     pub eval: &'static str,
 }
 
@@ -108,21 +97,6 @@ pub const PRESETS: [Preset; 2] = [
 /// The built-in tiny models of the embedded task, all in the default grid.
 pub const TINY_MODELS: [&str; 2] = ["tiny-llama", "tiny-gemma"];
 
-/// What the default grid (no `--only`, both tiny models) runs on the tiny Gemma: SFT, SLIME, its
-/// four ablations, DPO and SimPO, the paper's main comparison. Its layers run candle's composed
-/// ops (about 3x the fused Llama's time), so the whole grid on it too would not fit in 15
-/// minutes on 2 cores; `--model tiny-gemma` runs the whole grid on it.
-pub const TINY_GEMMA_DEFAULT: [&str; 8] = [
-    "sft",
-    "slime",
-    "slime-no-anchor",
-    "slime-no-stabilizer",
-    "slime-no-hard-margin",
-    "slime-no-soft-margin",
-    "dpo",
-    "simpo",
-];
-
 /// Which model a grid trains.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelChoice {
@@ -130,7 +104,14 @@ pub enum ModelChoice {
     /// own SFT cells.
     Tiny(Vec<String>),
     /// A pretrained model directory or `.gguf` file, with a Parquet file.
-    Pretrained { model: PathBuf, data: PathBuf, sections: Sections },
+    Pretrained {
+        /// The model directory or `.gguf` file.
+        model: PathBuf,
+        /// The preference Parquet file.
+        data: PathBuf,
+        /// Lines added to every cell's config sections.
+        sections: Sections,
+    },
 }
 
 /// Command-line options.
@@ -177,40 +158,66 @@ pub fn preset(name: &str) -> Result<&'static Preset> {
         .with_context(|| format!("--preset: unknown preset `{name}`; known: {}", PRESETS.map(|p| p.name).join(", ")))
 }
 
-pub fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options::default();
-    let (mut only, mut seeds, mut steps, mut sft_steps, mut out) = (None, None, None, None, None);
-    let (mut model, mut data, mut preset_name) = (None::<String>, None::<PathBuf>, None::<String>);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--only" => only = Some(value()?.split(',').map(str::to_owned).collect::<Vec<_>>()),
-            "--seeds" => {
-                seeds = Some(
-                    value()?
-                        .split(',')
-                        .map(|s| s.parse().with_context(|| format!("--seeds: `{s}` is not a number")))
-                        .collect::<Result<Vec<u64>>>()?,
-                )
-            }
-            "--steps" => steps = Some(value()?.parse().context("--steps: expected a number")?),
-            "--sft-steps" => sft_steps = Some(value()?.parse().context("--sft-steps: expected a number")?),
-            "--out" => out = Some(PathBuf::from(value()?)),
-            "--model" => model = Some(value()?.clone()),
-            "--data" => data = Some(PathBuf::from(value()?)),
-            "--preset" => preset_name = Some(value()?.clone()),
-            "--device" => o.device = Some(value()?.clone()),
-            "--jobs" => {
-                let n: usize = value()?.parse().context("--jobs: expected a number")?;
-                if n == 0 {
-                    bail!("--jobs: at least 1");
-                }
-                o.jobs = Some(n);
-            }
-            other => bail!("unknown option `{other}` (see `cargo xtask help`)"),
-        }
+/// `cargo xtask ablate` flags; every one overrides the default grid's or the preset's value.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AblateArgs {
+    /// Variants to run, comma-separated (default: the whole grid, xtask/grids/default.toml).
+    #[arg(long, value_name = "A,B", value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    /// Seeds, comma-separated (default 0,1,2).
+    #[arg(long, value_name = "0,1,2", value_delimiter = ',')]
+    pub seeds: Option<Vec<u64>>,
+    /// Preference steps per cell (default 120).
+    #[arg(long, value_name = "N")]
+    pub steps: Option<u64>,
+    /// SFT steps per seed (default 800).
+    #[arg(long, value_name = "N")]
+    pub sft_steps: Option<u64>,
+    /// Results folder (default results/; with --preset, results/<preset>/).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// A built-in model of the embedded task (tiny-llama, tiny-gemma; default both), or a
+    /// pretrained model directory or .gguf file, which needs --data.
+    #[arg(long, value_name = "tiny-llama|tiny-gemma|DIR")]
+    pub model: Option<String>,
+    /// A preference Parquet file for a pretrained --model (the same CPU-sized settings as the
+    /// presets).
+    #[arg(long, value_name = "FILE.parquet")]
+    pub data: Option<PathBuf>,
+    /// A real model (LoRA) on the 300 real pairs, after `cargo xtask assets`: smollm2-dpo-en
+    /// or gemma3-270m-dpo-en.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Cells run at once (default: one per core for the tiny models, 1 for real ones).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// model.device of every cell: cpu, cuda or cuda:N (default: the trainer's, cpu).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+}
+
+/// Parses `ablate`'s flags (as after `cargo xtask ablate`) into options.
+pub fn parse<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) -> Result<Options> {
+    #[derive(Parser)]
+    #[command(name = "cargo xtask ablate")]
+    struct Flags {
+        #[command(flatten)]
+        args: AblateArgs,
     }
+    let argv = std::iter::once(OsString::from("ablate")).chain(args.into_iter().map(Into::into));
+    options(Flags::try_parse_from(argv)?.args, &Grid::default_grid()?)
+}
+
+/// Resolves the flags against the presets and checks them against `grid`.
+pub fn options(args: AblateArgs, grid: &Grid) -> Result<Options> {
+    let mut o = Options { device: args.device, ..Options::default() };
+    if let Some(n) = args.jobs {
+        if n == 0 {
+            bail!("--jobs: at least 1");
+        }
+        o.jobs = Some(n);
+    }
+    let (model, data, preset_name) = (args.model, args.data, args.preset);
     if let Some(name) = &preset_name {
         let p = preset(name)?;
         o.only = Some(p.only.iter().map(|s| s.to_string()).collect());
@@ -250,15 +257,15 @@ pub fn parse(args: &[String]) -> Result<Options> {
         },
         (None, None) => {}
     }
-    o.only = only.or(o.only);
-    o.seeds = seeds.unwrap_or(o.seeds);
-    o.steps = steps.unwrap_or(o.steps);
-    o.sft_steps = sft_steps.unwrap_or(o.sft_steps);
-    o.out = out.unwrap_or(o.out);
+    o.only = args.only.or(o.only);
+    o.seeds = args.seeds.unwrap_or(o.seeds);
+    o.steps = args.steps.unwrap_or(o.steps);
+    o.sft_steps = args.sft_steps.unwrap_or(o.sft_steps);
+    o.out = args.out.unwrap_or(o.out);
     if let Some(only) = &o.only {
         for v in only {
-            if !GRID.iter().any(|(name, _)| name == v) {
-                bail!("--only: unknown variant `{v}`; the grid has {}", GRID.map(|g| g.0).join(", "));
+            if grid.get(v).is_none() {
+                bail!("--only: unknown variant `{v}`; the grid has {}", grid.names().join(", "));
             }
         }
     }
@@ -268,27 +275,9 @@ pub fn parse(args: &[String]) -> Result<Options> {
     Ok(o)
 }
 
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
-}
-
-/// The trainer binary, built in release mode.
-fn build_trainer() -> Result<PathBuf> {
-    let status = Command::new(cargo())
-        .args(["build", "--release", "--quiet", "-p", "slime-trainer", "--bin", "slime-trainer"])
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("building slime-trainer failed ({status})");
-    }
-    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| PathBuf::from("target"), PathBuf::from);
-    Ok(target.join("release").join("slime-trainer"))
-}
-
-/// The TOML config of one cell.
 /// The run config of one cell of `tiny` (a tiny model's name; `None` for a pretrained model):
 /// SFT (`variant == "sft"`) or a preference variant starting from the seed's SFT model.
-fn cell_config(
+pub fn cell_config(
     tiny: Option<&str>,
     variant: &str,
     objective: &str,
@@ -297,7 +286,7 @@ fn cell_config(
     sft_model: Option<&Path>,
 ) -> String {
     let mut t = format!("name = \"{variant}\"\nseed = {seed}\n");
-    if variant != "sft"
+    if variant != SFT
         && let Some(dir) = sft_model
     {
         t += &format!("init = {:?}\n", dir.display().to_string());
@@ -315,7 +304,7 @@ fn cell_config(
         }
     };
     let line = |s: &str| if s.is_empty() { String::new() } else { format!("{s}\n") };
-    if variant == "sft" {
+    if variant == SFT {
         t += &format!("\n[sft]\nsteps = {}\n{}", opts.sft_steps, line(sections.sft));
         t += "\n[preference]\nsteps = 0\n";
         t += &format!("\n[eval]\n{}", line(sections.eval));
@@ -447,7 +436,9 @@ fn run_cells(
     failures.into_inner().map_err(|_| anyhow::anyhow!("a cell worker panicked"))
 }
 
+/// Runs the grid's cells and writes the report.
 pub fn ablate(opts: &Options) -> Result<()> {
+    let grid = Grid::default_grid()?;
     let resolved = Options {
         only: opts.only.clone(),
         seeds: opts.seeds.clone(),
@@ -459,11 +450,15 @@ pub fn ablate(opts: &Options) -> Result<()> {
         device: opts.device.clone(),
     };
     let opts = &resolved;
-    let trainer = build_trainer()?;
+    let trainer = trainer::build(trainer::TRAINER)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let out = opts.out.canonicalize()?;
-    let variants: Vec<(&str, &str)> =
-        GRID.iter().copied().filter(|(v, _)| opts.only.as_ref().is_none_or(|o| o.iter().any(|x| x == v))).collect();
+    let variants: Vec<(&str, String)> = grid
+        .variants
+        .iter()
+        .filter(|v| opts.only.as_ref().is_none_or(|o| o.contains(&v.name)))
+        .map(|v| (v.name.as_str(), v.objective_inline()))
+        .collect();
     let started = Instant::now();
     // Tiny models' cells are named `<model>-<variant>-seed<k>`; a pretrained model has its own
     // results folder, so its cells are `<variant>-seed<k>`.
@@ -474,7 +469,9 @@ pub fn ablate(opts: &Options) -> Result<()> {
     let default_grid = opts.only.is_none() && models.len() > 1;
     let (mut sft_cells, mut preference_cells) = (Vec::new(), Vec::new());
     for tiny in models.iter().copied() {
-        let runs = |v: &str| !(default_grid && tiny == Some("tiny-gemma")) || TINY_GEMMA_DEFAULT.contains(&v);
+        let runs = |v: &str| {
+            !(default_grid && tiny == Some("tiny-gemma")) || grid.tiny_gemma_default.iter().any(|name| name == v)
+        };
         for &seed in &opts.seeds {
             let prefix = tiny.map_or_else(String::new, |m| format!("{m}-"));
             // Every variant starts from the seed's SFT model (`sft-model/` of the SFT cell);
@@ -485,8 +482,8 @@ pub fn ablate(opts: &Options) -> Result<()> {
                 dir: out.join(format!("{prefix}{variant}-seed{seed}")),
                 config: cell_config(tiny, variant, objective, seed, opts, sft_model.as_deref()),
             };
-            sft_cells.push(job("sft", ""));
-            preference_cells.extend(variants.iter().filter(|(v, _)| *v != "sft" && runs(v)).map(|(v, o)| job(v, o)));
+            sft_cells.push(job(SFT, ""));
+            preference_cells.extend(variants.iter().filter(|(v, _)| *v != SFT && runs(v)).map(|(v, o)| job(v, o)));
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -501,12 +498,12 @@ pub fn ablate(opts: &Options) -> Result<()> {
         bail!("SFT cells failed: {}", failed_sft.join(", "));
     }
     let failures = run_cells(&preference_cells, workers, &trainer, threads, started)?;
-    let order: Vec<String> = GRID.iter().map(|(v, _)| v.to_string()).collect();
+    let order: Vec<String> = grid.names().into_iter().map(String::from).collect();
     let cells: Vec<report::Cell> = report::read_cells(&out)?
         .into_iter()
         .filter(|c| {
             // The SFT row always appears: it is every variant's starting point.
-            let wanted = c.result.variant == "sft" || variants.iter().any(|(v, _)| *v == c.result.variant);
+            let wanted = c.result.variant == SFT || variants.iter().any(|(v, _)| *v == c.result.variant);
             wanted && opts.seeds.contains(&c.result.seed)
         })
         .collect();
@@ -525,34 +522,42 @@ pub fn ablate(opts: &Options) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_owned).collect()
+    fn args(s: &str) -> Result<Options> {
+        parse(s.split_whitespace())
     }
 
     #[test]
     fn options_parse_and_reject_unknowns() -> Result<()> {
-        let o = parse(&args("--only slime,dpo --seeds 3,4 --steps 10 --sft-steps 20 --out x"))?;
+        let o = args("--only slime,dpo --seeds 3,4 --steps 10 --sft-steps 20 --out x")?;
         assert_eq!(o.only, Some(vec!["slime".to_string(), "dpo".to_string()]));
         assert_eq!((o.seeds, o.steps, o.sft_steps, o.out), (vec![3, 4], 10, 20, PathBuf::from("x")));
-        assert!(parse(&args("--only kto")).is_err());
-        assert!(parse(&args("--seeds a")).is_err());
-        assert!(parse(&args("--steps")).is_err());
-        assert!(parse(&args("--model smollm2")).is_err(), "a pretrained model needs --data");
-        assert!(parse(&args("--data d.parquet")).is_err(), "data needs a pretrained model");
-        assert!(parse(&args("--preset gpt5")).is_err());
-        assert!(parse(&args("--jobs 0")).is_err());
-        assert_eq!(parse(&args("--jobs 3"))?.jobs, Some(3));
-        assert!(parse(&args("--preset smollm2-dpo-en --model tiny-gemma")).is_err());
-        assert_eq!(parse(&args("--model tiny-gemma"))?.model, ModelChoice::Tiny(vec!["tiny-gemma".into()]));
+        for (bad, needle) in [
+            ("--only kto", "kto"),
+            ("--seeds a", "--seeds"),
+            ("--steps", "--steps"),
+            ("--model smollm2", "--data"),
+            ("--data d.parquet", "pretrained"),
+            ("--preset gpt5", "gpt5"),
+            ("--jobs 0", "--jobs"),
+            ("--preset smollm2-dpo-en --model tiny-gemma", "--preset"),
+            ("--stpes 3", "--stpes"),
+        ] {
+            let err = format!("{:#}", args(bad).err().with_context(|| format!("`{bad}` should be refused"))?);
+            assert!(err.contains(needle), "`{bad}`: `{err}` should mention `{needle}`");
+        }
+        assert_eq!(args("--jobs 3")?.jobs, Some(3));
+        assert_eq!(args("--model tiny-gemma")?.model, ModelChoice::Tiny(vec!["tiny-gemma".into()]));
         assert_eq!(Options::default().model, ModelChoice::Tiny(vec!["tiny-llama".into(), "tiny-gemma".into()]));
-        let p = parse(&args("--preset smollm2-dpo-en --steps 3"))?;
+        assert_eq!(args("")?.seeds, vec![0, 1, 2]);
+        let p = args("--preset smollm2-dpo-en --steps 3")?;
         assert_eq!((p.steps, p.sft_steps, p.seeds), (3, 8, vec![0]), "flags override the preset");
         assert_eq!(p.out, PathBuf::from("results/smollm2-dpo-en"));
         assert!(p.only.as_ref().is_some_and(|o| o.contains(&"slime".to_string())));
         let ModelChoice::Pretrained { model, data, .. } = &p.model else { bail!("expected a pretrained model") };
         assert_eq!((model.as_path(), data.as_path()), (Path::new(PRESETS[0].model), Path::new(PRESETS[0].data)));
-        let custom = parse(&args("--model m --data d.parquet"))?;
+        let custom = args("--model m --data d.parquet")?;
         assert!(matches!(custom.model, ModelChoice::Pretrained { .. }));
+        assert_eq!(args("--device cuda:1")?.device.as_deref(), Some("cuda:1"));
         Ok(())
     }
 
@@ -577,42 +582,11 @@ mod tests {
     }
 
     #[test]
-    fn the_tiny_gemma_default_variants_are_grid_variants() {
-        for v in TINY_GEMMA_DEFAULT {
-            assert!(GRID.iter().any(|(name, _)| *name == v), "{v}");
-        }
-    }
-
-    #[test]
-    fn cell_configs_are_valid_run_configs() -> Result<()> {
-        // Every grid cell, for the embedded task and for every preset, is a config the trainer
-        // accepts (parsed and validated by the trainer's own code).
-        let mut setups = vec![Options::default(), parse(&args("--model tiny-gemma"))?];
+    fn preset_variants_are_grid_variants() -> Result<()> {
+        let grid = Grid::default_grid()?;
         for p in PRESETS {
-            setups.push(parse(&args(&format!("--preset {}", p.name)))?);
-        }
-        setups.push(parse(&args("--preset smollm2-dpo-en --device cuda:1 --steps 200"))?);
-        for opts in &setups {
-            for (variant, objective) in GRID {
-                let tiny = match &opts.model {
-                    ModelChoice::Tiny(names) => names.last().map(String::as_str),
-                    ModelChoice::Pretrained { .. } => None,
-                };
-                let text = cell_config(tiny, variant, objective, 1, opts, Some(Path::new("/tmp/sft/sft-model")));
-                let cfg = slime_trainer::config::RunConfig::from_toml(&text)
-                    .with_context(|| format!("{variant}:\n{text}"))?;
-                assert_eq!(cfg.name, variant);
-                assert_eq!(cfg.init.is_some(), variant != "sft");
-                if let Some(name) = tiny {
-                    assert_eq!(cfg.model.preset, name);
-                }
-                assert_eq!(cfg.model.device, opts.device.as_deref().unwrap_or("cpu"));
-                if let ModelChoice::Pretrained { .. } = opts.model {
-                    assert!(cfg.model.lora.as_ref().is_some_and(|l| l.sft), "{text}");
-                    if variant != "sft" {
-                        assert_eq!(cfg.eval.every, opts.steps);
-                    }
-                }
+            for v in p.only {
+                assert!(grid.get(v).is_some(), "{}: {v}", p.name);
             }
         }
         Ok(())

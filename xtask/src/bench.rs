@@ -18,6 +18,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::trainer::{self, target_dir};
+
 /// Pause between two benchmark processes, so the previous one's exit (an anchor returns over
 /// 1 GiB to the kernel) cannot overlap the next one's timed steps.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
@@ -25,19 +27,43 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 /// Our objectives, in run order.
 const OBJECTIVES: [&str; 4] = ["simpo", "slime", "dpo-precomputed", "dpo-live"];
 
-/// `cargo xtask bench` options.
+/// `cargo xtask bench` flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// Objectives to time, comma-separated: simpo, slime, dpo-precomputed, dpo-live.
+    #[arg(long, value_name = "A,B", value_delimiter = ',', default_values_t = OBJECTIVES.map(String::from))]
     only: Vec<String>,
+    /// Timed steps per run (the first is warm-up; at least 2).
+    #[arg(long, value_name = "N", default_value_t = 20)]
     steps: usize,
+    /// Repetitions of the whole set, alternating ours and the anchors.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     reps: usize,
+    /// Threads of every run.
+    #[arg(long, value_name = "N", default_value_t = 2)]
     threads: usize,
+    /// Also run the PyTorch/TRL anchor scripts in DIR (bench_plain.py, bench_trl.py),
+    /// alternating with ours, and print the ratios.
+    #[arg(long, value_name = "DIR")]
     vs_pytorch: Option<PathBuf>,
+    /// The JSON-lines file every run is appended to.
+    #[arg(long, value_name = "FILE", default_value = "target/bench/results.jsonl")]
     out: PathBuf,
+    /// A prebuilt slime-step-bench instead of building one.
+    #[arg(long, value_name = "PATH")]
     exe: Option<PathBuf>,
+    /// SimPO at hidden 256/512/1024 and 128/512/2048 tokens against the FLOP count (ours only).
+    #[arg(long)]
     scaling: bool,
+    /// Ours without packing pairs around their prompt.
+    #[arg(long)]
     separate_rows: bool,
+    /// Ours recomputing activations in the backward pass.
+    #[arg(long)]
     gradient_checkpointing: bool,
-    /// Micro-batches ours runs at once (`None`: one per thread when that divides the batch of 8).
+    /// Ours splitting each batch of 8 pairs into K micro-batches run at once (the trainer's
+    /// parallel_micro_batches; default one per thread when that divides 8; 1 = one pass).
+    #[arg(long, value_name = "K")]
     parallel_micro_batches: Option<usize>,
 }
 
@@ -62,80 +88,23 @@ impl Options {
 const SCALING: [(usize, usize, usize); 5] =
     [(256, 128, 10), (512, 128, 6), (1024, 128, 4), (256, 512, 6), (256, 2048, 3)];
 
-/// Parses `[--only a,b] [--steps N] [--reps N] [--threads N] [--vs-pytorch DIR] [--out FILE]
-/// [--exe PATH] [--scaling] [--separate-rows] [--gradient-checkpointing]
-/// [--parallel-micro-batches K]` (`--exe`: a prebuilt `slime-step-bench` instead of building one;
-/// `--separate-rows`: ours without packing pairs around their prompt; `--gradient-checkpointing`:
-/// ours recomputing activations in the backward; `--parallel-micro-batches`: ours splitting each
-/// batch of 8 pairs into K micro-batches processed at once, the trainer's
-/// `parallel_micro_batches`, by default one per thread; 1 = one forward pass of all 8 pairs).
-pub fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        only: OBJECTIVES.iter().map(|s| s.to_string()).collect(),
-        steps: 20,
-        reps: 1,
-        threads: 2,
-        vs_pytorch: None,
-        out: PathBuf::from("target/bench/results.jsonl"),
-        exe: None,
-        scaling: false,
-        separate_rows: false,
-        gradient_checkpointing: false,
-        parallel_micro_batches: None,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--only" => {
-                o.only = value()?.split(',').map(str::to_string).collect();
-                if let Some(bad) = o.only.iter().find(|x| !OBJECTIVES.contains(&x.as_str())) {
-                    bail!("unknown objective `{bad}` (expected some of {})", OBJECTIVES.join(","));
-                }
-            }
-            "--steps" => o.steps = value()?.parse().context("--steps")?,
-            "--reps" => o.reps = value()?.parse().context("--reps")?,
-            "--threads" => o.threads = value()?.parse().context("--threads")?,
-            "--vs-pytorch" => o.vs_pytorch = Some(PathBuf::from(value()?)),
-            "--out" => o.out = PathBuf::from(value()?),
-            "--exe" => o.exe = Some(PathBuf::from(value()?)),
-            "--scaling" => o.scaling = true,
-            "--separate-rows" => o.separate_rows = true,
-            "--gradient-checkpointing" => o.gradient_checkpointing = true,
-            "--parallel-micro-batches" => {
-                o.parallel_micro_batches = Some(value()?.parse().context("--parallel-micro-batches")?);
-            }
-            other => bail!("unknown option `{other}` for `bench`"),
+impl Options {
+    /// Refuses values the runs cannot use.
+    pub fn check(&self) -> Result<()> {
+        if let Some(bad) = self.only.iter().find(|x| !OBJECTIVES.contains(&x.as_str())) {
+            bail!("--only: unknown objective `{bad}` (expected some of {})", OBJECTIVES.join(","));
         }
+        if self.steps < 2 || self.reps == 0 || self.threads == 0 {
+            bail!("need --steps >= 2, --reps >= 1, --threads >= 1");
+        }
+        if self.scaling && self.vs_pytorch.is_some() {
+            bail!("--scaling runs ours only; drop --vs-pytorch");
+        }
+        if self.parallel_micro_batches.is_some_and(|k| k == 0 || 8 % k != 0) {
+            bail!("--parallel-micro-batches: expected a divisor of the batch of 8 pairs (1, 2, 4 or 8)");
+        }
+        Ok(())
     }
-    if o.steps < 2 || o.reps == 0 || o.threads == 0 {
-        bail!("need --steps >= 2, --reps >= 1, --threads >= 1");
-    }
-    if o.scaling && o.vs_pytorch.is_some() {
-        bail!("--scaling runs ours only; drop --vs-pytorch");
-    }
-    if o.parallel_micro_batches.is_some_and(|k| k == 0 || 8 % k != 0) {
-        bail!("--parallel-micro-batches: expected a divisor of the batch of 8 pairs (1, 2, 4 or 8)");
-    }
-    Ok(o)
-}
-
-/// The cargo target directory, absolute (the anchors run in their own directory).
-fn target_dir() -> PathBuf {
-    let dir = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| PathBuf::from("target"), PathBuf::from);
-    if dir.is_absolute() { dir } else { std::env::current_dir().map_or(dir.clone(), |cwd| cwd.join(&dir)) }
-}
-
-fn build() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "--release", "--quiet", "-p", "slime-trainer", "--bin", "slime-step-bench"])
-        .status()
-        .context("building slime-step-bench")?;
-    if !status.success() {
-        bail!("building slime-step-bench failed with {status}");
-    }
-    Ok(target_dir().join("release").join("slime-step-bench"))
 }
 
 /// The anchors' Python: `DIR/venv/bin/python`, else `target/bench/anchor-venv/bin/python`,
@@ -268,10 +237,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the benchmark; see the module docs.
+/// Runs the benchmark processes and prints the medians (and ratios against the anchors).
 pub fn bench(o: &Options) -> Result<()> {
+    o.check()?;
     let exe = match &o.exe {
         Some(p) => p.clone(),
-        None => build()?,
+        None => trainer::build(trainer::STEP_BENCH)?,
     };
     let mut results_file = open_results(&o.out)?;
     if o.scaling {

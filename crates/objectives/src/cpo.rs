@@ -9,9 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{record_logps, record_rewards};
+use crate::metrics::{NLL_LOSS, PREFERENCE, record_logps, record_rewards};
 use crate::numerics::log_sigmoid_t;
-use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveInputs, Result};
 
@@ -47,6 +47,14 @@ impl Default for CpoParams {
 }
 
 const NAME: &str = "cpo";
+/// The preference term `-logsig(z)`.
+const PREFERENCE_TERM: &str = "cpo/preference";
+
+impl ObjectiveKind for CpoParams {
+    const NAME: &'static str = NAME;
+    const LOSS_TERMS: &'static [&'static str] = &[PREFERENCE_TERM, NLL_LOSS];
+    const METRICS: &'static [&'static str] = &PREFERENCE;
+}
 
 impl Loss for CpoParams {
     fn name(&self) -> &'static str {
@@ -91,8 +99,8 @@ impl Loss for CpoParams {
         let nll = inputs.chosen.pooled_mean_per_example("chosen", scale.pairs, scale.chosen_tokens)?.neg()?;
         let per_example = (&preference + nll.affine(self.alpha, 0.0)?)?;
         let mut metrics = Metrics::new();
-        metrics.insert_mean("cpo/preference", &preference)?;
-        metrics.insert_mean("nll_loss", &nll)?;
+        metrics.insert_mean(PREFERENCE_TERM, &preference)?;
+        metrics.insert_mean(NLL_LOSS, &nll)?;
         record_rewards(&mut metrics, &chosen_reward, &rejected_reward)?;
         record_logps(&mut metrics, inputs, rejected)?;
         LossOutput::from_per_example(per_example, scale.pairs, metrics)

@@ -14,9 +14,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{record_logps, record_rewards};
+use crate::metrics::{PREFERENCE, record_logps, record_rewards};
 use crate::numerics::{log_sigmoid_t, relu_t, smoothed_logistic_loss};
-use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveError, ObjectiveInputs, Result};
 
@@ -52,6 +52,12 @@ impl Default for DpoParams {
 }
 
 const DPO: &str = "dpo";
+
+impl ObjectiveKind for DpoParams {
+    const NAME: &'static str = DPO;
+    const LOSS_TERMS: &'static [&'static str] = &[];
+    const METRICS: &'static [&'static str] = &PREFERENCE;
+}
 
 impl Loss for DpoParams {
     fn name(&self) -> &'static str {
@@ -131,6 +137,12 @@ impl Default for IpoParams {
 }
 
 const IPO: &str = "ipo";
+
+impl ObjectiveKind for IpoParams {
+    const NAME: &'static str = IPO;
+    const LOSS_TERMS: &'static [&'static str] = &[];
+    const METRICS: &'static [&'static str] = &PREFERENCE;
+}
 
 impl Loss for IpoParams {
     fn name(&self) -> &'static str {

@@ -15,7 +15,10 @@
 //! | [`SftParams`] (NLL, `f_alpha`, thresholds) | arXiv 2510.00526 | no | pooled tokens |
 //!
 //! [`Objective`] is the serde-configurable enum over all of them (`type = "slime"`, ...); a
-//! training loop asks it for its [`Requirements`] instead of matching on its type. Losses are
+//! training loop asks it for its [`Requirements`], [`Objective::loss_terms`] and
+//! [`Objective::metric_keys`] instead of matching on its type, and reads metrics by the keys in
+//! [`metrics`]. A new objective is one file (a params type implementing [`Loss`] and
+//! [`ObjectiveKind`]) and one line in the list that generates [`Objective`]. Losses are
 //! computed in f32 whatever the input dtype (f64 inputs stay f64), and the stable forms of
 //! `softplus`, `log_sigmoid` and `log1mexp` in [`numerics`] have exact gradients everywhere,
 //! including at zero margin.
@@ -24,7 +27,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
-//! use slime_objectives::{Loss, ObjectiveInputs, SequenceLogps, SlimeParams};
+//! use slime_objectives::{Loss, ObjectiveInputs, SequenceLogps, SlimeParams, metrics};
 //!
 //! # fn main() -> slime_objectives::Result<()> {
 //! let dev = Device::Cpu;
@@ -45,7 +48,8 @@
 //! let g: Vec<Vec<f32>> = grads.get(chosen.as_tensor()).expect("gradient").to_vec2()?;
 //! assert!(g[0].iter().all(|&x| x < 0.0));
 //! assert_eq!(g[1][2], 0.0); // padding gets no gradient
-//! println!("loss {:.4}, accuracy {}", out.metrics.get("loss").unwrap(), out.metrics.get("rewards/accuracies").unwrap());
+//! let (loss, accuracy) = (metrics::LOSS, metrics::REWARDS_ACCURACIES);
+//! println!("loss {:.4}, accuracy {}", out.metrics.get(loss).unwrap(), out.metrics.get(accuracy).unwrap());
 //! # Ok(())
 //! # }
 //! ```
@@ -54,7 +58,7 @@ mod cpo;
 mod dpo;
 mod error;
 mod logps;
-mod metrics;
+pub mod metrics;
 pub mod numerics;
 mod objective;
 mod objective_serde;
@@ -68,7 +72,7 @@ pub use cpo::{CpoParams, CpoVariant};
 pub use dpo::{DpoLossType, DpoParams, IpoParams};
 pub use error::{ObjectiveError, Result};
 pub use logps::{BatchTotals, DEFAULT_COLLAPSE_DELTA, ObjectiveInputs, ReferenceLogps, SequenceLogps, TokenLogps};
-pub use objective::{Aggregation, Loss, Objective, Requirements};
+pub use objective::{Aggregation, Loss, Objective, ObjectiveKind, Requirements};
 pub use orpo::OrpoParams;
 pub use output::{LossOutput, Metrics};
 pub use sft::{SftParams, TokenFilter};

@@ -1,9 +1,10 @@
-//! The serde-configurable [`Objective`] enum, its one exhaustive dispatch, and the
-//! [`Loss`] trait every objective's parameter struct implements.
+//! The serde-configurable [`Objective`] enum, generated from one list of objectives, and the
+//! [`Loss`] and [`ObjectiveKind`] traits every objective's parameter struct implements.
 
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::logps::ObjectiveInputs;
 use crate::output::LossOutput;
@@ -49,20 +50,105 @@ pub trait Loss {
     fn compute(&self, inputs: &ObjectiveInputs) -> Result<LossOutput>;
 }
 
-/// Every objective of the workspace, configured by a `type` tag:
-///
-/// ```toml
-/// type = "slime"
-/// preset = "authors-code"   # or "paper" (default); then override single values:
-/// p = 2.0
-/// use_soft_margin = false
-/// ```
-///
-/// Deserialisation is hand-written (see `objective_serde.rs`) so that every error names its
-/// field; serialisation writes the same `type`-tagged table with every resolved value.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-pub enum Objective {
+/// What the compiler knows about an objective, declared next to its formula: the name of its
+/// config's `type` tag and the metric keys its [`Loss::compute`] records.
+pub trait ObjectiveKind: Loss + Default + Serialize + DeserializeOwned + Into<Objective> {
+    /// Name in configs (`type = "..."`), errors and metric prefixes.
+    const NAME: &'static str;
+    /// Metric keys of the loss's terms when it has several (per example, the loss is their
+    /// weighted sum); empty for a one-term loss.
+    const LOSS_TERMS: &'static [&'static str];
+    /// Every other metric key `compute` may record, besides [`crate::metrics::LOSS`].
+    const METRICS: &'static [&'static str];
+}
+
+/// Declares [`Objective`] from one list of `Variant(Params)`: the enum, [`Objective::NAMES`],
+/// the dispatch to [`Loss`], the metric lists, `From<Params>`, [`FromStr`], `Serialize` and the
+/// `type` dispatch of `Deserialize`, so an objective is named in exactly one place.
+macro_rules! objectives {
+    ($($(#[doc = $doc:literal])* $variant:ident($params:ty),)+) => {
+        /// Every objective of the workspace, configured by a `type` tag:
+        ///
+        /// ```toml
+        /// type = "slime"
+        /// preset = "authors-code"   # or "paper" (default); then override single values:
+        /// p = 2.0
+        /// use_soft_margin = false
+        /// ```
+        ///
+        /// Deserialisation names the field in every error (see `objective_serde.rs`);
+        /// serialisation writes the same `type`-tagged table with every resolved value.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Objective {
+            $($(#[doc = $doc])* $variant($params),)+
+        }
+
+        impl Objective {
+            /// Every objective name accepted by [`FromStr`] and the `type` tag.
+            pub const NAMES: [&'static str; [$(stringify!($variant)),+].len()] =
+                [$(<$params as ObjectiveKind>::NAME),+];
+
+            /// The one exhaustive dispatch: the objective's parameters as a [`Loss`].
+            pub fn as_loss(&self) -> &dyn Loss {
+                match self {
+                    $(Self::$variant(p) => p,)+
+                }
+            }
+
+            /// Metric keys of the objective's loss terms ([`ObjectiveKind::LOSS_TERMS`]).
+            pub fn loss_terms(&self) -> &'static [&'static str] {
+                match self {
+                    $(Self::$variant(_) => <$params as ObjectiveKind>::LOSS_TERMS,)+
+                }
+            }
+
+            /// Its other metric keys ([`ObjectiveKind::METRICS`]).
+            pub fn metric_keys(&self) -> &'static [&'static str] {
+                match self {
+                    $(Self::$variant(_) => <$params as ObjectiveKind>::METRICS,)+
+                }
+            }
+
+            /// The objective called `name` with its default parameters.
+            fn with_defaults(name: &str) -> Option<Self> {
+                $(if name == <$params as ObjectiveKind>::NAME {
+                    return Some(Self::$variant(<$params>::default()));
+                })+
+                None
+            }
+
+            /// Deserialises the parameters of the objective called `name` (the `type` tag
+            /// already taken out); `None` for an unknown name.
+            pub(crate) fn deserialize_params<'de, D: Deserializer<'de>>(
+                name: &str,
+                params: D,
+            ) -> Option<std::result::Result<Self, D::Error>> {
+                $(if name == <$params as ObjectiveKind>::NAME {
+                    return Some(<$params>::deserialize(params).map(Self::$variant));
+                })+
+                None
+            }
+        }
+
+        impl Serialize for Objective {
+            fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+                match self {
+                    $(Self::$variant(p) => {
+                        Tagged { kind: <$params as ObjectiveKind>::NAME, params: p }.serialize(serializer)
+                    })+
+                }
+            }
+        }
+
+        $(impl From<$params> for Objective {
+            fn from(params: $params) -> Self {
+                Self::$variant(params)
+            }
+        })+
+    };
+}
+
+objectives! {
     /// SLIME (arXiv 2602.02383): anchoring + token stabiliser + dual margin, reference-free.
     Slime(SlimeParams),
     /// DPO (Rafailov et al. 2023) and its label-smoothing (cDPO), robust and hinge variants.
@@ -79,23 +165,49 @@ pub enum Objective {
     Sft(SftParams),
 }
 
-impl Objective {
-    /// Every objective name accepted by [`FromStr`] and the `type` tag.
-    pub const NAMES: [&'static str; 7] = ["slime", "dpo", "ipo", "simpo", "cpo", "orpo", "sft"];
+/// Two objectives may not share a name: checked when the crate compiles.
+const _: () = assert!(all_distinct(&Objective::NAMES), "two objectives share a name");
 
-    /// The one exhaustive dispatch: the objective's parameters as a [`Loss`].
-    pub fn as_loss(&self) -> &dyn Loss {
-        match self {
-            Self::Slime(p) => p,
-            Self::Dpo(p) => p,
-            Self::Ipo(p) => p,
-            Self::Simpo(p) => p,
-            Self::Cpo(p) => p,
-            Self::Orpo(p) => p,
-            Self::Sft(p) => p,
+/// True when no two of `names` are equal (a `const fn`, so the check above runs at compile time).
+const fn all_distinct(names: &[&str]) -> bool {
+    let mut i = 0;
+    while i < names.len() {
+        let mut j = i + 1;
+        while j < names.len() {
+            if same(names[i].as_bytes(), names[j].as_bytes()) {
+                return false;
+            }
+            j += 1;
         }
+        i += 1;
     }
+    true
+}
 
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The serialised form: the `type` tag, then the parameters' own fields.
+#[derive(Serialize)]
+struct Tagged<'a, P> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(flatten)]
+    params: &'a P,
+}
+
+impl Objective {
     /// Short name (`slime`, `dpo`, ...).
     pub fn name(&self) -> &'static str {
         self.as_loss().name()
@@ -137,20 +249,8 @@ impl FromStr for Objective {
     type Err = ObjectiveError;
 
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "slime" => Self::Slime(SlimeParams::default()),
-            "dpo" => Self::Dpo(DpoParams::default()),
-            "ipo" => Self::Ipo(IpoParams::default()),
-            "simpo" => Self::Simpo(SimpoParams::default()),
-            "cpo" => Self::Cpo(CpoParams::default()),
-            "orpo" => Self::Orpo(OrpoParams::default()),
-            "sft" => Self::Sft(SftParams::default()),
-            other => {
-                return Err(ObjectiveError::Parse(format!(
-                    "unknown objective `{other}`, expected one of {}",
-                    Self::NAMES.join(", ")
-                )));
-            }
+        Self::with_defaults(s).ok_or_else(|| {
+            ObjectiveError::Parse(format!("unknown objective `{s}`, expected one of {}", Self::NAMES.join(", ")))
         })
     }
 }

@@ -3,14 +3,15 @@
 //! serde's derived internally tagged enums buffer the table before dispatching on `type`, and a
 //! type error inside the buffered table (`beta = "two"`) then reaches the user without the
 //! field's name. Objective parameters are all scalars, so this buffers `key = scalar` entries
-//! itself, dispatches on `type`, and prefixes each value's error with its key.
+//! itself, hands them to the objective the `type` names (the dispatch is generated with the
+//! enum), and prefixes each value's error with its key.
 
 use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, Visitor};
 
-use crate::{CpoParams, DpoParams, IpoParams, Objective, OrpoParams, SftParams, SimpoParams, SlimeParams};
+use crate::Objective;
 
 /// One buffered scalar.
 enum Scalar {
@@ -182,22 +183,12 @@ impl<'de> Deserialize<'de> for Objective {
                 let kind = kind.ok_or_else(|| {
                     de::Error::custom(format!("missing field `type` (one of {})", Objective::NAMES.join(", ")))
                 })?;
-                let params = EntriesDeserializer(entries);
-                let parsed = match kind.as_str() {
-                    "slime" => SlimeParams::deserialize(params).map(Objective::Slime),
-                    "dpo" => DpoParams::deserialize(params).map(Objective::Dpo),
-                    "ipo" => IpoParams::deserialize(params).map(Objective::Ipo),
-                    "simpo" => SimpoParams::deserialize(params).map(Objective::Simpo),
-                    "cpo" => CpoParams::deserialize(params).map(Objective::Cpo),
-                    "orpo" => OrpoParams::deserialize(params).map(Objective::Orpo),
-                    "sft" => SftParams::deserialize(params).map(Objective::Sft),
-                    other => {
-                        return Err(de::Error::custom(format!(
-                            "unknown objective type `{other}`, expected one of {}",
-                            Objective::NAMES.join(", ")
-                        )));
-                    }
-                };
+                let parsed = Objective::deserialize_params(&kind, EntriesDeserializer(entries)).ok_or_else(|| {
+                    de::Error::custom(format!(
+                        "unknown objective type `{kind}`, expected one of {}",
+                        Objective::NAMES.join(", ")
+                    ))
+                })?;
                 parsed.map_err(|e| de::Error::custom(format!("objective `{kind}`: {e}")))
             }
         }

@@ -11,9 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{record_logps, record_rewards};
+use crate::metrics::{NLL_LOSS, record_logps, record_rewards, with_preference};
 use crate::numerics::{log_sigmoid_t, log1mexp_t};
-use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveInputs, Result};
 
@@ -32,6 +32,16 @@ impl Default for OrpoParams {
 }
 
 const NAME: &str = "orpo";
+/// `logsig(log_odds)`, the odds-ratio term (TRL's name).
+const LOG_ODDS_RATIO: &str = "log_odds_ratio";
+/// `log_odds` itself (TRL's name).
+const LOG_ODDS_CHOSEN: &str = "log_odds_chosen";
+
+impl ObjectiveKind for OrpoParams {
+    const NAME: &'static str = NAME;
+    const LOSS_TERMS: &'static [&'static str] = &[NLL_LOSS, LOG_ODDS_RATIO];
+    const METRICS: &'static [&'static str] = &with_preference::<10>(&[LOG_ODDS_CHOSEN]);
+}
 
 impl Loss for OrpoParams {
     fn name(&self) -> &'static str {
@@ -63,9 +73,9 @@ impl Loss for OrpoParams {
         let nll = inputs.chosen.pooled_mean_per_example("chosen", scale.pairs, scale.chosen_tokens)?.neg()?;
         let per_example = (&nll - ratio.affine(self.beta, 0.0)?)?;
         let mut metrics = Metrics::new();
-        metrics.insert_mean("nll_loss", &nll)?;
-        metrics.insert_mean("log_odds_ratio", &ratio)?;
-        metrics.insert_mean("log_odds_chosen", &log_odds)?;
+        metrics.insert_mean(NLL_LOSS, &nll)?;
+        metrics.insert_mean(LOG_ODDS_RATIO, &ratio)?;
+        metrics.insert_mean(LOG_ODDS_CHOSEN, &log_odds)?;
         record_rewards(&mut metrics, &chosen_mean.affine(self.beta, 0.0)?, &rejected_mean.affine(self.beta, 0.0)?)?;
         record_logps(&mut metrics, inputs, rejected)?;
         LossOutput::from_per_example(per_example, scale.pairs, metrics)

@@ -72,7 +72,7 @@ impl LossOutput {
     /// pairs give the full batch's values.
     pub(crate) fn from_per_example(per_example: Tensor, pairs: f64, mut metrics: Metrics) -> Result<Self> {
         let loss = (per_example.sum_all()? / pairs)?;
-        metrics.insert_mean("loss", &per_example)?;
+        metrics.insert_mean(crate::metrics::LOSS, &per_example)?;
         Ok(Self { loss, per_example, metrics })
     }
 }

@@ -16,8 +16,8 @@
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::record_side;
-use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::metrics::{CHOSEN, LOGPS_CHOSEN, LOGPS_CHOSEN_PER_TOKEN, record_side};
+use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveError, ObjectiveInputs, Result};
 
@@ -69,6 +69,14 @@ impl SftParams {
 }
 
 const NAME: &str = "sft";
+/// Fraction of counted target tokens the filter keeps (1 without a filter).
+const KEPT_FRACTION: &str = "sft/kept_fraction";
+
+impl ObjectiveKind for SftParams {
+    const NAME: &'static str = NAME;
+    const LOSS_TERMS: &'static [&'static str] = &[];
+    const METRICS: &'static [&'static str] = &[KEPT_FRACTION, LOGPS_CHOSEN, LOGPS_CHOSEN_PER_TOKEN];
+}
 
 impl Loss for SftParams {
     fn name(&self) -> &'static str {
@@ -103,7 +111,7 @@ impl Loss for SftParams {
         let target = &inputs.chosen;
         let mut metrics = Metrics::new();
         let per_example = if self.is_plain_nll() {
-            metrics.insert("sft/kept_fraction", 1.0);
+            metrics.insert(KEPT_FRACTION, 1.0);
             target.pooled_mean_per_example("chosen", scale.pairs, scale.chosen_tokens)?.neg()?
         } else {
             let tokens = target
@@ -118,7 +126,7 @@ impl Loss for SftParams {
             };
             let kept = keep.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
             let total = tokens.total_count();
-            metrics.insert("sft/kept_fraction", if total > 0.0 { kept / total } else { 0.0 });
+            metrics.insert(KEPT_FRACTION, if total > 0.0 { kept / total } else { 0.0 });
             let f = if self.alpha == 0.0 {
                 l.neg()?
             } else {
@@ -135,7 +143,7 @@ impl Loss for SftParams {
             };
             f.sum(1)?.affine(weight, 0.0)?
         };
-        record_side(&mut metrics, "chosen", target)?;
+        record_side(&mut metrics, &CHOSEN, target)?;
         LossOutput::from_per_example(per_example, scale.pairs, metrics)
     }
 }

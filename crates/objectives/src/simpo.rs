@@ -9,9 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{record_logps, record_rewards};
+use crate::metrics::{PREFERENCE, record_logps, record_rewards};
 use crate::numerics::smoothed_logistic_loss;
-use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveInputs, Result};
 
@@ -42,6 +42,12 @@ impl SimpoParams {
 }
 
 const NAME: &str = "simpo";
+
+impl ObjectiveKind for SimpoParams {
+    const NAME: &'static str = NAME;
+    const LOSS_TERMS: &'static [&'static str] = &[];
+    const METRICS: &'static [&'static str] = &PREFERENCE;
+}
 
 impl Loss for SimpoParams {
     fn name(&self) -> &'static str {

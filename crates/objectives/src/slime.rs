@@ -15,11 +15,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{record_logps, record_rewards};
+use crate::metrics::{record_logps, record_rewards, with_preference};
 use num_traits::Float;
 
 use crate::numerics::{ScalarFn, constant, log1p, map_with_grad, relu_t, sigmoid_t};
-use crate::objective::{Aggregation, Loss, Requirements, check};
+use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveError, ObjectiveInputs, Result};
 
@@ -179,6 +179,24 @@ impl From<SlimeSpec> for SlimeParams {
 }
 
 const NAME: &str = "slime";
+/// Likelihood anchoring `L_w`, per example.
+const ANCHOR: &str = "slime/anchor";
+/// The token stabiliser `L_l`, attributed per example.
+const STABILIZER: &str = "slime/stabilizer";
+/// The dual-margin term `L_dist`, per example.
+const MARGIN: &str = "slime/margin";
+/// Mean hard factor `relu(m_h - D)` (1 when off).
+const HARD_FACTOR: &str = "slime/hard_factor";
+/// Mean soft factor `sigmoid(-kappa (D - m_s))` (1 when off).
+const SOFT_FACTOR: &str = "slime/soft_factor";
+/// Fraction of pairs with `D >= m_h`.
+const MARGIN_SATISFIED: &str = "slime/margin_satisfied";
+
+impl ObjectiveKind for SlimeParams {
+    const NAME: &'static str = NAME;
+    const LOSS_TERMS: &'static [&'static str] = &[ANCHOR, STABILIZER, MARGIN];
+    const METRICS: &'static [&'static str] = &with_preference::<12>(&[HARD_FACTOR, SOFT_FACTOR, MARGIN_SATISFIED]);
+}
 
 impl Loss for SlimeParams {
     fn name(&self) -> &'static str {
@@ -240,12 +258,12 @@ impl Loss for SlimeParams {
         let per_example = ((&anchor + &stabilizer)? + &margin_term)?;
 
         let mut metrics = Metrics::new();
-        metrics.insert_mean("slime/anchor", &anchor)?;
-        metrics.insert_mean("slime/stabilizer", &stabilizer)?;
-        metrics.insert_mean("slime/margin", &margin_term)?;
-        metrics.insert_mean("slime/hard_factor", &hard)?;
-        metrics.insert_mean("slime/soft_factor", &soft)?;
-        metrics.insert_mean("slime/margin_satisfied", &margin.detach().ge(self.m_h)?)?;
+        metrics.insert_mean(ANCHOR, &anchor)?;
+        metrics.insert_mean(STABILIZER, &stabilizer)?;
+        metrics.insert_mean(MARGIN, &margin_term)?;
+        metrics.insert_mean(HARD_FACTOR, &hard)?;
+        metrics.insert_mean(SOFT_FACTOR, &soft)?;
+        metrics.insert_mean(MARGIN_SATISFIED, &margin.detach().ge(self.m_h)?)?;
         record_rewards(&mut metrics, &chosen_mean, &rejected_mean)?;
         record_logps(&mut metrics, inputs, rejected)?;
         LossOutput::from_per_example(per_example, scale.pairs, metrics)

@@ -20,6 +20,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod corpus;
 mod error;
 pub mod generate;

@@ -136,6 +136,12 @@ enum Command {
         #[arg(long, conflicts_with = "template")]
         no_template: bool,
     },
+    /// Convert downloaded files to what the other subcommands read: a GGUF checkpoint to a
+    /// model directory, or LLaMA-Factory preference JSON to Parquet.
+    Convert {
+        #[command(subcommand)]
+        what: slime_trainer::convert::ConvertCommand,
+    },
 }
 
 /// Where the model and tokenizer are, and how to run it.
@@ -363,5 +369,6 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Convert { what } => what.run(),
     }
 }

