@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use sha2::Digest;
 use slime_objectives::{DpoParams, Objective, SlimeParams};
 use slime_trainer::TrainError;
 use slime_trainer::config::RunConfig;
@@ -331,7 +332,18 @@ fn resuming_with_the_rng_reset_differs() {
     assert_ne!(state["preference"]["rng"]["word_pos"], "0", "the draw RNG was used before step 4");
     state["preference"]["rng"]["word_pos"] = "0".into();
     std::fs::write(&state_path, serde_json::to_string(&state).expect("json")).expect("write");
-    run_with(&cfg, cut.path(), &RunOptions { resume: true, ..RunOptions::default() }).expect("resume");
+    // The edit breaks the checkpoint's checksum: the resume refuses it (no older one is kept).
+    let resume = RunOptions { resume: true, ..RunOptions::default() };
+    let err = run_with(&cfg, cut.path(), &resume).expect_err("tampered").to_string();
+    assert!(err.contains("step-000008: ") && err.contains("SHA-256 mismatch"), "{err}");
+    // Signed again (the checksum of the compact JSON without `sha256`), it is resumed from.
+    let sums = state.as_object_mut().expect("object").remove("sha256").expect("sha256");
+    let digest = sha2::Sha256::digest(serde_json::to_vec(&state).expect("json"));
+    let mut sums = sums.as_object().expect("sums").clone();
+    sums.insert("state.json".into(), digest.iter().map(|b| format!("{b:02x}")).collect::<String>().into());
+    state["sha256"] = serde_json::Value::Object(sums);
+    std::fs::write(&state_path, serde_json::to_string(&state).expect("json")).expect("write");
+    run_with(&cfg, cut.path(), &resume).expect("resume");
     let diff = max_abs_diff(&weights(whole.path()), &weights(cut.path()));
     assert!(diff > 0.0, "a reset RNG gave the same weights");
 }
