@@ -53,7 +53,7 @@ pub use pipeline::{LoaderStats, PairStream, batches, count_padding, load_pairs};
 pub use reader::{InvalidRows, PreferenceReader, ReadOptions, ReadStats, Record};
 pub use sampler::{Cursor, EpochSampler};
 pub use schema::{ColumnNames, Layout, conversational_schema, messages_type, standard_schema};
-pub use split::{HashSplit, SplitPart};
+pub use split::{DegenerateCounts, HashSplit, SplitAudit, SplitPart};
 pub use template::{BuiltinTemplate, ChatTemplate};
 pub use tokenizer::{SpecialTokens, TextTokenizer};
 pub use writer::{PairLogps, PreferenceWriter, message_list, read_logps, write_logps, write_preferences};

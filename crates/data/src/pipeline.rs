@@ -12,7 +12,7 @@ use crate::batch::{Batch, TokenizedPair, collate_pairs};
 use crate::encode::{EncodeStats, Encoded, PairEncoder};
 use crate::error::{DataError, Result};
 use crate::reader::{PreferenceReader, ReadOptions, ReadStats};
-use crate::split::{HashSplit, SplitPart};
+use crate::split::{DegenerateCounts, HashSplit, SplitAudit, SplitPart};
 
 /// Rows read and tokenized per chunk.
 const CHUNK_ROWS: usize = 512;
@@ -31,6 +31,9 @@ pub struct LoaderStats {
     pub batch_positions: u64,
     /// Padding positions in batches.
     pub padding_positions: u64,
+    /// Degenerate rows among the rows read (all parts of the split; parts as in
+    /// [`SplitPart`]).
+    pub degenerate: DegenerateCounts,
 }
 
 impl LoaderStats {
@@ -48,7 +51,7 @@ impl std::fmt::Display for LoaderStats {
         write!(
             f,
             "rows read {}, skipped on read {} [{}], other split {}, pairs {}, skipped on encode {} [{}], \
-             truncated {} (prompt {}, completion {}), tokens {}, padding {:.1}%",
+             truncated {} (prompt {}, completion {}), tokens {}, padding {:.1}%; degenerate: {}",
             self.read.rows_read,
             self.read.skipped.values().sum::<u64>(),
             skipped(&self.read.skipped),
@@ -61,6 +64,7 @@ impl std::fmt::Display for LoaderStats {
             self.encode.truncated_completions,
             self.encode.tokens,
             100.0 * self.padding_fraction(),
+            self.degenerate,
         )
     }
 }
@@ -74,6 +78,7 @@ pub struct PairStream<'a> {
     pending_error: Option<DataError>,
     other_split: u64,
     encode: EncodeStats,
+    audit: SplitAudit,
 }
 
 impl<'a> PairStream<'a> {
@@ -92,6 +97,7 @@ impl<'a> PairStream<'a> {
             pending_error: None,
             other_split: 0,
             encode: EncodeStats::default(),
+            audit: SplitAudit::default(),
         })
     }
 
@@ -101,6 +107,7 @@ impl<'a> PairStream<'a> {
             read: self.reader.stats().clone(),
             other_split: self.other_split,
             encode: self.encode.clone(),
+            degenerate: self.audit.counts(),
             ..LoaderStats::default()
         }
     }
@@ -111,11 +118,15 @@ impl<'a> PairStream<'a> {
         for item in self.reader.by_ref() {
             match item {
                 Ok(r) => {
-                    if let Some((split, part)) = &self.split
-                        && split.part(&r.example) != *part
-                    {
-                        self.other_split += 1;
-                        continue;
+                    if let Some((split, part)) = &self.split {
+                        let own = split.part(&r.example);
+                        self.audit.record(own as usize, &r.example);
+                        if own != *part {
+                            self.other_split += 1;
+                            continue;
+                        }
+                    } else {
+                        self.audit.record(0, &r.example);
                     }
                     records.push(r);
                     if records.len() == CHUNK_ROWS {

@@ -2,6 +2,10 @@
 //! and the seed, never on file order or row-group size (the paper's disjoint SFT third and
 //! preference two thirds).
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
@@ -58,6 +62,82 @@ fn unit(hash: u64, seed: u64) -> f64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Degenerate rows among those a load assigned to split parts (counted, never dropped):
+/// pairs whose chosen completion equals the rejected one (nothing to prefer), rows that repeat an
+/// earlier row verbatim (identical rows always land in the same part), and prompts that occur
+/// in more than one part with different completions (e.g. a held-out prompt also trained on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DegenerateCounts {
+    /// Pairs with `chosen == rejected`.
+    pub identical_completions: u64,
+    /// Rows equal to an earlier row (prompt, chosen and rejected).
+    pub duplicate_rows: u64,
+    /// Distinct prompts found in more than one split part.
+    pub prompts_in_several_parts: u64,
+}
+
+impl DegenerateCounts {
+    /// True when nothing degenerate was found.
+    pub fn is_clean(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl std::fmt::Display for DegenerateCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} pairs with chosen = rejected, {} duplicate rows, {} prompts in several splits",
+            self.identical_completions, self.duplicate_rows, self.prompts_in_several_parts
+        )
+    }
+}
+
+/// Finds [`DegenerateCounts`] while rows are assigned to parts (memory: two 64-bit digests per
+/// distinct row and prompt).
+#[derive(Debug, Clone, Default)]
+pub struct SplitAudit {
+    counts: DegenerateCounts,
+    rows: HashSet<u64>,
+    /// Per prompt digest, the parts it was seen in (bit `part`).
+    prompt_parts: HashMap<u64, u32>,
+}
+
+impl SplitAudit {
+    /// Records that `example` went to part number `part` (0..32; any numbering of the parts).
+    pub fn record(&mut self, part: usize, example: &PreferenceExample) {
+        let (prompt, row, same) = match example {
+            PreferenceExample::Text { prompt, chosen, rejected } => {
+                (digest(&(0u8, prompt)), digest(&(0u8, prompt, chosen, rejected)), chosen == rejected)
+            }
+            PreferenceExample::Chat { prompt, chosen, rejected } => {
+                (digest(&(1u8, prompt)), digest(&(1u8, prompt, chosen, rejected)), chosen == rejected)
+            }
+        };
+        self.counts.identical_completions += u64::from(same);
+        if !self.rows.insert(row) {
+            self.counts.duplicate_rows += 1;
+        }
+        let bit = 1u32 << part.min(31);
+        let parts = self.prompt_parts.entry(prompt).or_default();
+        if *parts != 0 && *parts & bit == 0 && parts.count_ones() == 1 {
+            self.counts.prompts_in_several_parts += 1;
+        }
+        *parts |= bit;
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> DegenerateCounts {
+        self.counts
+    }
+}
+
+fn digest(value: &(impl Hash + ?Sized)) -> u64 {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use std::path::Path;
 
 use serde::Serialize;
 use slime_data::{
-    ChatTemplate, EncodeStats, Encoded, HashSplit, InvalidRows, PairEncoder, PreferenceReader, ReadOptions, SplitPart,
-    TextTokenizer, TokenizedPair, Truncation, TruncationMode,
+    ChatTemplate, DegenerateCounts, EncodeStats, Encoded, HashSplit, InvalidRows, PairEncoder, PreferenceReader,
+    ReadOptions, SplitAudit, SplitPart, TextTokenizer, TokenizedPair, Truncation, TruncationMode,
 };
 
 use crate::config::DataSpec;
@@ -57,6 +57,9 @@ pub struct LoadSummary {
     pub skipped: BTreeMap<String, u64>,
     /// Real tokens of the encoded pairs (prompt + chosen + rejected).
     pub tokens: u64,
+    /// Degenerate rows among the encoded pairs (kept and trained on, but counted):
+    /// chosen = rejected, repeated rows, prompts in more than one split.
+    pub degenerate: DegenerateCounts,
 }
 
 /// A run's data.
@@ -129,6 +132,7 @@ impl RunData {
         let mut data = Self { sft: Vec::new(), preference: Vec::new(), eval: Vec::new(), pad_id, stop, summary: None };
         let mut stats = EncodeStats::default();
         let mut summary = LoadSummary { file: path.display().to_string(), ..LoadSummary::default() };
+        let mut audit = SplitAudit::default();
         for record in reader.by_ref() {
             let record = record?;
             let outcome = encoder.encode(record.row, &record.example)?;
@@ -139,13 +143,21 @@ impl RunData {
                 check_ids(part, vocab, tokenizer_dir, &|| format!("{} row {}", path.display(), pair.id))?;
             }
             let example = Example { tokens: pair, task: None };
-            if held_out.part(&record.example) == SplitPart::First {
+            let part = if held_out.part(&record.example) == SplitPart::First {
+                0
+            } else if stages.part(&record.example) == SplitPart::First {
+                1
+            } else {
+                2
+            };
+            audit.record(part, &record.example);
+            if part == 0 {
                 if data.eval.len() < spec.eval_pairs {
                     data.eval.push(example);
                 } else {
                     summary.eval_unused += 1;
                 }
-            } else if stages.part(&record.example) == SplitPart::First {
+            } else if part == 1 {
                 data.sft.push(example);
             } else {
                 data.preference.push(example);
@@ -158,6 +170,7 @@ impl RunData {
         summary.eval_pairs = data.eval.len();
         summary.truncated_pairs = stats.truncated_pairs;
         summary.tokens = stats.tokens;
+        summary.degenerate = audit.counts();
         for (problem, n) in read.skipped.iter().chain(stats.skipped.iter()) {
             *summary.skipped.entry(format!("{problem:?}")).or_default() += n;
         }

@@ -6,14 +6,22 @@ pub enum TrainError {
     /// An invalid configuration value, named.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A wrong input path (missing, a directory where a file was expected, ...) or a run
+    /// directory another trainer holds; the message names the path and what was expected.
+    #[error("{0}")]
+    Input(String),
     /// A checkpoint that cannot be written or read back.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// A non-finite loss or gradient.
-    #[error("step {step}: {what} is not finite ({value}); the last checkpoint is intact")]
+    #[error("step {step} (run step {run_step}): {what} is not finite ({value}); {}", checkpoint_note(.last_checkpoint))]
     NonFinite {
-        /// Optimiser step.
+        /// Optimiser step within its stage.
         step: u64,
+        /// The run's global step (SFT steps, then preference steps), as checkpoints are named.
+        run_step: u64,
+        /// The newest checkpoint on disk, written before the fault (all its weights finite).
+        last_checkpoint: Option<String>,
         /// The offending quantity, e.g. `loss term slime/stabilizer`.
         what: String,
         /// Its value.
@@ -45,6 +53,13 @@ pub enum TrainError {
 impl From<slime_data::DataError> for TrainError {
     fn from(e: slime_data::DataError) -> Self {
         Self::Data(Box::new(e))
+    }
+}
+
+fn checkpoint_note(last: &Option<String>) -> String {
+    match last {
+        Some(name) => format!("the last checkpoint, {name}, is intact"),
+        None => "no checkpoint was written before it".into(),
     }
 }
 

@@ -18,6 +18,7 @@
 //! assert!(verdict.format_valid && verdict.correct);
 //! ```
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
@@ -30,6 +31,7 @@ pub mod malloc;
 pub mod metrics_log;
 pub mod model_source;
 pub mod optim;
+pub mod paths;
 pub mod progress;
 pub mod run;
 pub mod schedule;

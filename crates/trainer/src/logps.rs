@@ -24,7 +24,7 @@ use slime_data::{
     SplitPart, TokenizedPair, Truncation, collate_pairs, write_logps,
 };
 
-use crate::model_source::LoadedModel;
+use crate::model_source::{LoadedModel, max_positions};
 use crate::{Result, TrainError};
 
 /// Positions per chunk of the log-prob computation.
@@ -141,7 +141,7 @@ pub fn score_batch(
 /// on [`finish`](Self::finish).
 pub struct TokenLogpWriter {
     path: PathBuf,
-    tmp: PathBuf,
+    tmp: RemovedOnDrop,
     writer: ArrowWriter<File>,
     schema: Arc<Schema>,
     rows: u64,
@@ -159,6 +159,7 @@ impl TokenLogpWriter {
         ]));
         let tmp = path.with_extension("parquet.tmp");
         let file = File::create(&tmp).map_err(|source| TrainError::Io { path: tmp.display().to_string(), source })?;
+        let tmp = RemovedOnDrop(Some(tmp));
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_row_count(Some(1 << 20))
@@ -185,12 +186,27 @@ impl TokenLogpWriter {
         Ok(())
     }
 
-    /// Closes the file and moves it into place; returns the rows written.
+    /// Closes the file and moves it into place; returns the rows written. Dropped without
+    /// `finish` (an error on the way), the writer removes its temporary file.
     pub fn finish(self) -> Result<u64> {
-        self.writer.close().map_err(|e| parquet_error(&self.path, e))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|source| TrainError::Io { path: self.path.display().to_string(), source })?;
-        Ok(self.rows)
+        let Self { path, mut tmp, writer, rows, .. } = self;
+        writer.close().map_err(|e| parquet_error(&path, e))?;
+        if let Some(tmp_path) = tmp.0.take() {
+            crate::atomic::sync_file(&tmp_path)?;
+            crate::atomic::rename_into_place(&tmp_path, &path)?;
+        }
+        Ok(rows)
+    }
+}
+
+/// A temporary file removed when dropped (unless taken out).
+struct RemovedOnDrop(Option<PathBuf>);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -230,6 +246,15 @@ pub fn score_file(
                 .map_err(|source| TrainError::Io { path: dir.display().to_string(), source })?;
         }
     }
+    let context = max_positions(model.lm.config());
+    if let Some(max_length) = opts.truncation.max_length
+        && max_length > context
+    {
+        return Err(TrainError::Config(format!(
+            "max_length (--max-length) = {max_length} exceeds the model's context of {context} positions \
+             (max_position_embeddings); use at most {context}"
+        )));
+    }
     let tokenizer = slime_data::TextTokenizer::from_dir(&model.tokenizer_dir)?;
     let encoder = PairEncoder::new(tokenizer, template, opts.truncation)?;
     let read = ReadOptions { invalid_rows: opts.invalid_rows, ..ReadOptions::default() };
@@ -243,7 +268,9 @@ pub fn score_file(
     loop {
         let mut chunk = Vec::with_capacity(window);
         for pair in stream.by_ref() {
-            chunk.push(pair.map_err(|e| explain(e, data))?);
+            let pair = pair.map_err(|e| explain(e, data))?;
+            check_fits(&pair, context, data)?;
+            chunk.push(pair);
             if chunk.len() == window {
                 break;
             }
@@ -286,12 +313,32 @@ pub fn score_file(
     let mut stats = stream.stats();
     stats.batch_positions = positions;
     stats.padding_positions = positions - real;
-    write_logps(out, &rows)?;
+    if rows.is_empty() {
+        return Err(TrainError::Input(format!("{}: no pair to score ({stats}); nothing was written", data.display())));
+    }
+    crate::atomic::produce_file(out, |tmp| Ok(write_logps(tmp, &rows)?))?;
     let token_rows = match writer {
         Some(w) => w.finish()?,
         None => 0,
     };
     Ok(LogpsReport { rows, stats, token_rows, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Errors when a pair's prompt and longer completion exceed the model's context, naming its row.
+fn check_fits(pair: &TokenizedPair, context: usize, data: &Path) -> Result<()> {
+    let completion = pair.chosen.len().max(pair.rejected.len());
+    let len = pair.prompt.len() + completion;
+    if len > context {
+        return Err(TrainError::Config(format!(
+            "{} row {}: {} prompt + {completion} completion tokens = {len} positions exceed the model's context of \
+             {context} (max_position_embeddings); pass --max-length {context} (and --max-prompt-length) to \
+             truncate",
+            data.display(),
+            pair.id,
+            pair.prompt.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A data error, with a hint where the command line can fix it.

@@ -1,15 +1,18 @@
 //! `slime-trainer`: the command-line interface of the training loop.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use slime_data::{BuiltinTemplate, HashSplit, InvalidRows, SplitPart, Truncation, TruncationMode};
+use slime_trainer::TrainError;
 use slime_trainer::config::RunConfig;
 use slime_trainer::generate::{GenerateOptions, generate_all, read_prompts};
 use slime_trainer::logps::{LogpsOptions, per_token_path, score_file};
 use slime_trainer::model_source::{ModelSource, parse_device};
+use slime_trainer::paths::expect_file;
 use slime_trainer::progress::ProgressMode;
 use slime_trainer::run::{Fault, RunOptions};
 use slime_trainer::selection::SelectionKind;
@@ -224,6 +227,7 @@ enum SelectionArg {
 }
 
 fn read_config(path: &PathBuf) -> Result<RunConfig> {
+    expect_file(path, "--config", "a TOML run config")?;
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     RunConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))
 }
@@ -295,9 +299,7 @@ fn main() -> Result<()> {
             if batch_size == 0 {
                 bail!("--batch-size: must be at least 1");
             }
-            if !data.is_file() {
-                bail!("{}: no such file; --data expects a Parquet preference file", data.display());
-            }
+            expect_file(&data, "--data", "a Parquet preference file")?;
             let (loaded, device) = model.load()?;
             let template = loaded.template(model.template.map(Into::into))?;
             let opts = LogpsOptions {
@@ -340,6 +342,7 @@ fn main() -> Result<()> {
             if !(temperature.is_finite() && temperature >= 0.0) {
                 bail!("--temperature: {temperature} is not a finite number >= 0");
             }
+            expect_file(&prompts, "--prompts", "a prompts file (.jsonl, .json or text)")?;
             let prompt_list = read_prompts(&prompts)?;
             let (loaded, _device) = model.load()?;
             let template = if no_template { None } else { loaded.template(model.template.map(Into::into))? };
@@ -353,10 +356,17 @@ fn main() -> Result<()> {
             let opts = GenerateOptions { max_new_tokens, temperature, seed, extra_stop: stop };
             let started = std::time::Instant::now();
             let generations = match &out {
+                // Written whole or not at all: a failed run leaves no partial file.
                 Some(path) => {
-                    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-                    let mut w = std::io::BufWriter::new(file);
-                    generate_all(&loaded, template.as_ref(), &prompt_list, &opts, &mut w)
+                    let mut generations = Vec::new();
+                    slime_trainer::atomic::produce_file(path, |tmp| {
+                        let file = std::fs::File::create(tmp)
+                            .map_err(|source| TrainError::Io { path: tmp.display().to_string(), source })?;
+                        let mut w = std::io::BufWriter::new(file);
+                        generations = generate_all(&loaded, template.as_ref(), &prompt_list, &opts, &mut w)?;
+                        w.flush().map_err(|source| TrainError::Io { path: tmp.display().to_string(), source })
+                    })
+                    .map(|()| generations)
                 }
                 None => generate_all(&loaded, template.as_ref(), &prompt_list, &opts, &mut std::io::stdout().lock()),
             }

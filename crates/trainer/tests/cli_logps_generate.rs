@@ -16,8 +16,8 @@ use candle_core::{Device, Tensor};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use slime_data::fixtures::{FIXTURE_SPECIAL_TOKENS, train_byte_level_bpe};
 use slime_data::{
-    BuiltinTemplate, ColumnNames, Encoded, Layout, Message, PairEncoder, TextTokenizer, TokenizedPair, Truncation,
-    read_logps, write_preferences,
+    BuiltinTemplate, ColumnNames, Encoded, Layout, Message, PairEncoder, PreferenceExample, TextTokenizer,
+    TokenizedPair, Truncation, read_logps, write_preferences,
 };
 use slime_models::{CausalLm, Model};
 
@@ -247,6 +247,70 @@ fn logps_errors_name_the_file_and_the_problem() -> TestResult {
     let run = trainer(&[&"logps", &"--model", &plain, &"--data", &f.data, &"--out", &out, &"--template", &"llama3"])?;
     succeeded(&run)?;
     assert_eq!(read_logps(&out)?.len(), PAIRS);
+    Ok(())
+}
+
+/// A file with no pair to score is an error (not an empty output and exit 0); an error part
+/// way through leaves no temporary per-token file; a directory named like the data file is
+/// reported as a directory; a row longer than the context is named with the flag that fixes it.
+#[test]
+fn logps_refuses_empty_input_and_leaves_nothing_behind() -> TestResult {
+    let f = fixture()?;
+    let out = f.root.join("scores").join("o.parquet");
+    let listing = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+
+    let empty = f.root.join("empty.parquet");
+    write_preferences(&empty, &[], Layout::Conversational, &ColumnNames::default(), 4)?;
+    let run = trainer(&[&"logps", &"--model", &f.model, &"--data", &empty, &"--out", &out, &"--per-token"])?;
+    assert!(!run.status.success(), "0 rows accepted: {}", text(&run.stdout));
+    let stderr = text(&run.stderr);
+    assert!(stderr.contains("empty.parquet: no pair to score (rows read 0"), "{stderr}");
+    assert!(listing(&f.root.join("scores")).is_empty(), "{:?}", listing(&f.root.join("scores")));
+
+    // Every row in the other part of the split: also nothing to score.
+    let one = f.root.join("one.parquet");
+    write_preferences(&one, &f.examples[..1], Layout::Conversational, &ColumnNames::default(), 4)?;
+    let split = |part: &'static str| -> Result<Output, std::io::Error> {
+        trainer(&[&"logps", &"--model", &f.model, &"--data", &one, &"--out", &out, &"--split", &part])
+    };
+    let (a, b) = (split("sft")?, split("preference")?);
+    assert!(a.status.success() != b.status.success(), "exactly one part holds the row");
+    let failed = if a.status.success() { &b } else { &a };
+    assert!(text(&failed.stderr).contains("other split 1"), "{}", text(&failed.stderr));
+    std::fs::remove_file(&out)?;
+
+    // A row longer than the model's context (256), after the per-token file was started.
+    let mut examples = f.examples.clone();
+    if let PreferenceExample::Chat { rejected, .. } = &mut examples[PAIRS - 1] {
+        rejected.content = "far too long ".repeat(300);
+    }
+    let long = f.root.join("long.parquet");
+    write_preferences(&long, &examples, Layout::Conversational, &ColumnNames::default(), 4)?;
+    let run = trainer(&[&"logps", &"--model", &f.model, &"--data", &long, &"--out", &out, &"--per-token"])?;
+    assert!(!run.status.success());
+    let stderr = text(&run.stderr);
+    assert!(stderr.contains(&format!("long.parquet row {}: ", PAIRS - 1)), "{stderr}");
+    assert!(stderr.contains("exceed the model's context of 256") && stderr.contains("--max-length 256"), "{stderr}");
+    assert!(listing(&f.root.join("scores")).is_empty(), "{:?}", listing(&f.root.join("scores")));
+    // --max-length beyond the context is refused before any work.
+    let run = trainer(&[&"logps", &"--model", &f.model, &"--data", &f.data, &"--out", &out, &"--max-length", &"1024"])?;
+    assert!(
+        text(&run.stderr).contains("--max-length) = 1024 exceeds the model's context of 256"),
+        "{}",
+        text(&run.stderr)
+    );
+
+    // A directory where the data file should be.
+    let dir = f.root.join("dir.parquet");
+    std::fs::create_dir_all(&dir)?;
+    let run = trainer(&[&"logps", &"--model", &f.model, &"--data", &dir, &"--out", &out])?;
+    let stderr = text(&run.stderr);
+    assert!(stderr.contains("dir.parquet: is a directory; expected a Parquet preference file"), "{stderr}");
+    assert!(!out.exists());
     Ok(())
 }
 

@@ -151,10 +151,23 @@ fn sigkill_then_resume_gives_a_byte_identical_model() {
     let (second, stage) = latest_stage(&cut).expect("a checkpoint");
     assert_eq!(stage, "preference");
     assert!(second.as_str() > "step-000006", "{second} is a preference checkpoint (global step > 6 SFT steps)");
+    // One flipped byte in the newest checkpoint's weights: the resume skips it, says why, and
+    // continues from the one before (keep_last = 2 leaves it on disk).
+    let before =
+        checkpoints(&cut).into_iter().filter(|n| n.as_str() < second.as_str()).next_back().expect("an older one");
+    let weights = cut.join("checkpoints").join(&second).join("model.safetensors");
+    let mut bytes = read(&weights);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x10;
+    std::fs::write(&weights, bytes).expect("flip a byte");
     // Resumed to the end.
     let out = finish(&mut train(&config, &cut, true, None));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("resuming from checkpoint {second}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("skipped checkpoint {second}: ")) && stderr.contains("SHA-256 mismatch"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("resuming from checkpoint {before}")), "{stderr}");
 
     for file in ["model/model.safetensors", "sft-model/model.safetensors", "eval.jsonl", "model/config.json"] {
         assert!(read(&whole.join(file)) == read(&cut.join(file)), "{file} differs after kill and resume");
@@ -182,6 +195,126 @@ fn sigkill_then_resume_gives_a_byte_identical_model() {
         uninterrupted.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Mode bits of a file.
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+}
+
+const SMALL: &str = "[model]\nhidden = 16\nlayers = 1\n[data]\npairs = 30\neval_pairs = 4\n[sft]\nsteps = 2\nbatch_size = 4\n\
+                     [preference]\nsteps = 2\nbatch_size = 2\n[eval]\ngenerations = 1\nmax_new_tokens = 4\n\
+                     [checkpoint]\nevery = 1\n";
+
+/// A second trainer on a directory in use stops at once, naming the first one's pid, and does
+/// not touch the run; once the first is killed, the directory is free again.
+#[test]
+fn a_second_trainer_on_the_same_run_directory_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = write_config(tmp.path());
+    let dir = tmp.path().join("run");
+    let mut first =
+        train(&config, &dir, false, Some(300)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while latest_stage(&dir).is_none() {
+        assert!(first.try_wait().expect("try_wait").is_none(), "the first run ended early");
+        assert!(Instant::now() < deadline, "no checkpoint within 120 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let metrics_before = read(&dir.join("metrics.jsonl"));
+    for resume in [false, true] {
+        let out = train(&config, &dir, resume, None).output().expect("spawn");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a second trainer ran on a directory in use");
+        assert!(stderr.contains(&format!("in use by pid {}", first.id())), "{stderr}");
+    }
+    // The first run went on undisturbed (its log only grew) and is still running.
+    assert!(read(&dir.join("metrics.jsonl")).starts_with(&metrics_before));
+    assert!(first.try_wait().expect("try_wait").is_none());
+    first.kill().expect("SIGKILL");
+    first.wait().expect("wait");
+    // The lock died with its process.
+    let out = finish(&mut train(&config, &dir, true, None));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from checkpoint"));
+    let lines = String::from_utf8(read(&dir.join("metrics.jsonl"))).expect("utf8").lines().count();
+    assert_eq!(lines, 12, "one metrics line per step of the 6 + 6 step run");
+}
+
+/// A fresh run whose inputs are wrong fails before it changes anything of the earlier run in
+/// the same directory.
+#[test]
+fn a_fresh_run_with_a_bad_input_leaves_the_earlier_run_intact() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(&config, SMALL).expect("write");
+    let dir = tmp.path().join("run");
+    finish(&mut train(&config, &dir, false, None));
+    let snapshot = |d: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files = Vec::new();
+        let mut stack = vec![d.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            for e in std::fs::read_dir(&p).expect("read_dir") {
+                let path = e.expect("entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    files.push((path.display().to_string(), read(&path)));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    let before = snapshot(&dir);
+    assert!(before.iter().any(|(p, _)| p.ends_with("model/model.safetensors")));
+    for (extra, needle) in [
+        ("init = \"no/such/model\"\n", "init = no/such/model: does not exist"),
+        ("[data]\npairs = 1000000000000\n", "data.pairs = 1000000000000"),
+    ] {
+        let bad = tmp.path().join("bad.toml");
+        let text = if extra.starts_with('[') { extra.to_string() } else { format!("{extra}{SMALL}") };
+        std::fs::write(&bad, text).expect("write");
+        let out = train(&bad, &dir, false, None).output().expect("spawn");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra}: {stderr}");
+        assert!(stderr.contains(needle), "{extra}: {stderr}");
+        assert!(snapshot(&dir) == before, "{extra}: the earlier run was changed");
+    }
+    // A file where the run directory should be.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "x").expect("write");
+    let out = train(&config, &file, false, None).output().expect("spawn");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a file; expected a directory"));
+}
+
+/// Every file a run leaves, the weights included, has the mode the umask gives (not 0600).
+#[cfg(unix)]
+#[test]
+fn run_files_follow_the_umask() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(&config, SMALL).expect("write");
+    let dir = tmp.path().join("run");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg("umask 022 && exec \"$0\" \"$@\"").arg(env!("CARGO_BIN_EXE_slime-trainer"));
+    cmd.arg("train").arg("--config").arg(&config).arg("--run-dir").arg(&dir).args(["--progress", "off"]);
+    finish(&mut cmd);
+    let latest = latest_stage(&dir).expect("a checkpoint").0;
+    for file in [
+        "model/model.safetensors".to_string(),
+        "model/config.json".into(),
+        "sft-model/model.safetensors".into(),
+        "result.json".into(),
+        "config.toml".into(),
+        "metrics.jsonl".into(),
+        format!("checkpoints/{latest}/model.safetensors"),
+        format!("checkpoints/{latest}/optimizer.safetensors"),
+        format!("checkpoints/{latest}/state.json"),
+    ] {
+        assert_eq!(mode(&dir.join(&file)), 0o644, "{file}: {:o}", mode(&dir.join(&file)));
+    }
 }
 
 #[test]
@@ -228,6 +361,8 @@ fn out_of_range_values_are_rejected_before_any_work() {
         ("[checkpoint]\nkeep_last = 0\n", "checkpoint.keep_last"),
         ("[sft.schedule]\nlr = 0.0\n", "sft.schedule.lr"),
         ("[checkpoint]\nevery = 2\nkeep = 1\n", "keep"),
+        ("[data]\npairs = 1000000000000\n", "data.pairs"),
+        ("init = \"missing/model\"\n", "init = missing/model: does not exist"),
     ] {
         let config = tmp.path().join("bad.toml");
         std::fs::write(&config, text).expect("write");
@@ -235,7 +370,7 @@ fn out_of_range_values_are_rejected_before_any_work() {
         let out =
             trainer().arg("train").arg("--config").arg(&config).arg("--run-dir").arg(&dir).output().expect("spawn");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{text}: accepted");
+        assert_eq!(out.status.code(), Some(1), "{text}: not a plain error exit: {stderr}");
         assert!(stderr.contains(field), "{text}: error does not name `{field}`: {stderr}");
         assert!(!dir.exists(), "{text}: the run directory was created before validation");
     }
@@ -259,8 +394,8 @@ fn injected_fault_names_step_and_term_and_the_run_resumes() {
         .expect("spawn");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("step 3: preference loss term `slime/"), "{stderr}");
-    assert!(stderr.contains("is not finite"), "{stderr}");
+    assert!(stderr.contains("step 3 (run step 3): preference loss term `slime/"), "{stderr}");
+    assert!(stderr.contains("is not finite (NaN); the last checkpoint, step-000002, is intact"), "{stderr}");
     assert_eq!(latest_stage(&dir), Some(("step-000002".to_string(), "preference".to_string())));
     let out = finish(&mut train(&config, &dir, true, None));
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from checkpoint step-000002"));

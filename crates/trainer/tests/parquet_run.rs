@@ -33,6 +33,9 @@ fn config(f: &Fixture) -> RunConfig {
     cfg.data.parquet = Some(f.data.clone());
     cfg.data.eval_fraction = 0.2;
     cfg.data.eval_pairs = 8;
+    // The fixture model's context (max_position_embeddings) is 256.
+    cfg.data.max_length = Some(256);
+    cfg.data.max_prompt_length = Some(128);
     cfg.sft.steps = 0;
     cfg.sft.batch_size = 4;
     cfg.preference.steps = 0;
@@ -154,7 +157,7 @@ fn logps_command(f: &Fixture, out: &Path) -> Result<(), Box<dyn std::error::Erro
         .arg(&f.data)
         .arg("--out")
         .arg(out)
-        .args(["--max-length", "512", "--max-prompt-length", "256"])
+        .args(["--max-length", "256", "--max-prompt-length", "128"])
         .output()?;
     if !status.status.success() {
         return Err(format!("logps failed: {}", String::from_utf8_lossy(&status.stderr)).into());
@@ -252,5 +255,106 @@ fn a_device_this_build_lacks_is_refused_before_any_work() -> TestResult {
     let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
     assert!(!dir.exists(), "the run directory was created before the device was checked");
+    Ok(())
+}
+
+/// Names of the files under `dir` with their bytes, sorted (the lock file aside).
+fn snapshot(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, Box<dyn std::error::Error>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for entry in std::fs::read_dir(&p)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !path.ends_with(".lock") {
+                files.push((path.display().to_string(), std::fs::read(&path)?));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// `data.max_length` beyond the model's context, a row too long for it, and a damaged Parquet
+/// file are all refused with an error naming the setting or the row, before the run directory
+/// (here holding an earlier finished run) changes.
+#[test]
+fn context_and_data_errors_stop_the_run_before_its_directory_changes() -> TestResult {
+    let f = fixture()?;
+    let dir = f.root.join("run");
+    run(&config(&f), &dir)?;
+    let before = snapshot(&dir)?;
+    assert!(
+        before.iter().any(|(p, _)| p.ends_with("result.json")) && before.iter().any(|(p, _)| p.ends_with("data.json"))
+    );
+
+    let mut cfg = config(&f);
+    cfg.data.max_length = Some(512);
+    cfg.data.max_prompt_length = Some(256);
+    let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("data.max_length = 512 exceeds the model's context of 256"), "{err}");
+    assert!(snapshot(&dir)? == before, "max_length: the earlier run changed");
+
+    // One row longer than the context, with no length limit.
+    let mut examples = f.examples.clone();
+    if let PreferenceExample::Chat { chosen, .. } = &mut examples[5] {
+        chosen.content = "a very long answer ".repeat(200);
+    }
+    let long = f.root.join("long.parquet");
+    write_preferences(&long, &examples, Layout::Conversational, &ColumnNames::default(), 7)?;
+    let mut cfg = config(&f);
+    cfg.data.parquet = Some(long);
+    cfg.data.eval_pairs = PAIRS; // every row is used, wherever row 5 lands
+    cfg.data.max_length = None;
+    cfg.data.max_prompt_length = None;
+    let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("long.parquet row 5: ") && err.contains("exceed the model's context of 256"), "{err}");
+    assert!(err.contains("set data.max_length to at most 256"), "{err}");
+    assert!(snapshot(&dir)? == before, "long row: the earlier run changed");
+
+    // Not a Parquet file at all.
+    let garbage = f.root.join("garbage.parquet");
+    std::fs::write(&garbage, b"PAR1 this is not parquet")?;
+    let mut cfg = config(&f);
+    cfg.data.parquet = Some(garbage);
+    let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("garbage.parquet"), "{err}");
+    assert!(snapshot(&dir)? == before, "bad data: the earlier run changed");
+
+    // A missing file and a directory where a file belongs, each named.
+    let mut cfg = config(&f);
+    cfg.data.parquet = Some(f.root.clone());
+    let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("data.parquet = ") && err.contains("is a directory; expected a Parquet"), "{err}");
+    cfg.data.parquet = Some(f.data.clone());
+    cfg.preference.reference_logps = Some(f.root.join("nowhere.parquet"));
+    let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("preference.reference_logps = ") && err.contains("does not exist"), "{err}");
+    assert!(snapshot(&dir)? == before, "bad paths: the earlier run changed");
+    Ok(())
+}
+
+/// Pairs whose chosen equals the rejected completion and repeated rows are counted in
+/// `data.json` (and kept).
+#[test]
+fn degenerate_pairs_are_counted_in_data_json() -> TestResult {
+    let f = fixture()?;
+    let mut examples = f.examples.clone();
+    if let PreferenceExample::Chat { chosen, rejected, .. } = &mut examples[2] {
+        *rejected = chosen.clone();
+    }
+    examples.push(examples[7].clone());
+    let path = f.root.join("degenerate.parquet");
+    write_preferences(&path, &examples, Layout::Conversational, &ColumnNames::default(), 7)?;
+    let mut cfg = config(&f);
+    cfg.data.parquet = Some(path);
+    let dir = f.root.join("run");
+    run(&cfg, &dir)?;
+    let data = read_json(&dir.join("data.json"))?;
+    assert_eq!(data["rows"], PAIRS + 1);
+    assert_eq!(data["degenerate"]["identical_completions"], 1, "{data}");
+    assert_eq!(data["degenerate"]["duplicate_rows"], 1, "{data}");
+    assert_eq!(data["degenerate"]["prompts_in_several_parts"], 0, "{data}");
     Ok(())
 }

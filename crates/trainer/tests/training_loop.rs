@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use sha2::Digest;
 use slime_objectives::{DpoParams, Objective, SlimeParams};
 use slime_trainer::TrainError;
 use slime_trainer::config::RunConfig;
@@ -243,9 +244,10 @@ fn faults_name_step_and_term_and_leave_a_resumable_checkpoint() {
     let cut = tempfile::tempdir().expect("tempdir");
     let err = interrupted(&cfg, cut.path(), "preference:5:logps");
     let text = err.to_string();
-    assert!(matches!(err, TrainError::NonFinite { step: 5, .. }), "{text}");
-    assert!(text.starts_with("step 5: preference loss"), "{text}");
-    assert!(text.contains("not finite (NaN)"), "{text}");
+    assert!(matches!(err, TrainError::NonFinite { step: 5, run_step: 9, .. }), "{text}");
+    // The run step names checkpoints: 4 SFT steps + 5 preference steps.
+    assert!(text.starts_with("step 5 (run step 9): preference loss"), "{text}");
+    assert!(text.contains("not finite (NaN); the last checkpoint, step-000008, is intact"), "{text}");
     // The global step of the surviving checkpoint: 4 SFT steps + 4 preference steps.
     let latest = std::fs::read_to_string(cut.path().join("checkpoints/latest")).expect("latest");
     assert_eq!(latest.trim(), "step-000008");
@@ -258,7 +260,8 @@ fn faults_name_step_and_term_and_leave_a_resumable_checkpoint() {
     // A NaN gradient with a finite loss: named by the weight.
     let cut = tempfile::tempdir().expect("tempdir");
     let text = interrupted(&cfg, cut.path(), "sft:3:gradient").to_string();
-    assert!(text.starts_with("step 3: sft gradient of `"), "{text}");
+    assert!(text.starts_with("step 3 (run step 3): sft gradient of `"), "{text}");
+    assert!(text.ends_with("the last checkpoint, step-000002, is intact"), "{text}");
     let report = run_with(&cfg, cut.path(), &RunOptions { resume: true, ..RunOptions::default() }).expect("resume");
     assert_eq!(report.resumed_from.as_deref(), Some("step-000002"));
     assert!(bytes(&whole.path().join("model/model.safetensors")) == bytes(&cut.path().join("model/model.safetensors")));
@@ -267,6 +270,51 @@ fn faults_name_step_and_term_and_leave_a_resumable_checkpoint() {
     let again = run_with(&cfg, cut.path(), &RunOptions { resume: true, ..RunOptions::default() }).expect("again");
     assert!(again.already_finished);
     assert_eq!(again.final_eval, report.final_eval);
+}
+
+/// A fault before the first checkpoint says that there is none, rather than that it is intact.
+#[test]
+fn a_fault_before_any_checkpoint_says_there_is_none() {
+    let cfg = sage_dpo();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = interrupted(&cfg, dir.path(), "sft:1:logps").to_string();
+    assert_eq!(text, "step 1 (run step 1): sft loss is not finite (NaN); no checkpoint was written before it");
+    assert!(!dir.path().join("checkpoints/latest").exists());
+}
+
+/// `--resume` needs the config the checkpoints were trained with: without `config.toml` it
+/// refuses instead of training on with whatever config it is given.
+#[test]
+fn resume_refuses_a_run_directory_without_its_config() {
+    let cfg = sage_dpo();
+    let dir = tempfile::tempdir().expect("tempdir");
+    interrupted(&cfg, dir.path(), "preference:3:logps");
+    std::fs::remove_file(dir.path().join("config.toml")).expect("remove config.toml");
+    let mut other = cfg.clone();
+    other.seed += 1;
+    let resume = RunOptions { resume: true, ..RunOptions::default() };
+    for c in [&cfg, &other] {
+        let err = run_with(c, dir.path(), &resume).expect_err("no config.toml").to_string();
+        assert!(err.contains("config.toml is missing"), "{err}");
+    }
+    assert!(!dir.path().join("result.json").exists());
+}
+
+/// A damaged `result.json` (e.g. from a full disk) does not block `--resume`: the run resumes
+/// from its checkpoint and writes the same result again.
+#[test]
+fn a_truncated_result_is_rewritten_by_resume() {
+    let mut cfg = sage_dpo();
+    cfg.checkpoint.keep_last = 2;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let finished = run(&cfg, dir.path()).expect("run");
+    let result = dir.path().join("result.json");
+    let full = bytes(&result);
+    std::fs::write(&result, &full[..full.len() / 2]).expect("truncate");
+    let report = run_with(&cfg, dir.path(), &RunOptions { resume: true, ..RunOptions::default() }).expect("resume");
+    assert!(!report.already_finished);
+    assert_eq!(report.final_eval, finished);
+    assert_eq!(bytes(&result), full);
 }
 
 /// The resume test can fail: restarting the SAGE draw RNG from its seed instead of its saved
@@ -284,7 +332,18 @@ fn resuming_with_the_rng_reset_differs() {
     assert_ne!(state["preference"]["rng"]["word_pos"], "0", "the draw RNG was used before step 4");
     state["preference"]["rng"]["word_pos"] = "0".into();
     std::fs::write(&state_path, serde_json::to_string(&state).expect("json")).expect("write");
-    run_with(&cfg, cut.path(), &RunOptions { resume: true, ..RunOptions::default() }).expect("resume");
+    // The edit breaks the checkpoint's checksum: the resume refuses it (no older one is kept).
+    let resume = RunOptions { resume: true, ..RunOptions::default() };
+    let err = run_with(&cfg, cut.path(), &resume).expect_err("tampered").to_string();
+    assert!(err.contains("step-000008: ") && err.contains("SHA-256 mismatch"), "{err}");
+    // Signed again (the checksum of the compact JSON without `sha256`), it is resumed from.
+    let sums = state.as_object_mut().expect("object").remove("sha256").expect("sha256");
+    let digest = sha2::Sha256::digest(serde_json::to_vec(&state).expect("json"));
+    let mut sums = sums.as_object().expect("sums").clone();
+    sums.insert("state.json".into(), digest.iter().map(|b| format!("{b:02x}")).collect::<String>().into());
+    state["sha256"] = serde_json::Value::Object(sums);
+    std::fs::write(&state_path, serde_json::to_string(&state).expect("json")).expect("write");
+    run_with(&cfg, cut.path(), &resume).expect("resume");
     let diff = max_abs_diff(&weights(whole.path()), &weights(cut.path()));
     assert!(diff > 0.0, "a reset RNG gave the same weights");
 }
@@ -367,7 +426,7 @@ fn an_absurd_learning_rate_stops_the_run_at_a_named_step() {
     cfg.checkpoint.every = 1;
     let dir = tempfile::tempdir().expect("tempdir");
     let err = run(&cfg, dir.path()).expect_err("NaN loss").to_string();
-    assert_eq!(err, "step 2: sft loss is not finite (NaN); the last checkpoint is intact");
+    assert_eq!(err, "step 2 (run step 2): sft loss is not finite (NaN); the last checkpoint, step-000001, is intact");
     let latest = std::fs::read_to_string(dir.path().join("checkpoints/latest")).expect("latest");
     assert_eq!(latest.trim(), "step-000001");
     let again = run_with(&cfg, dir.path(), &RunOptions { resume: true, ..RunOptions::default() })

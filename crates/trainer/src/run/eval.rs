@@ -2,7 +2,6 @@
 //! decoded generations.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 
 use candle_core::DType;
@@ -11,10 +10,10 @@ use slime_models::CausalLm;
 
 use super::model::{device_of, parquet_data};
 use super::step::pair_logps;
+use crate::Result;
 use crate::config::RunConfig;
 use crate::corpus::{Example, RunData, repetition};
 use crate::task;
-use crate::{Result, TrainError};
 
 /// Evaluation on held-out pairs (log-probs) and prompts (greedy generations): preference
 /// accuracy (mean chosen token log-prob above the rejected one), mean chosen and rejected
@@ -115,5 +114,5 @@ pub(super) fn write_generations(
         text.push_str(&line.to_string());
         text.push('\n');
     }
-    fs::write(path, text).map_err(|source| TrainError::Io { path: path.display().to_string(), source })
+    crate::atomic::write(path, text.as_bytes())
 }

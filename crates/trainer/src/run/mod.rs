@@ -15,6 +15,10 @@
 //! the load read, skipped and truncated) and `generations.jsonl` (the final greedy
 //! generations, decoded).
 //!
+//! A run locks its directory (`.lock`: a second trainer on it stops at once), checks its
+//! config, input paths, sizes, model and data before it changes anything there, and writes
+//! every file through [`crate::atomic`], so a kill leaves each output old or complete.
+//!
 //! Resuming ([`RunOptions::resume`]) is exact: the checkpoint holds the trainable weights, the
 //! AdamW moments and step, the stage and its step, the data sampler's cursor, the SAGE pool, its
 //! weights, the previous margins and the draw RNG, the reference log-probs and the drift
@@ -23,8 +27,10 @@
 //! and the same metrics as an uninterrupted one (except the wall-clock `tokens_per_second`).
 
 mod eval;
+mod lock;
 mod model;
 mod preference;
+mod preflight;
 mod sft;
 mod state;
 mod step;
@@ -45,11 +51,11 @@ use self::preference::preference_stage;
 use self::sft::sft_stage;
 use self::state::{Ctx, Resume, STATE_FORMAT, TrainState};
 use self::step::ensure_weights_finite;
-use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::metrics_log::MetricsLog;
 use crate::progress::ProgressMode;
 use crate::{Result, TrainError};
+use crate::{atomic, checkpoint};
 
 /// Which stage of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,11 +151,6 @@ pub struct RunReport {
     pub already_finished: bool,
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    fs::write(path, text).map_err(|source| TrainError::Io { path: path.display().to_string(), source })
-}
-
 /// Runs `cfg` into `run_dir` from scratch and returns the final evaluation (see [`run_with`]).
 pub fn run(cfg: &RunConfig, run_dir: &Path) -> Result<BTreeMap<String, f64>> {
     Ok(run_with(cfg, run_dir, &RunOptions::default())?.final_eval)
@@ -162,57 +163,125 @@ fn note(opts: &RunOptions, text: &str) {
     }
 }
 
+/// Prints a warning on stderr, whatever the progress mode.
+fn warn(text: &str) {
+    eprintln!("warning: {text}");
+}
+
+/// What a fresh start removes from an earlier run in the same directory (besides the logs,
+/// which it empties): everything a run writes that a later step or `cargo xtask report` reads.
+const EARLIER_OUTPUTS: [&str; 8] = [
+    "result.json",
+    "model",
+    "sft-model",
+    "adapter",
+    "data.json",
+    "generations.jsonl",
+    "reference_logps.parquet",
+    "checkpoints",
+];
+
+/// Reads a finished run's `result.json`; `None` (with a warning) when it cannot be read, so the
+/// run resumes from its checkpoint and writes it again.
+fn finished_result(result_path: &Path) -> Option<BTreeMap<String, f64>> {
+    let parsed = fs::read_to_string(result_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).map_err(|e| e.to_string()))
+        .and_then(|value| serde_json::from_value(value["final"].clone()).map_err(|e| format!("`final`: {e}")));
+    match parsed {
+        Ok(final_eval) => Some(final_eval),
+        Err(e) => {
+            warn(&format!("{}: unreadable ({e}); resuming from the latest checkpoint instead", result_path.display()));
+            None
+        }
+    }
+}
+
+/// The checkpoint a `--resume` continues from, checked against the config the run started
+/// with; `None` when the run has no checkpoint.
+fn resume_point(
+    cfg: &RunConfig,
+    run_dir: &Path,
+    device: &candle_core::Device,
+    opts: &RunOptions,
+) -> Result<Option<(String, Resume)>> {
+    let config_path = run_dir.join("config.toml");
+    let has_checkpoints =
+        checkpoint::latest_name(run_dir).unwrap_or(None).is_some() || !checkpoint::list(run_dir)?.is_empty();
+    if !has_checkpoints {
+        note(opts, &format!("{}: no checkpoint, starting fresh", run_dir.display()));
+        return Ok(None);
+    }
+    if !config_path.is_file() {
+        return Err(TrainError::Input(format!(
+            "--resume: {} is missing, so the config the checkpoints were trained with is unknown; restore it, or \
+             start the run again without --resume",
+            config_path.display()
+        )));
+    }
+    let text = fs::read_to_string(&config_path)
+        .map_err(|source| TrainError::Io { path: config_path.display().to_string(), source })?;
+    let saved =
+        RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", config_path.display())))?;
+    if !saved.same_training(cfg) {
+        return Err(TrainError::Config(format!(
+            "--resume: the config differs from the one the run started with ({}); only [checkpoint] may change",
+            config_path.display()
+        )));
+    }
+    let Some(loaded) = checkpoint::load_intact(run_dir, device)? else {
+        note(opts, &format!("{}: no checkpoint, starting fresh", run_dir.display()));
+        return Ok(None);
+    };
+    for skipped in &loaded.skipped {
+        warn(&format!("skipped checkpoint {skipped}"));
+    }
+    let dir = loaded.dir;
+    let state: TrainState = serde_json::from_value(loaded.checkpoint.state.clone())
+        .map_err(|e| TrainError::Checkpoint(format!("{}/state.json: {e}", dir.display())))?;
+    if state.format != STATE_FORMAT {
+        return Err(TrainError::Checkpoint(format!(
+            "{}/state.json: format {} (this trainer writes {STATE_FORMAT})",
+            dir.display(),
+            state.format
+        )));
+    }
+    let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    note(opts, &format!("resuming from checkpoint {name}: {} step {}", state.stage.name(), state.step));
+    Ok(Some((name, (state, loaded.checkpoint))))
+}
+
 /// Runs `cfg` into `run_dir`: SFT (unless `init` is set), then the preference stage, writing
 /// checkpoints every `checkpoint.every` steps of each stage. With `opts.resume`, continues from
-/// the latest checkpoint and ends with exactly the weights, metrics and evaluations an
+/// the newest intact checkpoint and ends with exactly the weights, metrics and evaluations an
 /// uninterrupted run would have (except the wall-clock `tokens_per_second`). Without it, any
-/// earlier logs, checkpoints and result in `run_dir` are discarded.
+/// earlier logs, checkpoints, models and result in `run_dir` are discarded.
+///
+/// Nothing in `run_dir` is changed before the config, every input path, the sizes, the model
+/// and the data have been checked (only the lock file is created); the directory is locked
+/// for the whole run, so a second trainer on it stops with "in use by pid N".
 pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunReport> {
     cfg.validate()?;
     let device = crate::model_source::parse_device(&cfg.model.device)?;
+    preflight::check_inputs(cfg, run_dir)?;
     let io = |source| TrainError::Io { path: run_dir.display().to_string(), source };
     fs::create_dir_all(run_dir).map_err(io)?;
+    let _lock = lock::lock(run_dir)?;
     let result_path = run_dir.join("result.json");
     let config_path = run_dir.join("config.toml");
     let mut resume: Option<(String, Resume)> = None;
     if opts.resume {
-        if result_path.is_file() {
-            let text = fs::read_to_string(&result_path).map_err(io)?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", result_path.display())))?;
-            let final_eval = serde_json::from_value(value["final"].clone())
-                .map_err(|e| TrainError::Checkpoint(format!("{}: `final`: {e}", result_path.display())))?;
+        if result_path.is_file()
+            && let Some(final_eval) = finished_result(&result_path)
+        {
             note(opts, &format!("{}: the run already finished (result.json exists); nothing to do", run_dir.display()));
             return Ok(RunReport { final_eval, resumed_from: None, already_finished: true });
         }
-        match checkpoint::load_latest(run_dir, &device)? {
-            Some((dir, ckpt)) => {
-                if config_path.is_file() {
-                    let text = fs::read_to_string(&config_path).map_err(io)?;
-                    let saved = RunConfig::from_toml(&text)?;
-                    if !saved.same_training(cfg) {
-                        return Err(TrainError::Config(format!(
-                            "--resume: the config differs from the one the run started with ({}); only [checkpoint] may change",
-                            config_path.display()
-                        )));
-                    }
-                }
-                let state: TrainState = serde_json::from_value(ckpt.state.clone())
-                    .map_err(|e| TrainError::Checkpoint(format!("{}/state.json: {e}", dir.display())))?;
-                if state.format != STATE_FORMAT {
-                    return Err(TrainError::Checkpoint(format!(
-                        "{}/state.json: format {} (this trainer writes {STATE_FORMAT})",
-                        dir.display(),
-                        state.format
-                    )));
-                }
-                let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-                note(opts, &format!("resuming from checkpoint {name}: {} step {}", state.stage.name(), state.step));
-                resume = Some((name, (state, ckpt)));
-            }
-            None => note(opts, &format!("{}: no checkpoint, starting fresh", run_dir.display())),
-        }
+        resume = resume_point(cfg, run_dir, &device, opts)?;
     }
+    let (mut lm, data, decoder) = load_model_and_data(cfg, &device, opts)?;
+
+    // Everything is checked: from here on the run directory changes.
     let metrics_path = run_dir.join("metrics.jsonl");
     let eval_path = run_dir.join("eval.jsonl");
     let (log, eval_log) = match &resume {
@@ -221,25 +290,32 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
             MetricsLog::open_truncated(&eval_path, state.eval_bytes)?,
         ),
         None => {
-            checkpoint::clear(run_dir)?;
-            if result_path.exists() {
-                fs::remove_file(&result_path).map_err(io)?;
+            for name in EARLIER_OUTPUTS {
+                atomic::remove_if_present(&run_dir.join(name))?;
             }
             (MetricsLog::open_truncated(&metrics_path, 0)?, MetricsLog::open_truncated(&eval_path, 0)?)
         }
     };
     let resolved = toml::to_string(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
-    fs::write(&config_path, resolved).map_err(io)?;
-    let (mut lm, data, decoder) = load_model_and_data(cfg, &device, opts)?;
+    atomic::write(&config_path, resolved.as_bytes())?;
     if let Some(summary) = &data.summary {
         let value = serde_json::to_value(summary).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        write_json(&run_dir.join("data.json"), &value)?;
+        atomic::write_json(&run_dir.join("data.json"), &value)?;
     }
 
     let sft_steps = if cfg.init.is_none() { cfg.sft.steps } else { 0 };
-    let mut ctx = Ctx { cfg, run_dir, opts, log, eval_log, sft_steps, generations: Vec::new() };
-    let sft_lora = cfg.model.lora.as_ref().filter(|l| l.sft && sft_steps > 0);
     let resumed_from = resume.as_ref().map(|(name, _)| name.clone());
+    let mut ctx = Ctx {
+        cfg,
+        run_dir,
+        opts,
+        log,
+        eval_log,
+        sft_steps,
+        generations: Vec::new(),
+        last_checkpoint: resumed_from.clone(),
+    };
+    let sft_lora = cfg.model.lora.as_ref().filter(|l| l.sft && sft_steps > 0);
     let (sft_resume, preference_resume) = match resume {
         Some((_, r)) if r.0.stage == Stage::Sft => (Some(r), None),
         Some((_, r)) => (None, Some(r)),
@@ -253,11 +329,11 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
             lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x5F7)?;
         }
         sft_stage(&mut ctx, &lm, &data, sft_resume)?;
-        ensure_weights_finite(&lm, Stage::Sft, cfg.sft.steps)?;
+        ensure_weights_finite(&lm, &ctx.place(Stage::Sft, cfg.sft.steps))?;
         if sft_lora.is_some() {
             lm = lm.merge_lora()?;
         }
-        lm.save_dir(&run_dir.join("sft-model"))?;
+        atomic::produce_dir(&run_dir.join("sft-model"), |dir| Ok(lm.save_dir(dir)?))?;
     } else if sft_steps > 0 && cfg.model.lora.is_some() {
         // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
         // before the preference stage began.
@@ -268,12 +344,12 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x10_4A)?;
     }
     let final_eval = preference_stage(&mut ctx, &lm, &data, preference_resume)?;
-    ensure_weights_finite(&lm, Stage::Preference, cfg.preference.steps)?;
+    ensure_weights_finite(&lm, &ctx.place(Stage::Preference, cfg.preference.steps))?;
     if let Some(decoder) = &decoder {
         write_generations(&run_dir.join("generations.jsonl"), decoder, &data, &ctx.generations)?;
     }
     if cfg.model.lora.is_some() {
-        lm.save_adapters(&run_dir.join("adapter"))?;
+        atomic::produce_dir(&run_dir.join("adapter"), |dir| Ok(lm.save_adapters(dir)?))?;
     }
     // A pretrained model's merged copy would cost its full size per run: with LoRA its result
     // is `adapter/` (after a preference stage) or `sft-model/` (SFT only).
@@ -281,7 +357,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         if cfg.model.lora.is_some() {
             lm = lm.merge_lora()?;
         }
-        lm.save_dir(&run_dir.join("model"))?;
+        atomic::produce_dir(&run_dir.join("model"), |dir| Ok(lm.save_dir(dir)?))?;
     }
     let result = serde_json::json!({
         "variant": cfg.name,
@@ -289,6 +365,6 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         "model": cfg.model.display_name(),
         "final": final_eval,
     });
-    write_json(&run_dir.join("result.json"), &result)?;
+    atomic::write_json(&result_path, &result)?;
     Ok(RunReport { final_eval, resumed_from, already_finished: false })
 }

@@ -5,7 +5,7 @@ use candle_core::Device;
 use slime_data::TextTokenizer;
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig};
 
-use super::{RunOptions, note};
+use super::{RunOptions, note, preflight};
 use crate::config::{RunConfig, builtin_template};
 use crate::corpus::RunData;
 use crate::model_source::{has_chat_template, tokenizer_dir};
@@ -71,6 +71,7 @@ pub(super) fn load_model_and_data(
     lm.model().set_gradient_checkpointing(cfg.model.gradient_checkpointing)?;
     if cfg.model.path.is_none() {
         let data = RunData::embedded(cfg.data.pairs, cfg.data.eval_pairs, cfg.seed)?;
+        preflight::check_context(&data, lm.config(), None)?;
         return Ok((lm, data, None));
     }
     let (data, decoder) = parquet_data(cfg, &lm)?;
@@ -82,6 +83,9 @@ pub(super) fn load_model_and_data(
                 s.file, s.rows, s.sft_pairs, s.preference_pairs, s.eval_pairs, s.truncated_pairs, s.skipped
             ),
         );
+        if !s.degenerate.is_clean() {
+            super::warn(&format!("{}: {} (kept; counted in data.json)", s.file, s.degenerate));
+        }
     }
     Ok((lm, data, Some(decoder)))
 }
@@ -90,6 +94,7 @@ pub(super) fn load_model_and_data(
 /// built-in `data.template`), checked against `lm`'s vocabulary; and a tokenizer for decoding.
 pub(super) fn parquet_data(cfg: &RunConfig, lm: &CausalLm) -> Result<(RunData, TextTokenizer)> {
     let path = cfg.model.path.as_deref().ok_or_else(|| TrainError::Config("model.path: not set".into()))?;
+    preflight::check_max_length(cfg, lm.config())?;
     let dir = cfg.model.tokenizer.clone().unwrap_or_else(|| tokenizer_dir(path));
     let tokenizer = TextTokenizer::from_dir(&dir)?;
     let fallback = cfg.data.template.as_deref().and_then(builtin_template);
@@ -97,5 +102,6 @@ pub(super) fn parquet_data(cfg: &RunConfig, lm: &CausalLm) -> Result<(RunData, T
         if has_chat_template(&dir)? || fallback.is_some() { Some(tokenizer.chat_template(fallback)?) } else { None };
     let vocab = crate::model_source::vocab_size(lm.config());
     let data = RunData::from_parquet(&cfg.data, tokenizer, &dir, template, vocab)?;
+    preflight::check_context(&data, lm.config(), cfg.data.parquet.as_deref())?;
     Ok((data, TextTokenizer::from_dir(&dir)?))
 }

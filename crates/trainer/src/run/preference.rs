@@ -108,7 +108,7 @@ fn write_reference_cache(run_dir: &Path, data: &RunData, reference: &HashMap<u64
         })
         .collect();
     rows.sort_by_key(|r| r.pair);
-    Ok(write_logps(run_dir.join("reference_logps.parquet"), &rows)?)
+    crate::atomic::produce_file(&run_dir.join("reference_logps.parquet"), |tmp| Ok(write_logps(tmp, &rows)?))
 }
 
 /// The reference sums of the preference split by pair id, before the stage: read from
@@ -259,8 +259,7 @@ pub(super) fn preference_stage(
         let batches = micro_batches(&picked, spec.batch_size, &data.preference, collate_pairs, data.pad_id);
         let lr = spec.schedule.lr_at(step, spec.steps);
         let step_spec = StepSpec {
-            stage: Stage::Preference,
-            step: step + 1,
+            place: ctx.place(Stage::Preference, step + 1),
             lr,
             max_grad_norm: spec.max_grad_norm,
             objective: objective.name(),

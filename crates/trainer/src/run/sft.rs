@@ -38,8 +38,7 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
         let batches = micro_batches(&picked, spec.batch_size, data, collate_sft, pad_id);
         let lr = spec.schedule.lr_at(step, spec.steps);
         let step_spec = StepSpec {
-            stage: Stage::Sft,
-            step: step + 1,
+            place: ctx.place(Stage::Sft, step + 1),
             lr,
             max_grad_norm: spec.max_grad_norm,
             objective: objective.name(),

@@ -12,7 +12,7 @@ use slime_data::Cursor;
 use slime_models::CausalLm;
 
 use super::eval::evaluate_with_generations;
-use super::step::ensure_weights_finite;
+use super::step::{StepPlace, ensure_weights_finite};
 use super::{FaultTarget, RunOptions, Stage};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
@@ -101,6 +101,8 @@ pub(super) struct Ctx<'a> {
     pub(super) sft_steps: u64,
     /// The greedy generations of the latest evaluation.
     pub(super) generations: Vec<Vec<u32>>,
+    /// The newest checkpoint on disk (written or resumed from) of this run.
+    pub(super) last_checkpoint: Option<String>,
 }
 
 impl Ctx<'_> {
@@ -111,13 +113,19 @@ impl Ctx<'_> {
         Ok(metrics)
     }
 
+    /// Where `step` of `stage` is (see [`StepPlace`]).
+    pub(super) fn place(&self, stage: Stage, step: u64) -> StepPlace {
+        let run_step = step + if stage == Stage::Preference { self.sft_steps } else { 0 };
+        StepPlace { stage, step, run_step, last_checkpoint: self.last_checkpoint.clone() }
+    }
+
     pub(super) fn checkpoint_due(&self, step: u64) -> bool {
         self.cfg.checkpoint.every > 0 && step.is_multiple_of(self.cfg.checkpoint.every)
     }
 
     /// Writes the checkpoint of `stage` after `step`, then prunes old ones.
     pub(super) fn checkpoint(
-        &self,
+        &mut self,
         lm: &CausalLm,
         stage: Stage,
         step: u64,
@@ -125,7 +133,8 @@ impl Ctx<'_> {
         cursor: Cursor,
         preference: Option<PreferenceState>,
     ) -> Result<()> {
-        ensure_weights_finite(lm, stage, step)?;
+        let place = self.place(stage, step);
+        ensure_weights_finite(lm, &place)?;
         let weights: HashMap<String, Tensor> =
             lm.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
         let (optimizer, opt_step) = opt.state_tensors()?;
@@ -140,8 +149,8 @@ impl Ctx<'_> {
             preference,
         };
         let state = serde_json::to_value(&state).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        let global = step + if stage == Stage::Preference { self.sft_steps } else { 0 };
-        checkpoint::save(self.run_dir, global, &Checkpoint { weights, optimizer, state })?;
+        let dir = checkpoint::save(self.run_dir, place.run_step, &Checkpoint { weights, optimizer, state })?;
+        self.last_checkpoint = dir.file_name().map(|n| n.to_string_lossy().into_owned());
         checkpoint::prune(self.run_dir, self.cfg.checkpoint.keep_last)?;
         Ok(())
     }

@@ -49,9 +49,32 @@ pub(super) fn pair_logps(lm: &CausalLm, batch: &Batch, device: &Device) -> Resul
 /// Metrics that are loss terms although not named `{objective}/...`.
 const LOSS_TERMS: [&str; 3] = ["nll_loss", "log_odds_ratio", "log_odds_chosen"];
 
+/// Where a step is: its stage, its step within the stage, its step within the run (how
+/// checkpoints are named) and the newest checkpoint written before it.
+#[derive(Debug, Clone)]
+pub(super) struct StepPlace {
+    pub(super) stage: Stage,
+    pub(super) step: u64,
+    pub(super) run_step: u64,
+    pub(super) last_checkpoint: Option<String>,
+}
+
+impl StepPlace {
+    fn non_finite(&self, what: String, value: f64) -> TrainError {
+        TrainError::NonFinite {
+            step: self.step,
+            run_step: self.run_step,
+            last_checkpoint: self.last_checkpoint.clone(),
+            what,
+            value,
+        }
+    }
+}
+
 /// Stops the run on a non-finite metric of a (micro-)batch, naming the step and the quantity:
 /// the objective's loss terms are checked first, then `loss`, then the other metrics.
-fn check_metrics(stage: Stage, step: u64, objective: &str, metrics: &slime_objectives::Metrics) -> Result<()> {
+fn check_metrics(place: &StepPlace, objective: &str, metrics: &slime_objectives::Metrics) -> Result<()> {
+    let stage = place.stage;
     let prefix = format!("{objective}/");
     let is_term = |name: &str| name.starts_with(&prefix) || LOSS_TERMS.contains(&name);
     let terms = metrics.iter().filter(|(n, _)| is_term(n));
@@ -66,7 +89,7 @@ fn check_metrics(stage: Stage, step: u64, objective: &str, metrics: &slime_objec
             } else {
                 format!("{} metric `{name}`", stage.name())
             };
-            return Err(TrainError::NonFinite { step, what, value });
+            return Err(place.non_finite(what, value));
         }
     }
     Ok(())
@@ -74,15 +97,11 @@ fn check_metrics(stage: Stage, step: u64, objective: &str, metrics: &slime_objec
 
 /// Stops the run when a trainable weight is not finite (before a checkpoint is written, so the
 /// last checkpoint on disk always holds finite weights).
-pub(super) fn ensure_weights_finite(lm: &CausalLm, stage: Stage, step: u64) -> Result<()> {
+pub(super) fn ensure_weights_finite(lm: &CausalLm, place: &StepPlace) -> Result<()> {
     for (name, var) in lm.trainable_vars() {
         let probe = var.as_tensor().to_dtype(DType::F64)?.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f64>()?;
         if !probe.is_finite() {
-            return Err(TrainError::NonFinite {
-                step,
-                what: format!("{} weight `{name}` after the update", stage.name()),
-                value: probe,
-            });
+            return Err(place.non_finite(format!("{} weight `{name}` after the update", place.stage.name()), probe));
         }
     }
     Ok(())
@@ -114,8 +133,7 @@ pub(super) struct StepOutcome {
 
 /// Everything one optimiser step needs besides the loss function.
 pub(super) struct StepSpec<'a> {
-    pub(super) stage: Stage,
-    pub(super) step: u64,
+    pub(super) place: StepPlace,
     pub(super) lr: f64,
     pub(super) max_grad_norm: Option<f64>,
     pub(super) objective: &'a str,
@@ -158,14 +176,14 @@ pub(super) fn accumulated_step(
     spec: &StepSpec<'_>,
     loss_of: impl Fn(&Batch, BatchTotals, bool) -> Result<LossOutput> + Sync,
 ) -> Result<StepOutcome> {
-    let totals = batch_totals(batches, spec.stage);
+    let totals = batch_totals(batches, spec.place.stage);
     let forward_backward = |i: usize, batch: &Batch| -> Result<(LossOutput, GradStore)> {
         let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
         // The fused blocks hand their weights' gradients over directly (the same values as
         // through candle's graph, without its zero-fill-and-add per packing step).
         let direct = WeightGrads::new();
         let out = direct.scope(|| loss_of(batch, totals, poison))?;
-        check_metrics(spec.stage, spec.step, spec.objective, &out.metrics)?;
+        check_metrics(&spec.place, spec.objective, &out.metrics)?;
         let mut grads = out.loss.backward()?;
         direct.merge_into(&mut grads)?;
         Ok((out, grads))
@@ -193,7 +211,7 @@ pub(super) fn accumulated_step(
                 None => grads = Some(g),
                 Some(acc) => opt.accumulate(acc, &g)?,
             }
-            let pairs = match spec.stage {
+            let pairs = match spec.place.stage {
                 Stage::Sft => batch.rows,
                 Stage::Preference => batch.rows / 2,
             } as f64;
@@ -207,8 +225,9 @@ pub(super) fn accumulated_step(
             }
         }
     }
+    let place = &spec.place;
     let mut grads =
-        grads.ok_or_else(|| TrainError::Config(format!("{} step {}: empty batch", spec.stage.name(), spec.step)))?;
+        grads.ok_or_else(|| TrainError::Config(format!("{} step {}: empty batch", place.stage.name(), place.step)))?;
     if spec.fault == Some(FaultTarget::Gradient)
         && let Some((_, var)) = lm.trainable_vars().first()
     {
@@ -221,11 +240,7 @@ pub(super) fn accumulated_step(
     let grad_norm = opt.grad_norm(&grads)?;
     if !grad_norm.is_finite() {
         let name = opt.non_finite_grad(&grads)?.unwrap_or_else(|| "?".into());
-        return Err(TrainError::NonFinite {
-            step: spec.step,
-            what: format!("{} gradient of `{name}`", spec.stage.name()),
-            value: grad_norm,
-        });
+        return Err(place.non_finite(format!("{} gradient of `{name}`", place.stage.name()), grad_norm));
     }
     opt.step(&grads, spec.lr, clip_coefficient(grad_norm, spec.max_grad_norm))?;
     let metrics = match single {
