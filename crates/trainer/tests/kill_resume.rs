@@ -153,8 +153,7 @@ fn sigkill_then_resume_gives_a_byte_identical_model() {
     assert!(second.as_str() > "step-000006", "{second} is a preference checkpoint (global step > 6 SFT steps)");
     // One flipped byte in the newest checkpoint's weights: the resume skips it, says why, and
     // continues from the one before (keep_last = 2 leaves it on disk).
-    let before =
-        checkpoints(&cut).into_iter().filter(|n| n.as_str() < second.as_str()).next_back().expect("an older one");
+    let before = checkpoints(&cut).into_iter().rfind(|n| n.as_str() < second.as_str()).expect("an older one");
     let weights = cut.join("checkpoints").join(&second).join("model.safetensors");
     let mut bytes = read(&weights);
     let last = bytes.len() - 1;

@@ -258,8 +258,11 @@ fn a_device_this_build_lacks_is_refused_before_any_work() -> TestResult {
     Ok(())
 }
 
+/// Files by path, with their bytes.
+type Files = Vec<(String, Vec<u8>)>;
+
 /// Names of the files under `dir` with their bytes, sorted (the lock file aside).
-fn snapshot(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, Box<dyn std::error::Error>> {
+fn snapshot(dir: &Path) -> Result<Files, Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(p) = stack.pop() {
