@@ -6,6 +6,9 @@ mod assets;
 mod bench;
 mod convert;
 mod report;
+// Confidence intervals for the ablation table.
+#[allow(dead_code)]
+mod stats;
 
 use std::path::PathBuf;
 use std::process::Command;
