@@ -364,7 +364,7 @@ pub const UNITS: [(&str, &str, u32); 8] = [
 
 /// A value in tenths, written without a trailing `.0` (`35` -> `3.5`, `40` -> `4`).
 pub fn tenths(value: u64) -> String {
-    if value % 10 == 0 { (value / 10).to_string() } else { format!("{}.{}", value / 10, value % 10) }
+    if value.is_multiple_of(10) { (value / 10).to_string() } else { format!("{}.{}", value / 10, value % 10) }
 }
 
 /// Unit conversion up (`3.5 kilometres to metres`) or down (`4200 metres to kilometres`); the
@@ -376,13 +376,17 @@ pub fn unit_conversion(rng: &mut ChaCha8Rng) -> Problem {
     let to_small = rng.random_bool(0.5);
     // Up: t/10 large = t * factor / 10 small. Every factor is a multiple of 2 and 5 or of 6,
     // so choose t to keep the small amount whole.
-    let t = if (t * factor) % 10 == 0 { t } else { t * 10 };
+    let t = if (t * factor).is_multiple_of(10) { t } else { t * 10 };
     let small_amount = t * factor / 10;
     let (question, answer, wrong, key) = if to_small {
-        let wrong = if rng.random_bool(0.5) || small_amount % 10 != 0 { small_amount * 10 } else { small_amount / 10 };
+        let wrong = if rng.random_bool(0.5) || !small_amount.is_multiple_of(10) {
+            small_amount * 10
+        } else {
+            small_amount / 10
+        };
         (format!("Convert {} {large} to {small}.", tenths(t)), small_amount.to_string(), wrong.to_string(), t)
     } else {
-        let wrong = if rng.random_bool(0.5) || t % 10 != 0 { t * 10 } else { t / 10 };
+        let wrong = if rng.random_bool(0.5) || !t.is_multiple_of(10) { t * 10 } else { t / 10 };
         (format!("Convert {small_amount} {small} to {large}."), tenths(t), tenths(wrong), t)
     };
     problem(Skill::UnitConversion, question, "<number>", answer, wrong, format!("{large}:{small}:{to_small}:{key}"))
