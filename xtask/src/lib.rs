@@ -7,6 +7,7 @@ mod assets;
 pub mod bench;
 pub mod grid;
 mod report;
+pub mod stats;
 pub mod trainer;
 
 use std::path::PathBuf;

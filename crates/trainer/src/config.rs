@@ -502,6 +502,9 @@ impl RunConfig {
             return bad("preference.objective must be a preference objective (not sft)".into());
         }
         self.preference.sage.validate()?;
+        if self.preference.selection == SelectionKind::Sage {
+            self.preference.sage.validate_sizes(self.preference.batch_size * self.preference.grad_accum, None)?;
+        }
         if self.eval.every == 0 {
             return bad("eval.every = 0: expected at least 1".into());
         }

@@ -38,5 +38,6 @@ pub mod schedule;
 pub mod selection;
 pub mod task;
 pub mod threads;
+pub mod verifiable;
 
 pub use error::{Result, TrainError};

@@ -48,8 +48,10 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = parse_progress)]
         progress: ProgressMode,
         /// How the preference stage picks pairs, overriding the config's
-        /// preference.selection: uniform (a seeded shuffle per epoch) or sage (stability-aware
-        /// selection from a re-scored pool; parameters in [preference.sage]).
+        /// preference.selection: uniform (a seeded shuffle per epoch) or sage (a stability-aware
+        /// selection built from the abstract of arXiv 2602.01207: pairs drawn by the objective's
+        /// own margin below its target from a re-scored pool; see docs/trainer.md, parameters in
+        /// [preference.sage]).
         #[arg(long, value_enum)]
         selection: Option<SelectionArg>,
     },
@@ -145,6 +147,9 @@ enum Command {
         #[command(subcommand)]
         what: slime_trainer::convert::ConvertCommand,
     },
+    /// Write a generated task's files (see `task verifiable --help`).
+    #[command(subcommand)]
+    Task(slime_trainer::verifiable::TaskCommand),
 }
 
 /// Where the model and tokenizer are, and how to run it.
@@ -271,6 +276,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Task(task) => task.run(&mut std::io::stdout().lock()).map(|_| ()).context("task"),
         Command::Eval { model, config } => {
             let cfg = match &config {
                 Some(path) => read_config(path)?,

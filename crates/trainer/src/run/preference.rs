@@ -20,7 +20,7 @@ use crate::config::RunConfig;
 use crate::corpus::RunData;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::progress::Progress;
-use crate::selection::{SelectionKind, draw_weighted};
+use crate::selection::{SelectionKind, draw_weighted, objective_margin};
 use crate::{Result, TrainError};
 
 /// Reference sums `(S_w, S_l)` of `pairs` under the model as it is (the caller switches LoRA
@@ -154,15 +154,28 @@ fn reference_logps(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Has
     Ok(rows.into_iter().map(|r| (r.pair, (r.chosen_logp, r.rejected_logp))).collect())
 }
 
-/// Reference-free margins `A_w - A_l` of `pairs` under the current policy (SAGE re-scoring).
-fn margins(lm: &CausalLm, pairs: &[&TokenizedPair], pad_id: u32, batch_size: usize) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(batch_size) {
-        let (c, r) = pair_logps(lm, &collate_pairs(chunk, pad_id), &device_of(lm))?;
-        let d = (c.mean("chosen")? - r.mean("rejected")?)?.detach().to_dtype(DType::F64)?;
-        out.extend(d.to_vec1::<f64>()?);
+/// SAGE margins of the split entries `pool` under the current policy (forward only), each by
+/// the objective's own definition ([`objective_margin`]); reference sums missing for an on-demand
+/// reference are computed first.
+fn sage_margins(
+    lm: &CausalLm,
+    data: &RunData,
+    cfg: &RunConfig,
+    pool: &[usize],
+    reference: &mut Option<HashMap<u64, (f64, f64)>>,
+) -> Result<Vec<f64>> {
+    let toks: Vec<&TokenizedPair> = pool.iter().map(|&i| &data.preference[i].tokens).collect();
+    if let Some(reference) = reference
+        && ReferenceSource::of(cfg) == ReferenceSource::OnDemand
+    {
+        fill_reference(lm, &toks, reference, data.pad_id, cfg.eval.batch_size)?;
     }
-    Ok(out)
+    let sums = reference_sums(lm, &toks, data.pad_id, cfg.eval.batch_size)?;
+    sums.iter()
+        .map(|s| {
+            objective_margin(&cfg.preference.objective, s, reference.as_ref().and_then(|r| r.get(&s.pair).copied()))
+        })
+        .collect()
 }
 
 /// The preference stage (with its start evaluation when not resuming); returns the final
@@ -229,21 +242,30 @@ pub(super) fn preference_stage(
     let mut sampler = EpochSampler::new(data.preference.len(), cfg.seed ^ 0xBEEF, cursor);
     let mut progress = Progress::new(ctx.opts.progress, "preference", first, spec.steps);
     let total = spec.batch_size * spec.grad_accum;
+    let sage_target = if spec.selection == SelectionKind::Sage && first < spec.steps {
+        spec.sage.validate_sizes(total, Some(data.preference.len()))?;
+        spec.sage.target_for(objective)?
+    } else {
+        f64::NAN
+    };
     for step in first..spec.steps {
         let started = Instant::now();
         let mut uniform_fill = 0usize;
+        let mut refresh_metrics = Vec::new();
         let picked: Vec<usize> = match spec.selection {
             SelectionKind::Uniform => sampler.next_batch(total),
             SelectionKind::Sage => {
                 if step % spec.sage.refresh_every == 0 {
-                    pool = sampler.next_batch(spec.sage.pool_size.min(data.preference.len()));
-                    let toks: Vec<&TokenizedPair> = pool.iter().map(|&i| &data.preference[i].tokens).collect();
-                    let m = margins(lm, &toks, data.pad_id, cfg.eval.batch_size)?;
-                    let prev: Vec<Option<f64>> = toks.iter().map(|t| previous.get(&t.id).copied()).collect();
-                    pool_weights = spec.sage.scores(&m, &prev);
-                    for (t, v) in toks.iter().zip(m) {
-                        previous.insert(t.id, v);
-                    }
+                    let r = spec.sage.refresh(
+                        sage_target,
+                        &pool,
+                        |n| sampler.next_batch(n),
+                        |i| data.preference[i].tokens.id,
+                        |p| sage_margins(lm, data, cfg, p, &mut reference),
+                        &mut previous,
+                    )?;
+                    refresh_metrics = r.metrics();
+                    (pool, pool_weights) = (r.pool, r.scores.weights);
                 }
                 let (chosen, uniform) = draw_weighted(&pool_weights, total, &mut rng);
                 uniform_fill = uniform;
@@ -290,11 +312,15 @@ pub(super) fn preference_stage(
             step + 1,
             &out.metrics,
             &[
-                ("learning_rate", lr),
-                ("grad_norm", out.grad_norm),
-                ("tokens_per_second", tps),
-                ("selection/uniform_fill", uniform_fill as f64),
-            ],
+                &[
+                    ("learning_rate", lr),
+                    ("grad_norm", out.grad_norm),
+                    ("tokens_per_second", tps),
+                    ("selection/uniform_fill", uniform_fill as f64),
+                ],
+                &refresh_metrics[..],
+            ]
+            .concat(),
         )?;
         progress.step(step + 1, out.metrics.get("loss").copied().unwrap_or(f64::NAN));
         if (step + 1) % cfg.eval.every == 0 || step + 1 == spec.steps {
