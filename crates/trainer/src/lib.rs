@@ -23,6 +23,7 @@ pub mod config;
 pub mod corpus;
 mod error;
 pub mod generate;
+pub mod hf_export;
 pub mod logps;
 pub mod malloc;
 pub mod metrics_log;

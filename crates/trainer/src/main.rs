@@ -70,7 +70,8 @@ enum Command {
     Logps {
         #[command(flatten)]
         model: ModelArgs,
-        /// The Parquet preference file (TRL standard, conversational or implicit-prompt layout).
+        /// The Parquet preference file (TRL standard, conversational or implicit-prompt layout),
+        /// or a directory or glob of shards read in name order.
         #[arg(long)]
         data: PathBuf,
         /// Output Parquet file.
@@ -288,8 +289,8 @@ fn main() -> Result<()> {
             if batch_size == 0 {
                 bail!("--batch-size: must be at least 1");
             }
-            if !data.is_file() {
-                bail!("{}: no such file; --data expects a Parquet preference file", data.display());
+            if !slime_data::parquet_files(&data)?[0].is_file() {
+                bail!("{}: no such file; --data expects a Parquet file, a directory or a glob of them", data.display());
             }
             let (loaded, device) = model.load()?;
             let template = loaded.template(model.template.map(Into::into))?;

@@ -257,7 +257,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         if sft_lora.is_some() {
             lm = lm.merge_lora()?;
         }
-        lm.save_dir(&run_dir.join("sft-model"))?;
+        crate::hf_export::save_model(&lm, &run_dir.join("sft-model"), cfg)?;
     } else if sft_steps > 0 && cfg.model.lora.is_some() {
         // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
         // before the preference stage began.
@@ -273,7 +273,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         write_generations(&run_dir.join("generations.jsonl"), decoder, &data, &ctx.generations)?;
     }
     if cfg.model.lora.is_some() {
-        lm.save_adapters(&run_dir.join("adapter"))?;
+        crate::hf_export::save_adapter(&lm, run_dir, cfg)?;
     }
     // A pretrained model's merged copy would cost its full size per run: with LoRA its result
     // is `adapter/` (after a preference stage) or `sft-model/` (SFT only).
@@ -281,7 +281,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         if cfg.model.lora.is_some() {
             lm = lm.merge_lora()?;
         }
-        lm.save_dir(&run_dir.join("model"))?;
+        crate::hf_export::save_model(&lm, &run_dir.join("model"), cfg)?;
     }
     let result = serde_json::json!({
         "variant": cfg.name,
