@@ -66,6 +66,22 @@ pub enum DataError {
         /// What the Parquet reader said.
         detail: String,
     },
+    /// A dataset directory or glob pattern names no readable Parquet file.
+    #[error("{path}: {detail}")]
+    Shards {
+        /// The directory or pattern.
+        path: PathBuf,
+        /// What was wrong and what was expected.
+        detail: String,
+    },
+    /// A column name occurs more than once, so which column to read is ambiguous.
+    #[error("{location}: the column name occurs {count} times; expected each column name once")]
+    DuplicateColumn {
+        /// Where (names the file and the column).
+        location: Box<Location>,
+        /// How many columns have this name.
+        count: usize,
+    },
     /// A column the schema needs is absent.
     #[error("{location}: missing column; expected {expected}; the file has columns [{found}]")]
     MissingColumn {

@@ -3,7 +3,8 @@
 //!
 //! The pipeline, each stage usable on its own:
 //!
-//! 1. [`PreferenceReader`] streams a Parquet file row group by row group and yields
+//! 1. [`PreferenceReader`] streams a Parquet file, or a directory or glob of shards read in
+//!    name order as one dataset ([`parquet_files`]), row group by row group and yields
 //!    [`PreferenceExample`]s (TRL standard, conversational / UltraFeedback-binarized, or
 //!    implicit prompt; detected from the schema); bad input gives a [`DataError`] naming file,
 //!    row group, row and column, or is skipped and counted ([`InvalidRows::Skip`]).
@@ -50,7 +51,7 @@ pub use encode::{EncodeStats, Encoded, PairEncoder, Truncation, TruncationMode};
 pub use error::{DataError, Location, Result, RowProblem};
 pub use example::{Message, PreferenceExample, Turns};
 pub use pipeline::{LoaderStats, PairStream, batches, count_padding, load_pairs};
-pub use reader::{InvalidRows, PreferenceReader, ReadOptions, ReadStats, Record};
+pub use reader::{InvalidRows, PreferenceReader, ReadOptions, ReadStats, Record, parquet_files};
 pub use sampler::{Cursor, EpochSampler};
 pub use schema::{ColumnNames, Layout, conversational_schema, messages_type, standard_schema};
 pub use split::{DegenerateCounts, HashSplit, SplitAudit, SplitPart};

@@ -1,5 +1,7 @@
-//! Streaming reader of Parquet preference files: one row group at a time, only the needed
-//! columns, so memory is bounded by a row group and not by the file.
+//! Streaming reader of Parquet preference datasets: one row group at a time, only the needed
+//! columns, so memory is bounded by a row group and not by the file. A dataset is one file or
+//! a set of shards (a directory, or a glob such as `data/train-*.parquet`) read in name order as
+//! one sequence of rows; see [`parquet_files`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -58,21 +60,27 @@ pub struct ReadStats {
     pub rows_yielded: u64,
     /// Rows skipped, by reason.
     pub skipped: BTreeMap<RowProblem, u64>,
-    /// Row groups opened.
+    /// Row groups opened (over all shards).
     pub row_groups: usize,
+    /// Files (shards) opened.
+    pub files: usize,
 }
 
 /// A pair and the row it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Row index over the whole file (0-based).
+    /// Row index over the whole dataset (0-based; shards count on from the rows before them).
     pub row: u64,
+    /// The file (shard) the row is in.
+    pub file: Arc<Path>,
+    /// Row index within `file` (0-based).
+    pub file_row: u64,
     /// The pair.
     pub example: PreferenceExample,
 }
 
-/// Iterates the preference pairs of a Parquet file in file order.
-pub struct PreferenceReader {
+/// Iterates the preference pairs of one Parquet file in file order.
+struct ShardReader {
     path: PathBuf,
     file: File,
     metadata: ArrowReaderMetadata,
@@ -84,14 +92,7 @@ pub struct PreferenceReader {
     reader: Option<ParquetRecordBatchReader>,
     batch: Option<(RecordBatch, usize)>,
     next_row: u64,
-    stats: ReadStats,
     done: bool,
-}
-
-impl std::fmt::Debug for PreferenceReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreferenceReader").field("path", &self.path).field("layout", &self.resolved.layout).finish()
-    }
 }
 
 fn not_parquet(at: &Location, e: impl std::fmt::Display) -> DataError {
@@ -111,18 +112,15 @@ fn guarded<T>(at: &Location, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
-impl PreferenceReader {
+impl ShardReader {
     /// Opens `path`, checks its schema and detects (or checks) the layout. Reads no rows yet.
-    pub fn open(path: impl AsRef<Path>, options: ReadOptions) -> Result<Self> {
-        let at = Location::file(path.as_ref());
-        guarded(&at, || Self::open_unguarded(path.as_ref(), options))
+    fn open(path: &Path, options: ReadOptions) -> Result<Self> {
+        let at = Location::file(path);
+        guarded(&at, || Self::open_unguarded(path, options))
     }
 
     fn open_unguarded(path: &Path, options: ReadOptions) -> Result<Self> {
         let path = path.to_path_buf();
-        if options.batch_rows == 0 {
-            return Err(DataError::Config { field: "batch_rows".into(), detail: "must be at least 1".into() });
-        }
         let at = Location::file(&path);
         let file = File::open(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
         let plain = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| not_parquet(&at, e))?;
@@ -156,24 +154,13 @@ impl PreferenceReader {
             reader: None,
             batch: None,
             next_row: 0,
-            stats: ReadStats::default(),
             done: false,
         })
     }
 
-    /// The layout in use.
-    pub fn layout(&self) -> Layout {
-        self.resolved.layout
-    }
-
     /// Rows in the file (from its footer).
-    pub fn total_rows(&self) -> u64 {
+    fn total_rows(&self) -> u64 {
         u64::try_from(self.metadata.metadata().file_metadata().num_rows()).unwrap_or(0)
-    }
-
-    /// Counts so far.
-    pub fn stats(&self) -> &ReadStats {
-        &self.stats
     }
 
     fn location(&self, column: Option<&str>) -> Location {
@@ -186,12 +173,12 @@ impl PreferenceReader {
     }
 
     /// The next record batch, opening row groups as needed; `None` at the end of the file.
-    fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+    fn next_batch(&mut self, stats: &mut ReadStats) -> Result<Option<RecordBatch>> {
         let at = self.location(None).without_row();
-        guarded(&at, || self.next_batch_unguarded())
+        guarded(&at, || self.next_batch_unguarded(stats))
     }
 
-    fn next_batch_unguarded(&mut self) -> Result<Option<RecordBatch>> {
+    fn next_batch_unguarded(&mut self, stats: &mut ReadStats) -> Result<Option<RecordBatch>> {
         loop {
             if let Some(reader) = &mut self.reader {
                 match reader.next() {
@@ -205,7 +192,7 @@ impl PreferenceReader {
             }
             self.group = self.next_group;
             self.next_group += 1;
-            self.stats.row_groups += 1;
+            stats.row_groups += 1;
             let file = self.file.try_clone().map_err(|source| DataError::Io { path: self.path.clone(), source })?;
             let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
                 .with_projection(self.projection.clone())
@@ -272,14 +259,14 @@ fn problem_column(chosen: &Turns, rejected: &Turns, names: &ColumnNames, problem
     }
 }
 
-impl Iterator for PreferenceReader {
-    type Item = Result<Record>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+impl ShardReader {
+    /// The next usable row of this file and its row index in the file, counting into `stats`;
+    /// `None` at the end of the file (or after an error).
+    fn next_example(&mut self, stats: &mut ReadStats) -> Option<Result<(u64, PreferenceExample)>> {
         while !self.done {
             let (batch, i) = match self.batch.take() {
                 Some((batch, i)) if i < batch.num_rows() => (batch, i),
-                _ => match self.next_batch() {
+                _ => match self.next_batch(stats) {
                     Ok(Some(batch)) => (batch, 0),
                     Ok(None) => {
                         self.done = true;
@@ -296,14 +283,14 @@ impl Iterator for PreferenceReader {
             let location = decoded.as_ref().err().map(|(_, column)| self.location(Some(column)));
             self.batch = Some((batch, i + 1));
             self.next_row += 1;
-            self.stats.rows_read += 1;
+            stats.rows_read += 1;
             match decoded {
                 Ok(example) => {
-                    self.stats.rows_yielded += 1;
-                    return Some(Ok(Record { row, example }));
+                    stats.rows_yielded += 1;
+                    return Some(Ok((row, example)));
                 }
                 Err((problem, _)) if self.options.invalid_rows == InvalidRows::Skip => {
-                    *self.stats.skipped.entry(problem).or_default() += 1;
+                    *stats.skipped.entry(problem).or_default() += 1;
                 }
                 Err((problem, _)) => {
                     self.done = true;
@@ -314,6 +301,165 @@ impl Iterator for PreferenceReader {
         }
         None
     }
+}
+
+/// Iterates the preference pairs of a Parquet dataset (one file, or shards in name order) as
+/// one sequence of rows. Errors name the shard file and the row within it.
+pub struct PreferenceReader {
+    source: PathBuf,
+    shards: Vec<PathBuf>,
+    options: ReadOptions,
+    layout: Layout,
+    total_rows: u64,
+    next_shard: usize,
+    current: Option<(ShardReader, Arc<Path>)>,
+    rows_before: u64,
+    stats: ReadStats,
+    done: bool,
+}
+
+impl std::fmt::Debug for PreferenceReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreferenceReader")
+            .field("source", &self.source)
+            .field("shards", &self.shards.len())
+            .field("layout", &self.layout)
+            .finish()
+    }
+}
+
+impl PreferenceReader {
+    /// Opens `path`: a Parquet file, a directory (its `*.parquet` files) or a glob pattern
+    /// (see [`parquet_files`]). Checks every shard's schema against the first one's layout
+    /// (detected, or `options.layout`) and reads their footers; reads no rows yet.
+    pub fn open(path: impl AsRef<Path>, options: ReadOptions) -> Result<Self> {
+        if options.batch_rows == 0 {
+            return Err(DataError::Config { field: "batch_rows".into(), detail: "must be at least 1".into() });
+        }
+        let source = path.as_ref().to_path_buf();
+        let shards = parquet_files(&source)?;
+        let mut layout = options.layout;
+        let mut total_rows = 0;
+        for shard in &shards {
+            let reader = ShardReader::open(shard, ReadOptions { layout, ..options.clone() })?;
+            layout = Some(reader.resolved.layout);
+            total_rows += reader.total_rows();
+        }
+        let layout = layout.unwrap_or(Layout::Standard);
+        Ok(Self {
+            source,
+            shards,
+            options: ReadOptions { layout: Some(layout), ..options },
+            layout,
+            total_rows,
+            next_shard: 0,
+            current: None,
+            rows_before: 0,
+            stats: ReadStats::default(),
+            done: false,
+        })
+    }
+
+    /// The layout in use (the same in every shard).
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Rows in the dataset (from the footers of all shards).
+    pub fn total_rows(&self) -> u64 {
+        self.total_rows
+    }
+
+    /// The files read, in order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.shards
+    }
+
+    /// Counts so far (over all shards).
+    pub fn stats(&self) -> &ReadStats {
+        &self.stats
+    }
+}
+
+impl Iterator for PreferenceReader {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            let Some((reader, file)) = &mut self.current else {
+                let Some(shard) = self.shards.get(self.next_shard) else {
+                    self.done = true;
+                    return None;
+                };
+                self.next_shard += 1;
+                match ShardReader::open(shard, self.options.clone()) {
+                    Ok(reader) => {
+                        self.stats.files += 1;
+                        self.current = Some((reader, Arc::from(shard.as_path())));
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+                continue;
+            };
+            match reader.next_example(&mut self.stats) {
+                Some(Ok((file_row, example))) => {
+                    let row = self.rows_before + file_row;
+                    return Some(Ok(Record { row, file: file.clone(), file_row, example }));
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                None => {
+                    self.rows_before += reader.next_row;
+                    self.current = None;
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The Parquet files a dataset path names, in read order: the file itself; for a directory,
+/// its `*.parquet` files (not recursing; e.g. the Hub's `data/train-00000-of-00003.parquet`
+/// ...) sorted by name; for a path with glob characters (`*`, `?`, `[`) that is not an
+/// existing file, the files matching it (e.g. `data/train-*.parquet`) sorted by path. A
+/// directory or pattern with no file is an error naming it.
+pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| DataError::Io { path: path.to_path_buf(), source };
+    let text = path.to_string_lossy();
+    let mut files: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .map_err(io)?
+            .map(|entry| entry.map(|e| e.path()).map_err(io))
+            .filter(|p| p.as_ref().map_or(true, |p| p.is_file() && p.extension().is_some_and(|x| x == "parquet")))
+            .collect::<Result<_>>()?
+    } else if !path.exists() && text.contains(['*', '?', '[']) {
+        let pattern = glob::glob(&text).map_err(|e| DataError::Shards {
+            path: path.to_path_buf(),
+            detail: format!("not a valid glob pattern: {e}"),
+        })?;
+        pattern
+            .map(|entry| {
+                entry.map_err(|e| {
+                    let path = e.path().to_path_buf();
+                    DataError::Io { path, source: e.into() }
+                })
+            })
+            .filter(|p| p.as_ref().map_or(true, |p| p.is_file()))
+            .collect::<Result<_>>()?
+    } else {
+        return Ok(vec![path.to_path_buf()]);
+    };
+    files.sort();
+    if files.is_empty() {
+        let what = if path.is_dir() { "the directory has no *.parquet file" } else { "the pattern matches no file" };
+        return Err(DataError::Shards { path: path.to_path_buf(), detail: format!("{what}; expected Parquet shards") });
+    }
+    Ok(files)
 }
 
 /// Reads one text or message-list cell.

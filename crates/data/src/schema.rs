@@ -1,5 +1,6 @@
 //! Which columns hold what, and which TRL layout a file uses.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Fields, Schema};
@@ -86,6 +87,7 @@ pub(crate) struct Resolved {
 /// Checks the file's schema against the names and the (detected or requested) layout.
 pub(crate) fn resolve(schema: &Schema, names: &ColumnNames, layout: Option<Layout>, at: &Location) -> Result<Resolved> {
     let found = || schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ");
+    reject_duplicate_columns(schema, at)?;
     let column = |name: &str, expected: &str| -> Result<ColumnKind> {
         let field = schema.field_with_name(name).map_err(|_| DataError::MissingColumn {
             location: at.clone().column(name).into(),
@@ -132,6 +134,22 @@ pub(crate) fn resolve(schema: &Schema, names: &ColumnNames, layout: Option<Layou
         }
     };
     Ok(Resolved { layout, prompt, completions: chosen })
+}
+
+/// A file with two columns of one name is ambiguous (a reader would silently take one of
+/// them): rejected, naming the first such column.
+fn reject_duplicate_columns(schema: &Schema, at: &Location) -> Result<()> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for field in schema.fields() {
+        *counts.entry(field.name().as_str()).or_default() += 1;
+    }
+    match schema.fields().iter().find(|f| counts[f.name().as_str()] > 1) {
+        Some(f) => Err(DataError::DuplicateColumn {
+            location: at.clone().column(f.name()).into(),
+            count: counts[f.name().as_str()],
+        }),
+        None => Ok(()),
+    }
 }
 
 fn expect_kind(kind: ColumnKind, want: ColumnKind, name: &str, schema: &Schema, at: &Location) -> Result<()> {

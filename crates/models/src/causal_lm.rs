@@ -84,6 +84,76 @@ impl ModelConfig {
             Self::Gemma(c) => c.validate(file),
         }
     }
+
+    /// The `model_type` (`llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3_text`; a config
+    /// without one is `llama` or `gemma`, as [`Self::from_json`] reads it).
+    pub fn model_type(&self) -> &str {
+        match self {
+            Self::Llama(c) => c.model_type.as_deref().unwrap_or("llama"),
+            Self::Gemma(c) => c.model_type.as_deref().unwrap_or("gemma"),
+        }
+    }
+
+    /// transformers' class for this config (`LlamaForCausalLM`, `Qwen2ForCausalLM`,
+    /// `Qwen3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`).
+    pub fn architecture(&self) -> &'static str {
+        match self.model_type() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
+            "gemma2" => "Gemma2ForCausalLM",
+            "gemma3_text" => "Gemma3ForCausalLM",
+            "gemma" => "GemmaForCausalLM",
+            _ => "LlamaForCausalLM",
+        }
+    }
+
+    /// The `config.json` that transformers (4.x with the classic RoPE fields, 5.x with its strict
+    /// config classes) loads: the family's fields, each with the JSON type transformers declares
+    /// (integers as integers, floats as floats, no `null` where a string is expected), plus
+    /// `architectures`, an explicit `model_type` and `num_key_value_heads`. Token ids and the
+    /// dtype are added by whoever knows them ([`CausalLm::save_dir`], the trainer).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        let Some(obj) = value.as_object_mut() else { return value };
+        obj.insert("architectures".into(), serde_json::json!([self.architecture()]));
+        obj.insert("model_type".into(), self.model_type().into());
+        // No attention dropout is applied, in training or not.
+        obj.entry("attention_dropout").or_insert(0.0.into());
+        obj.retain(|key, v| !(v.is_null() && key == "rope_scaling"));
+        match self {
+            Self::Llama(c) => {
+                obj.insert("num_key_value_heads".into(), c.kv_heads().into());
+                obj.insert("head_dim".into(), c.head_dim().into());
+                if c.is_qwen2() || c.is_qwen3() {
+                    obj.entry("use_sliding_window").or_insert(false.into());
+                    // Every layer attends fully (sliding windows are rejected when read).
+                    obj.entry("layer_types").or_insert(vec!["full_attention"; c.num_hidden_layers].into());
+                }
+            }
+            Self::Gemma(c) => {
+                // transformers 5 reads Gemma 1's activation from `hidden_act`, Gemma 2 / 3's from
+                // `hidden_activation`; both name the one this crate computes.
+                let act = c.hidden_activation.clone().unwrap_or_else(|| "gelu_pytorch_tanh".into());
+                if c.model_type.as_deref().is_none_or(|t| t == "gemma") {
+                    obj.insert("hidden_act".into(), act.clone().into());
+                }
+                obj.insert("hidden_activation".into(), act.into());
+                // Gemma's lm_head is always the embedding matrix; attention is always causal.
+                obj.insert("tie_word_embeddings".into(), true.into());
+                if c.is_gemma3() {
+                    obj.entry("use_bidirectional_attention").or_insert(false.into());
+                }
+                // Which layers slide, spelled out, so no version's default rule can differ.
+                if (c.is_gemma2() || c.is_gemma3()) && c.layer_types.is_none() {
+                    let types: Vec<&str> = (0..c.num_hidden_layers)
+                        .map(|l| if c.is_sliding(l) { "sliding_attention" } else { "full_attention" })
+                        .collect();
+                    obj.insert("layer_types".into(), types.into());
+                }
+            }
+        }
+        value
+    }
 }
 
 /// One model of any supported family; every method has the same contract across families.
@@ -431,6 +501,11 @@ impl CausalLm {
     /// the adapters.
     pub fn with_lora(self, cfg: LoraConfig, seed: u64) -> Result<Self> {
         cfg.validate()?;
+        self.attach_lora(cfg, seed, "adapter_config.json")
+    }
+
+    /// [`Self::with_lora`] for a config already checked; `file` names it in errors.
+    fn attach_lora(self, cfg: LoraConfig, seed: u64, file: &str) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let base = self.weights();
         let device = base.values().next().map_or(Device::Cpu, |t| t.device().clone());
@@ -438,7 +513,18 @@ impl CausalLm {
         let mut vars = Vec::new();
         for (name, shape) in self.config.weight_shapes() {
             let Some(module) = name.strip_suffix(".weight").filter(|m| cfg.targets(m)) else { continue };
-            let (out, inp) = (shape[0], shape[1]);
+            let last = module.rsplit('.').next().unwrap_or(module);
+            let [out, inp] = shape[..] else { continue };
+            if !crate::lora::ADAPTABLE.contains(&last) {
+                return Err(ModelError::Config {
+                    file: file.into(),
+                    field: "target_modules",
+                    reason: format!(
+                        "matches `{module}`, which cannot carry an adapter here (supported: {:?})",
+                        crate::lora::ADAPTABLE
+                    ),
+                });
+            }
             let bound = 1.0 / (inp as f64).sqrt();
             let a: Vec<f32> = (0..cfg.r * inp).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
             let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &device)?.to_dtype(dtype)?)?;
@@ -447,7 +533,7 @@ impl CausalLm {
         }
         if vars.is_empty() {
             return Err(ModelError::Config {
-                file: "adapter_config.json".into(),
+                file: file.into(),
                 field: "target_modules",
                 reason: format!("{:?} match no projection of this model", cfg.target_modules),
             });
@@ -499,7 +585,8 @@ impl CausalLm {
         self.lora.as_ref().map(|l| &l.cfg)
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout) into `dir`.
+    /// Writes `adapter_config.json` (every field PEFT saves, see [`LoraConfig::to_peft_json`])
+    /// and `adapter_model.safetensors` (PEFT's tensor names) into `dir`.
     pub fn save_adapters(&self, dir: &Path) -> Result<()> {
         let lora = self.lora.as_ref().ok_or_else(|| ModelError::Input {
             input: "adapters",
@@ -512,32 +599,50 @@ impl CausalLm {
         let file = dir.join("adapter_model.safetensors");
         candle_core::safetensors::save(&tensors, &file)
             .map_err(|e| ModelError::Io { path: file.display().to_string(), reason: e.to_string() })?;
-        let text = serde_json::to_string_pretty(&lora.cfg)
+        let text = serde_json::to_string_pretty(&lora.cfg.to_peft_json())
             .map_err(|e| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() })?;
         std::fs::write(dir.join("adapter_config.json"), text).map_err(io)
     }
 
-    /// Attaches the adapters saved in `dir` (PEFT's layout) to this (base) model.
+    /// Attaches the adapters saved in `dir` (PEFT's layout, by PEFT or [`Self::save_adapters`])
+    /// to this (base) model. The config is read by [`LoraConfig::from_peft_json`] (`use_rslora`
+    /// honoured, `lora_dropout` ignored, unsupported settings rejected by name); every tensor
+    /// of `adapter_model.safetensors` must be one of the adapters the config attaches.
     pub fn load_adapters(self, dir: &Path) -> Result<Self> {
         let path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ModelError::Io { path: path.display().to_string(), reason: e.to_string() })?;
-        let cfg: LoraConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            file: path.display().to_string(),
-            field: "(json)",
-            reason: e.to_string(),
-        })?;
-        let lm = self.with_lora(cfg, 0)?;
+        let cfg = LoraConfig::from_peft_json(&text, &path.display().to_string())?;
+        let lm = self.attach_lora(cfg, 0, &path.display().to_string())?;
         let file = dir.join("adapter_model.safetensors");
         let device = lm.trainable_vars().first().map_or(Device::Cpu, |(_, v)| v.device().clone());
         let saved = candle_core::safetensors::load(&file, &device)
             .map_err(|e| ModelError::Io { path: file.display().to_string(), reason: e.to_string() })?;
-        for (name, var) in lm.trainable_vars() {
-            let t = saved.get(&name).ok_or_else(|| ModelError::Io {
+        let vars = lm.trainable_vars();
+        for (name, var) in &vars {
+            let t = saved.get(name).ok_or_else(|| ModelError::Io {
                 path: file.display().to_string(),
                 reason: format!("missing `{name}`"),
             })?;
+            if t.dims() != var.dims() {
+                return Err(ModelError::Io {
+                    path: file.display().to_string(),
+                    reason: format!("`{name}` has shape {:?}; expected {:?}", t.dims(), var.dims()),
+                });
+            }
             var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        let mut unused: Vec<&String> = saved.keys().filter(|k| !vars.iter().any(|(n, _)| n == *k)).collect();
+        unused.sort();
+        if let Some(first) = unused.first() {
+            return Err(ModelError::Io {
+                path: file.display().to_string(),
+                reason: format!(
+                    "{} tensors the config attaches no adapter for, first `{first}` (expected only the \
+                     lora_A / lora_B weights of target_modules)",
+                    unused.len()
+                ),
+            });
         }
         Ok(lm)
     }
@@ -558,7 +663,9 @@ impl CausalLm {
         Ok(())
     }
 
-    /// Writes `model.safetensors` and `config.json` into `dir` (the Hugging Face layout).
+    /// Writes `model.safetensors` and `config.json` ([`ModelConfig::to_hf_json`] with
+    /// `torch_dtype`, the weights' dtype) into `dir`: the Hugging Face layout, which
+    /// transformers loads once tokenizer files are beside it.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
         let io = |e: std::io::Error| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() };
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -569,9 +676,22 @@ impl CausalLm {
         let file = dir.join("model.safetensors");
         candle_core::safetensors::save(&weights, &file)
             .map_err(|e| ModelError::Io { path: file.display().to_string(), reason: e.to_string() })?;
-        let text = serde_json::to_string_pretty(self.config())
+        let mut config = self.config.to_hf_json();
+        let dtype = weights.values().next().map_or(DType::F32, |t| t.dtype());
+        config["torch_dtype"] = torch_dtype(dtype).into();
+        let text = serde_json::to_string_pretty(&config)
             .map_err(|e| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() })?;
         std::fs::write(dir.join("config.json"), text).map_err(io)
+    }
+}
+
+/// PyTorch's name of `dtype`, as `config.json`'s `torch_dtype` holds it.
+fn torch_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
     }
 }
 

@@ -372,6 +372,20 @@ impl LlamaConfig {
     }
 }
 
+/// Serialises an `f64` that is a whole number as a JSON integer, any other value as a float:
+/// for fields transformers or PEFT type as `int` (their strict config classes reject `256.0`).
+pub(crate) fn whole_as_int<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 { s.serialize_i64(*v as i64) } else { s.serialize_f64(*v) }
+}
+
+/// [`whole_as_int`] for an optional field (`None` is `null`).
+pub(crate) fn opt_whole_as_int<S: serde::Serializer>(v: &Option<f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => whole_as_int(v, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// `config.json` text as a JSON value (an error naming `file` if it is not JSON).
 pub(crate) fn parse_json(text: &str, file: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| ModelError::Config {

@@ -82,10 +82,10 @@ pub struct GemmaConfig {
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     /// Ignored, as transformers ignores it for Gemma (older configs say `gelu`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_act: Option<String>,
     /// MLP activation: `gelu_pytorch_tanh` (the default, as in transformers) or `gelu` (erf).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_activation: Option<String>,
     /// Bias in attention projections; only `false` is supported.
     #[serde(default)]
@@ -99,8 +99,9 @@ pub struct GemmaConfig {
     /// Gemma 2: attention scores become `cap * tanh(scores / cap)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attn_logit_softcapping: Option<f64>,
-    /// Gemma 2: attention scale is `query_pre_attn_scalar^-1/2` (default `head_dim`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Gemma 2: attention scale is `query_pre_attn_scalar^-1/2` (default `head_dim`). Written as
+    /// an integer when whole (transformers types it `int`).
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "crate::config::opt_whole_as_int")]
     pub query_pre_attn_scalar: Option<f64>,
     /// Gemma 2 / 3: window of the sliding (local) layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -64,4 +64,4 @@ pub use error::{ModelError, Result};
 pub use gemma::{Gemma, GemmaConfig};
 pub use generation::KvCache;
 pub use llama::Llama;
-pub use lora::LoraConfig;
+pub use lora::{LoraConfig, TargetModules};

@@ -78,7 +78,7 @@ fn peft_layout_round_trip_is_bit_exact() -> Result<()> {
     lm.save_adapters(dir.path())?;
     let config = std::fs::read_to_string(dir.path().join("adapter_config.json"))
         .map_err(|e| ModelError::Io { path: "adapter_config.json".into(), reason: e.to_string() })?;
-    for needle in ["\"r\": 4", "\"lora_alpha\": 8.0", "\"peft_type\": \"LORA\"", "down_proj"] {
+    for needle in ["\"r\": 4", "\"lora_alpha\": 8,", "\"peft_type\": \"LORA\"", "down_proj"] {
         assert!(config.contains(needle), "{needle} in {config}");
     }
     let back = CausalLm::random(cfg, 5, &Device::Cpu)?.load_adapters(dir.path())?;

@@ -201,7 +201,7 @@ pub struct DataSpec {
     /// most this many of the held-out rows (default 128).
     pub eval_pairs: usize,
     /// A preference Parquet file (TRL standard, conversational or implicit-prompt layout;
-    /// needs `model.path`). Rows are split by a seeded hash of their content, never by file
+    /// needs `model.path`), or a directory or glob of shards read in name order. Rows are split by a seeded hash of their content, never by file
     /// order: `eval_fraction` of them are held out, a third of the rest is the SFT split and
     /// the other two thirds the preference split.
     pub parquet: Option<PathBuf>,

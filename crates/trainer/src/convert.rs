@@ -53,7 +53,7 @@ fn meta_strings(c: &Content, key: &str) -> Result<Vec<String>> {
 /// config as the library serialises it, plus what transformers also reads (`architectures`,
 /// BOS / EOS ids from the GGUF tokenizer, `torch_dtype`).
 pub fn hf_config(cfg: &slime_models::ModelConfig, c: &Content) -> Result<Json> {
-    let mut config = serde_json::to_value(cfg)?;
+    let mut config = cfg.to_hf_json();
     let model_type = config.get("model_type").and_then(Json::as_str).unwrap_or("llama").to_string();
     let class = match model_type.as_str() {
         "qwen2" => "Qwen2ForCausalLM",
@@ -360,7 +360,10 @@ mod tests {
             let json = hf_config(&cfg, &content).unwrap();
             assert_eq!(json["architectures"][0], class);
             assert_eq!((json["bos_token_id"].as_u64(), json["eos_token_id"].as_u64()), (Some(1), Some(2)));
-            assert_eq!(ModelConfig::from_json(&json.to_string(), "config.json").unwrap(), cfg);
+            assert_eq!(
+                ModelConfig::from_json(&json.to_string(), "config.json").unwrap().to_hf_json(),
+                cfg.to_hf_json()
+            );
         }
     }
 

@@ -140,7 +140,9 @@ impl RunData {
             let Encoded::Pair { pair, .. } = outcome else { continue };
             let ids = [&pair.prompt, &pair.chosen, &pair.rejected];
             for part in ids {
-                check_ids(part, vocab, tokenizer_dir, &|| format!("{} row {}", path.display(), pair.id))?;
+                check_ids(part, vocab, tokenizer_dir, &|| {
+                    format!("{} row {}", record.file.display(), record.file_row)
+                })?;
             }
             let example = Example { tokens: pair, task: None };
             let part = if held_out.part(&record.example) == SplitPart::First {

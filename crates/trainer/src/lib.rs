@@ -26,6 +26,7 @@ pub mod corpus;
 mod error;
 pub mod generate;
 pub mod kernels;
+pub mod hf_export;
 pub mod logps;
 pub mod malloc;
 pub mod metrics_log;

@@ -75,7 +75,8 @@ enum Command {
     Logps {
         #[command(flatten)]
         model: ModelArgs,
-        /// The Parquet preference file (TRL standard, conversational or implicit-prompt layout).
+        /// The Parquet preference file (TRL standard, conversational or implicit-prompt layout),
+        /// or a directory or glob of shards read in name order.
         #[arg(long)]
         data: PathBuf,
         /// Output Parquet file.
@@ -305,7 +306,9 @@ fn main() -> Result<()> {
             if batch_size == 0 {
                 bail!("--batch-size: must be at least 1");
             }
-            expect_file(&data, "--data", "a Parquet preference file")?;
+            for file in slime_data::parquet_files(&data)? {
+                expect_file(&file, "--data", "a Parquet preference file, a directory or a glob of them")?;
+            }
             let (loaded, device) = model.load()?;
             let template = loaded.template(model.template.map(Into::into))?;
             let opts = LogpsOptions {

@@ -333,7 +333,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         if sft_lora.is_some() {
             lm = lm.merge_lora()?;
         }
-        atomic::produce_dir(&run_dir.join("sft-model"), |dir| Ok(lm.save_dir(dir)?))?;
+        atomic::produce_dir(&run_dir.join("sft-model"), |dir| crate::hf_export::save_model(&lm, dir, cfg))?;
     } else if sft_steps > 0 && cfg.model.lora.is_some() {
         // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
         // before the preference stage began.
@@ -349,7 +349,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         write_generations(&run_dir.join("generations.jsonl"), decoder, &data, &ctx.generations)?;
     }
     if cfg.model.lora.is_some() {
-        atomic::produce_dir(&run_dir.join("adapter"), |dir| Ok(lm.save_adapters(dir)?))?;
+        atomic::produce_dir(&run_dir.join("adapter"), |dir| crate::hf_export::save_adapter(&lm, dir, run_dir, cfg))?;
     }
     // A pretrained model's merged copy would cost its full size per run: with LoRA its result
     // is `adapter/` (after a preference stage) or `sft-model/` (SFT only).
@@ -357,7 +357,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         if cfg.model.lora.is_some() {
             lm = lm.merge_lora()?;
         }
-        atomic::produce_dir(&run_dir.join("model"), |dir| Ok(lm.save_dir(dir)?))?;
+        atomic::produce_dir(&run_dir.join("model"), |dir| crate::hf_export::save_model(&lm, dir, cfg))?;
     }
     let result = serde_json::json!({
         "variant": cfg.name,

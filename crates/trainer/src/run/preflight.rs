@@ -40,7 +40,9 @@ pub(super) fn check_inputs(cfg: &RunConfig, run_dir: &Path) -> Result<()> {
         expect_dir_with(dir, "model.tokenizer", "a directory with tokenizer.json", &["tokenizer.json"])?;
     }
     if let Some(path) = &cfg.data.parquet {
-        expect_file(path, "data.parquet", "a Parquet preference file")?;
+        for file in slime_data::parquet_files(path)? {
+            expect_file(&file, "data.parquet", "a Parquet preference file, a directory or a glob of them")?;
+        }
     }
     if let Some(path) = &cfg.preference.reference_logps {
         expect_file(path, "preference.reference_logps", "a Parquet file written by `slime-trainer logps`")?;
