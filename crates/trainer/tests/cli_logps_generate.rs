@@ -304,12 +304,13 @@ fn logps_refuses_empty_input_and_leaves_nothing_behind() -> TestResult {
         text(&run.stderr)
     );
 
-    // A directory where the data file should be.
+    // A directory is read as a set of shards: one without any is named as such.
     let dir = f.root.join("dir.parquet");
     std::fs::create_dir_all(&dir)?;
     let run = trainer(&[&"logps", &"--model", &f.model, &"--data", &dir, &"--out", &out])?;
     let stderr = text(&run.stderr);
-    assert!(stderr.contains("dir.parquet: is a directory; expected a Parquet preference file"), "{stderr}");
+    assert!(!run.status.success());
+    assert!(stderr.contains("dir.parquet: the directory has no *.parquet file; expected Parquet shards"), "{stderr}");
     assert!(!out.exists());
     Ok(())
 }
