@@ -84,12 +84,12 @@ fn every_codec_parquet_rs_offers_reads_back() {
 
 /// Writes `rows` pairs per shard as the Hub names them: `train-0000i-of-0000n.parquet`.
 fn write_shards(dir: &Path, split: &str, rows: &[usize]) -> Vec<PreferenceExample> {
-    std::fs::create_dir_all(dir).unwrap();
+    std::fs::create_dir_all(dir).expect("shard directory");
     let (mut start, mut all) = (0, Vec::new());
     for (i, n) in rows.iter().enumerate() {
         let pairs = text_pairs(start..start + n);
         let name = format!("{split}-{i:05}-of-{:05}.parquet", rows.len());
-        write_preferences(dir.join(name), &pairs, Layout::Standard, &ColumnNames::default(), 3).unwrap();
+        write_preferences(dir.join(name), &pairs, Layout::Standard, &ColumnNames::default(), 3).expect("shard");
         all.extend(pairs);
         start += n;
     }
