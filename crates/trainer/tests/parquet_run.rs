@@ -325,11 +325,14 @@ fn context_and_data_errors_stop_the_run_before_its_directory_changes() -> TestRe
     assert!(err.contains("garbage.parquet"), "{err}");
     assert!(snapshot(&dir)? == before, "bad data: the earlier run changed");
 
-    // A missing file and a directory where a file belongs, each named.
+    // A directory without shards and a missing file, each named.
     let mut cfg = config(&f);
-    cfg.data.parquet = Some(f.root.clone());
+    let empty = f.root.join("no-shards");
+    std::fs::create_dir_all(&empty)?;
+    cfg.data.parquet = Some(empty);
     let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(err.contains("data.parquet = ") && err.contains("is a directory; expected a Parquet"), "{err}");
+    assert!(err.contains("no-shards: the directory has no *.parquet file"), "{err}");
+    assert!(snapshot(&dir)? == before, "no shards: the earlier run changed");
     cfg.data.parquet = Some(f.data.clone());
     cfg.preference.reference_logps = Some(f.root.join("nowhere.parquet"));
     let err = run(&cfg, &dir).err().map(|e| e.to_string()).unwrap_or_default();
