@@ -23,6 +23,7 @@ pub mod config;
 pub mod corpus;
 mod error;
 pub mod generate;
+pub mod logging;
 pub mod logps;
 pub mod malloc;
 pub mod metrics_log;
@@ -34,5 +35,13 @@ pub mod schedule;
 pub mod selection;
 pub mod task;
 pub mod threads;
+mod trl_names;
 
 pub use error::{Result, TrainError};
+
+/// The crates whose types this crate's API uses (models, tokenizers, objectives, tensors), at
+/// the versions it was built with.
+pub use candle_core;
+pub use slime_data;
+pub use slime_models;
+pub use slime_objectives;
