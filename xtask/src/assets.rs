@@ -274,7 +274,7 @@ pub fn assets(root: &Path) -> Result<()> {
         );
     for (name, output, members, sha256) in outputs {
         if is_done(root, output)? {
-            println!("ok       {output}");
+            tracing::info!("ok       {output}");
             continue;
         }
         let dest = root.join(output);
@@ -295,12 +295,12 @@ pub fn assets(root: &Path) -> Result<()> {
         }
         fs::rename(&tmp, &dest)?;
         fs::write(stamp_path(root, output), &got)?;
-        println!("wrote    {output}");
+        tracing::info!("wrote    {output}");
         did += 1;
     }
     did += convert_all(root)?;
     if did == 0 {
-        println!("all assets present and verified in {}; nothing to do", root.display());
+        tracing::info!("all assets present and verified in {}; nothing to do", root.display());
     }
     Ok(())
 }
@@ -315,7 +315,7 @@ fn convert_all(root: &Path) -> Result<usize> {
     for (gguf, out, tokenizer_dir) in models {
         let dir = root.join(out);
         if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
-            println!("ok       {out}/");
+            tracing::info!("ok       {out}/");
             continue;
         }
         crate::convert::convert_gguf(&root.join(gguf), &dir, tokenizer_dir.is_none())
@@ -325,15 +325,15 @@ fn convert_all(root: &Path) -> Result<usize> {
                 fs::copy(root.join(t).join(f), dir.join(f)).with_context(|| format!("copying {t}/{f}"))?;
             }
         }
-        println!("wrote    {out}/ (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)");
+        tracing::info!("wrote    {out}/ (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)");
         did += 1;
     }
     let data = root.join("data");
     if data.join("dpo_en_demo.preference.parquet").is_file() {
-        println!("ok       data/dpo_en_demo*.parquet");
+        tracing::info!("ok       data/dpo_en_demo*.parquet");
     } else {
         let (all, sft, pref) = crate::convert::convert_pairs(&data.join("dpo_en_demo.json"), &data)?;
-        println!("wrote    data/dpo_en_demo.parquet ({all} pairs), .sft ({sft}), .preference ({pref})");
+        tracing::info!("wrote    data/dpo_en_demo.parquet ({all} pairs), .sft ({sft}), .preference ({pref})");
         did += 1;
     }
     Ok(did)

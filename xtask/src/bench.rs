@@ -129,7 +129,17 @@ fn target_dir() -> PathBuf {
 fn build() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--quiet", "-p", "slime-trainer", "--bin", "slime-step-bench"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "slime-trainer",
+            "--features",
+            "bench",
+            "--bin",
+            "slime-step-bench",
+        ])
         .status()
         .context("building slime-step-bench")?;
     if !status.success() {
@@ -155,7 +165,10 @@ fn anchor_python(dir: &Path) -> Result<PathBuf> {
     if ready {
         return Ok(python);
     }
-    eprintln!("creating {} (torch, transformers, trl, datasets, pyarrow from PyPI; a few minutes)", venv.display());
+    tracing::info!(
+        "creating {} (torch, transformers, trl, datasets, pyarrow from PyPI; a few minutes)",
+        venv.display()
+    );
     let run = |cmd: &mut Command| -> Result<()> {
         let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
         if !status.success() {
