@@ -1,6 +1,6 @@
 //! The ablation report: one Markdown table in the paper's shape, the same as CSV, and plots of
 //! chosen log-prob and format validity over steps: small multiples, one row of panels per model,
-//! SLIME with its ablations in one panel and the baselines in another, each variant a mean line
+//! SLIME with its ablations, its exponent sweep and the baselines in panels of their own, each variant a mean line
 //! over seeds with a band from the lowest to the highest seed.
 //!
 //! Input: every finished cell directory under the results folder holds
@@ -203,22 +203,30 @@ fn band_curve(cells: &[Cell], model: &str, variant: &str, key: &str) -> Vec<Band
         .collect()
 }
 
-/// The two kinds of panel of a model's row: SLIME with its ablations, and the baselines (with
-/// SLIME drawn in both, as the reference line).
+/// The kinds of panel of a model's row: SLIME with its ablations, SLIME's exponent sweep, and
+/// the baselines (with SLIME drawn in each, as the reference line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Group {
     Slime,
+    Exponent,
     Baselines,
 }
 
 impl Group {
     fn of(variant: &str) -> Self {
-        if variant == "slime" || variant.starts_with("slime-") { Self::Slime } else { Self::Baselines }
+        if variant.strip_prefix("slime-p").is_some_and(|p| p.parse::<f64>().is_ok()) {
+            Self::Exponent
+        } else if variant == "slime" || variant.starts_with("slime-") {
+            Self::Slime
+        } else {
+            Self::Baselines
+        }
     }
 
     fn title(self) -> &'static str {
         match self {
             Self::Slime => "SLIME and its ablations",
+            Self::Exponent => "SLIME's exponent p",
             Self::Baselines => "baselines (SLIME in black)",
         }
     }
@@ -271,7 +279,7 @@ fn panels(cells: &[Cell], order: &[String], key: &str) -> Result<Vec<Vec<Panel>>
     let others =
         |g: Group| -> Vec<&String> { variants.iter().filter(|v| v.as_str() != "slime" && Group::of(v) == g).collect() };
     let mut groups: Vec<Group> =
-        [Group::Slime, Group::Baselines].into_iter().filter(|&g| !others(g).is_empty()).collect();
+        [Group::Slime, Group::Exponent, Group::Baselines].into_iter().filter(|&g| !others(g).is_empty()).collect();
     if groups.is_empty() {
         groups.push(Group::Slime);
     }
@@ -328,7 +336,7 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 }
 
 /// One panel's size in pixels, its legend's width within it, and the figure title's height.
-const PANEL: (u32, u32) = (700, 380);
+const PANEL: (u32, u32) = (640, 380);
 const LEGEND_WIDTH: i32 = 210;
 const TITLE_HEIGHT: u32 = 44;
 
@@ -365,6 +373,7 @@ where
         .axis_desc_style(("sans-serif", 14))
         .label_style(("sans-serif", 12))
         .x_labels(6)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_labels(6)
         .bold_line_style(BLACK.mix(0.12))
         .light_line_style(TRANSPARENT)
@@ -536,10 +545,11 @@ mod tests {
         assert_eq!(rows.len(), 2, "a row per model");
         let variants = |p: &Panel| p.series.iter().map(|s| s.variant.clone()).collect::<Vec<_>>();
         for (row, model) in rows.iter().zip(["tiny-llama", "tiny-gemma"]) {
-            assert_eq!(row.len(), 2, "{model}: ablations and baselines apart");
+            assert_eq!(row.len(), 3, "{model}: ablations, exponents and baselines apart");
             assert!(row[0].title.starts_with(model) && row[0].title.contains("ablations"), "{}", row[0].title);
-            assert_eq!(variants(&row[0]), ["slime-no-anchor", "slime-p1.0", "slime"]);
-            assert_eq!(variants(&row[1]), ["dpo", "simpo", "sft", "slime"], "SLIME is the reference line");
+            assert_eq!(variants(&row[0]), ["slime-no-anchor", "slime"]);
+            assert_eq!(variants(&row[1]), ["slime-p1.0", "slime"]);
+            assert_eq!(variants(&row[2]), ["dpo", "simpo", "sft", "slime"], "SLIME is the reference line");
             for panel in row {
                 let mut colors: Vec<(u8, u8, u8)> =
                     panel.series.iter().map(|s| (s.color.0, s.color.1, s.color.2)).collect();
@@ -551,7 +561,7 @@ mod tests {
             }
         }
         // A variant keeps its colour in every row.
-        assert_eq!(rows[0][1].series[0].color, rows[1][1].series[0].color);
+        assert_eq!(rows[0][2].series[1].color, rows[1][2].series[1].color);
         Ok(())
     }
 
