@@ -22,7 +22,9 @@ pub fn target_dir() -> PathBuf {
 /// shows cargo's progress.
 pub fn build(bin: &str) -> Result<PathBuf> {
     let exe = target_dir().join("release").join(bin);
-    let command = ["build", "--release", "-p", "slime-trainer", "--bin", bin];
+    // The benchmark binary is behind the `bench` feature, so `cargo install` leaves it out.
+    let features: &[&str] = if bin == STEP_BENCH { &["--features", "bench"] } else { &[] };
+    let command = [&["build", "--release", "-p", "slime-trainer", "--bin", bin][..], features].concat();
     let first = !exe.is_file();
     if first {
         println!(
@@ -35,7 +37,7 @@ pub fn build(bin: &str) -> Result<PathBuf> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
-    cmd.args(command);
+    cmd.args(&command);
     if !first {
         cmd.arg("--quiet");
     }

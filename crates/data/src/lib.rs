@@ -58,3 +58,9 @@ pub use split::{DegenerateCounts, HashSplit, SplitAudit, SplitPart};
 pub use template::{BuiltinTemplate, ChatTemplate};
 pub use tokenizer::{SpecialTokens, TextTokenizer};
 pub use writer::{PairLogps, PreferenceWriter, message_list, read_logps, write_logps, write_preferences};
+
+/// The arrow version of the schemas and arrays this crate returns ([`standard_schema`],
+/// [`message_list`]).
+pub use arrow;
+/// The tokenizers version of [`TextTokenizer::from_parts`] and [`TextTokenizer::inner`].
+pub use tokenizers;

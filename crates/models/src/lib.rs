@@ -65,3 +65,8 @@ pub use gemma::{Gemma, GemmaConfig};
 pub use generation::KvCache;
 pub use llama::Llama;
 pub use lora::{LoraConfig, TargetModules};
+
+/// The candle versions whose tensors, devices, variables and errors this crate's API uses
+/// (`Llama::new` takes a `candle_nn::VarBuilder`).
+pub use candle_core;
+pub use candle_nn;

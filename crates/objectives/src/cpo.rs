@@ -15,9 +15,10 @@ use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveInputs, Result};
 
-/// Which CPO preference term.
+/// Which CPO preference term. TRL's `loss_type` values `sigmoid` and `simpo` are accepted for
+/// `cpo` and `cpo-simpo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", try_from = "String")]
 pub enum CpoVariant {
     /// Summed log-probs, no margin.
     #[default]
@@ -26,15 +27,32 @@ pub enum CpoVariant {
     CpoSimpo,
 }
 
+impl TryFrom<String> for CpoVariant {
+    type Error = String;
+
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        match name.as_str() {
+            "cpo" | "sigmoid" => Ok(Self::Cpo),
+            "cpo-simpo" | "simpo" => Ok(Self::CpoSimpo),
+            other => {
+                Err(format!("unknown CPO variant `{other}`, expected cpo (TRL: sigmoid) or cpo-simpo (TRL: simpo)"))
+            }
+        }
+    }
+}
+
 /// CPO hyperparameters (TRL's `CPOConfig` defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CpoParams {
     /// Reward scale `beta > 0` (default 0.1).
     pub beta: f64,
-    /// Weight of the chosen NLL term, `>= 0` (default 1.0).
+    /// Weight of the chosen NLL term, `>= 0` (default 1.0); TRL's `cpo_alpha` (TRL's own `alpha`
+    /// is AlphaPO's reward shape, not this).
+    #[serde(alias = "cpo_alpha")]
     pub alpha: f64,
-    /// Preference term (default `cpo`).
+    /// Preference term (default `cpo`); TRL's name `loss_type` is accepted.
+    #[serde(alias = "loss_type")]
     pub variant: CpoVariant,
     /// Absolute target margin for `cpo-simpo`, `>= 0` (default 0.5; ignored by `cpo`).
     pub simpo_gamma: f64,

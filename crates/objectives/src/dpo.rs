@@ -20,9 +20,10 @@ use crate::objective::{Aggregation, Loss, ObjectiveKind, Requirements, check};
 use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveError, ObjectiveInputs, Result};
 
-/// Which DPO loss.
+/// Which DPO loss. Read from its name (TRL's `loss_type` values `sigmoid`, `robust` and `hinge`
+/// mean the same here); TRL's `ipo` is the separate [`IpoParams`] objective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", try_from = "String")]
 pub enum DpoLossType {
     /// `-logsig(beta * Delta)`, with label smoothing: conservative DPO (cDPO).
     #[default]
@@ -33,13 +34,28 @@ pub enum DpoLossType {
     Hinge,
 }
 
+impl TryFrom<String> for DpoLossType {
+    type Error = String;
+
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        match name.as_str() {
+            "sigmoid" => Ok(Self::Sigmoid),
+            "robust" => Ok(Self::Robust),
+            "hinge" => Ok(Self::Hinge),
+            "ipo" => Err("loss `ipo` is an objective of its own here: set type = \"ipo\" (same beta)".into()),
+            other => Err(format!("unknown DPO loss `{other}`, expected sigmoid, robust or hinge")),
+        }
+    }
+}
+
 /// DPO hyperparameters (TRL's defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DpoParams {
     /// Inverse temperature `beta > 0` (default 0.1).
     pub beta: f64,
-    /// Loss variant (default `sigmoid`).
+    /// Loss variant (default `sigmoid`); TRL's name `loss_type` is accepted.
+    #[serde(alias = "loss_type")]
     pub loss: DpoLossType,
     /// Label-flip probability `eps` in `[0, 0.5)` for `sigmoid` (cDPO) and `robust` (default 0).
     pub label_smoothing: f64,

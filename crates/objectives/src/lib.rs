@@ -78,3 +78,6 @@ pub use output::{LossOutput, Metrics};
 pub use sft::{SftParams, TokenFilter};
 pub use simpo::SimpoParams;
 pub use slime::{SlimeParams, SlimePreset};
+
+/// The candle version whose tensors and errors this crate's API takes and returns.
+pub use candle_core;

@@ -6,6 +6,9 @@
 //! ```
 //!
 //! Implicit rewards (logged): `beta * A`.
+//!
+//! TRL runs SimPO as `CPOConfig(loss_type = "simpo", cpo_alpha = 0)` with `simpo_gamma` the
+//! margin `gamma` itself; `simpo_gamma` is read here as `gamma_beta_ratio = simpo_gamma / beta`.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,9 +19,10 @@ use crate::output::{LossOutput, Metrics};
 use crate::{ObjectiveInputs, Result};
 
 /// SimPO hyperparameters (defaults of the official code; released configs span beta 2..10 and
-/// gamma_beta_ratio 0.1..0.8).
+/// gamma_beta_ratio 0.1..0.8). Deserialisation also takes TRL's `CPOConfig` names
+/// (`simpo_gamma`, `cpo_alpha = 0`, `loss_type = "simpo"`); serialisation writes ours.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(try_from = "SimpoSpec")]
 pub struct SimpoParams {
     /// Reward scale `beta > 0` (default 2.0).
     pub beta: f64,
@@ -38,6 +42,49 @@ impl SimpoParams {
     /// The absolute target margin `gamma = beta * gamma_beta_ratio`.
     pub fn gamma(&self) -> f64 {
         self.beta * self.gamma_beta_ratio
+    }
+}
+
+/// The on-disk form: ours or TRL's names, every field optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimpoSpec {
+    beta: Option<f64>,
+    gamma_beta_ratio: Option<f64>,
+    /// TRL's absolute target margin `gamma`.
+    simpo_gamma: Option<f64>,
+    label_smoothing: Option<f64>,
+    /// TRL's NLL weight: must be 0 (SimPO proper); anything else is CPO-SimPO.
+    cpo_alpha: Option<f64>,
+    /// TRL's `loss_type`: must be `simpo`.
+    loss_type: Option<String>,
+}
+
+impl TryFrom<SimpoSpec> for SimpoParams {
+    type Error = String;
+
+    fn try_from(s: SimpoSpec) -> std::result::Result<Self, String> {
+        if let Some(alpha) = s.cpo_alpha.filter(|&a| a != 0.0) {
+            return Err(format!(
+                "cpo_alpha = {alpha} adds an NLL term (CPO-SimPO): use type = \"cpo\" with loss_type = \"simpo\"; \
+                 SimPO itself has cpo_alpha = 0"
+            ));
+        }
+        if let Some(loss) = s.loss_type.filter(|l| l != "simpo") {
+            return Err(format!("loss_type = `{loss}`: SimPO's only loss_type is simpo"));
+        }
+        let default = Self::default();
+        let beta = s.beta.unwrap_or(default.beta);
+        let gamma_beta_ratio = match (s.gamma_beta_ratio, s.simpo_gamma) {
+            (Some(_), Some(_)) => {
+                return Err("set gamma_beta_ratio (margin / beta) or TRL's simpo_gamma (the margin), not both".into());
+            }
+            (Some(ratio), None) => ratio,
+            (None, Some(gamma)) if gamma >= 0.0 && gamma.is_finite() => gamma / beta,
+            (None, Some(gamma)) => return Err(format!("simpo_gamma = {gamma}: expected a finite value >= 0")),
+            (None, None) => default.gamma_beta_ratio,
+        };
+        Ok(Self { beta, gamma_beta_ratio, label_smoothing: s.label_smoothing.unwrap_or(default.label_smoothing) })
     }
 }
 

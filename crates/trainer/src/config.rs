@@ -164,7 +164,9 @@ pub const LORA_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "ga
 pub struct LoraSpec {
     /// Rank, 1..=1024 (default 8).
     pub r: usize,
-    /// Scale numerator: the update is scaled by `alpha / r`; finite, > 0 (default 16).
+    /// Scale numerator: the update is scaled by `alpha / r`; finite, > 0 (default 16). PEFT's
+    /// `lora_alpha`.
+    #[serde(alias = "lora_alpha")]
     pub alpha: f64,
     /// Adapted projections, from `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
     /// `down_proj` (default all seven, as the SLIME paper).
@@ -241,14 +243,18 @@ impl Default for DataSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StageSpec {
-    /// Optimiser steps (0 skips the stage).
+    /// Optimiser steps (0 skips the stage); TRL's `max_steps`.
+    #[serde(alias = "max_steps")]
     pub steps: u64,
     /// Sequences per micro-batch (one forward/backward pass); an optimiser step sees
-    /// `batch_size * grad_accum` sequences (default 32).
+    /// `batch_size * grad_accum` sequences (default 32). TRL's `per_device_train_batch_size`.
+    #[serde(alias = "per_device_train_batch_size")]
     pub batch_size: usize,
     /// Gradient accumulation: micro-batches per optimiser step, >= 1 (default 1). The loss is
     /// normalised over the whole optimiser batch, so `batch_size = 8, grad_accum = 1` and
-    /// `batch_size = 4, grad_accum = 2` train the same model (up to float rounding).
+    /// `batch_size = 4, grad_accum = 2` train the same model (up to float rounding). TRL's
+    /// `gradient_accumulation_steps`.
+    #[serde(alias = "gradient_accumulation_steps")]
     pub grad_accum: usize,
     /// Micro-batches of one optimiser step processed at once, each on its own thread of the
     /// rayon pool (data parallelism over the CPU cores), 1..=grad_accum (default 1). Gradients
@@ -283,13 +289,17 @@ impl Default for StageSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PreferenceSpec {
-    /// Optimiser steps (0 skips the stage).
+    /// Optimiser steps (0 skips the stage); TRL's `max_steps`.
+    #[serde(alias = "max_steps")]
     pub steps: u64,
     /// Pairs per micro-batch (one forward/backward pass); an optimiser step sees
-    /// `batch_size * grad_accum` pairs (default 32).
+    /// `batch_size * grad_accum` pairs (default 32). TRL's `per_device_train_batch_size`.
+    #[serde(alias = "per_device_train_batch_size")]
     pub batch_size: usize,
     /// Gradient accumulation: micro-batches per optimiser step, >= 1 (default 1); the loss is
-    /// normalised over the whole optimiser batch (see [`slime_objectives::BatchTotals`]).
+    /// normalised over the whole optimiser batch (see [`slime_objectives::BatchTotals`]). TRL's
+    /// `gradient_accumulation_steps`.
+    #[serde(alias = "gradient_accumulation_steps")]
     pub grad_accum: usize,
     /// Micro-batches of one optimiser step processed at once, each on its own thread of the
     /// rayon pool (data parallelism over the CPU cores), 1..=grad_accum (default 1). Gradients
@@ -336,6 +346,8 @@ impl Default for PreferenceSpec {
 #[serde(default, deny_unknown_fields)]
 pub struct EvalSpec {
     /// Evaluate every this many preference steps (and at the start and end; default 25).
+    /// TRL's `eval_steps`.
+    #[serde(alias = "eval_steps")]
     pub every: u64,
     /// Held-out prompts decoded greedily per evaluation (default 64).
     pub generations: usize,
@@ -343,7 +355,9 @@ pub struct EvalSpec {
     pub max_new_tokens: usize,
     /// Collapse threshold delta: rejected tokens with log-prob below -delta (default 1.25).
     pub collapse_delta: f64,
-    /// Pairs per forward pass when scoring held-out pairs (default 64).
+    /// Pairs per forward pass when scoring held-out pairs (default 64). TRL's
+    /// `per_device_eval_batch_size`.
+    #[serde(alias = "per_device_eval_batch_size")]
     pub batch_size: usize,
 }
 
@@ -359,9 +373,11 @@ impl Default for EvalSpec {
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointSpec {
     /// Write a checkpoint after every this many optimiser steps of each stage (SFT and
-    /// preference); 0 disables checkpoints (default 100).
+    /// preference); 0 disables checkpoints (default 100). TRL's `save_steps`.
+    #[serde(alias = "save_steps")]
     pub every: u64,
-    /// Checkpoints kept on disk, the newest ones; >= 1 (default 2).
+    /// Checkpoints kept on disk, the newest ones; >= 1 (default 2). TRL's `save_total_limit`.
+    #[serde(alias = "save_total_limit")]
     pub keep_last: usize,
 }
 
@@ -378,9 +394,16 @@ pub const MAX_GRAD_ACCUM: usize = 4096;
 pub const MAX_NEW_TOKENS: usize = 4096;
 
 impl RunConfig {
-    /// Parses TOML; unknown fields and type errors name the field.
+    /// Parses TOML; unknown fields and type errors name the field, and a TRL name written where
+    /// it does not belong (or that has no counterpart) gets a hint.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
+        let cfg: Self = toml::from_str(text).map_err(|e| {
+            let message = e.to_string();
+            match crate::trl_names::hint(&message) {
+                Some(hint) => TrainError::Config(format!("{}\nhint: {hint}", message.trim_end())),
+                None => TrainError::Config(message),
+            }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -608,6 +631,101 @@ mod tests {
         ] {
             let err = RunConfig::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn trl_names_parse_to_the_same_config_as_ours() -> Result<()> {
+        let ours = RunConfig::from_toml(
+            "seed = 3
+[model.lora]
+r = 16
+alpha = 32.0
+[data]
+max_length = 1024
+max_prompt_length = 512
+[sft]
+steps = 50
+batch_size = 4
+grad_accum = 2
+weight_decay = 0.01
+max_grad_norm = 0.5
+[sft.schedule]
+lr = 2e-5
+decay = \"cosine\"
+warmup_ratio = 0.1
+[preference]
+steps = 100
+batch_size = 8
+grad_accum = 4
+objective = { type = \"dpo\", beta = 0.05, loss = \"hinge\" }
+[preference.schedule]
+lr = 5e-7
+decay = \"constant\"
+[eval]
+every = 10
+batch_size = 16
+[checkpoint]
+every = 20
+keep_last = 3",
+        )?;
+        let trl = RunConfig::from_toml(
+            "seed = 3
+[model.lora]
+r = 16
+lora_alpha = 32.0
+[data]
+max_length = 1024
+max_prompt_length = 512
+[sft]
+max_steps = 50
+per_device_train_batch_size = 4
+gradient_accumulation_steps = 2
+weight_decay = 0.01
+max_grad_norm = 0.5
+[sft.schedule]
+learning_rate = 2e-5
+lr_scheduler_type = \"cosine\"
+warmup_ratio = 0.1
+[preference]
+max_steps = 100
+per_device_train_batch_size = 8
+gradient_accumulation_steps = 4
+objective = { type = \"dpo\", beta = 0.05, loss_type = \"hinge\" }
+[preference.schedule]
+learning_rate = 5e-7
+lr_scheduler_type = \"constant_with_warmup\"
+[eval]
+eval_steps = 10
+per_device_eval_batch_size = 16
+[checkpoint]
+save_steps = 20
+save_total_limit = 3",
+        )?;
+        assert_eq!(trl, ours);
+        assert_ne!(ours, RunConfig::default(), "the values above are not the defaults");
+        // Written back with our names.
+        let text = toml::to_string(&trl).map_err(|e| TrainError::Config(e.to_string()))?;
+        assert!(!text.contains("learning_rate") && !text.contains("save_total_limit"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn trl_names_with_another_meaning_or_place_get_a_hint() {
+        for (text, needle) in [
+            ("[preference]\nnum_train_epochs = 3", "steps = epochs"),
+            ("[preference.schedule]\nwarmup_steps = 10", "warmup_ratio = warmup_steps / steps"),
+            ("[preference]\nlearning_rate = 1e-6", "[preference.schedule]"),
+            ("learning_rate = 1e-6", "(ours: lr)"),
+            ("[preference]\nweight_decay = 0.1", "only [sft]"),
+            ("[preference]\nbeta = 0.1", "objective table"),
+            ("[model]\nbf16 = true", "model.dtype"),
+            ("[data]\nmax_completion_length = 64", "data.max_length"),
+            ("[preference]\nobjective = { type = \"dpo\", loss_type = \"ipo\" }", "type = \"ipo\""),
+            ("[preference.schedule]\nlr_scheduler_type = \"polynomial\"", "polynomial"),
+        ] {
+            let err = RunConfig::from_toml(text).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: `{err}` should contain `{needle}`");
         }
     }
 

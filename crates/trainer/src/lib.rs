@@ -27,6 +27,7 @@ mod error;
 pub mod generate;
 pub mod hf_export;
 pub mod kernels;
+pub mod logging;
 pub mod logps;
 pub mod malloc;
 pub mod metrics_log;
@@ -40,5 +41,13 @@ pub mod selection;
 pub mod task;
 pub mod threads;
 pub mod verifiable;
+mod trl_names;
 
 pub use error::{Result, TrainError};
+
+/// The crates whose types this crate's API uses (models, tokenizers, objectives, tensors), at
+/// the versions it was built with.
+pub use candle_core;
+pub use slime_data;
+pub use slime_models;
+pub use slime_objectives;

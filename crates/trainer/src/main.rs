@@ -254,6 +254,7 @@ fn main() -> Result<()> {
     // SAFETY: first thing in main, before any thread exists.
     unsafe { slime_trainer::threads::keep_candle_off_its_own_pool() };
     slime_trainer::malloc::keep_freed_memory();
+    slime_trainer::logging::init_logging();
     slime_trainer::kernels::apply_env()?;
     match Cli::parse().command {
         Command::Train { config, run_dir, resume, progress, selection } => {

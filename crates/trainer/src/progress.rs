@@ -1,5 +1,5 @@
-//! Progress of a training stage on stderr: a bar with ETA on a terminal, plain periodic lines
-//! otherwise (logs, CI, `cargo xtask ablate`'s captured stderr), or nothing.
+//! Progress of a training stage: a bar with ETA on stderr when it is a terminal, periodic log
+//! lines otherwise (logs, CI, `cargo xtask ablate`'s captured stderr), or nothing.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -16,7 +16,9 @@ pub enum ProgressMode {
     Auto,
     /// Always a bar.
     Bar,
-    /// Always plain lines: about ten per stage, at most one per 10 seconds in between.
+    /// Always plain lines: about ten per stage, at most one per 10 seconds in between, as
+    /// `tracing` info events of target `slime_trainer::progress` (shown by the subscriber the
+    /// command line installs, [`crate::logging::init_logging`]).
     Lines,
 }
 
@@ -66,7 +68,7 @@ impl Progress {
             let elapsed = self.started.elapsed().as_secs_f64();
             let done = step.saturating_sub(self.first).max(1) as f64;
             let eta = elapsed / done * self.total.saturating_sub(step) as f64;
-            eprintln!(
+            tracing::info!(
                 "[{}] step {step}/{} ({:.0}%) loss {loss:.4}, {:.1} s elapsed, ETA {:.1} s",
                 self.stage,
                 self.total,

@@ -9,7 +9,8 @@ use crate::{Result, TrainError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Decay {
-    /// Constant after warmup.
+    /// Constant after warmup (Hugging Face's `constant_with_warmup`, accepted as a name).
+    #[serde(alias = "constant_with_warmup")]
     Constant,
     /// Linear to 0 at the last step (the SLIME paper's preference stage).
     #[default]
@@ -22,9 +23,11 @@ pub enum Decay {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Schedule {
-    /// Peak learning rate (default 1e-5).
+    /// Peak learning rate (default 1e-5); TRL's `learning_rate`.
+    #[serde(alias = "learning_rate")]
     pub lr: f64,
-    /// Decay shape after warmup (default `linear`).
+    /// Decay shape after warmup (default `linear`); TRL's `lr_scheduler_type`.
+    #[serde(alias = "lr_scheduler_type")]
     pub decay: Decay,
     /// Warmup as a fraction of the total steps, in [0, 1) (default 0.0).
     pub warmup_ratio: f64,

@@ -239,6 +239,7 @@ fn non_embedding_params(lm: &CausalLm) -> usize {
 }
 
 fn main() -> Result<()> {
+    slime_trainer::logging::init_logging();
     let args = Args::parse();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // SAFETY: single-threaded at this point (before any pool or candle op exists).
