@@ -40,8 +40,8 @@ pub mod schedule;
 pub mod selection;
 pub mod task;
 pub mod threads;
-pub mod verifiable;
 mod trl_names;
+pub mod verifiable;
 
 pub use error::{Result, TrainError};
 
