@@ -20,10 +20,11 @@
 //! afterwards: the same values, without candle's zero-filled entry and add for the packed
 //! tensor, the `cat` and the `reshape` of every weight).
 //!
-//! Matrix products use the `gemm` crate (candle's own CPU backend) on strided views, so heads are
-//! read straight out of `[tokens, heads * head_dim]` activations; row-wise work runs on rayon's
-//! pool (`RAYON_NUM_THREADS`). They run on f32 CPU tensors; every public function falls back to
-//! the composition on any other device or dtype, so the `cuda` feature keeps working.
+//! Matrix products go through `host::matmul` on strided views (`tile_product` on AVX-512F CPUs,
+//! the `gemm` crate otherwise), so heads are read straight out of `[tokens, heads * head_dim]`
+//! activations; row-wise work runs on rayon's pool (`RAYON_NUM_THREADS`). They run on f32 CPU
+//! tensors while [`enabled`]; every public function falls back to the composition on any other
+//! device or dtype, so the `cuda` feature keeps working.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
