@@ -123,15 +123,7 @@ pub fn save_model(lm: &CausalLm, dir: &Path, cfg: &RunConfig) -> Result<()> {
             write_json(&generation, &value)?;
         }
     }
-    if let Some(tok) = tokenizer_source(cfg) {
-        for name in TOKENIZER_FILES {
-            let source = tok.join(name);
-            if source.is_file() {
-                fs::copy(&source, dir.join(name)).map_err(io(&source))?;
-            }
-        }
-    }
-    Ok(())
+    copy_tokenizer_files(cfg, dir)
 }
 
 /// Writes `lm`'s LoRA adapters into `run_dir/adapter` ([`CausalLm::save_adapters`]) with
@@ -151,6 +143,11 @@ pub fn save_adapter(lm: &CausalLm, dir: &Path, run_dir: &Path, cfg: &RunConfig) 
     let mut config = read_json(&path)?;
     config["base_model_name_or_path"] = base.map(|b| b.display().to_string()).into();
     write_json(&path, &config)?;
+    copy_tokenizer_files(cfg, dir)
+}
+
+/// Copies the run's tokenizer files (those of [`TOKENIZER_FILES`] its tokenizer directory has) into `dir`.
+fn copy_tokenizer_files(cfg: &RunConfig, dir: &Path) -> Result<()> {
     if let Some(tok) = tokenizer_source(cfg) {
         for name in TOKENIZER_FILES {
             let source = tok.join(name);
