@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+mod step_losses;
+
 use candle_core::{DType, Device, Tensor, Var};
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig};
 use slime_objectives::{
@@ -13,6 +15,7 @@ use slime_objectives::{
 };
 use slime_trainer::config::RunConfig;
 use slime_trainer::run::run;
+use step_losses::losses;
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("a CUDA device (this test runs only on a GPU machine)")
@@ -131,16 +134,4 @@ fn a_short_run_matches_the_cpu() {
         let y = gpu[step];
         assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{step:?}: CPU loss {x}, CUDA {y}");
     }
-}
-
-/// Per-step losses of a run's metrics.jsonl, keyed by stage and step.
-fn losses(run_dir: &std::path::Path) -> std::collections::BTreeMap<(String, u64), f64> {
-    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");
-    text.lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("json line"))
-        .filter_map(|v| {
-            let loss = v.get("loss")?.as_f64()?;
-            Some(((v.get("stage")?.as_str()?.to_owned(), v.get("step")?.as_u64()?), loss))
-        })
-        .collect()
 }

@@ -7,12 +7,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+mod step_losses;
+
 use candle_core::{DType, Device, Tensor};
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig};
 use slime_objectives::{DpoParams, Objective, SlimeParams};
 use slime_trainer::config::RunConfig;
 use slime_trainer::kernels::{KernelPath, set_kernel_path};
 use slime_trainer::run::run;
+use step_losses::losses;
 
 /// Gradients of the summed token log-probs of a fixed batch, by weight name.
 fn logp_gradients(lm: &CausalLm) -> (f64, HashMap<String, Tensor>) {
@@ -70,18 +73,6 @@ fn tiny_run(objective: Objective, dtype: &str) -> RunConfig {
     cfg.eval.every = 100;
     cfg.checkpoint.every = 0;
     cfg
-}
-
-/// Per-step losses of a run's metrics.jsonl, keyed by stage and step.
-fn losses(run_dir: &Path) -> BTreeMap<(String, u64), f64> {
-    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");
-    text.lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("json line"))
-        .filter_map(|v| {
-            let loss = v.get("loss")?.as_f64()?;
-            Some(((v.get("stage")?.as_str()?.to_owned(), v.get("step")?.as_u64()?), loss))
-        })
-        .collect()
 }
 
 fn weights(run_dir: &Path) -> HashMap<String, Tensor> {
