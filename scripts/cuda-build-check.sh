@@ -56,11 +56,11 @@ nvcc --version | tail -n 2
 
 features=slime-objectives/cuda,slime-models/cuda,slime-trainer/cuda
 cargo build --release -p slime-trainer --features "$features" --bin slime-trainer
-cargo test -p slime-objectives -p slime-models -p slime-trainer --features "$features" --no-run \
+cargo test --release -p slime-objectives -p slime-models -p slime-trainer --features "$features" --no-run \
   --message-format=json-render-diagnostics >"$CARGO_TARGET_DIR/test-artifacts.json"
 
 grep -qx '/.gpu-bin/' .git/info/exclude 2>/dev/null || echo '/.gpu-bin/' >>.git/info/exclude
-# Every test target compiled above; the ones that touch a GPU travel (the rest use the CPU only).
+# Every test target compiled above (release, so it shares the build above); the ones that touch a GPU travel (the rest use the CPU only).
 rm -rf .gpu-bin && mkdir -p .gpu-bin
 python3 - "$CARGO_TARGET_DIR/test-artifacts.json" <<'PY' | while read -r exe; do cp "$exe" .gpu-bin/cuda_parity; done
 import json, sys
