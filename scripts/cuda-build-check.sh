@@ -72,5 +72,7 @@ PY
 cp "$CARGO_TARGET_DIR/release/slime-trainer" .gpu-bin/
 strip .gpu-bin/slime-trainer .gpu-bin/cuda_parity
 echo "linked against:"; ldd .gpu-bin/slime-trainer | grep -E 'cuda|cublas|curand|nvrtc' || true
+# xz: ~160 MB of binaries (mostly candle's embedded PTX) travel as ~23 MB; gpu-run.sh unpacks them.
+xz -T0 -6 .gpu-bin/slime-trainer .gpu-bin/cuda_parity
 du -sh .gpu-bin
 echo "built in $(( $(date +%s) - start )) s; on a GPU machine: scripts/gpu-run.sh (carry .gpu-bin)"

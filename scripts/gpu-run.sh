@@ -16,6 +16,11 @@ mkdir -p "$results"
 assets=""
 [ "${1:-}" = "--assets" ] && assets="${2:?--assets needs a directory}"
 
+for packed in .gpu-bin/*.xz; do
+  [ -e "$packed" ] || continue
+  xz -dc "$packed" >"${packed%.xz}" && chmod +x "${packed%.xz}"
+done
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$results/gpu.txt"
 
 # The CUDA 13 libraries the binaries link (cublas, cublasLt, curand, nvrtc, cudart), from wherever

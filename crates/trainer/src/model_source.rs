@@ -77,8 +77,9 @@ pub fn parse_device(text: &str) -> Result<Device> {
             _ => return Err(TrainError::Config(format!("device `{text}`: expected cpu, cuda or cuda:N"))),
         },
     };
-    Device::new_cuda(ordinal)
-        .map_err(|e| TrainError::Config(format!("device `{text}`: {e} (CUDA needs a build with --features cuda)")))
+    // Without the feature candle refuses every CUDA device; with it, the driver's error stands alone.
+    let hint = if cfg!(feature = "cuda") { "" } else { " (CUDA needs a build with --features cuda)" };
+    Device::new_cuda(ordinal).map_err(|e| TrainError::Config(format!("device `{text}`: {e}{hint}")))
 }
 
 impl ModelSource {
