@@ -30,6 +30,7 @@ pub mod kernels;
 pub mod logging;
 pub mod logps;
 pub mod malloc;
+pub mod metrics;
 pub mod metrics_log;
 pub mod model_source;
 pub mod optim;
