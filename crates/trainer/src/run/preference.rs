@@ -53,13 +53,13 @@ pub(super) fn preference_stage(
         None => start(ctx, lm, data)?,
         Some(resume) => resumed(cfg, lm, data, resume)?,
     };
-    let mut progress = Progress::new(ctx.opts.progress, "preference", run.first, steps);
+    let mut progress = Progress::new(ctx.opts.progress, Stage::Preference.name(), run.first, steps);
     for step in run.first..steps {
         let loss = train_step(ctx, lm, data, &mut run, step)?;
         progress.step(step + 1, loss);
         if (step + 1) % cfg.eval.every == 0 || step + 1 == steps {
             let e = with_drift(ctx.evaluate(lm, data)?, run.start_chosen_logp);
-            ctx.eval_log.write("preference", step + 1, &e)?;
+            ctx.eval_log.write(Stage::Preference.name(), step + 1, &e)?;
             run.last_eval = Some(e);
         }
         if ctx.checkpoint_due(step + 1) {
@@ -87,7 +87,7 @@ fn start(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData) -> Result<PreferenceR
     let mut start = ctx.evaluate(lm, data)?;
     let start_chosen_logp = start[eval::CHOSEN_LOGP];
     start.insert(eval::CHOSEN_LOGP_DRIFT.into(), 0.0);
-    ctx.eval_log.write("preference", 0, &start)?;
+    ctx.eval_log.write(Stage::Preference.name(), 0, &start)?;
     let reference = if cfg.preference.steps > 0 && cfg.preference.objective.needs_reference() {
         Some(Reference::at_start(lm, data, cfg)?)
     } else {

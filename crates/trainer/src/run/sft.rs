@@ -31,7 +31,7 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
     }
     let mut sampler = EpochSampler::new(data.len(), ctx.cfg.seed, cursor);
     let objective = Objective::Sft(SftParams::nll());
-    let mut progress = Progress::new(ctx.opts.progress, "sft", first, spec.steps);
+    let mut progress = Progress::new(ctx.opts.progress, Stage::Sft.name(), first, spec.steps);
     for step in first..spec.steps {
         let started = Instant::now();
         let picked = sampler.next_batch(spec.batch_size * spec.grad_accum);
