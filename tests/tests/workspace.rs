@@ -158,3 +158,15 @@ fn every_cell_config_is_a_valid_run_config() {
         }
     }
 }
+
+/// The report reads the evaluation keys the trainer writes: xtask cannot link the objectives
+/// crate (it holds no model code), so its copies are checked against the shared constants here.
+#[test]
+fn the_report_reads_the_keys_the_trainer_writes() {
+    use slime_trainer::metrics::eval;
+    let read = xtask::report::COLUMNS.iter().map(|c| c.0).chain(xtask::report::CURVES.iter().map(|c| c.0));
+    for key in read {
+        assert!(eval::ALL.contains(&key), "xtask report reads `{key}`, which no evaluation writes");
+    }
+    assert!(xtask::report::COLUMNS.iter().any(|c| c.0 == eval::CHOSEN_LOGP_DRIFT));
+}

@@ -1,9 +1,9 @@
-//! `cargo xtask bench`: training-step speed on the issue-7 reference workload.
+//! `cargo xtask bench`: training-step speed on the reference workload (docs/performance.md).
 //!
 //! Builds `slime-step-bench` in release mode and runs each objective in a fresh process (one JSON
 //! line each). With `--vs-pytorch DIR` (the anchor scripts: `bench_plain.py`, `bench_trl.py`) it
 //! also runs the PyTorch/TRL anchors in the same invocation, alternating with ours so that load
-//! changes hit both sides alike, and prints the ratios against the issue's targets. The anchors'
+//! changes hit both sides alike, and prints the ratios. The anchors'
 //! virtual environment is `DIR/venv` when it exists, otherwise `target/bench/anchor-venv`, created
 //! as the anchors' README says (`pip install torch transformers trl datasets pyarrow`) if missing.
 //!

@@ -6,7 +6,7 @@ pub mod ablate;
 mod assets;
 pub mod bench;
 pub mod grid;
-mod report;
+pub mod report;
 pub mod stats;
 pub mod trainer;
 

@@ -87,6 +87,17 @@ pub mod eval {
     pub const TASK_ACCURACY: &str = "eval/task_accuracy";
     /// Mean repetition score of greedy generations (Parquet data).
     pub const REPETITION: &str = "eval/repetition";
+    /// Every evaluation key.
+    pub const ALL: [&str; 8] = [
+        PREFERENCE_ACCURACY,
+        CHOSEN_LOGP,
+        REJECTED_LOGP,
+        CHOSEN_LOGP_DRIFT,
+        COLLAPSE_FRACTION,
+        FORMAT_VALIDITY,
+        TASK_ACCURACY,
+        REPETITION,
+    ];
 }
 
 /// `logps/{side}` and `logps/{side}_per_token` of one side.

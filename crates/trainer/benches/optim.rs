@@ -1,4 +1,4 @@
-//! The optimiser on the parameters of issue 7's reference model (Llama, vocab 512, hidden 256,
+//! The optimiser on the parameters of the step benchmark's reference model (Llama, vocab 512, hidden 256,
 //! intermediate 688, 4 layers, 8 heads, 4 kv heads, untied: 3,164,416 f32 parameters in 39
 //! tensors): our fused AdamW step, the gradient norm that clipping needs, and candle-nn's
 //! `AdamW` on the same parameters and gradients as the baseline it replaced (it cannot export

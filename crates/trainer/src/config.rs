@@ -36,6 +36,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use slime_objectives::{Objective, SlimeParams};
 
+use crate::optim::AdamWConfig;
 use crate::schedule::{Decay, Schedule};
 use crate::selection::{SageParams, SelectionKind};
 use crate::{Result, TrainError};
@@ -239,40 +240,50 @@ impl Default for DataSpec {
     }
 }
 
-/// An optimisation stage.
+/// One stage's optimisation: steps, batch sizes, the learning-rate schedule and AdamW. The same
+/// keys (with TRL's names as aliases) in `[sft]` and `[preference]`; only the defaults of
+/// `steps` and `schedule` differ ([`StageSpec::sft_default`], [`StageSpec::preference_default`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StageSpec {
     /// Optimiser steps (0 skips the stage); TRL's `max_steps`.
     #[serde(alias = "max_steps")]
     pub steps: u64,
-    /// Sequences per micro-batch (one forward/backward pass); an optimiser step sees
-    /// `batch_size * grad_accum` sequences (default 32). TRL's `per_device_train_batch_size`.
+    /// Sequences (SFT) or pairs (preference) per micro-batch, one forward/backward pass; an
+    /// optimiser step sees `batch_size * grad_accum` of them (default 32). TRL's
+    /// `per_device_train_batch_size`.
     #[serde(alias = "per_device_train_batch_size")]
     pub batch_size: usize,
     /// Gradient accumulation: micro-batches per optimiser step, >= 1 (default 1). The loss is
-    /// normalised over the whole optimiser batch, so `batch_size = 8, grad_accum = 1` and
-    /// `batch_size = 4, grad_accum = 2` train the same model (up to float rounding). TRL's
-    /// `gradient_accumulation_steps`.
+    /// normalised over the whole optimiser batch ([`slime_objectives::BatchTotals`]), so
+    /// `batch_size = 8, grad_accum = 1` and `batch_size = 4, grad_accum = 2` train the same
+    /// model (up to float rounding). TRL's `gradient_accumulation_steps`.
     #[serde(alias = "gradient_accumulation_steps")]
     pub grad_accum: usize,
     /// Micro-batches of one optimiser step processed at once, each on its own thread of the
     /// rayon pool (data parallelism over the CPU cores), 1..=grad_accum (default 1). Gradients
     /// are still summed in micro-batch order, so the weights are bit-identical to 1. It pays
-    /// when one micro-batch is too small to keep every core busy inside each product (issue 7's
-    /// reference workload on 2 cores: see docs/performance.md); the activations of that many
-    /// micro-batches are alive at once.
+    /// when one micro-batch is too small to keep every core busy inside each product (see
+    /// docs/performance.md); the activations of that many micro-batches are alive at once.
     pub parallel_micro_batches: usize,
     /// Learning-rate schedule.
     pub schedule: Schedule,
     /// Gradient-norm clipping (PyTorch's `clip_grad_norm_`); none if absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
-    /// AdamW weight decay.
+    /// AdamW's decoupled weight decay, >= 0 (default 0, as TRL's trainers); TRL's name.
     pub weight_decay: f64,
 }
 
 impl Default for StageSpec {
     fn default() -> Self {
+        Self::sft_default()
+    }
+}
+
+impl StageSpec {
+    /// `[sft]`'s defaults: 600 steps, cosine decay from 3e-3 after 5% warmup.
+    pub fn sft_default() -> Self {
         Self {
             steps: 600,
             batch_size: 32,
@@ -283,35 +294,63 @@ impl Default for StageSpec {
             weight_decay: 0.0,
         }
     }
+
+    /// `[preference]`'s defaults: 200 steps, linear decay from 1e-3 (the paper's schedule).
+    pub fn preference_default() -> Self {
+        Self {
+            steps: 200,
+            schedule: Schedule { lr: 1e-3, decay: Decay::Linear, warmup_ratio: 0.0 },
+            ..Self::sft_default()
+        }
+    }
+
+    /// The stage's AdamW settings.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { weight_decay: self.weight_decay, ..AdamWConfig::default() }
+    }
+
+    /// Rejects out-of-range values, naming them `{stage}.field`.
+    fn validate(&self, stage: &str) -> Result<()> {
+        let bad = |what: String| Err(TrainError::Config(what));
+        let (batch, accum, parallel) = (self.batch_size, self.grad_accum, self.parallel_micro_batches);
+        if batch == 0 {
+            return bad(format!("{stage}.batch_size = 0: expected at least 1"));
+        }
+        if accum == 0 || accum > MAX_GRAD_ACCUM {
+            return bad(format!("{stage}.grad_accum = {accum}: expected 1..={MAX_GRAD_ACCUM}"));
+        }
+        if parallel == 0 || parallel > accum {
+            return bad(format!(
+                "{stage}.parallel_micro_batches = {parallel}: expected 1..={accum} ({stage}.grad_accum)"
+            ));
+        }
+        if batch.checked_mul(accum).is_none_or(|n| n > 1 << 20) {
+            return bad(format!(
+                "{stage}.batch_size * {stage}.grad_accum = {batch} * {accum}: expected at most {}",
+                1 << 20
+            ));
+        }
+        self.schedule.validate().map_err(|e| TrainError::Config(format!("{stage}.{}", strip_prefix(&e))))?;
+        if let Some(clip) = self.max_grad_norm
+            && !(clip > 0.0 && clip.is_finite())
+        {
+            return bad(format!("{stage}.max_grad_norm = {clip:?}: expected a finite value > 0 (or absent)"));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad(format!("{stage}.weight_decay = {}: expected a finite value >= 0", self.weight_decay));
+        }
+        Ok(())
+    }
 }
 
-/// The preference stage: a stage plus its objective and data selection.
+/// The preference stage: its optimisation ([`StageSpec`], whose fields it reads as its own)
+/// plus the objective, the data selection and the reference log-probs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(try_from = "toml::Table")]
 pub struct PreferenceSpec {
-    /// Optimiser steps (0 skips the stage); TRL's `max_steps`.
-    #[serde(alias = "max_steps")]
-    pub steps: u64,
-    /// Pairs per micro-batch (one forward/backward pass); an optimiser step sees
-    /// `batch_size * grad_accum` pairs (default 32). TRL's `per_device_train_batch_size`.
-    #[serde(alias = "per_device_train_batch_size")]
-    pub batch_size: usize,
-    /// Gradient accumulation: micro-batches per optimiser step, >= 1 (default 1); the loss is
-    /// normalised over the whole optimiser batch (see [`slime_objectives::BatchTotals`]). TRL's
-    /// `gradient_accumulation_steps`.
-    #[serde(alias = "gradient_accumulation_steps")]
-    pub grad_accum: usize,
-    /// Micro-batches of one optimiser step processed at once, each on its own thread of the
-    /// rayon pool (data parallelism over the CPU cores), 1..=grad_accum (default 1). Gradients
-    /// are still summed in micro-batch order, so the weights are bit-identical to 1. It pays
-    /// when one micro-batch is too small to keep every core busy inside each product (issue 7's
-    /// reference workload on 2 cores: see docs/performance.md); the activations of that many
-    /// micro-batches are alive at once.
-    pub parallel_micro_batches: usize,
-    /// Learning-rate schedule (the paper: linear decay).
-    pub schedule: Schedule,
-    /// Gradient-norm clipping.
-    pub max_grad_norm: Option<f64>,
+    /// Steps, batch sizes, schedule and AdamW, written in `[preference]` itself.
+    #[serde(flatten)]
+    pub stage: StageSpec,
     /// The objective (default SLIME, paper preset).
     pub objective: Objective,
     /// `uniform` (default) or `sage`.
@@ -321,23 +360,78 @@ pub struct PreferenceSpec {
     /// Precomputed reference log-probs for DPO-style objectives (`slime-trainer logps` of the
     /// same Parquet file: pair = row). Absent: they are computed once from the starting model
     /// before the stage and cached as `reference_logps.parquet` in the run directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reference_logps: Option<PathBuf>,
 }
 
 impl Default for PreferenceSpec {
     fn default() -> Self {
         Self {
-            steps: 200,
-            batch_size: 32,
-            grad_accum: 1,
-            parallel_micro_batches: 1,
-            schedule: Schedule { lr: 1e-3, decay: Decay::Linear, warmup_ratio: 0.0 },
-            max_grad_norm: Some(1.0),
+            stage: StageSpec::preference_default(),
             objective: Objective::Slime(SlimeParams::paper()),
             selection: SelectionKind::Uniform,
             sage: SageParams::default(),
             reference_logps: None,
         }
+    }
+}
+
+impl std::ops::Deref for PreferenceSpec {
+    type Target = StageSpec;
+
+    fn deref(&self) -> &StageSpec {
+        &self.stage
+    }
+}
+
+impl std::ops::DerefMut for PreferenceSpec {
+    fn deref_mut(&mut self) -> &mut StageSpec {
+        &mut self.stage
+    }
+}
+
+/// The keys of `[preference]` that are not [`StageSpec`]'s.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PreferenceOnly {
+    objective: Objective,
+    selection: SelectionKind,
+    sage: SageParams,
+    reference_logps: Option<PathBuf>,
+}
+
+impl Default for PreferenceOnly {
+    fn default() -> Self {
+        let PreferenceSpec { objective, selection, sage, reference_logps, .. } = PreferenceSpec::default();
+        Self { objective, selection, sage, reference_logps }
+    }
+}
+
+/// `[preference]`: its own keys to [`PreferenceOnly`], the rest to [`StageSpec`], whose errors
+/// then name the field (serde's `flatten` would lose it). A key absent there takes the
+/// preference default, not SFT's.
+impl TryFrom<toml::Table> for PreferenceSpec {
+    type Error = String;
+
+    fn try_from(mut table: toml::Table) -> std::result::Result<Self, String> {
+        let own: toml::Table = ["objective", "selection", "sage", "reference_logps"]
+            .into_iter()
+            .filter_map(|key| table.remove_entry(key))
+            .collect();
+        let own = PreferenceOnly::deserialize(toml::Value::Table(own)).map_err(|e| e.to_string())?;
+        // The only fields whose defaults differ (tested), with their aliases.
+        let steps_given = ["steps", "max_steps"].iter().any(|k| table.contains_key(*k));
+        let schedule_given = table.contains_key("schedule");
+        let mut stage = StageSpec::deserialize(toml::Value::Table(table)).map_err(|e| e.to_string())?;
+        let defaults = StageSpec::preference_default();
+        if !steps_given {
+            stage.steps = defaults.steps;
+        }
+        if !schedule_given {
+            stage.schedule = defaults.schedule;
+        }
+        let PreferenceOnly { objective, selection, sage, reference_logps } = own;
+        Ok(Self { stage, objective, selection, sage, reference_logps })
     }
 }
 
@@ -482,44 +576,8 @@ impl RunConfig {
         if self.data.eval_pairs == 0 {
             return bad("data.eval_pairs = 0: expected at least 1".into());
         }
-        for (stage, batch, accum, parallel) in [
-            ("sft", self.sft.batch_size, self.sft.grad_accum, self.sft.parallel_micro_batches),
-            (
-                "preference",
-                self.preference.batch_size,
-                self.preference.grad_accum,
-                self.preference.parallel_micro_batches,
-            ),
-        ] {
-            if batch == 0 {
-                return bad(format!("{stage}.batch_size = 0: expected at least 1"));
-            }
-            if accum == 0 || accum > MAX_GRAD_ACCUM {
-                return bad(format!("{stage}.grad_accum = {accum}: expected 1..={MAX_GRAD_ACCUM}"));
-            }
-            if parallel == 0 || parallel > accum {
-                return bad(format!(
-                    "{stage}.parallel_micro_batches = {parallel}: expected 1..={accum} ({stage}.grad_accum)"
-                ));
-            }
-            if batch.checked_mul(accum).is_none_or(|n| n > 1 << 20) {
-                return bad(format!(
-                    "{stage}.batch_size * {stage}.grad_accum = {batch} * {accum}: expected at most {}",
-                    1 << 20
-                ));
-            }
-        }
-        for (stage, schedule) in [("sft", &self.sft.schedule), ("preference", &self.preference.schedule)] {
-            schedule.validate().map_err(|e| TrainError::Config(format!("{stage}.{}", strip_prefix(&e))))?;
-        }
-        for (stage, clip) in [("sft", self.sft.max_grad_norm), ("preference", self.preference.max_grad_norm)] {
-            if clip.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-                return bad(format!("{stage}.max_grad_norm = {clip:?}: expected a finite value > 0 (or absent)"));
-            }
-        }
-        if !(self.sft.weight_decay >= 0.0 && self.sft.weight_decay.is_finite()) {
-            return bad(format!("sft.weight_decay = {}: expected a finite value >= 0", self.sft.weight_decay));
-        }
+        self.sft.validate("sft")?;
+        self.preference.stage.validate("preference")?;
         self.preference.objective.validate()?;
         if !self.preference.objective.is_preference() && self.preference.steps > 0 {
             return bad("preference.objective must be a preference objective (not sft)".into());
@@ -616,6 +674,10 @@ mod tests {
             ("[eval]\nmax_new_tokens = 10000", "eval.max_new_tokens"),
             ("[eval]\ncollapse_delta = nan", "eval.collapse_delta"),
             ("[sft]\nweight_decay = -0.1", "sft.weight_decay"),
+            ("[preference]\nweight_decay = inf", "preference.weight_decay"),
+            ("[preference]\nsteps = -1", "in `steps`"),
+            ("[preference]\nsteps = 1\nmax_steps = 2", "duplicate field `steps`"),
+            ("[preference]\nstepz = 1", "stepz"),
             ("[model.lora]\nr = 0", "model.lora.r"),
             ("[model.lora]\nalpha = 0.0", "model.lora.alpha"),
             ("[model.lora]\ntarget_modules = [\"qproj\"]", "model.lora.target_modules"),
@@ -658,6 +720,7 @@ warmup_ratio = 0.1
 steps = 100
 batch_size = 8
 grad_accum = 4
+weight_decay = 0.05
 objective = { type = \"dpo\", beta = 0.05, loss = \"hinge\" }
 [preference.schedule]
 lr = 5e-7
@@ -691,6 +754,7 @@ warmup_ratio = 0.1
 max_steps = 100
 per_device_train_batch_size = 8
 gradient_accumulation_steps = 4
+weight_decay = 0.05
 objective = { type = \"dpo\", beta = 0.05, loss_type = \"hinge\" }
 [preference.schedule]
 learning_rate = 5e-7
@@ -717,7 +781,7 @@ save_total_limit = 3",
             ("[preference.schedule]\nwarmup_steps = 10", "warmup_ratio = warmup_steps / steps"),
             ("[preference]\nlearning_rate = 1e-6", "[preference.schedule]"),
             ("learning_rate = 1e-6", "(ours: lr)"),
-            ("[preference]\nweight_decay = 0.1", "only [sft]"),
+            ("weight_decay = 0.1", "[sft] or [preference]"),
             ("[preference]\nbeta = 0.1", "objective table"),
             ("[model]\nbf16 = true", "model.dtype"),
             ("[data]\nmax_completion_length = 64", "data.max_length"),
@@ -727,6 +791,37 @@ save_total_limit = 3",
             let err = RunConfig::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: `{err}` should contain `{needle}`");
         }
+    }
+
+    #[test]
+    fn both_stages_share_one_optimiser_section_with_their_own_defaults() -> Result<()> {
+        // `PreferenceSpec`'s deserialiser restores only these two defaults after StageSpec's.
+        let mut sft_like = StageSpec::preference_default();
+        (sft_like.steps, sft_like.schedule) = (StageSpec::sft_default().steps, StageSpec::sft_default().schedule);
+        assert_eq!(sft_like, StageSpec::sft_default());
+        let cfg = RunConfig::from_toml("[sft]\nweight_decay = 0.1\n[preference]\nbatch_size = 4\nweight_decay = 0.2")?;
+        assert_eq!((cfg.sft.adamw().weight_decay, cfg.preference.adamw().weight_decay), (0.1, 0.2));
+        let expected = StageSpec { batch_size: 4, weight_decay: 0.2, ..StageSpec::preference_default() };
+        assert_eq!(cfg.preference.stage, expected);
+        let trl = RunConfig::from_toml("[preference]\nmax_steps = 7\n[preference.schedule]\nlr = 0.5")?;
+        assert_eq!((trl.preference.steps, trl.preference.schedule.lr), (7, 0.5));
+        assert_eq!(trl.preference.schedule.decay, Schedule::default().decay, "a given table replaces the default");
+        Ok(())
+    }
+
+    #[test]
+    fn a_config_written_before_the_shared_section_still_loads() -> Result<()> {
+        let old = "name = \"run\"\nseed = 0\n\n[sft]\nsteps = 5\nbatch_size = 4\ngrad_accum = 1\n\
+                   parallel_micro_batches = 1\nmax_grad_norm = 1.0\nweight_decay = 0.0\n\n[sft.schedule]\n\
+                   lr = 0.003\ndecay = \"cosine\"\nwarmup_ratio = 0.05\n\n[preference]\nsteps = 6\n\
+                   batch_size = 2\ngrad_accum = 2\nparallel_micro_batches = 1\nmax_grad_norm = 1.0\n\
+                   selection = \"uniform\"\n\n[preference.schedule]\nlr = 0.001\ndecay = \"linear\"\n\
+                   warmup_ratio = 0.0\n\n[preference.objective]\ntype = \"dpo\"\nbeta = 0.1\n";
+        let cfg = RunConfig::from_toml(old)?;
+        assert_eq!((cfg.sft.steps, cfg.preference.steps, cfg.preference.grad_accum), (5, 6, 2));
+        assert_eq!(cfg.preference.weight_decay, 0.0);
+        assert!(cfg.preference.objective.needs_reference());
+        Ok(())
     }
 
     #[test]

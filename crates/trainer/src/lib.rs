@@ -6,8 +6,8 @@
 //! loss term, optional LoRA for the preference stage, evaluation ([`run::evaluate_dir`] for a
 //! saved model), and a progress bar ([`progress`]). The pieces: the optimiser ([`optim::AdamW`] with
 //! exportable state and fused clipping), learning-rate schedules ([`schedule::Schedule`]),
-//! atomic [`checkpoint`]s, the JSONL [`metrics_log`], SAGE-style [`selection`] and the
-//! [`config`] of a run (TOML; every field documented in `docs/trainer.md`).
+//! atomic [`checkpoint`]s, the JSONL [`metrics_log`] and its keys ([`metrics`]), SAGE-style
+//! [`selection`] and the [`config`] of a run (TOML; every field documented in `docs/trainer.md`).
 //!
 //! ```
 //! use slime_trainer::task::{check, generate, TaskTokenizer};
@@ -30,6 +30,7 @@ pub mod kernels;
 pub mod logging;
 pub mod logps;
 pub mod malloc;
+pub mod metrics;
 pub mod metrics_log;
 pub mod model_source;
 pub mod optim;

@@ -34,6 +34,7 @@ use slime_objectives::Objective;
 
 pub use margin::{objective_margin, objective_target};
 
+use crate::metrics::selection as keys;
 use crate::{Result, TrainError};
 
 /// How training pairs are chosen.
@@ -150,16 +151,16 @@ impl Refresh {
         let s = &self.stability;
         let flip_fraction = if s.rescored == 0 { 0.0 } else { s.flipped as f64 / s.rescored as f64 };
         vec![
-            ("selection/pool", self.pool.len() as f64),
-            ("selection/target", self.target),
-            ("selection/informative", self.scores.informative as f64),
-            ("selection/trivial", self.scores.trivial as f64),
-            ("selection/unstable", self.scores.unstable as f64),
-            ("selection/not_finite", self.scores.not_finite as f64),
-            ("selection/rescored", s.rescored as f64),
-            ("selection/flipped", s.flipped as f64),
-            ("selection/flip_fraction", flip_fraction),
-            ("selection/mean_abs_margin_change", s.mean_abs_change),
+            (keys::POOL, self.pool.len() as f64),
+            (keys::TARGET, self.target),
+            (keys::INFORMATIVE, self.scores.informative as f64),
+            (keys::TRIVIAL, self.scores.trivial as f64),
+            (keys::UNSTABLE, self.scores.unstable as f64),
+            (keys::NOT_FINITE, self.scores.not_finite as f64),
+            (keys::RESCORED, s.rescored as f64),
+            (keys::FLIPPED, s.flipped as f64),
+            (keys::FLIP_FRACTION, flip_fraction),
+            (keys::MEAN_ABS_MARGIN_CHANGE, s.mean_abs_change),
         ]
     }
 }
@@ -452,8 +453,8 @@ mod tests {
         pairs.sort_unstable();
         assert_eq!((pairs, uniform), (vec![0, 6, 7], 0));
         let m = r2.metrics();
-        assert!(m.contains(&("selection/flip_fraction", 1.0 / 3.0)), "{m:?}");
-        assert!(m.contains(&("selection/unstable", 1.0)), "{m:?}");
+        assert!(m.contains(&(keys::FLIP_FRACTION, 1.0 / 3.0)), "{m:?}");
+        assert!(m.contains(&(keys::UNSTABLE, 1.0)), "{m:?}");
 
         // Refresh 3 carries the previous pool's fresh head (6, 7, 8), never the carried tail, so
         // no pair is carried twice in a row.

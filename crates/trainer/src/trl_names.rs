@@ -23,7 +23,7 @@ const HINTS: [(&str, &str); 30] = [
     ("per_device_train_batch_size", "it belongs in [sft] or [preference] (ours: batch_size)"),
     ("gradient_accumulation_steps", "it belongs in [sft] or [preference] (ours: grad_accum)"),
     ("max_grad_norm", "it belongs in [sft] or [preference]"),
-    ("weight_decay", "only [sft] has weight_decay; the preference stage's AdamW has none"),
+    ("weight_decay", "it belongs in [sft] or [preference]"),
     ("per_device_eval_batch_size", "it belongs in [eval] (ours: batch_size)"),
     ("eval_steps", "it belongs in [eval] (ours: every)"),
     ("save_steps", "it belongs in [checkpoint] (ours: every)"),

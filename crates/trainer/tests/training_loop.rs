@@ -138,9 +138,9 @@ fn parallel_micro_batches_train_bit_identical_weights() {
         for (batch, accum, par) in [
             (&mut cfg.sft.batch_size, &mut cfg.sft.grad_accum, &mut cfg.sft.parallel_micro_batches),
             (
-                &mut cfg.preference.batch_size,
-                &mut cfg.preference.grad_accum,
-                &mut cfg.preference.parallel_micro_batches,
+                &mut cfg.preference.stage.batch_size,
+                &mut cfg.preference.stage.grad_accum,
+                &mut cfg.preference.stage.parallel_micro_batches,
             ),
         ] {
             (*batch, *accum, *par) = (4, 3, parallel);

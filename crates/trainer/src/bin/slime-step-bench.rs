@@ -1,4 +1,4 @@
-//! `slime-step-bench`: training-step speed on the reference workload of issue 7, one JSON line
+//! `slime-step-bench`: training-step speed on the reference workload (docs/performance.md), one JSON line
 //! per run (what `cargo xtask bench` runs, one fresh process per objective).
 //!
 //! Workload (kept identical to the PyTorch/TRL anchors in `bench/pytorch-anchor`): a random-init
@@ -101,7 +101,7 @@ impl Shape {
 }
 
 #[derive(Parser)]
-#[command(about = "Training-step speed on the issue-7 reference workload; prints one JSON line")]
+#[command(about = "Training-step speed on the reference workload (docs/performance.md); prints one JSON line")]
 struct Args {
     /// `simpo`, `slime`, `dpo-precomputed` or `dpo-live`.
     #[arg(long)]

@@ -13,6 +13,7 @@ use super::step::pair_logps;
 use crate::Result;
 use crate::config::RunConfig;
 use crate::corpus::{Example, RunData, repetition};
+use crate::metrics::eval;
 use crate::task;
 
 /// Evaluation on held-out pairs (log-probs) and prompts (greedy generations): preference
@@ -47,10 +48,10 @@ pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &Run
         }
     }
     let mut out = BTreeMap::new();
-    out.insert("eval/preference_accuracy".into(), correct_pref as f64 / n as f64);
-    out.insert("eval/chosen_logp".into(), chosen_sum / n as f64);
-    out.insert("eval/rejected_logp".into(), rejected_sum / n as f64);
-    out.insert("eval/collapse_fraction".into(), collapsed / rejected_tokens.max(1.0));
+    out.insert(eval::PREFERENCE_ACCURACY.into(), correct_pref as f64 / n as f64);
+    out.insert(eval::CHOSEN_LOGP.into(), chosen_sum / n as f64);
+    out.insert(eval::REJECTED_LOGP.into(), rejected_sum / n as f64);
+    out.insert(eval::COLLAPSE_FRACTION.into(), collapsed / rejected_tokens.max(1.0));
     let (mut valid, mut correct, mut repeated) = (0usize, 0usize, 0.0);
     let mut generations = Vec::new();
     let prompts: Vec<&Example> = data.eval.iter().take(cfg.eval.generations).collect();
@@ -72,11 +73,11 @@ pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &Run
         generations.push(completion);
     }
     let shown = prompts.len().max(1) as f64;
-    out.insert("eval/format_validity".into(), valid as f64 / shown);
+    out.insert(eval::FORMAT_VALIDITY.into(), valid as f64 / shown);
     if data.eval.first().is_some_and(|e| e.task.is_some()) {
-        out.insert("eval/task_accuracy".into(), correct as f64 / shown);
+        out.insert(eval::TASK_ACCURACY.into(), correct as f64 / shown);
     } else {
-        out.insert("eval/repetition".into(), repeated / shown);
+        out.insert(eval::REPETITION.into(), repeated / shown);
     }
     Ok((out, generations))
 }

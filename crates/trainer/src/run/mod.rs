@@ -30,7 +30,10 @@ mod eval;
 mod lock;
 mod model;
 mod preference;
+mod preference_checkpoint;
 mod preflight;
+mod reference;
+mod selector;
 mod sft;
 mod state;
 mod step;
@@ -52,6 +55,7 @@ use self::sft::sft_stage;
 use self::state::{Ctx, Resume, STATE_FORMAT, TrainState};
 use self::step::ensure_weights_finite;
 use crate::config::RunConfig;
+use crate::corpus::RunData;
 use crate::metrics_log::MetricsLog;
 use crate::progress::ProgressMode;
 use crate::{Result, TrainError};
@@ -268,7 +272,6 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
     fs::create_dir_all(run_dir).map_err(io)?;
     let _lock = lock::lock(run_dir)?;
     let result_path = run_dir.join("result.json");
-    let config_path = run_dir.join("config.toml");
     let mut resume: Option<(String, Resume)> = None;
     if opts.resume {
         if result_path.is_file()
@@ -279,30 +282,16 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         }
         resume = resume_point(cfg, run_dir, &device, opts)?;
     }
-    let (mut lm, data, decoder) = load_model_and_data(cfg, &device, opts)?;
+    let (lm, data, decoder) = load_model_and_data(cfg, &device, opts)?;
 
     // Everything is checked: from here on the run directory changes.
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let eval_path = run_dir.join("eval.jsonl");
-    let (log, eval_log) = match &resume {
-        Some((_, (state, _))) => (
-            MetricsLog::open_truncated(&metrics_path, state.metrics_bytes)?,
-            MetricsLog::open_truncated(&eval_path, state.eval_bytes)?,
-        ),
-        None => {
-            for name in EARLIER_OUTPUTS {
-                atomic::remove_if_present(&run_dir.join(name))?;
-            }
-            (MetricsLog::open_truncated(&metrics_path, 0)?, MetricsLog::open_truncated(&eval_path, 0)?)
-        }
-    };
+    let (log, eval_log) = open_logs(run_dir, resume.as_ref().map(|(_, (state, _))| state))?;
     let resolved = toml::to_string(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
-    atomic::write(&config_path, resolved.as_bytes())?;
+    atomic::write(&run_dir.join("config.toml"), resolved.as_bytes())?;
     if let Some(summary) = &data.summary {
         let value = serde_json::to_value(summary).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         atomic::write_json(&run_dir.join("data.json"), &value)?;
     }
-
     let sft_steps = if cfg.init.is_none() { cfg.sft.steps } else { 0 };
     let resumed_from = resume.as_ref().map(|(name, _)| name.clone());
     let mut ctx = Ctx {
@@ -315,50 +304,18 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         generations: Vec::new(),
         last_checkpoint: resumed_from.clone(),
     };
-    let sft_lora = cfg.model.lora.as_ref().filter(|l| l.sft && sft_steps > 0);
     let (sft_resume, preference_resume) = match resume {
         Some((_, r)) if r.0.stage == Stage::Sft => (Some(r), None),
         Some((_, r)) => (None, Some(r)),
         None => (None, None),
     };
-    if sft_resume.is_some() && sft_steps == 0 {
-        return Err(TrainError::Checkpoint("an SFT checkpoint, but this config has no SFT stage".into()));
-    }
-    if sft_steps > 0 && preference_resume.is_none() {
-        if let Some(lora) = sft_lora {
-            lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x5F7)?;
-        }
-        sft_stage(&mut ctx, &lm, &data, sft_resume)?;
-        ensure_weights_finite(&lm, &ctx.place(Stage::Sft, cfg.sft.steps))?;
-        if sft_lora.is_some() {
-            lm = lm.merge_lora()?;
-        }
-        atomic::produce_dir(&run_dir.join("sft-model"), |dir| crate::hf_export::save_model(&lm, dir, cfg))?;
-    } else if sft_steps > 0 && cfg.model.lora.is_some() {
-        // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
-        // before the preference stage began.
-        lm = CausalLm::from_dir_as(&run_dir.join("sft-model"), &device, cfg.model.load_dtype())?;
-        lm.model().set_gradient_checkpointing(cfg.model.gradient_checkpointing)?;
-    }
-    if let Some(lora) = &cfg.model.lora {
-        lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x10_4A)?;
-    }
+    let lm = sft_stage_then_preference_model(&mut ctx, lm, &data, sft_resume, preference_resume.is_some())?;
     let final_eval = preference_stage(&mut ctx, &lm, &data, preference_resume)?;
     ensure_weights_finite(&lm, &ctx.place(Stage::Preference, cfg.preference.steps))?;
     if let Some(decoder) = &decoder {
         write_generations(&run_dir.join("generations.jsonl"), decoder, &data, &ctx.generations)?;
     }
-    if cfg.model.lora.is_some() {
-        atomic::produce_dir(&run_dir.join("adapter"), |dir| crate::hf_export::save_adapter(&lm, dir, run_dir, cfg))?;
-    }
-    // A pretrained model's merged copy would cost its full size per run: with LoRA its result
-    // is `adapter/` (after a preference stage) or `sft-model/` (SFT only).
-    if cfg.model.lora.is_none() || cfg.model.path.is_none() {
-        if cfg.model.lora.is_some() {
-            lm = lm.merge_lora()?;
-        }
-        atomic::produce_dir(&run_dir.join("model"), |dir| crate::hf_export::save_model(&lm, dir, cfg))?;
-    }
+    write_models(cfg, run_dir, lm)?;
     let result = serde_json::json!({
         "variant": cfg.name,
         "seed": cfg.seed,
@@ -367,4 +324,73 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
     });
     atomic::write_json(&result_path, &result)?;
     Ok(RunReport { final_eval, resumed_from, already_finished: false })
+}
+
+/// `metrics.jsonl` and `eval.jsonl`: cut back to the lengths a checkpoint recorded, or, on a
+/// fresh start, emptied after every earlier output in `run_dir` is removed.
+fn open_logs(run_dir: &Path, resume: Option<&TrainState>) -> Result<(MetricsLog, MetricsLog)> {
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let eval_path = run_dir.join("eval.jsonl");
+    let (metrics_bytes, eval_bytes) = match resume {
+        Some(state) => (state.metrics_bytes, state.eval_bytes),
+        None => {
+            for name in EARLIER_OUTPUTS {
+                atomic::remove_if_present(&run_dir.join(name))?;
+            }
+            (0, 0)
+        }
+    };
+    Ok((MetricsLog::open_truncated(&metrics_path, metrics_bytes)?, MetricsLog::open_truncated(&eval_path, eval_bytes)?))
+}
+
+/// Runs the SFT stage (unless the config has none or a preference checkpoint is resumed) and
+/// returns the model the preference stage trains: with LoRA, fresh adapters on the SFT model.
+fn sft_stage_then_preference_model(
+    ctx: &mut Ctx<'_>,
+    mut lm: CausalLm,
+    data: &RunData,
+    sft_resume: Option<Resume>,
+    preference_resumes: bool,
+) -> Result<CausalLm> {
+    let (cfg, run_dir, sft_steps) = (ctx.cfg, ctx.run_dir, ctx.sft_steps);
+    let sft_lora = cfg.model.lora.as_ref().filter(|l| l.sft && sft_steps > 0);
+    if sft_resume.is_some() && sft_steps == 0 {
+        return Err(TrainError::Checkpoint("an SFT checkpoint, but this config has no SFT stage".into()));
+    }
+    if sft_steps > 0 && !preference_resumes {
+        if let Some(lora) = sft_lora {
+            lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x5F7)?;
+        }
+        sft_stage(ctx, &lm, data, sft_resume)?;
+        ensure_weights_finite(&lm, &ctx.place(Stage::Sft, cfg.sft.steps))?;
+        if sft_lora.is_some() {
+            lm = lm.merge_lora()?;
+        }
+        atomic::produce_dir(&run_dir.join("sft-model"), |dir| crate::hf_export::save_model(&lm, dir, cfg))?;
+    } else if sft_steps > 0 && cfg.model.lora.is_some() {
+        // A LoRA checkpoint holds only the adapters; the frozen base is the SFT model, saved
+        // before the preference stage began.
+        let device = model::device_of(&lm);
+        lm = CausalLm::from_dir_as(&run_dir.join("sft-model"), &device, cfg.model.load_dtype())?;
+        lm.model().set_gradient_checkpointing(cfg.model.gradient_checkpointing)?;
+    }
+    if let Some(lora) = &cfg.model.lora {
+        lm = lm.with_lora(lora.to_lora_config(), cfg.seed ^ 0x10_4A)?;
+    }
+    Ok(lm)
+}
+
+/// The trained model's directories: `adapter/` with LoRA, and `model/` (adapters merged) unless
+/// that would copy a pretrained model in full (with LoRA its result is `adapter/`).
+fn write_models(cfg: &RunConfig, run_dir: &Path, mut lm: CausalLm) -> Result<()> {
+    if cfg.model.lora.is_some() {
+        atomic::produce_dir(&run_dir.join("adapter"), |dir| crate::hf_export::save_adapter(&lm, dir, run_dir, cfg))?;
+    }
+    if cfg.model.lora.is_none() || cfg.model.path.is_none() {
+        if cfg.model.lora.is_some() {
+            lm = lm.merge_lora()?;
+        }
+        atomic::produce_dir(&run_dir.join("model"), |dir| crate::hf_export::save_model(&lm, dir, cfg))?;
+    }
+    Ok(())
 }

@@ -13,7 +13,8 @@ use super::step::{LOGP_CHUNK, StepSpec, accumulated_step, micro_batches, record,
 use crate::Result;
 use crate::config::StageSpec;
 use crate::corpus::RunData;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS_PER_SECOND};
+use crate::optim::AdamW;
 use crate::progress::Progress;
 
 /// The SFT stage: NLL on prompt + chosen of the SFT split.
@@ -21,8 +22,7 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
     let (pad_id, data) = (data.pad_id, &data.sft);
     let device = device_of(lm);
     let spec: &StageSpec = &ctx.cfg.sft;
-    let cfg = AdamWConfig { weight_decay: spec.weight_decay, ..AdamWConfig::default() };
-    let mut opt = AdamW::new(lm.trainable_vars(), cfg)?;
+    let mut opt = AdamW::new(lm.trainable_vars(), spec.adamw())?;
     let (mut first, mut cursor) = (0, Cursor::default());
     if let Some((state, ckpt)) = resume {
         restore_weights(lm, &ckpt.weights)?;
@@ -31,7 +31,7 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
     }
     let mut sampler = EpochSampler::new(data.len(), ctx.cfg.seed, cursor);
     let objective = Objective::Sft(SftParams::nll());
-    let mut progress = Progress::new(ctx.opts.progress, "sft", first, spec.steps);
+    let mut progress = Progress::new(ctx.opts.progress, Stage::Sft.name(), first, spec.steps);
     for step in first..spec.steps {
         let started = Instant::now();
         let picked = sampler.next_batch(spec.batch_size * spec.grad_accum);
@@ -41,7 +41,7 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
             place: ctx.place(Stage::Sft, step + 1),
             lr,
             max_grad_norm: spec.max_grad_norm,
-            objective: objective.name(),
+            loss_terms: objective.loss_terms(),
             fault: ctx.fault(Stage::Sft, step + 1),
             parallel: spec.parallel_micro_batches,
         };
@@ -60,9 +60,9 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
             Stage::Sft,
             step + 1,
             &out.metrics,
-            &[("learning_rate", lr), ("grad_norm", out.grad_norm), ("tokens_per_second", tps)],
+            &[(LEARNING_RATE, lr), (GRAD_NORM, out.grad_norm), (TOKENS_PER_SECOND, tps)],
         )?;
-        progress.step(step + 1, out.metrics.get("loss").copied().unwrap_or(f64::NAN));
+        progress.step(step + 1, out.metrics.get(LOSS).copied().unwrap_or(f64::NAN));
         if ctx.checkpoint_due(step + 1) {
             ctx.checkpoint(lm, Stage::Sft, step + 1, &opt, sampler.cursor(), None)?;
         }

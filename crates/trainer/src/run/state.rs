@@ -5,13 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::Tensor;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use slime_data::Cursor;
 use slime_models::CausalLm;
 
 use super::eval::evaluate_with_generations;
+use super::preference_checkpoint::PreferenceState;
 use super::step::{StepPlace, ensure_weights_finite};
 use super::{FaultTarget, RunOptions, Stage};
 use crate::checkpoint::{self, Checkpoint};
@@ -38,57 +37,11 @@ pub(super) struct TrainState {
     /// run cuts them back to these, dropping lines of steps it will redo.
     pub(super) metrics_bytes: u64,
     pub(super) eval_bytes: u64,
-    /// Preference-stage state.
+    /// Preference-stage state ([`PreferenceState`]).
     pub(super) preference: Option<PreferenceState>,
 }
 
 pub(super) const STATE_FORMAT: u32 = 1;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PreferenceState {
-    /// Held-out chosen log-prob at the start of the stage (the drift baseline), f64 bits.
-    pub(super) start_chosen_logp: u64,
-    /// Reference sums `(pair id, S_w bits, S_l bits)`, sorted by id; absent for
-    /// reference-free objectives.
-    pub(super) reference: Option<Vec<(u64, u64, u64)>>,
-    /// The SAGE draw RNG.
-    pub(super) rng: RngState,
-    /// SAGE: the current pool (indices into the preference split) and its weights (bits).
-    pub(super) pool: Vec<usize>,
-    pub(super) pool_weights: Vec<u64>,
-    /// SAGE: margins at the previous refresh, `(pair id, bits)`, sorted by id.
-    pub(super) previous: Vec<(u64, u64)>,
-}
-
-/// A ChaCha8 generator's exact position.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RngState {
-    seed: Vec<u8>,
-    stream: u64,
-    /// `u128` word position, as a decimal string (JSON numbers stop at 64 bits).
-    word_pos: String,
-}
-
-impl RngState {
-    pub(super) fn of(rng: &ChaCha8Rng) -> Self {
-        Self { seed: rng.get_seed().to_vec(), stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
-    }
-
-    pub(super) fn restore(&self) -> Result<ChaCha8Rng> {
-        let seed: [u8; 32] = self
-            .seed
-            .as_slice()
-            .try_into()
-            .map_err(|_| TrainError::Checkpoint("rng.seed: expected 32 bytes".into()))?;
-        let pos: u128 = self.word_pos.parse().map_err(|_| TrainError::Checkpoint("rng.word_pos: not a u128".into()))?;
-        let mut rng = ChaCha8Rng::from_seed(seed);
-        rng.set_stream(self.stream);
-        rng.set_word_pos(pos);
-        Ok(rng)
-    }
-}
 
 /// The shared state of a run's stages.
 pub(super) struct Ctx<'a> {

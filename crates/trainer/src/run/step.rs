@@ -13,6 +13,7 @@ use slime_objectives::{BatchTotals, LossOutput, SequenceLogps};
 
 use super::{FaultTarget, Stage};
 use crate::corpus::Example;
+use crate::metrics::LOSS;
 use crate::metrics_log::MetricsLog;
 use crate::optim::{AdamW, clip_coefficient};
 use crate::{Result, TrainError};
@@ -46,9 +47,6 @@ pub(super) fn pair_logps(lm: &CausalLm, batch: &Batch, device: &Device) -> Resul
     ))
 }
 
-/// Metrics that are loss terms although not named `{objective}/...`.
-const LOSS_TERMS: [&str; 3] = ["nll_loss", "log_odds_ratio", "log_odds_chosen"];
-
 /// Where a step is: its stage, its step within the stage, its step within the run (how
 /// checkpoints are named) and the newest checkpoint written before it.
 #[derive(Debug, Clone)]
@@ -72,22 +70,21 @@ impl StepPlace {
 }
 
 /// Stops the run on a non-finite metric of a (micro-)batch, naming the step and the quantity:
-/// the objective's loss terms are checked first, then `loss`, then the other metrics.
-fn check_metrics(place: &StepPlace, objective: &str, metrics: &slime_objectives::Metrics) -> Result<()> {
-    let stage = place.stage;
-    let prefix = format!("{objective}/");
-    let is_term = |name: &str| name.starts_with(&prefix) || LOSS_TERMS.contains(&name);
+/// the objective's loss terms are checked first, then [`LOSS`], then the other metrics.
+fn check_metrics(place: &StepPlace, loss_terms: &[&str], metrics: &slime_objectives::Metrics) -> Result<()> {
+    let stage = place.stage.name();
+    let is_term = |name: &str| loss_terms.contains(&name);
     let terms = metrics.iter().filter(|(n, _)| is_term(n));
-    let loss = metrics.iter().filter(|(n, _)| *n == "loss");
-    let others = metrics.iter().filter(|(n, _)| !is_term(n) && *n != "loss");
+    let loss = metrics.iter().filter(|(n, _)| *n == LOSS);
+    let others = metrics.iter().filter(|(n, _)| !is_term(n) && *n != LOSS);
     for (name, value) in terms.chain(loss).chain(others) {
         if !value.is_finite() {
-            let what = if name == "loss" {
-                format!("{} loss", stage.name())
+            let what = if name == LOSS {
+                format!("{stage} loss")
             } else if is_term(name) {
-                format!("{} loss term `{name}`", stage.name())
+                format!("{stage} loss term `{name}`")
             } else {
-                format!("{} metric `{name}`", stage.name())
+                format!("{stage} metric `{name}`")
             };
             return Err(place.non_finite(what, value));
         }
@@ -107,6 +104,7 @@ pub(super) fn ensure_weights_finite(lm: &CausalLm, place: &StepPlace) -> Result<
     Ok(())
 }
 
+/// Writes one `metrics.jsonl` line: the step's metrics and `extra` ([`crate::metrics`] keys).
 pub(super) fn record(
     log: &mut MetricsLog,
     stage: Stage,
@@ -136,7 +134,8 @@ pub(super) struct StepSpec<'a> {
     pub(super) place: StepPlace,
     pub(super) lr: f64,
     pub(super) max_grad_norm: Option<f64>,
-    pub(super) objective: &'a str,
+    /// The objective's loss terms ([`slime_objectives::Objective::loss_terms`]).
+    pub(super) loss_terms: &'a [&'a str],
     pub(super) fault: Option<FaultTarget>,
     /// Micro-batches run at once (`parallel_micro_batches`).
     pub(super) parallel: usize,
@@ -164,6 +163,27 @@ fn batch_totals(batches: &[Batch], stage: Stage) -> BatchTotals {
     BatchTotals { pairs, chosen_tokens: chosen as f64, rejected_tokens: rejected as f64 }
 }
 
+/// The summed gradients and pair-weighted metric sums of an optimiser batch's micro-batches.
+struct Accumulated {
+    grads: GradStore,
+    /// Metric sums, each value times its micro-batch's pairs.
+    sums: BTreeMap<String, f64>,
+    /// Pairs (SFT: sequences) in all micro-batches.
+    weight: f64,
+    tokens: usize,
+    /// The first micro-batch's metrics as they are.
+    first: BTreeMap<String, f64>,
+}
+
+/// Pairs of a micro-batch (SFT: sequences), the weight of its metrics.
+fn pairs_in(batch: &Batch, stage: Stage) -> f64 {
+    let pairs = match stage {
+        Stage::Sft => batch.rows,
+        Stage::Preference => batch.rows / 2,
+    };
+    pairs as f64
+}
+
 /// One optimiser step over `batches` (the micro-batches of one optimiser batch): per
 /// micro-batch the forward pass and loss (normalised by the full batch's [`BatchTotals`]) and
 /// a backward pass, `spec.parallel` micro-batches at a time on rayon's pool; the gradients are
@@ -176,58 +196,9 @@ pub(super) fn accumulated_step(
     spec: &StepSpec<'_>,
     loss_of: impl Fn(&Batch, BatchTotals, bool) -> Result<LossOutput> + Sync,
 ) -> Result<StepOutcome> {
-    let totals = batch_totals(batches, spec.place.stage);
-    let forward_backward = |i: usize, batch: &Batch| -> Result<(LossOutput, GradStore)> {
-        let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
-        // The fused blocks hand their weights' gradients over directly (the same values as
-        // through candle's graph, without its zero-fill-and-add per packing step).
-        let direct = WeightGrads::new();
-        let out = direct.scope(|| loss_of(batch, totals, poison))?;
-        check_metrics(&spec.place, spec.objective, &out.metrics)?;
-        let mut grads = out.loss.backward()?;
-        direct.merge_into(&mut grads)?;
-        Ok((out, grads))
-    };
-    let mut grads = None;
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    let (mut weight, mut tokens) = (0.0, 0usize);
-    let mut single = None;
-    let parallel = spec.parallel.max(1);
-    for (group_index, group) in batches.chunks(parallel).enumerate() {
-        let first = group_index * parallel;
-        let outcomes: Vec<Result<(LossOutput, GradStore)>> = if group.len() == 1 {
-            vec![forward_backward(first, &group[0])]
-        } else {
-            // One micro-batch per pool thread: each keeps its products on its own thread.
-            group
-                .par_iter()
-                .enumerate()
-                .map(|(j, batch)| products_on_this_thread(|| forward_backward(first + j, batch)))
-                .collect()
-        };
-        for (j, (batch, outcome)) in group.iter().zip(outcomes).enumerate() {
-            let (out, g) = outcome?;
-            match &mut grads {
-                None => grads = Some(g),
-                Some(acc) => opt.accumulate(acc, &g)?,
-            }
-            let pairs = match spec.place.stage {
-                Stage::Sft => batch.rows,
-                Stage::Preference => batch.rows / 2,
-            } as f64;
-            for (name, value) in out.metrics.iter() {
-                *sums.entry(name.to_string()).or_default() += value * pairs;
-            }
-            weight += pairs;
-            tokens += batch.real_tokens();
-            if first + j == 0 {
-                single = Some(out.metrics.iter().map(|(k, v)| (k.to_string(), v)).collect());
-            }
-        }
-    }
+    let acc = accumulate(opt, batches, spec, loss_of)?;
+    let mut grads = acc.grads;
     let place = &spec.place;
-    let mut grads =
-        grads.ok_or_else(|| TrainError::Config(format!("{} step {}: empty batch", place.stage.name(), place.step)))?;
     if spec.fault == Some(FaultTarget::Gradient)
         && let Some((_, var)) = lm.trainable_vars().first()
     {
@@ -243,12 +214,74 @@ pub(super) fn accumulated_step(
         return Err(place.non_finite(format!("{} gradient of `{name}`", place.stage.name()), grad_norm));
     }
     opt.step(&grads, spec.lr, clip_coefficient(grad_norm, spec.max_grad_norm))?;
-    let metrics = match single {
+    let metrics = if batches.len() == 1 {
         // One micro-batch: its metrics as they are (no rounding through the weighted mean).
-        Some(m) if batches.len() == 1 => m,
-        _ => sums.into_iter().map(|(k, v)| (k, v / weight)).collect(),
+        acc.first
+    } else {
+        acc.sums.into_iter().map(|(k, v)| (k, v / acc.weight)).collect()
     };
-    Ok(StepOutcome { metrics, grad_norm, tokens })
+    Ok(StepOutcome { metrics, grad_norm, tokens: acc.tokens })
+}
+
+/// Forward and backward passes of `batches`, `spec.parallel` at a time, their gradients summed
+/// in micro-batch order and their metrics checked and summed.
+fn accumulate(
+    opt: &AdamW,
+    batches: &[Batch],
+    spec: &StepSpec<'_>,
+    loss_of: impl Fn(&Batch, BatchTotals, bool) -> Result<LossOutput> + Sync,
+) -> Result<Accumulated> {
+    let totals = batch_totals(batches, spec.place.stage);
+    let forward_backward = |i: usize, batch: &Batch| -> Result<(LossOutput, GradStore)> {
+        let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
+        // The fused blocks hand their weights' gradients over directly (the same values as
+        // through candle's graph, without its zero-fill-and-add per packing step).
+        let direct = WeightGrads::new();
+        let out = direct.scope(|| loss_of(batch, totals, poison))?;
+        check_metrics(&spec.place, spec.loss_terms, &out.metrics)?;
+        let mut grads = out.loss.backward()?;
+        direct.merge_into(&mut grads)?;
+        Ok((out, grads))
+    };
+    let mut acc: Option<Accumulated> = None;
+    let parallel = spec.parallel.max(1);
+    for (group_index, group) in batches.chunks(parallel).enumerate() {
+        let first = group_index * parallel;
+        let outcomes: Vec<Result<(LossOutput, GradStore)>> = if group.len() == 1 {
+            vec![forward_backward(first, &group[0])]
+        } else {
+            // One micro-batch per pool thread: each keeps its products on its own thread.
+            group
+                .par_iter()
+                .enumerate()
+                .map(|(j, batch)| products_on_this_thread(|| forward_backward(first + j, batch)))
+                .collect()
+        };
+        for (batch, outcome) in group.iter().zip(outcomes) {
+            let (out, g) = outcome?;
+            let pairs = pairs_in(batch, spec.place.stage);
+            let acc = match &mut acc {
+                Some(acc) => {
+                    opt.accumulate(&mut acc.grads, &g)?;
+                    acc
+                }
+                None => acc.insert(Accumulated {
+                    grads: g,
+                    sums: BTreeMap::new(),
+                    weight: 0.0,
+                    tokens: 0,
+                    first: out.metrics.iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                }),
+            };
+            for (name, value) in out.metrics.iter() {
+                *acc.sums.entry(name.to_string()).or_default() += value * pairs;
+            }
+            acc.weight += pairs;
+            acc.tokens += batch.real_tokens();
+        }
+    }
+    let place = &spec.place;
+    acc.ok_or_else(|| TrainError::Config(format!("{} step {}: empty batch", place.stage.name(), place.step)))
 }
 
 /// The micro-batches of one optimiser batch.
