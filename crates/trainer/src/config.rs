@@ -643,6 +643,12 @@ mod tests {
             ("[model]\npath = \"m\"", "data.parquet"),
             ("[data]\nparquet = \"d.parquet\"", "model.path"),
             ("[data]\neval_fraction = 1.0", "data.eval_fraction"),
+            ("[data]\nheldout = \"h.parquet\"", "data.heldout"),
+            (
+                "[model]\npath = \"m\"\n[data]\nparquet = \"d.parquet\"\nheldout_answers = \"h.jsonl\"",
+                "data.heldout_answers",
+            ),
+            ("[data]\noverlong = \"cut\"", "overlong"),
             ("[data]\ntemplate = \"vicuna\"", "data.template"),
             ("[data]\nmax_length = 100\nmax_prompt_length = 100", "data.max_prompt_length"),
             ("[eval]\nbatch_size = 0", "eval.batch_size"),
