@@ -515,10 +515,10 @@ pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
         }
     }
     if !differences.is_empty() {
-        md.push_str(&format!(
+        md.push_str(
             "\nPaired differences from full SLIME (variant − SLIME) on the same seeds and held-out items, estimate \
-             [95% interval]; **bold**: the interval excludes 0.\n\n| model | variant |"
-        ));
+             [95% interval]; **bold**: the interval excludes 0.\n\n| model | variant |",
+        );
         for &(_, header) in &columns {
             let _ = write!(md, " {header} |");
         }

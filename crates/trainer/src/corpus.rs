@@ -176,9 +176,9 @@ impl RunData {
             let mut reader = PreferenceReader::open(file, ReadOptions { invalid_rows, ..ReadOptions::default() })?;
             for record in reader.by_ref() {
                 let record = record?;
-                let part = if heldout_file {
-                    0
-                } else if spec.heldout.is_none() && held_out.part(&record.example) == SplitPart::First {
+                let in_heldout =
+                    heldout_file || (spec.heldout.is_none() && held_out.part(&record.example) == SplitPart::First);
+                let part = if in_heldout {
                     0
                 } else if stages.part(&record.example) == SplitPart::First {
                     1

@@ -137,7 +137,7 @@ fn overlong_pairs_are_dropped_from_preference_and_heldout_and_counted() -> TestR
     assert_eq!(s.truncated_pairs, too_long(&full.sft), "only SFT pairs were cut");
     assert_eq!((s.lengths.pairs, s.lengths.fitting, s.lengths.max_length), (PAIRS as u64, fitting, Some(limit)));
     assert_eq!(s.lengths.max, *lengths.last().ok_or("no pairs")?);
-    assert_eq!(s.lengths.median, lengths[(PAIRS + 1) / 2 - 1], "nearest rank");
+    assert_eq!(s.lengths.median, lengths[PAIRS.div_ceil(2) - 1], "nearest rank");
     // Cutting keeps every pair, and the same length distribution.
     cfg.data.overlong = slime_data::Overlong::Truncate;
     let cut = load(&cfg, &f.model)?;
