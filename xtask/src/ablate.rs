@@ -21,17 +21,17 @@ use clap::Parser;
 use crate::grid::{Grid, SFT};
 use crate::{report, trainer};
 
-/// A named setup that `--preset` selects: a pretrained model and a Parquet file (paths
-/// relative to the workspace root, made by `cargo xtask assets`), the variants, seeds and step
-/// budget, and the per-section TOML lines every cell shares.
+/// A named setup that `--preset` selects: a pretrained model (a path relative to the workspace
+/// root, made by `cargo xtask assets`) and its data, the variants, seeds and step budget, and
+/// the per-section TOML lines every cell shares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preset {
     /// `--preset` name.
     pub name: &'static str,
     /// Model directory.
     pub model: &'static str,
-    /// Parquet preference file.
-    pub data: &'static str,
+    /// The data.
+    pub data: PresetData,
     /// Variants run by default.
     pub only: &'static [&'static str],
     /// Seeds run by default.
@@ -42,6 +42,29 @@ pub struct Preset {
     pub sft_steps: u64,
     /// Lines of `[model]`, `[data]`, `[sft]`, `[preference]`, `[eval]`.
     pub sections: Sections,
+}
+
+/// Where a preset's pairs come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PresetData {
+    /// A preference Parquet file (relative to the workspace root), split by content hash.
+    Parquet(&'static str),
+    /// The verifiable task (`slime-trainer task verifiable`), generated into the results
+    /// folder's `task/` before the first cell: its training pairs, and its held-out pairs whose
+    /// greedy generations the task's checker grades.
+    Verifiable(VerifiableTask),
+}
+
+/// The size and seed of a generated verifiable task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiableTask {
+    /// Training pairs (a third SFT, two thirds preference).
+    pub train: usize,
+    /// Held-out prompts (and pairs).
+    pub heldout: usize,
+    /// Generator seed (the same for every seed of the grid: the seeds vary the training, not
+    /// the task).
+    pub seed: u64,
 }
 
 /// TOML lines added to each section of every cell's config.
@@ -70,12 +93,84 @@ const CPU_REAL: Sections = Sections {
     eval: "generations = 2\nmax_new_tokens = 96\nbatch_size = 4",
 };
 
-/// The real presets (`cargo xtask assets` provides their files).
-pub const PRESETS: [Preset; 2] = [
+/// The verifiable task on a 2-core CPU: LoRA as in the SLIME paper (r 64, alpha 128, all seven
+/// projections), also for SFT; pairs that do not fit 192 tokens are dropped, not cut (the
+/// task's pairs are far shorter); held-out pairs scored and generated greedily (up to 32 new
+/// tokens: a one-line answer and its end-of-turn token fit well within).
+const CPU_VERIFIABLE: Sections = Sections {
+    model: "lora = { r = 64, alpha = 128.0, sft = true }",
+    data: "max_length = 192\nmax_prompt_length = 160\noverlong = \"drop\"\neval_pairs = 64",
+    sft: "batch_size = 4\nschedule = { lr = 2e-4, decay = \"cosine\", warmup_ratio = 0.0 }",
+    preference: "batch_size = 4\nschedule = { lr = 1e-4, decay = \"linear\", warmup_ratio = 0.0 }",
+    eval: "generations = 64\nmax_new_tokens = 32\nbatch_size = 16",
+};
+
+/// [`CPU_VERIFIABLE`] with all 256 held-out prompts scored and generated.
+const CPU_VERIFIABLE_FULL: Sections = Sections {
+    data: "max_length = 192\nmax_prompt_length = 160\noverlong = \"drop\"\neval_pairs = 256",
+    eval: "generations = 256\nmax_new_tokens = 32\nbatch_size = 16",
+    ..CPU_VERIFIABLE
+};
+
+/// The verifiable task's default size: 2,400 training pairs, 256 held-out prompts, six skills.
+const VERIFIABLE: VerifiableTask = VerifiableTask { train: 2400, heldout: 256, seed: 0 };
+
+/// The SLIME paper's Table 4 (SLIME and its four ablations) with SFT, DPO and SimPO.
+const TABLE4: [&str; 8] = [
+    "sft",
+    "slime",
+    "slime-no-anchor",
+    "slime-no-stabilizer",
+    "slime-no-soft-margin",
+    "slime-no-hard-margin",
+    "dpo",
+    "simpo",
+];
+
+/// [`TABLE4`] and Table 5 (SLIME's exponent p in 1.0, 1.5, 2.0, 2.5, 3.0; p = 2.5 is SLIME's
+/// default, so `slime` is that row).
+const TABLES_4_AND_5: [&str; 12] = [
+    "sft",
+    "slime",
+    "slime-no-anchor",
+    "slime-no-stabilizer",
+    "slime-no-soft-margin",
+    "slime-no-hard-margin",
+    "slime-p1.0",
+    "slime-p1.5",
+    "slime-p2.0",
+    "slime-p3.0",
+    "dpo",
+    "simpo",
+];
+
+/// The real presets (`cargo xtask assets` provides their models and the Parquet files; the
+/// verifiable task is generated).
+pub const PRESETS: [Preset; 4] = [
+    Preset {
+        name: "smollm2-verifiable-quick",
+        model: "assets/models/smollm2-135m-instruct",
+        data: PresetData::Verifiable(VERIFIABLE),
+        only: &TABLE4,
+        seeds: &[0],
+        steps: 24,
+        sft_steps: 24,
+        sections: CPU_VERIFIABLE,
+    },
+    Preset {
+        name: "smollm2-verifiable",
+        model: "assets/models/smollm2-135m-instruct",
+        data: PresetData::Verifiable(VERIFIABLE),
+        only: &TABLES_4_AND_5,
+        seeds: &[0, 1, 2],
+        steps: 200,
+        sft_steps: 200,
+        sections: CPU_VERIFIABLE_FULL,
+    },
     Preset {
         name: "smollm2-dpo-en",
         model: "assets/models/smollm2-135m-instruct",
-        data: "assets/data/dpo_en_demo.parquet",
+        data: PresetData::Parquet("assets/data/dpo_en_demo.parquet"),
         only: &["sft", "slime", "slime-no-stabilizer", "dpo", "simpo"],
         seeds: &[0],
         steps: 8,
@@ -85,7 +180,7 @@ pub const PRESETS: [Preset; 2] = [
     Preset {
         name: "gemma3-270m-dpo-en",
         model: "assets/models/gemma-3-270m",
-        data: "assets/data/dpo_en_demo.parquet",
+        data: PresetData::Parquet("assets/data/dpo_en_demo.parquet"),
         only: &["sft", "slime", "dpo", "simpo"],
         seeds: &[0],
         steps: 8,
@@ -107,10 +202,13 @@ pub enum ModelChoice {
     Pretrained {
         /// The model directory or `.gguf` file.
         model: PathBuf,
-        /// The preference Parquet file.
+        /// The preference Parquet file (with `task`: its `train.parquet`).
         data: PathBuf,
         /// Lines added to every cell's config sections.
         sections: Sections,
+        /// The verifiable task generated into the results folder's `task/` (its held-out
+        /// pairs and answers are every cell's held-out data).
+        task: Option<VerifiableTask>,
     },
 }
 
@@ -184,8 +282,10 @@ pub struct AblateArgs {
     /// presets).
     #[arg(long, value_name = "FILE.parquet")]
     pub data: Option<PathBuf>,
-    /// A real model (LoRA) on the 300 real pairs, after `cargo xtask assets`: smollm2-dpo-en
-    /// or gemma3-270m-dpo-en.
+    /// A real model (LoRA), after `cargo xtask assets`: smollm2-verifiable-quick (the
+    /// verifiable task, Table 4 and the baselines, one seed, minutes), smollm2-verifiable (Tables
+    /// 4 and 5 and the baselines, three seeds, hours), or smollm2-dpo-en / gemma3-270m-dpo-en
+    /// (the 300 real pairs).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
     /// Cells run at once (default: one per core for the tiny models, 1 for real ones).
@@ -225,7 +325,11 @@ pub fn options(args: AblateArgs, grid: &Grid) -> Result<Options> {
         o.steps = p.steps;
         o.sft_steps = p.sft_steps;
         o.out = PathBuf::from("results").join(p.name);
-        o.model = ModelChoice::Pretrained { model: p.model.into(), data: p.data.into(), sections: p.sections };
+        let (data, task) = match p.data {
+            PresetData::Parquet(file) => (PathBuf::from(file), None),
+            PresetData::Verifiable(task) => (o.out.join(TASK_DIR).join("train.parquet"), Some(task)),
+        };
+        o.model = ModelChoice::Pretrained { model: p.model.into(), data, sections: p.sections, task };
     }
     match (model, data) {
         (Some(m), None) if TINY_MODELS.contains(&m.as_str()) => {
@@ -242,7 +346,10 @@ pub fn options(args: AblateArgs, grid: &Grid) -> Result<Options> {
             ),
         },
         (model_arg, Some(d)) => match &mut o.model {
-            ModelChoice::Pretrained { model, data, .. } => {
+            ModelChoice::Pretrained { model, data, task, .. } => {
+                if task.is_some() {
+                    bail!("--data {}: the preset generates its own data (the verifiable task)", d.display());
+                }
                 *data = d;
                 if let Some(m) = model_arg {
                     *model = m.into();
@@ -250,7 +357,7 @@ pub fn options(args: AblateArgs, grid: &Grid) -> Result<Options> {
             }
             ModelChoice::Tiny(_) => match model_arg {
                 Some(m) if !TINY_MODELS.contains(&m.as_str()) => {
-                    o.model = ModelChoice::Pretrained { model: m.into(), data: d, sections: CPU_REAL };
+                    o.model = ModelChoice::Pretrained { model: m.into(), data: d, sections: CPU_REAL, task: None };
                 }
                 _ => bail!("--data {}: Parquet data needs a pretrained --model (a model directory)", d.display()),
             },
@@ -261,7 +368,13 @@ pub fn options(args: AblateArgs, grid: &Grid) -> Result<Options> {
     o.seeds = args.seeds.unwrap_or(o.seeds);
     o.steps = args.steps.unwrap_or(o.steps);
     o.sft_steps = args.sft_steps.unwrap_or(o.sft_steps);
-    o.out = args.out.unwrap_or(o.out);
+    if let Some(out) = args.out {
+        // A generated task lives in the results folder.
+        if let ModelChoice::Pretrained { data, task: Some(_), .. } = &mut o.model {
+            *data = out.join(TASK_DIR).join("train.parquet");
+        }
+        o.out = out;
+    }
     if let Some(only) = &o.only {
         for v in only {
             if grid.get(v).is_none() {
@@ -297,9 +410,15 @@ pub fn cell_config(
             t += &format!("\n[model]\npreset = \"{}\"\n{device}", tiny.unwrap_or(TINY_MODELS[0]));
             Sections::default()
         }
-        ModelChoice::Pretrained { model, data, sections } => {
+        ModelChoice::Pretrained { model, data, sections, task } => {
             t += &format!("\n[model]\npath = {:?}\n{device}{}\n", model.display().to_string(), sections.model);
-            t += &format!("\n[data]\nparquet = {:?}\n{}\n", data.display().to_string(), sections.data);
+            t += &format!("\n[data]\nparquet = {:?}\n", data.display().to_string());
+            if task.is_some() {
+                let dir = data.parent().unwrap_or(Path::new("."));
+                t += &format!("heldout = {:?}\n", dir.join("heldout.parquet").display().to_string());
+                t += &format!("heldout_answers = {:?}\n", dir.join("heldout.jsonl").display().to_string());
+            }
+            t += &format!("{}\n", sections.data);
             *sections
         }
     };
@@ -342,11 +461,11 @@ fn train_args(config: &Path, dir: &Path, resume: bool) -> Vec<std::ffi::OsString
 fn resolve_paths(opts: &Options) -> Result<ModelChoice> {
     match &opts.model {
         ModelChoice::Tiny(names) => Ok(ModelChoice::Tiny(names.clone())),
-        ModelChoice::Pretrained { model, data, sections } => {
+        ModelChoice::Pretrained { model, data, sections, task } => {
             let hint = "(the presets' files come from `cargo xtask assets`)";
             let model = model.canonicalize().with_context(|| format!("model {} not found {hint}", model.display()))?;
             let data = data.canonicalize().with_context(|| format!("data {} not found {hint}", data.display()))?;
-            Ok(ModelChoice::Pretrained { model, data, sections: *sections })
+            Ok(ModelChoice::Pretrained { model, data, sections: *sections, task: *task })
         }
     }
 }
@@ -436,9 +555,43 @@ fn run_cells(
     failures.into_inner().map_err(|_| anyhow::anyhow!("a cell worker panicked"))
 }
 
+/// The folder of the results folder that holds a generated verifiable task.
+pub const TASK_DIR: &str = "task";
+
+/// `slime-trainer task verifiable` into `dir` unless `dir/task.json` records the same seed and
+/// sizes (the generator is deterministic, so the files are then the same).
+fn ensure_task(trainer: &Path, dir: &Path, task: &VerifiableTask) -> Result<()> {
+    let summary = dir.join("task.json");
+    let same = std::fs::read_to_string(&summary)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| {
+            v["seed"] == task.seed && v["train"] == task.train as u64 && v["heldout"] == task.heldout as u64
+        });
+    if same && ["train.parquet", "heldout.parquet", "heldout.jsonl"].iter().all(|f| dir.join(f).is_file()) {
+        println!("verifiable task in {}: present", dir.display());
+        return Ok(());
+    }
+    let status = Command::new(trainer)
+        .args(["task", "verifiable", "--out"])
+        .arg(dir)
+        .args(["--seed", &task.seed.to_string(), "--train", &task.train.to_string()])
+        .args(["--heldout", &task.heldout.to_string()])
+        .status()
+        .with_context(|| format!("starting {}", trainer.display()))?;
+    if !status.success() {
+        bail!("generating the verifiable task into {} failed ({status})", dir.display());
+    }
+    Ok(())
+}
+
 /// Runs the grid's cells and writes the report.
 pub fn ablate(opts: &Options) -> Result<()> {
     let grid = Grid::default_grid()?;
+    let trainer = trainer::build(trainer::TRAINER)?;
+    if let ModelChoice::Pretrained { data, task: Some(task), .. } = &opts.model {
+        ensure_task(&trainer, data.parent().unwrap_or(Path::new(".")), task)?;
+    }
     let resolved = Options {
         only: opts.only.clone(),
         seeds: opts.seeds.clone(),
@@ -450,7 +603,6 @@ pub fn ablate(opts: &Options) -> Result<()> {
         device: opts.device.clone(),
     };
     let opts = &resolved;
-    let trainer = trainer::build(trainer::TRAINER)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let out = opts.out.canonicalize()?;
     let variants: Vec<(&str, String)> = grid
@@ -554,7 +706,11 @@ mod tests {
         assert_eq!(p.out, PathBuf::from("results/smollm2-dpo-en"));
         assert!(p.only.as_ref().is_some_and(|o| o.contains(&"slime".to_string())));
         let ModelChoice::Pretrained { model, data, .. } = &p.model else { bail!("expected a pretrained model") };
-        assert_eq!((model.as_path(), data.as_path()), (Path::new(PRESETS[0].model), Path::new(PRESETS[0].data)));
+        let dpo_en = preset("smollm2-dpo-en")?;
+        assert_eq!(
+            (model.as_path(), data.as_path()),
+            (Path::new(dpo_en.model), Path::new("assets/data/dpo_en_demo.parquet"))
+        );
         let custom = args("--model m --data d.parquet")?;
         assert!(matches!(custom.model, ModelChoice::Pretrained { .. }));
         assert_eq!(args("--device cuda:1")?.device.as_deref(), Some("cuda:1"));
@@ -578,6 +734,44 @@ mod tests {
             ["train", "--config", "c.toml", "--run-dir", "cell", "--resume"].map(std::ffi::OsString::from)
         );
         assert!(!train_args(Path::new("c.toml"), Path::new("cell"), false).iter().any(|a| a == "--resume"));
+        Ok(())
+    }
+
+    #[test]
+    fn verifiable_presets_generate_their_task_in_the_results_folder() -> Result<()> {
+        let quick = args("--preset smollm2-verifiable-quick")?;
+        assert_eq!(quick.out, PathBuf::from("results/smollm2-verifiable-quick"));
+        assert_eq!(quick.seeds, vec![0]);
+        let ModelChoice::Pretrained { data, task, .. } = &quick.model else { bail!("expected a pretrained model") };
+        assert_eq!(data, &PathBuf::from("results/smollm2-verifiable-quick/task/train.parquet"));
+        assert_eq!(task.map(|t| (t.train, t.heldout)), Some((2400, 256)));
+        let moved = args("--preset smollm2-verifiable-quick --out elsewhere")?;
+        let ModelChoice::Pretrained { data, .. } = &moved.model else { bail!("expected a pretrained model") };
+        assert_eq!(data, &PathBuf::from("elsewhere/task/train.parquet"), "the task follows --out");
+        let refused = args("--preset smollm2-verifiable-quick --data x.parquet").err();
+        let err = format!("{:#}", refused.context("--data with a verifiable preset should be refused")?);
+        assert!(err.contains("verifiable task"), "{err}");
+        let config = cell_config(None, "dpo", r#"{ type = "dpo" }"#, 1, &quick, Some(Path::new("sft-model")));
+        for line in [
+            "parquet = \"results/smollm2-verifiable-quick/task/train.parquet\"",
+            "heldout = \"results/smollm2-verifiable-quick/task/heldout.parquet\"",
+            "heldout_answers = \"results/smollm2-verifiable-quick/task/heldout.jsonl\"",
+            "overlong = \"drop\"",
+            "lora = { r = 64, alpha = 128.0, sft = true }",
+            "objective = { type = \"dpo\" }",
+            "seed = 1",
+        ] {
+            assert!(config.contains(line), "{line} in\n{config}");
+        }
+        let full = args("--preset smollm2-verifiable")?;
+        assert!(full.seeds.len() >= 3, "the full preset has at least three seeds");
+        let only = full.only.unwrap_or_default();
+        for v in ["slime-no-anchor", "slime-no-stabilizer", "slime-no-soft-margin", "slime-no-hard-margin", "dpo"] {
+            assert!(only.iter().any(|o| o == v), "{v}");
+        }
+        for p in ["slime-p1.0", "slime-p1.5", "slime-p2.0", "slime-p3.0", "slime", "sft", "simpo"] {
+            assert!(only.iter().any(|o| o == p), "{p}");
+        }
         Ok(())
     }
 

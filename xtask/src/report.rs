@@ -4,11 +4,18 @@
 //! over seeds with a band from the lowest to the highest seed.
 //!
 //! Input: every finished cell directory under the results folder holds
-//! - `result.json`: `{"variant", "seed", "model", "final": {metric: value}}`, and
-//! - `eval.jsonl`: one `{"step", metric: value, ...}` object per evaluation.
+//! - `result.json`: `{"variant", "seed", "model", "final": {metric: value}, "items": {"pairs",
+//!   "values": {metric: [value per held-out item]}}}` (`items` may be absent),
+//! - `eval.jsonl`: one `{"step", metric: value, ...}` object per evaluation, and, for Parquet
+//!   data, `data.json` (what the load read, cut and dropped, and the pair lengths).
 //!
-//! Rows are (model, variant) in grid order, columns the [`COLUMNS`] metrics some cell reports, as
-//! mean ± std over seeds.
+//! Rows are (model, variant) in grid order, columns the [`COLUMNS`] metrics some cell reports,
+//! each as its estimate and 95% percentile-bootstrap interval over seeds and held-out items
+//! ([`crate::stats`]). The chosen log-prob drift of an item is its chosen log-prob under the
+//! variant minus under the seed's SFT model (the `sft` cell, every variant's starting point).
+//! A second table gives each variant's paired difference from full SLIME on the same seeds and
+//! items, and the report lists which differences the intervals resolve (exclude 0) and which
+//! they do not. A cell without per-item values counts as one item per seed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,6 +25,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde::Deserialize;
+
+use crate::grid::SFT as SFT_VARIANT;
+use crate::stats::{Bootstrap, DEFAULT_RESAMPLES, Interval};
 
 /// Table columns: (metric key in `final`, header). A column appears when some cell reports its
 /// metric: task quality on the embedded task, repetition of generations on Parquet data.
@@ -47,15 +57,83 @@ pub struct CellResult {
     pub model: String,
     /// Final evaluation metrics.
     pub r#final: BTreeMap<String, f64>,
+    /// The per-item values of the final evaluation (absent in older results).
+    #[serde(default)]
+    pub items: Option<Items>,
 }
 
-/// One cell: its result and its evaluation curve.
+/// Per-item values of an evaluation: `values[metric][i]` belongs to held-out pair `pairs[i]`
+/// (generation metrics cover the first pairs only).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Items {
+    /// Held-out pair ids in evaluation order.
+    #[serde(default)]
+    pub pairs: Vec<u64>,
+    /// Values by metric key.
+    #[serde(default)]
+    pub values: BTreeMap<String, Vec<f64>>,
+}
+
+/// One cell: its result, its evaluation curve and its `data.json`.
 #[derive(Debug, Clone)]
 pub struct Cell {
     /// The result.
     pub result: CellResult,
     /// `(step, metrics)` in step order.
     pub curve: Vec<(u64, BTreeMap<String, f64>)>,
+    /// What the data load did (`data.json`; Parquet data only).
+    pub data: Option<DataSummary>,
+}
+
+/// The part of a cell's `data.json` the table's caption states.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct DataSummary {
+    /// The data file.
+    #[serde(default)]
+    pub file: String,
+    /// Rows read.
+    #[serde(default)]
+    pub rows: u64,
+    /// Pairs per split.
+    #[serde(default)]
+    pub sft_pairs: u64,
+    /// Preference pairs.
+    #[serde(default)]
+    pub preference_pairs: u64,
+    /// Held-out pairs evaluated.
+    #[serde(default)]
+    pub eval_pairs: u64,
+    /// Pairs cut to the length limits.
+    #[serde(default)]
+    pub truncated_pairs: u64,
+    /// `truncate` or `drop`.
+    #[serde(default)]
+    pub overlong: Option<String>,
+    /// Pairs left out as too long, by split.
+    #[serde(default)]
+    pub dropped_overlong: BTreeMap<String, u64>,
+    /// The length distribution.
+    #[serde(default)]
+    pub lengths: Option<Lengths>,
+}
+
+/// Pair lengths (prompt + longer completion, tokens) as `data.json` states them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Lengths {
+    /// Pairs measured.
+    pub pairs: u64,
+    /// Median.
+    pub median: u64,
+    /// 75th percentile.
+    pub p75: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// Longest.
+    pub max: u64,
+    /// The limit.
+    pub max_length: Option<u64>,
+    /// Pairs within the limit.
+    pub fitting: u64,
 }
 
 /// Reads every `*/result.json` (and its `eval.jsonl`) directly under `dir`.
@@ -88,7 +166,14 @@ pub fn read_cells(dir: &Path) -> Result<Vec<Cell>> {
             }
         }
         curve.sort_by_key(|(s, _)| *s);
-        cells.push(Cell { result, curve });
+        let data_path = cell_dir.join("data.json");
+        let data = if data_path.is_file() {
+            let text = fs::read_to_string(&data_path).with_context(|| format!("reading {}", data_path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", data_path.display()))?)
+        } else {
+            None
+        };
+        cells.push(Cell { result, curve, data });
     }
     Ok(cells)
 }
@@ -123,47 +208,343 @@ fn models(cells: &[Cell]) -> Vec<String> {
     out
 }
 
-/// The Markdown table and the CSV text: one row per (model, variant), metrics as mean ± sample
-/// std over the seeds listed in the row.
-pub fn tables(cells: &[Cell], order: &[String]) -> (String, String) {
+/// The metric whose per-item values are differences from the seed's SFT model.
+const DRIFT: &str = "eval/chosen_logp_drift";
+/// The per-item metric the drift is computed from.
+const CHOSEN: &str = "eval/chosen_logp";
+/// The variant every other is compared with.
+const REFERENCE: &str = "slime";
+/// The bootstrap of every interval in the report (fixed seed: the same cells give the same
+/// report).
+const BOOTSTRAP: Bootstrap = Bootstrap { resamples: DEFAULT_RESAMPLES, level: 0.95, seed: 0 };
+
+/// A cell's per-item values of `key`: its `items` when it has them, else its final value as
+/// one item. The drift of an item is the cell's chosen log-prob of the item minus that of the
+/// same model and seed's `sft` cell (`sft`), when both have per-item values for the same pairs.
+fn item_values(cell: &Cell, sft: Option<&Cell>, key: &str) -> Option<Vec<f64>> {
+    let items = cell.result.items.as_ref();
+    if key == DRIFT {
+        let base = sft.and_then(|s| s.result.items.as_ref());
+        if let (Some(items), Some(base)) = (items, base)
+            && let (Some(a), Some(b)) = (items.values.get(CHOSEN), base.values.get(CHOSEN))
+            && items.pairs == base.pairs
+            && a.len() == b.len()
+            && !a.is_empty()
+        {
+            return Some(a.iter().zip(b).map(|(x, y)| x - y).collect());
+        }
+    } else if let Some(v) = items.and_then(|i| i.values.get(key)).filter(|v| !v.is_empty()) {
+        return Some(v.clone());
+    }
+    cell.result.r#final.get(key).map(|v| vec![*v])
+}
+
+/// The cells of one (model, variant), by seed.
+fn row_cells<'a>(cells: &'a [Cell], model: &str, variant: &str) -> Vec<&'a Cell> {
+    let mut rows: Vec<&Cell> =
+        cells.iter().filter(|c| c.result.variant == variant && c.result.model == model).collect();
+    rows.sort_by_key(|c| c.result.seed);
+    rows
+}
+
+/// `values[seed][item]` of `key` for a row's cells (seeds without the metric left out), with
+/// their seeds.
+fn row_values(cells: &[Cell], rows: &[&Cell], key: &str) -> (Vec<u64>, Vec<Vec<f64>>) {
+    let sft_of = |c: &Cell| {
+        cells.iter().find(|s| {
+            s.result.variant == SFT_VARIANT && s.result.model == c.result.model && s.result.seed == c.result.seed
+        })
+    };
+    rows.iter().filter_map(|c| item_values(c, sft_of(c), key).map(|v| (c.result.seed, v))).unzip()
+}
+
+/// A metric of one row: its interval, or why it has none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Estimate {
+    /// Mean and 95% interval from at least two values.
+    Interval(Interval),
+    /// A single value (one seed, no per-item values): no interval.
+    Single(f64),
+}
+
+impl Estimate {
+    fn of(values: &[Vec<f64>]) -> Result<Option<Self>> {
+        match values.iter().map(Vec::len).sum::<usize>() {
+            0 => Ok(None),
+            1 => Ok(Some(Self::Single(values.iter().flatten().copied().sum()))),
+            _ => Ok(Some(Self::Interval(BOOTSTRAP.mean(values)?))),
+        }
+    }
+
+    fn markdown(&self, signed: bool) -> String {
+        let f = |x: f64| if signed { format!("{x:+.3}") } else { format!("{x:.3}") };
+        match self {
+            Self::Interval(i) => format!("{} [{}, {}]", f(i.mean), f(i.low), f(i.high)),
+            Self::Single(x) => format!("{} (one value)", f(*x)),
+        }
+    }
+
+    fn csv(&self) -> String {
+        match self {
+            Self::Interval(i) => format!("{},{},{}", i.mean, i.low, i.high),
+            Self::Single(x) => format!("{x},,"),
+        }
+    }
+
+    /// Resolved from 0: an interval that excludes 0 (a single value never is).
+    fn resolved(&self) -> bool {
+        matches!(self, Self::Interval(i) if i.excludes(0.0))
+    }
+}
+
+/// The paired difference `variant - slime` of `key` on the seeds both rows have, or why there is
+/// none.
+fn paired(
+    cells: &[Cell],
+    variant: &[&Cell],
+    slime: &[&Cell],
+    key: &str,
+) -> Result<std::result::Result<Estimate, String>> {
+    let (seeds_v, values_v) = row_values(cells, variant, key);
+    let (seeds_s, values_s) = row_values(cells, slime, key);
+    let shared: Vec<u64> = seeds_v.iter().copied().filter(|s| seeds_s.contains(s)).collect();
+    if shared.is_empty() {
+        return Ok(Err("no seed in common with SLIME".into()));
+    }
+    let pick = |seeds: &[u64], values: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        shared.iter().filter_map(|s| seeds.iter().position(|x| x == s).map(|i| values[i].clone())).collect()
+    };
+    let (mut v, mut b) = (pick(&seeds_v, &values_v), pick(&seeds_s, &values_s));
+    if v.iter().zip(&b).any(|(x, y)| x.len() != y.len()) {
+        // One side has a single value per seed (no per-item values): compare seed means.
+        if !(v.iter().all(|x| x.len() == 1) || b.iter().all(|y| y.len() == 1)) {
+            return Ok(Err("different held-out items from SLIME's".into()));
+        }
+        let means = |rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            rows.iter().map(|r| vec![r.iter().sum::<f64>() / r.len() as f64]).collect()
+        };
+        (v, b) = (means(&v), means(&b));
+    } else {
+        let ids = |rows: &[&Cell]| -> Vec<Option<Vec<u64>>> {
+            shared
+                .iter()
+                .map(|s| {
+                    rows.iter()
+                        .find(|c| c.result.seed == *s)
+                        .and_then(|c| c.result.items.as_ref().map(|i| i.pairs.clone()))
+                })
+                .collect()
+        };
+        if ids(variant).iter().zip(ids(slime)).any(|(a, b)| matches!((a, b), (Some(a), Some(b)) if *a != b)) {
+            return Ok(Err("different held-out items from SLIME's".into()));
+        }
+    }
+    let n: usize = v.iter().map(Vec::len).sum();
+    if n < 2 {
+        let d = v.iter().flatten().sum::<f64>() - b.iter().flatten().sum::<f64>();
+        return Ok(Ok(Estimate::Single(d)));
+    }
+    Ok(Ok(Estimate::Interval(BOOTSTRAP.paired_difference(&v, &b)?)))
+}
+
+/// The sentence on one paired difference.
+fn difference_sentence(model: &str, variant: &str, header: &str, d: &std::result::Result<Estimate, String>) -> String {
+    let what = format!("{model}, {variant} − {REFERENCE}, {header}");
+    match d {
+        Ok(e @ Estimate::Interval(i)) if e.resolved() => format!(
+            "{what}: {} ({} than SLIME; the 95% interval excludes 0)",
+            e.markdown(true),
+            if i.mean > 0.0 { "higher" } else { "lower" }
+        ),
+        Ok(e @ Estimate::Interval(_)) => {
+            format!("{what}: {} (not resolved: the 95% interval includes 0)", e.markdown(true))
+        }
+        Ok(e @ Estimate::Single(_)) => format!("{what}: {} (not resolved: one value, no interval)", e.markdown(true)),
+        Err(why) => format!("{what}: not compared ({why})"),
+    }
+}
+
+/// The caption's data lines: per model, what the load of its cells read, cut and dropped, and
+/// the pair lengths (from `data.json`; distinct summaries listed apart).
+fn data_caption(cells: &[Cell]) -> String {
+    let mut out = String::new();
+    for model in models(cells) {
+        let mut seen: Vec<&DataSummary> = Vec::new();
+        for c in cells.iter().filter(|c| c.result.model == model) {
+            if let Some(d) = &c.data
+                && !seen.contains(&d)
+            {
+                seen.push(d);
+            }
+        }
+        for d in seen {
+            let _ = write!(
+                out,
+                "Data of {model}: {} ({} rows: {} SFT, {} preference, {} held-out pairs evaluated)",
+                d.file, d.rows, d.sft_pairs, d.preference_pairs, d.eval_pairs
+            );
+            if let Some(l) = &d.lengths {
+                let _ = write!(
+                    out,
+                    "; pair lengths (prompt + longer completion, tokens, before any cut): median {}, p75 {}, p90 {}, \
+                     max {}",
+                    l.median, l.p75, l.p90, l.max
+                );
+                match l.max_length {
+                    Some(m) => {
+                        let _ = write!(out, "; {} of {} pairs fit max_length {m}", l.fitting, l.pairs);
+                    }
+                    None => out.push_str("; no length limit"),
+                }
+            }
+            let dropped: u64 = d.dropped_overlong.values().sum();
+            match d.overlong.as_deref() {
+                Some("drop") => {
+                    let per: Vec<String> = d.dropped_overlong.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    let _ = write!(
+                        out,
+                        "; dropped as too long (not cut): {dropped}{}; SFT pairs cut to fit: {}",
+                        if per.is_empty() { String::new() } else { format!(" ({})", per.join(", ")) },
+                        d.truncated_pairs
+                    );
+                }
+                _ => {
+                    let _ = write!(out, "; pairs cut to the length limits: {}", d.truncated_pairs);
+                }
+            }
+            out.push_str(".\n\n");
+        }
+    }
+    out
+}
+
+/// The report's Markdown (caption, table of intervals, paired differences from SLIME and the
+/// list of resolved and unresolved differences) and the CSV of the table. Every metric is its
+/// estimate (the mean over seeds of the per-seed item means) and 95% percentile-bootstrap
+/// interval over seeds and held-out items ([`crate::stats`]); the paired differences bootstrap
+/// the per-item differences on the seeds both rows have.
+pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
     let columns: Vec<(&str, &str)> =
         COLUMNS.into_iter().filter(|(key, _)| cells.iter().any(|c| c.result.r#final.contains_key(*key))).collect();
-    let mut md = String::from("| model | variant | seeds |");
+    let mut md = String::new();
+    let seeds_max = models(cells)
+        .iter()
+        .flat_map(|m| variant_order(cells, order).into_iter().map(move |v| (m.clone(), v)))
+        .map(|(m, v)| row_cells(cells, &m, &v).len())
+        .max()
+        .unwrap_or(0);
+    md.push_str(&format!(
+        "Each metric: estimate [95% interval], percentile bootstrap ({DEFAULT_RESAMPLES} resamples) over seeds and, \
+         within each seed, held-out items. Task accuracy, format validity and repetition are of greedy generations; \
+         preference accuracy, chosen log-prob drift (against the seed's SFT model) and the rejected-token collapse \
+         fraction (per held-out pair, averaged over pairs) are of the held-out pairs.{}\n\n",
+        if seeds_max <= 1 {
+            " With one seed the intervals cover item-to-item variation only, not seed-to-seed variation."
+        } else {
+            ""
+        }
+    ));
+    if cells.iter().any(|c| c.result.items.is_none()) {
+        md.push_str("Cells without per-item values (older results) count as one item per seed.\n\n");
+    }
+    md.push_str(&data_caption(cells));
+    md.push_str("| model | variant | seeds |");
     let mut csv = String::from("model,variant,seeds");
     for &(key, header) in &columns {
         let _ = write!(md, " {header} |");
-        let _ = write!(csv, ",{key}_mean,{key}_std");
+        let _ = write!(csv, ",{key}_mean,{key}_low,{key}_high");
     }
     md.push_str("\n|---|---|---|");
     md.push_str(&"---|".repeat(columns.len()));
     md.push('\n');
     csv.push('\n');
+    let mut differences = String::new();
+    let (mut resolved, mut unresolved) = (Vec::new(), Vec::new());
     for model in models(cells) {
+        let slime = row_cells(cells, &model, REFERENCE);
         for variant in variant_order(cells, order) {
-            let rows: Vec<&Cell> =
-                cells.iter().filter(|c| c.result.variant == variant && c.result.model == model).collect();
+            let rows = row_cells(cells, &model, &variant);
             if rows.is_empty() {
                 continue;
             }
             let seeds = rows.iter().map(|c| c.result.seed.to_string()).collect::<Vec<_>>().join(" ");
             let _ = write!(md, "| {model} | {variant} | {seeds} |");
             let _ = write!(csv, "{model},{variant},{seeds}");
-            for &(key, _) in &columns {
-                let values: Vec<f64> = rows.iter().filter_map(|c| c.result.r#final.get(key).copied()).collect();
-                if values.is_empty() {
-                    md.push_str(" - |");
-                    csv.push_str(",,");
-                } else {
-                    let (m, s) = mean_std(&values);
-                    let _ = write!(md, " {m:.3} ± {s:.3} |");
-                    let _ = write!(csv, ",{m},{s}");
+            let compare = variant != REFERENCE && !slime.is_empty();
+            if compare {
+                let _ = write!(differences, "| {model} | {variant} |");
+            }
+            for &(key, header) in &columns {
+                match Estimate::of(&row_values(cells, &rows, key).1)? {
+                    Some(e) => {
+                        let _ = write!(md, " {} |", e.markdown(false));
+                        let _ = write!(csv, ",{}", e.csv());
+                    }
+                    None => {
+                        md.push_str(" - |");
+                        csv.push_str(",,,");
+                    }
+                }
+                if compare {
+                    let d = paired(cells, &rows, &slime, key)?;
+                    let has_values = !row_values(cells, &rows, key).1.is_empty();
+                    match &d {
+                        Ok(e) if e.resolved() => {
+                            let _ = write!(differences, " **{}** |", e.markdown(true));
+                        }
+                        Ok(e) => {
+                            let _ = write!(differences, " {} |", e.markdown(true));
+                        }
+                        Err(_) => differences.push_str(" - |"),
+                    }
+                    if has_values {
+                        let sentence = difference_sentence(&model, &variant, header, &d);
+                        if matches!(&d, Ok(e) if e.resolved()) {
+                            resolved.push(sentence);
+                        } else {
+                            unresolved.push(sentence);
+                        }
+                    }
                 }
             }
             md.push('\n');
             csv.push('\n');
+            if compare {
+                differences.push('\n');
+            }
         }
     }
-    (md, csv)
+    if !differences.is_empty() {
+        md.push_str(
+            "\nPaired differences from full SLIME (variant − SLIME) on the same seeds and held-out items, estimate \
+             [95% interval]; **bold**: the interval excludes 0.\n\n| model | variant |",
+        );
+        for &(_, header) in &columns {
+            let _ = write!(md, " {header} |");
+        }
+        md.push_str("\n|---|---|");
+        md.push_str(&"---|".repeat(columns.len()));
+        md.push('\n');
+        md.push_str(&differences);
+        md.push_str("\nResolved by the intervals (the 95% interval of the difference excludes 0):\n\n");
+        if resolved.is_empty() {
+            md.push_str("- none\n");
+        }
+        for line in &resolved {
+            let _ = writeln!(md, "- {line}");
+        }
+        md.push_str(
+            "\nNot resolved (the interval includes 0, or there is no interval): these data do not tell the variant \
+             from SLIME on the metric:\n\n",
+        );
+        if unresolved.is_empty() {
+            md.push_str("- none\n");
+        }
+        for line in &unresolved {
+            let _ = writeln!(md, "- {line}");
+        }
+    }
+    Ok((md, csv))
 }
 
 /// One evaluation step of a (model, variant) over its seeds.
@@ -454,7 +835,7 @@ where
 pub fn write_report(cells: &[Cell], order: &[String], out: &Path) -> Result<Vec<PathBuf>> {
     register_font();
     fs::create_dir_all(out.join("plots")).with_context(|| format!("creating {}", out.display()))?;
-    let (md, csv) = tables(cells, order);
+    let (md, csv) = tables(cells, order)?;
     let mut written = Vec::new();
     for (name, text) in [("table.md", md), ("table.csv", csv)] {
         let path = out.join(name);
@@ -488,22 +869,193 @@ mod tests {
                 (u64::from(s) * 10, m)
             })
             .collect();
-        Cell { result: CellResult { variant: variant.into(), seed, model: "tiny-llama".into(), r#final: fin }, curve }
+        Cell {
+            result: CellResult { variant: variant.into(), seed, model: "tiny-llama".into(), r#final: fin, items: None },
+            curve,
+            data: None,
+        }
+    }
+
+    /// A cell whose final metrics are the means of the given per-item values (pairs 0..n).
+    fn item_cell(variant: &str, seed: u64, values: &[(&str, Vec<f64>)]) -> Cell {
+        let mut c = cell(variant, seed, 0.0);
+        c.result.r#final.clear();
+        let mut items = Items::default();
+        for (key, v) in values {
+            c.result.r#final.insert(key.to_string(), v.iter().sum::<f64>() / v.len() as f64);
+            items.values.insert(key.to_string(), v.clone());
+            items.pairs = (0..v.len() as u64).collect();
+        }
+        c.result.items = Some(items);
+        c
     }
 
     #[test]
-    fn table_has_mean_and_sample_std_in_grid_order() {
-        let mut cells = vec![cell("dpo", 0, 0.5), cell("slime", 0, 0.6), cell("slime", 1, 0.8), cell("dpo", 1, 0.7)];
-        cells[0].result.r#final.insert("eval/task_accuracy".into(), 0.25);
-        let (md, csv) = tables(&cells, &["slime".into(), "dpo".into()]);
-        assert!(md.starts_with("| model | variant | seeds | pref. acc. | task quality |\n"), "{md}");
-        assert!(!md.contains("repetition"), "a metric no cell reports has no column: {md}");
-        let lines: Vec<&str> = md.lines().collect();
-        // slime: mean 0.7, sample std sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414.
-        assert!(lines[2].starts_with("| tiny-llama | slime | 0 1 | 0.700 ± 0.141 |"), "{md}");
-        assert!(lines[3].starts_with("| tiny-llama | dpo | 0 1 | 0.600 ± 0.141 | 0.250 ± 0.000 |"), "{md}");
-        assert!(lines[2].ends_with(" - |"), "missing metrics are dashes: {md}");
-        assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with("tiny-llama,slime,0 1,0.7")), "{csv}");
+    fn table_rows_are_intervals_in_grid_order() -> Result<()> {
+        let acc = "eval/preference_accuracy";
+        // 40 items per seed, 30 of them right in seed 0 and 20 in seed 1.
+        let mixed = |right: usize| (0..40).map(|i| if i < right { 1.0 } else { 0.0 }).collect::<Vec<f64>>();
+        let cells = vec![
+            item_cell("dpo", 0, &[(acc, mixed(30))]),
+            item_cell("slime", 0, &[(acc, vec![1.0; 40])]),
+            item_cell("slime", 1, &[(acc, vec![1.0; 40])]),
+            item_cell("dpo", 1, &[(acc, mixed(20))]),
+        ];
+        let (md, csv) = tables(&cells, &["slime".into(), "dpo".into()])?;
+        assert!(md.contains("| model | variant | seeds | pref. acc. |\n"), "{md}");
+        assert!(!md.contains("repetition |"), "a metric no cell reports has no column: {md}");
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| tiny-llama")).collect();
+        // Constant items: an exact, zero-width interval.
+        assert_eq!(rows[0], "| tiny-llama | slime | 0 1 | 1.000 [1.000, 1.000] |", "{md}");
+        // The interval is the stats module's nested bootstrap of the same values.
+        let i = BOOTSTRAP.mean(&[mixed(30), mixed(20)])?;
+        assert!((i.mean - 0.625).abs() < 1e-12);
+        assert_eq!(rows[1], format!("| tiny-llama | dpo | 0 1 | 0.625 [{:.3}, {:.3}] |", i.low, i.high), "{md}");
+        assert!(i.low < 0.6 && i.high > 0.65, "two seeds 0.25 apart widen the interval: {i:?}");
+        assert!(csv.lines().nth(1).is_some_and(|l| l == "tiny-llama,slime,0 1,1,1,1"), "{csv}");
+        assert!(csv.starts_with("model,variant,seeds,eval/preference_accuracy_mean,eval/preference_accuracy_low,"));
+        Ok(())
+    }
+
+    #[test]
+    fn paired_differences_say_which_the_intervals_resolve() -> Result<()> {
+        let acc = "eval/preference_accuracy";
+        let fmt = "eval/format_validity";
+        let noisy = |seed: u64| (0..60).map(|i| ((i * 7 + seed as usize * 3) % 10) as f64 / 10.0).collect::<Vec<f64>>();
+        let mut cells = Vec::new();
+        for seed in 0..3 {
+            cells.push(item_cell("slime", seed, &[(acc, vec![1.0; 60]), (fmt, noisy(seed))]));
+            // Always wrong where SLIME is right: -1 exactly, resolved. Format: the same items
+            // as SLIME's: 0 exactly, not resolved.
+            cells.push(item_cell("dpo", seed, &[(acc, vec![0.0; 60]), (fmt, noisy(seed))]));
+        }
+        // SimPO on seed 0 only, and without per-item values: one value, no interval.
+        let mut simpo = cell("simpo", 0, 0.9);
+        simpo.result.r#final.insert(fmt.into(), 0.5);
+        cells.push(simpo);
+        let (md, _) = tables(&cells, &["slime".into(), "dpo".into(), "simpo".into()])?;
+        assert!(md.contains("| tiny-llama | dpo | **-1.000 [-1.000, -1.000]** | +0.000 [+0.000, +0.000] |"), "{md}");
+        let resolved = md.split("Resolved by the intervals").nth(1).context("resolved list")?;
+        let (resolved, unresolved) = resolved.split_once("Not resolved").context("unresolved list")?;
+        assert!(
+            resolved.contains(
+                "- tiny-llama, dpo − slime, pref. acc.: -1.000 [-1.000, -1.000] (lower than SLIME; the 95% interval \
+                 excludes 0)"
+            ),
+            "{md}"
+        );
+        assert!(!resolved.contains("format valid"), "{md}");
+        assert!(
+            unresolved.contains(
+                "- tiny-llama, dpo − slime, format valid: +0.000 [+0.000, +0.000] (not resolved: the 95% interval \
+                 includes 0)"
+            ),
+            "{md}"
+        );
+        assert!(
+            unresolved.contains(
+                "- tiny-llama, simpo − slime, pref. acc.: -0.100 (one value) (not resolved: one value, no interval)"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| tiny-llama | simpo | 0 | 0.900 (one value) | 0.500 (one value) |"), "{md}");
+        // Format: 0.5 against SLIME's seed-0 mean of 0.45.
+        assert!(md.contains("| tiny-llama | simpo | -0.100 (one value) | +0.050 (one value) |"), "{md}");
+        assert!(md.contains("Cells without per-item values"), "{md}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_shifted_variant_is_resolved_only_when_the_shift_beats_the_noise() -> Result<()> {
+        let key = "eval/chosen_logp";
+        let base =
+            |seed: u64| (0..80).map(|i| -1.0 - ((i * 13 + seed as usize) % 17) as f64 / 10.0).collect::<Vec<f64>>();
+        let shifted = |seed: u64, by: f64, noise: f64| {
+            base(seed).iter().enumerate().map(|(i, x)| x + by + noise * if i % 2 == 0 { 1.0 } else { -1.0 }).collect()
+        };
+        let mut cells = Vec::new();
+        for seed in 0..2 {
+            cells.push(item_cell("slime", seed, &[(key, base(seed))]));
+            // +0.05 with +-0.5 noise per item: not resolved; +0.5 with the same noise: resolved.
+            cells.push(item_cell("small", seed, &[(key, shifted(seed, 0.05, 0.5))]));
+            cells.push(item_cell("large", seed, &[(key, shifted(seed, 0.5, 0.5))]));
+        }
+        let ci = |variant: &str| -> Result<Interval> {
+            let rows = row_cells(&cells, "tiny-llama", variant);
+            let slime = row_cells(&cells, "tiny-llama", "slime");
+            match paired(&cells, &rows, &slime, key)? {
+                Ok(Estimate::Interval(i)) => Ok(i),
+                other => bail!("{other:?}"),
+            }
+        };
+        let (small, large) = (ci("small")?, ci("large")?);
+        assert!((small.mean - 0.05).abs() < 1e-9 && !small.excludes(0.0), "{small:?}");
+        assert!((large.mean - 0.5).abs() < 1e-9 && large.excludes(0.0), "{large:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn drift_is_per_item_against_the_seeds_sft_model() -> Result<()> {
+        let chosen = "eval/chosen_logp";
+        let mut sft = item_cell("sft", 0, &[(chosen, vec![-1.0, -2.0, -3.0])]);
+        sft.result.r#final.insert(DRIFT.into(), 0.0);
+        let mut slime = item_cell("slime", 0, &[(chosen, vec![-1.5, -2.5, -3.5])]);
+        slime.result.r#final.insert(DRIFT.into(), -0.5);
+        let mut dpo = item_cell("dpo", 0, &[(chosen, vec![-2.0, -2.0, -6.0])]);
+        dpo.result.r#final.insert(DRIFT.into(), -1.0);
+        let cells = vec![sft, slime, dpo];
+        let (md, _) = tables(&cells, &["sft".into(), "slime".into(), "dpo".into()])?;
+        assert!(md.contains("| tiny-llama | sft | 0 | 0.000 [0.000, 0.000] |"), "{md}");
+        assert!(md.contains("| tiny-llama | slime | 0 | -0.500 [-0.500, -0.500] |"), "{md}");
+        let dpo_drift = BOOTSTRAP.mean(&[vec![-1.0, 0.0, -3.0]])?;
+        assert!(
+            md.contains(&format!("| -1.333 [{:.3}, {:.3}] |", dpo_drift.low, dpo_drift.high)),
+            "drift items are -1, 0, -3: {md}"
+        );
+        // Different held-out items than the SFT cell's: the drift falls back to the run's value.
+        let mut other = cells.clone();
+        if let Some(items) = other[2].result.items.as_mut() {
+            items.pairs = vec![7, 8, 9];
+        }
+        let (md, _) = tables(&other, &[])?;
+        assert!(md.contains("| -1.000 (one value) |"), "{md}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_caption_states_lengths_and_what_was_dropped() -> Result<()> {
+        let mut c = cell("slime", 0, 0.5);
+        c.data = Some(DataSummary {
+            file: "pairs.parquet".into(),
+            rows: 300,
+            sft_pairs: 90,
+            preference_pairs: 150,
+            eval_pairs: 20,
+            truncated_pairs: 12,
+            overlong: Some("drop".into()),
+            dropped_overlong: [("preference".to_string(), 25), ("held-out".to_string(), 3)].into_iter().collect(),
+            lengths: Some(Lengths {
+                pairs: 300,
+                median: 588,
+                p75: 1125,
+                p90: 1579,
+                max: 3548,
+                max_length: Some(1024),
+                fitting: 210,
+            }),
+        });
+        let (md, _) = tables(&[c], &[])?;
+        assert!(
+            md.contains(
+                "Data of tiny-llama: pairs.parquet (300 rows: 90 SFT, 150 preference, 20 held-out pairs evaluated); \
+                 pair lengths (prompt + longer completion, tokens, before any cut): median 588, p75 1125, p90 1579, \
+                 max 3548; 210 of 300 pairs fit max_length 1024; dropped as too long (not cut): 28 (held-out 3, \
+                 preference 25); SFT pairs cut to fit: 12."
+            ),
+            "{md}"
+        );
+        assert!(md.contains("With one seed the intervals cover item-to-item variation only"), "{md}");
+        Ok(())
     }
 
     #[test]

@@ -88,6 +88,13 @@ pub enum Encoded {
     Skipped(RowProblem),
 }
 
+impl Encoded {
+    /// Encoded without cutting anything: the pair fits the limits.
+    pub fn fits(&self) -> bool {
+        matches!(self, Self::Pair { prompt_truncated: false, completion_truncated: false, .. })
+    }
+}
+
 /// Tokenizes preference examples: chat examples through a template, text examples as they are
 /// (BOS per the tokenizer's rule, EOS appended to each completion, as TRL does).
 #[derive(Debug)]
@@ -156,11 +163,18 @@ impl PairEncoder {
 
     /// Encodes and truncates one example into a pair with id `id`.
     pub fn encode(&self, id: u64, example: &PreferenceExample) -> Result<Encoded> {
+        Ok(self.encode_measured(id, example)?.0)
+    }
+
+    /// [`Self::encode`], also returning the pair's length before truncation
+    /// ([`crate::pair_length`]; `None` when the pair could not be tokenized into one).
+    pub fn encode_measured(&self, id: u64, example: &PreferenceExample) -> Result<(Encoded, Option<usize>)> {
         let [prompt, chosen, rejected] = match self.tokens(example)? {
             Ok(t) => t,
-            Err(problem) => return Ok(Encoded::Skipped(problem)),
+            Err(problem) => return Ok((Encoded::Skipped(problem), None)),
         };
-        Ok(self.truncate(id, prompt, chosen, rejected))
+        let length = crate::pair_length(prompt.len(), chosen.len(), rejected.len());
+        Ok((self.truncate(id, prompt, chosen, rejected), Some(length)))
     }
 
     fn truncate(&self, id: u64, mut prompt: Vec<u32>, mut chosen: Vec<u32>, mut rejected: Vec<u32>) -> Encoded {

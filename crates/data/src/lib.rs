@@ -37,6 +37,7 @@ mod error;
 mod example;
 mod fast_bpe;
 pub mod fixtures;
+mod lengths;
 mod pipeline;
 mod reader;
 mod sampler;
@@ -50,6 +51,7 @@ pub use batch::{Batch, PreferenceBatch, SftBatch, TokenizedPair, collate_pairs, 
 pub use encode::{EncodeStats, Encoded, PairEncoder, Truncation, TruncationMode};
 pub use error::{DataError, Location, Result, RowProblem};
 pub use example::{Message, PreferenceExample, Turns};
+pub use lengths::{LengthSummary, Overlong, PairLengths, pair_length};
 pub use pipeline::{LoaderStats, PairStream, batches, count_padding, load_pairs};
 pub use reader::{InvalidRows, PreferenceReader, ReadOptions, ReadStats, Record, parquet_files};
 pub use sampler::{Cursor, EpochSampler};

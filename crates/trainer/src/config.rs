@@ -222,6 +222,17 @@ pub struct DataSpec {
     /// Skip unusable rows (null, empty, no assistant turn, ...) and count them, instead of
     /// stopping at the first (default false).
     pub skip_invalid: bool,
+    /// A pair longer than the limits: `"truncate"` (cut it, TRL's behaviour; the default) or
+    /// `"drop"` (leave held-out and preference pairs that do not fit out, counted in
+    /// `data.json`; SFT pairs are still cut).
+    pub overlong: slime_data::Overlong,
+    /// A held-out Parquet file: its rows, in file order, are the held-out pairs, and `parquet`
+    /// is split into SFT and preference pairs only (`eval_fraction` unused).
+    pub heldout: Option<PathBuf>,
+    /// The answers of `heldout`'s rows (line i, row i), one JSON object per line as
+    /// `slime-trainer task verifiable` writes them (`heldout.jsonl`): the greedy generations
+    /// are graded by the task's checker (format validity, task accuracy, repetition).
+    pub heldout_answers: Option<PathBuf>,
 }
 
 impl Default for DataSpec {
@@ -236,6 +247,9 @@ impl Default for DataSpec {
             max_length: Some(512),
             max_prompt_length: Some(256),
             skip_invalid: false,
+            overlong: slime_data::Overlong::Truncate,
+            heldout: None,
+            heldout_answers: None,
         }
     }
 }
@@ -527,6 +541,12 @@ impl RunConfig {
         if self.model.tokenizer.is_some() && self.model.path.is_none() {
             return bad("model.tokenizer is set but model.path is not".into());
         }
+        if self.data.heldout.is_some() && self.data.parquet.is_none() {
+            return bad("data.heldout is set but data.parquet is not: a held-out file goes with a training file".into());
+        }
+        if self.data.heldout_answers.is_some() && self.data.heldout.is_none() {
+            return bad("data.heldout_answers is set but data.heldout is not: the answers are of its rows".into());
+        }
         if !(self.data.eval_fraction > 0.0 && self.data.eval_fraction < 1.0) {
             return bad(format!("data.eval_fraction = {}: expected a value in (0, 1)", self.data.eval_fraction));
         }
@@ -685,6 +705,12 @@ mod tests {
             ("[model]\npath = \"m\"", "data.parquet"),
             ("[data]\nparquet = \"d.parquet\"", "model.path"),
             ("[data]\neval_fraction = 1.0", "data.eval_fraction"),
+            ("[data]\nheldout = \"h.parquet\"", "data.heldout"),
+            (
+                "[model]\npath = \"m\"\n[data]\nparquet = \"d.parquet\"\nheldout_answers = \"h.jsonl\"",
+                "data.heldout_answers",
+            ),
+            ("[data]\noverlong = \"cut\"", "overlong"),
             ("[data]\ntemplate = \"vicuna\"", "data.template"),
             ("[data]\nmax_length = 100\nmax_prompt_length = 100", "data.max_prompt_length"),
             ("[eval]\nbatch_size = 0", "eval.batch_size"),

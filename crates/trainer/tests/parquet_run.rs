@@ -109,6 +109,123 @@ fn truncation_and_skips_are_counted() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn overlong_pairs_are_dropped_from_preference_and_heldout_and_counted() -> TestResult {
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    cfg.data.eval_pairs = PAIRS;
+    cfg.data.max_prompt_length = None;
+    cfg.data.max_length = None;
+    let full = load(&cfg, &f.model)?;
+    let length =
+        |e: &slime_trainer::corpus::Example| e.tokens.prompt.len() + e.tokens.chosen.len().max(e.tokens.rejected.len());
+    let mut lengths: Vec<usize> = full.sft.iter().chain(&full.preference).chain(&full.eval).map(length).collect();
+    lengths.sort_unstable();
+    let limit = lengths[lengths.len() / 2];
+    let fitting = lengths.iter().filter(|&&l| l <= limit).count() as u64;
+    let too_long = |split: &[slime_trainer::corpus::Example]| split.iter().filter(|e| length(e) > limit).count() as u64;
+    cfg.data.max_length = Some(limit);
+    cfg.data.overlong = slime_data::Overlong::Drop;
+    let dropped = load(&cfg, &f.model)?;
+    let s = dropped.summary.as_ref().ok_or("no summary")?;
+    assert_eq!(s.dropped_overlong.get("preference").copied().unwrap_or(0), too_long(&full.preference), "{s:?}");
+    assert_eq!(s.dropped_overlong.get("held-out").copied().unwrap_or(0), too_long(&full.eval), "{s:?}");
+    assert!(s.dropped_overlong.values().sum::<u64>() > 0, "the limit is the median: some pairs are longer");
+    assert!(dropped.preference.iter().chain(&dropped.eval).all(|e| length(e) <= limit), "kept pairs are whole");
+    assert_eq!(dropped.preference.len() as u64, full.preference.len() as u64 - too_long(&full.preference));
+    assert_eq!(dropped.sft.len(), full.sft.len(), "SFT pairs are cut, not dropped");
+    assert_eq!(s.truncated_pairs, too_long(&full.sft), "only SFT pairs were cut");
+    assert_eq!((s.lengths.pairs, s.lengths.fitting, s.lengths.max_length), (PAIRS as u64, fitting, Some(limit)));
+    assert_eq!(s.lengths.max, *lengths.last().ok_or("no pairs")?);
+    assert_eq!(s.lengths.median, lengths[PAIRS.div_ceil(2) - 1], "nearest rank");
+    // Cutting keeps every pair, and the same length distribution.
+    cfg.data.overlong = slime_data::Overlong::Truncate;
+    let cut = load(&cfg, &f.model)?;
+    let c = cut.summary.as_ref().ok_or("no summary")?;
+    assert!(c.dropped_overlong.is_empty() && c.lengths == s.lengths, "{c:?}");
+    assert_eq!(cut.preference.len(), full.preference.len());
+    Ok(())
+}
+
+#[test]
+fn a_heldout_file_with_answers_is_graded_by_the_checker_and_results_carry_items() -> TestResult {
+    use slime_trainer::verifiable::{HeldOutPrompt, Skill};
+    let f = fixture()?;
+    let mut cfg = config(&f);
+    let heldout: Vec<PreferenceExample> = f.examples[..6].to_vec();
+    let heldout_path = f.root.join("heldout.parquet");
+    write_preferences(&heldout_path, &heldout, Layout::Conversational, &ColumnNames::default(), 4)?;
+    let answers: Vec<HeldOutPrompt> = (0..6)
+        .map(|i| HeldOutPrompt {
+            prompt: format!("question {i}"),
+            skill: Skill::Arithmetic,
+            answer: i.to_string(),
+            key: format!("k{i}"),
+        })
+        .collect();
+    let lines: Vec<String> = answers.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+    let answers_path = f.root.join("heldout.jsonl");
+    std::fs::write(&answers_path, lines.join("\n") + "\n")?;
+    cfg.data.parquet = Some(f.data.clone());
+    cfg.data.heldout = Some(heldout_path.clone());
+    cfg.data.heldout_answers = Some(answers_path.clone());
+    cfg.eval.generations = 4;
+    let data = load(&cfg, &f.model)?;
+    assert_eq!(data.eval.len(), 6, "the held-out file's rows, all of them");
+    let s = data.summary.as_ref().ok_or("no summary")?;
+    assert_eq!(s.sft_pairs + s.preference_pairs, PAIRS, "the training file has no held-out split");
+    assert_eq!(s.rows, (PAIRS + 6) as u64);
+    let first = slime_trainer::corpus::HELDOUT_ID_OFFSET;
+    assert_eq!(data.eval.iter().map(|e| e.tokens.id).collect::<Vec<_>>(), (first..first + 6).collect::<Vec<_>>());
+    assert!(data.eval.iter().zip(&answers).all(|(e, a)| e.answer.as_ref() == Some(a)), "row i has line i");
+
+    let dir = f.root.join("graded");
+    let metrics = run(&cfg, &dir)?;
+    let result = read_json(&dir.join("result.json"))?;
+    let items = &result["items"];
+    let ids: Vec<u64> = serde_json::from_value(items["pairs"].clone())?;
+    assert_eq!(ids, (first..first + 6).collect::<Vec<_>>());
+    let values = |key: &str| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+        Ok(serde_json::from_value(items["values"][key].clone())?)
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    for (key, n) in [
+        ("eval/preference_accuracy", 6),
+        ("eval/chosen_logp", 6),
+        ("eval/collapse_fraction", 6),
+        ("eval/format_validity", 4),
+        ("eval/task_accuracy", 4),
+        ("eval/repetition", 4),
+    ] {
+        let v = values(key)?;
+        assert_eq!(v.len(), n, "{key}");
+        if key != "eval/collapse_fraction" {
+            assert!((mean(&v) - metrics[key]).abs() < 1e-6, "{key}: the items' mean is the metric");
+        }
+    }
+    // The grades are the checker's verdicts on the decoded generations.
+    let generations = std::fs::read_to_string(dir.join("generations.jsonl"))?;
+    let format = values("eval/format_validity")?;
+    let correct = values("eval/task_accuracy")?;
+    for (i, line) in generations.lines().take(4).enumerate() {
+        let g: serde_json::Value = serde_json::from_str(line)?;
+        let text = g["completion"].as_str().ok_or("completion")?;
+        let (body, ended) = match ["<eos>", "<|eot_id|>"].iter().find_map(|stop| text.strip_suffix(stop)) {
+            Some(body) => (body, true),
+            None => (text, false),
+        };
+        let verdict = answers[i].check(body, ended);
+        assert_eq!(format[i], f64::from(u8::from(verdict.format_valid)), "generation {i}: {text:?}");
+        assert_eq!(correct[i], f64::from(u8::from(verdict.correct)), "generation {i}: {text:?}");
+    }
+
+    // An answers file of the wrong length is named.
+    std::fs::write(&answers_path, lines[..5].join("\n") + "\n")?;
+    let err = load(&cfg, &f.model).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("data.heldout_answers") && err.contains("heldout.parquet"), "{err}");
+    Ok(())
+}
+
 fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }

@@ -5,16 +5,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::DType;
+use serde::Serialize;
 use slime_data::{TextTokenizer, TokenizedPair, collate_pairs};
 use slime_models::CausalLm;
 
 use super::model::{device_of, parquet_data};
 use super::step::pair_logps;
-use crate::Result;
 use crate::config::RunConfig;
 use crate::corpus::{Example, RunData, repetition};
 use crate::metrics::eval;
 use crate::task;
+use crate::{Result, TrainError};
 
 /// Evaluation on held-out pairs (log-probs) and prompts (greedy generations): preference
 /// accuracy (mean chosen token log-prob above the rejected one), mean chosen and rejected
@@ -24,14 +25,54 @@ pub fn evaluate(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<BTreeM
     Ok(evaluate_with_generations(lm, data, cfg)?.0)
 }
 
-/// An evaluation's metrics and its greedy generations (the new tokens of each prompt).
-type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u32>>);
+/// An evaluation's metrics, its greedy generations (the new tokens of each prompt) and the
+/// per-item values behind the metrics.
+type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u32>>, EvalItems);
+
+/// The per-item values behind an evaluation's metrics, written into `result.json` (`items`) so
+/// that a report can bootstrap over held-out items: `values[metric][i]` belongs to held-out
+/// pair `pairs[i]`. Pair metrics (`eval/preference_accuracy`: 1 or 0, `eval/chosen_logp`,
+/// `eval/rejected_logp`: mean token log-probs, `eval/collapse_fraction`: the pair's share of
+/// rejected tokens below `-collapse_delta`) cover every held-out pair; generation metrics
+/// (`eval/format_validity`, `eval/task_accuracy`: 1 or 0, `eval/repetition`) the first
+/// `eval.generations` of them. The mean of each list is the metric, except the collapse
+/// fraction, whose metric weights pairs by their rejected tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EvalItems {
+    /// Held-out pair ids, in evaluation order.
+    pub pairs: Vec<u64>,
+    /// Per-item values by metric key.
+    pub values: BTreeMap<String, Vec<f64>>,
+}
+
+impl EvalItems {
+    fn push(&mut self, key: &str, value: f64) {
+        self.values.entry(key.to_string()).or_default().push(value);
+    }
+}
+
+/// Each row's share of masked-in tokens with a log-prob below `-delta` (0 for a row without
+/// tokens).
+fn row_fractions_below(tokens: &slime_objectives::TokenLogps, delta: f64) -> Result<Vec<f64>> {
+    let logps: Vec<Vec<f32>> = tokens.logps().to_dtype(DType::F32)?.to_vec2()?;
+    let mask: Vec<Vec<f32>> = tokens.mask().to_dtype(DType::F32)?.to_vec2()?;
+    Ok(logps
+        .iter()
+        .zip(&mask)
+        .map(|(l, m)| {
+            let n = m.iter().filter(|&&m| m != 0.0).count();
+            let below = l.iter().zip(m).filter(|&(&l, &m)| m != 0.0 && f64::from(l) < -delta).count();
+            if n == 0 { 0.0 } else { below as f64 / n as f64 }
+        })
+        .collect())
+}
 
 /// [`evaluate`], also returning the greedy generations.
 pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Evaluation> {
     let device = device_of(lm);
     let (mut correct_pref, mut chosen_sum, mut rejected_sum, mut n) = (0usize, 0.0, 0.0, 0usize);
     let (mut collapsed, mut rejected_tokens) = (0.0, 0.0);
+    let mut items = EvalItems::default();
     for chunk in data.eval.chunks(cfg.eval.batch_size) {
         let refs: Vec<&TokenizedPair> = chunk.iter().map(|e| &e.tokens).collect();
         let batch = collate_pairs(&refs, data.pad_id);
@@ -42,9 +83,18 @@ pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &Run
         chosen_sum += a_w.iter().map(|&v| f64::from(v)).sum::<f64>();
         rejected_sum += a_l.iter().map(|&v| f64::from(v)).sum::<f64>();
         n += a_w.len();
+        items.pairs.extend(chunk.iter().map(|e| e.tokens.id));
+        for (&w, &l) in a_w.iter().zip(&a_l) {
+            items.push(eval::PREFERENCE_ACCURACY, if w > l { 1.0 } else { 0.0 });
+            items.push(eval::CHOSEN_LOGP, f64::from(w));
+            items.push(eval::REJECTED_LOGP, f64::from(l));
+        }
         if let Some(tokens) = rejected.tokens() {
             collapsed += tokens.fraction_below(cfg.eval.collapse_delta)? * tokens.total_count();
             rejected_tokens += tokens.total_count();
+            for f in row_fractions_below(tokens, cfg.eval.collapse_delta)? {
+                items.push(eval::COLLAPSE_FRACTION, f);
+            }
         }
     }
     let mut out = BTreeMap::new();
@@ -55,31 +105,50 @@ pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &Run
     let (mut valid, mut correct, mut repeated) = (0usize, 0usize, 0.0);
     let mut generations = Vec::new();
     let prompts: Vec<&Example> = data.eval.iter().take(cfg.eval.generations).collect();
+    let embedded = data.eval.first().is_some_and(|e| e.task.is_some());
+    let answered = data.eval.iter().any(|e| e.answer.is_some());
     for example in &prompts {
         let completion = lm.model().generate_greedy(&example.tokens.prompt, cfg.eval.max_new_tokens, &data.stop)?;
-        match &example.task {
-            Some(pair) => {
+        // Stopped at the end-of-turn (or EOS) token rather than at the token limit.
+        let ended = completion.last().is_some_and(|t| data.stop.contains(t));
+        let (is_valid, is_correct, repetition_of) = match (&example.task, &example.answer) {
+            (Some(pair), _) => {
                 let verdict = task::check(pair, &completion);
-                valid += usize::from(verdict.format_valid);
-                correct += usize::from(verdict.correct);
+                (verdict.format_valid, Some(verdict.correct), None)
             }
-            None => {
-                // Well formed: some content, then the end-of-turn (or EOS) token.
-                let ended = completion.last().is_some_and(|t| data.stop.contains(t));
-                valid += usize::from(ended && completion.len() > 1);
-                repeated += repetition(&completion);
+            (None, Some(answer)) => {
+                let decoder = data
+                    .decoder
+                    .as_ref()
+                    .ok_or_else(|| TrainError::Config("held-out answers are set but the data has no decoder".into()))?;
+                let body = if ended { &completion[..completion.len() - 1] } else { &completion[..] };
+                let verdict = answer.check(&decoder.decode(body, false)?, ended);
+                (verdict.format_valid, Some(verdict.correct), Some(verdict.repetition))
             }
+            // Well formed: some content, then the end-of-turn (or EOS) token.
+            (None, None) => (ended && completion.len() > 1, None, Some(repetition(&completion))),
+        };
+        valid += usize::from(is_valid);
+        items.push(eval::FORMAT_VALIDITY, if is_valid { 1.0 } else { 0.0 });
+        if let Some(c) = is_correct {
+            correct += usize::from(c);
+            items.push(eval::TASK_ACCURACY, if c { 1.0 } else { 0.0 });
+        }
+        if let Some(r) = repetition_of {
+            repeated += r;
+            items.push(eval::REPETITION, r);
         }
         generations.push(completion);
     }
     let shown = prompts.len().max(1) as f64;
     out.insert(eval::FORMAT_VALIDITY.into(), valid as f64 / shown);
-    if data.eval.first().is_some_and(|e| e.task.is_some()) {
+    if embedded || answered {
         out.insert(eval::TASK_ACCURACY.into(), correct as f64 / shown);
-    } else {
+    }
+    if !embedded {
         out.insert(eval::REPETITION.into(), repeated / shown);
     }
-    Ok((out, generations))
+    Ok((out, generations, items))
 }
 
 /// Evaluates a saved model directory (config.json + model.safetensors, e.g. a run's `model/`)

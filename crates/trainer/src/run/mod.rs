@@ -7,7 +7,7 @@
 //! (one line per optimiser step), `eval.jsonl` (one line per evaluation), `model/`
 //! (config.json + model.safetensors of the final weights, LoRA adapters merged; after SFT also
 //! `sft-model/`; with LoRA also `adapter/`, PEFT's layout) and
-//! `result.json` (the final evaluation, for `cargo xtask report`), and `checkpoints/` (see
+//! `result.json` (the final evaluation and its per-item values, for `cargo xtask report`), and `checkpoints/` (see
 //! [`crate::checkpoint`]; what a resumed run needs, every `checkpoint.every` steps). With a
 //! pretrained model and LoRA, `model/` is not written (the adapters are the result; merge them
 //! with `CausalLm::merge_lora`). DPO-style objectives also leave `reference_logps.parquet`
@@ -302,6 +302,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         eval_log,
         sft_steps,
         generations: Vec::new(),
+        items: Default::default(),
         last_checkpoint: resumed_from.clone(),
     };
     let (sft_resume, preference_resume) = match resume {
@@ -321,6 +322,7 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         "seed": cfg.seed,
         "model": cfg.model.display_name(),
         "final": final_eval,
+        "items": ctx.items,
     });
     atomic::write_json(&result_path, &result)?;
     Ok(RunReport { final_eval, resumed_from, already_finished: false })

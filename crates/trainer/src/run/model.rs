@@ -79,8 +79,17 @@ pub(super) fn load_model_and_data(
         note(
             opts,
             &format!(
-                "{}: {} rows: {} SFT, {} preference, {} held-out pairs; {} truncated; skipped {:?}",
-                s.file, s.rows, s.sft_pairs, s.preference_pairs, s.eval_pairs, s.truncated_pairs, s.skipped
+                "{}: {} rows: {} SFT, {} preference, {} held-out pairs; {} truncated; dropped as too long {:?}; \
+                 skipped {:?}; lengths {}",
+                s.file,
+                s.rows,
+                s.sft_pairs,
+                s.preference_pairs,
+                s.eval_pairs,
+                s.truncated_pairs,
+                s.dropped_overlong,
+                s.skipped,
+                s.lengths
             ),
         );
         if !s.degenerate.is_clean() {

@@ -44,6 +44,12 @@ pub(super) fn check_inputs(cfg: &RunConfig, run_dir: &Path) -> Result<()> {
             expect_file(&file, "data.parquet", "a Parquet preference file, a directory or a glob of them")?;
         }
     }
+    if let Some(path) = &cfg.data.heldout {
+        expect_file(path, "data.heldout", "a held-out Parquet preference file")?;
+    }
+    if let Some(path) = &cfg.data.heldout_answers {
+        expect_file(path, "data.heldout_answers", "a JSONL file of held-out answers (heldout.jsonl)")?;
+    }
     if let Some(path) = &cfg.preference.reference_logps {
         expect_file(path, "preference.reference_logps", "a Parquet file written by `slime-trainer logps`")?;
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use slime_data::Cursor;
 use slime_models::CausalLm;
 
-use super::eval::evaluate_with_generations;
+use super::eval::{EvalItems, evaluate_with_generations};
 use super::preference_checkpoint::PreferenceState;
 use super::step::{StepPlace, ensure_weights_finite};
 use super::{FaultTarget, RunOptions, Stage};
@@ -54,6 +54,8 @@ pub(super) struct Ctx<'a> {
     pub(super) sft_steps: u64,
     /// The greedy generations of the latest evaluation.
     pub(super) generations: Vec<Vec<u32>>,
+    /// The per-item values of the latest evaluation.
+    pub(super) items: EvalItems,
     /// The newest checkpoint on disk (written or resumed from) of this run.
     pub(super) last_checkpoint: Option<String>,
 }
@@ -61,8 +63,9 @@ pub(super) struct Ctx<'a> {
 impl Ctx<'_> {
     /// [`evaluate`](super::evaluate), keeping the generations.
     pub(super) fn evaluate(&mut self, lm: &CausalLm, data: &RunData) -> Result<BTreeMap<String, f64>> {
-        let (metrics, generations) = evaluate_with_generations(lm, data, self.cfg)?;
+        let (metrics, generations, items) = evaluate_with_generations(lm, data, self.cfg)?;
         self.generations = generations;
+        self.items = items;
         Ok(metrics)
     }
 
