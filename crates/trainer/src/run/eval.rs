@@ -15,7 +15,8 @@ use crate::config::RunConfig;
 use crate::corpus::{Example, RunData, repetition};
 use crate::task;
 
-/// Evaluation on held-out pairs (log-probs) and prompts (greedy generations): preference
+/// Evaluation on held-out pairs (log-probs) and prompts (greedy generations, decoded
+/// `eval.generation_batch_size` prompts at a time): preference
 /// accuracy (mean chosen token log-prob above the rejected one), mean chosen and rejected
 /// log-probs, the collapse fraction, format validity and, on the embedded task, task accuracy;
 /// on Parquet data, the repetition of the generations ([`repetition`]).
@@ -54,8 +55,12 @@ pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &Run
     let (mut valid, mut correct, mut repeated) = (0usize, 0usize, 0.0);
     let mut generations = Vec::new();
     let prompts: Vec<&Example> = data.eval.iter().take(cfg.eval.generations).collect();
-    for example in &prompts {
-        let completion = lm.model().generate_greedy(&example.tokens.prompt, cfg.eval.max_new_tokens, &data.stop)?;
+    let mut completions = Vec::with_capacity(prompts.len());
+    for batch in prompts.chunks(cfg.eval.generation_batch_size.max(1)) {
+        let ids: Vec<&[u32]> = batch.iter().map(|e| e.tokens.prompt.as_slice()).collect();
+        completions.extend(lm.model().generate_greedy_batch(&ids, cfg.eval.max_new_tokens, &data.stop)?);
+    }
+    for (example, completion) in prompts.iter().zip(completions) {
         match &example.task {
             Some(pair) => {
                 let verdict = task::check(pair, &completion);
