@@ -121,3 +121,41 @@ pub(super) fn write_generations(
     }
     crate::atomic::write(path, text.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::run::model::{tiny_gemma, tiny_llama};
+
+    /// Held-out generations decoded in batches equal one prompt at a time, and so do the
+    /// metrics, for both presets (Gemma's sliding window of 16 is shorter than the prompts).
+    #[test]
+    fn batched_eval_generations_equal_one_at_a_time() -> Result<()> {
+        let data = RunData::embedded(0, 12, 3)?;
+        let lengths: Vec<usize> = data.eval.iter().map(|e| e.tokens.prompt.len()).collect();
+        assert!(lengths.iter().any(|&l| l != lengths[0]), "prompts of one length: {lengths:?}");
+        assert!(lengths.iter().any(|&l| l > 16), "no prompt beyond the sliding window: {lengths:?}");
+        for lm in [
+            CausalLm::random(&tiny_llama(32, 2), 5, &Device::Cpu)?,
+            CausalLm::random(&tiny_gemma(32, 2), 5, &Device::Cpu)?,
+        ] {
+            let mut cfg = RunConfig::default();
+            cfg.eval.generations = 12;
+            cfg.eval.max_new_tokens = 20;
+            cfg.eval.generation_batch_size = 1;
+            let (one, one_gen) = evaluate_with_generations(&lm, &data, &cfg)?;
+            cfg.eval.generation_batch_size = 5;
+            let (batched, batched_gen) = evaluate_with_generations(&lm, &data, &cfg)?;
+            assert_eq!(batched_gen, one_gen);
+            assert_eq!(batched, one);
+            for (example, generated) in data.eval.iter().zip(&one_gen) {
+                let alone = lm.model().generate_greedy(&example.tokens.prompt, 20, &data.stop)?;
+                assert_eq!(&alone, generated);
+            }
+            assert_eq!(one_gen.len(), 12);
+        }
+        Ok(())
+    }
+}
