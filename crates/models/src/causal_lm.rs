@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -242,11 +242,11 @@ impl Model {
         }
     }
 
-    /// Logits `[batch, vocab]` (f32, soft-capped for Gemma 2/3) at the last of `n` new positions
-    /// `input_ids` `[batch, n]` (no padding) that continue the sequence in `cache`, whose keys and
-    /// values they append (see [`crate::generation`]). Feeding a prompt and then one token at a
-    /// time gives the logits [`Self::last_logits`] gives over the whole prefix, within float
-    /// rounding. No gradients.
+    /// Logits `[batch, vocab]` (f32, soft-capped for Gemma 2/3) at the last of `n` new slots
+    /// `input_ids` `[batch, n]` that continue the sequences in `cache`, whose keys and values
+    /// they append (see [`crate::generation`]; left-padded rows as [`KvCache::left_padded`]
+    /// describes). Feeding a prompt and then one token at a time gives the logits
+    /// [`Self::last_logits`] gives over the whole prefix, within float rounding. No gradients.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         match self {
             Self::Llama(m) => generation::last_logits(&m.forward_hidden_cached(input_ids, cache)?, m.lm_head(), None),
@@ -262,7 +262,7 @@ impl Model {
     /// the output) or `max_new` tokens. Returns only the new tokens. Uses a [`KvCache`]: the
     /// prompt is run once, then one position per new token.
     pub fn generate_greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-        self.decode(prompt, max_new, stop, generation::argmax)
+        Ok(self.generate_greedy_batch(&[prompt], max_new, stop)?.pop().unwrap_or_default())
     }
 
     /// Sampled decoding of one prompt: each new token is drawn from `softmax(logits / temperature)`
@@ -277,58 +277,134 @@ impl Model {
         temperature: f64,
         seed: u64,
     ) -> Result<Vec<u32>> {
-        if temperature <= 0.0 {
-            return self.generate_greedy(prompt, max_new, stop);
+        Ok(self.generate_sampled_batch(&[prompt], max_new, stop, temperature, &[seed])?.pop().unwrap_or_default())
+    }
+
+    /// [`Self::generate_greedy`] for several prompts decoded together: one left-padded batch
+    /// (prompts of any lengths), one forward per step for all unfinished rows; each row stops
+    /// on its own (a `stop` id, `max_new` tokens or the model's context) and leaves the batch.
+    /// Row `i` of the result equals `generate_greedy(prompts[i], ..)` (within float rounding of
+    /// the logits, which decides only exact ties).
+    pub fn generate_greedy_batch<P: AsRef<[u32]>>(
+        &self,
+        prompts: &[P],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        self.decode(prompts, max_new, stop, |logits, _rows| Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?))
+    }
+
+    /// [`Self::generate_sampled`] for several prompts decoded together (batched as
+    /// [`Self::generate_greedy_batch`]): prompt `i` draws from its own ChaCha8 generator seeded
+    /// by `seeds[i]`, one uniform draw per token, so its output does not depend on which other
+    /// prompts share the batch and equals `generate_sampled(prompts[i], .., seeds[i])`.
+    pub fn generate_sampled_batch<P: AsRef<[u32]>>(
+        &self,
+        prompts: &[P],
+        max_new: usize,
+        stop: &[u32],
+        temperature: f64,
+        seeds: &[u64],
+    ) -> Result<Vec<Vec<u32>>> {
+        if seeds.len() != prompts.len() {
+            return Err(ModelError::Input {
+                input: "seeds",
+                reason: format!("{} seeds for {} prompts (one each)", seeds.len(), prompts.len()),
+            });
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        self.decode(prompt, max_new, stop, |logits| {
-            let probs = candle_nn::ops::softmax_last_dim(&(logits.squeeze(0)? / temperature)?)?.to_vec1::<f32>()?;
-            let u: f32 = rng.random();
-            let mut acc = 0f32;
-            for (i, p) in probs.iter().enumerate() {
-                acc += p;
-                if u < acc {
-                    return Ok(i as u32);
-                }
-            }
-            Ok(probs.len() as u32 - 1)
+        if temperature <= 0.0 {
+            return self.generate_greedy_batch(prompts, max_new, stop);
+        }
+        let mut rngs: Vec<ChaCha8Rng> = seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect();
+        self.decode(prompts, max_new, stop, |logits, rows| {
+            rows.iter().enumerate().map(|(k, &i)| sample(&logits.get(k)?, temperature, &mut rngs[i])).collect()
         })
     }
 
-    /// The decoding loop shared by greedy and sampled generation: `pick` chooses the next token
-    /// from the `[1, vocab]` last-position logits. The prompt fills a fresh [`KvCache`], then each
-    /// step feeds only the token just chosen. Stops before exceeding `max_position_embeddings`.
-    fn decode(
+    /// The decoding loop shared by greedy and sampled generation. `pick` chooses the next token
+    /// of each unfinished row from the `[rows, vocab]` last-position logits, given the prompt
+    /// index of each row. The prompts, left-padded to the longest, fill a fresh [`KvCache`];
+    /// each later step feeds only the tokens just chosen. A row finishes after a `stop` id,
+    /// `max_new` tokens, or when its sequence fills `max_position_embeddings`; finished rows
+    /// leave the batch and the cache.
+    fn decode<P: AsRef<[u32]>>(
         &self,
-        prompt: &[u32],
+        prompts: &[P],
         max_new: usize,
         stop: &[u32],
-        mut pick: impl FnMut(&Tensor) -> Result<u32>,
-    ) -> Result<Vec<u32>> {
+        mut pick: impl FnMut(&Tensor, &[usize]) -> Result<Vec<u32>>,
+    ) -> Result<Vec<Vec<u32>>> {
         let (device, max_pos) = match self {
             Self::Llama(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
             Self::Gemma(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
         };
-        if prompt.is_empty() {
-            return Err(ModelError::Input { input: "prompt", reason: "must hold at least one token".into() });
+        if let Some(i) = prompts.iter().position(|p| p.as_ref().is_empty()) {
+            return Err(ModelError::Input {
+                input: "prompt",
+                reason: format!("prompt {i} is empty: each must hold at least one token"),
+            });
         }
-        let mut cache = KvCache::new(self);
-        let mut feed = prompt.to_vec();
-        let mut out = Vec::new();
-        for _ in 0..max_new {
-            if prompt.len() + out.len() >= max_pos {
-                break;
-            }
-            let input = Tensor::new(feed.as_slice(), &device)?.unsqueeze(0)?;
-            let next = pick(&self.forward_cached(&input, &mut cache)?)?;
-            out.push(next);
-            if stop.contains(&next) {
-                break;
-            }
-            feed = vec![next];
+        let mut outs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        // Prompt indices of the rows still decoding, in batch order.
+        let mut rows: Vec<usize> = if max_new == 0 {
+            Vec::new()
+        } else {
+            (0..prompts.len()).filter(|&i| prompts[i].as_ref().len() < max_pos).collect()
+        };
+        if rows.is_empty() {
+            return Ok(outs);
         }
-        Ok(out)
+        let longest = rows.iter().map(|&i| prompts[i].as_ref().len()).max().unwrap_or(0);
+        let pad: Vec<usize> = rows.iter().map(|&i| longest - prompts[i].as_ref().len()).collect();
+        let mut ids = Vec::with_capacity(rows.len() * longest);
+        for (&i, &p) in rows.iter().zip(&pad) {
+            // Filler slots hold token 0: masked as keys, never read as outputs.
+            ids.extend(std::iter::repeat_n(0u32, p));
+            ids.extend_from_slice(prompts[i].as_ref());
+        }
+        let mut cache = if pad.iter().all(|&p| p == 0) { KvCache::new(self) } else { KvCache::left_padded(self, pad) };
+        let mut input = Tensor::from_vec(ids, (rows.len(), longest), &device)?;
+        loop {
+            let logits = self.forward_cached(&input, &mut cache)?;
+            let next = pick(&logits, &rows)?;
+            let mut keep = Vec::with_capacity(rows.len());
+            let mut feed = Vec::with_capacity(rows.len());
+            for (k, (&i, &token)) in rows.iter().zip(&next).enumerate() {
+                outs[i].push(token);
+                let done = stop.contains(&token)
+                    || outs[i].len() >= max_new
+                    || prompts[i].as_ref().len() + outs[i].len() >= max_pos;
+                if !done {
+                    keep.push(k);
+                    feed.push(token);
+                }
+            }
+            if keep.is_empty() {
+                return Ok(outs);
+            }
+            if keep.len() < rows.len() {
+                cache.retain_rows(&keep)?;
+                rows = keep.iter().map(|&k| rows[k]).collect();
+            }
+            input = Tensor::from_vec(feed, (rows.len(), 1), &device)?;
+        }
     }
+}
+
+/// One draw from `softmax(logits / temperature)` for a `[vocab]` row: the first token whose
+/// cumulative probability exceeds a uniform `u` in [0, 1) (the last token if rounding leaves
+/// the sum below `u`).
+fn sample(logits: &Tensor, temperature: f64, rng: &mut ChaCha8Rng) -> Result<u32> {
+    let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?.to_vec1::<f32>()?;
+    let u: f32 = rng.random();
+    let mut acc = 0f32;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return Ok(i as u32);
+        }
+    }
+    Ok(probs.len().saturating_sub(1) as u32)
 }
 
 /// A trainable causal language model: the architecture plus a `VarMap` of its weights under

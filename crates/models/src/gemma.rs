@@ -751,18 +751,18 @@ impl Gemma {
         gemma_norm(&x, &self.norm, eps)
     }
 
-    /// Hidden states `[batch, n, hidden]` of `n` new positions `input_ids` `[batch, n]` (no
-    /// padding) that continue the sequence held in `cache`, whose keys and values they append:
+    /// Hidden states `[batch, n, hidden]` of `n` new slots `input_ids` `[batch, n]` that continue
+    /// the sequences held in `cache` (left-padded rows as [`KvCache::left_padded`] describes),
+    /// whose keys and values they append:
     /// the incremental-decoding path ([`crate::generation`]), equal to the last `n` positions of
     /// [`Self::forward_hidden`] within float rounding (same QK-norm, local/global RoPE, score
     /// soft-capping and sliding windows). No gradients.
     pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         cache.check(self.layers.len(), input_ids.dim(0)?)?;
-        let pos = cache.len();
-        let (batch, n) = generation::check_step(input_ids, pos, self.cfg.max_position_embeddings)?;
+        let (batch, n) = generation::check_step(input_ids, cache, self.cfg.max_position_embeddings)?;
         let mut x = (self.embed.forward(input_ids)? * (self.cfg.hidden_size as f64).sqrt())?.detach();
-        let global_rope = generation::rope_tables_at(&self.inv_freq, pos, n, &x)?;
-        let local_rope = generation::rope_tables_at(&self.local_inv_freq, pos, n, &x)?;
+        let global_rope = generation::rope_tables_at(&self.inv_freq, cache, n, &x)?;
+        let local_rope = generation::rope_tables_at(&self.local_inv_freq, cache, n, &x)?;
         let eps = self.cfg.rms_norm_eps;
         let (hd, nq, nkv) = (self.cfg.head_dim, self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
         let scale = self.cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();

@@ -1,5 +1,5 @@
 //! Incremental decoding with a key/value cache: the inference path behind
-//! [`crate::Model::generate_greedy`] and [`crate::Model::generate_sampled`].
+//! [`crate::Model::generate_greedy`], [`crate::Model::generate_sampled`] and their batched forms.
 //!
 //! The training forward ([`crate::Model::forward_hidden`]) runs whole sequences and keeps no state.
 //! Decoding instead feeds the prompt once and then one token per step; each layer's keys (after
@@ -8,12 +8,19 @@
 //! only the last `sliding_window` positions, with the same strict bound as the full forward
 //! (query `i` sees key `j` iff `j <= i` and `i - j < window`). Cached tensors are detached, so
 //! no autograd graph survives a step.
+//!
+//! Prompts of different lengths share one batch by left padding ([`KvCache::left_padded`]): row
+//! `r` starts with `pad[r]` filler slots, its token in slot `p` sits at position `p - pad[r]`
+//! (RoPE per row), and its queries never see keys in slots `< pad[r]` (score `-inf` before
+//! softmax; a filler query sees only itself, so no softmax row is empty). Slot distances equal
+//! position distances within a row, so causal and sliding-window bounds are unchanged; every
+//! real query's keys, positions and values are those of the row decoded alone.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::{Model, ModelError, Result};
 
-/// One layer's cached keys and values `[batch, kv_heads, len, head_dim]` for positions
+/// One layer's cached keys and values `[batch, kv_heads, len, head_dim]` for slots
 /// `start..start + len`.
 #[derive(Clone)]
 struct LayerCache {
@@ -22,13 +29,16 @@ struct LayerCache {
     window: Option<usize>,
 }
 
-/// Keys and values of every layer for the positions fed so far (one per model layer; built for
-/// one model by [`KvCache::new`]). Pass the same cache to successive
+/// Keys and values of every layer for the slots fed so far (one per model layer; built for
+/// one model by [`KvCache::new`] or [`KvCache::left_padded`]). Pass the same cache to successive
 /// [`Model::forward_cached`] calls; [`KvCache::reset`] empties it for a new sequence.
 #[derive(Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
+    /// Slots fed so far (the slot of the next token).
     pos: usize,
+    /// Leading filler slots of each row; empty: no padding, any batch size.
+    pad: Vec<usize>,
 }
 
 impl KvCache {
@@ -41,10 +51,22 @@ impl KvCache {
                 (0..c.num_hidden_layers).map(|l| if c.is_sliding(l) { c.sliding_window } else { None }).collect()
             }
         };
-        Self { layers: windows.into_iter().map(|window| LayerCache { kv: None, start: 0, window }).collect(), pos: 0 }
+        Self {
+            layers: windows.into_iter().map(|window| LayerCache { kv: None, start: 0, window }).collect(),
+            pos: 0,
+            pad: Vec::new(),
+        }
     }
 
-    /// Positions fed so far (the position of the next token).
+    /// An empty cache for a left-padded batch: row `r`'s first `pad[r]` tokens are filler (any
+    /// valid id), masked out as keys and not counted as positions. The first step must give
+    /// every row at least one real token (`pad[r] < n`).
+    pub fn left_padded(model: &Model, pad: Vec<usize>) -> Self {
+        Self { pad, ..Self::new(model) }
+    }
+
+    /// Slots fed so far (the slot of the next token; with left padding, a row's position is
+    /// this minus its padding).
     pub fn len(&self) -> usize {
         self.pos
     }
@@ -54,13 +76,84 @@ impl KvCache {
         self.pos == 0
     }
 
-    /// Forgets every position (keeps the shape, for another sequence).
+    /// The left padding of each row (empty without padding).
+    pub fn padding(&self) -> &[usize] {
+        &self.pad
+    }
+
+    /// Forgets every position and the padding (keeps the shape, for another sequence).
     pub fn reset(&mut self) {
         for l in &mut self.layers {
             l.kv = None;
             l.start = 0;
         }
         self.pos = 0;
+        self.pad.clear();
+    }
+
+    /// Keeps only the batch rows `rows` (indices into the current batch, increasing), e.g. when
+    /// the other rows have finished decoding; filler slots no kept row needs any more are
+    /// dropped.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let Some(batch) = self.batch()? else {
+            return Err(ModelError::Input { input: "rows", reason: "the cache holds no rows yet".into() });
+        };
+        if rows.is_empty() || rows.windows(2).any(|w| w[0] >= w[1]) || rows.iter().any(|&r| r >= batch) {
+            return Err(ModelError::Input {
+                input: "rows",
+                reason: format!("{rows:?}: expected increasing row indices below the batch size {batch}"),
+            });
+        }
+        let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(), rows.len(), &self.device())?;
+        for l in &mut self.layers {
+            if let Some((k, v)) = &l.kv {
+                l.kv = Some((k.index_select(&index, 0)?, v.index_select(&index, 0)?));
+            }
+        }
+        if !self.pad.is_empty() {
+            self.pad = rows.iter().map(|&r| self.pad[r]).collect();
+            self.drop_common_padding()?;
+        }
+        Ok(())
+    }
+
+    /// Removes the filler slots every row has (`min(pad)`), renumbering slots so the
+    /// shortest-padded row starts at 0. Only masked keys are dropped.
+    fn drop_common_padding(&mut self) -> Result<()> {
+        let m = self.pad.iter().copied().min().unwrap_or(0).min(self.pos);
+        if m == 0 {
+            return Ok(());
+        }
+        for l in &mut self.layers {
+            if let Some((k, v)) = &l.kv {
+                let drop = m.saturating_sub(l.start);
+                if drop > 0 {
+                    let len = k.dim(2)?;
+                    l.kv = Some((
+                        k.narrow(2, drop, len - drop)?.contiguous()?,
+                        v.narrow(2, drop, len - drop)?.contiguous()?,
+                    ));
+                }
+            }
+            l.start = l.start.max(m) - m;
+        }
+        self.pos -= m;
+        for p in &mut self.pad {
+            *p -= m;
+        }
+        Ok(())
+    }
+
+    /// The batch size of the cached tensors (or of the padding), if known yet.
+    fn batch(&self) -> Result<Option<usize>> {
+        if let Some((k, _)) = self.layers.iter().find_map(|l| l.kv.as_ref()) {
+            return Ok(Some(k.dim(0)?));
+        }
+        Ok((!self.pad.is_empty()).then_some(self.pad.len()))
+    }
+
+    fn device(&self) -> candle_core::Device {
+        self.layers.iter().find_map(|l| l.kv.as_ref()).map_or(candle_core::Device::Cpu, |(k, _)| k.device().clone())
     }
 
     /// Checks that the cache fits a model of `layers` layers and a batch of `batch` rows.
@@ -71,15 +164,20 @@ impl KvCache {
                 reason: format!("built for {} layers, the model has {layers}", self.layers.len()),
             });
         }
-        if let Some((k, _)) = self.layers.iter().find_map(|l| l.kv.as_ref())
-            && k.dim(0)? != batch
+        if let Some(cached) = self.batch()?
+            && cached != batch
         {
             return Err(ModelError::Input {
                 input: "input_ids",
-                reason: format!("batch {batch} does not match the cache's batch {}", k.dim(0)?),
+                reason: format!("batch {batch} does not match the cache's batch {cached}"),
             });
         }
         Ok(())
+    }
+
+    /// Position of slot `slot` in row `row` (0 for filler slots).
+    fn position(&self, row: usize, slot: usize) -> usize {
+        slot.saturating_sub(self.pad.get(row).copied().unwrap_or(0))
     }
 
     pub(crate) fn advance(&mut self, n: usize) {
@@ -87,11 +185,11 @@ impl KvCache {
     }
 }
 
-/// Attention of `n` new positions `pos..pos + n` of layer `layer`: appends `k`, `v`
+/// Attention of `n` new slots `pos..pos + n` of layer `layer`: appends `k`, `v`
 /// `[batch, kv_heads, n, head_dim]` (RoPE already applied) to the cache and attends `q`
-/// `[batch, heads, n, head_dim]` over every cached key the causal and sliding-window masks allow.
-/// Scores are `q k^T / scale`, optionally soft-capped `cap * tanh(s / cap)` before masking.
-/// Returns `[batch, n, heads * head_dim]`.
+/// `[batch, heads, n, head_dim]` over every cached key the causal, sliding-window and padding
+/// masks allow. Scores are `q k^T / scale`, optionally soft-capped `cap * tanh(s / cap)`, then
+/// `-inf` where masked. Returns `[batch, n, heads * head_dim]`.
 pub(crate) fn cached_attention(
     cache: &mut KvCache,
     layer: usize,
@@ -102,6 +200,7 @@ pub(crate) fn cached_attention(
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     let pos = cache.pos;
+    let pad = &cache.pad;
     let lc = &mut cache.layers[layer];
     let (b, heads, n, hd) = q.dims4()?;
     let kv_heads = k.dim(1)?;
@@ -119,20 +218,32 @@ pub(crate) fn cached_attention(
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
-    let allowed = |i: usize, j: usize| j <= i && lc.window.is_none_or(|w| i - j < w);
-    let all_allowed = (0..n).all(|r| (0..len).all(|c| allowed(pos + r, start + c)));
+    let window = lc.window;
+    // Query slot `i` of a row padded by `p` sees key slot `j`: causal, within the window, and
+    // a real key; a filler query (`i < p`) sees only itself.
+    let allowed = |p: usize, i: usize, j: usize| {
+        if i < p {
+            return i == j;
+        }
+        j <= i && j >= p && window.is_none_or(|w| i - j < w)
+    };
+    let rows: Vec<usize> = if pad.is_empty() { vec![0] } else { pad.clone() };
+    // Keys are slots `start..pos + n`. One real query at `pos` sees them all when they lie in
+    // its window and none is filler; several new queries always need the causal mask.
+    let all_allowed = n == 1 && window.is_none_or(|w| pos - start < w) && rows.iter().all(|&p| p <= start);
     if !all_allowed {
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|r| (0..len).map(move |c| (r, c)))
-            .map(|(r, c)| if allowed(pos + r, start + c) { 0.0 } else { -1e30 })
+        let mask: Vec<f32> = rows
+            .iter()
+            .flat_map(|&p| (0..n).flat_map(move |r| (0..len).map(move |c| (p, r, c))))
+            .map(|(p, r, c)| if allowed(p, pos + r, start + c) { 0.0 } else { f32::NEG_INFINITY })
             .collect();
-        let mask = Tensor::from_vec(mask, (n, len), q.device())?.to_dtype(scores.dtype())?;
+        let mask = Tensor::from_vec(mask, (rows.len(), 1, 1, n, len), q.device())?.to_dtype(scores.dtype())?;
         scores =
             scores.reshape((b, kv_heads, rep, n, len))?.broadcast_add(&mask)?.reshape((b, kv_heads, rep * n, len))?;
     }
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v_all.dtype())?;
     let out = probs.matmul(&v_all)?.reshape((b, heads, n, hd))?.transpose(1, 2)?.reshape((b, n, heads * hd))?;
-    // Keep only what later queries can see: a sliding layer's last `window` positions.
+    // Keep only what later queries can see: a sliding layer's last `window` slots.
     let (k_keep, v_keep, start) = match lc.window {
         Some(w) if len > w => {
             (k_all.narrow(2, len - w, w)?.contiguous()?, v_all.narrow(2, len - w, w)?.contiguous()?, start + len - w)
@@ -144,20 +255,42 @@ pub(crate) fn cached_attention(
     Ok(out)
 }
 
-/// RoPE cos/sin tables `[n, head_dim / 2]` for positions `start..start + n` (the same values as
-/// rows `start..` of [`crate::ops::rope_tables`]).
-pub(crate) fn rope_tables_at(inv_freq: &[f64], start: usize, n: usize, q: &Tensor) -> Result<(Tensor, Tensor)> {
-    crate::ops::rope_tables_from(inv_freq, start, n, q.dtype(), q.device())
+/// RoPE cos/sin tables for the `n` new slots of `cache`: `[n, head_dim / 2]` for positions
+/// `pos..pos + n` without padding, else `[batch, 1, n, head_dim / 2]` with each row's own
+/// positions (bit for bit the rows of [`crate::ops::rope_tables`] at those positions).
+pub(crate) fn rope_tables_at(inv_freq: &[f64], cache: &KvCache, n: usize, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let pos = cache.pos;
+    if cache.pad.is_empty() {
+        return crate::ops::rope_tables_from(inv_freq, pos, n, x.dtype(), x.device());
+    }
+    let b = cache.pad.len();
+    let positions: Vec<usize> =
+        (0..b).flat_map(|r| (pos..pos + n).map(move |s| (r, s))).map(|(r, s)| cache.position(r, s)).collect();
+    let lo = positions.iter().copied().min().unwrap_or(0);
+    let hi = positions.iter().copied().max().unwrap_or(0);
+    let (cos, sin) = crate::ops::rope_tables_from(inv_freq, lo, hi - lo + 1, x.dtype(), x.device())?;
+    let index: Vec<u32> = positions.iter().map(|&p| (p - lo) as u32).collect();
+    let index = Tensor::from_vec(index, b * n, x.device())?;
+    let half = inv_freq.len();
+    Ok((cos.index_select(&index, 0)?.reshape((b, 1, n, half))?, sin.index_select(&index, 0)?.reshape((b, 1, n, half))?))
 }
 
-/// `[batch, n]` u32 ids of a cached step, checked: at least one position, within
-/// `max_positions` after the `pos` positions already cached.
-pub(crate) fn check_step(input_ids: &Tensor, pos: usize, max_positions: usize) -> Result<(usize, usize)> {
+/// `[batch, n]` u32 ids of a cached step, checked: at least one position; every row's
+/// positions within `max_positions`; with left padding, every row has a real token by the end
+/// of the step.
+pub(crate) fn check_step(input_ids: &Tensor, cache: &KvCache, max_positions: usize) -> Result<(usize, usize)> {
     let (b, n) = input_ids.dims2()?;
     if b == 0 || n == 0 {
         return Err(ModelError::Input { input: "input_ids", reason: "need at least one row and one token".into() });
     }
-    crate::ops::check_positions(pos + n, max_positions)?;
+    let end = cache.pos + n;
+    if let Some(r) = cache.pad.iter().position(|&p| p >= end) {
+        return Err(ModelError::Input {
+            input: "padding",
+            reason: format!("row {r} has {} filler slots but only {end} tokens were fed", cache.pad[r]),
+        });
+    }
+    crate::ops::check_positions(end - cache.pad.iter().copied().min().unwrap_or(0), max_positions)?;
     Ok((b, n))
 }
 
@@ -171,15 +304,4 @@ pub(crate) fn last_logits(hidden: &Tensor, lm_head: &Tensor, softcap: Option<f64
         None => logits,
     }
     .detach())
-}
-
-/// Index of the largest logit in a `[1, vocab]` row.
-pub(crate) fn argmax(logits: &Tensor) -> Result<u32> {
-    logits
-        .argmax(D::Minus1)?
-        .flatten_all()?
-        .to_vec1::<u32>()?
-        .first()
-        .copied()
-        .ok_or_else(|| ModelError::Input { input: "logits", reason: "empty vocabulary".into() })
 }

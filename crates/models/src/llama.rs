@@ -333,18 +333,18 @@ pub(crate) fn keep_rows(x: Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
 }
 
 impl Llama {
-    /// Hidden states `[batch, n, hidden]` of `n` new positions `input_ids` `[batch, n]` (no
-    /// padding) that continue the sequence held in `cache`, whose keys and values they append.
+    /// Hidden states `[batch, n, hidden]` of `n` new slots `input_ids` `[batch, n]` that continue
+    /// the sequences held in `cache` (left-padded rows as [`KvCache::left_padded`] describes),
+    /// whose keys and values they append.
     /// The incremental-decoding path ([`crate::generation`]); equal to the last `n` positions of
     /// [`Self::forward_hidden`] over the whole sequence within float rounding. No gradients.
     pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         cache.check(self.layers.len(), input_ids.dim(0)?)?;
-        let pos = cache.len();
-        let (_, n) = generation::check_step(input_ids, pos, self.cfg.max_position_embeddings)?;
+        let (_, n) = generation::check_step(input_ids, cache, self.cfg.max_position_embeddings)?;
         let hd = self.cfg.head_dim();
         let eps = self.cfg.rms_norm_eps;
         let mut x = self.embed.forward(input_ids)?.detach();
-        let (cos, sin) = generation::rope_tables_at(&self.inv_freq, pos, n, &x)?;
+        let (cos, sin) = generation::rope_tables_at(&self.inv_freq, cache, n, &x)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let h = crate::ops::rms_norm(&x, &layer.input_norm, eps)?;

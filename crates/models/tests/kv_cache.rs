@@ -2,7 +2,8 @@
 //! one piece or in chunks, sequences longer than the sliding window), greedy decoding gives the
 //! same tokens as re-running the whole prefix, for Llama (GQA), Gemma 1, Gemma 2 (soft-capping,
 //! sliding window shorter than the sequence) and Gemma 3 (QK-norm, local/global layers), with
-//! and without LoRA adapters.
+//! and without LoRA adapters; left-padded batches give each row's own logits and tokens, greedy
+//! and sampled (per-row seeds), whatever the batch.
 
 use candle_core::{D, Device, Tensor};
 use slime_models::{CausalLm, GemmaConfig, KvCache, LlamaConfig, LoraConfig, ModelConfig, ModelError, Result};
@@ -174,5 +175,158 @@ fn cache_misuse_is_an_error_and_decoding_stops_at_max_positions() -> Result<()> 
     assert!(llama.model().forward_cached(&row(&tokens(65, 97, 0))?, &mut cache).is_err());
     cache.reset();
     assert!(cache.is_empty());
+    Ok(())
+}
+
+/// Prompts of different lengths, the longest beyond every sliding window of [`configs`].
+fn ragged_prompts(vocab: usize) -> Vec<Vec<u32>> {
+    [9, 2, 5, 1, 12].iter().enumerate().map(|(i, &n)| tokens(n, vocab, i + 7)).collect()
+}
+
+/// Left-padded rows through the cache give each row's logits alone (the full forward over the
+/// row's prefix), at the prompt, at later steps, and after rows leave the batch (including the
+/// longest one, which drops filler slots every remaining row has).
+#[test]
+fn left_padded_rows_give_each_rows_logits_alone() -> Result<()> {
+    for (name, cfg) in configs() {
+        let lm = model(&cfg, 7)?;
+        let model = lm.model();
+        let mut seqs = ragged_prompts(97);
+        let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let pad: Vec<usize> = seqs.iter().map(|s| longest - s.len()).collect();
+        let ids: Vec<u32> =
+            seqs.iter().flat_map(|s| std::iter::repeat_n(0u32, longest - s.len()).chain(s.iter().copied())).collect();
+        let mut cache = KvCache::left_padded(model, pad);
+        let mut logits =
+            model.forward_cached(&Tensor::from_vec(ids, (seqs.len(), longest), &Device::Cpu)?, &mut cache)?;
+        // Batch row k holds sequence alive[k].
+        let mut alive: Vec<usize> = (0..seqs.len()).collect();
+        for step in 0..8 {
+            for (k, &i) in alive.iter().enumerate() {
+                let want = model.last_logits(&row(&seqs[i])?, None)?;
+                let diff = max_abs_diff(&logits.narrow(0, k, 1)?, &want)?;
+                assert!(diff < 1e-4, "{name}: step {step}, sequence {i} (length {}) differs by {diff}", seqs[i].len());
+            }
+            // Sequence 1 (short) leaves after step 2, sequence 4 (the longest) after step 4.
+            let leaving: &[usize] = match step {
+                2 => &[1],
+                4 => &[4],
+                _ => &[],
+            };
+            if !leaving.is_empty() {
+                let keep: Vec<usize> = (0..alive.len()).filter(|&k| !leaving.contains(&alive[k])).collect();
+                cache.retain_rows(&keep)?;
+                alive = keep.iter().map(|&k| alive[k]).collect();
+            }
+            let next: Vec<u32> = alive.iter().map(|&i| ((i * 13 + step * 5 + 3) % 97) as u32).collect();
+            for (&i, &t) in alive.iter().zip(&next) {
+                seqs[i].push(t);
+            }
+            logits = model.forward_cached(&Tensor::from_vec(next, (alive.len(), 1), &Device::Cpu)?, &mut cache)?;
+        }
+        // The longest row left, so the others' common filler slots are gone.
+        assert_eq!(cache.padding().iter().min(), Some(&0), "{name}");
+        assert_eq!(alive, vec![0, 2, 3], "{name}");
+    }
+    Ok(())
+}
+
+/// Cuts `tokens` after the first stop id.
+fn until_stop(tokens: &[u32], stop: &[u32]) -> Vec<u32> {
+    tokens.iter().position(|t| stop.contains(t)).map_or(tokens.to_vec(), |i| tokens[..=i].to_vec())
+}
+
+#[test]
+fn batched_greedy_decoding_equals_one_prompt_at_a_time() -> Result<()> {
+    for (name, cfg) in configs() {
+        let lm = model(&cfg, 8)?;
+        let prompts = ragged_prompts(97);
+        let max_new = 10;
+        // The reference: each prompt alone, re-running its whole prefix at every step.
+        let alone: Vec<Vec<u32>> = prompts.iter().map(|p| greedy_uncached(&lm, p, max_new)).collect::<Result<_>>()?;
+        assert_eq!(lm.model().generate_greedy_batch(&prompts, max_new, &[])?, alone, "{name}");
+        // A stop id from one row's output: rows stop at different steps, the rest run to max_new.
+        let stop = [alone[0][3]];
+        let want: Vec<Vec<u32>> = alone.iter().map(|a| until_stop(a, &stop)).collect();
+        let lens: Vec<usize> = want.iter().map(Vec::len).collect();
+        assert!(lens.iter().any(|&l| l < max_new) && lens.contains(&max_new), "{name}: lengths {lens:?}");
+        let batched = lm.model().generate_greedy_batch(&prompts, max_new, &stop)?;
+        assert_eq!(batched, want, "{name}");
+        for (p, w) in prompts.iter().zip(&want) {
+            assert_eq!(&lm.model().generate_greedy(p, max_new, &stop)?, w, "{name}");
+        }
+        // Any batch composition and order gives the same rows.
+        let picked = [&prompts[4], &prompts[1], &prompts[2]];
+        let sub = lm.model().generate_greedy_batch(&picked, max_new, &stop)?;
+        assert_eq!(sub, vec![want[4].clone(), want[1].clone(), want[2].clone()], "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn batched_sampling_draws_per_row_streams_independent_of_the_batch() -> Result<()> {
+    for (name, cfg) in configs().into_iter().filter(|(n, _)| matches!(*n, "llama" | "gemma2" | "gemma3")) {
+        let lm = model(&cfg, 9)?;
+        let m = lm.model();
+        let prompts = ragged_prompts(97);
+        let seeds = [11u64, 12, 13, 14, 15];
+        let (max_new, temperature) = (12, 8.0);
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(seeds)
+            .map(|(p, s)| m.generate_sampled(p, max_new, &[], temperature, s))
+            .collect::<Result<_>>()?;
+        assert_eq!(m.generate_sampled_batch(&prompts, max_new, &[], temperature, &seeds)?, alone, "{name}");
+        // Another composition and order: each row follows its own seed.
+        let sub = m.generate_sampled_batch(&[&prompts[3], &prompts[0]], max_new, &[], temperature, &[14, 11])?;
+        assert_eq!(sub, vec![alone[3].clone(), alone[0].clone()], "{name}");
+        // Rows that stop at different steps leave the others' streams as they were.
+        let stop = [alone[2][4]];
+        let want: Vec<Vec<u32>> = alone.iter().map(|a| until_stop(a, &stop)).collect();
+        assert!(want.iter().any(|w| w.len() < max_new), "{name}");
+        assert_eq!(m.generate_sampled_batch(&prompts, max_new, &stop, temperature, &seeds)?, want, "{name}");
+        // It samples: the same prompt under other seeds, and greedy, give other tokens.
+        let same = vec![prompts[0].clone(); 4];
+        let draws = m.generate_sampled_batch(&same, max_new, &[], temperature, &[1, 2, 3, 4])?;
+        assert!(draws.iter().any(|d| *d != draws[0]), "{name}: seeds made no difference");
+        let greedy = m.generate_greedy(&prompts[0], max_new, &[])?;
+        assert!(draws.iter().any(|d| *d != greedy), "{name}: sampling gave the greedy tokens");
+    }
+    Ok(())
+}
+
+#[test]
+fn batched_decoding_limits_and_bad_input() -> Result<()> {
+    let cfgs = configs();
+    let lm = model(&cfgs[0].1, 2)?;
+    let m = lm.model();
+    // max_position_embeddings = 64: a full prompt gets nothing, a 63-token one one token, the
+    // others decode on.
+    let (full, long, short) = (tokens(64, 97, 0), tokens(63, 97, 1), tokens(3, 97, 2));
+    let out = m.generate_greedy_batch(&[&full, &long, &short], 5, &[])?;
+    assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![0, 1, 5]);
+    assert_eq!(out[1], m.generate_greedy(&long, 5, &[])?);
+    assert_eq!(out[2], m.generate_greedy(&short, 5, &[])?);
+    assert_eq!(m.generate_greedy_batch(&[&short], 0, &[])?, vec![Vec::<u32>::new()]);
+    assert!(m.generate_greedy_batch::<Vec<u32>>(&[], 5, &[])?.is_empty());
+    // An empty prompt, or a seed count that does not match, is an error naming the input.
+    let err = m.generate_greedy_batch(&[&short, &vec![]], 5, &[]).err();
+    assert!(
+        matches!(&err, Some(ModelError::Input { input: "prompt", reason }) if reason.contains("prompt 1")),
+        "{err:?}"
+    );
+    let err = m.generate_sampled_batch(&[&short, &long], 5, &[], 1.0, &[1]).err();
+    assert!(matches!(err, Some(ModelError::Input { input: "seeds", .. })), "{err:?}");
+    // A row with only filler slots, or rows outside the batch, are refused.
+    let mut cache = KvCache::left_padded(m, vec![0, 2]);
+    let two = Tensor::new(&[[1u32, 2], [0, 0]], &Device::Cpu)?;
+    assert!(matches!(m.forward_cached(&two, &mut cache), Err(ModelError::Input { input: "padding", .. })));
+    let mut cache = KvCache::left_padded(m, vec![0, 1]);
+    m.forward_cached(&Tensor::new(&[[1u32, 2], [0, 3]], &Device::Cpu)?, &mut cache)?;
+    for bad in [vec![], vec![2], vec![1, 0], vec![0, 0]] {
+        assert!(matches!(cache.retain_rows(&bad), Err(ModelError::Input { input: "rows", .. })), "{bad:?}");
+    }
+    let three = Tensor::new(&[[1u32], [2], [3]], &Device::Cpu)?;
+    assert!(matches!(m.forward_cached(&three, &mut cache), Err(ModelError::Input { .. })));
     Ok(())
 }

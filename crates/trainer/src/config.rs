@@ -467,11 +467,21 @@ pub struct EvalSpec {
     /// `per_device_eval_batch_size`.
     #[serde(alias = "per_device_eval_batch_size")]
     pub batch_size: usize,
+    /// Held-out prompts decoded together in one left-padded batch (default 8). The generations
+    /// do not depend on it.
+    pub generation_batch_size: usize,
 }
 
 impl Default for EvalSpec {
     fn default() -> Self {
-        Self { every: 25, generations: 64, max_new_tokens: 24, collapse_delta: 1.25, batch_size: 64 }
+        Self {
+            every: 25,
+            generations: 64,
+            max_new_tokens: 24,
+            collapse_delta: 1.25,
+            batch_size: 64,
+            generation_batch_size: 8,
+        }
     }
 }
 
@@ -569,6 +579,9 @@ impl RunConfig {
         }
         if self.eval.batch_size == 0 {
             return bad("eval.batch_size = 0: expected at least 1".into());
+        }
+        if self.eval.generation_batch_size == 0 {
+            return bad("eval.generation_batch_size = 0: expected at least 1".into());
         }
         if self.model.hidden == 0 || !self.model.hidden.is_multiple_of(4) || self.model.hidden > 4096 {
             return bad(format!("model.hidden = {}: expected a multiple of 4 in 4..=4096", self.model.hidden));
@@ -714,6 +727,7 @@ mod tests {
             ("[data]\ntemplate = \"vicuna\"", "data.template"),
             ("[data]\nmax_length = 100\nmax_prompt_length = 100", "data.max_prompt_length"),
             ("[eval]\nbatch_size = 0", "eval.batch_size"),
+            ("[eval]\ngeneration_batch_size = 0", "eval.generation_batch_size"),
             ("[model]\ndtype = \"f16\"", "model.dtype"),
             ("[model]\ndevice = \"gpu\"", "model.device"),
         ] {

@@ -5,7 +5,8 @@
 //! `messages`, a message list). Each is rendered with the chat template and the generation
 //! prompt, encoded as the data pipeline encodes prompts (BOS by the tokenizer's rule), and
 //! decoded greedily or by seeded sampling until a stop token (the tokenizer's EOS, the
-//! template's end-of-turn token, any `extra` stop token) or `max_new_tokens`.
+//! template's end-of-turn token, any `extra` stop token) or `max_new_tokens`, several prompts
+//! at a time in one left-padded batch (the same output as one at a time).
 
 use std::io::Write;
 use std::path::Path;
@@ -37,11 +38,17 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Extra stop tokens (vocabulary strings such as `<|eot_id|>` or `Ġthe`).
     pub extra_stop: Vec<String>,
+    /// Prompts decoded together in one left-padded batch (>= 1). Outputs do not depend on it;
+    /// larger batches read the weights once for several tokens per step.
+    pub batch_size: usize,
 }
+
+/// Default [`GenerateOptions::batch_size`].
+pub const DEFAULT_BATCH_SIZE: usize = 8;
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_new_tokens: 128, temperature: 0.0, seed: 0, extra_stop: Vec::new() }
+        Self { max_new_tokens: 128, temperature: 0.0, seed: 0, extra_stop: Vec::new(), batch_size: DEFAULT_BATCH_SIZE }
     }
 }
 
@@ -167,8 +174,9 @@ pub fn encode_prompt(tokenizer: &TextTokenizer, template: Option<&ChatTemplate>,
     Ok(tokenizer.with_bos(tokenizer.encode(&text)?))
 }
 
-/// Generates a completion for each prompt and writes one JSON line per prompt to `out` as soon
-/// as it is done. Returns the generations.
+/// Generates a completion for each prompt, `opts.batch_size` prompts at a time (in file
+/// order), and writes one JSON line per prompt to `out` as soon as its batch is done. Returns
+/// the generations.
 pub fn generate_all(
     model: &LoadedModel,
     template: Option<&ChatTemplate>,
@@ -176,39 +184,49 @@ pub fn generate_all(
     opts: &GenerateOptions,
     out: &mut dyn Write,
 ) -> Result<Vec<Generation>> {
+    if opts.batch_size == 0 {
+        return Err(TrainError::Config("--batch-size: must be at least 1".into()));
+    }
     let stop = stop_tokens(&model.tokenizer, template, &opts.extra_stop)?;
     let context = max_positions(model.lm.config());
     let mut done = Vec::with_capacity(prompts.len());
-    for (i, prompt) in prompts.iter().enumerate() {
-        let ids = encode_prompt(&model.tokenizer, template, prompt)?;
-        model.check_ids(&ids, &|| format!("prompt {}", i + 1))?;
+    for (b, batch) in prompts.chunks(opts.batch_size).enumerate() {
+        let first = b * opts.batch_size;
+        let mut ids = Vec::with_capacity(batch.len());
+        for (k, prompt) in batch.iter().enumerate() {
+            let encoded = encode_prompt(&model.tokenizer, template, prompt)?;
+            model.check_ids(&encoded, &|| format!("prompt {}", first + k + 1))?;
+            ids.push(encoded);
+        }
         let m = model.lm.model();
-        let new = if opts.temperature > 0.0 {
-            m.generate_sampled(&ids, opts.max_new_tokens, &stop, opts.temperature, opts.seed.wrapping_add(i as u64))?
+        let news = if opts.temperature > 0.0 {
+            let seeds: Vec<u64> = (first..first + batch.len()).map(|i| opts.seed.wrapping_add(i as u64)).collect();
+            m.generate_sampled_batch(&ids, opts.max_new_tokens, &stop, opts.temperature, &seeds)?
         } else {
-            m.generate_greedy(&ids, opts.max_new_tokens, &stop)?
+            m.generate_greedy_batch(&ids, opts.max_new_tokens, &stop)?
         };
-        let stopped = new.last().is_some_and(|t| stop.contains(t));
-        let finish_reason = if stopped {
-            "stop"
-        } else if new.len() >= opts.max_new_tokens {
-            "length"
-        } else {
-            debug_assert!(ids.len() + new.len() >= context);
-            "context"
-        };
-        let text_ids = if stopped { &new[..new.len() - 1] } else { &new[..] };
-        let generation = Generation {
-            prompt: prompt.clone(),
-            completion: model.tokenizer.decode(text_ids, false)?,
-            tokens: new.len(),
-            finish_reason,
-        };
-        let line = serde_json::to_string(&generation).map_err(|e| TrainError::Config(e.to_string()))?;
-        writeln!(out, "{line}")
-            .and_then(|()| out.flush())
-            .map_err(|source| TrainError::Io { path: "output".into(), source })?;
-        done.push(generation);
+        for ((prompt, ids), new) in batch.iter().zip(&ids).zip(news) {
+            let stopped = new.last().is_some_and(|t| stop.contains(t));
+            let finish_reason = if stopped {
+                "stop"
+            } else if new.len() >= opts.max_new_tokens {
+                "length"
+            } else {
+                debug_assert!(ids.len() + new.len() >= context);
+                "context"
+            };
+            let text_ids = if stopped { &new[..new.len() - 1] } else { &new[..] };
+            let generation = Generation {
+                prompt: prompt.clone(),
+                completion: model.tokenizer.decode(text_ids, false)?,
+                tokens: new.len(),
+                finish_reason,
+            };
+            let line = serde_json::to_string(&generation).map_err(|e| TrainError::Config(e.to_string()))?;
+            writeln!(out, "{line}").map_err(|source| TrainError::Io { path: "output".into(), source })?;
+            done.push(generation);
+        }
+        out.flush().map_err(|source| TrainError::Io { path: "output".into(), source })?;
     }
     Ok(done)
 }

@@ -141,6 +141,10 @@ enum Command {
         /// Feed text prompts to the model as they are, without a chat template.
         #[arg(long, conflicts_with = "template")]
         no_template: bool,
+        /// Prompts decoded together (left-padded into one batch; each stops on its own). The
+        /// output is the same for any value; larger batches give more tokens per second.
+        #[arg(long, default_value_t = slime_trainer::generate::DEFAULT_BATCH_SIZE)]
+        batch_size: usize,
     },
     /// Convert downloaded files to what the other subcommands read: a GGUF checkpoint to a
     /// model directory, or LLaMA-Factory preference JSON to Parquet.
@@ -348,9 +352,12 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Generate { model, prompts, out, max_new_tokens, temperature, seed, stop, no_template } => {
+        Command::Generate { model, prompts, out, max_new_tokens, temperature, seed, stop, no_template, batch_size } => {
             if !(temperature.is_finite() && temperature >= 0.0) {
                 bail!("--temperature: {temperature} is not a finite number >= 0");
+            }
+            if batch_size == 0 {
+                bail!("--batch-size: must be at least 1");
             }
             expect_file(&prompts, "--prompts", "a prompts file (.jsonl, .json or text)")?;
             let prompt_list = read_prompts(&prompts)?;
@@ -363,7 +370,7 @@ fn main() -> Result<()> {
                     loaded.tokenizer_dir.display()
                 );
             }
-            let opts = GenerateOptions { max_new_tokens, temperature, seed, extra_stop: stop };
+            let opts = GenerateOptions { max_new_tokens, temperature, seed, extra_stop: stop, batch_size };
             let started = std::time::Instant::now();
             let generations = match &out {
                 // Written whole or not at all: a failed run leaves no partial file.
@@ -382,10 +389,11 @@ fn main() -> Result<()> {
             }
             .with_context(|| format!("generating for {}", prompts.display()))?;
             let tokens: usize = generations.iter().map(|g| g.tokens).sum();
+            let seconds = started.elapsed().as_secs_f64();
             eprintln!(
-                "generated {} completions ({tokens} tokens) in {:.1} s",
+                "generated {} completions ({tokens} tokens) in {seconds:.1} s ({:.1} tokens/s)",
                 generations.len(),
-                started.elapsed().as_secs_f64()
+                tokens as f64 / seconds.max(1e-9)
             );
             Ok(())
         }

@@ -2,7 +2,8 @@
 //! fixture byte-level BPE tokenizer (no downloads): the written log-prob sums equal an
 //! independent computation (unbatched reference forward pass, full logits, log-softmax and
 //! gather on the host in f64), token counts equal the completion lengths, greedy generation is
-//! deterministic and stops at a stop token or max-new-tokens, and errors name the file.
+//! deterministic, stops at a stop token or max-new-tokens and, like sampling, does not depend on
+//! `--batch-size`, and errors name the file.
 
 mod common;
 use common::Fixture;
@@ -428,6 +429,17 @@ fn greedy_generation_is_deterministic_and_stops() -> TestResult {
     let a = run(&jsonl, &["--temperature", "1.0", "--seed", "5"])?;
     let b = run(&jsonl, &["--temperature", "1.0", "--seed", "5"])?;
     assert_eq!(generations(&a)?, generations(&b)?);
+
+    // The batch size changes nothing in the output, greedy or sampled (the three prompts have
+    // different lengths: one batch of 3 by default, then 2 + 1, then one at a time).
+    for size in ["1", "2"] {
+        assert_eq!(run(&jsonl, &["--batch-size", size])?.stdout, first.stdout, "--batch-size {size}");
+        let sampled = run(&jsonl, &["--temperature", "1.0", "--seed", "5", "--batch-size", size])?;
+        assert_eq!(generations(&sampled)?, generations(&a)?, "sampled, --batch-size {size}");
+    }
+    let zero = run(&jsonl, &["--batch-size", "0"])?;
+    assert!(!zero.status.success());
+    assert!(text(&zero.stderr).contains("--batch-size"), "{}", text(&zero.stderr));
 
     // --out writes the same lines as stdout.
     let out = f.root.join("gen.jsonl");

@@ -17,7 +17,8 @@ use crate::metrics::eval;
 use crate::task;
 use crate::{Result, TrainError};
 
-/// Evaluation on held-out pairs (log-probs) and prompts (greedy generations): preference
+/// Evaluation on held-out pairs (log-probs) and prompts (greedy generations, decoded
+/// `eval.generation_batch_size` prompts at a time): preference
 /// accuracy (mean chosen token log-prob above the rejected one), mean chosen and rejected
 /// log-probs, the collapse fraction, format validity and, on the embedded task, task accuracy;
 /// on Parquet data, the repetition of the generations ([`repetition`]).
@@ -107,8 +108,12 @@ pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &Run
     let prompts: Vec<&Example> = data.eval.iter().take(cfg.eval.generations).collect();
     let embedded = data.eval.first().is_some_and(|e| e.task.is_some());
     let answered = data.eval.iter().any(|e| e.answer.is_some());
-    for example in &prompts {
-        let completion = lm.model().generate_greedy(&example.tokens.prompt, cfg.eval.max_new_tokens, &data.stop)?;
+    let mut completions = Vec::with_capacity(prompts.len());
+    for batch in prompts.chunks(cfg.eval.generation_batch_size.max(1)) {
+        let ids: Vec<&[u32]> = batch.iter().map(|e| e.tokens.prompt.as_slice()).collect();
+        completions.extend(lm.model().generate_greedy_batch(&ids, cfg.eval.max_new_tokens, &data.stop)?);
+    }
+    for (example, completion) in prompts.iter().zip(completions) {
         // Stopped at the end-of-turn (or EOS) token rather than at the token limit.
         let ended = completion.last().is_some_and(|t| data.stop.contains(t));
         let (is_valid, is_correct, repetition_of) = match (&example.task, &example.answer) {
@@ -185,4 +190,43 @@ pub(super) fn write_generations(
         text.push('\n');
     }
     crate::atomic::write(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::run::model::{tiny_gemma, tiny_llama};
+
+    /// Held-out generations decoded in batches equal one prompt at a time, and so do the
+    /// metrics, for both presets (Gemma's sliding window of 16 is shorter than the prompts).
+    #[test]
+    fn batched_eval_generations_equal_one_at_a_time() -> Result<()> {
+        let data = RunData::embedded(0, 12, 3)?;
+        let lengths: Vec<usize> = data.eval.iter().map(|e| e.tokens.prompt.len()).collect();
+        assert!(lengths.iter().any(|&l| l != lengths[0]), "prompts of one length: {lengths:?}");
+        assert!(lengths.iter().any(|&l| l > 16), "no prompt beyond the sliding window: {lengths:?}");
+        for lm in [
+            CausalLm::random(&tiny_llama(32, 2), 5, &Device::Cpu)?,
+            CausalLm::random(&tiny_gemma(32, 2), 5, &Device::Cpu)?,
+        ] {
+            let mut cfg = RunConfig::default();
+            cfg.eval.generations = 12;
+            cfg.eval.max_new_tokens = 20;
+            cfg.eval.generation_batch_size = 1;
+            let (one, one_gen, one_items) = evaluate_with_generations(&lm, &data, &cfg)?;
+            cfg.eval.generation_batch_size = 5;
+            let (batched, batched_gen, batched_items) = evaluate_with_generations(&lm, &data, &cfg)?;
+            assert_eq!(batched_gen, one_gen);
+            assert_eq!(batched, one);
+            assert_eq!(batched_items, one_items);
+            for (example, generated) in data.eval.iter().zip(&one_gen) {
+                let alone = lm.model().generate_greedy(&example.tokens.prompt, 20, &data.stop)?;
+                assert_eq!(&alone, generated);
+            }
+            assert_eq!(one_gen.len(), 12);
+        }
+        Ok(())
+    }
 }
