@@ -87,7 +87,8 @@ fn fused_llama_with_lora_matches_reference_and_trains_only_adapters() -> Result<
 
 /// LoRA r 4 on all seven projections of Qwen2 (q/k/v biases), Gemma 3 (q/k norm, post-norms,
 /// GeGLU) and Gemma 2 (soft-capped scores) with right padding: the fused model's log-probs and
-/// every adapter's gradient equal the reference composition's within 1e-5; the frozen lm_head
+/// every adapter's gradient equal the reference composition's within 1e-5 (relative to the
+/// gradient's largest magnitude where that exceeds 1); the frozen lm_head
 /// (the tied embedding) gets no gradient.
 #[test]
 fn fused_qwen2_and_gemma_with_lora_match_reference() -> Result<()> {
@@ -129,8 +130,10 @@ fn fused_qwen2_and_gemma_with_lora_match_reference() -> Result<()> {
         assert_eq!(vars.len(), 2 * 7 * 2, "{what}: A and B of 7 projections in 2 layers");
         for (name, var) in vars {
             let (a, b) = (g1.get(var.as_tensor()).expect("fused gradient"), g0.get(var.as_tensor()).expect("reference gradient"));
-            let d = max_abs_diff(a, b)?;
-            assert!(d < 1e-5, "{what} {name}: gradients differ by {d}");
+            // Within 1e-5 of the largest magnitude when that exceeds 1, as in `tests/fused.rs`
+            // (Gemma's `sqrt(hidden)`-scaled embeddings make some adapter gradients O(10)).
+            let (d, scale) = (max_abs_diff(a, b)?, b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
+            assert!(d < 1e-5 * scale.max(1.0), "{what} {name}: gradients differ by {d} (largest magnitude {scale})");
             assert!(b.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{what} {name}: zero gradient");
         }
     }

@@ -73,6 +73,15 @@ fn lora_adapters_take_the_direct_path_and_computed_weights_keep_the_graph() -> R
         }
     }
     check(&lm, "llama + LoRA", true)?;
+    // Gemma 3 with LoRA: its computed `1 + w` norm weights are frozen constants here.
+    let lora = slime_models::LoraConfig::new(4, 8.0, &slime_models::lora::ADAPTABLE);
+    let lm = CausalLm::random(&GemmaConfig::tiny3(61, 32, 48, 2, 4, 2), 7, &Device::Cpu)?.with_lora(lora, 2)?;
+    for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
+        if name.contains("lora_B") {
+            var.set(&randn(300 + i as u64, 0.0, 0.1, var.shape()))?;
+        }
+    }
+    check(&lm, "gemma3 + LoRA", true)?;
     // Gemma 3: whatever its blocks do, every weight gets the graph's gradient.
     let gemma = CausalLm::random(&GemmaConfig::tiny3(61, 32, 48, 2, 4, 2), 8, &Device::Cpu)?;
     let graph = loss(&gemma)?.backward()?;

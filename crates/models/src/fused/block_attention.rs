@@ -523,7 +523,7 @@ pub fn attention_block(
             *slot = Some(Adapter::push(l, w, &mut weights)?);
         }
     }
-    let Packing { packed, layout } = Packing::new(weights)?;
+    let Packing { packed, layout } = Packing::new(weights, x.track_op() || norm_weight.track_op())?;
     let parts = extras.parts();
     let saved = Saved::new(activations, meter);
     let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved, layout, lora };

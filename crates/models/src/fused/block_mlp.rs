@@ -451,7 +451,7 @@ pub fn mlp_block_with(
             *slot = Some(Adapter::push(l, w, &mut weights)?);
         }
     }
-    let Packing { packed, layout } = Packing::new(weights)?;
+    let Packing { packed, layout } = Packing::new(weights, x.track_op() || norm_weight.track_op())?;
     let op = MlpBlockOp {
         eps,
         hidden,

@@ -134,13 +134,16 @@ pub(super) struct WeightLayout {
 }
 
 impl Packing {
-    /// Direct mode when a [`WeightGrads`] scope is active and every trainable piece is a
-    /// contiguous variable (no packed input); otherwise the `cat` of the trainable pieces in the
-    /// graph. Frozen pieces are read in place either way.
-    pub(super) fn new(weights: Vec<&Tensor>) -> Result<Self> {
+    /// Direct mode when a [`WeightGrads`] scope is active, every trainable piece is a contiguous
+    /// variable and `recorded` (the op's other inputs are part of a graph, so candle records the
+    /// op without a packed input: a LoRA model's first block, after a frozen embedding, needs its
+    /// packed adapters for that); otherwise the `cat` of the trainable pieces in the graph.
+    /// Frozen pieces are read in place either way.
+    pub(super) fn new(weights: Vec<&Tensor>, recorded: bool) -> Result<Self> {
         let trains: Vec<bool> = weights.iter().map(|w| w.track_op()).collect();
         let direct = WeightGrads::active().filter(|_| {
-            weights.iter().zip(&trains).filter(|(_, t)| **t).all(|(w, _)| w.is_variable() && w.is_contiguous())
+            recorded
+                && weights.iter().zip(&trains).filter(|(_, t)| **t).all(|(w, _)| w.is_variable() && w.is_contiguous())
         });
         let lens: Vec<usize> = weights.iter().map(|w| w.elem_count()).collect();
         let mut next = 0;
