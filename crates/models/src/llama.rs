@@ -269,8 +269,19 @@ impl Llama {
             if Some(idx) == last {
                 x = keep_rows(x, keep)?;
             }
-            let extras = fused::MlpExtras { lora: [m.gate.low_rank(), m.up.low_rank(), m.down.low_rank()], ..Default::default() };
-            x = fused::mlp_block_with(&x, &layer.post_norm, [m.gate.weight(), m.up.weight(), m.down.weight()], extras, eps, acts, meter)?;
+            let extras = fused::MlpExtras {
+                lora: [m.gate.low_rank(), m.up.low_rank(), m.down.low_rank()],
+                ..Default::default()
+            };
+            x = fused::mlp_block_with(
+                &x,
+                &layer.post_norm,
+                [m.gate.weight(), m.up.weight(), m.down.weight()],
+                extras,
+                eps,
+                acts,
+                meter,
+            )?;
         }
         if last.is_none() {
             x = keep_rows(x, keep)?;

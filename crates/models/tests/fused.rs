@@ -551,8 +551,11 @@ fn mlp_block_gradients_are_the_same_bits_kept_or_recomputed() -> Result<()> {
     let scale = randn(97, 0.0, 1.0, (rows, hidden));
     for post in [false, true] {
         let grads = |acts: Activations| -> Result<Vec<Vec<u32>>> {
-            let extras =
-                fused::MlpExtras { act: fused::Glu::Silu, post_norm: post.then_some(pw.as_tensor()), ..Default::default() };
+            let extras = fused::MlpExtras {
+                act: fused::Glu::Silu,
+                post_norm: post.then_some(pw.as_tensor()),
+                ..Default::default()
+            };
             let weights = [g.as_tensor(), u.as_tensor(), d.as_tensor()];
             let y = fused::mlp_block_with(x.as_tensor(), nw.as_tensor(), weights, extras, 1e-6, acts, None)?;
             let store = (y * &scale)?.sum_all()?.backward()?;
@@ -586,7 +589,8 @@ fn geglu_mlp_block_with_post_norm_matches_composition() -> Result<()> {
     let (xt, nwt, pwt) = (x.as_tensor(), nw.as_tensor(), pw.as_tensor());
     let weights = [g.as_tensor(), u.as_tensor(), d.as_tensor()];
     for post in [false, true] {
-        let extras = fused::MlpExtras { act: fused::Glu::GeluTanh, post_norm: post.then_some(pwt), ..Default::default() };
+        let extras =
+            fused::MlpExtras { act: fused::Glu::GeluTanh, post_norm: post.then_some(pwt), ..Default::default() };
         let composed = |x: &Tensor, nw: &Tensor, pw: &Tensor, [g, u, d]: [&Tensor; 3]| -> Result<Tensor> {
             let h = ops::rms_norm_composed(x, nw, 1e-6)?;
             let m = (h.matmul(&g.t()?)?.gelu()? * h.matmul(&u.t()?)?)?.matmul(&d.t()?)?;
@@ -994,8 +998,11 @@ fn lora_blocks_give_frozen_inputs_no_gradient() -> Result<()> {
     assert!([&nw].into_iter().chain(&frozen).all(|t| grads.get(t).is_none()));
     // The same for the MLP block.
     let (hidden, inter) = (24, 40);
-    let mw: Vec<Tensor> =
-        [(inter, hidden), (inter, hidden), (hidden, inter)].iter().enumerate().map(|(i, &s)| randn(320 + i as u64, 0.0, 0.1, s)).collect();
+    let mw: Vec<Tensor> = [(inter, hidden), (inter, hidden), (hidden, inter)]
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| randn(320 + i as u64, 0.0, 0.1, s))
+        .collect();
     let mads = adapters(330, &mw.iter().collect::<Vec<_>>(), 2)?;
     let mlora = [Some(&mads[0]), Some(&mads[1]), Some(&mads[2])];
     let extras = fused::MlpExtras {
@@ -1035,7 +1042,8 @@ fn mlp_block_with_lora_matches_composition() -> Result<()> {
                     let extras = fused::MlpExtras {
                         act,
                         post_norm: post.then_some(&pwt),
-                        lora: lora.map(|l| l.map(|(a, b)| fused::LowRank { a: a.as_tensor(), b: b.as_tensor(), scale: s })),
+                        lora: lora
+                            .map(|l| l.map(|(a, b)| fused::LowRank { a: a.as_tensor(), b: b.as_tensor(), scale: s })),
                     };
                     fused::mlp_block_with(x.as_tensor(), &nwt, [&g, &u, &d], extras, 1e-6, acts, None)
                 };
@@ -1082,7 +1090,11 @@ fn mlp_block_with_lora_matches_composition() -> Result<()> {
                         })
                         .collect()
                 };
-                assert_eq!(bits(Activations::Keep)?, bits(Activations::Recompute)?, "{act:?} {targets} {frozen}: kept vs recomputed");
+                assert_eq!(
+                    bits(Activations::Keep)?,
+                    bits(Activations::Recompute)?,
+                    "{act:?} {targets} {frozen}: kept vs recomputed"
+                );
             }
         }
     }

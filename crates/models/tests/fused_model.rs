@@ -113,8 +113,12 @@ fn fused_qwen2_and_gemma_with_lora_match_reference() -> Result<()> {
             }
         }
         let (fused, reference, lm_head) = match lm.model() {
-            Model::Llama(l) => (l.forward_hidden(&ids, Some(&mask))?, l.forward_hidden_reference(&ids, Some(&mask))?, l.lm_head()),
-            Model::Gemma(g) => (g.forward_hidden(&ids, Some(&mask))?, g.forward_hidden_reference(&ids, Some(&mask))?, g.lm_head()),
+            Model::Llama(l) => {
+                (l.forward_hidden(&ids, Some(&mask))?, l.forward_hidden_reference(&ids, Some(&mask))?, l.lm_head())
+            }
+            Model::Gemma(g) => {
+                (g.forward_hidden(&ids, Some(&mask))?, g.forward_hidden_reference(&ids, Some(&mask))?, g.lm_head())
+            }
         };
         let logps = |h: &Tensor| -> Result<Tensor> {
             let l = slime_models::logps::chunked_token_logps(h, lm_head, &ids, 4)?;
@@ -129,7 +133,10 @@ fn fused_qwen2_and_gemma_with_lora_match_reference() -> Result<()> {
         let vars = lm.trainable_vars();
         assert_eq!(vars.len(), 2 * 7 * 2, "{what}: A and B of 7 projections in 2 layers");
         for (name, var) in vars {
-            let (a, b) = (g1.get(var.as_tensor()).expect("fused gradient"), g0.get(var.as_tensor()).expect("reference gradient"));
+            let (a, b) = (
+                g1.get(var.as_tensor()).expect("fused gradient"),
+                g0.get(var.as_tensor()).expect("reference gradient"),
+            );
             // Within 1e-5 of the largest magnitude when that exceeds 1, as in `tests/fused.rs`
             // (Gemma's `sqrt(hidden)`-scaled embeddings make some adapter gradients O(10)).
             let (d, scale) = (max_abs_diff(a, b)?, b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);

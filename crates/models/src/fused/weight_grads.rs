@@ -170,7 +170,8 @@ impl Packing {
                 in_place.push(Some(w.contiguous()?))
             }
         }
-        let packed = if pieces.is_empty() { Tensor::zeros(0, DType::F32, &Device::Cpu)? } else { Tensor::cat(&pieces, 0)? };
+        let packed =
+            if pieces.is_empty() { Tensor::zeros(0, DType::F32, &Device::Cpu)? } else { Tensor::cat(&pieces, 0)? };
         Ok(Self { packed, layout: WeightLayout { lens, in_place, grad_offset, sink: direct } })
     }
 }
@@ -199,7 +200,8 @@ pub(super) struct BlockWeights<'a> {
 impl<'a> BlockWeights<'a> {
     /// The weights of an op with `layout`, the packed input being `given`.
     pub(super) fn new(layout: &'a WeightLayout, given: &'a [f32]) -> candle_core::Result<Self> {
-        let packed_len: usize = layout.lens.iter().zip(&layout.in_place).filter(|(_, p)| p.is_none()).map(|(n, _)| n).sum();
+        let packed_len: usize =
+            layout.lens.iter().zip(&layout.in_place).filter(|(_, p)| p.is_none()).map(|(n, _)| n).sum();
         if given.len() != packed_len {
             candle_core::bail!("packed weights: {} elements, expected {packed_len}", given.len())
         }
