@@ -530,38 +530,11 @@ impl Gemma {
         &self.meter
     }
 
-    /// Per layer `[gate, up, down]` effective weights (LoRA folded in) when the fused MLP block
-    /// applies: f32 CPU and the tanh GELU (`gelu_pytorch_tanh`, the default; the erf `gelu`
-    /// keeps the composed path).
-    fn fused_mlp_weights(&self) -> Option<Vec<[Tensor; 3]>> {
-        if !fused::fusable(&[self.embed.embeddings(), &self.norm]) || self.cfg.activation() != "gelu_pytorch_tanh" {
-            return None;
-        }
-        self.layers
-            .iter()
-            .map(|l| {
-                Some([l.gate.effective_weight().ok()?, l.up.effective_weight().ok()?, l.down.effective_weight().ok()?])
-            })
-            .collect()
-    }
-
-    /// Per layer `[q, k, v, o]` effective weights when the fused path applies (the same
-    /// conditions as [`Self::fused_mlp_weights`]).
-    fn fused_attention_weights(&self) -> Option<Vec<[Tensor; 4]>> {
-        if !fused::fusable(&[self.embed.embeddings(), &self.norm]) || self.cfg.activation() != "gelu_pytorch_tanh" {
-            return None;
-        }
-        self.layers
-            .iter()
-            .map(|l| {
-                Some([
-                    l.q.effective_weight().ok()?,
-                    l.k.effective_weight().ok()?,
-                    l.v.effective_weight().ok()?,
-                    l.o.effective_weight().ok()?,
-                ])
-            })
-            .collect()
+    /// Whether the fused blocks apply: f32 CPU and the tanh GELU (`gelu_pytorch_tanh`, the
+    /// default; the erf `gelu` keeps the composed path). Active adapters go into the blocks as
+    /// low-rank products ([`fused::LowRank`]).
+    fn fused_path(&self) -> bool {
+        fused::fusable(&[self.embed.embeddings(), &self.norm]) && self.cfg.activation() == "gelu_pytorch_tanh"
     }
 
     /// The configuration.
@@ -586,14 +559,12 @@ impl Gemma {
     /// gradients, at every real position (a padding position, whose value nothing reads, may
     /// differ where a sliding window leaves its query no real key).
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
-            (Some(attention), Some(mlp)) => {
-                let (batch, seq) = input_ids.dims2()?;
-                let x = self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None, None)?;
-                Ok(x.reshape((batch, seq, ()))?)
-            }
-            _ => self.forward_hidden_reference(input_ids, attention_mask),
+        if !self.fused_path() {
+            return self.forward_hidden_reference(input_ids, attention_mask);
         }
+        let (batch, seq) = input_ids.dims2()?;
+        let x = self.forward_hidden_fused(input_ids, attention_mask, None, None)?;
+        Ok(x.reshape((batch, seq, ()))?)
     }
 
     /// Final hidden states of rows that each hold two continuations of a shared prefix (see
@@ -608,11 +579,11 @@ impl Gemma {
         branches: &[(usize, usize)],
         rows: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        let (Some(attention), Some(mlp)) = (self.fused_attention_weights(), self.fused_mlp_weights()) else {
+        if !self.fused_path() {
             return Ok(None);
-        };
+        }
         let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)?;
+        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), Some(branches), rows)?;
         Ok(Some(if rows.is_some() { x } else { x.reshape((batch, seq, ()))? }))
     }
 
@@ -624,8 +595,6 @@ impl Gemma {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        attention: &[[Tensor; 4]],
-        mlp: &[[Tensor; 3]],
         branches: Option<&[(usize, usize)]>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -654,7 +623,7 @@ impl Gemma {
         let plus_one = |w: &Tensor| -> Result<Tensor> { Ok((w + 1.0)?) };
         let mut x = (self.embed.forward(input_ids)? * (h as f64).sqrt())?.reshape((batch * seq, h))?;
         let last = self.layers.len().checked_sub(1);
-        for (idx, ((l, [q, k, v, o]), [gate, up, down])) in self.layers.iter().zip(attention).zip(mlp).enumerate() {
+        for (idx, l) in self.layers.iter().enumerate() {
             let spec = match &local {
                 Some(local) if self.cfg.is_sliding(idx) => local,
                 _ => &global,
@@ -675,14 +644,18 @@ impl Gemma {
                 o_bias: None,
                 qk_norm: qk_norm.as_ref().map(|[a, b]| [a, b]),
                 post_norm: post_attention.as_ref(),
+                lora: [l.q.low_rank(), l.k.low_rank(), l.v.low_rank(), l.o.low_rank()],
             };
             let input_norm = plus_one(&l.input_norm)?;
-            x = fused::attention_block(&x, &input_norm, [q, k, v, o], extras, spec, eps, acts, meter)?;
+            let qkvo = [l.q.weight(), l.k.weight(), l.v.weight(), l.o.weight()];
+            x = fused::attention_block(&x, &input_norm, qkvo, extras, spec, eps, acts, meter)?;
             if Some(idx) == last {
                 x = keep_rows(x, keep)?;
             }
-            let extras = MlpExtras { act: Glu::GeluTanh, post_norm: post_mlp.as_ref() };
-            x = fused::mlp_block_with(&x, &pre_mlp, [gate, up, down], extras, eps, acts, meter)?;
+            let lora = [l.gate.low_rank(), l.up.low_rank(), l.down.low_rank()];
+            let extras = MlpExtras { act: Glu::GeluTanh, post_norm: post_mlp.as_ref(), lora };
+            let weights = [l.gate.weight(), l.up.weight(), l.down.weight()];
+            x = fused::mlp_block_with(&x, &pre_mlp, weights, extras, eps, acts, meter)?;
         }
         if last.is_none() {
             x = keep_rows(x, keep)?;

@@ -171,18 +171,16 @@ impl Llama {
     ///
     /// f32 CPU models run the fused kernels of [`crate::fused`] (equal to
     /// [`Self::forward_hidden_reference`] within float rounding, values and gradients; active
-    /// LoRA adapters are folded into the effective weights `W + scale * B A`); other devices and
-    /// dtypes run the reference composition. Qwen models take the same fused path, their biases
+    /// LoRA adapters go into the blocks as low-rank products, [`fused::LowRank`]); other devices
+    /// and dtypes run the reference composition. Qwen models take the same fused path, their biases
     /// and q/k norms inside the attention block.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        match (self.fused_attention_weights(), self.fused_mlp_weights()) {
-            (Some(attention), Some(mlp)) => {
-                let (batch, seq) = input_ids.dims2()?;
-                let x = self.forward_hidden_fused(input_ids, attention_mask, &attention, &mlp, None, None)?;
-                Ok(x.reshape((batch, seq, ()))?)
-            }
-            _ => self.forward_hidden_reference(input_ids, attention_mask),
+        if !self.fused_path() {
+            return self.forward_hidden_reference(input_ids, attention_mask);
         }
+        let (batch, seq) = input_ids.dims2()?;
+        let x = self.forward_hidden_fused(input_ids, attention_mask, None, None)?;
+        Ok(x.reshape((batch, seq, ()))?)
     }
 
     /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops
@@ -205,39 +203,10 @@ impl Llama {
         norm(&x, &self.norm)
     }
 
-    /// Per layer `[gate, up, down]` effective weights (LoRA folded in, see
-    /// [`Proj::effective_weight`]) when the fused MLP block applies (f32 CPU).
-    fn fused_mlp_weights(&self) -> Option<Vec<[Tensor; 3]>> {
-        if !crate::fused::fusable(&[self.embed.embeddings(), &self.norm]) {
-            return None;
-        }
-        self.layers
-            .iter()
-            .map(|l| {
-                let m = &l.mlp;
-                Some([m.gate.effective_weight().ok()?, m.up.effective_weight().ok()?, m.down.effective_weight().ok()?])
-            })
-            .collect()
-    }
-
-    /// Per layer `[q, k, v, o]` effective weights when the fused attention block applies (f32
-    /// CPU; Llama and Qwen alike, the biases and q/k norms going in as [`Attention::extras`]).
-    fn fused_attention_weights(&self) -> Option<Vec<[Tensor; 4]>> {
-        if !crate::fused::fusable(&[self.embed.embeddings(), &self.norm]) {
-            return None;
-        }
-        self.layers
-            .iter()
-            .map(|l| {
-                let a = &l.attn;
-                Some([
-                    a.q.effective_weight().ok()?,
-                    a.k.effective_weight().ok()?,
-                    a.v.effective_weight().ok()?,
-                    a.o.effective_weight().ok()?,
-                ])
-            })
-            .collect()
+    /// Whether the fused blocks apply (f32 CPU; Llama and Qwen alike, the biases and q/k norms
+    /// going in as [`Attention::extras`], active adapters as [`fused::LowRank`]).
+    fn fused_path(&self) -> bool {
+        crate::fused::fusable(&[self.embed.embeddings(), &self.norm])
     }
 
     /// Final hidden states of rows that each hold two continuations of a shared prefix,
@@ -255,11 +224,11 @@ impl Llama {
         branches: &[(usize, usize)],
         rows: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        let (Some(attention), Some(mlp)) = (self.fused_attention_weights(), self.fused_mlp_weights()) else {
+        if !self.fused_path() {
             return Ok(None);
-        };
+        }
         let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), &attention, &mlp, Some(branches), rows)?;
+        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), Some(branches), rows)?;
         Ok(Some(if rows.is_some() { x } else { x.reshape((batch, seq, ()))? }))
     }
 
@@ -270,8 +239,6 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        attention: &[[Tensor; 4]],
-        mlp: &[[Tensor; 3]],
         branches: Option<&[(usize, usize)]>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -294,13 +261,27 @@ impl Llama {
         let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
         let meter = Some(&self.meter);
         let last = self.layers.len().checked_sub(1);
-        for (idx, ((layer, [q, k, v, o]), [gate, up, down])) in self.layers.iter().zip(attention).zip(mlp).enumerate() {
-            let extras = layer.attn.extras()?;
-            x = fused::attention_block(&x, &layer.input_norm, [q, k, v, o], extras, &spec, eps, acts, meter)?;
+        for (idx, layer) in self.layers.iter().enumerate() {
+            let (a, m) = (&layer.attn, &layer.mlp);
+            let extras = a.extras()?;
+            let qkvo = [a.q.weight(), a.k.weight(), a.v.weight(), a.o.weight()];
+            x = fused::attention_block(&x, &layer.input_norm, qkvo, extras, &spec, eps, acts, meter)?;
             if Some(idx) == last {
                 x = keep_rows(x, keep)?;
             }
-            x = fused::mlp_block(&x, &layer.post_norm, [gate, up, down], eps, acts, meter)?;
+            let extras = fused::MlpExtras {
+                lora: [m.gate.low_rank(), m.up.low_rank(), m.down.low_rank()],
+                ..Default::default()
+            };
+            x = fused::mlp_block_with(
+                &x,
+                &layer.post_norm,
+                [m.gate.weight(), m.up.weight(), m.down.weight()],
+                extras,
+                eps,
+                acts,
+                meter,
+            )?;
         }
         if last.is_none() {
             x = keep_rows(x, keep)?;
@@ -361,7 +342,7 @@ impl Llama {
 
 impl Attention {
     /// The fused attention block's optional parameters: Qwen's biases (LoRA leaves them as they
-    /// are) and q/k norm weights; none for Llama.
+    /// are) and q/k norm weights (none for Llama), and the projections' active adapters.
     fn extras(&self) -> Result<AttentionExtras<'_>> {
         let qkv_bias = match (self.q.bias(), self.k.bias(), self.v.bias()) {
             (Some(q), Some(k), Some(v)) => Some([q, k, v]),
@@ -374,7 +355,8 @@ impl Attention {
             }
         };
         let qk_norm = self.qk_norm.as_ref().map(|(q, k)| [q, k]);
-        Ok(AttentionExtras { qkv_bias, o_bias: self.o.bias(), qk_norm, post_norm: None })
+        let lora = [self.q.low_rank(), self.k.low_rank(), self.v.low_rank(), self.o.low_rank()];
+        Ok(AttentionExtras { qkv_bias, o_bias: self.o.bias(), qk_norm, post_norm: None, lora })
     }
 
     /// Queries `[b, heads, s, head_dim]`, keys and values `[b, kv_heads, s, head_dim]` of

@@ -362,16 +362,19 @@ impl Proj {
         self.base.bias()
     }
 
-    /// The effective weight `[out, in]` (without the bias): `W` without an active adapter,
-    /// `W + scale * B A` with one (differentiable w.r.t. `A` and `B`; the fused kernels apply it
-    /// as one product). With `B = 0` this is `W` exactly, so a fresh adapter computes exactly the
-    /// base model.
-    pub fn effective_weight(&self) -> Result<Tensor> {
+    /// The base weight `W [out, in]` (frozen under an adapter).
+    pub fn weight(&self) -> &Tensor {
+        self.base.weight()
+    }
+
+    /// The adapter while it is on, as the fused blocks take it (`y = x W^T + scale (x A^T) B^T`,
+    /// trained through the `r`-wide products); `None` without one or while adapters are off.
+    pub fn low_rank(&self) -> Option<crate::fused::LowRank<'_>> {
         match &self.lora {
             Some((a, b, scale, on)) if on.load(Ordering::Relaxed) => {
-                Ok(self.base.weight().add(&(b.matmul(a)? * *scale)?)?)
+                Some(crate::fused::LowRank { a, b, scale: *scale })
             }
-            _ => Ok(self.base.weight().clone()),
+            _ => None,
         }
     }
 

@@ -551,7 +551,11 @@ fn mlp_block_gradients_are_the_same_bits_kept_or_recomputed() -> Result<()> {
     let scale = randn(97, 0.0, 1.0, (rows, hidden));
     for post in [false, true] {
         let grads = |acts: Activations| -> Result<Vec<Vec<u32>>> {
-            let extras = fused::MlpExtras { act: fused::Glu::Silu, post_norm: post.then_some(pw.as_tensor()) };
+            let extras = fused::MlpExtras {
+                act: fused::Glu::Silu,
+                post_norm: post.then_some(pw.as_tensor()),
+                ..Default::default()
+            };
             let weights = [g.as_tensor(), u.as_tensor(), d.as_tensor()];
             let y = fused::mlp_block_with(x.as_tensor(), nw.as_tensor(), weights, extras, 1e-6, acts, None)?;
             let store = (y * &scale)?.sum_all()?.backward()?;
@@ -585,7 +589,8 @@ fn geglu_mlp_block_with_post_norm_matches_composition() -> Result<()> {
     let (xt, nwt, pwt) = (x.as_tensor(), nw.as_tensor(), pw.as_tensor());
     let weights = [g.as_tensor(), u.as_tensor(), d.as_tensor()];
     for post in [false, true] {
-        let extras = fused::MlpExtras { act: fused::Glu::GeluTanh, post_norm: post.then_some(pwt) };
+        let extras =
+            fused::MlpExtras { act: fused::Glu::GeluTanh, post_norm: post.then_some(pwt), ..Default::default() };
         let composed = |x: &Tensor, nw: &Tensor, pw: &Tensor, [g, u, d]: [&Tensor; 3]| -> Result<Tensor> {
             let h = ops::rms_norm_composed(x, nw, 1e-6)?;
             let m = (h.matmul(&g.t()?)?.gelu()? * h.matmul(&u.t()?)?)?.matmul(&d.t()?)?;
@@ -723,43 +728,78 @@ impl QwenBlock {
         acts: Activations,
         meter: Option<&std::sync::Arc<fused::ActivationMeter>>,
     ) -> Result<Tensor> {
-        let [q, k, v, o] = &self.w;
-        let [bq, bk, bv] = &self.b;
-        let [qn, kn] = &self.qk;
+        self.fused_lora(parts, acts, meter, false, &[None, None, None, None], 0.0)
+    }
+
+    /// Piece `t` of the block as it enters: the variable, or (`frozen`) a constant view of it.
+    fn piece(t: &Var, frozen: bool) -> Tensor {
+        if frozen { t.as_tensor().detach() } else { t.as_tensor().clone() }
+    }
+
+    /// The fused block with `lora[p]` = `(A, B)` on projection `p` (q, k, v, o), scale `s`;
+    /// `frozen`: every parameter but the adapters and `x` enters as a constant (LoRA's setting).
+    fn fused_lora(
+        &self,
+        parts: Parts,
+        acts: Activations,
+        meter: Option<&std::sync::Arc<fused::ActivationMeter>>,
+        frozen: bool,
+        lora: &[Option<&(Var, Var)>; 4],
+        s: f64,
+    ) -> Result<Tensor> {
+        let f = |t: &Var| Self::piece(t, frozen);
+        let [q, k, v, o] = self.w.each_ref().map(f);
+        let [bq, bk, bv] = self.b.each_ref().map(f);
+        let [qn, kn] = self.qk.each_ref().map(f);
+        let (bo, post, nw) = (f(&self.bo), f(&self.post), f(&self.nw));
         let extras = fused::AttentionExtras {
-            qkv_bias: parts.qkv_bias.then(|| [bq.as_tensor(), bk.as_tensor(), bv.as_tensor()]),
-            o_bias: parts.o_bias.then(|| self.bo.as_tensor()),
-            qk_norm: parts.qk_norm.then(|| [qn.as_tensor(), kn.as_tensor()]),
-            post_norm: parts.post_norm.then(|| self.post.as_tensor()),
+            qkv_bias: parts.qkv_bias.then_some([&bq, &bk, &bv]),
+            o_bias: parts.o_bias.then_some(&bo),
+            qk_norm: parts.qk_norm.then_some([&qn, &kn]),
+            post_norm: parts.post_norm.then_some(&post),
+            lora: lora.map(|l| l.map(|(a, b)| fused::LowRank { a: a.as_tensor(), b: b.as_tensor(), scale: s })),
         };
-        let w = [q.as_tensor(), k.as_tensor(), v.as_tensor(), o.as_tensor()];
-        fused::attention_block(self.x.as_tensor(), self.nw.as_tensor(), w, extras, &self.spec, 1e-6, acts, meter)
+        fused::attention_block(self.x.as_tensor(), &nw, [&q, &k, &v, &o], extras, &self.spec, 1e-6, acts, meter)
     }
 
     /// The composition of candle ops, as the reference Qwen attention: projections plus biases,
     /// per-head RMSNorm of q and k, rotary attention, o_proj plus bias, residual.
     fn composed(&self, parts: Parts) -> Result<Tensor> {
+        self.composed_lora(parts, false, &[None, None, None, None], 0.0)
+    }
+
+    /// [`Self::composed`] with the adapters of [`Self::fused_lora`]: each adapted projection
+    /// `h W^T + s (h A^T) B^T`.
+    fn composed_lora(&self, parts: Parts, frozen: bool, lora: &[Option<&(Var, Var)>; 4], s: f64) -> Result<Tensor> {
+        let f = |t: &Var| Self::piece(t, frozen);
         let n = self.batch * self.seq;
-        let h = ops::rms_norm_composed(self.x.as_tensor(), self.nw.as_tensor(), 1e-6)?;
-        let proj = |w: &Var, b: &Var, bias: bool| -> Result<Tensor> {
-            let y = h.matmul(&w.as_tensor().t()?)?;
-            Ok(if bias { y.broadcast_add(b.as_tensor())? } else { y })
+        let h = ops::rms_norm_composed(self.x.as_tensor(), &f(&self.nw), 1e-6)?;
+        let project = |z: &Tensor, p: usize| -> Result<Tensor> {
+            let y = z.matmul(&f(&self.w[p]).t()?)?;
+            Ok(match lora[p] {
+                Some((a, b)) => (y + (z.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * s)?)?,
+                None => y,
+            })
+        };
+        let proj = |p: usize, bias: bool| -> Result<Tensor> {
+            let y = project(&h, p)?;
+            Ok(if bias { y.broadcast_add(&f(&self.b[p]))? } else { y })
         };
         let head_norm = |t: Tensor, heads: usize, w: &Var| -> Result<Tensor> {
             if !parts.qk_norm {
                 return Ok(t);
             }
-            let normed = ops::rms_norm_composed(&t.reshape((n, heads, self.head_dim))?, w.as_tensor(), 1e-6)?;
+            let normed = ops::rms_norm_composed(&t.reshape((n, heads, self.head_dim))?, &f(w), 1e-6)?;
             Ok(normed.reshape((n, heads * self.head_dim))?)
         };
-        let q = head_norm(proj(&self.w[0], &self.b[0], parts.qkv_bias)?, self.heads, &self.qk[0])?;
-        let k = head_norm(proj(&self.w[1], &self.b[1], parts.qkv_bias)?, self.kv_heads, &self.qk[1])?;
-        let v = proj(&self.w[2], &self.b[2], parts.qkv_bias)?;
+        let q = head_norm(proj(0, parts.qkv_bias)?, self.heads, &self.qk[0])?;
+        let k = head_norm(proj(1, parts.qkv_bias)?, self.kv_heads, &self.qk[1])?;
+        let v = proj(2, parts.qkv_bias)?;
         let qkv = Tensor::cat(&[q, k, v], 1)?;
         let a = ops::attention_composed(&qkv, self.batch, self.heads, self.kv_heads, &self.inv_freq, Some(&self.mask))?;
-        let out = a.matmul(&self.w[3].as_tensor().t()?)?;
-        let out = if parts.o_bias { out.broadcast_add(self.bo.as_tensor())? } else { out };
-        let out = if parts.post_norm { ops::rms_norm_composed(&out, self.post.as_tensor(), 1e-6)? } else { out };
+        let out = project(&a, 3)?;
+        let out = if parts.o_bias { out.broadcast_add(&f(&self.bo))? } else { out };
+        let out = if parts.post_norm { ops::rms_norm_composed(&out, &f(&self.post), 1e-6)? } else { out };
         Ok((self.x.as_tensor() + out)?)
     }
 }
@@ -855,5 +895,208 @@ fn attention_keeps_probabilities_only_within_the_budget() -> Result<()> {
     assert!(fused::kept_probability_floats(4, 512, 8) * 4 > fused::KEPT_PROBS_BYTES);
     assert_eq!(spec(512)?.kept_probabilities(), 0, "4 x 512 positions: over the budget");
     assert_eq!(spec(224)?.with_softcap(Some(50.0)).kept_probabilities(), 0, "soft-capped scores");
+    Ok(())
+}
+
+/// LoRA adapters `(A [r, in], B [out, r])` as variables for the `[out, in]` weights `ws`, with a
+/// non-zero `B` (a fresh adapter's `B = 0` would leave `dA` zero and hide a wrong one).
+fn adapters(seed: u64, ws: &[&Tensor], r: usize) -> Result<Vec<(Var, Var)>> {
+    ws.iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let (out, inp) = w.dims2()?;
+            let s = 2 * (seed + i as u64);
+            Ok((Var::from_tensor(&randn(s, 0.0, 0.3, (r, inp)))?, Var::from_tensor(&randn(s + 1, 0.0, 0.1, (out, r)))?))
+        })
+        .collect()
+}
+
+/// The adapters' variables, `A` then `B` of each.
+fn adapter_vars<'a>(ads: &[Option<&'a (Var, Var)>]) -> Vec<&'a Var> {
+    ads.iter().flatten().flat_map(|(a, b)| [a, b]).collect()
+}
+
+/// Llama's attention block (no optional parts), Qwen2's with q/k/v and o_proj biases, Gemma 3's
+/// with q/k norm and a post-norm.
+const LORA_PARTS: [Parts; 3] = [
+    Parts { qkv_bias: false, o_bias: false, qk_norm: false, post_norm: false },
+    Parts { qkv_bias: true, o_bias: true, qk_norm: false, post_norm: false },
+    Parts { qkv_bias: false, o_bias: false, qk_norm: true, post_norm: true },
+];
+
+/// LoRA adapters on the attention block's projections (all four, or q and v only) equal the
+/// composition `h W^T + s (h A^T) B^T`: values, and the gradients of `x` and of every `A` and
+/// `B` within 1e-5, with frozen base weights, biases and norms (LoRA's setting) and with all of
+/// them trainable too (their gradients then checked as well), for Llama's, Qwen2's and Gemma 3's
+/// block, in both activation modes.
+#[test]
+fn attention_block_with_lora_matches_composition() -> Result<()> {
+    let block = QwenBlock::new()?;
+    let ws: Vec<&Tensor> = block.w.iter().map(Var::as_tensor).collect();
+    let ads = adapters(300, &ws, 3)?;
+    let all = [Some(&ads[0]), Some(&ads[1]), Some(&ads[2]), Some(&ads[3])];
+    let q_v = [Some(&ads[0]), None, Some(&ads[2]), None];
+    for parts in LORA_PARTS {
+        for (targets, lora) in [("q, k, v, o", &all), ("q, v", &q_v)] {
+            for frozen in [true, false] {
+                let mut vars = if frozen { vec![&block.x] } else { block.vars(parts) };
+                vars.extend(adapter_vars(lora));
+                for acts in [Activations::Keep, Activations::Recompute] {
+                    check_grads(
+                        &format!("attention block {parts:?}, LoRA on {targets}, frozen base {frozen} ({acts:?})"),
+                        &vars,
+                        || block.fused_lora(parts, acts, None, frozen, lora, 2.0),
+                        || block.composed_lora(parts, frozen, lora, 2.0),
+                        1e-5,
+                        301,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A block computes no gradient for what is frozen: constant base weights, norm weights and a
+/// constant input get none (no entry in the store), the adapters get theirs; and the same with
+/// the whole block frozen but its input trainable (LoRA off: only `dx`).
+#[test]
+fn lora_blocks_give_frozen_inputs_no_gradient() -> Result<()> {
+    let block = QwenBlock::new()?;
+    let ws: Vec<&Tensor> = block.w.iter().map(Var::as_tensor).collect();
+    let ads = adapters(310, &ws, 2)?;
+    let lora = [Some(&ads[0]), Some(&ads[1]), Some(&ads[2]), Some(&ads[3])];
+    let x = block.x.as_tensor().detach();
+    let nw = block.nw.as_tensor().detach();
+    let frozen: Vec<Tensor> = ws.iter().map(|w| w.detach()).collect();
+    let extras = fused::AttentionExtras {
+        lora: lora.map(|l| l.map(|(a, b)| fused::LowRank { a: a.as_tensor(), b: b.as_tensor(), scale: 2.0 })),
+        ..Default::default()
+    };
+    let weights = [&frozen[0], &frozen[1], &frozen[2], &frozen[3]];
+    let y = fused::attention_block(&x, &nw, weights, extras, &block.spec, 1e-6, Activations::Keep, None)?;
+    let grads = y.sqr()?.sum_all()?.backward()?;
+    for t in [&x, &nw].into_iter().chain(&frozen) {
+        assert!(grads.get(t).is_none(), "a frozen input got a gradient");
+    }
+    for v in adapter_vars(&lora) {
+        assert!(grads.get(v.as_tensor()).is_some(), "an adapter got no gradient");
+    }
+    // Nothing trains but the input: only `dx`.
+    let y = fused::attention_block(
+        block.x.as_tensor(),
+        &nw,
+        weights,
+        fused::AttentionExtras::default(),
+        &block.spec,
+        1e-6,
+        Activations::Keep,
+        None,
+    )?;
+    let grads = y.sqr()?.sum_all()?.backward()?;
+    assert!(grads.get(block.x.as_tensor()).is_some());
+    assert!([&nw].into_iter().chain(&frozen).all(|t| grads.get(t).is_none()));
+    // The same for the MLP block.
+    let (hidden, inter) = (24, 40);
+    let mw: Vec<Tensor> = [(inter, hidden), (inter, hidden), (hidden, inter)]
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| randn(320 + i as u64, 0.0, 0.1, s))
+        .collect();
+    let mads = adapters(330, &mw.iter().collect::<Vec<_>>(), 2)?;
+    let mlora = [Some(&mads[0]), Some(&mads[1]), Some(&mads[2])];
+    let extras = fused::MlpExtras {
+        lora: mlora.map(|l| l.map(|(a, b)| fused::LowRank { a: a.as_tensor(), b: b.as_tensor(), scale: 2.0 })),
+        ..Default::default()
+    };
+    let y = fused::mlp_block_with(&x, &nw, [&mw[0], &mw[1], &mw[2]], extras, 1e-6, Activations::Keep, None)?;
+    let grads = y.sqr()?.sum_all()?.backward()?;
+    assert!([&x, &nw].into_iter().chain(&mw).all(|t| grads.get(t).is_none()), "mlp: a frozen input got a gradient");
+    assert!(adapter_vars(&mlora).iter().all(|v| grads.get(v.as_tensor()).is_some()), "mlp: an adapter got no gradient");
+    Ok(())
+}
+
+/// LoRA adapters on the MLP block's projections (all three, or up only) equal the composition:
+/// SwiGLU (Llama) and GeGLU with a post-norm (Gemma 2/3), over 600 rows (several row chunks,
+/// whose adapter gradients add up), frozen and trainable base weights, both activation modes;
+/// and kept and recomputed activations give the adapters the same gradients bit for bit.
+#[test]
+fn mlp_block_with_lora_matches_composition() -> Result<()> {
+    let (rows, hidden, inter) = (600, 24, 40);
+    let x = Var::from_tensor(&randn(341, 0.0, 1.0, (rows, hidden)))?;
+    let nw = Var::from_tensor(&randn(342, 1.0, 0.3, hidden))?;
+    let pw = Var::from_tensor(&randn(343, 1.0, 0.3, hidden))?;
+    let w = |seed: u64, r: usize, c: usize, s: f32| Var::from_tensor(&randn(seed, 0.0, s, (r, c)));
+    let ws = [w(344, inter, hidden, 0.5)?, w(345, inter, hidden, 0.1)?, w(346, hidden, inter, 0.1)?];
+    let ads = adapters(350, &ws.iter().map(Var::as_tensor).collect::<Vec<_>>(), 4)?;
+    let all = [Some(&ads[0]), Some(&ads[1]), Some(&ads[2])];
+    let up = [None, Some(&ads[1]), None];
+    let s = 0.5;
+    for (act, post) in [(fused::Glu::Silu, false), (fused::Glu::GeluTanh, true)] {
+        for (targets, lora) in [("gate, up, down", &all), ("up", &up)] {
+            for frozen in [true, false] {
+                let f = |t: &Var| if frozen { t.as_tensor().detach() } else { t.as_tensor().clone() };
+                let (nwt, pwt) = (f(&nw), f(&pw));
+                let [g, u, d] = ws.each_ref().map(f);
+                let fused_f = |acts: Activations| {
+                    let extras = fused::MlpExtras {
+                        act,
+                        post_norm: post.then_some(&pwt),
+                        lora: lora
+                            .map(|l| l.map(|(a, b)| fused::LowRank { a: a.as_tensor(), b: b.as_tensor(), scale: s })),
+                    };
+                    fused::mlp_block_with(x.as_tensor(), &nwt, [&g, &u, &d], extras, 1e-6, acts, None)
+                };
+                let composed = || -> Result<Tensor> {
+                    let project = |z: &Tensor, w: &Tensor, p: usize| -> Result<Tensor> {
+                        let y = z.matmul(&w.t()?)?;
+                        Ok(match lora[p] {
+                            Some((a, b)) => (y + (z.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * s)?)?,
+                            None => y,
+                        })
+                    };
+                    let h = ops::rms_norm_composed(x.as_tensor(), &nwt, 1e-6)?;
+                    let gate = project(&h, &g, 0)?;
+                    let gate = if act == fused::Glu::Silu { gate.silu()? } else { gate.gelu()? };
+                    let m = project(&(gate * project(&h, &u, 1)?)?, &d, 2)?;
+                    let m = if post { ops::rms_norm_composed(&m, &pwt, 1e-6)? } else { m };
+                    Ok((x.as_tensor() + m)?)
+                };
+                let mut vars = vec![&x];
+                if !frozen {
+                    vars.extend([&nw, &ws[0], &ws[1], &ws[2]]);
+                    if post {
+                        vars.push(&pw);
+                    }
+                }
+                vars.extend(adapter_vars(lora));
+                for acts in [Activations::Keep, Activations::Recompute] {
+                    check_grads(
+                        &format!("mlp block {act:?}, post-norm {post}, LoRA on {targets}, frozen {frozen} ({acts:?})"),
+                        &vars,
+                        || fused_f(acts),
+                        composed,
+                        1e-5,
+                        351,
+                    )?;
+                }
+                let coef = randn(352, 0.0, 1.0, (rows, hidden));
+                let bits = |acts: Activations| -> Result<Vec<Vec<u32>>> {
+                    let store = (fused_f(acts)? * &coef)?.sum_all()?.backward()?;
+                    vars.iter()
+                        .map(|v| {
+                            let t = store.get(v.as_tensor()).expect("a gradient");
+                            Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|f| f.to_bits()).collect())
+                        })
+                        .collect()
+                };
+                assert_eq!(
+                    bits(Activations::Keep)?,
+                    bits(Activations::Recompute)?,
+                    "{act:?} {targets} {frozen}: kept vs recomputed"
+                );
+            }
+        }
+    }
     Ok(())
 }

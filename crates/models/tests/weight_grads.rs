@@ -1,8 +1,9 @@
 //! Weight gradients handed over directly by the fused blocks (`fused::WeightGrads`) equal the
 //! ones candle's graph computes, bit for bit, for every trainable variable: Llama, Qwen3 (biases
-//! and q/k norms packed with the weights), Gemma 3 and Llama with LoRA (whose blocks keep the
-//! graph: their weights are not all variables). And the direct path is really taken where it
-//! should be: before the merge the store lacks those weights' gradients.
+//! and q/k norms packed with the weights), Llama with LoRA (only the adapters train, and they are
+//! variables) and Gemma 3 (whose blocks keep the graph: its `1 + w` norm weights are computed
+//! tensors). And the direct path is really taken where it should be: before the merge the store
+//! lacks those weights' gradients.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
@@ -61,8 +62,8 @@ fn direct_weight_gradients_equal_the_graphs_for_llama_and_qwen3() -> Result<()> 
 }
 
 #[test]
-fn blocks_whose_weights_are_not_all_variables_keep_the_graph() -> Result<()> {
-    // LoRA: the blocks get `base + B A`, computed tensors.
+fn lora_adapters_take_the_direct_path_and_computed_weights_keep_the_graph() -> Result<()> {
+    // LoRA: the blocks' trainable weights are the adapters, variables; the frozen bases get none.
     let cfg = LlamaConfig::tiny(61, 32, 48, 2, 4, 2);
     let lora = slime_models::LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "gate_proj"]);
     let lm = CausalLm::random(&cfg, 6, &Device::Cpu)?.with_lora(lora, 1)?;
@@ -71,7 +72,16 @@ fn blocks_whose_weights_are_not_all_variables_keep_the_graph() -> Result<()> {
             var.set(&randn(200 + i as u64, 0.0, 0.1, var.shape()))?;
         }
     }
-    check(&lm, "llama + LoRA", false)?;
+    check(&lm, "llama + LoRA", true)?;
+    // Gemma 3 with LoRA: its computed `1 + w` norm weights are frozen constants here.
+    let lora = slime_models::LoraConfig::new(4, 8.0, &slime_models::lora::ADAPTABLE);
+    let lm = CausalLm::random(&GemmaConfig::tiny3(61, 32, 48, 2, 4, 2), 7, &Device::Cpu)?.with_lora(lora, 2)?;
+    for (i, (name, var)) in lm.trainable_vars().into_iter().enumerate() {
+        if name.contains("lora_B") {
+            var.set(&randn(300 + i as u64, 0.0, 0.1, var.shape()))?;
+        }
+    }
+    check(&lm, "gemma3 + LoRA", true)?;
     // Gemma 3: whatever its blocks do, every weight gets the graph's gradient.
     let gemma = CausalLm::random(&GemmaConfig::tiny3(61, 32, 48, 2, 4, 2), 8, &Device::Cpu)?;
     let graph = loss(&gemma)?.backward()?;

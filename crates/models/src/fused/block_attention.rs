@@ -6,7 +6,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::activations::Saved;
-use super::weight_grads::{BlockWeights, Direct, Packing, route};
+use super::low_rank::{Adapter, LowRank};
+use super::weight_grads::{BlockWeights, GradBuf, Packing, WeightLayout, route};
 use super::{
     ActivationMeter, Activations, AttentionSpec, attention, cpu, fusable, linear, linear_residual, norm_linear,
     rms_norm,
@@ -39,7 +40,8 @@ struct OptionalWeights {
 }
 
 /// `x + o(attention(rms_norm(x) [q|k|v]))`, weights (in [`BlockWeights`]' order) `q_proj,
-/// k_proj, v_proj, o_proj`, followed by the optional parts of [`BlockParts`]:
+/// k_proj, v_proj, o_proj`, followed by the optional parts of [`BlockParts`], then `A, B` of
+/// each adapter (a projection with one adds `scale (input A^T) B^T`, before any bias):
 /// `qkv = rms_norm(x) W_qkv^T (+ b_qkv)`, the query and key heads RMS-normalised (with q/k norm),
 /// attention, `y = x + attn W_o^T (+ b_o)`. The saved activations: `qkv` (after the bias, before
 /// the head norm, which the backward pass recomputes: one cheap row pass; without a head norm its
@@ -51,10 +53,10 @@ struct AttentionBlockOp {
     hidden: usize,
     parts: BlockParts,
     saved: Saved,
-    /// Where the weights' gradients go in a [`WeightGrads`] scope.
-    direct: Option<Direct>,
-    /// The weights' element counts.
-    lens: Vec<usize>,
+    /// Where the weights are read and which get gradients.
+    layout: WeightLayout,
+    /// The adapters of q_proj, k_proj, v_proj and o_proj.
+    lora: [Option<Adapter>; 4],
 }
 
 impl AttentionBlockOp {
@@ -101,15 +103,31 @@ impl AttentionBlockOp {
 
     /// The output projection `attn W_o^T (+ b_o)` of `n` rows, before any post-norm.
     fn project_out(&self, attn: &[f32], w: &BlockWeights, n: usize) -> Vec<f32> {
-        let (h, qc) = (self.hidden, self.spec.q_cols());
+        let h = self.hidden;
         let mut m = vec![0f32; n * h];
         if let Some(b) = self.o_bias(w) {
             add_rows(&mut m, b);
         }
-        let wo = w.get(3);
-        // SAFETY: `m` n x h, `attn` n x qc, `wo` h x qc (its length checked in the forward pass).
-        unsafe { matmul(n, h, qc, m.as_mut_ptr(), h, true, Mat::rows(attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
+        self.add_out(attn, w, n, &mut m);
         m
+    }
+
+    /// `y += attn W_o^T (+ scale (attn A^T) B^T)` for `n` rows.
+    fn add_out(&self, attn: &[f32], w: &BlockWeights, n: usize, y: &mut [f32]) {
+        let (h, qc) = (self.hidden, self.spec.q_cols());
+        let wo = w.get(3);
+        // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (its length checked in the forward pass).
+        unsafe { matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
+        if let Some(ad) = &self.lora[3] {
+            // SAFETY: as above; the adapter's output is h wide.
+            recycle(unsafe { ad.forward(n, Mat::rows(attn, qc), w, y.as_mut_ptr(), h) });
+        }
+    }
+
+    /// The first output column of q_proj, k_proj and v_proj in a `q|k|v` row.
+    fn qkv_col(&self, p: usize) -> usize {
+        let (qc, kc) = (self.spec.q_cols(), self.spec.kv_cols());
+        [0, qc, qc + kc][p]
     }
 
     /// `(kept, attn, probs)` of the forward pass: `kept` is what the backward pass starts from,
@@ -128,6 +146,13 @@ impl AttentionBlockOp {
         let mut normed = vec![0f32; x.len()];
         rms_norm_rows(x, nw, self.eps, &mut normed);
         let mut qkv = product_stacked_t(n, h, &normed, &w.pieces(0..3));
+        for p in 0..3 {
+            if let Some(ad) = &self.lora[p] {
+                let col = self.qkv_col(p);
+                // SAFETY: `qkv` is n x cols; the adapter adds to its projection's columns.
+                recycle(unsafe { ad.forward(n, Mat::rows(&normed, h), w, qkv.as_mut_ptr().add(col), cols) });
+            }
+        }
         drop(normed);
         if let Some(b) = self.qkv_bias(w) {
             add_rows(&mut qkv, &b);
@@ -158,10 +183,10 @@ impl AttentionBlockOp {
     fn check(&self, x: usize, nw: usize) -> candle_core::Result<()> {
         let (h, qc, kc) = (self.hidden, self.spec.q_cols(), self.spec.kv_cols());
         let matrices = [qc * h, kc * h, kc * h, h * qc];
-        if nw != h || x != self.spec.batch * self.spec.seq * h || self.lens[..4] != matrices {
+        if nw != h || x != self.spec.batch * self.spec.seq * h || self.layout.lens[..4] != matrices {
             candle_core::bail!(
                 "attention block: x {x}, norm {nw}, weights {:?} do not match hidden {h} ({:?})",
-                self.lens,
+                self.layout.lens,
                 self.parts
             )
         }
@@ -185,12 +210,11 @@ impl CustomOp3 for AttentionBlockOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "attention block x")?;
         let nw = f32_slice(s2, l2, "attention block norm")?;
-        let w = &BlockWeights::new(&self.direct, f32_slice(s3, l3, "attention block weights")?, &self.lens)?;
+        let w = &BlockWeights::new(&self.layout, f32_slice(s3, l3, "attention block weights")?)?;
         self.check(x.len(), nw.len())?;
-        let (h, qc) = (self.hidden, self.spec.q_cols());
+        let h = self.hidden;
         let n = x.len() / h;
         let (qkv, attn, probs) = self.activations(x, nw, w)?;
-        let wo = w.get(3);
         let mut y = x.to_vec();
         if let Some(pw) = self.post(w) {
             // y = x + rms_norm(attn W_o^T + b_o, post).
@@ -204,10 +228,7 @@ impl CustomOp3 for AttentionBlockOp {
             if let Some(b) = self.o_bias(w) {
                 add_rows(&mut y, b);
             }
-            // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (its length checked in the forward pass).
-            unsafe {
-                matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(&attn, qc), Mat::rows_t(wo, qc), Threads::Pool)
-            };
+            self.add_out(&attn, w, n, &mut y);
         }
         self.saved.put((qkv, attn, probs))?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -217,6 +238,10 @@ impl CustomOp3 for AttentionBlockOp {
     /// backward to `d qkv` (through the q/k head norm, recomputed from the saved `qkv`, whose
     /// backward also gives the norm weights' gradients), `db_qkv` = column sums of `d qkv`,
     /// `dW_qkv = d qkv^T rms_norm(x)`, then RMSNorm's backward and the residual `dx += dy`.
+    /// Only what trains gets a gradient: a frozen weight no product and no buffer; an adapter
+    /// `A, B` on a projection with input `z` and output gradient `dz` gets
+    /// `dB = dz^T (s z A^T)`, `dA = (s dz B)^T z` and adds `(s dz B) A` to the input's gradient
+    /// (see [`Adapter`]).
     fn bwd(
         &self,
         x: &Tensor,
@@ -228,15 +253,15 @@ impl CustomOp3 for AttentionBlockOp {
         let g = g.contiguous()?;
         let (xs, nws, ws, gs) =
             (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
-        let w_ = &BlockWeights::new(&self.direct, ws.slice(), &self.lens)?;
+        let w_ = &BlockWeights::new(&self.layout, ws.slice())?;
         let (x_, nw_, g_) = (xs.slice(), nws.slice(), gs.slice());
         let (h, cols, qc) = (self.hidden, self.spec.qkv_cols(), self.spec.q_cols());
         let n = x_.len() / h;
+        let (want_dx, want_dnw) = (x.track_op(), nw.track_op());
         let head_norm = self.head_norm(w_);
         let (kept, attn, probs) = self.saved.take_or(|| self.activations(x_, nw_, w_))?;
         let wo = w_.get(3);
-        let matrices = cols * h + h * qc;
-        let mut dw: Vec<f32> = Vec::with_capacity(self.lens.iter().sum());
+        let mut grads = GradBuf::new(&self.layout);
         // With a post-norm: its backward from the recomputed projection `m` turns `dy` into `dm`.
         let (dm, d_post) = match self.post(w_) {
             None => (None, None),
@@ -248,15 +273,20 @@ impl CustomOp3 for AttentionBlockOp {
             }
         };
         let gy: &[f32] = dm.as_deref().unwrap_or(g_);
-        // SAFETY: `dw` has room for `matrices` = cols * h + h * qc elements; the two products
-        // write [0, cols * h) and [cols * h, matrices) completely before `set_len`.
-        unsafe {
-            let dwo = dw.as_mut_ptr().add(cols * h);
-            matmul(h, qc, n, dwo, qc, false, Mat::rows_t(gy, h), Mat::rows(&attn, qc), Threads::Pool);
+        if let Some(dwo) = grads.ptr(3) {
+            // SAFETY: `dwo` holds h x qc floats, written completely (accumulate = false).
+            unsafe { matmul(h, qc, n, dwo, qc, false, Mat::rows_t(gy, h), Mat::rows(&attn, qc), Threads::Pool) };
+        }
+        let d_o_bias = self.parts.o_bias.then(|| col_sums(gy, h));
+        let mut dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
+        if let Some(ad) = &self.lora[3] {
+            let (dy, z) = (Mat::rows(gy, h), Mat::rows(&attn, qc));
+            let (u, gr) = (ad.down(n, z, w_), ad.grad_r(n, dy, w_));
+            ad.weight_grads(n, dy, z, &u, &gr, &mut grads, false);
+            // SAFETY: `dattn` is n x qc, the adapter's input width.
+            unsafe { ad.add_dx(n, &gr, w_, dattn.as_mut_ptr(), qc) };
         }
         drop(attn);
-        let d_o_bias = self.parts.o_bias.then(|| col_sums(gy, h));
-        let dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
         drop(dm);
         let (dqkv, d_norms) = match &head_norm {
             None => {
@@ -275,39 +305,72 @@ impl CustomOp3 for AttentionBlockOp {
         let d_qkv_bias = self.parts.qkv_bias.then(|| col_sums(&dqkv, cols));
         let mut normed = vec![0f32; x_.len()];
         rms_norm_rows(x_, nw_, self.eps, &mut normed);
-        // SAFETY: as above.
-        unsafe {
-            matmul(
-                cols,
-                h,
-                n,
-                dw.as_mut_ptr(),
-                h,
-                false,
-                Mat::rows_t(&dqkv, cols),
-                Mat::rows(&normed, h),
-                Threads::Pool,
-            );
-            dw.set_len(matrices);
+        let (t_q, t_k, t_v) = (self.layout.trains(0), self.layout.trains(1), self.layout.trains(2));
+        if t_q && t_k && t_v {
+            // One product for the stacked [q; k; v] gradient (adjacent in the buffer).
+            if let (Some(dst), Some(_), Some(_)) = (grads.ptr(0), grads.ptr(1), grads.ptr(2)) {
+                // SAFETY: `dst` holds cols x h floats (the three regions), written completely.
+                unsafe {
+                    matmul(cols, h, n, dst, h, false, Mat::rows_t(&dqkv, cols), Mat::rows(&normed, h), Threads::Pool)
+                };
+            }
+        } else {
+            for p in 0..3 {
+                if let Some(dst) = grads.ptr(p) {
+                    let (col, out) = (self.qkv_col(p), self.layout.lens[p] / h);
+                    let dzt = Mat { ptr: dqkv[col..].as_ptr(), rs: 1, cs: cols };
+                    // SAFETY: `dst` holds out x h floats, written completely; the projection's
+                    // columns of `d qkv`, transposed, are out x n.
+                    unsafe { matmul(out, h, n, dst, h, false, dzt, Mat::rows(&normed, h), Threads::Pool) };
+                }
+            }
+        }
+        // The q/k/v adapters: their weight gradients now, `g = s dz B` kept for `dx`.
+        let mut qkv_lora = Vec::new();
+        for p in 0..3 {
+            if let Some(ad) = &self.lora[p] {
+                let (dz, z) = (Mat { ptr: dqkv[self.qkv_col(p)..].as_ptr(), rs: cols, cs: 1 }, Mat::rows(&normed, h));
+                let (u, gr) = (ad.down(n, z, w_), ad.grad_r(n, dz, w_));
+                ad.weight_grads(n, dz, z, &u, &gr, &mut grads, false);
+                recycle(u);
+                qkv_lora.push((ad, gr));
+            }
         }
         // The optional parts' gradients, in the packed order.
-        for part in [d_qkv_bias, d_o_bias].into_iter().flatten() {
-            dw.extend_from_slice(&part);
+        let opt = self.optional();
+        if let (Some(i), Some(db)) = (opt.qkv_bias, &d_qkv_bias) {
+            let (qc, kc) = (self.spec.q_cols(), self.spec.kv_cols());
+            grads.put(i, &db[..qc]);
+            grads.put(i + 1, &db[qc..qc + kc]);
+            grads.put(i + 2, &db[qc + kc..]);
         }
-        if let Some((dq, dk)) = d_norms {
-            dw.extend_from_slice(&dq);
-            dw.extend_from_slice(&dk);
+        if let (Some(i), Some(db)) = (opt.o_bias, &d_o_bias) {
+            grads.put(i, db);
         }
-        if let Some(dp) = d_post {
-            dw.extend_from_slice(&dp);
+        if let (Some(i), Some((dq, dk))) = (opt.qk_norm, &d_norms) {
+            grads.put(i, dq);
+            grads.put(i + 1, dk);
+        }
+        if let (Some(i), Some(dp)) = (opt.post_norm, &d_post) {
+            grads.put(i, dp);
         }
         drop(normed);
-        let dnormed = product_stacked(n, h, &dqkv, &w_.pieces(0..3));
-        drop(dqkv);
-        // The residual's gradient plus RMSNorm's backward.
-        let mut dx = g_.to_vec();
-        let dnw = rms_norm_bwd_rows_add(x_, nw_, &dnormed, self.eps, &mut dx);
-        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, dw, w)?))
+        let dw = grads.finish();
+        let (mut dx, mut dnw) = (None, None);
+        if want_dx || want_dnw {
+            let mut dnormed = product_stacked(n, h, &dqkv, &w_.pieces(0..3));
+            for (ad, gr) in &qkv_lora {
+                // SAFETY: `dnormed` is n x h, the adapters' input width.
+                unsafe { ad.add_dx(n, gr, w_, dnormed.as_mut_ptr(), h) };
+            }
+            drop(dqkv);
+            // The residual's gradient plus RMSNorm's backward.
+            let mut dxv = g_.to_vec();
+            let d = rms_norm_bwd_rows_add(x_, nw_, &dnormed, self.eps, &mut dxv);
+            dx = want_dx.then(|| cpu(dxv, x.shape())).transpose()?;
+            dnw = want_dnw.then(|| cpu(d, nw.shape())).transpose()?;
+        }
+        Ok((dx, dnw, route(&self.layout, dw, w)?))
     }
 }
 
@@ -328,6 +391,9 @@ pub struct AttentionExtras<'a> {
     /// its bias) before the residual add, with the block's `eps`: `x + rms_norm(o, post_norm)`
     /// (Gemma 2/3's post-attention norm, given as its effective weight `1 + w`).
     pub post_norm: Option<&'a Tensor>,
+    /// LoRA adapters of q_proj, k_proj, v_proj and o_proj: each adds `scale (x A^T) B^T` to its
+    /// projection (before its bias), trained through these `r`-wide products (see [`LowRank`]).
+    pub lora: [Option<LowRank<'a>>; 4],
 }
 
 impl AttentionExtras<'_> {
@@ -413,10 +479,27 @@ pub fn attention_block(
 ) -> Result<Tensor> {
     let hidden = x.dim(candle_core::D::Minus1)?;
     extras.check(spec, hidden)?;
+    let base = [q, k, v, o];
+    for ((w, lora), what) in base.iter().zip(&extras.lora).zip(["q_proj", "k_proj", "v_proj", "o_proj"]) {
+        if let Some(l) = lora {
+            l.check(w, what)?;
+        }
+    }
     let extra = extras.tensors();
     let mut all = vec![x, norm_weight, q, k, v, o];
     all.extend(&extra);
+    all.extend(extras.lora.iter().flatten().flat_map(|l| [l.a, l.b]));
     if !fusable(&all) {
+        // The composition, with each adapter folded into its weight.
+        let folded = base
+            .iter()
+            .zip(&extras.lora)
+            .map(|(w, l)| match l {
+                Some(l) => l.fold(w),
+                None => Ok((*w).clone()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (q, k, v, o) = (&folded[0], &folded[1], &folded[2], &folded[3]);
         let qkv = extras.compose_qkv(norm_linear(x, norm_weight, &Tensor::cat(&[q, k, v], 0)?, eps)?, spec, eps)?;
         if let Some(p) = extras.post_norm {
             let m = linear(&attention(&qkv, spec)?, o)?;
@@ -434,9 +517,15 @@ pub fn attention_block(
     }
     let mut weights = vec![q, k, v, o];
     weights.extend(extra);
-    let Packing { packed, direct, lens } = Packing::new(weights)?;
+    let mut lora = [None; 4];
+    for (slot, (w, l)) in lora.iter_mut().zip(base.iter().zip(&extras.lora)) {
+        if let Some(l) = l {
+            *slot = Some(Adapter::push(l, w, &mut weights)?);
+        }
+    }
+    let Packing { packed, layout } = Packing::new(weights, x.track_op() || norm_weight.track_op())?;
     let parts = extras.parts();
     let saved = Saved::new(activations, meter);
-    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved, direct, lens };
+    let op = AttentionBlockOp { spec: spec.clone(), eps, hidden, parts, saved, layout, lora };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

@@ -8,7 +8,8 @@ use rayon::prelude::*;
 use super::activations::Saved;
 #[cfg(doc)]
 use super::attention_block;
-use super::weight_grads::{BlockWeights, Direct, Packing, route};
+use super::low_rank::{Adapter, LowRank};
+use super::weight_grads::{BlockWeights, GradBuf, Packing, WeightLayout, route};
 use super::{ActivationMeter, Activations, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
 use crate::Result;
 use crate::host::{
@@ -41,7 +42,7 @@ pub enum Glu {
     GeluTanh,
 }
 
-/// The options of an MLP block beyond Llama's (the default: SwiGLU, no post-norm).
+/// The options of an MLP block beyond Llama's (the default: SwiGLU, no post-norm, no adapters).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MlpExtras<'a> {
     /// The gate activation.
@@ -50,11 +51,15 @@ pub struct MlpExtras<'a> {
     /// the block's `eps` (Gemma 2/3's post-feedforward norm, given as its effective weight
     /// `1 + w`): `x + rms_norm(mlp(x), post_norm)`.
     pub post_norm: Option<&'a Tensor>,
+    /// LoRA adapters of gate_proj, up_proj and down_proj: each adds `scale (x A^T) B^T` to its
+    /// projection, trained through these `r`-wide products (see [`LowRank`]).
+    pub lora: [Option<LowRank<'a>>; 3],
 }
 
 /// `x + post(act(g) * u) w_down^T` with `[g | u] = rms_norm(x) [w_gate | w_up]^T` and `post` the
 /// optional post-norm, weights (in [`BlockWeights`]' order) `gate_proj, up_proj, down_proj`, then
-/// the post-norm weight when there is one. Saved ([`Activations::Keep`]): `g|u`, and with a
+/// the post-norm weight when there is one, then `A, B` of each adapter (each projection with one
+/// adds `scale (input A^T) B^T`). Saved ([`Activations::Keep`]): `g|u`, and with a
 /// post-norm the MLP output `m` before it (`[rows, hidden]`, so its backward need not redo the
 /// down projection).
 struct MlpBlockOp {
@@ -64,10 +69,10 @@ struct MlpBlockOp {
     act: Glu,
     post_norm: bool,
     saved: Saved,
-    /// Where the weights' gradients go in a [`WeightGrads`] scope.
-    direct: Option<Direct>,
-    /// The weights' element counts.
-    lens: Vec<usize>,
+    /// Where the weights are read and which get gradients.
+    layout: WeightLayout,
+    /// The adapters of gate_proj, up_proj and down_proj.
+    lora: [Option<Adapter>; 3],
 }
 
 impl MlpBlockOp {
@@ -76,20 +81,39 @@ impl MlpBlockOp {
         let h = self.hidden;
         let mut normed = vec![0f32; x.len()];
         rms_norm_rows(x, nw, self.eps, &mut normed);
-        let gu = product_stacked_t(x.len() / h, h, &normed, &w.pieces(0..2));
+        let rows = x.len() / h;
+        let mut gu = product_stacked_t(rows, h, &normed, &w.pieces(0..2));
+        let i = self.inter;
+        for (p, col) in [(0, 0), (1, i)] {
+            if let Some(ad) = &self.lora[p] {
+                // SAFETY: `gu` is rows x 2i; the adapter adds to columns col..col + i of each row.
+                recycle(unsafe { ad.forward(rows, Mat::rows(&normed, h), w, gu.as_mut_ptr().add(col), 2 * i) });
+            }
+        }
         (normed, gu)
     }
 
-    /// `y += act(g) * u @ w_down^T` for the rows of `gu`; returns the gated product.
+    /// `y += act(g) * u @ w_down^T` (plus down_proj's adapter) for the rows of `gu`; returns the
+    /// gated product.
     fn down(&self, gu: &[f32], w: &BlockWeights, y: &mut [f32]) -> Vec<f32> {
-        let (h, i) = (self.hidden, self.inter);
+        let i = self.inter;
         let rows = gu.len() / (2 * i);
         let mut act = scratch(rows * i);
         glu_rows(self.act, gu, i, &mut act);
+        self.project_down(&act, rows, w, y);
+        act
+    }
+
+    /// `y += act w_down^T (+ scale (act A^T) B^T)` for `rows` rows `act`.
+    fn project_down(&self, act: &[f32], rows: usize, w: &BlockWeights, y: &mut [f32]) {
+        let (h, i) = (self.hidden, self.inter);
         let wd = w.get(2);
         // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (its length checked in the forward pass).
-        unsafe { matmul(rows, h, i, y.as_mut_ptr(), h, true, Mat::rows(&act, i), Mat::rows_t(wd, i), Threads::Pool) };
-        act
+        unsafe { matmul(rows, h, i, y.as_mut_ptr(), h, true, Mat::rows(act, i), Mat::rows_t(wd, i), Threads::Pool) };
+        if let Some(ad) = &self.lora[2] {
+            // SAFETY: as above; the adapter's output is h wide.
+            recycle(unsafe { ad.forward(rows, Mat::rows(act, i), w, y.as_mut_ptr(), h) });
+        }
     }
 
     /// The post-norm weight, if any.
@@ -132,16 +156,16 @@ impl CustomOp3 for MlpBlockOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "mlp block x")?;
         let nw = f32_slice(s2, l2, "mlp block norm")?;
-        let w = BlockWeights::new(&self.direct, f32_slice(s3, l3, "mlp block weights")?, &self.lens)?;
+        let w = BlockWeights::new(&self.layout, f32_slice(s3, l3, "mlp block weights")?)?;
         let w = &w;
         let (h, i) = (self.hidden, self.inter);
         let expected = [i * h, i * h, h * i];
-        if nw.len() != h || x.len() % h != 0 || self.lens[..3] != expected {
+        if nw.len() != h || x.len() % h != 0 || self.layout.lens[..3] != expected {
             candle_core::bail!(
                 "mlp block: x {}, norm {}, weights {:?} do not match hidden {h}, intermediate {i}",
                 x.len(),
                 nw.len(),
-                self.lens
+                self.layout.lens
             )
         }
         let mut y = x.to_vec();
@@ -165,7 +189,10 @@ impl CustomOp3 for MlpBlockOp {
     /// `act = act(g) u`; with a post-norm, its backward from the MLP output `m` (saved, or
     /// `act W_down^T` again) turns `dy` into `dm` (without one, `dm = dy`); `dW_down += dm^T act`,
     /// `d[g|u]` from `dact = dm W_down`, `dW_gate|up += d[g|u]^T rms_norm(x)`, then RMSNorm's
-    /// backward and the residual `dx += dy`.
+    /// backward and the residual `dx += dy`. Only what trains gets a gradient: a frozen weight
+    /// no product and no buffer; an adapter `A, B` on a projection with input `z` and output
+    /// gradient `dz` gets `dB = dz^T (s z A^T)`, `dA = (s dz B)^T z` and adds `(s dz B) A` to
+    /// the input's gradient (see [`Adapter`]).
     fn bwd(
         &self,
         x: &Tensor,
@@ -177,19 +204,22 @@ impl CustomOp3 for MlpBlockOp {
         let g = g.contiguous()?;
         let (xs, nws, ws, gs) =
             (HostF32::new(x, "x")?, HostF32::new(nw, "norm")?, HostF32::new(w, "weights")?, HostF32::new(&g, "grad")?);
-        let w_ = &BlockWeights::new(&self.direct, ws.slice(), &self.lens)?;
+        let w_ = &BlockWeights::new(&self.layout, ws.slice())?;
         let (x_, nw_, g_) = (xs.slice(), nws.slice(), gs.slice());
         let (h, i) = (self.hidden, self.inter);
         if x_.is_empty() {
             candle_core::bail!("mlp block: no rows")
         }
+        let (want_dx, want_dnw) = (x.track_op(), nw.track_op());
+        let through_norm = want_dx || want_dnw;
         // Empty when nothing was kept: each chunk then recomputes its gate|up (and `m`).
         let (mut saved_gu, saved_m, _) = self.saved.take_or(|| Ok((Vec::new(), Vec::new(), Vec::new())))?;
         let wd = w_.get(2);
         let post = self.post(w_);
-        let mut dw: Vec<f32> = Vec::with_capacity(self.lens.iter().sum());
+        let mut grads = GradBuf::new(&self.layout);
+        let (t_gate, t_up) = (self.layout.trains(0), self.layout.trains(1));
         // The residual's gradient, to which each chunk adds RMSNorm's backward.
-        let mut dx = g_.to_vec();
+        let mut dx = if through_norm { g_.to_vec() } else { Vec::new() };
         let mut dnw = vec![0f32; h];
         let mut dpost = vec![0f32; if post.is_some() { h } else { 0 }];
         // Row buffers of one chunk, taken once: every chunk overwrites them. The gate|up gradient
@@ -222,7 +252,9 @@ impl CustomOp3 for MlpBlockOp {
                 Some(pw) => {
                     let m_owned;
                     let m: &[f32] = if saved_m.is_empty() {
-                        m_owned = product(rows, h, i, Mat::rows(act, i), Mat::rows_t(wd, i));
+                        let mut m = vec![0f32; rows * h];
+                        self.project_down(act, rows, w_, &mut m);
+                        m_owned = m;
                         &m_owned
                     } else {
                         &saved_m[c * chunk_rows * h..][..rows * h]
@@ -237,28 +269,84 @@ impl CustomOp3 for MlpBlockOp {
                     d
                 }
             };
-            let dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
+            let mut dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
+            // down_proj's adapter: `g_down = s dm B`, and `g_down A` joins `dact`.
+            let g_down = self.lora[2].map(|ad| {
+                let gr = ad.grad_r(rows, Mat::rows(dm, h), w_);
+                // SAFETY: `dact` is rows x i, the adapter's input width.
+                unsafe { ad.add_dx(rows, &gr, w_, dact.as_mut_ptr(), i) };
+                gr
+            });
             if act_first {
                 glu_bwd_rows_in_place(self.act, gu, &dact, i);
             } else {
                 glu_act_bwd_rows_in_place(self.act, gu, &dact, i, act);
             }
             drop(dact);
+            let act: &[f32] = act;
             let dgu: &[f32] = gu;
-            // SAFETY: `dw` has room for 3 i h elements; the first products write [2 i h, 3 i h)
-            // and [0, 2 i h) completely (accumulate = false), later ones add to them; `set_len`
-            // follows the loop, which runs at least once (x is not empty, checked above).
+            // The adapters' row products over the whole chunk: `u = s z A^T` of each input `z`
+            // and, for gate and up, `g = s dz B` of their slice of `d[g|u]`.
+            let u_down = self.lora[2].map(|ad| ad.down(rows, Mat::rows(act, i), w_));
+            let gate_up_lora: Vec<(Adapter, usize, Vec<f32>, Vec<f32>)> = [(0, 0), (1, i)]
+                .into_iter()
+                .filter_map(|(p, col)| self.lora[p].map(|ad| (ad, col)))
+                .map(|(ad, col)| {
+                    let dz = Mat { ptr: dgu[col..].as_ptr(), rs: 2 * i, cs: 1 };
+                    let u = ad.down(rows, Mat::rows(normed, h), w_);
+                    (ad, col, u, ad.grad_r(rows, dz, w_))
+                })
+                .collect();
+            // The weight gradients, MLP_ROWS rows at a time in order. Every gradient region holds
+            // its piece's floats; the first products (chunk 0, slice 0) write the whole region
+            // (accumulate = false), later ones add to it.
             for s in 0..rows.div_ceil(MLP_ROWS) {
                 let (s0, n) = (s * MLP_ROWS, MLP_ROWS.min(rows - s * MLP_ROWS));
                 let accumulate = c > 0 || s > 0;
-                unsafe {
-                    let (dmt, a) = (Mat::rows_t(&dm[s0 * h..], h), Mat::rows(&act[s0 * i..], i));
-                    matmul(h, i, n, dw.as_mut_ptr().add(2 * i * h), i, accumulate, dmt, a, Threads::Pool);
-                    let (dgut, x) = (Mat::rows_t(&dgu[s0 * 2 * i..], 2 * i), Mat::rows(&normed[s0 * h..], h));
-                    matmul(2 * i, h, n, dw.as_mut_ptr(), h, accumulate, dgut, x, Threads::Pool);
+                let (dms, acts) = (Mat::rows(&dm[s0 * h..], h), Mat::rows(&act[s0 * i..], i));
+                let normeds = Mat::rows(&normed[s0 * h..], h);
+                if let Some(dst) = grads.ptr(2) {
+                    // SAFETY: `dst` h x i; `dm^T` h x n, `act` n x i.
+                    unsafe { matmul(h, i, n, dst, i, accumulate, Mat::rows_t(&dm[s0 * h..], h), acts, Threads::Pool) };
+                }
+                if t_gate && t_up {
+                    // One product for the stacked [gate; up] gradient (adjacent in the buffer).
+                    if let (Some(dst), Some(_)) = (grads.ptr(0), grads.ptr(1)) {
+                        let dgut = Mat::rows_t(&dgu[s0 * 2 * i..], 2 * i);
+                        // SAFETY: `dst` 2i x h (gate's and up's regions, adjacent); `d[g|u]^T`
+                        // 2i x n, `normed` n x h.
+                        unsafe { matmul(2 * i, h, n, dst, h, accumulate, dgut, normeds, Threads::Pool) };
+                    }
+                } else {
+                    for (p, col) in [(0, 0), (1, i)] {
+                        if let Some(dst) = grads.ptr(p) {
+                            let dzt = Mat { ptr: dgu[s0 * 2 * i + col..].as_ptr(), rs: 1, cs: 2 * i };
+                            // SAFETY: `dst` i x h; the piece's columns of `d[g|u]`, transposed,
+                            // i x n; `normed` n x h.
+                            unsafe { matmul(i, h, n, dst, h, accumulate, dzt, normeds, Threads::Pool) };
+                        }
+                    }
+                }
+                if let (Some(ad), Some(u), Some(gr)) = (&self.lora[2], &u_down, &g_down) {
+                    let r = ad.rank;
+                    ad.weight_grads(n, dms, acts, &u[s0 * r..], &gr[s0 * r..], &mut grads, accumulate);
+                }
+                for (ad, col, u, gr) in &gate_up_lora {
+                    let r = ad.rank;
+                    let dz = Mat { ptr: dgu[s0 * 2 * i + col..].as_ptr(), rs: 2 * i, cs: 1 };
+                    ad.weight_grads(n, dz, normeds, &u[s0 * r..], &gr[s0 * r..], &mut grads, accumulate);
                 }
             }
-            let dnormed = product_stacked(rows, h, dgu, &w_.pieces(0..2));
+            recycle(u_down.unwrap_or_default());
+            recycle(g_down.unwrap_or_default());
+            if !through_norm {
+                continue;
+            }
+            let mut dnormed = product_stacked(rows, h, dgu, &w_.pieces(0..2));
+            for (ad, _, _, gr) in &gate_up_lora {
+                // SAFETY: `dnormed` is rows x h, the adapters' input width.
+                unsafe { ad.add_dx(rows, gr, w_, dnormed.as_mut_ptr(), h) };
+            }
             let dxc = &mut dx[c * chunk_rows * h..][..xc.len()];
             let sub = MLP_ROWS * h;
             for ((xs, dn), dxs) in xc.chunks(sub).zip(dnormed.chunks(sub)).zip(dxc.chunks_mut(sub)) {
@@ -266,11 +354,14 @@ impl CustomOp3 for MlpBlockOp {
                 dnw.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
             }
         }
-        // SAFETY: the first products wrote every element of the three matrices (see above).
-        unsafe { dw.set_len(3 * i * h) };
         [normed_buf, act_buf, dm_buf].into_iter().for_each(recycle);
-        dw.extend_from_slice(&dpost);
-        Ok((Some(cpu(dx, x.shape())?), Some(cpu(dnw, nw.shape())?), route(&self.direct, dw, w)?))
+        if post.is_some() {
+            grads.put(3, &dpost);
+        }
+        let dw = grads.finish();
+        let dx = if want_dx { Some(cpu(dx, x.shape())?) } else { None };
+        let dnw = if want_dnw { Some(cpu(dnw, nw.shape())?) } else { None };
+        Ok((dx, dnw, route(&self.layout, dw, w)?))
     }
 }
 
@@ -306,9 +397,26 @@ pub fn mlp_block_with(
     activations: Activations,
     meter: Option<&Arc<ActivationMeter>>,
 ) -> Result<Tensor> {
+    let base = [gate, up, down];
+    for ((w, lora), what) in base.iter().zip(&extras.lora).zip(["gate_proj", "up_proj", "down_proj"]) {
+        if let Some(l) = lora {
+            l.check(w, what)?;
+        }
+    }
     let mut all = vec![x, norm_weight, gate, up, down];
     all.extend(extras.post_norm);
+    all.extend(extras.lora.iter().flatten().flat_map(|l| [l.a, l.b]));
     if !fusable(&all) {
+        // The composition, with each adapter folded into its weight.
+        let folded = base
+            .iter()
+            .zip(&extras.lora)
+            .map(|(w, l)| match l {
+                Some(l) => l.fold(w),
+                None => Ok((*w).clone()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (gate, up, down) = (&folded[0], &folded[1], &folded[2]);
         let gu = norm_linear(x, norm_weight, &Tensor::cat(&[gate, up], 0)?, eps)?;
         if extras.act == Glu::Silu && extras.post_norm.is_none() {
             return swiglu_down_residual(x, &gu, down);
@@ -337,7 +445,13 @@ pub fn mlp_block_with(
         }
         weights.push(p);
     }
-    let Packing { packed, direct, lens } = Packing::new(weights)?;
+    let mut lora = [None; 3];
+    for (slot, (w, l)) in lora.iter_mut().zip(base.iter().zip(&extras.lora)) {
+        if let Some(l) = l {
+            *slot = Some(Adapter::push(l, w, &mut weights)?);
+        }
+    }
+    let Packing { packed, layout } = Packing::new(weights, x.track_op() || norm_weight.track_op())?;
     let op = MlpBlockOp {
         eps,
         hidden,
@@ -345,8 +459,8 @@ pub fn mlp_block_with(
         act: extras.act,
         post_norm: extras.post_norm.is_some(),
         saved: Saved::new(activations, meter),
-        direct,
-        lens,
+        layout,
+        lora,
     };
     Ok(x.contiguous()?.apply_op3(&norm_weight.contiguous()?, &packed, op)?)
 }

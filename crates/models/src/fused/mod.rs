@@ -15,7 +15,13 @@
 //! | [`mlp_block`] | `x + (silu(g) * u) W_down^T` with `[g \| u] = rms_norm(x) [W_gate \| W_up]^T` | `x`, and with [`Activations::Keep`] `g\|u` |
 //! | [`mlp_block_with`] | [`mlp_block`] with GeGLU `gelu_tanh(g) * u` ([`Glu`]) and an optional post-norm `x + rms_norm(m, w_post)` of the MLP output `m` ([`MlpExtras`]): Gemma 1's MLP half, and Gemma 2/3's with its post-feedforward norm (the `(1 + w)` norms given as effective weights) | `x`, and with [`Activations::Keep`] `g\|u` and, with a post-norm, `m` |
 //!
-//! Inside a [`WeightGrads`] scope, a block whose weights are all variables gives their gradients
+//! Both blocks take LoRA adapters on their projections ([`LowRank`], in [`AttentionExtras`] and
+//! [`MlpExtras`]): `y = x W^T + s (x A^T) B^T`, with `dA`, `dB` and the adapter's part of `dx`
+//! from `r`-wide products. A block computes gradients only for what is part of a graph: a frozen
+//! weight (LoRA's base, norms and biases) gets no product and no buffer, and a block whose input
+//! is constant (the first layer's, after a frozen embedding) no input gradient.
+//!
+//! Inside a [`WeightGrads`] scope, a block whose trainable weights are all variables gives their gradients
 //! to the scope's collector instead of through candle's graph (merged into the `GradStore`
 //! afterwards: the same values, without candle's zero-filled entry and add for the packed
 //! tensor, the `cat` and the `reshape` of every weight).
@@ -34,6 +40,7 @@ mod activations;
 mod attention_kernel;
 mod block_attention;
 mod block_mlp;
+mod low_rank;
 mod projections;
 mod rows;
 mod weight_grads;
@@ -42,6 +49,7 @@ pub use activations::{ActivationMeter, Activations};
 pub use attention_kernel::{AttentionSpec, KEPT_PROBS_BYTES, attention, kept_probability_floats};
 pub use block_attention::{AttentionExtras, attention_block};
 pub use block_mlp::{Glu, MlpExtras, mlp_block, mlp_block_with};
+pub use low_rank::LowRank;
 pub use projections::{linear, linear_residual, norm_linear, swiglu_down_residual};
 pub use rows::{log_softmax_gather, rms_norm};
 pub use weight_grads::WeightGrads;

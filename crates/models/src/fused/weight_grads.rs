@@ -59,9 +59,10 @@ impl WeightGrads {
     }
 
     /// Runs `f` (a forward pass) with this collector active on the current thread: the fused
-    /// blocks it builds on this thread, when all their weights are trainable variables
-    /// (`Tensor::is_variable`, as full fine-tuning's are; LoRA's frozen bases are not), send
-    /// those weights' gradients here in the backward pass instead of through the graph. Blocks
+    /// blocks it builds on this thread, when all their trainable weights are variables
+    /// (`Tensor::is_variable`: full fine-tuning's weights, LoRA's `A` and `B`; frozen weights get
+    /// no gradient at all), send those weights' gradients here in the backward pass instead of
+    /// through the graph. Blocks
     /// built outside a scope, or on other threads, use the graph as usual. Scopes nest.
     pub fn scope<R>(&self, f: impl FnOnce() -> R) -> R {
         let previous = ACTIVE.with(|a| a.borrow_mut().replace(self.clone()));
@@ -105,83 +106,134 @@ impl WeightGrads {
 }
 
 /// A block's weights input, and where its weights' gradients go.
+///
+/// Each weight ("piece", in packed order) either trains (it is part of a graph:
+/// `Tensor::track_op`) or is frozen (a constant, e.g. a LoRA base weight). Frozen pieces are read
+/// in place by the op and get no gradient: no product, no buffer. Trainable ones are packed into
+/// the op's third input (`cat`), or, in direct mode, read in place as well with their gradients
+/// handed to the collector.
 pub(super) struct Packing {
-    /// The op's third input: the flattened weights concatenated (`cat`), or, in direct mode, an
-    /// empty tensor: the op then reads each weight in place from its variable (see [`Direct`]).
+    /// The op's third input: the trainable pieces flattened and concatenated (`cat`), or an
+    /// empty tensor when none is packed (direct mode, or nothing trains).
     pub(super) packed: Tensor,
-    pub(super) direct: Option<Direct>,
-    /// Each weight's element count, in packed order.
-    pub(super) lens: Vec<usize>,
+    pub(super) layout: WeightLayout,
 }
 
-/// Direct mode: the collector and the weights, in packed order. The op reads the weights from
-/// the variables' own storage in each pass (no packed copy: the graph holds none from the
-/// forward to the backward pass, 11.6 MiB a micro-batch for the reference model); the variables
-/// do not change between a step's forward and backward passes.
-pub(super) struct Direct {
-    sink: WeightGrads,
-    weights: Vec<Tensor>,
+/// Where a block reads each of its weights and which of them get gradients.
+pub(super) struct WeightLayout {
+    /// Each piece's element count, in packed order.
+    pub(super) lens: Vec<usize>,
+    /// Per piece: the tensor read in place (frozen pieces, and every piece in direct mode), or
+    /// `None` for a piece in the packed input.
+    in_place: Vec<Option<Tensor>>,
+    /// Per piece: where its gradient starts in the block's gradient buffer, which holds the
+    /// trainable pieces only, in order; `None` for a frozen piece.
+    grad_offset: Vec<Option<usize>>,
+    /// Direct mode: the collector that takes the trainable pieces' gradients.
+    sink: Option<WeightGrads>,
 }
 
 impl Packing {
-    /// Direct mode when a [`WeightGrads`] scope is active and every weight is a contiguous
-    /// variable (no packed input); the `cat` of the weights in the graph otherwise.
-    pub(super) fn new(weights: Vec<&Tensor>) -> Result<Self> {
-        let direct = WeightGrads::active().filter(|_| weights.iter().all(|w| w.is_variable() && w.is_contiguous()));
-        let lens = weights.iter().map(|w| w.elem_count()).collect();
-        Ok(match direct {
-            Some(sink) => Self {
-                packed: Tensor::zeros(0, DType::F32, &Device::Cpu)?,
-                direct: Some(Direct { sink, weights: weights.iter().map(|&w| w.clone()).collect() }),
-                lens,
-            },
-            None => {
-                let pieces = weights.iter().map(|w| w.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
-                Self { packed: Tensor::cat(&pieces, 0)?, direct: None, lens }
+    /// Direct mode when a [`WeightGrads`] scope is active, every trainable piece is a contiguous
+    /// variable and `recorded` (the op's other inputs are part of a graph, so candle records the
+    /// op without a packed input: a LoRA model's first block, after a frozen embedding, needs its
+    /// packed adapters for that); otherwise the `cat` of the trainable pieces in the graph.
+    /// Frozen pieces are read in place either way.
+    pub(super) fn new(weights: Vec<&Tensor>, recorded: bool) -> Result<Self> {
+        let trains: Vec<bool> = weights.iter().map(|w| w.track_op()).collect();
+        let direct = WeightGrads::active().filter(|_| {
+            recorded
+                && weights.iter().zip(&trains).filter(|(_, t)| **t).all(|(w, _)| w.is_variable() && w.is_contiguous())
+        });
+        let lens: Vec<usize> = weights.iter().map(|w| w.elem_count()).collect();
+        let mut next = 0;
+        let grad_offset = lens
+            .iter()
+            .zip(&trains)
+            .map(|(&n, &t)| {
+                t.then(|| {
+                    next += n;
+                    next - n
+                })
+            })
+            .collect();
+        let mut in_place = Vec::with_capacity(weights.len());
+        let mut pieces = Vec::new();
+        for (w, &t) in weights.iter().zip(&trains) {
+            if t && direct.is_none() {
+                pieces.push(w.flatten_all()?);
+                in_place.push(None);
+            } else if w.is_contiguous() {
+                in_place.push(Some((*w).clone()))
+            } else {
+                // A frozen strided view: one contiguous copy, outside any graph.
+                in_place.push(Some(w.contiguous()?))
             }
-        })
+        }
+        let packed =
+            if pieces.is_empty() { Tensor::zeros(0, DType::F32, &Device::Cpu)? } else { Tensor::cat(&pieces, 0)? };
+        Ok(Self { packed, layout: WeightLayout { lens, in_place, grad_offset, sink: direct } })
+    }
+}
+
+impl WeightLayout {
+    /// Whether piece `i` gets a gradient.
+    pub(super) fn trains(&self, i: usize) -> bool {
+        self.grad_offset[i].is_some()
+    }
+
+    /// Elements of the trainable pieces' gradients together.
+    fn grad_len(&self) -> usize {
+        self.lens.iter().zip(&self.grad_offset).filter(|(_, o)| o.is_some()).map(|(n, _)| n).sum()
     }
 }
 
 /// A block's weights as the op reads them, piece by piece in packed order: slices of the packed
-/// input, or (direct mode) each variable's own storage. Products with several stacked weights
-/// (`[gate; up]`, `[q; k; v]`) go piece by piece in both cases, so both give the same bits.
-pub(super) enum BlockWeights<'a> {
-    Packed(Vec<&'a [f32]>),
-    Variables(Vec<HostF32<'a>>),
+/// input, or each tensor's own storage (frozen pieces; every piece in direct mode). Products with
+/// several stacked weights (`[gate; up]`, `[q; k; v]`) go piece by piece in every case, so all
+/// give the same bits.
+pub(super) struct BlockWeights<'a> {
+    in_place: Vec<Option<HostF32<'a>>>,
+    packed: Vec<&'a [f32]>,
 }
 
 impl<'a> BlockWeights<'a> {
-    /// The weights of an op with `direct` (or the packed input `given`), of `lens` elements each.
-    pub(super) fn new(direct: &'a Option<Direct>, given: &'a [f32], lens: &[usize]) -> candle_core::Result<Self> {
-        let Some(d) = direct else {
-            if given.len() != lens.iter().sum::<usize>() {
-                candle_core::bail!("packed weights: {} elements, expected {}", given.len(), lens.iter().sum::<usize>())
-            }
-            let mut rest = given;
-            return Ok(Self::Packed(
-                lens.iter()
-                    .map(|&n| {
-                        let (piece, tail) = rest.split_at(n);
-                        rest = tail;
-                        piece
-                    })
-                    .collect(),
-            ));
-        };
-        let guards =
-            d.weights.iter().map(|w| HostF32::new(w, "block weight")).collect::<candle_core::Result<Vec<_>>>()?;
-        if guards.iter().map(|g| g.slice().len()).ne(lens.iter().copied()) {
-            candle_core::bail!("block weights: the variables' sizes changed since the forward pass")
+    /// The weights of an op with `layout`, the packed input being `given`.
+    pub(super) fn new(layout: &'a WeightLayout, given: &'a [f32]) -> candle_core::Result<Self> {
+        let packed_len: usize =
+            layout.lens.iter().zip(&layout.in_place).filter(|(_, p)| p.is_none()).map(|(n, _)| n).sum();
+        if given.len() != packed_len {
+            candle_core::bail!("packed weights: {} elements, expected {packed_len}", given.len())
         }
-        Ok(Self::Variables(guards))
+        let mut rest = given;
+        let mut in_place = Vec::with_capacity(layout.lens.len());
+        let mut packed = Vec::with_capacity(layout.lens.len());
+        for (&n, t) in layout.lens.iter().zip(&layout.in_place) {
+            match t {
+                Some(t) => {
+                    let g = HostF32::new(t, "block weight")?;
+                    if g.slice().len() != n {
+                        candle_core::bail!("block weights: a weight's size changed since the forward pass")
+                    }
+                    in_place.push(Some(g));
+                    packed.push(&[][..]);
+                }
+                None => {
+                    let (piece, tail) = rest.split_at(n);
+                    rest = tail;
+                    in_place.push(None);
+                    packed.push(piece);
+                }
+            }
+        }
+        Ok(Self { in_place, packed })
     }
 
     /// Weight `i` (packed order).
     pub(super) fn get(&self, i: usize) -> &[f32] {
-        match self {
-            Self::Packed(p) => p[i],
-            Self::Variables(g) => g[i].slice(),
+        match &self.in_place[i] {
+            Some(g) => g.slice(),
+            None => self.packed[i],
         }
     }
 
@@ -191,20 +243,74 @@ impl<'a> BlockWeights<'a> {
     }
 }
 
-/// The gradient for the op's packed weights input from the packed gradient `dw`: in direct mode
-/// each weight gets its slice of `dw` (views into one buffer) through the collector and the
-/// input gets none; otherwise `dw` in the input's shape, for candle to route.
-pub(super) fn route(direct: &Option<Direct>, dw: Vec<f32>, packed: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let Some(Direct { sink, weights, .. }) = direct else {
+/// The gradients of a block's trainable pieces, in packed order, in one buffer that products
+/// write into directly (no zero fill: each piece's region is written whole by its first product
+/// or copy, see [`Self::ptr`]).
+pub(super) struct GradBuf<'a> {
+    layout: &'a WeightLayout,
+    buf: Vec<f32>,
+    /// Per piece: whether its region was handed out for writing.
+    written: Vec<bool>,
+}
+
+impl<'a> GradBuf<'a> {
+    pub(super) fn new(layout: &'a WeightLayout) -> Self {
+        Self { layout, buf: Vec::with_capacity(layout.grad_len()), written: vec![false; layout.lens.len()] }
+    }
+
+    /// Where piece `i`'s gradient goes (`lens[i]` floats), or `None` when it does not train.
+    /// The caller writes the whole region (a product with `accumulate = false` first) before
+    /// [`Self::finish`].
+    pub(super) fn ptr(&mut self, i: usize) -> Option<*mut f32> {
+        let offset = self.layout.grad_offset[i]?;
+        self.written[i] = true;
+        // SAFETY: `offset + lens[i] <= capacity` (the offsets partition the buffer).
+        Some(unsafe { self.buf.as_mut_ptr().add(offset) })
+    }
+
+    /// Copies `grad` into piece `i`'s region when it trains.
+    pub(super) fn put(&mut self, i: usize, grad: &[f32]) {
+        let n = self.layout.lens[i];
+        assert_eq!(grad.len(), n, "gradient of block weight {i}");
+        if let Some(p) = self.ptr(i) {
+            // SAFETY: the region holds `n` floats (see `ptr`); `grad` does not alias it.
+            unsafe { std::ptr::copy_nonoverlapping(grad.as_ptr(), p, n) };
+        }
+    }
+
+    /// The gradient buffer, every trainable piece's region initialised: one that was never
+    /// handed out (an op not computing it) is zeroed rather than left unwritten.
+    pub(super) fn finish(mut self) -> Vec<f32> {
+        let layout = self.layout;
+        for (i, &n) in layout.lens.iter().enumerate() {
+            if let (Some(offset), false) = (layout.grad_offset[i], self.written[i]) {
+                // SAFETY: the region lies within the capacity (see `ptr`).
+                unsafe { std::ptr::write_bytes(self.buf.as_mut_ptr().add(offset), 0, n) };
+            }
+        }
+        // SAFETY: every region of the buffer was written, by the op (see `ptr`) or just above.
+        unsafe { self.buf.set_len(layout.grad_len()) };
+        self.buf
+    }
+}
+
+/// The gradient for the op's packed weights input from the trainable pieces' gradient `dw`: in
+/// direct mode each trainable piece gets its slice of `dw` (views into one buffer) through the
+/// collector and the input gets none; otherwise `dw` in the input's shape, for candle to route
+/// (none when nothing is packed).
+pub(super) fn route(layout: &WeightLayout, dw: Vec<f32>, packed: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let Some(sink) = &layout.sink else {
+        if packed.elem_count() == 0 {
+            return Ok(None);
+        }
         return Ok(Some(Tensor::from_vec(dw, packed.shape(), &Device::Cpu)?));
     };
     let n = dw.len();
     let dw = Tensor::from_vec(dw, n, &Device::Cpu)?;
-    let mut offset = 0;
-    for w in weights {
-        let len = w.elem_count();
-        sink.push(w.clone(), dw.narrow(0, offset, len)?.reshape(w.shape())?);
-        offset += len;
+    for (w, offset) in layout.in_place.iter().zip(&layout.grad_offset) {
+        if let (Some(w), Some(offset)) = (w, offset) {
+            sink.push(w.clone(), dw.narrow(0, *offset, w.elem_count())?.reshape(w.shape())?);
+        }
     }
     Ok(None)
 }

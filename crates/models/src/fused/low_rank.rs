@@ -1,0 +1,150 @@
+//! LoRA adapters inside the fused blocks, trained through their low-rank products.
+//!
+//! A projection `y = x W^T` with an adapter (`A [r, in]`, `B [out, r]`, scale `s`) computes
+//! `y = x W^T + s (x A^T) B^T` and, from the output gradient `dy`,
+//! `dB = s dy^T (x A^T)`, `dA = s (dy B)^T x` and `dx = dy W + s (dy B) A`: every product with an
+//! adapter is `r` wide, and the frozen `W` only enters `dy W`. Folding `W + s B A` into an
+//! effective weight instead would make the backward pass form the dense `[out, in]` gradient
+//! `dy^T x` (as much work as the forward product) only to reduce it to `A` and `B`.
+
+use candle_core::Tensor;
+
+use super::weight_grads::{BlockWeights, GradBuf};
+use crate::host::{Mat, Threads, matmul, product};
+
+/// A LoRA adapter on a projection of a fused block ([`super::AttentionExtras::lora`],
+/// [`super::MlpExtras::lora`]): `y = x W^T + scale (x A^T) B^T` with `a` = `A [r, in]` and
+/// `b` = `B [out, r]`. Gradients go to `A` and `B` when they are part of a graph (LoRA's
+/// variables); the base weight `W` gets one only when it is too (full fine-tuning).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    /// `A [r, in]`.
+    pub a: &'a Tensor,
+    /// `B [out, r]`.
+    pub b: &'a Tensor,
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub scale: f64,
+}
+
+impl LowRank<'_> {
+    /// `W + scale B A`, for the composed path of other devices and dtypes (differentiable
+    /// w.r.t. `A` and `B`).
+    pub(super) fn fold(&self, w: &Tensor) -> crate::Result<Tensor> {
+        Ok(w.add(&(self.b.matmul(self.a)? * self.scale)?.to_dtype(w.dtype())?)?)
+    }
+
+    /// Rejects an adapter whose shapes do not fit `w [out, in]`.
+    pub(super) fn check(&self, w: &Tensor, what: &str) -> crate::Result<()> {
+        let (out, inp) = w.dims2()?;
+        let ok = match (self.a.dims(), self.b.dims()) {
+            (&[r, i], &[o, r2]) => r > 0 && r == r2 && i == inp && o == out,
+            _ => false,
+        };
+        if !ok {
+            return Err(crate::ModelError::Input {
+                input: "lora",
+                reason: format!(
+                    "{what}: A {:?} and B {:?} do not fit a [{out}, {inp}] weight (expected [r, {inp}] and [{out}, r])",
+                    self.a.dims(),
+                    self.b.dims()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An adapter as a block op reads it: the pieces (packed order) holding `A` and `B`, the rank,
+/// the input and output widths and the scale.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Adapter {
+    pub a: usize,
+    pub b: usize,
+    pub rank: usize,
+    pub inp: usize,
+    pub out: usize,
+    pub scale: f32,
+}
+
+impl Adapter {
+    /// The adapter of `lora` on a `[out, in]` weight, its `A` and `B` appended to `weights`.
+    pub(super) fn push<'t>(lora: &LowRank<'t>, w: &Tensor, weights: &mut Vec<&'t Tensor>) -> crate::Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let rank = lora.a.dim(0)?;
+        weights.extend([lora.a, lora.b]);
+        let n = weights.len();
+        Ok(Self { a: n - 2, b: n - 1, rank, inp, out, scale: lora.scale as f32 })
+    }
+
+    /// `u = scale x A^T`, `[n, r]`, for `n` rows `x` (`[n, in]`).
+    pub(super) fn down(&self, n: usize, x: Mat, w: &BlockWeights) -> Vec<f32> {
+        let mut u = product(n, self.rank, self.inp, x, Mat::rows_t(w.get(self.a), self.inp));
+        scale(&mut u, self.scale);
+        u
+    }
+
+    /// `y += scale (x A^T) B^T` for `n` rows `x`; `y` is `[n, out]` with row stride `y_rs`.
+    /// Returns `u = scale x A^T`.
+    ///
+    /// # Safety
+    /// `y` must be valid for `n` rows of `out` floats at row stride `y_rs`, not aliasing `x`.
+    pub(super) unsafe fn forward(&self, n: usize, x: Mat, w: &BlockWeights, y: *mut f32, y_rs: usize) -> Vec<f32> {
+        let u = self.down(n, x, w);
+        let b = Mat::rows_t(w.get(self.b), self.rank);
+        // SAFETY: `u` n x r, `B^T` r x out; the caller's contract for `y`.
+        unsafe { matmul(n, self.out, self.rank, y, y_rs, true, Mat::rows(&u, self.rank), b, Threads::Pool) };
+        u
+    }
+
+    /// `g = scale dy B`, `[n, r]`, from the output gradient `dy` (`[n, out]`) of `n` rows: the
+    /// adapter's part of the input gradient is `g A` ([`Self::add_dx`]).
+    pub(super) fn grad_r(&self, n: usize, dy: Mat, w: &BlockWeights) -> Vec<f32> {
+        let mut g = product(n, self.rank, self.out, dy, Mat::rows(w.get(self.b), self.rank));
+        scale(&mut g, self.scale);
+        g
+    }
+
+    /// Adds (`accumulate`, else writes) `dB = dy^T u` and `dA = g^T x` of `n` rows into `grads`
+    /// (each when it trains), from the output gradient `dy` (`[n, out]`), the input rows `x`
+    /// (`[n, in]`), `u = scale x A^T` ([`Self::down`]) and `g = scale dy B` ([`Self::grad_r`]),
+    /// both `[n, r]` at row stride `r`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn weight_grads(
+        &self,
+        n: usize,
+        dy: Mat,
+        x: Mat,
+        u: &[f32],
+        g: &[f32],
+        grads: &mut GradBuf,
+        accumulate: bool,
+    ) {
+        let (r, inp, out) = (self.rank, self.inp, self.out);
+        assert!(u.len() >= n * r && g.len() >= n * r, "low-rank rows");
+        // SAFETY: each gradient region holds its piece's floats (`out x r`, `r x in`); `dy^T` is
+        // out x n, `u` n x r, `g^T` r x n, `x` n x in (the callers' views); nothing aliases.
+        unsafe {
+            if let Some(db) = grads.ptr(self.b) {
+                let dyt = Mat { ptr: dy.ptr, rs: dy.cs, cs: dy.rs };
+                matmul(out, r, n, db, r, accumulate, dyt, Mat::rows(u, r), Threads::Pool);
+            }
+            if let Some(da) = grads.ptr(self.a) {
+                matmul(r, inp, n, da, inp, accumulate, Mat::rows_t(g, r), x, Threads::Pool);
+            }
+        }
+    }
+
+    /// `dx += g A` for `n` rows; `dx` is `[n, in]` with row stride `dx_rs`.
+    ///
+    /// # Safety
+    /// `dx` must be valid for `n` rows of `in` floats at row stride `dx_rs`, not aliasing `g`.
+    pub(super) unsafe fn add_dx(&self, n: usize, g: &[f32], w: &BlockWeights, dx: *mut f32, dx_rs: usize) {
+        let a = Mat::rows(w.get(self.a), self.inp);
+        // SAFETY: `g` n x r, `A` r x in; the caller's contract for `dx`.
+        unsafe { matmul(n, self.inp, self.rank, dx, dx_rs, true, Mat::rows(g, self.rank), a, Threads::Pool) };
+    }
+}
+
+fn scale(v: &mut [f32], s: f32) {
+    v.iter_mut().for_each(|x| *x *= s);
+}
