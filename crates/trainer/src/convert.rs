@@ -142,23 +142,29 @@ pub fn gguf_tokenizer(c: &Content) -> Result<(Json, Json)> {
 pub fn convert_gguf(gguf: &Path, out: &Path, tokenizer: bool) -> Result<()> {
     let content = gguf_content(gguf)?;
     let lm = slime_models::CausalLm::from_gguf_file(gguf, &candle_core::Device::Cpu)?;
-    let text = serde_json::to_string_pretty(&hf_config(lm.config(), &content)?)?;
-    let tmp = out.with_extension("partial");
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    lm.save_dir(&tmp)?;
-    // save_dir writes the bare config; ours adds the fields transformers reads besides.
-    fs::write(tmp.join("config.json"), text)?;
-    if tokenizer {
+    let config = serde_json::to_vec_pretty(&hf_config(lm.config(), &content)?)?;
+    let tokenizer_files = if tokenizer {
         let (tok, tok_config) = gguf_tokenizer(&content)?;
-        fs::write(tmp.join("tokenizer.json"), serde_json::to_string(&tok)?)?;
-        fs::write(tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(&tok_config)?)?;
-    }
-    if out.exists() {
-        fs::remove_dir_all(out)?;
-    }
-    fs::rename(&tmp, out)?;
+        Some((serde_json::to_vec(&tok)?, serde_json::to_vec_pretty(&tok_config)?))
+    } else {
+        None
+    };
+    // Built in a temporary sibling and swapped in whole: a failed or killed conversion leaves
+    // `out` as it was, and the files get the umask's mode.
+    crate::atomic::produce_dir(out, |dir| {
+        lm.save_dir(dir)?;
+        // save_dir writes the bare config; ours adds the fields transformers reads besides.
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.join(name);
+            fs::write(&path, bytes).map_err(|source| crate::TrainError::Io { path: path.display().to_string(), source })
+        };
+        write("config.json", &config)?;
+        if let Some((tok, tok_config)) = &tokenizer_files {
+            write("tokenizer.json", tok)?;
+            write("tokenizer_config.json", tok_config)?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }
 
