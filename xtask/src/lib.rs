@@ -5,6 +5,7 @@
 pub mod ablate;
 mod assets;
 pub mod bench;
+pub mod bench_real;
 pub mod grid;
 pub mod report;
 pub mod stats;
