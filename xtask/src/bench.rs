@@ -7,6 +7,9 @@
 //! virtual environment is `DIR/venv` when it exists, otherwise `target/bench/anchor-venv`, created
 //! as the anchors' README says (`pip install torch transformers trl datasets pyarrow`) if missing.
 //!
+//! `--workload smollm2|gemma3-270m` instead times LoRA training of a real model through
+//! `slime-trainer train` against `bench_peft.py` (see [`crate::bench_real`]).
+//!
 //! `--scaling` instead runs SimPO over hidden sizes 256/512/1024 (at 128 tokens) and sequence
 //! lengths 128/512/2048 (at hidden 256) and prints how the step time grows against the FLOP count.
 
