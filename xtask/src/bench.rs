@@ -156,7 +156,7 @@ impl Options {
             if let Some((flag, _)) = tiny_only.iter().find(|(_, set)| *set) {
                 bail!("{flag} is for --workload tiny only (the real-model workloads run 2 untimed + 8 timed steps)");
             }
-            if self.parallel_micro_batches.is_some_and(|k| k == 0 || bench_real::PAIRS_PER_STEP % k != 0) {
+            if self.parallel_micro_batches.is_some_and(|k| k == 0 || !bench_real::PAIRS_PER_STEP.is_multiple_of(k)) {
                 bail!("--parallel-micro-batches: expected a divisor of the batch of 4 pairs (1, 2 or 4)");
             }
             return Ok(());

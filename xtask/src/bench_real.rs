@@ -102,7 +102,7 @@ pub fn train_config(
     if (objective == "dpo-precomputed") != reference.is_some() {
         bail!("dpo-precomputed, and only it, runs with precomputed reference log-probs");
     }
-    if parallel == 0 || PAIRS_PER_STEP % parallel != 0 {
+    if parallel == 0 || !PAIRS_PER_STEP.is_multiple_of(parallel) {
         bail!("--parallel-micro-batches: expected a divisor of the {PAIRS_PER_STEP} pairs a step (1, 2 or 4)");
     }
     let reference = reference.map_or(String::new(), |r| format!("reference_logps = {}\n", quoted(r)));
