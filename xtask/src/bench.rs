@@ -7,6 +7,9 @@
 //! virtual environment is `DIR/venv` when it exists, otherwise `target/bench/anchor-venv`, created
 //! as the anchors' README says (`pip install torch transformers trl datasets pyarrow`) if missing.
 //!
+//! `--workload smollm2|gemma3-270m` instead times LoRA training of a real model through
+//! `slime-trainer train` against `bench_peft.py` (see [`crate::bench_real`]).
+//!
 //! `--scaling` instead runs SimPO over hidden sizes 256/512/1024 (at 128 tokens) and sequence
 //! lengths 128/512/2048 (at hidden 256) and prints how the step time grows against the FLOP count.
 
@@ -18,6 +21,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::bench_real::{self, Workload};
 use crate::trainer::{self, target_dir};
 
 /// Pause between two benchmark processes, so the previous one's exit (an anchor returns over
@@ -30,15 +34,26 @@ const OBJECTIVES: [&str; 4] = ["simpo", "slime", "dpo-precomputed", "dpo-live"];
 /// `cargo xtask bench` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// Objectives to time, comma-separated: simpo, slime, dpo-precomputed, dpo-live.
-    #[arg(long, value_name = "A,B", value_delimiter = ',', default_values_t = OBJECTIVES.map(String::from))]
-    only: Vec<String>,
-    /// Timed steps per run (the first is warm-up; at least 2).
-    #[arg(long, value_name = "N", default_value_t = 20)]
-    steps: usize,
-    /// Repetitions of the whole set, alternating ours and the anchors.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    reps: usize,
+    /// The workload: `tiny` (a random 3M-parameter Llama through slime-step-bench), or LoRA
+    /// training of a real model of `cargo xtask assets` through `slime-trainer train`:
+    /// `smollm2` (SmolLM2-135M-Instruct) or `gemma3-270m` (Gemma-3-270M).
+    #[arg(long, value_name = "NAME", default_value = "tiny", value_parser = ["tiny", "smollm2", "gemma3-270m"])]
+    workload: String,
+    /// The assets directory of `cargo xtask assets` (real-model workloads).
+    #[arg(long, value_name = "DIR", default_value = "assets")]
+    assets: PathBuf,
+    /// Objectives to time, comma-separated: simpo, slime, dpo-precomputed, dpo-live (real-model
+    /// workloads: the first three). Default: all of them.
+    #[arg(long, value_name = "A,B", value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Timed steps per run (the first is warm-up; at least 2; default 20). Tiny workload only:
+    /// the real-model workloads run the anchor's 2 untimed and 8 timed steps.
+    #[arg(long, value_name = "N")]
+    steps: Option<usize>,
+    /// Repetitions of the whole set, alternating ours and the anchors (default 1; 3 for the
+    /// real-model workloads).
+    #[arg(long, value_name = "N")]
+    reps: Option<usize>,
     /// Threads of every run.
     #[arg(long, value_name = "N", default_value_t = 2)]
     threads: usize,
@@ -61,13 +76,42 @@ pub struct Options {
     /// Ours recomputing activations in the backward pass.
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// Ours splitting each batch of 8 pairs into K micro-batches run at once (the trainer's
-    /// parallel_micro_batches; default one per thread when that divides 8; 1 = one pass).
+    /// Ours splitting each batch of 8 pairs (real models: 4) into K micro-batches run at once
+    /// (the trainer's parallel_micro_batches; tiny default one per thread when that divides 8,
+    /// real-model default 1 = one pass).
     #[arg(long, value_name = "K")]
     parallel_micro_batches: Option<usize>,
 }
 
 impl Options {
+    /// The real-model workload, if one is chosen.
+    fn real(&self) -> Option<Workload> {
+        match self.workload.as_str() {
+            "smollm2" => Some(Workload::Smollm2),
+            "gemma3-270m" => Some(Workload::Gemma3),
+            _ => None,
+        }
+    }
+
+    /// The objectives to run.
+    fn only(&self) -> Vec<String> {
+        match (&self.only, self.real()) {
+            (Some(only), _) => only.clone(),
+            (None, Some(_)) => bench_real::OBJECTIVES.map(String::from).to_vec(),
+            (None, None) => OBJECTIVES.map(String::from).to_vec(),
+        }
+    }
+
+    /// Timed steps of a tiny run.
+    fn steps(&self) -> usize {
+        self.steps.unwrap_or(20)
+    }
+
+    /// Repetitions.
+    fn reps(&self) -> usize {
+        self.reps.unwrap_or(if self.real().is_some() { 3 } else { 1 })
+    }
+
     /// The flags our every `slime-step-bench` run gets.
     fn our_flags(&self) -> Vec<String> {
         let mut flags = Vec::new();
@@ -91,11 +135,31 @@ const SCALING: [(usize, usize, usize); 5] =
 impl Options {
     /// Refuses values the runs cannot use.
     pub fn check(&self) -> Result<()> {
-        if let Some(bad) = self.only.iter().find(|x| !OBJECTIVES.contains(&x.as_str())) {
-            bail!("--only: unknown objective `{bad}` (expected some of {})", OBJECTIVES.join(","));
+        let known: &[&str] = if self.real().is_some() { &bench_real::OBJECTIVES } else { &OBJECTIVES };
+        if let Some(bad) = self.only().iter().find(|x| !known.contains(&x.as_str())) {
+            bail!(
+                "--only: unknown objective `{bad}` for --workload {} (expected some of {})",
+                self.workload,
+                known.join(",")
+            );
         }
-        if self.steps < 2 || self.reps == 0 || self.threads == 0 {
+        if self.steps() < 2 || self.reps() == 0 || self.threads == 0 {
             bail!("need --steps >= 2, --reps >= 1, --threads >= 1");
+        }
+        if self.real().is_some() {
+            let tiny_only = [
+                ("--steps", self.steps.is_some()),
+                ("--scaling", self.scaling),
+                ("--separate-rows", self.separate_rows),
+                ("--exe", self.exe.is_some()),
+            ];
+            if let Some((flag, _)) = tiny_only.iter().find(|(_, set)| *set) {
+                bail!("{flag} is for --workload tiny only (the real-model workloads run 2 untimed + 8 timed steps)");
+            }
+            if self.parallel_micro_batches.is_some_and(|k| k == 0 || !bench_real::PAIRS_PER_STEP.is_multiple_of(k)) {
+                bail!("--parallel-micro-batches: expected a divisor of the batch of 4 pairs (1, 2 or 4)");
+            }
+            return Ok(());
         }
         if self.scaling && self.vs_pytorch.is_some() {
             bail!("--scaling runs ours only; drop --vs-pytorch");
@@ -109,7 +173,10 @@ impl Options {
 
 /// The anchors' Python: `DIR/venv/bin/python`, else `target/bench/anchor-venv/bin/python`,
 /// created (the anchors' README's recipe) when missing.
-fn anchor_python(dir: &Path) -> Result<PathBuf> {
+/// `packages` are the anchors' imports: `torch, transformers, trl, datasets, pyarrow` for the
+/// tiny workload, `torch, transformers, peft, pyarrow` for the real models; missing ones are
+/// installed into the venv.
+fn anchor_python(dir: &Path, packages: &[&str]) -> Result<PathBuf> {
     let own = dir.join("venv").join("bin").join("python");
     if own.exists() {
         return Ok(own);
@@ -118,13 +185,13 @@ fn anchor_python(dir: &Path) -> Result<PathBuf> {
     let python = venv.join("bin").join("python");
     let ready = python.exists()
         && Command::new(&python)
-            .args(["-c", "import torch, transformers, trl, datasets"])
+            .args(["-c", &format!("import {}", packages.join(", "))])
             .status()
             .is_ok_and(|s| s.success());
     if ready {
         return Ok(python);
     }
-    eprintln!("creating {} (torch, transformers, trl, datasets, pyarrow from PyPI; a few minutes)", venv.display());
+    eprintln!("setting up {} ({} from PyPI; a few minutes, about 3 GB)", venv.display(), packages.join(", "));
     let run = |cmd: &mut Command| -> Result<()> {
         let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
         if !status.success() {
@@ -132,19 +199,11 @@ fn anchor_python(dir: &Path) -> Result<PathBuf> {
         }
         Ok(())
     };
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(&python).args(["-m", "pip", "install", "-q", "-U", "pip"]))?;
-    run(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "torch",
-        "transformers",
-        "trl",
-        "datasets",
-        "pyarrow",
-    ]))?;
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(&python).args(["-m", "pip", "install", "-q", "-U", "pip"]))?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "-q"]).args(packages))?;
     Ok(python)
 }
 
@@ -227,7 +286,8 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (NaN for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -240,6 +300,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs the benchmark processes and prints the medians (and ratios against the anchors).
 pub fn bench(o: &Options) -> Result<()> {
     o.check()?;
+    if let Some(workload) = o.real() {
+        return real(o, workload);
+    }
     let exe = match &o.exe {
         Some(p) => p.clone(),
         None => trainer::build(trainer::STEP_BENCH)?,
@@ -253,7 +316,7 @@ pub fn bench(o: &Options) -> Result<()> {
             if !dir.join("bench_plain.py").exists() || !dir.join("bench_trl.py").exists() {
                 bail!("{} has no bench_plain.py / bench_trl.py", dir.display());
             }
-            let python = anchor_python(dir)?;
+            let python = anchor_python(dir, &["torch", "transformers", "trl", "datasets", "pyarrow"])?;
             let python = if python.is_absolute() {
                 python
             } else {
@@ -265,10 +328,10 @@ pub fn bench(o: &Options) -> Result<()> {
     };
     // Alternate: each of ours is followed by the anchor it is compared with.
     let mut jobs: Vec<(String, Command)> = Vec::new();
-    for _ in 0..o.reps {
-        for obj in &o.only {
+    for _ in 0..o.reps() {
+        for obj in &o.only() {
             let mut cmd = Command::new(&exe);
-            cmd.args(["--objective", obj, "--steps", &o.steps.to_string(), "--threads", &o.threads.to_string()]);
+            cmd.args(["--objective", obj, "--steps", &o.steps().to_string(), "--threads", &o.threads.to_string()]);
             cmd.env("RAYON_NUM_THREADS", o.threads.to_string());
             cmd.args(o.our_flags());
             jobs.push((format!("{obj}-slime-rs"), cmd));
@@ -281,7 +344,7 @@ pub fn bench(o: &Options) -> Result<()> {
                 };
                 if !script.is_empty() {
                     let mut cmd = Command::new(python);
-                    cmd.args(script).args(["--steps", &o.steps.to_string()]).current_dir(dir);
+                    cmd.args(script).args(["--steps", &o.steps().to_string()]).current_dir(dir);
                     cmd.env("BENCH_THREADS", o.threads.to_string());
                     let label = match script[0] {
                         "bench_plain.py" => "simpo-plain-torch".to_string(),
@@ -357,5 +420,140 @@ pub fn bench(o: &Options) -> Result<()> {
         }
     }
     println!("\nraw JSON lines appended to {}", o.out.display());
+    Ok(())
+}
+
+/// An absolute form of `path` (the anchor runs in its own directory).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().context("current directory")?.join(path)
+    })
+}
+
+/// `--workload smollm2|gemma3-270m`: ours (`slime-trainer train`) and, with `--vs-pytorch`,
+/// `bench_peft.py`, alternating, `--reps` times; then the medians and the ratios (see
+/// [`bench_real`]).
+fn real(o: &Options, workload: Workload) -> Result<()> {
+    let model = absolute(&o.assets.join(workload.model_dir()))?;
+    let data = absolute(&o.assets.join(bench_real::DATA))?;
+    for (path, what) in [(&model, "model directory"), (&data, "preference file")] {
+        if !path.exists() {
+            bail!(
+                "--assets {}: no {what} {} (run `cargo xtask assets {}` first, or pass --assets DIR)",
+                o.assets.display(),
+                path.display(),
+                o.assets.display()
+            );
+        }
+    }
+    let anchor = match &o.vs_pytorch {
+        Some(dir) => {
+            if !dir.join("bench_peft.py").exists() {
+                bail!("--vs-pytorch {}: no bench_peft.py there", dir.display());
+            }
+            let python = absolute(&anchor_python(dir, &["torch", "transformers", "peft", "pyarrow"])?)?;
+            Some((absolute(dir)?, python))
+        }
+        None => None,
+    };
+    let exe = trainer::build(trainer::TRAINER)?;
+    let lscpu = Command::new("lscpu").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let cpu = bench_real::cpu_line(&lscpu.unwrap_or_default());
+    println!("{cpu}");
+    let work = target_dir().join("bench").join("real").join(workload.name());
+    let ours = bench_real::Ours {
+        exe: &exe,
+        model: &model,
+        data: &data,
+        threads: o.threads,
+        parallel: o.parallel_micro_batches.unwrap_or(1),
+        gradient_checkpointing: o.gradient_checkpointing,
+        work: &work,
+    };
+    let only = o.only();
+    if only.iter().any(|x| x == "dpo-precomputed") {
+        // Before any timed run, so that every run of ours reads the same file.
+        let stale = work.join("reference_logps.parquet");
+        if stale.exists() {
+            std::fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
+        }
+        ours.reference()?;
+    }
+    let mut file = open_results(&o.out)?;
+    let mut results: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut first = true;
+    for rep in 0..o.reps() {
+        for objective in &only {
+            let mut runs: Vec<(String, Option<Command>)> = vec![(format!("{objective}-slime-rs"), None)];
+            if let Some((dir, python)) = &anchor {
+                let cmd = bench_real::anchor_command(python, dir, &model, &data, objective, o.threads);
+                runs.push((format!("{objective}-torch-peft"), Some(cmd)));
+            }
+            for (label, cmd) in runs {
+                if !first {
+                    std::thread::sleep(SETTLE);
+                }
+                first = false;
+                let before = loadavg();
+                eprintln!("{label}, repetition {} of {}", rep + 1, o.reps());
+                let mut v = match cmd {
+                    None => ours.run(objective, rep)?,
+                    Some(mut cmd) => run_json(&mut cmd, &label)?,
+                };
+                if let Some(m) = v.as_object_mut() {
+                    m.insert("bench_label".into(), label.clone().into());
+                    m.insert("workload".into(), workload.name().into());
+                    m.insert("loadavg_before".into(), before.into());
+                    m.insert("cpu".into(), cpu.clone().into());
+                }
+                println!("{v}");
+                writeln!(file, "{v}").with_context(|| format!("writing {}", o.out.display()))?;
+                results.entry(label).or_default().push(v);
+            }
+        }
+    }
+    let stat = |runs: &[Value], key: &str| median(runs.iter().filter_map(|r| r.get(key)?.as_f64()).collect());
+    println!();
+    println!("{} ({}), {} threads; {cpu}", workload.name(), model.display(), o.threads);
+    println!("| run | n | s/step (median) | row tokens/step | row tokens/s | peak RSS MiB | foreign CPU (max) |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut medians = Vec::new();
+    let mut disturbed = Vec::new();
+    for (label, runs) in &results {
+        let foreign = runs.iter().filter_map(|r| r.get("foreign_cpu_frac")?.as_f64()).fold(f64::NAN, f64::max);
+        if foreign > bench_real::FOREIGN_LIMIT {
+            disturbed.push(label.clone());
+        }
+        let tokens = stat(runs, "row_tokens_per_step_mean");
+        println!(
+            "| {label} | {} | {:.2} | {} | {:.1} | {:.0} | {} |",
+            runs.len(),
+            stat(runs, "s_per_step_median"),
+            if tokens.is_finite() { format!("{tokens:.0}") } else { "-".into() },
+            stat(runs, "row_tok_per_s"),
+            stat(runs, "peak_rss_mib"),
+            if foreign.is_finite() { format!("{foreign:.3}") } else { "-".into() },
+        );
+        medians.push((label.clone(), stat(runs, "row_tok_per_s"), stat(runs, "peak_rss_mib")));
+    }
+    println!(
+        "\nrow tokens: every real token of every row (a pair's prompt with each completion). The anchor \
+         takes the file's pairs in order, ours the trainer's preference split of the same file (a seeded \
+         hash split, shuffled): the same pool and length limit, not the same pairs."
+    );
+    for line in bench_real::ratio_lines(&medians) {
+        println!("{line}");
+    }
+    if !disturbed.is_empty() {
+        println!(
+            "other processes used more than {:.0}% of the CPUs during some runs of {}: the machine was busy, \
+             redo them on a quiet machine",
+            bench_real::FOREIGN_LIMIT * 100.0,
+            disturbed.join(", ")
+        );
+    }
+    println!("\nraw JSON lines appended to {}; runs under {}", o.out.display(), work.display());
     Ok(())
 }

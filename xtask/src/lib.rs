@@ -5,6 +5,7 @@
 pub mod ablate;
 mod assets;
 pub mod bench;
+pub mod bench_real;
 pub mod grid;
 pub mod report;
 pub mod stats;
@@ -50,9 +51,10 @@ pub enum Task {
         #[arg(default_value = "assets")]
         dir: PathBuf,
     },
-    /// Training-step speed on the reference workload (docs/performance.md): one fresh
-    /// slime-step-bench process (release build) per objective; with --vs-pytorch, alternating
-    /// with the PyTorch/TRL anchors.
+    /// Training-step speed (docs/performance.md): on the tiny reference workload, one fresh
+    /// slime-step-bench process (release build) per objective; with --workload smollm2 or
+    /// gemma3-270m, LoRA training of a real model through slime-trainer train. With
+    /// --vs-pytorch, alternating with the PyTorch anchors.
     Bench(bench::Options),
     /// Rebuild table.md, table.csv and plots/ from the finished cells in RESULTS.
     Report {
@@ -129,6 +131,21 @@ mod tests {
         let cli = Cli::try_parse_from(["xtask", "bench", "--only", "kto"])?;
         let Task::Bench(options) = cli.command else { bail!("expected bench") };
         assert!(format!("{:#}", options.check().expect_err("kto")).contains("kto"));
+        for (args, named) in [
+            (&["--workload", "smollm2", "--only", "dpo-live"][..], "dpo-live"),
+            (&["--workload", "gemma3-270m", "--steps", "5"][..], "--steps"),
+            (&["--workload", "smollm2", "--scaling"][..], "--scaling"),
+            (&["--workload", "smollm2", "--parallel-micro-batches", "3"][..], "--parallel-micro-batches"),
+        ] {
+            let cli = Cli::try_parse_from([&["xtask", "bench"][..], args].concat())?;
+            let Task::Bench(options) = cli.command else { bail!("expected bench") };
+            let err = options.check().expect_err(named);
+            assert!(format!("{err:#}").contains(named), "{args:?}: {err:#}");
+        }
+        let cli = Cli::try_parse_from(["xtask", "bench", "--workload", "smollm2", "--only", "simpo,dpo-precomputed"])?;
+        let Task::Bench(options) = cli.command else { bail!("expected bench") };
+        options.check()?;
+        assert!(Cli::try_parse_from(["xtask", "bench", "--workload", "llama-70b"]).is_err());
         let cli = Cli::try_parse_from(["xtask", "report"])?;
         assert!(matches!(cli.command, Task::Report { results } if results == std::path::Path::new("results")));
         assert!(Cli::try_parse_from(["xtask", "ablate", "--nope"]).is_err());

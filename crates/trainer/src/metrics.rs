@@ -11,6 +11,9 @@ pub const LEARNING_RATE: &str = "learning_rate";
 pub const GRAD_NORM: &str = "grad_norm";
 /// Real (non-padding) tokens of the optimiser batch over the step's wall-clock time.
 pub const TOKENS_PER_SECOND: &str = "tokens_per_second";
+/// Real (non-padding) tokens of the optimiser batch, every row's prompt included (a pair's
+/// prompt counts twice: once with the chosen, once with the rejected completion).
+pub const TOKENS: &str = "tokens";
 
 /// Keys of the preference stage's pair selection ([`crate::selection`]).
 pub mod selection {

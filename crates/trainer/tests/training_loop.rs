@@ -147,12 +147,16 @@ fn parallel_micro_batches_train_bit_identical_weights() {
         }
         run(&cfg, dir.path()).expect("run");
         let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
-        let logged: Vec<(u64, u64)> = metrics
+        let logged: Vec<(u64, u64, u64)> = metrics
             .lines()
             .map(|l| {
                 let v = serde_json::from_str::<serde_json::Value>(l).expect("json");
                 let bits = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {l}")).to_bits();
-                (bits("loss"), bits("grad_norm"))
+                // Real tokens of the step's 12 pairs (SFT: 12 rows; preference: 24).
+                let tokens = f64::from_bits(bits("tokens"));
+                let rows = if v["stage"] == "sft" { 12.0 } else { 24.0 };
+                assert!(tokens >= rows && tokens.fract() == 0.0, "tokens = {tokens} in {l}");
+                (bits("loss"), bits("grad_norm"), bits("tokens"))
             })
             .collect();
         (weights(dir.path()), logged)
@@ -160,7 +164,7 @@ fn parallel_micro_batches_train_bit_identical_weights() {
     let (sequential, sequential_log) = train(1);
     let (parallel, parallel_log) = train(2);
     assert_eq!(sequential_log.len(), 4, "2 SFT + 2 preference steps logged");
-    assert_eq!(sequential_log, parallel_log, "logged loss and gradient norm bits");
+    assert_eq!(sequential_log, parallel_log, "logged loss, gradient norm and token count");
     assert_eq!(sequential.len(), parallel.len());
     for (name, a) in &sequential {
         let (a, b) = (a.flatten_all().expect("flat"), parallel[name].flatten_all().expect("flat"));

@@ -19,7 +19,7 @@ use super::state::{Ctx, Resume, restore_weights};
 use super::step::{StepSpec, accumulated_step, micro_batches, pair_logps, record};
 use crate::config::RunConfig;
 use crate::corpus::RunData;
-use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS_PER_SECOND, eval};
+use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS, TOKENS_PER_SECOND, eval};
 use crate::optim::AdamW;
 use crate::progress::Progress;
 use crate::selection::objective_margin;
@@ -161,7 +161,8 @@ fn train_step(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, run: &mut Prefer
         preference_loss(lm, cfg, reference, &device, batch, totals, poison)
     })?;
     let tps = out.tokens as f64 / started.elapsed().as_secs_f64();
-    let mut extra = vec![(LEARNING_RATE, lr), (GRAD_NORM, out.grad_norm), (TOKENS_PER_SECOND, tps)];
+    let mut extra =
+        vec![(LEARNING_RATE, lr), (GRAD_NORM, out.grad_norm), (TOKENS_PER_SECOND, tps), (TOKENS, out.tokens as f64)];
     extra.extend(pick.metrics);
     record(&mut ctx.log, Stage::Preference, step + 1, &out.metrics, &extra)?;
     Ok(out.metrics.get(LOSS).copied().unwrap_or(f64::NAN))

@@ -13,7 +13,7 @@ use super::step::{LOGP_CHUNK, StepSpec, accumulated_step, micro_batches, record,
 use crate::Result;
 use crate::config::StageSpec;
 use crate::corpus::RunData;
-use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS_PER_SECOND};
+use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS, TOKENS_PER_SECOND};
 use crate::optim::AdamW;
 use crate::progress::Progress;
 
@@ -60,7 +60,7 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
             Stage::Sft,
             step + 1,
             &out.metrics,
-            &[(LEARNING_RATE, lr), (GRAD_NORM, out.grad_norm), (TOKENS_PER_SECOND, tps)],
+            &[(LEARNING_RATE, lr), (GRAD_NORM, out.grad_norm), (TOKENS_PER_SECOND, tps), (TOKENS, out.tokens as f64)],
         )?;
         progress.step(step + 1, out.metrics.get(LOSS).copied().unwrap_or(f64::NAN));
         if ctx.checkpoint_due(step + 1) {
