@@ -238,20 +238,33 @@ impl RunData {
         for (problem, n) in skipped_rows.into_iter().chain(stats.skipped.iter().map(|(p, n)| (format!("{p:?}"), *n))) {
             *summary.skipped.entry(problem).or_default() += n;
         }
-        for (name, part) in [("SFT", &data.sft), ("preference", &data.preference), ("held-out", &data.eval)] {
+        data.summary = Some(summary);
+        // The SFT split may be empty (a file of preference pairs only): only a run with an
+        // SFT stage needs it, which `RunData::require_sft` checks.
+        for (name, part) in [("preference", &data.preference), ("held-out", &data.eval)] {
             if part.is_empty() {
-                let dropped: u64 = summary.dropped_overlong.values().sum();
-                return Err(TrainError::Config(format!(
-                    "{}: the {name} split is empty ({} rows read, {} skipped, {dropped} dropped as longer than the \
-                     length limits); a run needs pairs in every split",
-                    path.display(),
-                    summary.rows,
-                    summary.skipped.values().sum::<u64>()
-                )));
+                return Err(data.empty_split(path, name));
             }
         }
-        data.summary = Some(summary);
         Ok(data)
+    }
+
+    /// Refuses an empty SFT split (for a run whose SFT stage has steps).
+    pub fn require_sft(&self, path: &Path) -> Result<()> {
+        if self.sft.is_empty() { Err(self.empty_split(path, "SFT")) } else { Ok(()) }
+    }
+
+    /// "the `name` split is empty", with what the load read, skipped and dropped.
+    fn empty_split(&self, path: &Path, name: &str) -> TrainError {
+        let summary = self.summary.clone().unwrap_or_default();
+        let dropped: u64 = summary.dropped_overlong.values().sum();
+        TrainError::Config(format!(
+            "{}: the {name} split is empty ({} rows read, {} skipped, {dropped} dropped as longer than the \
+             length limits); a run needs pairs in every split it trains or evaluates on",
+            path.display(),
+            summary.rows,
+            summary.skipped.values().sum::<u64>()
+        ))
     }
 }
 
@@ -316,6 +329,17 @@ pub fn repetition(tokens: &[u32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_sft_split_is_refused_only_when_asked() -> Result<()> {
+        let mut data = RunData::embedded(30, 4, 1)?;
+        data.require_sft(Path::new("pairs.parquet"))?;
+        data.sft.clear();
+        data.summary = Some(LoadSummary { rows: 30, ..Default::default() });
+        let err = data.require_sft(Path::new("pairs.parquet")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("pairs.parquet: the SFT split is empty (30 rows read"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn repetition_tells_loops_from_varied_text() {

@@ -111,6 +111,9 @@ pub(super) fn parquet_data(cfg: &RunConfig, lm: &CausalLm) -> Result<(RunData, T
         if has_chat_template(&dir)? || fallback.is_some() { Some(tokenizer.chat_template(fallback)?) } else { None };
     let vocab = crate::model_source::vocab_size(lm.config());
     let data = RunData::from_parquet(&cfg.data, tokenizer, &dir, template, vocab)?;
+    if cfg.sft.steps > 0 {
+        data.require_sft(cfg.data.parquet.as_deref().unwrap_or(path))?;
+    }
     preflight::check_context(&data, lm.config(), cfg.data.parquet.as_deref())?;
     Ok((data, TextTokenizer::from_dir(&dir)?))
 }
