@@ -36,7 +36,8 @@ set -o pipefail
 .gpu-bin/cuda_parity --test-threads 1 2>&1 | tee "$results/cuda_parity.txt"
 
 # 2. R1 on the GPU: SmolLM2-135M-Instruct, LoRA r 64 / alpha 128, 4 pairs a step, lr 1e-4,
-#    clipping 1.0 (bench_peft.py skips pairs over 512 tokens; the trainer truncates them like TRL).
+#    clipping 1.0, pairs over 512 tokens left out on both sides (the settings of
+#    `cargo xtask bench --workload smollm2`), SimPO beta 2 / gamma 1 on our side.
 if [ -n "$assets" ]; then
   model="$assets/models/smollm2-135m-instruct" data="$assets/data/dpo_en_demo.preference.parquet"
   for objective in simpo slime dpo-precomputed; do
@@ -45,6 +46,32 @@ runpy.run_path(sys.argv[0], run_name='__main__')" ../shared/bench/pytorch-anchor
       --model "$model" --data "$data" --objective "$objective" | tee -a "$results/bench_peft_cuda.jsonl"
   done
   cat >"$results/r1.toml" <<EOF
+[model]
+path = "$model"
+device = "cuda"
+lora = { r = 64, alpha = 128.0 }
+[data]
+parquet = "$data"
+max_length = 512
+max_prompt_length = 511
+overlong = "drop"
+eval_pairs = 4
+[sft]
+steps = 0
+[preference]
+steps = 10
+batch_size = 4
+max_grad_norm = 1.0
+weight_decay = 0.0
+schedule = { lr = 1e-4, decay = "constant", warmup_ratio = 0.0 }
+objective = { type = "simpo", beta = 2.0, gamma_beta_ratio = 0.5 }
+[eval]
+every = 10
+generations = 0
+batch_size = 4
+[checkpoint]
+every = 0
+EOF
 [model]
 path = "$model"
 device = "cuda"
