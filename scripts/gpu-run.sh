@@ -72,29 +72,6 @@ batch_size = 4
 [checkpoint]
 every = 0
 EOF
-[model]
-path = "$model"
-device = "cuda"
-[model.lora]
-r = 64
-alpha = 128.0
-[data]
-parquet = "$data"
-max_length = 512
-[sft]
-steps = 0
-[preference]
-steps = 10
-batch_size = 4
-max_grad_norm = 1.0
-[preference.schedule]
-lr = 1e-4
-[eval]
-every = 1000
-generations = 0
-[checkpoint]
-every = 0
-EOF
   .gpu-bin/slime-trainer train --config "$results/r1.toml" --run-dir "$results/r1-run" --progress off
   cp "$results/r1-run/metrics.jsonl" "$results/r1-metrics.jsonl"
   echo "ours: per-step tokens_per_second in $results/r1-metrics.jsonl; PyTorch + PEFT: $results/bench_peft_cuda.jsonl"
