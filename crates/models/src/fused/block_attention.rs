@@ -491,14 +491,7 @@ pub fn attention_block(
     all.extend(extras.lora.iter().flatten().flat_map(|l| [l.a, l.b]));
     if !fusable(&all) {
         // The composition, with each adapter folded into its weight.
-        let folded = base
-            .iter()
-            .zip(&extras.lora)
-            .map(|(w, l)| match l {
-                Some(l) => l.fold(w),
-                None => Ok((*w).clone()),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let folded = LowRank::fold_all(&base, &extras.lora)?;
         let (q, k, v, o) = (&folded[0], &folded[1], &folded[2], &folded[3]);
         let qkv = extras.compose_qkv(norm_linear(x, norm_weight, &Tensor::cat(&[q, k, v], 0)?, eps)?, spec, eps)?;
         if let Some(p) = extras.post_norm {

@@ -408,14 +408,7 @@ pub fn mlp_block_with(
     all.extend(extras.lora.iter().flatten().flat_map(|l| [l.a, l.b]));
     if !fusable(&all) {
         // The composition, with each adapter folded into its weight.
-        let folded = base
-            .iter()
-            .zip(&extras.lora)
-            .map(|(w, l)| match l {
-                Some(l) => l.fold(w),
-                None => Ok((*w).clone()),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let folded = LowRank::fold_all(&base, &extras.lora)?;
         let (gate, up, down) = (&folded[0], &folded[1], &folded[2]);
         let gu = norm_linear(x, norm_weight, &Tensor::cat(&[gate, up], 0)?, eps)?;
         if extras.act == Glu::Silu && extras.post_norm.is_none() {

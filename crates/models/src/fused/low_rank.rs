@@ -33,6 +33,18 @@ impl LowRank<'_> {
         Ok(w.add(&(self.b.matmul(self.a)? * self.scale)?.to_dtype(w.dtype())?)?)
     }
 
+    /// Each weight of `base` with its adapter in `lora` (same order) folded in, for the
+    /// composed path.
+    pub(super) fn fold_all(base: &[&Tensor], lora: &[Option<LowRank<'_>>]) -> crate::Result<Vec<Tensor>> {
+        base.iter()
+            .zip(lora)
+            .map(|(w, l)| match l {
+                Some(l) => l.fold(w),
+                None => Ok((*w).clone()),
+            })
+            .collect()
+    }
+
     /// Rejects an adapter whose shapes do not fit `w [out, in]`.
     pub(super) fn check(&self, w: &Tensor, what: &str) -> crate::Result<()> {
         let (out, inp) = w.dims2()?;
