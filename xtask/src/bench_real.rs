@@ -323,7 +323,7 @@ impl Ours<'_> {
             .arg("--out")
             .arg(&out)
             .args(["--max-length", &MAX_LENGTH.to_string(), "--max-prompt-length", &(MAX_LENGTH - 1).to_string()])
-            .args(["--split", "preference", "--batch-size", &PAIRS_PER_STEP.to_string()])
+            .args(["--overlong", "drop", "--split", "preference", "--batch-size", &PAIRS_PER_STEP.to_string()])
             .env("RAYON_NUM_THREADS", self.threads.to_string())
             .status()
             .context("running slime-trainer logps")?;

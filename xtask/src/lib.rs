@@ -33,7 +33,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Task {
-    /// Run what CI runs: `cargo fmt --all --check`, `cargo test --workspace`, then
+    /// Run what CI runs: `cargo fmt --all --check`, `cargo test --workspace --release`, then
     /// `cargo clippy --workspace --all-targets --features slime-trainer/bench -- -D warnings`
     /// (the feature brings the step benchmark's binary in).
     Ci,
@@ -87,7 +87,7 @@ pub fn run(cli: Cli) -> Result<()> {
 /// The same checks as `.ci/run`.
 fn ci() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&["test", "--workspace"])?;
+    cargo(&["test", "--workspace", "--release"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--features", "slime-trainer/bench", "--", "-D", "warnings"])
 }
 

@@ -20,8 +20,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use slime_data::{
-    ChatTemplate, DataError, HashSplit, InvalidRows, LoaderStats, PairEncoder, PairLogps, PairStream, ReadOptions,
-    SplitPart, TokenizedPair, Truncation, collate_pairs, write_logps,
+    ChatTemplate, DataError, HashSplit, InvalidRows, LoaderStats, Overlong, PairEncoder, PairLogps, PairStream,
+    ReadOptions, SplitPart, TokenizedPair, Truncation, collate_pairs, write_logps,
 };
 
 use crate::model_source::{LoadedModel, max_positions};
@@ -38,6 +38,8 @@ const SORT_WINDOW: usize = 16;
 pub struct LogpsOptions {
     /// TRL truncation.
     pub truncation: Truncation,
+    /// A pair over the limits of `truncation`: cut (TRL) or left out and counted.
+    pub overlong: Overlong,
     /// Pairs per forward pass (2x sequences).
     pub batch_size: usize,
     /// Only the rows of one part of a hash split.
@@ -54,6 +56,7 @@ impl Default for LogpsOptions {
     fn default() -> Self {
         Self {
             truncation: Truncation::default(),
+            overlong: Overlong::Truncate,
             batch_size: 8,
             split: None,
             invalid_rows: InvalidRows::Error,
@@ -70,6 +73,8 @@ pub struct LogpsReport {
     pub rows: Vec<PairLogps>,
     /// Rows read / skipped / truncated, tokens, padding.
     pub stats: LoaderStats,
+    /// Pairs left out for not fitting the limits (`overlong = drop`).
+    pub dropped_overlong: u64,
     /// Rows of the per-token file.
     pub token_rows: u64,
     /// Wall-clock seconds of the scoring.
@@ -256,19 +261,28 @@ pub fn score_file(
         )));
     }
     let tokenizer = slime_data::TextTokenizer::from_dir(&model.tokenizer_dir)?;
-    let encoder = PairEncoder::new(tokenizer, template, opts.truncation)?;
+    // Dropping needs each pair's full length: encode uncut, then apply the limits here.
+    let encoding = match opts.overlong {
+        Overlong::Truncate => opts.truncation,
+        Overlong::Drop => Truncation { max_length: None, max_prompt_length: None, ..opts.truncation },
+    };
+    let encoder = PairEncoder::new(tokenizer, template, encoding)?;
     let read = ReadOptions { invalid_rows: opts.invalid_rows, ..ReadOptions::default() };
     let mut stream = PairStream::open(data, read, &encoder, opts.split)?;
     let mut writer = opts.per_token.as_deref().map(TokenLogpWriter::create).transpose()?;
     let started = Instant::now();
     let mut last_note = started;
     let mut rows = Vec::new();
-    let (mut positions, mut real) = (0u64, 0u64);
+    let (mut positions, mut real, mut dropped_overlong) = (0u64, 0u64, 0u64);
     let window = opts.batch_size * SORT_WINDOW;
     loop {
         let mut chunk = Vec::with_capacity(window);
         for pair in stream.by_ref() {
             let pair = pair.map_err(|e| explain(e, data))?;
+            if opts.overlong == Overlong::Drop && !within(&pair, &opts.truncation) {
+                dropped_overlong += 1;
+                continue;
+            }
             check_fits(&pair, context, data)?;
             chunk.push(pair);
             if chunk.len() == window {
@@ -314,14 +328,25 @@ pub fn score_file(
     stats.batch_positions = positions;
     stats.padding_positions = positions - real;
     if rows.is_empty() {
-        return Err(TrainError::Input(format!("{}: no pair to score ({stats}); nothing was written", data.display())));
+        return Err(TrainError::Input(format!(
+            "{}: no pair to score ({stats}; {dropped_overlong} dropped as over-long); nothing was written",
+            data.display()
+        )));
     }
     crate::atomic::produce_file(out, |tmp| Ok(write_logps(tmp, &rows)?))?;
     let token_rows = match writer {
         Some(w) => w.finish()?,
         None => 0,
     };
-    Ok(LogpsReport { rows, stats, token_rows, seconds: started.elapsed().as_secs_f64() })
+    Ok(LogpsReport { rows, stats, dropped_overlong, token_rows, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Whether an uncut pair fits `limits` as the trainer's `overlong = "drop"` decides: the prompt
+/// within `max_prompt_length`, prompt + each completion within `max_length`.
+fn within(pair: &TokenizedPair, limits: &Truncation) -> bool {
+    let prompt_fits = limits.max_prompt_length.is_none_or(|m| pair.prompt.len() <= m);
+    let length = slime_data::pair_length(pair.prompt.len(), pair.chosen.len(), pair.rejected.len());
+    prompt_fits && limits.max_length.is_none_or(|m| length <= m)
 }
 
 /// Errors when a pair's prompt and longer completion exceed the model's context, naming its row.

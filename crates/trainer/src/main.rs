@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use slime_data::{BuiltinTemplate, HashSplit, InvalidRows, SplitPart, Truncation, TruncationMode};
+use slime_data::{BuiltinTemplate, HashSplit, InvalidRows, Overlong, SplitPart, Truncation, TruncationMode};
 use slime_trainer::TrainError;
 use slime_trainer::config::RunConfig;
 use slime_trainer::generate::{GenerateOptions, generate_all, read_prompts};
@@ -92,6 +92,10 @@ enum Command {
         /// Which end of an over-long prompt to keep.
         #[arg(long, value_enum, default_value_t = TruncationArg::KeepEnd)]
         truncation_mode: TruncationArg,
+        /// A pair over --max-length / --max-prompt-length: truncate it (TRL), or drop it and
+        /// count it (as a training run with `data.overlong = "drop"` does).
+        #[arg(long, value_enum, default_value_t = OverlongArg::Truncate)]
+        overlong: OverlongArg,
         /// Pairs per forward pass (each pair is two sequences).
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
@@ -204,6 +208,12 @@ enum TruncationArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum OverlongArg {
+    Truncate,
+    Drop,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum SplitArg {
     Sft,
     Preference,
@@ -302,6 +312,7 @@ fn main() -> Result<()> {
             max_length,
             max_prompt_length,
             truncation_mode,
+            overlong,
             batch_size,
             split,
             split_seed,
@@ -325,6 +336,10 @@ fn main() -> Result<()> {
                         TruncationArg::KeepStart => TruncationMode::KeepStart,
                     },
                 },
+                overlong: match overlong {
+                    OverlongArg::Truncate => Overlong::Truncate,
+                    OverlongArg::Drop => Overlong::Drop,
+                },
                 batch_size,
                 split: split.map(|s| {
                     let part = match s {
@@ -340,6 +355,9 @@ fn main() -> Result<()> {
             let report = score_file(&loaded, template, &data, &out, &opts, &device)
                 .with_context(|| format!("scoring {}", data.display()))?;
             println!("{}: {}", data.display(), report.stats);
+            if report.dropped_overlong > 0 {
+                println!("dropped {} over-long pairs (--overlong drop)", report.dropped_overlong);
+            }
             let tokens: u64 = report.rows.iter().map(|r| u64::from(r.chosen_tokens + r.rejected_tokens)).sum();
             println!(
                 "wrote {} ({} pairs, {tokens} completion tokens) in {:.1} s",

@@ -208,6 +208,45 @@ fn logps_truncates_like_the_data_pipeline_and_counts_it() -> TestResult {
 }
 
 #[test]
+fn logps_drops_overlong_pairs_uncut_and_counts_them() -> TestResult {
+    let f = fixture()?;
+    let out = f.root.join("dropped.parquet");
+    let run = trainer(&[
+        &"logps",
+        &"--model",
+        &f.model,
+        &"--data",
+        &f.data,
+        &"--out",
+        &out,
+        &"--max-length",
+        &"24",
+        &"--max-prompt-length",
+        &"16",
+        &"--overlong",
+        &"drop",
+    ])?;
+    succeeded(&run)?;
+    let full = encode(&f, Truncation::default())?;
+    let fitting: Vec<&TokenizedPair> = full
+        .iter()
+        .filter(|p| p.prompt.len() <= 16 && p.prompt.len() + p.chosen.len().max(p.rejected.len()) <= 24)
+        .collect();
+    let dropped = full.len() - fitting.len();
+    assert!(dropped > 0 && !fitting.is_empty(), "the limits must drop some pairs and keep some: {dropped}");
+    let rows = read_logps(&out)?;
+    let kept: Vec<u64> = rows.iter().map(|r| r.pair).collect();
+    assert_eq!(kept, fitting.iter().map(|p| p.id).collect::<Vec<_>>());
+    for (row, pair) in rows.iter().zip(&fitting) {
+        // Uncut: the whole completions are scored.
+        assert_eq!((row.chosen_tokens as usize, row.rejected_tokens as usize), (pair.chosen.len(), pair.rejected.len()));
+    }
+    let stdout = text(&run.stdout);
+    assert!(stdout.contains(&format!("dropped {dropped} over-long pairs")), "{stdout}");
+    Ok(())
+}
+
+#[test]
 fn logps_errors_name_the_file_and_the_problem() -> TestResult {
     let f = fixture()?;
     let out = f.root.join("o.parquet");
