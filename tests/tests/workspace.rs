@@ -69,6 +69,48 @@ fn dependencies_point_one_way() {
     assert_eq!(violations(&metadata), Vec::<String>::new());
 }
 
+/// `cargo tree` of `args` as `package version -> features` (host target).
+fn resolved_features(args: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(&cargo)
+        .args(["tree", "--offline", "--prefix", "none", "-f", "{p}|{f}"])
+        .args(args)
+        .current_dir(&root)
+        .output()
+        .expect("running cargo tree");
+    assert!(output.status.success(), "cargo tree: {}", String::from_utf8_lossy(&output.stderr));
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let line = line.trim_end_matches(" (*)");
+        let Some((package, features)) = line.split_once('|') else { continue };
+        let package = package.split(" (").next().unwrap_or(package).to_string();
+        out.entry(package).or_default().extend(features.split(',').filter(|f| !f.is_empty()).map(String::from));
+    }
+    out
+}
+
+/// `cargo xtask ablate` builds the trainer alone in release; `cargo test --workspace --release`
+/// builds every member with its dev-dependencies. Cargo shares a compiled crate between the two
+/// only where both resolve it with the same features, so a feature that a test-only dependency
+/// turns on must also be named by slime-trainer (see its manifest), or candle and arrow compile
+/// twice.
+#[test]
+fn the_trainer_alone_resolves_the_features_of_the_test_build() {
+    let trainer = resolved_features(&["-p", "slime-trainer", "-e", "normal,build"]);
+    let workspace = resolved_features(&["--workspace", "-e", "normal,build,dev"]);
+    let differing: Vec<String> = trainer
+        .iter()
+        .filter_map(|(package, features)| {
+            let all = workspace.get(package)?;
+            (all != features)
+                .then(|| format!("{package}: the tests add {:?}", all.difference(features).collect::<Vec<_>>()))
+        })
+        .collect();
+    assert!(trainer.keys().any(|k| k.starts_with("candle-core ")), "the trainer resolves candle-core");
+    assert_eq!(differing, Vec::<String>::new());
+}
+
 #[test]
 fn the_dependency_check_finds_each_kind_of_violation() {
     let package = |name: &str, deps: &[&str]| json!({"name": name, "dependencies": deps.iter().map(|d| json!({"name": d})).collect::<Vec<_>>()});

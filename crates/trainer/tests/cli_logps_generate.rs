@@ -239,7 +239,10 @@ fn logps_drops_overlong_pairs_uncut_and_counts_them() -> TestResult {
     assert_eq!(kept, fitting.iter().map(|p| p.id).collect::<Vec<_>>());
     for (row, pair) in rows.iter().zip(&fitting) {
         // Uncut: the whole completions are scored.
-        assert_eq!((row.chosen_tokens as usize, row.rejected_tokens as usize), (pair.chosen.len(), pair.rejected.len()));
+        assert_eq!(
+            (row.chosen_tokens as usize, row.rejected_tokens as usize),
+            (pair.chosen.len(), pair.rejected.len())
+        );
     }
     let stdout = text(&run.stdout);
     assert!(stdout.contains(&format!("dropped {dropped} over-long pairs")), "{stdout}");
