@@ -365,7 +365,6 @@ struct LoraState {
     enabled: Arc<AtomicBool>,
 }
 
-
 impl CausalLm {
     /// Builds a model from named weights (e.g. read from safetensors); every weight becomes a
     /// trainable `Var`. Missing weights are an error naming them.

@@ -428,7 +428,10 @@ impl FamilyConfig for LlamaConfig {
     /// llama.cpp permutes a Llama's q/k rows for its interleaved RoPE; Qwen's are left as they are.
     fn gguf_layout(&self) -> GgufLayout {
         let permuted = !(self.is_qwen2() || self.is_qwen3());
-        GgufLayout { permuted_qk: permuted.then(|| (self.num_attention_heads, self.kv_heads())), ..GgufLayout::default() }
+        GgufLayout {
+            permuted_qk: permuted.then(|| (self.num_attention_heads, self.kv_heads())),
+            ..GgufLayout::default()
+        }
     }
 }
 

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::Result;
 use crate::family::{Family, FamilyConfig, FusedInput};
 use crate::fused::{ActivationMeter, Activations};
 use crate::generation::KvCache;
 use crate::lora::Adapters;
-use crate::Result;
 
 /// A model of family `F` whose weights live in the `VarBuilder` it was built from.
 pub struct Decoder<F: Family> {

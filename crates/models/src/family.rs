@@ -7,10 +7,10 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use crate::Result;
 use crate::fused::{ActivationMeter, Activations};
 use crate::generation::KvCache;
 use crate::lora::Adapters;
-use crate::Result;
 
 /// How llama.cpp's converter stored a family's weights in a GGUF file (see [`crate::gguf`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

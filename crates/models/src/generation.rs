@@ -48,7 +48,9 @@ impl KvCache {
             layers: model
                 .config()
                 .layer_windows()
-                .into_iter().map(|window| LayerCache { kv: None, start: 0, window }).collect(),
+                .into_iter()
+                .map(|window| LayerCache { kv: None, start: 0, window })
+                .collect(),
             pos: 0,
             pad: Vec::new(),
         }

@@ -262,8 +262,10 @@ impl<C: LlamaLike> Family for LlamaStack<C> {
         };
         let mlp = |l: usize, x: &Tensor| -> Result<Tensor> {
             let (layer, m) = (&self.layers[l], &self.layers[l].mlp);
-            let extras =
-                fused::MlpExtras { lora: [m.gate.low_rank(), m.up.low_rank(), m.down.low_rank()], ..Default::default() };
+            let extras = fused::MlpExtras {
+                lora: [m.gate.low_rank(), m.up.low_rank(), m.down.low_rank()],
+                ..Default::default()
+            };
             let weights = [m.gate.weight(), m.up.weight(), m.down.weight()];
             fused::mlp_block_with(x, &layer.post_norm, weights, extras, eps, acts, meter)
         };

@@ -26,7 +26,8 @@ fn a_mistral_directory_loads_and_trains() -> TestResult {
     };
     CausalLm::random(&mistral, 4, &Device::Cpu)?.save_dir(&f.model)?;
     let loaded = ModelSource::new(&f.model).load(&Device::Cpu)?;
-    assert!(matches!(loaded.lm.config(), ModelConfig::Mistral(c) if c == &mistral), "{:?}", loaded.lm.config());
+    assert!(matches!(loaded.lm.config(), ModelConfig::Mistral(_)), "{:?}", loaded.lm.config());
+    assert_eq!(loaded.lm.config().to_hf_json(), ModelConfig::from(mistral).to_hf_json());
 
     let mut cfg = RunConfig::default();
     cfg.model.path = Some(f.model.clone());
@@ -52,6 +53,8 @@ fn a_mistral_directory_loads_and_trains() -> TestResult {
         assert!(metrics.get(key).is_some_and(|v| v.is_finite()), "{key}: {metrics:?}");
     }
     assert!(dir.join("adapter/adapter_model.safetensors").is_file());
+    let data: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("data.json"))?)?;
+    assert_eq!(data["rows"], f.examples.len());
     let sft = CausalLm::from_dir(&dir.join("sft-model"), &Device::Cpu)?;
     assert!(matches!(sft.config(), ModelConfig::Mistral(c) if c.sliding_window == Some(16)), "{:?}", sft.config());
     let start = candle_core::safetensors::load(f.model.join("model.safetensors"), &Device::Cpu)?;
