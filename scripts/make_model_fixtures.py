@@ -30,6 +30,8 @@ sequences longer than every sliding window):
   configs have no head_dim), RoPE base 1,000,000, untied lm_head, use_sliding_window false.
 - qwen3: Qwen3 dense (per-head q/k RMSNorm before RoPE, no biases: attention_bias false as in Qwen3-4B), GQA
   4/2, head_dim 16 != hidden / heads, RoPE base 1,000,000, tied embeddings (as in Qwen3-4B).
+- mistral: Mistral with sliding window 5 on every layer (shorter than both rows, so the window changes the
+  logits), GQA 4/2, head_dim 16 != hidden / heads, RoPE base 10,000, untied lm_head.
 
 transformers is the reference: if slime-models disagrees with these fixtures, slime-models is wrong.
 """
@@ -48,6 +50,8 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -123,12 +127,21 @@ def configs():
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         **qwen_common,
     )
+    mistral = MistralConfig(
+        num_hidden_layers=2,
+        sliding_window=5,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **common,
+    )
     return [
         ("llama3", LlamaForCausalLM, llama, False),
         ("gemma2", Gemma2ForCausalLM, gemma2, True),
         ("gemma3", Gemma3ForCausalLM, gemma3, True),
         ("qwen2", Qwen2ForCausalLM, qwen2, False),
         ("qwen3", Qwen3ForCausalLM, qwen3, False),
+        ("mistral", MistralForCausalLM, mistral, False),
     ]
 
 

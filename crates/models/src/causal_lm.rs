@@ -1,4 +1,6 @@
-//! [`CausalLm`]: a model together with the variables that hold its weights.
+//! [`CausalLm`]: a model together with the variables that hold its weights; the methods
+//! [`ModelConfig`] and [`Model`] (generated from the family list in `registry.rs`) share across
+//! families.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,56 +12,28 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::LlamaConfig;
-use crate::gemma::{Gemma, GemmaConfig};
 use crate::generation::{self, KvCache};
-use crate::llama::Llama;
 use crate::lora::{Adapters, LoraConfig};
+use crate::registry::{MODEL_TYPES, build};
 use crate::{ModelError, Result};
 
-/// The configuration of any supported family (serialised as the family's own `config.json`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(untagged)]
-pub enum ModelConfig {
-    /// Llama 2/3/3.1/3.2, SmolLM2; Qwen2 / Qwen2.5 and Qwen3 dense (by `model_type`).
-    Llama(LlamaConfig),
-    /// Gemma 1, 2 and 3 (text).
-    Gemma(GemmaConfig),
-}
-
-impl From<LlamaConfig> for ModelConfig {
-    fn from(c: LlamaConfig) -> Self {
-        Self::Llama(c)
-    }
-}
-
-impl From<GemmaConfig> for ModelConfig {
-    fn from(c: GemmaConfig) -> Self {
-        Self::Gemma(c)
-    }
-}
+pub use crate::registry::{Model, ModelConfig};
 
 impl ModelConfig {
-    /// Parses a Hugging Face `config.json`, choosing the family by `model_type`
-    /// (`gemma` / `gemma2` / `gemma3_text` -> [`Gemma`], `llama` or absent, `qwen2`, `qwen3` ->
-    /// Llama; anything else is an error).
+    /// Parses a Hugging Face `config.json`, choosing the family by `model_type` (absent:
+    /// `llama`; the registry lists which family reads which type; anything else is an error
+    /// naming the supported types).
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
-            file: file.into(),
-            field: "(json)",
-            reason: e.to_string(),
-        })?;
-        match value.get("model_type").and_then(|v| v.as_str()) {
-            Some("gemma" | "gemma2" | "gemma3_text") => Ok(Self::Gemma(GemmaConfig::from_json(text, file)?)),
-            None | Some("llama" | "qwen2" | "qwen3") => Ok(Self::Llama(LlamaConfig::from_json(text, file)?)),
-            Some(other) => Err(ModelError::Config {
+        let value = crate::config::parse_json(text, file)?;
+        let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+        Self::parse_family(model_type, text, file).unwrap_or_else(|| {
+            let expected: Vec<String> = MODEL_TYPES.iter().map(|t| format!("`{t}`")).collect();
+            Err(ModelError::Config {
                 file: file.into(),
                 field: "model_type",
-                reason: format!(
-                    "`{other}` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3_text`)"
-                ),
-            }),
-        }
+                reason: format!("`{model_type}` is not supported (expected one of {})", expected.join(", ")),
+            })
+        })
     }
 
     /// Reads the architecture of a llama.cpp GGUF file from its metadata, without a Hugging Face
@@ -72,46 +46,41 @@ impl ModelConfig {
 
     /// Every weight with its shape, Hugging Face names.
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        match self {
-            Self::Llama(c) => weight_shapes(c),
-            Self::Gemma(c) => c.weight_shapes(),
-        }
+        self.family().weight_shapes()
     }
 
     pub(crate) fn validate(&self, file: &str) -> Result<()> {
-        match self {
-            Self::Llama(c) => c.validate(file),
-            Self::Gemma(c) => c.validate(file),
-        }
+        self.family().validate(file)
     }
 
-    /// The `model_type` (`llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3_text`; a config
-    /// without one is `llama` or `gemma`, as [`Self::from_json`] reads it).
+    /// The `model_type` (`llama`, `qwen2`, `qwen3`, `gemma`, `gemma2`, `gemma3_text`, `mistral`;
+    /// a config without one is its family's first, as [`Self::from_json`] reads it).
     pub fn model_type(&self) -> &str {
-        match self {
-            Self::Llama(c) => c.model_type.as_deref().unwrap_or("llama"),
-            Self::Gemma(c) => c.model_type.as_deref().unwrap_or("gemma"),
-        }
+        self.family().model_type()
     }
 
     /// transformers' class for this config (`LlamaForCausalLM`, `Qwen2ForCausalLM`,
-    /// `Qwen3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`).
+    /// `Gemma3ForCausalLM`, `MistralForCausalLM`, ...).
     pub fn architecture(&self) -> &'static str {
-        match self.model_type() {
-            "qwen2" => "Qwen2ForCausalLM",
-            "qwen3" => "Qwen3ForCausalLM",
-            "gemma2" => "Gemma2ForCausalLM",
-            "gemma3_text" => "Gemma3ForCausalLM",
-            "gemma" => "GemmaForCausalLM",
-            _ => "LlamaForCausalLM",
-        }
+        self.family().architecture()
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.family().vocab_size()
+    }
+
+    /// The longest sequence the model allows (`max_position_embeddings`).
+    pub fn max_position_embeddings(&self) -> usize {
+        self.family().max_position_embeddings()
     }
 
     /// The `config.json` that transformers (4.x with the classic RoPE fields, 5.x with its strict
     /// config classes) loads: the family's fields, each with the JSON type transformers declares
     /// (integers as integers, floats as floats, no `null` where a string is expected), plus
-    /// `architectures`, an explicit `model_type` and `num_key_value_heads`. Token ids and the
-    /// dtype are added by whoever knows them ([`CausalLm::save_dir`], the trainer).
+    /// `architectures`, an explicit `model_type` and what the family adds
+    /// ([`crate::FamilyConfig::complete_hf_json`]). Token ids and the dtype are added by whoever knows
+    /// them ([`CausalLm::save_dir`], the trainer).
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).unwrap_or_default();
         let Some(obj) = value.as_object_mut() else { return value };
@@ -120,65 +89,58 @@ impl ModelConfig {
         // No attention dropout is applied, in training or not.
         obj.entry("attention_dropout").or_insert(0.0.into());
         obj.retain(|key, v| !(v.is_null() && key == "rope_scaling"));
-        match self {
-            Self::Llama(c) => {
-                obj.insert("num_key_value_heads".into(), c.kv_heads().into());
-                obj.insert("head_dim".into(), c.head_dim().into());
-                if c.is_qwen2() || c.is_qwen3() {
-                    obj.entry("use_sliding_window").or_insert(false.into());
-                    // Every layer attends fully (sliding windows are rejected when read).
-                    obj.entry("layer_types").or_insert(vec!["full_attention"; c.num_hidden_layers].into());
-                }
-            }
-            Self::Gemma(c) => {
-                // transformers 5 reads Gemma 1's activation from `hidden_act`, Gemma 2 / 3's from
-                // `hidden_activation`; both name the one this crate computes.
-                let act = c.hidden_activation.clone().unwrap_or_else(|| "gelu_pytorch_tanh".into());
-                if c.model_type.as_deref().is_none_or(|t| t == "gemma") {
-                    obj.insert("hidden_act".into(), act.clone().into());
-                }
-                obj.insert("hidden_activation".into(), act.into());
-                // Gemma's lm_head is always the embedding matrix; attention is always causal.
-                obj.insert("tie_word_embeddings".into(), true.into());
-                if c.is_gemma3() {
-                    obj.entry("use_bidirectional_attention").or_insert(false.into());
-                }
-                // Which layers slide, spelled out, so no version's default rule can differ.
-                if (c.is_gemma2() || c.is_gemma3()) && c.layer_types.is_none() {
-                    let types: Vec<&str> = (0..c.num_hidden_layers)
-                        .map(|l| if c.is_sliding(l) { "sliding_attention" } else { "full_attention" })
-                        .collect();
-                    obj.insert("layer_types".into(), types.into());
-                }
-            }
-        }
+        self.family().complete_hf_json(obj);
         value
     }
 }
 
-/// One model of any supported family; every method has the same contract across families.
-pub enum Model {
-    /// A Llama-architecture model (Llama, Qwen2, Qwen3).
-    Llama(Llama),
-    /// A Gemma 1, 2 or 3 (text) model.
-    Gemma(Gemma),
-}
-
 impl Model {
-    /// Final hidden states `[batch, seq, hidden]` (see [`Llama::forward_hidden`]).
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        match self {
-            Self::Llama(m) => m.forward_hidden(input_ids, attention_mask),
-            Self::Gemma(m) => m.forward_hidden(input_ids, attention_mask),
-        }
+    /// The configuration of the family behind the common interface.
+    pub fn config(&self) -> &dyn crate::FamilyConfig {
+        self.decoder().config()
     }
 
-    /// Per-token log-probs `[batch, seq]` f32 (see [`Llama::token_logps`]).
+    /// Final hidden states `[batch, seq, hidden]` (see [`crate::Decoder::forward_hidden`]).
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.decoder().forward_hidden(input_ids, attention_mask)
+    }
+
+    /// The composed forward pass the fused one is tested against (see
+    /// [`crate::Decoder::forward_hidden_reference`]).
+    pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.decoder().forward_hidden_reference(input_ids, attention_mask)
+    }
+
+    /// Hidden states of rows holding two continuations of a shared prefix, `None` off the fused
+    /// path (see [`crate::Decoder::forward_hidden_branched`]).
+    pub fn forward_hidden_branched(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        branches: &[(usize, usize)],
+        rows: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        self.decoder().forward_hidden_branched(input_ids, attention_mask, branches, rows)
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        self.decoder().lm_head()
+    }
+
+    /// Final logits soft-capping `cap * tanh(logits / cap)` (Gemma 2 / 3), if any.
+    pub fn final_logit_softcapping(&self) -> Option<f64> {
+        self.decoder().final_logit_softcapping()
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        self.lm_head().device().clone()
+    }
+
+    /// Per-token log-probs `[batch, seq]` f32 (see [`crate::Decoder::token_logps`]).
     pub fn token_logps(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
-        match self {
-            Self::Llama(m) => m.token_logps(input_ids, attention_mask, chunk),
-            Self::Gemma(m) => m.token_logps(input_ids, attention_mask, chunk),
-        }
+        self.decoder().token_logps(input_ids, attention_mask, chunk)
     }
 
     /// Per-token log-probs `[2 n, seq]` of `n` preference pairs (rows `i` and `n + i`), equal to
@@ -206,40 +168,29 @@ impl Model {
         crate::pairs::pair_token_logps_at(self, input_ids, attention_mask, wanted, chunk)
     }
 
-    /// Turns gradient checkpointing on or off (see [`Llama::set_gradient_checkpointing`],
-    /// [`Gemma::set_gradient_checkpointing`]: the fused blocks keep only their inputs). Never an
-    /// error (the `Result` is kept for callers).
+    /// Turns gradient checkpointing on or off (see
+    /// [`crate::Decoder::set_gradient_checkpointing`]: the fused blocks keep only their inputs).
+    /// Never an error (the `Result` is kept for callers).
     pub fn set_gradient_checkpointing(&self, on: bool) -> Result<()> {
-        match self {
-            Self::Llama(m) => m.set_gradient_checkpointing(on),
-            Self::Gemma(m) => m.set_gradient_checkpointing(on),
-        }
+        self.decoder().set_gradient_checkpointing(on);
         Ok(())
     }
 
     /// Whether gradient checkpointing is on.
     pub fn gradient_checkpointing(&self) -> bool {
-        match self {
-            Self::Llama(m) => m.gradient_checkpointing(),
-            Self::Gemma(m) => m.gradient_checkpointing(),
-        }
+        self.decoder().gradient_checkpointing()
     }
 
-    /// The activation memory of the fused blocks (see [`Llama::activation_meter`],
-    /// [`Gemma::activation_meter`]). Always `Some`.
+    /// The activation memory of the fused blocks (see [`crate::Decoder::activation_meter`]).
+    /// Always `Some`.
     pub fn activation_meter(&self) -> Option<&crate::fused::ActivationMeter> {
-        match self {
-            Self::Llama(m) => Some(m.activation_meter()),
-            Self::Gemma(m) => Some(m.activation_meter()),
-        }
+        Some(self.decoder().activation_meter())
     }
 
-    /// Logits `[batch, vocab]` at each row's last real position.
+    /// Logits `[batch, vocab]` at each row's last real position (soft-capped where the family
+    /// caps them).
     pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        match self {
-            Self::Llama(m) => m.last_logits(input_ids, attention_mask),
-            Self::Gemma(m) => m.last_logits(input_ids, attention_mask),
-        }
+        self.decoder().last_logits(input_ids, attention_mask)
     }
 
     /// Logits `[batch, vocab]` (f32, soft-capped for Gemma 2/3) at the last of `n` new slots
@@ -248,14 +199,8 @@ impl Model {
     /// describes). Feeding a prompt and then one token at a time gives the logits
     /// [`Self::last_logits`] gives over the whole prefix, within float rounding. No gradients.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        match self {
-            Self::Llama(m) => generation::last_logits(&m.forward_hidden_cached(input_ids, cache)?, m.lm_head(), None),
-            Self::Gemma(m) => generation::last_logits(
-                &m.forward_hidden_cached(input_ids, cache)?,
-                m.lm_head(),
-                m.config().final_logit_softcapping,
-            ),
-        }
+        let m = self.decoder();
+        generation::last_logits(&m.forward_hidden_cached(input_ids, cache)?, m.lm_head(), m.final_logit_softcapping())
     }
 
     /// Greedy decoding of one prompt: appends the argmax token until a `stop` id (included in
@@ -334,10 +279,7 @@ impl Model {
         stop: &[u32],
         mut pick: impl FnMut(&Tensor, &[usize]) -> Result<Vec<u32>>,
     ) -> Result<Vec<Vec<u32>>> {
-        let (device, max_pos) = match self {
-            Self::Llama(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
-            Self::Gemma(m) => (m.lm_head().device().clone(), m.config().max_position_embeddings),
-        };
+        let (device, max_pos) = (self.device(), self.config().max_position_embeddings());
         if let Some(i) = prompts.iter().position(|p| p.as_ref().is_empty()) {
             return Err(ModelError::Input {
                 input: "prompt",
@@ -423,13 +365,6 @@ struct LoraState {
     enabled: Arc<AtomicBool>,
 }
 
-fn build(config: &ModelConfig, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Model> {
-    Ok(match config {
-        ModelConfig::Llama(c) => Model::Llama(Llama::new_with_lora(c, vb, lora)?),
-        ModelConfig::Gemma(c) => Model::Gemma(Gemma::new_with_lora(c, vb, lora)?),
-    })
-}
-
 impl CausalLm {
     /// Builds a model from named weights (e.g. read from safetensors); every weight becomes a
     /// trainable `Var`. Missing weights are an error naming them.
@@ -453,11 +388,11 @@ impl CausalLm {
 
     /// A randomly initialised model, deterministic in `seed`: linear and embedding weights
     /// ~ N(0, 0.02^2) (Hugging Face's `initializer_range`), biases 0 (as Hugging Face
-    /// initialises them), norm weights 1 (Gemma: stored 0, i.e. an effective scale of 1).
+    /// initialises them), norm weights of scale 1 ([`crate::FamilyConfig::unit_norm`]: 1, Gemma 0).
     pub fn random<C: Clone + Into<ModelConfig>>(cfg: &C, seed: u64, device: &Device) -> Result<Self> {
         let config: ModelConfig = cfg.clone().into();
         config.validate("config")?;
-        let norm_value = if matches!(config, ModelConfig::Gemma(_)) { 0.0 } else { 1.0 };
+        let norm_value = config.family().unit_norm();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut normal = |n: usize| -> Vec<f32> {
             (0..n)
@@ -746,7 +681,7 @@ impl CausalLm {
         let io = |e: std::io::Error| ModelError::Io { path: dir.display().to_string(), reason: e.to_string() };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut weights = self.weights();
-        if matches!(&self.config, ModelConfig::Llama(c) if c.tie_word_embeddings) {
+        if self.config.family().tied_embeddings() {
             weights.remove("lm_head.weight");
         }
         let file = dir.join("model.safetensors");
@@ -775,46 +710,4 @@ fn torch_dtype(dtype: DType) -> &'static str {
 fn convert(weights: HashMap<String, Tensor>, dtype: Option<DType>) -> Result<HashMap<String, Tensor>> {
     let Some(dtype) = dtype else { return Ok(weights) };
     weights.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect()
-}
-
-/// Every weight of a Llama config with its shape, Hugging Face names (Qwen: with the attention
-/// biases and q/k norm weights).
-pub fn weight_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
-    let mut out = vec![
-        ("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h]),
-        ("model.norm.weight".to_string(), vec![h]),
-    ];
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-    }
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        out.extend([
-            (format!("{p}.input_layernorm.weight"), vec![h]),
-            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
-            (format!("{p}.self_attn.q_proj.weight"), vec![cfg.num_attention_heads * hd, h]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![cfg.kv_heads() * hd, h]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![cfg.kv_heads() * hd, h]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![h, cfg.num_attention_heads * hd]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
-        ]);
-        if cfg.qkv_bias() {
-            out.extend([
-                (format!("{p}.self_attn.q_proj.bias"), vec![cfg.num_attention_heads * hd]),
-                (format!("{p}.self_attn.k_proj.bias"), vec![cfg.kv_heads() * hd]),
-                (format!("{p}.self_attn.v_proj.bias"), vec![cfg.kv_heads() * hd]),
-            ]);
-        }
-        if cfg.o_bias() {
-            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
-        }
-        if cfg.qk_norm() {
-            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
-            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
-        }
-    }
-    out
 }

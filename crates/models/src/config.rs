@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::family::{FamilyConfig, GgufLayout};
+use crate::llama::{LlamaLike, StackSpec};
 use crate::{ModelError, Result};
 
 /// Llama 3.1/3.2 frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
@@ -368,6 +370,89 @@ impl LlamaConfig {
             model_type: Some("qwen3".into()),
             head_dim: Some(head_dim),
             ..Self::tiny_qwen2(vocab, hidden, intermediate, layers, heads, kv_heads)
+        }
+    }
+}
+
+impl FamilyConfig for LlamaConfig {
+    fn from_json(text: &str, file: &str) -> Result<Self> {
+        LlamaConfig::from_json(text, file)
+    }
+
+    fn validate(&self, file: &str) -> Result<()> {
+        LlamaConfig::validate(self, file)
+    }
+
+    fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.stack_spec().weight_shapes()
+    }
+
+    fn model_type(&self) -> &str {
+        self.model_type.as_deref().unwrap_or("llama")
+    }
+
+    fn architecture(&self) -> &'static str {
+        match FamilyConfig::model_type(self) {
+            "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
+            _ => "LlamaForCausalLM",
+        }
+    }
+
+    fn complete_hf_json(&self, obj: &mut serde_json::Map<String, serde_json::Value>) {
+        obj.insert("num_key_value_heads".into(), self.kv_heads().into());
+        obj.insert("head_dim".into(), self.head_dim().into());
+        if self.is_qwen2() || self.is_qwen3() {
+            obj.entry("use_sliding_window").or_insert(false.into());
+            // Every layer attends fully (sliding windows are rejected when read).
+            obj.entry("layer_types").or_insert(vec!["full_attention"; self.num_hidden_layers].into());
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        vec![None; self.num_hidden_layers]
+    }
+
+    fn tied_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+
+    /// llama.cpp permutes a Llama's q/k rows for its interleaved RoPE; Qwen's are left as they are.
+    fn gguf_layout(&self) -> GgufLayout {
+        let permuted = !(self.is_qwen2() || self.is_qwen3());
+        GgufLayout {
+            permuted_qk: permuted.then(|| (self.num_attention_heads, self.kv_heads())),
+            ..GgufLayout::default()
+        }
+    }
+}
+
+impl LlamaLike for LlamaConfig {
+    fn stack_spec(&self) -> StackSpec {
+        StackSpec {
+            vocab: self.vocab_size,
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            kv_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+            eps: self.rms_norm_eps,
+            inv_freq: self.inv_freq(),
+            max_positions: self.max_position_embeddings,
+            tied: self.tie_word_embeddings,
+            qkv_bias: self.qkv_bias(),
+            o_bias: self.o_bias(),
+            qk_norm: self.qk_norm(),
+            window: None,
         }
     }
 }

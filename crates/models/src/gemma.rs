@@ -26,21 +26,22 @@
 //!
 //! On f32 CPU (with the tanh GELU) every layer runs as two fused ops with real backward passes,
 //! as Llama's: [`fused::attention_block`] and [`fused::mlp_block_with`] (see
-//! [`Gemma::forward_hidden`]), so Gemma gets packed preference pairs
-//! ([`Gemma::forward_hidden_branched`]), gradient checkpointing and the activation meter;
-//! [`Gemma::forward_hidden_reference`] keeps the composed forward pass as the reference.
+//! [`GemmaLayers::hidden_fused`]), so Gemma gets packed preference pairs
+//! ([`Decoder::forward_hidden_branched`]), gradient checkpointing and the activation meter;
+//! [`Decoder::forward_hidden_reference`] keeps the composed forward pass as the reference.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{D, DType, Module, Tensor};
+use candle_core::{D, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RopeScaling;
-use crate::fused::{self, ActivationMeter, Activations, AttentionExtras, AttentionSpec, Glu, MlpExtras};
+use crate::decoder::Decoder;
+use crate::family::{Family, FamilyConfig, FusedInput, GgufLayout, fused_layers};
+use crate::fused::{self, AttentionExtras, AttentionSpec, Glu, MlpExtras};
 use crate::generation::{self, KvCache};
-use crate::llama::keep_rows;
+use crate::llama::window_mask;
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rms_norm, rope, rope_tables};
 use crate::{ModelError, Result};
@@ -414,6 +415,80 @@ impl GemmaConfig {
     }
 }
 
+impl FamilyConfig for GemmaConfig {
+    fn from_json(text: &str, file: &str) -> Result<Self> {
+        GemmaConfig::from_json(text, file)
+    }
+
+    fn validate(&self, file: &str) -> Result<()> {
+        GemmaConfig::validate(self, file)
+    }
+
+    fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        GemmaConfig::weight_shapes(self)
+    }
+
+    fn model_type(&self) -> &str {
+        self.model_type.as_deref().unwrap_or("gemma")
+    }
+
+    fn architecture(&self) -> &'static str {
+        match FamilyConfig::model_type(self) {
+            "gemma2" => "Gemma2ForCausalLM",
+            "gemma3_text" => "Gemma3ForCausalLM",
+            _ => "GemmaForCausalLM",
+        }
+    }
+
+    fn complete_hf_json(&self, obj: &mut serde_json::Map<String, serde_json::Value>) {
+        // transformers 5 reads Gemma 1's activation from `hidden_act`, Gemma 2 / 3's from
+        // `hidden_activation`; both name the one this crate computes.
+        let act = self.activation().to_string();
+        if self.model_type.as_deref().is_none_or(|t| t == "gemma") {
+            obj.insert("hidden_act".into(), act.clone().into());
+        }
+        obj.insert("hidden_activation".into(), act.into());
+        // Gemma's lm_head is always the embedding matrix; attention is always causal.
+        obj.insert("tie_word_embeddings".into(), true.into());
+        if self.is_gemma3() {
+            obj.entry("use_bidirectional_attention").or_insert(false.into());
+        }
+        // Which layers slide, spelled out, so no version's default rule can differ.
+        if self.sandwich() && self.layer_types.is_none() {
+            let types: Vec<&str> = (0..self.num_hidden_layers)
+                .map(|l| if self.is_sliding(l) { "sliding_attention" } else { "full_attention" })
+                .collect();
+            obj.insert("layer_types".into(), types.into());
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        (0..self.num_hidden_layers).map(|l| if self.is_sliding(l) { self.sliding_window } else { None }).collect()
+    }
+
+    fn tied_embeddings(&self) -> bool {
+        true
+    }
+
+    /// Norm weights are stored as the offset from 1.
+    fn unit_norm(&self) -> f64 {
+        0.0
+    }
+
+    /// llama.cpp stores every norm weight as `1 + w`; Gemma 2 / 3 name the sandwich norms.
+    fn gguf_layout(&self) -> GgufLayout {
+        GgufLayout { sandwich_norms: self.sandwich(), permuted_qk: None, norms_plus_one: true }
+    }
+}
+
 struct Layer {
     input_norm: Tensor,
     q: Proj,
@@ -430,18 +505,17 @@ struct Layer {
     down: Proj,
 }
 
-/// A Gemma 1 model whose weights live in the `VarBuilder` it was built from.
-pub struct Gemma {
+/// A Gemma 1, 2 or 3 (text) model (see [`Decoder`] for its methods).
+pub type Gemma = Decoder<GemmaLayers>;
+
+/// The layers and weights of a Gemma 1, 2 or 3 (text) model.
+pub struct GemmaLayers {
     cfg: GemmaConfig,
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     inv_freq: Vec<f64>,
     local_inv_freq: Vec<f64>,
-    /// Gradient checkpointing of the fused blocks (see [`Self::set_gradient_checkpointing`]).
-    recompute: AtomicBool,
-    /// What the fused blocks keep for the backward pass (see [`Self::activation_meter`]).
-    meter: Arc<ActivationMeter>,
 }
 
 fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Adapters>) -> Result<Proj> {
@@ -453,15 +527,11 @@ fn gemma_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     rms_norm(x, &(weight + 1.0)?, eps)
 }
 
-impl Gemma {
-    /// Builds the model from `vb` under Hugging Face names.
-    pub fn new(cfg: &GemmaConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new_with_lora(cfg, vb, None)
-    }
+impl Family for GemmaLayers {
+    type Config = GemmaConfig;
 
-    /// [`Self::new`] with LoRA adapters on the projections `lora` names.
-    pub fn new_with_lora(cfg: &GemmaConfig, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Self> {
-        cfg.validate("config")?;
+    /// Every weight under Hugging Face names (no `lm_head`: it is the embedding matrix).
+    fn build(cfg: &GemmaConfig, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Self> {
         let (h, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let layers = (0..cfg.num_hidden_layers)
@@ -503,101 +573,36 @@ impl Gemma {
             norm: vb.get(h, "model.norm.weight")?,
             inv_freq: cfg.inv_freq(),
             local_inv_freq: cfg.local_inv_freq(),
-            recompute: AtomicBool::new(false),
-            meter: Arc::default(),
         })
     }
 
-    /// Gradient checkpointing (as [`crate::Llama::set_gradient_checkpointing`]): each fused block
-    /// keeps only its input and recomputes its activations in the backward pass. Same values and
-    /// gradients; applies to the fused path (f32 CPU, `gelu_pytorch_tanh`), while the reference
-    /// path keeps what candle's graph keeps.
-    pub fn set_gradient_checkpointing(&self, on: bool) {
-        self.recompute.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether gradient checkpointing is on.
-    pub fn gradient_checkpointing(&self) -> bool {
-        self.recompute.load(Ordering::Relaxed)
-    }
-
-    /// The bytes of activations this model's fused blocks hold for the backward pass (per layer
-    /// and position: q|k|v and the attention output, as Llama's; gate|up, `2 x intermediate`
-    /// floats, and with Gemma 2/3's post-feedforward norm the MLP output, `hidden` floats;
-    /// nothing with gradient checkpointing): now, and the peak since
-    /// [`ActivationMeter::reset_peak`]. Zero on the reference path.
-    pub fn activation_meter(&self) -> &ActivationMeter {
-        &self.meter
-    }
-
-    /// Whether the fused blocks apply: f32 CPU and the tanh GELU (`gelu_pytorch_tanh`, the
-    /// default; the erf `gelu` keeps the composed path). Active adapters go into the blocks as
-    /// low-rank products ([`fused::LowRank`]).
-    fn fused_path(&self) -> bool {
-        fused::fusable(&[self.embed.embeddings(), &self.norm]) && self.cfg.activation() == "gelu_pytorch_tanh"
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &GemmaConfig {
+    fn config(&self) -> &GemmaConfig {
         &self.cfg
     }
 
-    /// The (tied) output projection `[vocab, hidden]`.
-    pub fn lm_head(&self) -> &Tensor {
+    /// The (tied) output projection: the embedding matrix.
+    fn lm_head(&self) -> &Tensor {
         self.embed.embeddings()
     }
 
-    /// Final hidden states `[batch, seq, hidden]`; same contract as
-    /// [`crate::Llama::forward_hidden`] (right padding, real tokens never see padding).
-    ///
-    /// f32 CPU models with the tanh GELU (`gelu_pytorch_tanh`, the default) run each layer as two
-    /// fused ops, as Llama does: [`fused::attention_block`] (Gemma's `(1 + w)` norm weights passed
-    /// as effective weights, the `query_pre_attn_scalar` scale, Gemma 2's score soft-capping, the
-    /// local layers' sliding window and RoPE base, Gemma 3's QK-norm, Gemma 2/3's post-attention
-    /// norm inside) and [`fused::mlp_block_with`] (GeGLU, Gemma 2/3's post-feedforward norm
-    /// inside). Equal to [`Self::forward_hidden_reference`] within float rounding, values and
-    /// gradients, at every real position (a padding position, whose value nothing reads, may
-    /// differ where a sliding window leaves its query no real key).
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        if !self.fused_path() {
-            return self.forward_hidden_reference(input_ids, attention_mask);
-        }
-        let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_fused(input_ids, attention_mask, None, None)?;
-        Ok(x.reshape((batch, seq, ()))?)
+    fn final_logit_softcapping(&self) -> Option<f64> {
+        self.cfg.final_logit_softcapping
     }
 
-    /// Final hidden states of rows that each hold two continuations of a shared prefix (see
-    /// [`crate::Llama::forward_hidden_branched`]: every position gets the hidden state it has in
-    /// the row `[prefix | its branch]`, sliding windows counted in those rows' positions;
-    /// `[batch, seq, hidden]`, or with `rows` those flat positions only, the last layer's MLP
-    /// block on them alone). Fused (f32 CPU, tanh GELU) models only: `None` otherwise.
-    pub fn forward_hidden_branched(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        branches: &[(usize, usize)],
-        rows: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
-        if !self.fused_path() {
-            return Ok(None);
-        }
-        let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), Some(branches), rows)?;
-        Ok(Some(if rows.is_some() { x } else { x.reshape((batch, seq, ()))? }))
+    /// f32 CPU weights and the tanh GELU (`gelu_pytorch_tanh`, the default; the erf `gelu`
+    /// keeps the composed path).
+    fn fusable(&self) -> bool {
+        fused::fusable(&[self.embed.embeddings(), &self.norm]) && self.cfg.activation() == "gelu_pytorch_tanh"
     }
 
-    /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
-    /// [`fused::attention_block`] (with the layer's global or local [`AttentionSpec`]) and one
-    /// [`fused::mlp_block_with`] op; `[batch * seq, hidden]` out, or the `keep` rows only (see
-    /// [`crate::llama::keep_rows`]).
-    fn forward_hidden_fused(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        branches: Option<&[(usize, usize)]>,
-        keep: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    /// Per layer [`fused::attention_block`] (Gemma's `(1 + w)` norm weights passed as effective
+    /// weights, the `query_pre_attn_scalar` scale, Gemma 2's score soft-capping, the local
+    /// layers' sliding window and RoPE base in their [`AttentionSpec`], Gemma 3's QK-norm, Gemma
+    /// 2/3's post-attention norm inside) and [`fused::mlp_block_with`] (GeGLU, Gemma 2/3's
+    /// post-feedforward norm inside). A padding position, whose value nothing reads, may differ
+    /// from the reference where a sliding window leaves its query no real key.
+    fn hidden_fused(&self, input: FusedInput<'_>) -> Result<Tensor> {
+        let FusedInput { input_ids, attention_mask, branches, keep, acts, meter } = input;
         let (batch, seq) =
             crate::ops::check_fused_input(input_ids, attention_mask, branches, self.cfg.max_position_embeddings)?;
         let (h, hd, eps) = (self.cfg.hidden_size, self.cfg.head_dim, self.cfg.rms_norm_eps);
@@ -618,12 +623,13 @@ impl Gemma {
             true => Some(spec(&self.local_inv_freq, self.cfg.sliding_window)?),
             false => None,
         };
-        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
-        let meter = Some(&self.meter);
         let plus_one = |w: &Tensor| -> Result<Tensor> { Ok((w + 1.0)?) };
-        let mut x = (self.embed.forward(input_ids)? * (h as f64).sqrt())?.reshape((batch * seq, h))?;
-        let last = self.layers.len().checked_sub(1);
-        for (idx, l) in self.layers.iter().enumerate() {
+        let x = (self.embed.forward(input_ids)? * (h as f64).sqrt())?.reshape((batch * seq, h))?;
+        // Gemma 2/3: the post-attention norm inside the attention block, the pre/post
+        // feed-forward norms around the MLP; Gemma 1: `post_attention_layernorm` is the MLP's
+        // pre-norm.
+        let attention = |idx: usize, x: &Tensor| -> Result<Tensor> {
+            let l = &self.layers[idx];
             let spec = match &local {
                 Some(local) if self.cfg.is_sliding(idx) => local,
                 _ => &global,
@@ -632,12 +638,9 @@ impl Gemma {
                 Some((qn, kn)) => Some([plus_one(qn)?, plus_one(kn)?]),
                 None => None,
             };
-            // Gemma 2/3: the post-attention norm inside the attention block, the pre/post
-            // feed-forward norms around the MLP; Gemma 1: `post_attention_layernorm` is the MLP's
-            // pre-norm.
-            let (post_attention, pre_mlp, post_mlp) = match &l.ff_norms {
-                Some((pre_ff, post_ff)) => (Some(plus_one(&l.post_norm)?), plus_one(pre_ff)?, Some(plus_one(post_ff)?)),
-                None => (None, plus_one(&l.post_norm)?, None),
+            let post_attention = match &l.ff_norms {
+                Some(_) => Some(plus_one(&l.post_norm)?),
+                None => None,
             };
             let extras = AttentionExtras {
                 qkv_bias: None,
@@ -648,26 +651,25 @@ impl Gemma {
             };
             let input_norm = plus_one(&l.input_norm)?;
             let qkvo = [l.q.weight(), l.k.weight(), l.v.weight(), l.o.weight()];
-            x = fused::attention_block(&x, &input_norm, qkvo, extras, spec, eps, acts, meter)?;
-            if Some(idx) == last {
-                x = keep_rows(x, keep)?;
-            }
+            fused::attention_block(x, &input_norm, qkvo, extras, spec, eps, acts, meter)
+        };
+        let mlp = |idx: usize, x: &Tensor| -> Result<Tensor> {
+            let l = &self.layers[idx];
+            let (pre_mlp, post_mlp) = match &l.ff_norms {
+                Some((pre_ff, post_ff)) => (plus_one(pre_ff)?, Some(plus_one(post_ff)?)),
+                None => (plus_one(&l.post_norm)?, None),
+            };
             let lora = [l.gate.low_rank(), l.up.low_rank(), l.down.low_rank()];
             let extras = MlpExtras { act: Glu::GeluTanh, post_norm: post_mlp.as_ref(), lora };
             let weights = [l.gate.weight(), l.up.weight(), l.down.weight()];
-            x = fused::mlp_block_with(&x, &pre_mlp, weights, extras, eps, acts, meter)?;
-        }
-        if last.is_none() {
-            x = keep_rows(x, keep)?;
-        }
+            fused::mlp_block_with(x, &pre_mlp, weights, extras, eps, acts, meter)
+        };
+        let x = fused_layers(x, self.layers.len(), keep, attention, mlp)?;
         fused::rms_norm(&x, &plus_one(&self.norm)?, eps)
     }
 
-    /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops
-    /// (separate projections, [`crate::ops::rope`], [`crate::ops::repeat_kv`], a materialised
-    /// additive mask, softmax): the reference the fused path is tested against, and the path of
-    /// other devices, dtypes and of the erf `gelu` activation.
-    pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    /// The composed forward pass; also the path of the erf `gelu` activation.
+    fn hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         let device = input_ids.device();
         let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
@@ -676,12 +678,7 @@ impl Gemma {
         let local_rope = rope_tables(&self.local_inv_freq, seq, dtype, device)?;
         let mask = mask.to_dtype(dtype)?;
         let sliding_mask = match self.cfg.sliding_window {
-            Some(w) if self.cfg.sandwich() => {
-                // Additive: masked where i - j >= w (the causal part is in `mask`).
-                let data: Vec<f32> =
-                    (0..seq).flat_map(|i| (0..seq).map(move |j| if i >= j + w { -1e30 } else { 0.0 })).collect();
-                Some(mask.broadcast_add(&Tensor::from_vec(data, (seq, seq), device)?.to_dtype(dtype)?)?)
-            }
+            Some(w) if self.cfg.sandwich() => Some(mask.broadcast_add(&window_mask(seq, w, dtype, device)?)?),
             _ => None,
         };
         let mut x = (self.embed.forward(input_ids)? * (self.cfg.hidden_size as f64).sqrt())?;
@@ -724,13 +721,9 @@ impl Gemma {
         gemma_norm(&x, &self.norm, eps)
     }
 
-    /// Hidden states `[batch, n, hidden]` of `n` new slots `input_ids` `[batch, n]` that continue
-    /// the sequences held in `cache` (left-padded rows as [`KvCache::left_padded`] describes),
-    /// whose keys and values they append:
-    /// the incremental-decoding path ([`crate::generation`]), equal to the last `n` positions of
-    /// [`Self::forward_hidden`] within float rounding (same QK-norm, local/global RoPE, score
-    /// soft-capping and sliding windows). No gradients.
-    pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// Same QK-norm, local/global RoPE, score soft-capping and sliding windows (kept by the
+    /// cache) as the full forward pass.
+    fn hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         cache.check(self.layers.len(), input_ids.dim(0)?)?;
         let (batch, n) = generation::check_step(input_ids, cache, self.cfg.max_position_embeddings)?;
         let mut x = (self.embed.forward(input_ids)? * (self.cfg.hidden_size as f64).sqrt())?.detach();
@@ -764,7 +757,9 @@ impl Gemma {
         cache.advance(n);
         Ok(gemma_norm(&x, &self.norm, eps)?.detach())
     }
+}
 
+impl GemmaLayers {
     /// The rest of a layer after attention: residual (with Gemma 2/3's sandwich norms) and MLP.
     fn mlp_residual(&self, l: &Layer, x: Tensor, attn: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
@@ -785,23 +780,5 @@ impl Gemma {
                 (x + m)?
             }
         })
-    }
-
-    /// Logits `[batch, vocab]` at each row's last real position.
-    pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        let last = crate::ops::last_positions(&hidden, attention_mask)?;
-        let logits = last.matmul(&self.lm_head().t()?)?.to_dtype(DType::F32)?;
-        Ok(match self.cfg.final_logit_softcapping {
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
-            None => logits,
-        })
-    }
-
-    /// Per-token log-probs `[batch, seq]`; same contract as [`crate::Llama::token_logps`].
-    pub fn token_logps(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
-        let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        let cap = self.cfg.final_logit_softcapping;
-        crate::logps::chunked_token_logps_capped(&hidden, self.lm_head(), input_ids, chunk, cap)
     }
 }

@@ -4,7 +4,7 @@
 //! The training forward ([`crate::Model::forward_hidden`]) runs whole sequences and keeps no state.
 //! Decoding instead feeds the prompt once and then one token per step; each layer's keys (after
 //! QK-norm and RoPE) and values are kept in a [`KvCache`] the caller owns and passes by `&mut`,
-//! so the model itself stays immutable and shareable. Sliding-window layers (Gemma 2 / 3) keep
+//! so the model itself stays immutable and shareable. Sliding-window layers (Gemma 2 / 3, Mistral) keep
 //! only the last `sliding_window` positions, with the same strict bound as the full forward
 //! (query `i` sees key `j` iff `j <= i` and `i - j < window`). Cached tensors are detached, so
 //! no autograd graph survives a step.
@@ -44,15 +44,13 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache shaped for `model` (its layer count and sliding windows).
     pub fn new(model: &Model) -> Self {
-        let windows: Vec<Option<usize>> = match model {
-            Model::Llama(m) => vec![None; m.config().num_hidden_layers],
-            Model::Gemma(m) => {
-                let c = m.config();
-                (0..c.num_hidden_layers).map(|l| if c.is_sliding(l) { c.sliding_window } else { None }).collect()
-            }
-        };
         Self {
-            layers: windows.into_iter().map(|window| LayerCache { kv: None, start: 0, window }).collect(),
+            layers: model
+                .config()
+                .layer_windows()
+                .into_iter()
+                .map(|window| LayerCache { kv: None, start: 0, window })
+                .collect(),
             pos: 0,
             pad: Vec::new(),
         }

@@ -91,13 +91,10 @@ pub(crate) fn load_tensors<R: Read + Seek>(
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     let io = |e: String| ModelError::Io { path: path.display().to_string(), reason: e };
-    let (sandwich, gemma) = match cfg {
-        ModelConfig::Llama(_) => (false, false),
-        ModelConfig::Gemma(c) => (c.is_gemma2() || c.is_gemma3(), true),
-    };
+    let layout = cfg.family().gguf_layout();
     let mut out = HashMap::new();
     for (name, shape) in cfg.weight_shapes() {
-        let g = gguf_name(&name, sandwich);
+        let g = gguf_name(&name, layout.sandwich_norms);
         if !content.tensor_infos.contains_key(&g) {
             return Err(io(format!("no tensor `{g}` (for `{name}`)")));
         }
@@ -105,16 +102,14 @@ pub(crate) fn load_tensors<R: Read + Seek>(
         if t.dims() != shape.as_slice() {
             return Err(io(format!("`{g}` has shape {:?}, expected {shape:?} for `{name}`", t.dims())));
         }
-        if let ModelConfig::Llama(c) = cfg
-            && !(c.is_qwen2() || c.is_qwen3())
-        {
+        if let Some((heads, kv_heads)) = layout.permuted_qk {
             if name.ends_with("q_proj.weight") {
-                t = unpermute_qk(&t, c.num_attention_heads)?;
+                t = unpermute_qk(&t, heads)?;
             } else if name.ends_with("k_proj.weight") {
-                t = unpermute_qk(&t, c.kv_heads())?;
+                t = unpermute_qk(&t, kv_heads)?;
             }
         }
-        if gemma && name.ends_with("norm.weight") {
+        if layout.norms_plus_one && name.ends_with("norm.weight") {
             t = (t - 1.0)?;
         }
         out.insert(name, t);

@@ -6,13 +6,19 @@
 //! labels in chunks so `[batch, seq, vocab]` logits never exist at once.
 //!
 //! Supported: the Llama family ([`LlamaConfig`]: Llama 2/3/3.1/3.2, SmolLM2; Qwen2 / Qwen2.5 and
-//! Qwen3 dense as Llama variants with attention biases / per-head q/k norm) and Gemma 1, 2 and 3
-//! text ([`GemmaConfig`]), behind one [`CausalLm`] / [`Model`] with the same contract; safetensors
-//! loading and saving (single file and sharded); LoRA adapters in PEFT's layout ([`lora`],
-//! [`CausalLm::with_lora`]); GGUF loading with dequantization, the architecture from a config or
-//! from the file's metadata ([`gguf`], [`CausalLm::from_gguf_file`]); greedy and sampled
-//! generation with a key/value cache ([`generation`], [`KvCache`]). RMSNorm and the
-//! log-softmax + gather of the log-prob path are fused CPU kernels with a backward ([`fused`]).
+//! Qwen3 dense as Llama variants with attention biases / per-head q/k norm), Gemma 1, 2 and 3
+//! text ([`GemmaConfig`]) and Mistral ([`MistralConfig`]: Llama's layers with a sliding window),
+//! behind one [`CausalLm`] / [`Model`] with the same contract; safetensors loading and saving
+//! (single file and sharded); LoRA adapters in PEFT's layout ([`lora`], [`CausalLm::with_lora`]);
+//! GGUF loading with dequantization, the architecture from a config or from the file's metadata
+//! ([`gguf`], [`CausalLm::from_gguf_file`]); greedy and sampled generation with a key/value cache
+//! ([`generation`], [`KvCache`]). RMSNorm and the log-softmax + gather of the log-prob path are
+//! fused CPU kernels with a backward ([`fused`]).
+//!
+//! A family is a configuration implementing [`FamilyConfig`] and layers implementing [`Family`]
+//! (or, for Llama-like layers, a configuration implementing [`llama::LlamaLike`]), listed once in
+//! the registry that generates [`ModelConfig`] and [`Model`]; [`Decoder`] adds the rest of the
+//! contract.
 //!
 //! The contract the trainer relies on:
 //! - [`Model::forward_hidden`]`(input_ids [B,T] u32, attention_mask Option<[B,T] u8/u32>)` ->
@@ -41,7 +47,9 @@
 
 mod causal_lm;
 pub mod config;
+mod decoder;
 mod error;
+pub mod family;
 pub mod fused;
 pub mod gemma;
 pub mod generation;
@@ -50,21 +58,27 @@ mod host;
 pub mod llama;
 pub mod logps;
 pub mod lora;
+pub mod mistral;
 pub mod ops;
 pub mod pairs;
 pub mod product_stats;
+mod registry;
 #[cfg(target_arch = "x86_64")]
 mod tile_product;
 mod vmath;
 pub mod weights;
 
-pub use causal_lm::{CausalLm, Model, ModelConfig, weight_shapes};
+pub use causal_lm::{CausalLm, Model, ModelConfig};
 pub use config::{LlamaConfig, RopeScaling};
+pub use decoder::{CausalDecoder, Decoder};
 pub use error::{ModelError, Result};
+pub use family::{Family, FamilyConfig};
 pub use gemma::{Gemma, GemmaConfig};
 pub use generation::KvCache;
 pub use llama::Llama;
 pub use lora::{LoraConfig, TargetModules};
+pub use mistral::{Mistral, MistralConfig};
+pub use registry::MODEL_TYPES;
 
 /// The candle versions whose tensors, devices, variables and errors this crate's API uses
 /// (`Llama::new` takes a `candle_nn::VarBuilder`).

@@ -9,24 +9,118 @@
 //! - Qwen3: each query and key head is RMS-normalised over `head_dim` before RoPE,
 //!   `q_h = rms_norm(x W_q^T [head h], q_norm)`; biases on q/k/v/o only with `attention_bias`.
 //!
-//! On f32 CPU both run in the fused attention block ([`fused::attention_block`] with
-//! [`AttentionExtras`]), like Llama (see [`Llama::forward_hidden`]).
+//! Any family whose layers are Llama's (plus these options and a sliding window on every layer)
+//! is a configuration implementing [`LlamaLike`], run by [`LlamaStack`] (Mistral is one). On f32
+//! CPU every layer is one [`fused::attention_block`] (biases, q/k norms and the window inside) and
+//! one [`fused::mlp_block_with`] op; other devices and dtypes run the composed reference.
 //!
 //! Unlike candle-transformers' inference model, the forward pass covers whole right-padded
 //! sequences, keeps no KV cache and records a backward pass through every weight.
 
-use candle_core::{D, DType, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
+use crate::Result;
 use crate::config::LlamaConfig;
-use crate::fused::{self, ActivationMeter, Activations, AttentionExtras, AttentionSpec};
+use crate::decoder::Decoder;
+use crate::family::{Family, FamilyConfig, FusedInput, fused_layers};
+use crate::fused::{self, AttentionExtras, AttentionSpec};
 use crate::generation::{self, KvCache};
 use crate::lora::{Adapters, Proj};
 use crate::ops::{repeat_kv, rope, rope_tables};
-use crate::{ModelError, Result};
+
+/// A Llama, Qwen2 or Qwen3 model (see [`Decoder`] for its methods).
+pub type Llama = Decoder<LlamaStack<LlamaConfig>>;
+
+/// The shape and options of a Llama-architecture stack, as a [`LlamaLike`] configuration gives
+/// them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StackSpec {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (GQA).
+    pub kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// RoPE inverse frequencies (`head_dim / 2`).
+    pub inv_freq: Vec<f64>,
+    /// Longest sequence (`max_position_embeddings`).
+    pub max_positions: usize,
+    /// Whether `lm_head` is the embedding matrix.
+    pub tied: bool,
+    /// Bias on q/k/v_proj (Qwen2; Qwen3 with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Qwen3 with `attention_bias`).
+    pub o_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Every layer attends only to the last `window` positions, `i - j < window` (Mistral).
+    pub window: Option<usize>,
+}
+
+impl StackSpec {
+    /// Every weight with its shape, Hugging Face names (with the attention biases and q/k norm
+    /// weights the options ask for; no `lm_head` when tied).
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, hd, i) = (self.hidden, self.head_dim, self.intermediate);
+        let (q, kv) = (self.heads * hd, self.kv_heads * hd);
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), vec![self.vocab, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tied {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+        }
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            out.extend([
+                (format!("{p}.input_layernorm.weight"), vec![h]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+                (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+                (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+                (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+                (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+                (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+                (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+                (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+            ]);
+            if self.qkv_bias {
+                out.extend([
+                    (format!("{p}.self_attn.q_proj.bias"), vec![q]),
+                    (format!("{p}.self_attn.k_proj.bias"), vec![kv]),
+                    (format!("{p}.self_attn.v_proj.bias"), vec![kv]),
+                ]);
+            }
+            if self.o_bias {
+                out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+            }
+            if self.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+                out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+            }
+        }
+        out
+    }
+}
+
+/// A configuration whose model is a Llama-architecture stack: its family is [`LlamaStack`]
+/// over it, with no model code of its own.
+pub trait LlamaLike: FamilyConfig + Clone + 'static {
+    /// The stack this configuration describes.
+    fn stack_spec(&self) -> StackSpec;
+}
 
 struct Attention {
     q: Proj,
@@ -54,18 +148,14 @@ struct Layer {
     mlp: Mlp,
 }
 
-/// A Llama model whose weights live in the `VarBuilder` it was built from.
-pub struct Llama {
-    cfg: LlamaConfig,
+/// The layers and weights of a Llama-architecture model with configuration `C`.
+pub struct LlamaStack<C> {
+    cfg: C,
+    spec: StackSpec,
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
-    inv_freq: Vec<f64>,
-    /// Gradient checkpointing on the fused path (see [`Self::set_gradient_checkpointing`]).
-    recompute: AtomicBool,
-    /// What the fused blocks keep for the backward pass (see [`Self::activation_meter`]).
-    meter: Arc<ActivationMeter>,
 }
 
 /// The projection `{name}.weight` `[out, inp]`, with `{name}.bias` `[out]` when `bias`.
@@ -74,31 +164,37 @@ fn linear(vb: &VarBuilder, inp: usize, out: usize, name: &str, lora: Option<&Ada
     Ok(Proj::new(vb.get((out, inp), &format!("{name}.weight"))?, name, lora).with_bias(b))
 }
 
-impl Llama {
-    /// Builds the model, taking every weight from `vb` under Hugging Face names
-    /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...; Qwen:
-    /// `self_attn.{q,k,v}_proj.bias`, `self_attn.{q,k}_norm.weight`).
-    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
-        Self::new_with_lora(cfg, vb, None)
-    }
+/// The additive sliding-window mask `[seq, seq]`: `-1e30` where `i - j >= window` (the causal
+/// part is the caller's).
+pub(crate) fn window_mask(seq: usize, window: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> =
+        (0..seq).flat_map(|i| (0..seq).map(move |j| if i >= j + window { -1e30 } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(data, (seq, seq), device)?.to_dtype(dtype)?)
+}
 
-    /// [`Self::new`] with LoRA adapters on the projections `lora` names.
-    pub fn new_with_lora(cfg: &LlamaConfig, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Self> {
-        cfg.validate("config")?;
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (nq, nkv, qkv_bias, o_bias) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.qkv_bias(), cfg.o_bias());
-        let embed_w = vb.get((cfg.vocab_size, h), "model.embed_tokens.weight")?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
+impl<C: LlamaLike> Family for LlamaStack<C> {
+    type Config = C;
+
+    /// Every weight under Hugging Face names (`model.embed_tokens.weight`,
+    /// `model.layers.{i}.self_attn.q_proj.weight`, ...; Qwen: `self_attn.{q,k,v}_proj.bias`,
+    /// `self_attn.{q,k}_norm.weight`).
+    fn build(cfg: &C, vb: VarBuilder, lora: Option<&Adapters>) -> Result<Self> {
+        let spec = cfg.stack_spec();
+        let (h, hd, i) = (spec.hidden, spec.head_dim, spec.intermediate);
+        let (nq, nkv) = (spec.heads, spec.kv_heads);
+        let embed_w = vb.get((spec.vocab, h), "model.embed_tokens.weight")?;
+        let layers = (0..spec.layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                let proj = |inp, out, name: &str, bias| linear(&vb, inp, out, &format!("{p}.{name}"), lora, bias);
                 Ok(Layer {
                     input_norm: vb.get(h, &format!("{p}.input_layernorm.weight"))?,
                     attn: Attention {
-                        q: linear(&vb, h, nq * hd, &format!("{p}.self_attn.q_proj"), lora, qkv_bias)?,
-                        k: linear(&vb, h, nkv * hd, &format!("{p}.self_attn.k_proj"), lora, qkv_bias)?,
-                        v: linear(&vb, h, nkv * hd, &format!("{p}.self_attn.v_proj"), lora, qkv_bias)?,
-                        o: linear(&vb, nq * hd, h, &format!("{p}.self_attn.o_proj"), lora, o_bias)?,
-                        qk_norm: if cfg.qk_norm() {
+                        q: proj(h, nq * hd, "self_attn.q_proj", spec.qkv_bias)?,
+                        k: proj(h, nkv * hd, "self_attn.k_proj", spec.qkv_bias)?,
+                        v: proj(h, nkv * hd, "self_attn.v_proj", spec.qkv_bias)?,
+                        o: proj(nq * hd, h, "self_attn.o_proj", spec.o_bias)?,
+                        qk_norm: if spec.qk_norm {
                             Some((
                                 vb.get(hd, &format!("{p}.self_attn.q_norm.weight"))?,
                                 vb.get(hd, &format!("{p}.self_attn.k_norm.weight"))?,
@@ -109,91 +205,84 @@ impl Llama {
                         heads: nq,
                         kv_heads: nkv,
                         head_dim: hd,
-                        eps: cfg.rms_norm_eps,
+                        eps: spec.eps,
                     },
                     post_norm: vb.get(h, &format!("{p}.post_attention_layernorm.weight"))?,
                     mlp: Mlp {
-                        gate: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.gate_proj"), lora, false)?,
-                        up: linear(&vb, h, cfg.intermediate_size, &format!("{p}.mlp.up_proj"), lora, false)?,
-                        down: linear(&vb, cfg.intermediate_size, h, &format!("{p}.mlp.down_proj"), lora, false)?,
+                        gate: proj(h, i, "mlp.gate_proj", false)?,
+                        up: proj(h, i, "mlp.up_proj", false)?,
+                        down: proj(i, h, "mlp.down_proj", false)?,
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head =
-            if cfg.tie_word_embeddings { embed_w.clone() } else { vb.get((cfg.vocab_size, h), "lm_head.weight")? };
+        let lm_head = if spec.tied { embed_w.clone() } else { vb.get((spec.vocab, h), "lm_head.weight")? };
         Ok(Self {
             cfg: cfg.clone(),
             embed: Embedding::new(embed_w, h),
             layers,
             norm: vb.get(h, "model.norm.weight")?,
             lm_head,
-            inv_freq: cfg.inv_freq(),
-            recompute: AtomicBool::new(false),
-            meter: Arc::default(),
+            spec,
         })
     }
 
-    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
-    pub fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &LlamaConfig {
+    fn config(&self) -> &C {
         &self.cfg
     }
 
-    /// Gradient checkpointing (Hugging Face's `gradient_checkpointing`): each fused block keeps
-    /// only its input and recomputes its activations in the backward pass
-    /// ([`Activations::Recompute`]). Same values and gradients, less memory, more time. Applies
-    /// to the fused blocks (f32 CPU, Qwen included); the reference path keeps what candle's graph
-    /// keeps.
-    pub fn set_gradient_checkpointing(&self, on: bool) {
-        self.recompute.store(on, Ordering::Relaxed);
+    fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
-    /// Whether gradient checkpointing is on.
-    pub fn gradient_checkpointing(&self) -> bool {
-        self.recompute.load(Ordering::Relaxed)
+    /// f32 CPU weights (Llama and Qwen alike: biases and q/k norms go in as
+    /// [`AttentionExtras`], active adapters as [`fused::LowRank`]).
+    fn fusable(&self) -> bool {
+        fused::fusable(&[self.embed.embeddings(), &self.norm])
     }
 
-    /// The bytes of activations this model's fused blocks hold for the backward pass (q|k|v and
-    /// the attention output, gate|up per layer; nothing with gradient checkpointing): now, and
-    /// the peak since [`ActivationMeter::reset_peak`]. Zero on the reference path.
-    pub fn activation_meter(&self) -> &ActivationMeter {
-        &self.meter
-    }
-
-    /// Final hidden states `[batch, seq, hidden]` (after the last RMSNorm) for `input_ids`
-    /// `[batch, seq]` (u32). `attention_mask` `[batch, seq]` (1 = real token) marks right padding;
-    /// real tokens never attend to padding, so appending padding leaves them unchanged.
-    ///
-    /// f32 CPU models run the fused kernels of [`crate::fused`] (equal to
-    /// [`Self::forward_hidden_reference`] within float rounding, values and gradients; active
-    /// LoRA adapters go into the blocks as low-rank products, [`fused::LowRank`]); other devices
-    /// and dtypes run the reference composition. Qwen models take the same fused path, their biases
-    /// and q/k norms inside the attention block.
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        if !self.fused_path() {
-            return self.forward_hidden_reference(input_ids, attention_mask);
+    /// Per layer one [`fused::attention_block`] (the window, if any, in its [`AttentionSpec`])
+    /// and one [`fused::mlp_block_with`] op on the `[batch * seq, hidden]` residual stream.
+    fn hidden_fused(&self, input: FusedInput<'_>) -> Result<Tensor> {
+        let s = &self.spec;
+        let (batch, seq) =
+            crate::ops::check_fused_input(input.input_ids, input.attention_mask, input.branches, s.max_positions)?;
+        let mut spec = AttentionSpec::new(batch, seq, s.heads, s.kv_heads, &s.inv_freq, input.attention_mask)?
+            .with_window(s.window);
+        if let Some(branches) = input.branches {
+            spec = spec.with_branches(branches)?;
         }
-        let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_fused(input_ids, attention_mask, None, None)?;
-        Ok(x.reshape((batch, seq, ()))?)
+        let spec = Arc::new(spec);
+        let (eps, acts, meter) = (s.eps, input.acts, input.meter);
+        let x = self.embed.forward(input.input_ids)?.reshape((batch * seq, s.hidden))?;
+        let attention = |l: usize, x: &Tensor| -> Result<Tensor> {
+            let (layer, a) = (&self.layers[l], &self.layers[l].attn);
+            let qkvo = [a.q.weight(), a.k.weight(), a.v.weight(), a.o.weight()];
+            fused::attention_block(x, &layer.input_norm, qkvo, a.extras()?, &spec, eps, acts, meter)
+        };
+        let mlp = |l: usize, x: &Tensor| -> Result<Tensor> {
+            let (layer, m) = (&self.layers[l], &self.layers[l].mlp);
+            let extras = fused::MlpExtras {
+                lora: [m.gate.low_rank(), m.up.low_rank(), m.down.low_rank()],
+                ..Default::default()
+            };
+            let weights = [m.gate.weight(), m.up.weight(), m.down.weight()];
+            fused::mlp_block_with(x, &layer.post_norm, weights, extras, eps, acts, meter)
+        };
+        let x = fused_layers(x, self.layers.len(), input.keep, attention, mlp)?;
+        fused::rms_norm(&x, &self.norm, eps)
     }
 
-    /// [`Self::forward_hidden`] as the straightforward composition of differentiable candle ops
-    /// (separate projections, [`crate::ops::rope`], [`crate::ops::repeat_kv`], a materialised
-    /// additive mask, softmax): the reference the fused path is tested against, and the path of
-    /// other devices and dtypes.
-    pub fn forward_hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    fn hidden_reference(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (_, seq) = input_ids.dims2()?;
         let device = input_ids.device();
-        let mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.cfg.max_position_embeddings)?;
+        let mut mask = crate::ops::input_attention_mask(input_ids, attention_mask, self.spec.max_positions)?;
+        if let Some(w) = self.spec.window {
+            mask = mask.broadcast_add(&window_mask(seq, w, mask.dtype(), device)?)?;
+        }
         let dtype = self.embed.embeddings().dtype();
-        let (cos, sin) = rope_tables(&self.inv_freq, seq, dtype, device)?;
-        let eps = self.cfg.rms_norm_eps;
+        let (cos, sin) = rope_tables(&self.spec.inv_freq, seq, dtype, device)?;
+        let eps = self.spec.eps;
         let norm = |x: &Tensor, w: &Tensor| crate::ops::rms_norm_composed(x, w, eps);
         let mut x = self.embed.forward(input_ids)?;
         for layer in &self.layers {
@@ -203,133 +292,17 @@ impl Llama {
         norm(&x, &self.norm)
     }
 
-    /// Whether the fused blocks apply (f32 CPU; Llama and Qwen alike, the biases and q/k norms
-    /// going in as [`Attention::extras`], active adapters as [`fused::LowRank`]).
-    fn fused_path(&self) -> bool {
-        crate::fused::fusable(&[self.embed.embeddings(), &self.norm])
-    }
-
-    /// Final hidden states of rows that each hold two continuations of a shared prefix,
-    /// `[prefix | first | second | padding]` with per-row `(prefix, first)` lengths (see
-    /// [`AttentionSpec::with_branches`]): every position gets the hidden state it has in the row
-    /// `[prefix | its branch]`. `[batch, seq, hidden]`, or with `rows` (flat positions
-    /// `b * seq + t`, u32) `[rows.len(), hidden]` for those positions only: the last layer's MLP
-    /// block then runs on them alone (its attention still over every position, whose keys and
-    /// values they read). Fused (f32 CPU) models only, Qwen included: `None` on other devices and
-    /// dtypes.
-    pub fn forward_hidden_branched(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        branches: &[(usize, usize)],
-        rows: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
-        if !self.fused_path() {
-            return Ok(None);
-        }
-        let (batch, seq) = input_ids.dims2()?;
-        let x = self.forward_hidden_fused(input_ids, Some(attention_mask), Some(branches), rows)?;
-        Ok(Some(if rows.is_some() { x } else { x.reshape((batch, seq, ()))? }))
-    }
-
-    /// The fused forward pass on a `[batch * seq, hidden]` residual stream: per layer one
-    /// [`fused::attention_block`] and one [`fused::mlp_block`] op; `[batch * seq, hidden]` out,
-    /// or the `keep` rows only (see [`keep_rows`]).
-    fn forward_hidden_fused(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        branches: Option<&[(usize, usize)]>,
-        keep: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (batch, seq) =
-            crate::ops::check_fused_input(input_ids, attention_mask, branches, self.cfg.max_position_embeddings)?;
-        let mut spec = AttentionSpec::new(
-            batch,
-            seq,
-            self.cfg.num_attention_heads,
-            self.cfg.kv_heads(),
-            &self.inv_freq,
-            attention_mask,
-        )?;
-        if let Some(branches) = branches {
-            spec = spec.with_branches(branches)?;
-        }
-        let spec = Arc::new(spec);
-        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
-        let mut x = self.embed.forward(input_ids)?.reshape((batch * seq, h))?;
-        let acts = if self.gradient_checkpointing() { Activations::Recompute } else { Activations::Keep };
-        let meter = Some(&self.meter);
-        let last = self.layers.len().checked_sub(1);
-        for (idx, layer) in self.layers.iter().enumerate() {
-            let (a, m) = (&layer.attn, &layer.mlp);
-            let extras = a.extras()?;
-            let qkvo = [a.q.weight(), a.k.weight(), a.v.weight(), a.o.weight()];
-            x = fused::attention_block(&x, &layer.input_norm, qkvo, extras, &spec, eps, acts, meter)?;
-            if Some(idx) == last {
-                x = keep_rows(x, keep)?;
-            }
-            let extras = fused::MlpExtras {
-                lora: [m.gate.low_rank(), m.up.low_rank(), m.down.low_rank()],
-                ..Default::default()
-            };
-            x = fused::mlp_block_with(
-                &x,
-                &layer.post_norm,
-                [m.gate.weight(), m.up.weight(), m.down.weight()],
-                extras,
-                eps,
-                acts,
-                meter,
-            )?;
-        }
-        if last.is_none() {
-            x = keep_rows(x, keep)?;
-        }
-        fused::rms_norm(&x, &self.norm, eps)
-    }
-
-    /// Logits `[batch, vocab]` at each row's last real position (greedy decoding, parity checks).
-    pub fn last_logits(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        let last = crate::ops::last_positions(&hidden, attention_mask)?;
-        Ok(last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
-    }
-
-    /// Per-token log-probs `[batch, seq]` (f32): `out[b, t] = log p(ids[b, t] | ids[b, <t])` for
-    /// `t >= 1`, `out[b, 0] = 0`. The lm_head, log-softmax and gather run over chunks of
-    /// `chunk` positions, so `[batch, seq, vocab]` logits never exist at once in the forward pass.
-    pub fn token_logps(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, chunk: usize) -> Result<Tensor> {
-        let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        crate::logps::chunked_token_logps(&hidden, &self.lm_head, input_ids, chunk)
-    }
-}
-
-/// The rows `keep` (u32 indices) of the residual stream `x`, or all of it without `keep`: taken
-/// before the last layer's MLP block, which is per position.
-pub(crate) fn keep_rows(x: Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
-    let Some(rows) = keep else { return Ok(x) };
-    // index_select checks the positions; its error is the caller's bad `rows`.
-    x.index_select(rows, 0).map_err(|e| ModelError::Input { input: "rows", reason: e.to_string() })
-}
-
-impl Llama {
-    /// Hidden states `[batch, n, hidden]` of `n` new slots `input_ids` `[batch, n]` that continue
-    /// the sequences held in `cache` (left-padded rows as [`KvCache::left_padded`] describes),
-    /// whose keys and values they append.
-    /// The incremental-decoding path ([`crate::generation`]); equal to the last `n` positions of
-    /// [`Self::forward_hidden`] over the whole sequence within float rounding. No gradients.
-    pub fn forward_hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn hidden_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         cache.check(self.layers.len(), input_ids.dim(0)?)?;
-        let (_, n) = generation::check_step(input_ids, cache, self.cfg.max_position_embeddings)?;
-        let hd = self.cfg.head_dim();
-        let eps = self.cfg.rms_norm_eps;
+        let (_, n) = generation::check_step(input_ids, cache, self.spec.max_positions)?;
+        let (hd, eps) = (self.spec.head_dim, self.spec.eps);
         let mut x = self.embed.forward(input_ids)?.detach();
-        let (cos, sin) = generation::rope_tables_at(&self.inv_freq, cache, n, &x)?;
+        let (cos, sin) = generation::rope_tables_at(&self.spec.inv_freq, cache, n, &x)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let h = crate::ops::rms_norm(&x, &layer.input_norm, eps)?;
             let (q, k, v) = a.project(&h, &cos, &sin)?;
+            // The cache applies the layer's window (`KvCache::new` reads it from the config).
             let att = generation::cached_attention(cache, idx, &q, &k, &v, (hd as f64).sqrt(), None)?;
             x = (x + a.o.forward(&att)?)?;
             let h = crate::ops::rms_norm(&x, &layer.post_norm, eps)?;

@@ -132,10 +132,7 @@ fn pair_logps(
     let branches: Vec<(usize, usize)> = layouts.iter().map(|l| (l.prefix, l.chosen - l.prefix)).collect();
     let kept = needed.rows.len();
     let keep = Tensor::from_vec(needed.rows, kept, device)?;
-    let hidden = match model {
-        Model::Llama(m) => m.forward_hidden_branched(&packed, &mask, &branches, Some(&keep))?,
-        Model::Gemma(m) => m.forward_hidden_branched(&packed, &mask, &branches, Some(&keep))?,
-    };
+    let hidden = model.forward_hidden_branched(&packed, &mask, &branches, Some(&keep))?;
     let Some(hidden) = hidden else {
         return separate_rows();
     };
@@ -145,10 +142,7 @@ fn pair_logps(
     }
     let picked = hidden.index_select(&Tensor::from_vec(needed.entry_rows, entries, device)?, 0)?;
     let labels = Tensor::from_vec(needed.labels, entries, device)?;
-    let (lm_head, cap) = match model {
-        Model::Llama(m) => (m.lm_head(), None),
-        Model::Gemma(m) => (m.lm_head(), m.config().final_logit_softcapping),
-    };
+    let (lm_head, cap) = (model.lm_head(), model.final_logit_softcapping());
     let values = crate::logps::lm_head_logps(&picked, lm_head, &labels, cap, rows.saturating_mul(chunk))?;
     // Positions without an entry read the appended 0.
     let values = Tensor::cat(&[&values, &Tensor::zeros(1, DType::F32, device)?], 0)?;

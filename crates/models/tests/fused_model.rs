@@ -86,7 +86,8 @@ fn fused_llama_with_lora_matches_reference_and_trains_only_adapters() -> Result<
 }
 
 /// LoRA r 4 on all seven projections of Qwen2 (q/k/v biases), Gemma 3 (q/k norm, post-norms,
-/// GeGLU) and Gemma 2 (soft-capped scores) with right padding: the fused model's log-probs and
+/// GeGLU), Gemma 2 (soft-capped scores) and Mistral (sliding window 4 on every layer) with right
+/// padding: the fused model's log-probs and
 /// every adapter's gradient equal the reference composition's within 1e-5 (relative to the
 /// gradient's largest magnitude where that exceeds 1); the frozen lm_head
 /// (the tied embedding) gets no gradient.
@@ -97,6 +98,7 @@ fn fused_qwen2_and_gemma_with_lora_match_reference() -> Result<()> {
         LlamaConfig::tiny_qwen2(61, 32, 48, 2, 4, 2).into(),
         slime_models::GemmaConfig::tiny3(61, 32, 48, 2, 4, 2).into(),
         slime_models::GemmaConfig::tiny2(61, 32, 48, 2, 4, 2).into(),
+        slime_models::MistralConfig::tiny(61, 32, 48, 2, 4, 2).into(),
     ];
     let ids: Vec<u32> = (0..2 * 11).map(|i| ((i * 17 + 3) % 61) as u32).collect();
     let ids = Tensor::from_vec(ids, (2, 11), &dev)?;
@@ -112,14 +114,9 @@ fn fused_qwen2_and_gemma_with_lora_match_reference() -> Result<()> {
                 var.set(&randn(400 + i as u64, 0.0, 0.05, var.dims()))?;
             }
         }
-        let (fused, reference, lm_head) = match lm.model() {
-            Model::Llama(l) => {
-                (l.forward_hidden(&ids, Some(&mask))?, l.forward_hidden_reference(&ids, Some(&mask))?, l.lm_head())
-            }
-            Model::Gemma(g) => {
-                (g.forward_hidden(&ids, Some(&mask))?, g.forward_hidden_reference(&ids, Some(&mask))?, g.lm_head())
-            }
-        };
+        let m = lm.model();
+        let (fused, reference) = (m.forward_hidden(&ids, Some(&mask))?, m.forward_hidden_reference(&ids, Some(&mask))?);
+        let lm_head = m.lm_head();
         let logps = |h: &Tensor| -> Result<Tensor> {
             let l = slime_models::logps::chunked_token_logps(h, lm_head, &ids, 4)?;
             Ok((l * mask.to_dtype(DType::F32)?)?)

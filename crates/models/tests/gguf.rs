@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use slime_models::gguf::gguf_name;
-use slime_models::{CausalLm, GemmaConfig, LlamaConfig, ModelConfig, ModelError, Result, RopeScaling};
+use slime_models::{CausalLm, GemmaConfig, LlamaConfig, MistralConfig, ModelConfig, ModelError, Result, RopeScaling};
 
 /// convert_hf_to_gguf.py `LlamaModel.permute`:
 /// `w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)`.
@@ -31,6 +31,8 @@ fn gguf_metadata(cfg: &ModelConfig) -> Vec<(String, Value)> {
         ModelConfig::Llama(c) => (c.model_type.clone().unwrap_or_else(|| "llama".into()), c.vocab_size),
         ModelConfig::Gemma(c) if c.is_gemma3() => ("gemma3".to_string(), c.vocab_size),
         ModelConfig::Gemma(c) => (c.model_type.clone().unwrap_or_else(|| "gemma".into()), c.vocab_size),
+        // llama.cpp converts Mistral as a Llama (the sliding window is not stored).
+        ModelConfig::Mistral(c) => ("llama".to_string(), c.vocab_size),
     };
     let mut md: Vec<(String, Value)> = vec![("general.architecture".into(), Value::String(arch.clone()))];
     let mut put = |name: &str, v: Value| md.push((format!("{arch}.{name}"), v));
@@ -90,6 +92,18 @@ fn gguf_metadata(cfg: &ModelConfig) -> Vec<(String, Value)> {
                 put("rope.scaling.factor", f(s.factor));
             }
         }
+        ModelConfig::Mistral(c) => {
+            put("context_length", u(c.max_position_embeddings));
+            put("embedding_length", u(c.hidden_size));
+            put("block_count", u(c.num_hidden_layers));
+            put("feed_forward_length", u(c.intermediate_size));
+            put("attention.head_count", u(c.num_attention_heads));
+            put("attention.head_count_kv", u(c.num_key_value_heads));
+            put("attention.layer_norm_rms_epsilon", f(c.rms_norm_eps));
+            put("rope.freq_base", f(c.rope_theta));
+            put("vocab_size", u(c.vocab_size));
+            put("rope.dimension_count", u(c.head_dim()));
+        }
     }
     let tokens = (0..vocab).map(|i| Value::String(format!("<t{i}>"))).collect();
     md.push(("tokenizer.ggml.tokens".into(), Value::Array(tokens)));
@@ -134,7 +148,7 @@ fn write_gguf_edited(
     let cfg = lm.config().clone();
     let (sandwich, gemma) = match &cfg {
         ModelConfig::Gemma(c) => (c.is_gemma2() || c.is_gemma3(), true),
-        ModelConfig::Llama(_) => (false, false),
+        ModelConfig::Llama(_) | ModelConfig::Mistral(_) => (false, false),
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in lm.weights() {
@@ -148,6 +162,13 @@ fn write_gguf_edited(
                 t = llama_cpp_permute(&t, c.kv_heads())?;
             }
         }
+        if let ModelConfig::Mistral(c) = &cfg {
+            if name.ends_with("q_proj.weight") {
+                t = llama_cpp_permute(&t, c.num_attention_heads)?;
+            } else if name.ends_with("k_proj.weight") {
+                t = llama_cpp_permute(&t, c.num_key_value_heads)?;
+            }
+        }
         if gemma && name.ends_with("norm.weight") {
             t = (t + 1.0)?;
         }
@@ -159,7 +180,7 @@ fn write_gguf_edited(
     // model does not use and which is ignored.
     let freqs = match &cfg {
         ModelConfig::Llama(c) => rope_freqs(c),
-        ModelConfig::Gemma(_) => vec![1.0; 4],
+        ModelConfig::Gemma(_) | ModelConfig::Mistral(_) => vec![1.0; 4],
     };
     let n = freqs.len();
     tensors.push((
@@ -201,6 +222,7 @@ fn f32_gguf_loads_back_to_the_hugging_face_weights() -> Result<()> {
         GemmaConfig::tiny3(97, 32, 64, 2, 4, 2).into(),
         LlamaConfig::tiny_qwen2(97, 32, 64, 2, 4, 2).into(),
         LlamaConfig { attention_bias: true, ..LlamaConfig::tiny_qwen3(97, 32, 64, 2, 4, 2, 16) }.into(),
+        MistralConfig::tiny(97, 32, 64, 2, 4, 2).into(),
     ];
     for cfg in configs {
         let lm = CausalLm::random(&cfg, 1, &Device::Cpu)?;

@@ -3,16 +3,18 @@
 //! attention): tiny random Llama with "llama3" RoPE scaling, Gemma 2 (soft-capping, sliding window
 //! 6 < 24 tokens, query_pre_attn_scalar != head_dim), Gemma 3 text (QK-norm, local/global layers
 //! with their own RoPE bases, linear scaling on global layers, sliding window 5), Qwen2 (q/k/v
-//! biases, untied) and Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads, tied), non-trivial
-//! norm weights and biases, one right-padded row. Loaded with `CausalLm::from_dir` from the config.json / model.safetensors
-//! transformers saved (its `rope_parameters` / `layer_types` layout); no Python at test time.
+//! biases, untied) and Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads, tied), Mistral
+//! (transformers 5.25: sliding window 5 on every layer, head_dim != hidden / heads, untied),
+//! non-trivial norm weights and biases, one right-padded row. Loaded with `CausalLm::from_dir` from
+//! the config.json / model.safetensors transformers saved (its `rope_parameters` / `layer_types`
+//! layout); no Python at test time.
 
 use std::path::PathBuf;
 
 use candle_core::{D, DType, Device, Tensor};
 use slime_models::{CausalLm, KvCache, ModelConfig, ModelError, Result};
 
-const FIXTURES: [&str; 5] = ["llama3", "gemma2", "gemma3", "qwen2", "qwen3"];
+const FIXTURES: [&str; 6] = ["llama3", "gemma2", "gemma3", "qwen2", "qwen3", "mistral"];
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
@@ -120,6 +122,11 @@ fn transformers_5_config_layout_is_read_and_round_trips() -> Result<()> {
                 assert!(c.is_qwen3() && c.qk_norm() && !c.qkv_bias() && c.tie_word_embeddings);
                 assert_eq!((c.rope_theta, c.head_dim), (1_000_000.0, Some(16)));
             }
+            ("mistral", ModelConfig::Mistral(c)) => {
+                assert_eq!((c.sliding_window, c.rope_theta, c.head_dim()), (Some(5), 10_000.0, 16));
+                assert!(!c.tie_word_embeddings);
+                assert_eq!(lm.config().family().layer_windows(), [Some(5), Some(5)]);
+            }
             (n, c) => panic!("{n}: unexpected family {c:?}"),
         }
         // What we write (the classic layout) reads back as the same config.
@@ -179,5 +186,30 @@ fn ignoring_rope_parameters_would_break_parity() -> Result<()> {
         eprintln!("{name}: logits with rope_parameters / layer_types ignored: max |diff| {diff:.2e}");
         assert!(diff > 1e-2, "{name}: dropping rope_parameters changes logits by only {diff}");
     }
+    Ok(())
+}
+
+/// The Mistral fixture's window (5) is shorter than both rows (24 and 17 tokens): the same
+/// weights with full causal attention (`sliding_window: null`) give other logits, so the window
+/// is what parity checks there; and the fused and composed paths agree on it.
+#[test]
+fn mistral_sliding_window_matters_and_both_paths_apply_it() -> Result<()> {
+    let (lm, want) = load("mistral")?;
+    let path = dir("mistral").join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ModelError::Io { path: path.display().to_string(), reason: e.to_string() })?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::Input { input: "json", reason: e.to_string() })?;
+    value["sliding_window"] = serde_json::Value::Null;
+    let full = CausalLm::from_tensors(&ModelConfig::from_json(&value.to_string(), "config.json")?, lm.weights())?;
+    let diff = max_abs_diff(&full.model().last_logits(&want.ids, Some(&want.mask))?, &want.last_logits)?;
+    eprintln!("mistral: logits without the sliding window: max |diff| {diff:.2e}");
+    assert!(diff > 1e-2, "dropping the window changes logits by only {diff}");
+    let m = lm.model();
+    let fused = m.forward_hidden(&want.ids, Some(&want.mask))?;
+    let composed = m.forward_hidden_reference(&want.ids, Some(&want.mask))?;
+    let real = want.mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let diff = max_abs_diff(&fused.broadcast_mul(&real)?, &composed.broadcast_mul(&real)?)?;
+    assert!(diff < 1e-4, "fused and composed hidden states differ by {diff}");
     Ok(())
 }

@@ -53,18 +53,12 @@ pub fn is_gguf(path: &Path) -> bool {
 
 /// The vocabulary size of a model configuration.
 pub fn vocab_size(config: &ModelConfig) -> usize {
-    match config {
-        ModelConfig::Llama(c) => c.vocab_size,
-        ModelConfig::Gemma(c) => c.vocab_size,
-    }
+    config.vocab_size()
 }
 
 /// The longest sequence a model configuration allows.
 pub fn max_positions(config: &ModelConfig) -> usize {
-    match config {
-        ModelConfig::Llama(c) => c.max_position_embeddings,
-        ModelConfig::Gemma(c) => c.max_position_embeddings,
-    }
+    config.max_position_embeddings()
 }
 
 /// `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).

@@ -32,10 +32,7 @@ pub fn tiny_gemma(hidden: usize, layers: usize) -> GemmaConfig {
 
 /// The device the model's weights are on.
 pub(super) fn device_of(lm: &CausalLm) -> Device {
-    match lm.model() {
-        slime_models::Model::Llama(m) => m.lm_head().device().clone(),
-        slime_models::Model::Gemma(m) => m.lm_head().device().clone(),
-    }
+    lm.model().device()
 }
 
 /// The run's starting model and its data: a preset (random init, seeded) on the embedded task,
