@@ -52,10 +52,7 @@ pub mod logps;
 pub mod lora;
 pub mod ops;
 pub mod pairs;
-pub mod product_stats;
-#[cfg(target_arch = "x86_64")]
-mod tile_product;
-mod vmath;
+pub mod step;
 pub mod weights;
 
 pub use causal_lm::{CausalLm, Model, ModelConfig, weight_shapes};
