@@ -97,7 +97,8 @@ mod tests {
     #[test]
     fn update_matches_the_definition_and_every_path_has_the_same_bits() {
         let n = CHUNK * 2 + 37;
-        let wave = |k: usize, s: f32| -> Vec<f32> { (0..n).map(|i| ((i * k) % 1000) as f32 / 997.0 * s - 0.5 * s).collect() };
+        let wave =
+            |k: usize, s: f32| -> Vec<f32> { (0..n).map(|i| ((i * k) % 1000) as f32 / 997.0 * s - 0.5 * s).collect() };
         let (theta0, m0, g) = (wave(7919, 2.0), wave(31, 0.1), wave(104_729, 1.0));
         let v0: Vec<f32> = wave(17, 0.01).iter().map(|x| x.abs()).collect();
         let step = AdamWStep {
@@ -116,7 +117,9 @@ mod tests {
             (t, m, v)
         };
         let (t, m, v) = run(CpuPath::Native);
-        let f = |x: f32| f64::from(x);
+        fn f(x: f32) -> f64 {
+            f64::from(x)
+        }
         for i in 0..n {
             let gs = f(g[i]) * f(step.grad_scale);
             let mi = f(step.beta1) * f(m0[i]) + (1.0 - f(step.beta1)) * gs;

@@ -419,8 +419,7 @@ mod tests {
             let mut c = values(m * n, 3);
             let c0 = c.clone();
             // SAFETY: operands as allocated.
-            let ran =
-                unsafe { try_product((m, n, k), c.as_mut_ptr(), n, accumulate, rows(&a, k), rows(&b, n), 1) };
+            let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n, accumulate, rows(&a, k), rows(&b, n), 1) };
             assert!(ran);
             for i in 0..m {
                 for j in 0..n {
@@ -447,8 +446,7 @@ mod tests {
                 let run = |threads: usize| {
                     let mut c = values(m * n, 9);
                     // SAFETY: operands as allocated.
-                    let ran =
-                        unsafe { try_product((m, n, k), c.as_mut_ptr(), n, true, rows(&a, k), rhs, threads) };
+                    let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n, true, rows(&a, k), rhs, threads) };
                     (ran, c.into_iter().map(f32::to_bits).collect::<Vec<_>>())
                 };
                 let ((ran1, one), (ran4, four)) = (run(1), run(4));

@@ -1,6 +1,7 @@
 //! One training step's forward and backward pass as a trainer runs them, without reaching into
 //! the kernels: [`DirectGrads`] (the fused blocks' weight gradients handed over outside candle's
-//! graph) and [`on_this_thread`] (one micro-batch per pool thread).
+//! graph), [`on_this_thread`] (one micro-batch per pool thread) and [`set_fused`] (the fused or
+//! the portable path).
 
 use candle_core::Tensor;
 use candle_core::backprop::GradStore;
@@ -53,4 +54,11 @@ impl DirectGrads {
 /// runs one task per pool thread (concurrent micro-batches); the same bits either way.
 pub fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
     slime_kernels::products_on_this_thread(f)
+}
+
+/// Switches the fused CPU kernels on (the default) or off for the whole process: off, f32 CPU
+/// tensors take the composed candle ops every other device takes (see
+/// [`crate::fused::set_enabled`]).
+pub fn set_fused(enabled: bool) {
+    crate::fused::set_enabled(enabled);
 }

@@ -29,7 +29,7 @@ static HOST_OPTIMISER: AtomicBool = AtomicBool::new(true);
 /// Selects the kernel path for the whole process (models, objectives and the optimiser).
 pub fn set_kernel_path(path: KernelPath) {
     let fused = path == KernelPath::Fused;
-    slime_models::fused::set_enabled(fused);
+    slime_models::step::set_fused(fused);
     slime_objectives::numerics::set_cpu_custom_op(fused);
     HOST_OPTIMISER.store(fused, Ordering::Relaxed);
 }

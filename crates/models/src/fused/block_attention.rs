@@ -16,8 +16,8 @@ use slime_kernels::{MatMut, MatRef, Threads, matmul, product};
 
 use crate::Result;
 use crate::host::{
-    HeadNorm, HostF32, ROW_BLOCK, add_rows, col_sums, f32_slice, product_stacked,
-    product_stacked_t, recycle, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
+    HeadNorm, HostF32, ROW_BLOCK, add_rows, col_sums, f32_slice, product_stacked, product_stacked_t, recycle,
+    rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
 /// Which optional parameters an attention block carries after its four projection matrices

@@ -284,9 +284,8 @@ impl<'a> GradBuf<'a> {
     fn get_mut(&mut self, range: Range<usize>) -> &mut [f32] {
         let (seg, offset) = self.at[range.start].expect("gradient written before it is added to");
         let len: usize = self.layout.lens[range.clone()].iter().sum();
-        let buf = &mut self.segments[seg].1;
         assert!(range.clone().all(|i| self.at[i].is_some_and(|(s, _)| s == seg)), "pieces {range:?} not stacked");
-        &mut buf[offset..offset + len]
+        &mut self.segments[seg].1[offset..offset + len]
     }
 
     /// When pieces `range` (consecutive; together `dst_rows x dst_cols`, row-major) train: their
