@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{CpuPath, path};
+use crate::cpu::dispatch;
 
 /// Elements per rayon task (a parameter smaller than this is updated on one thread).
 const CHUNK: usize = 64 * 1024;
@@ -59,38 +59,23 @@ pub fn update(step: &AdamWStep, theta: &mut [f32], m: &mut [f32], v: &mut [f32],
         .for_each(|(((t, m), v), g)| update_chunk(step, t, m, v, g));
 }
 
-/// [`update`] of one chunk on this thread, in the widest build the CPU path allows.
-fn update_chunk(step: &AdamWStep, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-    #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-    fn native(step: &AdamWStep, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        body(step, theta, m, v, g)
-    }
-    #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-    fn avx2(step: &AdamWStep, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        body(step, theta, m, v, g)
-    }
-    match path() {
-        CpuPath::Native => native(step, theta, m, v, g),
-        CpuPath::Avx2 => avx2(step, theta, m, v, g),
-        CpuPath::Baseline => body(step, theta, m, v, g),
-    }
-}
-
-#[inline(always)]
-fn body(s: &AdamWStep, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-    for (((t, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-        let g = g * s.grad_scale;
-        *m = s.beta1 * *m + (1.0 - s.beta1) * g;
-        *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
-        let denom = v.sqrt() * s.inv_sqrt_bias2 + s.eps;
-        *t = *t * s.decay - s.lr * s.inv_bias1 * *m / denom;
+dispatch! {
+    /// [`update`] of one chunk on this thread, in the widest build the CPU path allows.
+    fn update_chunk(s: &AdamWStep, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for (((t, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = g * s.grad_scale;
+            *m = s.beta1 * *m + (1.0 - s.beta1) * g;
+            *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
+            let denom = v.sqrt() * s.inv_sqrt_bias2 + s.eps;
+            *t = *t * s.decay - s.lr * s.inv_bias1 * *m / denom;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::with_path;
+    use crate::cpu::{CpuPath, with_path};
 
     /// The update against the definition in f64 over several chunks and an odd tail, and the
     /// same bits on every CPU path.

@@ -1,12 +1,15 @@
 //! Which instruction sets the kernels may use: everything the CPU has (the default), or at most
 //! AVX2 + FMA, or the baseline x86-64 build, chosen once per process from `SLIME_CPU` and
-//! overridable per thread ([`with_path`]).
+//! overridable per thread ([`with_path`]). This module is the one place the crate asks the CPU
+//! what it has (`is_x86_feature_detected!`) and the one place `#[target_feature]` builds are
+//! chosen ([`dispatch!`], for the row kernels and AdamW; the AVX-512F tile products check
+//! [`tiles_available`]).
 //!
-//! The row kernels of [`crate::vmath`] are compiled per instruction set by `multiversion`, whose
-//! dispatcher picks the best build the CPU supports; it cannot be told to pick a lower one, so a
-//! capped path calls a second `multiversion` function limited to AVX2 (or the plain build). The
-//! AVX-512F tile products are hand-written intrinsics: [`tiles_available`] is the one
-//! `is_x86_feature_detected!` check in the crate.
+//! Not the `multiversion` crate: its dispatcher always takes the best build the CPU supports and
+//! cannot be capped per process or per thread (`SLIME_CPU`, and the tests that compare every
+//! path), so every kernel would have to be multiversioned twice over; and its macros need `syn`
+//! with `full` and `extra-traits`, which changes `syn`'s features for the whole workspace and
+//! rebuilds every procedural macro and everything that depends on one.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -79,6 +82,55 @@ pub fn with_path<R>(path: CpuPath, f: impl FnOnce() -> R) -> R {
     let _restore = Restore(THREAD_PATH.with(|c| c.replace(Some(path))));
     f()
 }
+
+/// The widest build the path and the CPU allow: 2 = AVX-512F (with AVX2 and FMA), 1 = AVX2 + FMA,
+/// 0 = baseline (`std` caches the detection).
+#[inline]
+pub(crate) fn level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = || std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        match path() {
+            CpuPath::Native if std::arch::is_x86_feature_detected!("avx512f") => 2,
+            CpuPath::Native | CpuPath::Avx2 if avx2() => 1,
+            _ => 0,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        0
+    }
+}
+
+/// Defines `fn $name(args) -> ret` from one body, compiled as written, with AVX2 + FMA and with
+/// AVX-512F enabled; calls the widest build [`level`] allows (AVX-512F: 16-lane loops, about 4 %
+/// off the reference step on Zen 4). The body must give the same bits in every build
+/// (element-wise IEEE operations and explicit lanes: no build contracts to fused multiply-adds).
+macro_rules! dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                match $crate::cpu::level() {
+                    // SAFETY: `level` found AVX-512F (hence AVX2 and FMA) on this CPU.
+                    2 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: `level` found AVX2 and FMA on this CPU.
+                    1 => return unsafe { avx2($($arg),*) },
+                    _ => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use dispatch;
 
 /// Whether the AVX-512F tile products run: the path is native and the CPU has AVX-512F
 /// (`std` caches the detection).

@@ -4,7 +4,8 @@
 //!
 //! Dispatch on the CPU happens here and nowhere else ([`cpu`]): products run AVX-512F register
 //! tiles that read their operands in place when the CPU has AVX-512F, the `gemm` crate otherwise;
-//! the row kernels and AdamW are compiled per instruction set by `multiversion`. `SLIME_CPU=avx2`
+//! the row kernels and AdamW are compiled per instruction set (`#[target_feature]` builds picked
+//! at run time). `SLIME_CPU=avx2`
 //! or `baseline` caps the path (to measure what an AVX2 CPU runs on an AVX-512 one). For one CPU
 //! path and thread count every result is deterministic; the row kernels and AdamW give the same
 //! bits on every path, the products' last bits depend on tiles vs `gemm`.

@@ -1,40 +1,18 @@
 //! Row kernels with a vectorisable `exp` (and the SiLU and tanh-GELU gates built on it),
-//! compiled by `multiversion` for AVX-512, for AVX2 + FMA and for the baseline x86-64 target, the
-//! best the CPU has picked at run time (the workspace builds for the baseline CPU, where libm's
-//! scalar `expf` and 4-wide SSE loops are all the compiler can use).
+//! compiled three times: for the baseline x86-64 target, with AVX2 + FMA and with AVX-512F, the
+//! best the CPU path allows picked at run time ([`crate::cpu`]; the workspace builds for the
+//! baseline CPU, where libm's scalar `expf` and 4-wide SSE loops are all the compiler can use).
 //!
 //! Every build runs the same arithmetic in the same order (element-wise IEEE operations,
 //! explicit 8-lane accumulators for the sums, no fused multiply-adds), so the results do not
 //! depend on the CPU or on [`crate::cpu::CpuPath`]: the AVX2 and AVX-512 builds give the same bits.
 
-use crate::cpu::{CpuPath, path};
+#[cfg(test)]
+use crate::cpu::CpuPath;
+use crate::cpu::dispatch;
 
 /// Lanes of the explicit accumulators (one AVX2 register of f32).
 const LANES: usize = 8;
-
-/// Defines `fn $name(args) -> ret` from one body, compiled by `multiversion` twice: once for
-/// AVX-512 and AVX2 + FMA (its dispatcher picks the best the CPU has: AVX-512, 16-lane loops,
-/// about 4 % off the reference step on Zen 4) and once for AVX2 + FMA only, which
-/// [`CpuPath::Avx2`] calls (`multiversion` has no way to pick a lower build than the CPU
-/// allows); [`CpuPath::Baseline`] calls the plain build.
-macro_rules! dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-            fn native($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-            fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            match path() {
-                CpuPath::Native => native($($arg),*),
-                CpuPath::Avx2 => avx2($($arg),*),
-                CpuPath::Baseline => body($($arg),*),
-            }
-        }
-    };
-}
 
 /// `e^x` in f32 without a libm call, so loops over it vectorise: Cody-Waite range reduction
 /// `x = n ln 2 + r` (`|r| <= ln 2 / 2`), Cephes' degree-6 polynomial for `e^r` (relative error
