@@ -446,7 +446,7 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     let r4 = |v: f64| (v * 1e4).round() / 1e4;
     let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
     let attention_flop = shape.attention_gflop(2 * n) * 1e9;
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "label": format!("{}-slime-rs", args.objective),
         "objective": args.objective,
         "hidden": shape.hidden,
@@ -459,8 +459,6 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         "parallel_micro_batches": parallel,
         "lora_rank": args.lora,
         "threads": threads,
-        // `SLIME_CPU`: what the kernels may use (`native`, or capped at `avx2` / `baseline`).
-        "cpu_path": slime_kernels::cpu::path().name(),
         "tokens_per_step": tokens_per_step,
         "first_step_s": r4(step_s[0]),
         "s_per_step_steady_median": r4(s_step),
@@ -495,6 +493,8 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         // Feature `product-stats` only: the fused kernels' matrix products over the steady steps.
         "products": products,
     });
+    // `SLIME_CPU`: what the kernels may use (`native`, or capped at `avx2` / `baseline`).
+    line["cpu_path"] = slime_kernels::cpu::path().name().into();
     println!("{line}");
     Ok(())
 }
