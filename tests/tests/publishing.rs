@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-const PUBLISHED: [&str; 4] = ["objectives", "data", "models", "trainer"];
+const PUBLISHED: [&str; 5] = ["kernels", "objectives", "data", "models", "trainer"];
 
 fn crate_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("crates").join(name)

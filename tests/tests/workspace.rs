@@ -12,12 +12,15 @@ use xtask::grid::{Grid, SFT};
 
 /// The crates that know nothing of each other.
 const INDEPENDENT: [&str; 3] = ["slime-objectives", "slime-data", "slime-models"];
+/// The CPU kernels every model crate may use: they depend on no workspace crate.
+const KERNELS: &str = "slime-kernels";
 /// What xtask must not link, directly or through a workspace crate.
 const MODEL_CODE: [&str; 3] = ["candle-core", "candle-nn", "candle-transformers"];
 
 /// Every broken rule of the dependency direction in `cargo metadata --no-deps` output: the
-/// independent crates depend on none of each other (any dependency kind), and xtask reaches no
-/// candle crate through its own dependencies or the workspace crates it depends on.
+/// independent crates depend on none of each other (any dependency kind), the kernels on no
+/// workspace crate, and xtask reaches no candle crate through its own dependencies or the
+/// workspace crates it depends on.
 fn violations(metadata: &Value) -> Vec<String> {
     let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for package in metadata["packages"].as_array().into_iter().flatten() {
@@ -31,6 +34,11 @@ fn violations(metadata: &Value) -> Vec<String> {
             if INDEPENDENT.contains(&b.as_str()) {
                 found.push(format!("{a} depends on {b}"));
             }
+        }
+    }
+    for b in deps.get(KERNELS).into_iter().flatten() {
+        if b.starts_with("slime-") || b == "xtask" {
+            found.push(format!("{KERNELS} depends on {b}"));
         }
     }
     // Walk xtask's dependencies through the workspace's own crates.
@@ -63,7 +71,7 @@ fn dependencies_point_one_way() {
     let metadata: Value = serde_json::from_slice(&output.stdout).expect("cargo metadata JSON");
     let names: BTreeSet<&str> =
         metadata["packages"].as_array().expect("packages").iter().filter_map(|p| p["name"].as_str()).collect();
-    for name in INDEPENDENT.iter().chain(&["slime-trainer", "xtask"]) {
+    for name in INDEPENDENT.iter().chain(&[KERNELS, "slime-trainer", "xtask"]) {
         assert!(names.contains(name), "{name} is a workspace member");
     }
     assert_eq!(violations(&metadata), Vec::<String>::new());
@@ -119,9 +127,11 @@ fn the_dependency_check_finds_each_kind_of_violation() {
         package("slime-data", &["arrow"]),
         package("slime-models", &["candle-nn", "slime-objectives"]),
         package("slime-trainer", &["slime-models", "slime-data", "slime-objectives"]),
+        package("slime-kernels", &["gemm", "slime-models"]),
         package("xtask", &["serde", "slime-trainer"]),
     ]});
     let found = violations(&metadata);
+    assert!(found.contains(&"slime-kernels depends on slime-models".to_string()), "{found:?}");
     assert!(found.contains(&"slime-objectives depends on slime-data".to_string()), "{found:?}");
     assert!(found.contains(&"slime-models depends on slime-objectives".to_string()), "{found:?}");
     assert!(

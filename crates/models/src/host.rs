@@ -1,170 +1,34 @@
-//! Host-side f32 building blocks of the fused CPU kernels in [`crate::fused`]: strided matrix
-//! products (the `gemm` crate candle itself uses), borrowed views of tensor storage, and the row
-//! kernels (RMSNorm, per-head q/k RMSNorm, bias rows and column sums, rotary embedding, SwiGLU
-//! and GeGLU, masked softmax) with their derivatives.
+//! Host-side f32 building blocks of the fused CPU kernels in [`crate::fused`]: borrowed views of
+//! tensor storage, scratch buffers, and the row kernels (RMSNorm, per-head q/k RMSNorm, bias rows
+//! and column sums, SwiGLU and GeGLU, the rotary embedding's backward, log-sum-exp) with their
+//! derivatives. Matrix products and the vectorised row math are `slime_kernels`'.
 //!
 //! Everything here is plain slices and explicit strides, so the kernels can read a head out of a
 //! `[tokens, heads * head_dim]` activation or write a transposed product without a copy.
 
-use std::cell::Cell;
-
 use candle_core::{CpuStorage, Layout, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
+use slime_kernels::{MatMut, MatRef, Threads, matmul, product, vmath};
 
 use crate::fused::Glu;
-use crate::vmath;
 
 /// Rows handed to one rayon task by the row-parallel loops (a few KiB of work each).
 pub(crate) const ROW_BLOCK: usize = 16;
 
-/// A raw pointer that rayon tasks may share; every task writes a disjoint region.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
-// SAFETY: the pointer is only dereferenced by tasks that write disjoint regions of a buffer
-// that outlives them (see each use).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
-    pub fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// A strided matrix operand: element `(r, c)` is at `ptr + r * rs + c * cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct Mat {
-    pub ptr: *const f32,
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl Mat {
-    /// A row-major matrix with `cols` columns (row stride `cols`).
-    pub fn rows(data: &[f32], cols: usize) -> Self {
-        Self { ptr: data.as_ptr(), rs: cols, cs: 1 }
-    }
-
-    /// The transpose of a row-major matrix with `cols` columns.
-    pub fn rows_t(data: &[f32], cols: usize) -> Self {
-        Self { ptr: data.as_ptr(), rs: 1, cs: cols }
-    }
-
-    /// The operand from row `r` on (row stride `rs`; no copy).
-    pub fn skip_rows(self, r: usize) -> Self {
-        Self { ptr: self.ptr.wrapping_add(r * self.rs), ..self }
-    }
-}
-
-/// How a product may use threads: the whole rayon pool, or the calling thread only (inside a
-/// task that is itself one of many parallel tasks).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Threads {
-    Pool,
-    Single,
-}
-
-thread_local! {
-    /// Set inside [`products_on_this_thread`]: `Threads::Pool` products stay on this thread.
-    static ONE_THREAD: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with the matrix products it starts on this thread kept on this thread, for work
-/// that already runs one task per pool thread (the trainer's concurrent micro-batches): gemm
-/// splitting each product over the pool then only adds hand-offs and a second packing of the
-/// shared operand on the thread that ends up running both halves. Row-wise work and products
-/// started on other threads are unaffected; results are the same bits either way. Scopes nest.
-pub fn products_on_this_thread<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ONE_THREAD.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(ONE_THREAD.with(|c| c.replace(true)));
-    f()
-}
-
-/// `dst (m x n) = [dst +] lhs (m x k) @ rhs (k x n)`; `dst` is row-major with row stride `dst_rs`.
-///
-/// # Safety
-/// Every operand must be valid for the extents and strides given; `dst` must not alias the
-/// inputs, and no other thread may access the `dst` region during the call. When `accumulate` is
-/// false `dst` need not be initialised: every element is written.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    threads: Threads,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let parallelism = match threads {
-        Threads::Pool if rayon::current_num_threads() > 1 && !ONE_THREAD.with(Cell::get) => {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        }
-        _ => gemm::Parallelism::None,
-    };
-    #[cfg(feature = "product-stats")]
-    let started = std::time::Instant::now();
-    // SAFETY: forwarded from the caller's contract.
-    #[cfg(target_arch = "x86_64")]
-    if unsafe {
-        let threads = match parallelism {
-            gemm::Parallelism::Rayon(t) => t,
-            _ => 1,
-        };
-        crate::tile_product::try_product((m, n, k), dst, dst_rs, accumulate, lhs, rhs, threads)
-    } {
-        #[cfg(feature = "product-stats")]
-        crate::product_stats::record((2 * m * n * k) as u64, started.elapsed());
-        return;
-    }
-    // SAFETY: forwarded from the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.ptr,
-            rhs.cs as isize,
-            rhs.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    #[cfg(feature = "product-stats")]
-    crate::product_stats::record((2 * m * n * k) as u64, started.elapsed());
-}
-
-/// A freshly allocated row-major `m x n` product `lhs @ rhs` (threads: the whole pool).
-pub(crate) fn product(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: `out` has room for m * n elements and gemm writes each one (accumulate = false)
-    // before `set_len`; the operands come from live slices of the right extents (callers).
-    unsafe {
-        matmul(m, n, k, out.as_mut_ptr(), n, false, lhs, rhs, Threads::Pool);
-        out.set_len(m * n);
+/// `dy [m, k_1 + k_2 + ...] @ [W_1; W_2; ...]` for row-major weights `W_i [k_i, n]` stacked by
+/// rows: `[m, n]`, the pieces' products added in order (the backward of a product with the
+/// pieces side by side, [`slime_kernels::product_cols`]).
+pub(crate) fn product_stacked(m: usize, n: usize, dy: &[f32], pieces: &[&[f32]]) -> Vec<f32> {
+    let ks: usize = pieces.iter().map(|w| w.len() / n).sum();
+    let Some((first, rest)) = pieces.split_first() else { return vec![0.0; m * n] };
+    let k = first.len() / n;
+    let mut out = product(MatRef::new(dy, m, k, ks), MatRef::row_major(first, k, n), Threads::Pool);
+    let mut k0 = k;
+    for w in rest {
+        let k = w.len() / n;
+        let a = MatRef::new(&dy[k0..], m, k, ks);
+        matmul(MatMut::row_major(&mut out, m, n), a, MatRef::row_major(w, k, n), true, Threads::Pool);
+        k0 += k;
     }
     out
 }
@@ -173,44 +37,8 @@ pub(crate) fn product(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f
 /// `[gate; up]` or `[q; k; v]`, each in its own storage): `[m, n_1 + n_2 + ...]`, one product per
 /// piece into its columns.
 pub(crate) fn product_stacked_t(m: usize, k: usize, x: &[f32], pieces: &[&[f32]]) -> Vec<f32> {
-    let cols: usize = pieces.iter().map(|w| w.len() / k).sum();
-    let mut out: Vec<f32> = Vec::with_capacity(m * cols);
-    let mut col = 0;
-    for w in pieces {
-        let n = w.len() / k;
-        // SAFETY: `out` has room for m x cols; this piece writes its n columns of every row
-        // completely (accumulate = false), and the pieces cover all columns before `set_len`.
-        unsafe {
-            matmul(m, n, k, out.as_mut_ptr().add(col), cols, false, Mat::rows(x, k), Mat::rows_t(w, k), Threads::Pool)
-        };
-        col += n;
-    }
-    // SAFETY: every element was written above.
-    unsafe { out.set_len(m * cols) };
-    out
-}
-
-/// `dy [m, k_1 + k_2 + ...] @ [W_1; W_2; ...]` for row-major weights `W_i [k_i, n]` stacked by
-/// rows: `[m, n]`, the pieces' products added in order (the backward of [`product_stacked_t`]).
-pub(crate) fn product_stacked(m: usize, n: usize, dy: &[f32], pieces: &[&[f32]]) -> Vec<f32> {
-    let ks: usize = pieces.iter().map(|w| w.len() / n).sum();
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let mut k0 = 0;
-    for (i, w) in pieces.iter().enumerate() {
-        let k = w.len() / n;
-        let a = Mat { ptr: dy[k0..].as_ptr(), rs: ks, cs: 1 };
-        // SAFETY: `out` has room for m x n; the first piece writes it completely (accumulate =
-        // false), later ones add to it; `dy` holds m rows of ks columns.
-        unsafe { matmul(m, n, k, out.as_mut_ptr(), n, i > 0, a, Mat::rows(w, n), Threads::Pool) };
-        k0 += k;
-    }
-    if pieces.is_empty() {
-        out.resize(m * n, 0.0);
-    } else {
-        // SAFETY: the first product wrote every element.
-        unsafe { out.set_len(m * n) };
-    }
-    out
+    let ts: Vec<MatRef<'_>> = pieces.iter().map(|w| MatRef::row_major(w, w.len() / k, k).t()).collect();
+    slime_kernels::product_cols(MatRef::row_major(x, m, k), &ts, Threads::Pool)
 }
 
 thread_local! {

@@ -61,11 +61,8 @@ pub mod lora;
 pub mod mistral;
 pub mod ops;
 pub mod pairs;
-pub mod product_stats;
 mod registry;
-#[cfg(target_arch = "x86_64")]
-mod tile_product;
-mod vmath;
+pub mod step;
 pub mod weights;
 
 pub use causal_lm::{CausalLm, Model, ModelConfig};

@@ -12,9 +12,11 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use slime_kernels::{MatMut, MatRef, Threads, matmul, product, vmath};
+
 use crate::fused::{fusable, linear, log_softmax_gather};
-use crate::host::{HostF32, Mat, Threads, f32_slice, matmul, product, row_lse, u32_slice};
-use crate::{ModelError, Result, vmath};
+use crate::host::{HostF32, f32_slice, row_lse, u32_slice};
+use crate::{ModelError, Result};
 
 /// Upper bound on the logits one block of [`lm_head_logps`] holds (64 MiB: 64 rows of a
 /// 262,144-token vocabulary).
@@ -38,7 +40,8 @@ struct LmHeadLogps {
 impl LmHeadLogps {
     /// Logits of rows `r0..r0 + rows` (soft-capped), row-major `[rows, v]`.
     fn logits(&self, h: &[f32], w: &[f32], r0: usize, rows: usize, v: usize, hd: usize) -> Vec<f32> {
-        let mut z = product(rows, v, hd, Mat::rows(&h[r0 * hd..], hd), Mat::rows_t(w, hd));
+        let (x, w) = (MatRef::row_major(&h[r0 * hd..], rows, hd), MatRef::row_major(w, v, hd).t());
+        let mut z = product(x, w, Threads::Pool);
         if let Some(cap) = self.softcap {
             let cap = cap as f32;
             z.par_chunks_mut(v).for_each(|row| row.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh()));
@@ -131,28 +134,16 @@ impl CustomOp3 for LmHeadLogps {
                 vmath::neg_scaled_softmax_row(row, lse, g, cap.unwrap_or(f32::INFINITY));
                 row[label as usize] += g * dcap(z_label);
             });
+            let dz = MatRef::row_major(&d, rows, v);
             if want_dx {
-                let dst = dx[r0 * hd..].as_mut_ptr();
-                // SAFETY: `dx` rows r0..r0 + rows are `rows x hd` and exclusively ours; `d` is
-                // `rows x v`, `wt` is `v x hd`; nothing aliases.
-                unsafe { matmul(rows, hd, v, dst, hd, false, Mat::rows(&d, v), Mat::rows(wt, hd), Threads::Pool) };
+                // Rows r0..r0 + rows of `dx` = d W.
+                let dst = MatMut::row_major(&mut dx[r0 * hd..], rows, hd);
+                matmul(dst, dz, MatRef::row_major(wt, v, hd), false, Threads::Pool);
             }
             if want_dw {
-                // SAFETY: `dw` is `v x hd`, exclusively ours; `d^T` is `v x rows`, the hidden block
-                // `rows x hd`; nothing aliases. The first block initialises, later ones accumulate.
-                unsafe {
-                    matmul(
-                        v,
-                        hd,
-                        rows,
-                        dw.as_mut_ptr(),
-                        hd,
-                        r0 > 0,
-                        Mat::rows_t(&d, v),
-                        Mat::rows(&h[r0 * hd..], hd),
-                        Threads::Pool,
-                    )
-                };
+                // d^T h: the first block initialises, later ones accumulate.
+                let hb = MatRef::row_major(&h[r0 * hd..], rows, hd);
+                matmul(MatMut::row_major(&mut dw, v, hd), dz.t(), hb, r0 > 0, Threads::Pool);
             }
         }
         let dx = if want_dx { Some(Tensor::from_vec(dx, (n, hd), x.device())?) } else { None };

@@ -12,8 +12,8 @@
 //! candle-nn's AdamW cannot export its moments, so a resumed run would differ; here the moments
 //! are plain data that [`AdamW::state_tensors`] / [`AdamW::load_state_tensors`] round-trip
 //! bit-exactly. f32 parameters on the CPU are updated in one fused, multi-threaded pass over
-//! host buffers (clip scale, decay, both moments and the update together); other devices and
-//! dtypes use the same formula as tensor ops.
+//! host buffers (clip scale, decay, both moments and the update together:
+//! [`slime_kernels::adamw::update`]); other devices and dtypes use the same formula as tensor ops.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Storage, Tensor, Var, backprop::GradStore};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use slime_kernels::adamw::{self, AdamWStep};
 
 use crate::{Result, TrainError};
 
@@ -86,7 +87,7 @@ pub struct AdamW {
     step: u64,
 }
 
-/// Below this many elements a parameter is updated on one thread.
+/// Elements per rayon task of the gradient norm and the gradient accumulation.
 const PARALLEL_CHUNK: usize = 64 * 1024;
 
 impl AdamW {
@@ -194,7 +195,7 @@ impl AdamW {
             let Some(grad) = grads.get(slot.var.as_tensor()) else { continue };
             match &mut slot.moments {
                 Moments::Host { m, v } => {
-                    let hyper = Hyper {
+                    let hyper = AdamWStep {
                         lr: lr as f32,
                         decay: (1.0 - lr * c.weight_decay) as f32,
                         beta1: c.beta1 as f32,
@@ -278,48 +279,6 @@ fn is_host_f32(var: &Var) -> bool {
     crate::kernels::host_optimiser_enabled() && var.device().is_cpu() && var.dtype() == DType::F32
 }
 
-/// Per-step constants of the fused update.
-struct Hyper {
-    lr: f32,
-    decay: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    grad_scale: f32,
-    inv_bias1: f32,
-    inv_sqrt_bias2: f32,
-}
-
-impl Hyper {
-    /// The fused update of one chunk (see the module docs for the formula), in 16-lane AVX-512
-    /// loops when the CPU has them: element-wise IEEE operations only, so the same bits.
-    fn update(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { self.update_avx512(theta, m, v, g) };
-        }
-        self.update_plain(theta, m, v, g)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn update_avx512(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        self.update_plain(theta, m, v, g)
-    }
-
-    #[inline(always)]
-    fn update_plain(&self, theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        for (((t, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            let g = g * self.grad_scale;
-            *m = self.beta1 * *m + (1.0 - self.beta1) * g;
-            *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
-            let denom = v.sqrt() * self.inv_sqrt_bias2 + self.eps;
-            *t = *t * self.decay - self.lr * self.inv_bias1 * *m / denom;
-        }
-    }
-}
-
 /// The elements of a contiguous f32 CPU tensor, without a copy (`None` for anything else).
 fn host_f32(t: &Tensor) -> Option<impl std::ops::Deref<Target = [f32]> + '_> {
     let (storage, layout) = t.storage_and_layout();
@@ -351,7 +310,7 @@ impl std::ops::Deref for HostSlice<'_> {
 /// The fused AdamW update of one f32 CPU parameter, in place in its storage (`dst`), from its
 /// contiguous gradient (`src`) and host moments.
 struct HostUpdate<'a> {
-    hyper: Hyper,
+    hyper: AdamWStep,
     moments: RefCell<(&'a mut [f32], &'a mut [f32])>,
 }
 
@@ -385,13 +344,7 @@ impl InplaceOp2 for HostUpdate<'_> {
                 v.len()
             )
         }
-        let hyper = &self.hyper;
-        theta
-            .par_chunks_mut(PARALLEL_CHUNK)
-            .zip(m.par_chunks_mut(PARALLEL_CHUNK))
-            .zip(v.par_chunks_mut(PARALLEL_CHUNK))
-            .zip(g.par_chunks(PARALLEL_CHUNK))
-            .for_each(|(((t, m), v), g)| hyper.update(t, m, v, g));
+        adamw::update(&self.hyper, theta, m, v, g);
         Ok(())
     }
 }

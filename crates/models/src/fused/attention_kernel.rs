@@ -7,9 +7,10 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{cpu, fusable};
+use slime_kernels::{MatMut, MatRef, Threads, matmul, vmath};
+
 use crate::Result;
-use crate::host::{HostF32, Mat, SendPtr, Threads, f32_slice, matmul, rope_row_bwd, scratch};
-use crate::vmath;
+use crate::host::{HostF32, f32_slice, recycle, rope_row_bwd, scratch};
 
 // ---------------------------------------------------------------------------------------------
 // Attention
@@ -408,11 +409,9 @@ impl AttentionSpec {
     ) {
         let d = self.head_dim;
         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
-            // SAFETY: `pb` holds (r1 - r0) x r1, `qr` seq x d, `kt` d x seq; single-threaded.
-            unsafe {
-                let (q, k) = (Mat::rows(&qr[r0 * d..], d), Mat::rows(&kt[k0..], self.seq));
-                matmul(r1 - r0, k1 - k0, d, pb.as_mut_ptr().add(k0), r1, false, q, k, Threads::Single);
-            }
+            // Scores of the block's queries (`qr`: seq x d) and keys k0..k1 (`kt`: d x seq).
+            let (q, k) = (MatRef::row_major(&qr[r0 * d..], r1 - r0, d), MatRef::new(&kt[k0..], d, k1 - k0, self.seq));
+            matmul(MatMut::new(&mut pb[k0..], r1 - r0, k1 - k0, r1), q, k, false, Threads::Single);
         }
         for (i, row) in (r0..r1).zip(pb.chunks_exact_mut(r1)) {
             let d = dcap.as_deref_mut().map(|d| &mut d[(i - r0) * r1..(i - r0 + 1) * r1]);
@@ -462,49 +461,64 @@ impl AttentionSpec {
         let (s, d, kv) = (self.seq, self.head_dim, self.kv_heads);
         let (cols, qc) = (self.qkv_cols(), self.q_cols());
         let n_rep = self.heads / kv;
-        let mut out = vec![0f32; self.batch * s * qc];
-        let dst = SendPtr(out.as_mut_ptr());
         let per_head = if keep_probs && self.can_keep_probs() { self.probs_per_head() } else { 0 };
         // Every element is written below (`block_probs` fills whole rows).
         let mut probs = if per_head > 0 { scratch(self.batch * self.heads * per_head) } else { Vec::new() };
-        let kept = SendPtr(probs.as_mut_ptr());
+        // Per (batch row, key/value head) task: its query heads' blocks of the kept probabilities
+        // (in task order), if kept.
+        let kept: Vec<Option<&mut [f32]>> = if per_head > 0 {
+            probs.chunks_mut(n_rep * per_head).map(Some).collect()
+        } else {
+            (0..self.batch * kv).map(|_| None).collect()
+        };
+        // The output head-major, `[batch, heads, seq, head_dim]`: each task's query heads are one
+        // contiguous block; products add into it from 0.
+        let mut ohm = scratch(self.batch * s * qc);
+        ohm.fill(0.0);
         // Per (batch row, key/value head) task, per query head and query block: the block's
         // probabilities (at most QUERY_BLOCK x seq, cache-sized, or in `probs`), then `out += P V`.
-        (0..self.batch * kv).into_par_iter().for_each_init(
+        ohm.par_chunks_mut(n_rep * s * d).zip(kept).enumerate().for_each_init(
             || (vec![0f32; s * d], vec![0f32; if per_head > 0 { 0 } else { QUERY_BLOCK * s }]),
-            |(kt, scratch), task| {
+            |(kt, scratch), (task, (out, mut kept))| {
                 let (b, g) = (task / kv, task % kv);
                 let head = |i: usize| &hm[(b * cols + i * d) * s..][..s * d];
                 transpose(head(self.heads + g), d, kt);
-                let v = Mat::rows(head(self.heads + kv + g), d);
-                for h in g * n_rep..(g + 1) * n_rep {
-                    let qr = head(h);
-                    let mut at = (b * self.heads + h) * per_head;
+                let v = head(self.heads + kv + g);
+                for (j, out) in out.chunks_exact_mut(s * d).enumerate() {
+                    let qr = head(g * n_rep + j);
+                    let mut at = j * per_head;
                     for (r0, r1) in query_blocks(s) {
                         let len = (r1 - r0) * r1;
-                        let pb = if per_head > 0 {
-                            at += len;
-                            // SAFETY: task (b, g) alone writes the blocks of batch row b's query
-                            // heads g * n_rep..(g + 1) * n_rep in `probs`, which outlives the loop.
-                            unsafe { std::slice::from_raw_parts_mut(kept.get().add(at - len), len) }
-                        } else {
-                            &mut scratch[..len]
+                        let pb = match kept.as_deref_mut() {
+                            Some(kept) => {
+                                at += len;
+                                &mut kept[at - len..at]
+                            }
+                            None => &mut scratch[..len],
                         };
                         self.block_probs(b, (r0, r1), qr, kt, pb, None);
                         for (k0, k1) in self.key_ranges(b, r0, r1).into_iter().filter(|(k0, k1)| k1 > k0) {
-                            // out[r0..r1] += P[.., k0..k1] V[k0..k1] (`out` starts at 0).
-                            // SAFETY: task (b, g) alone writes rows b * s.. of the columns of
-                            // heads g * n_rep..(g + 1) * n_rep of `out`, which outlives the loop.
-                            unsafe {
-                                let o = dst.get().add((b * s + r0) * qc + h * d);
-                                let pk = Mat::rows(&pb[k0..], r1);
-                                matmul(r1 - r0, d, k1 - k0, o, qc, true, pk, v.skip_rows(k0), Threads::Single);
-                            }
+                            // out[r0..r1] += P[.., k0..k1] V[k0..k1]
+                            let pk = MatRef::new(&pb[k0..], r1 - r0, k1 - k0, r1);
+                            let vk = MatRef::row_major(&v[k0 * d..], k1 - k0, d);
+                            let o = MatMut::row_major(&mut out[r0 * d..], r1 - r0, d);
+                            matmul(o, pk, vk, true, Threads::Single);
                         }
                     }
                 }
             },
         );
+        // Heads side by side again: `[batch * seq, heads * head_dim]`.
+        let heads = self.heads;
+        let mut out = scratch(self.batch * s * qc);
+        out.par_chunks_mut(s * qc).enumerate().for_each(|(b, rows)| {
+            for (t, row) in rows.chunks_exact_mut(qc).enumerate() {
+                for (h, o) in row.chunks_exact_mut(d).enumerate() {
+                    o.copy_from_slice(&ohm[((b * heads + h) * s + t) * d..][..d]);
+                }
+            }
+        });
+        recycle(ohm);
         (out, probs)
     }
 
@@ -535,10 +549,18 @@ impl AttentionSpec {
         if per_head > 0 && (probs.len() != self.batch * self.heads * per_head || !self.can_keep_probs()) {
             candle_core::bail!("attention: {} kept probabilities do not fit this attention", probs.len())
         }
-        // The gradients head-major as `hm` (unrotated back at the end, row by row).
+        // The gradients head-major as `hm` (unrotated back at the end, row by row), split into
+        // each (batch row, key/value head) task's blocks: its query heads', its key head's and
+        // its value head's.
         let mut dhm = vec![0f32; hm.len()];
-        let dst = SendPtr(dhm.as_mut_ptr());
-        (0..self.batch * kv).into_par_iter().for_each_init(
+        let mut tasks = Vec::with_capacity(self.batch * kv);
+        for (b, row) in dhm.chunks_mut(cols * s).enumerate() {
+            let (dq, rest) = row.split_at_mut(self.heads * s * d);
+            let (dk, dv) = rest.split_at_mut(kv * s * d);
+            let groups = dq.chunks_mut(n_rep * s * d).zip(dk.chunks_mut(s * d)).zip(dv.chunks_mut(s * d));
+            tasks.extend(groups.enumerate().map(|(g, ((dq, dk), dv))| (b, g, dq, dk, dv)));
+        }
+        tasks.into_par_iter().for_each_init(
             || {
                 let block = || vec![0f32; QUERY_BLOCK * s];
                 // The soft-cap derivative per score (soft-capped attention only).
@@ -546,26 +568,18 @@ impl AttentionSpec {
                 let probs = if per_head > 0 { Vec::new() } else { block() };
                 ([vec![0f32; s * d], vec![0f32; s * d]], probs, block(), cap)
             },
-            |([kt, vt], pb, dpb, cb), task| {
-                let (b, g) = (task / kv, task % kv);
-                let at = |i: usize| (b * cols + i * d) * s;
-                let head = |i: usize| &hm[at(i)..][..s * d];
-                // SAFETY: task (b, g) alone uses the gradient blocks of batch row b's query heads
-                // g * n_rep..(g + 1) * n_rep, key head g and value head g; `dhm` (zeroed)
-                // outlives the loop, and each block is borrowed once.
-                let grad = |i: usize| unsafe { std::slice::from_raw_parts_mut(dst.get().add(at(i)), s * d) };
+            |([kt, vt], pb, dpb, cb), (b, g, dq_heads, dkr, dvv)| {
+                let head = |i: usize| &hm[(b * cols + i * d) * s..][..s * d];
                 let kr = head(self.heads + g);
                 transpose(kr, d, kt);
                 // V^T ([head_dim, seq]) for `dP = dO V^T`.
                 transpose(head(self.heads + kv + g), d, vt);
-                let (dkr, dvv) = (grad(self.heads + g), grad(self.heads + kv + g));
-                for h in g * n_rep..(g + 1) * n_rep {
-                    let (qr, dqr) = (head(h), grad(h));
-                    let dout_h = Mat { ptr: dout[b * s * qc + h * d..].as_ptr(), rs: qc, cs: 1 };
+                for (j, dqr) in dq_heads.chunks_exact_mut(s * d).enumerate() {
+                    let h = g * n_rep + j;
+                    let qr = head(h);
+                    // Head h's columns of `d out` from batch row b's row `r`.
+                    let dout_h = |r: usize, rows: usize| MatRef::new(&dout[(b * s + r) * qc + h * d..], rows, d, qc);
                     let mut at_p = (b * self.heads + h) * per_head;
-                    // SAFETY (every product below): the scratch buffers are task-local with the
-                    // extents given (`pb`, `dpb`: (r1 - r0) x r1, row stride r1); `dout` and
-                    // `qkv` are live inputs; products are single-threaded.
                     for (r0, r1) in query_blocks(s) {
                         let (m, dpb) = (r1 - r0, &mut dpb[..(r1 - r0) * r1]);
                         let capped = self.softcap.is_some();
@@ -579,16 +593,14 @@ impl AttentionSpec {
                         };
                         let ranges = self.key_ranges(b, r0, r1);
                         let live = || ranges.into_iter().filter(|(k0, k1)| k1 > k0);
-                        let d_o = dout_h.skip_rows(r0);
+                        let d_o = dout_h(r0, m);
                         for (k0, k1) in live() {
                             // dV[k0..k1] += P[.., k0..k1]^T dO[r0..r1]
-                            let (pt, dv) =
-                                (Mat { ptr: pb[k0..].as_ptr(), rs: 1, cs: r1 }, dvv.as_mut_ptr().wrapping_add(k0 * d));
-                            unsafe { matmul(k1 - k0, d, m, dv, d, true, pt, d_o, Threads::Single) };
+                            let pt = MatRef::new(&pb[k0..], m, k1 - k0, r1).t();
+                            matmul(MatMut::row_major(&mut dvv[k0 * d..], k1 - k0, d), pt, d_o, true, Threads::Single);
                             // dP[.., k0..k1] = dO[r0..r1] V[k0..k1]^T
-                            let dpk = dpb.as_mut_ptr().wrapping_add(k0);
-                            let vtk = Mat::rows(&vt[k0..], s);
-                            unsafe { matmul(m, k1 - k0, d, dpk, r1, false, d_o, vtk, Threads::Single) };
+                            let vtk = MatRef::new(&vt[k0..], d, k1 - k0, s);
+                            matmul(MatMut::new(&mut dpb[k0..], m, k1 - k0, r1), d_o, vtk, false, Threads::Single);
                         }
                         for (ri, (prow, dprow)) in pb.chunks_exact(r1).zip(dpb.chunks_exact_mut(r1)).enumerate() {
                             // dS = P (dP - rowsum(P dP)) / sqrt(d) over the computed ranges
@@ -611,15 +623,13 @@ impl AttentionSpec {
                         let mut accumulate = false;
                         for (k0, k1) in live() {
                             // dQ[r0..r1] (+)= dS[.., k0..k1] K[k0..k1]
-                            let (ds, k) = (Mat::rows(&dpb[k0..], r1), Mat::rows(&kr[k0 * d..], d));
-                            let dq = dqr.as_mut_ptr().wrapping_add(r0 * d);
-                            unsafe { matmul(m, d, k1 - k0, dq, d, accumulate, ds, k, Threads::Single) };
+                            let ds = MatRef::new(&dpb[k0..], m, k1 - k0, r1);
+                            let k = MatRef::row_major(&kr[k0 * d..], k1 - k0, d);
+                            matmul(MatMut::row_major(&mut dqr[r0 * d..], m, d), ds, k, accumulate, Threads::Single);
                             accumulate = true;
                             // dK[k0..k1] += dS[.., k0..k1]^T Q[r0..r1]
-                            let (dst_t, q) =
-                                (Mat { ptr: dpb[k0..].as_ptr(), rs: 1, cs: r1 }, Mat::rows(&qr[r0 * d..], d));
-                            let dk = dkr.as_mut_ptr().wrapping_add(k0 * d);
-                            unsafe { matmul(k1 - k0, d, m, dk, d, true, dst_t, q, Threads::Single) };
+                            let q = MatRef::row_major(&qr[r0 * d..], m, d);
+                            matmul(MatMut::row_major(&mut dkr[k0 * d..], k1 - k0, d), ds.t(), q, true, Threads::Single);
                         }
                     }
                 }

@@ -12,10 +12,12 @@ use super::{
     ActivationMeter, Activations, AttentionSpec, attention, cpu, fusable, linear, linear_residual, norm_linear,
     rms_norm,
 };
+use slime_kernels::{MatMut, MatRef, Threads, matmul, product};
+
 use crate::Result;
 use crate::host::{
-    HeadNorm, HostF32, Mat, ROW_BLOCK, Threads, add_rows, col_sums, f32_slice, matmul, product, product_stacked,
-    product_stacked_t, recycle, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
+    HeadNorm, HostF32, ROW_BLOCK, add_rows, col_sums, f32_slice, product_stacked, product_stacked_t, recycle,
+    rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
 };
 
 /// Which optional parameters an attention block carries after its four projection matrices
@@ -116,11 +118,10 @@ impl AttentionBlockOp {
     fn add_out(&self, attn: &[f32], w: &BlockWeights, n: usize, y: &mut [f32]) {
         let (h, qc) = (self.hidden, self.spec.q_cols());
         let wo = w.get(3);
-        // SAFETY: `y` n x h, `attn` n x qc, `wo` h x qc (its length checked in the forward pass).
-        unsafe { matmul(n, h, qc, y.as_mut_ptr(), h, true, Mat::rows(attn, qc), Mat::rows_t(wo, qc), Threads::Pool) };
+        let a = MatRef::row_major(attn, n, qc);
+        matmul(MatMut::row_major(y, n, h), a, MatRef::row_major(wo, h, qc).t(), true, Threads::Pool);
         if let Some(ad) = &self.lora[3] {
-            // SAFETY: as above; the adapter's output is h wide.
-            recycle(unsafe { ad.forward(n, Mat::rows(attn, qc), w, y.as_mut_ptr(), h) });
+            recycle(ad.forward(a, w, MatMut::row_major(y, n, h)));
         }
     }
 
@@ -148,9 +149,9 @@ impl AttentionBlockOp {
         let mut qkv = product_stacked_t(n, h, &normed, &w.pieces(0..3));
         for p in 0..3 {
             if let Some(ad) = &self.lora[p] {
-                let col = self.qkv_col(p);
-                // SAFETY: `qkv` is n x cols; the adapter adds to its projection's columns.
-                recycle(unsafe { ad.forward(n, Mat::rows(&normed, h), w, qkv.as_mut_ptr().add(col), cols) });
+                // The adapter adds to its projection's columns of `qkv` (`n x cols`).
+                let y = MatMut::new(&mut qkv[self.qkv_col(p)..], n, ad.out, cols);
+                recycle(ad.forward(MatRef::row_major(&normed, n, h), w, y));
             }
         }
         drop(normed);
@@ -273,18 +274,14 @@ impl CustomOp3 for AttentionBlockOp {
             }
         };
         let gy: &[f32] = dm.as_deref().unwrap_or(g_);
-        if let Some(dwo) = grads.ptr(3) {
-            // SAFETY: `dwo` holds h x qc floats, written completely (accumulate = false).
-            unsafe { matmul(h, qc, n, dwo, qc, false, Mat::rows_t(gy, h), Mat::rows(&attn, qc), Threads::Pool) };
-        }
+        let (dy, z) = (MatRef::row_major(gy, n, h), MatRef::row_major(&attn, n, qc));
+        grads.product(3..4, false, dy.t(), z);
         let d_o_bias = self.parts.o_bias.then(|| col_sums(gy, h));
-        let mut dattn = product(n, qc, h, Mat::rows(gy, h), Mat::rows(wo, qc));
+        let mut dattn = product(dy, MatRef::row_major(wo, h, qc), Threads::Pool);
         if let Some(ad) = &self.lora[3] {
-            let (dy, z) = (Mat::rows(gy, h), Mat::rows(&attn, qc));
-            let (u, gr) = (ad.down(n, z, w_), ad.grad_r(n, dy, w_));
-            ad.weight_grads(n, dy, z, &u, &gr, &mut grads, false);
-            // SAFETY: `dattn` is n x qc, the adapter's input width.
-            unsafe { ad.add_dx(n, &gr, w_, dattn.as_mut_ptr(), qc) };
+            let (u, gr) = (ad.down(z, w_), ad.grad_r(dy, w_));
+            ad.weight_grads(dy, z, (&u, &gr), &mut grads, false);
+            ad.add_dx(&gr, w_, MatMut::row_major(&mut dattn, n, qc));
         }
         drop(attn);
         drop(dm);
@@ -306,32 +303,23 @@ impl CustomOp3 for AttentionBlockOp {
         let mut normed = vec![0f32; x_.len()];
         rms_norm_rows(x_, nw_, self.eps, &mut normed);
         let (t_q, t_k, t_v) = (self.layout.trains(0), self.layout.trains(1), self.layout.trains(2));
+        let z = MatRef::row_major(&normed, n, h);
+        // The projection `p`'s columns of `d qkv`, `n x out`.
+        let dz = |p: usize| MatRef::new(&dqkv[self.qkv_col(p)..], n, self.layout.lens[p] / h, cols);
         if t_q && t_k && t_v {
-            // One product for the stacked [q; k; v] gradient (adjacent in the buffer).
-            if let (Some(dst), Some(_), Some(_)) = (grads.ptr(0), grads.ptr(1), grads.ptr(2)) {
-                // SAFETY: `dst` holds cols x h floats (the three regions), written completely.
-                unsafe {
-                    matmul(cols, h, n, dst, h, false, Mat::rows_t(&dqkv, cols), Mat::rows(&normed, h), Threads::Pool)
-                };
-            }
+            // One product for the stacked [q; k; v] gradient.
+            grads.product(0..3, false, MatRef::row_major(&dqkv, n, cols).t(), z);
         } else {
             for p in 0..3 {
-                if let Some(dst) = grads.ptr(p) {
-                    let (col, out) = (self.qkv_col(p), self.layout.lens[p] / h);
-                    let dzt = Mat { ptr: dqkv[col..].as_ptr(), rs: 1, cs: cols };
-                    // SAFETY: `dst` holds out x h floats, written completely; the projection's
-                    // columns of `d qkv`, transposed, are out x n.
-                    unsafe { matmul(out, h, n, dst, h, false, dzt, Mat::rows(&normed, h), Threads::Pool) };
-                }
+                grads.product(p..p + 1, false, dz(p).t(), z);
             }
         }
         // The q/k/v adapters: their weight gradients now, `g = s dz B` kept for `dx`.
         let mut qkv_lora = Vec::new();
         for p in 0..3 {
             if let Some(ad) = &self.lora[p] {
-                let (dz, z) = (Mat { ptr: dqkv[self.qkv_col(p)..].as_ptr(), rs: cols, cs: 1 }, Mat::rows(&normed, h));
-                let (u, gr) = (ad.down(n, z, w_), ad.grad_r(n, dz, w_));
-                ad.weight_grads(n, dz, z, &u, &gr, &mut grads, false);
+                let (u, gr) = (ad.down(z, w_), ad.grad_r(dz(p), w_));
+                ad.weight_grads(dz(p), z, (&u, &gr), &mut grads, false);
                 recycle(u);
                 qkv_lora.push((ad, gr));
             }
@@ -360,8 +348,7 @@ impl CustomOp3 for AttentionBlockOp {
         if want_dx || want_dnw {
             let mut dnormed = product_stacked(n, h, &dqkv, &w_.pieces(0..3));
             for (ad, gr) in &qkv_lora {
-                // SAFETY: `dnormed` is n x h, the adapters' input width.
-                unsafe { ad.add_dx(n, gr, w_, dnormed.as_mut_ptr(), h) };
+                ad.add_dx(gr, w_, MatMut::row_major(&mut dnormed, n, h));
             }
             drop(dqkv);
             // The residual's gradient plus RMSNorm's backward.

@@ -11,11 +11,12 @@ use super::attention_block;
 use super::low_rank::{Adapter, LowRank};
 use super::weight_grads::{BlockWeights, GradBuf, Packing, WeightLayout, route};
 use super::{ActivationMeter, Activations, cpu, fusable, norm_linear, rms_norm, swiglu_down_residual};
+use slime_kernels::{MatMut, MatRef, Threads, matmul, product};
+
 use crate::Result;
 use crate::host::{
-    HostF32, Mat, ROW_BLOCK, Threads, f32_slice, glu_act_bwd_rows_in_place, glu_bwd_rows_in_place, glu_rows, matmul,
-    product, product_stacked, product_stacked_t, recycle, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows,
-    scratch,
+    HostF32, ROW_BLOCK, f32_slice, glu_act_bwd_rows_in_place, glu_bwd_rows_in_place, glu_rows, product_stacked,
+    product_stacked_t, recycle, rms_norm_bwd_rows, rms_norm_bwd_rows_add, rms_norm_rows, scratch,
 };
 
 /// Rows of the MLP block's backward pass (and of its forward pass when it keeps nothing) handled
@@ -86,8 +87,9 @@ impl MlpBlockOp {
         let i = self.inter;
         for (p, col) in [(0, 0), (1, i)] {
             if let Some(ad) = &self.lora[p] {
-                // SAFETY: `gu` is rows x 2i; the adapter adds to columns col..col + i of each row.
-                recycle(unsafe { ad.forward(rows, Mat::rows(&normed, h), w, gu.as_mut_ptr().add(col), 2 * i) });
+                // `gu` is rows x 2i; the adapter adds to columns col..col + i of each row.
+                let y = MatMut::new(&mut gu[col..], rows, i, 2 * i);
+                recycle(ad.forward(MatRef::row_major(&normed, rows, h), w, y));
             }
         }
         (normed, gu)
@@ -107,12 +109,10 @@ impl MlpBlockOp {
     /// `y += act w_down^T (+ scale (act A^T) B^T)` for `rows` rows `act`.
     fn project_down(&self, act: &[f32], rows: usize, w: &BlockWeights, y: &mut [f32]) {
         let (h, i) = (self.hidden, self.inter);
-        let wd = w.get(2);
-        // SAFETY: `y` rows x h, `act` rows x i, `wd` h x i (its length checked in the forward pass).
-        unsafe { matmul(rows, h, i, y.as_mut_ptr(), h, true, Mat::rows(act, i), Mat::rows_t(wd, i), Threads::Pool) };
+        let (a, wd) = (MatRef::row_major(act, rows, i), MatRef::row_major(w.get(2), h, i));
+        matmul(MatMut::row_major(y, rows, h), a, wd.t(), true, Threads::Pool);
         if let Some(ad) = &self.lora[2] {
-            // SAFETY: as above; the adapter's output is h wide.
-            recycle(unsafe { ad.forward(rows, Mat::rows(act, i), w, y.as_mut_ptr(), h) });
+            recycle(ad.forward(a, w, MatMut::row_major(y, rows, h)));
         }
     }
 
@@ -269,12 +269,12 @@ impl CustomOp3 for MlpBlockOp {
                     d
                 }
             };
-            let mut dact = product(rows, i, h, Mat::rows(dm, h), Mat::rows(wd, i));
+            let dmr = MatRef::row_major(dm, rows, h);
+            let mut dact = product(dmr, MatRef::row_major(wd, h, i), Threads::Pool);
             // down_proj's adapter: `g_down = s dm B`, and `g_down A` joins `dact`.
             let g_down = self.lora[2].map(|ad| {
-                let gr = ad.grad_r(rows, Mat::rows(dm, h), w_);
-                // SAFETY: `dact` is rows x i, the adapter's input width.
-                unsafe { ad.add_dx(rows, &gr, w_, dact.as_mut_ptr(), i) };
+                let gr = ad.grad_r(dmr, w_);
+                ad.add_dx(&gr, w_, MatMut::row_major(&mut dact, rows, i));
                 gr
             });
             if act_first {
@@ -287,14 +287,15 @@ impl CustomOp3 for MlpBlockOp {
             let dgu: &[f32] = gu;
             // The adapters' row products over the whole chunk: `u = s z A^T` of each input `z`
             // and, for gate and up, `g = s dz B` of their slice of `d[g|u]`.
-            let u_down = self.lora[2].map(|ad| ad.down(rows, Mat::rows(act, i), w_));
+            let u_down = self.lora[2].map(|ad| ad.down(MatRef::row_major(act, rows, i), w_));
+            // Columns col..col + i of `d[g|u]`, for `n` rows from row `s0`.
+            let dz = |s0: usize, n: usize, col: usize| MatRef::new(&dgu[s0 * 2 * i + col..], n, i, 2 * i);
             let gate_up_lora: Vec<(Adapter, usize, Vec<f32>, Vec<f32>)> = [(0, 0), (1, i)]
                 .into_iter()
                 .filter_map(|(p, col)| self.lora[p].map(|ad| (ad, col)))
                 .map(|(ad, col)| {
-                    let dz = Mat { ptr: dgu[col..].as_ptr(), rs: 2 * i, cs: 1 };
-                    let u = ad.down(rows, Mat::rows(normed, h), w_);
-                    (ad, col, u, ad.grad_r(rows, dz, w_))
+                    let u = ad.down(MatRef::row_major(normed, rows, h), w_);
+                    (ad, col, u, ad.grad_r(dz(0, rows, col), w_))
                 })
                 .collect();
             // The weight gradients, MLP_ROWS rows at a time in order. Every gradient region holds
@@ -303,38 +304,25 @@ impl CustomOp3 for MlpBlockOp {
             for s in 0..rows.div_ceil(MLP_ROWS) {
                 let (s0, n) = (s * MLP_ROWS, MLP_ROWS.min(rows - s * MLP_ROWS));
                 let accumulate = c > 0 || s > 0;
-                let (dms, acts) = (Mat::rows(&dm[s0 * h..], h), Mat::rows(&act[s0 * i..], i));
-                let normeds = Mat::rows(&normed[s0 * h..], h);
-                if let Some(dst) = grads.ptr(2) {
-                    // SAFETY: `dst` h x i; `dm^T` h x n, `act` n x i.
-                    unsafe { matmul(h, i, n, dst, i, accumulate, Mat::rows_t(&dm[s0 * h..], h), acts, Threads::Pool) };
-                }
+                let (dms, acts) = (MatRef::row_major(&dm[s0 * h..], n, h), MatRef::row_major(&act[s0 * i..], n, i));
+                let normeds = MatRef::row_major(&normed[s0 * h..], n, h);
+                grads.product(2..3, accumulate, dms.t(), acts);
                 if t_gate && t_up {
-                    // One product for the stacked [gate; up] gradient (adjacent in the buffer).
-                    if let (Some(dst), Some(_)) = (grads.ptr(0), grads.ptr(1)) {
-                        let dgut = Mat::rows_t(&dgu[s0 * 2 * i..], 2 * i);
-                        // SAFETY: `dst` 2i x h (gate's and up's regions, adjacent); `d[g|u]^T`
-                        // 2i x n, `normed` n x h.
-                        unsafe { matmul(2 * i, h, n, dst, h, accumulate, dgut, normeds, Threads::Pool) };
-                    }
+                    // One product for the stacked [gate; up] gradient.
+                    let dgut = MatRef::row_major(&dgu[s0 * 2 * i..], n, 2 * i).t();
+                    grads.product(0..2, accumulate, dgut, normeds);
                 } else {
                     for (p, col) in [(0, 0), (1, i)] {
-                        if let Some(dst) = grads.ptr(p) {
-                            let dzt = Mat { ptr: dgu[s0 * 2 * i + col..].as_ptr(), rs: 1, cs: 2 * i };
-                            // SAFETY: `dst` i x h; the piece's columns of `d[g|u]`, transposed,
-                            // i x n; `normed` n x h.
-                            unsafe { matmul(i, h, n, dst, h, accumulate, dzt, normeds, Threads::Pool) };
-                        }
+                        grads.product(p..p + 1, accumulate, dz(s0, n, col).t(), normeds);
                     }
                 }
                 if let (Some(ad), Some(u), Some(gr)) = (&self.lora[2], &u_down, &g_down) {
                     let r = ad.rank;
-                    ad.weight_grads(n, dms, acts, &u[s0 * r..], &gr[s0 * r..], &mut grads, accumulate);
+                    ad.weight_grads(dms, acts, (&u[s0 * r..], &gr[s0 * r..]), &mut grads, accumulate);
                 }
                 for (ad, col, u, gr) in &gate_up_lora {
                     let r = ad.rank;
-                    let dz = Mat { ptr: dgu[s0 * 2 * i + col..].as_ptr(), rs: 2 * i, cs: 1 };
-                    ad.weight_grads(n, dz, normeds, &u[s0 * r..], &gr[s0 * r..], &mut grads, accumulate);
+                    ad.weight_grads(dz(s0, n, *col), normeds, (&u[s0 * r..], &gr[s0 * r..]), &mut grads, accumulate);
                 }
             }
             recycle(u_down.unwrap_or_default());
@@ -344,8 +332,7 @@ impl CustomOp3 for MlpBlockOp {
             }
             let mut dnormed = product_stacked(rows, h, dgu, &w_.pieces(0..2));
             for (ad, _, _, gr) in &gate_up_lora {
-                // SAFETY: `dnormed` is rows x h, the adapters' input width.
-                unsafe { ad.add_dx(rows, gr, w_, dnormed.as_mut_ptr(), h) };
+                ad.add_dx(gr, w_, MatMut::row_major(&mut dnormed, rows, h));
             }
             let dxc = &mut dx[c * chunk_rows * h..][..xc.len()];
             let sub = MLP_ROWS * h;

@@ -9,8 +9,9 @@
 
 use candle_core::Tensor;
 
+use slime_kernels::{MatMut, MatRef, Threads, matmul, product};
+
 use super::weight_grads::{BlockWeights, GradBuf};
-use crate::host::{Mat, Threads, matmul, product};
 
 /// A LoRA adapter on a projection of a fused block ([`super::AttentionExtras::lora`],
 /// [`super::MlpExtras::lora`]): `y = x W^T + scale (x A^T) B^T` with `a` = `A [r, in]` and
@@ -88,30 +89,34 @@ impl Adapter {
         Ok(Self { a: n - 2, b: n - 1, rank, inp, out, scale: lora.scale as f32 })
     }
 
-    /// `u = scale x A^T`, `[n, r]`, for `n` rows `x` (`[n, in]`).
-    pub(super) fn down(&self, n: usize, x: Mat, w: &BlockWeights) -> Vec<f32> {
-        let mut u = product(n, self.rank, self.inp, x, Mat::rows_t(w.get(self.a), self.inp));
+    /// `A [r, in]`.
+    fn a<'w>(&self, w: &'w BlockWeights) -> MatRef<'w> {
+        MatRef::row_major(w.get(self.a), self.rank, self.inp)
+    }
+
+    /// `B [out, r]`.
+    fn b<'w>(&self, w: &'w BlockWeights) -> MatRef<'w> {
+        MatRef::row_major(w.get(self.b), self.out, self.rank)
+    }
+
+    /// `u = scale x A^T`, `[n, r]`, for the rows `x` (`[n, in]`).
+    pub(super) fn down(&self, x: MatRef<'_>, w: &BlockWeights) -> Vec<f32> {
+        let mut u = product(x, self.a(w).t(), Threads::Pool);
         scale(&mut u, self.scale);
         u
     }
 
-    /// `y += scale (x A^T) B^T` for `n` rows `x`; `y` is `[n, out]` with row stride `y_rs`.
-    /// Returns `u = scale x A^T`.
-    ///
-    /// # Safety
-    /// `y` must be valid for `n` rows of `out` floats at row stride `y_rs`, not aliasing `x`.
-    pub(super) unsafe fn forward(&self, n: usize, x: Mat, w: &BlockWeights, y: *mut f32, y_rs: usize) -> Vec<f32> {
-        let u = self.down(n, x, w);
-        let b = Mat::rows_t(w.get(self.b), self.rank);
-        // SAFETY: `u` n x r, `B^T` r x out; the caller's contract for `y`.
-        unsafe { matmul(n, self.out, self.rank, y, y_rs, true, Mat::rows(&u, self.rank), b, Threads::Pool) };
+    /// `y += scale (x A^T) B^T` for the rows `x`; `y` is `[n, out]`. Returns `u = scale x A^T`.
+    pub(super) fn forward(&self, x: MatRef<'_>, w: &BlockWeights, y: MatMut<'_>) -> Vec<f32> {
+        let u = self.down(x, w);
+        matmul(y, MatRef::row_major(&u, x.rows(), self.rank), self.b(w).t(), true, Threads::Pool);
         u
     }
 
-    /// `g = scale dy B`, `[n, r]`, from the output gradient `dy` (`[n, out]`) of `n` rows: the
-    /// adapter's part of the input gradient is `g A` ([`Self::add_dx`]).
-    pub(super) fn grad_r(&self, n: usize, dy: Mat, w: &BlockWeights) -> Vec<f32> {
-        let mut g = product(n, self.rank, self.out, dy, Mat::rows(w.get(self.b), self.rank));
+    /// `g = scale dy B`, `[n, r]`, from the output gradient `dy` (`[n, out]`): the adapter's
+    /// part of the input gradient is `g A` ([`Self::add_dx`]).
+    pub(super) fn grad_r(&self, dy: MatRef<'_>, w: &BlockWeights) -> Vec<f32> {
+        let mut g = product(dy, self.b(w), Threads::Pool);
         scale(&mut g, self.scale);
         g
     }
@@ -119,41 +124,24 @@ impl Adapter {
     /// Adds (`accumulate`, else writes) `dB = dy^T u` and `dA = g^T x` of `n` rows into `grads`
     /// (each when it trains), from the output gradient `dy` (`[n, out]`), the input rows `x`
     /// (`[n, in]`), `u = scale x A^T` ([`Self::down`]) and `g = scale dy B` ([`Self::grad_r`]),
-    /// both `[n, r]` at row stride `r`.
-    #[allow(clippy::too_many_arguments)]
+    /// both `[n, r]` at row stride `r` (longer slices: their first `n` rows).
     pub(super) fn weight_grads(
         &self,
-        n: usize,
-        dy: Mat,
-        x: Mat,
-        u: &[f32],
-        g: &[f32],
+        dy: MatRef<'_>,
+        x: MatRef<'_>,
+        (u, g): (&[f32], &[f32]),
         grads: &mut GradBuf,
         accumulate: bool,
     ) {
-        let (r, inp, out) = (self.rank, self.inp, self.out);
-        assert!(u.len() >= n * r && g.len() >= n * r, "low-rank rows");
-        // SAFETY: each gradient region holds its piece's floats (`out x r`, `r x in`); `dy^T` is
-        // out x n, `u` n x r, `g^T` r x n, `x` n x in (the callers' views); nothing aliases.
-        unsafe {
-            if let Some(db) = grads.ptr(self.b) {
-                let dyt = Mat { ptr: dy.ptr, rs: dy.cs, cs: dy.rs };
-                matmul(out, r, n, db, r, accumulate, dyt, Mat::rows(u, r), Threads::Pool);
-            }
-            if let Some(da) = grads.ptr(self.a) {
-                matmul(r, inp, n, da, inp, accumulate, Mat::rows_t(g, r), x, Threads::Pool);
-            }
-        }
+        let (n, r) = (dy.rows(), self.rank);
+        grads.product(self.b..self.b + 1, accumulate, dy.t(), MatRef::row_major(u, n, r));
+        grads.product(self.a..self.a + 1, accumulate, MatRef::row_major(g, n, r).t(), x);
     }
 
-    /// `dx += g A` for `n` rows; `dx` is `[n, in]` with row stride `dx_rs`.
-    ///
-    /// # Safety
-    /// `dx` must be valid for `n` rows of `in` floats at row stride `dx_rs`, not aliasing `g`.
-    pub(super) unsafe fn add_dx(&self, n: usize, g: &[f32], w: &BlockWeights, dx: *mut f32, dx_rs: usize) {
-        let a = Mat::rows(w.get(self.a), self.inp);
-        // SAFETY: `g` n x r, `A` r x in; the caller's contract for `dx`.
-        unsafe { matmul(n, self.inp, self.rank, dx, dx_rs, true, Mat::rows(g, self.rank), a, Threads::Pool) };
+    /// `dx += g A` for the `dx.rows()` rows of `g` (`[n, r]`); `dx` is `[n, in]`.
+    pub(super) fn add_dx(&self, g: &[f32], w: &BlockWeights, dx: MatMut<'_>) {
+        let g = MatRef::row_major(g, dx.rows(), self.rank);
+        matmul(dx, g, self.a(w), true, Threads::Pool);
     }
 }
 

@@ -26,11 +26,13 @@
 //! afterwards: the same values, without candle's zero-filled entry and add for the packed
 //! tensor, the `cat` and the `reshape` of every weight).
 //!
-//! Matrix products go through `host::matmul` on strided views (`tile_product` on AVX-512F CPUs,
-//! the `gemm` crate otherwise), so heads are read straight out of `[tokens, heads * head_dim]`
-//! activations; row-wise work runs on rayon's pool (`RAYON_NUM_THREADS`). They run on f32 CPU
-//! tensors while [`enabled`]; every public function falls back to the composition on any other
-//! device or dtype, so the `cuda` feature keeps working.
+//! Matrix products and the vectorised row math are `slime_kernels`' safe API on strided slice
+//! views (`MatRef`, `MatMut`: AVX-512F register tiles or the `gemm` crate, picked there), so heads
+//! are read straight out of `[tokens, heads * head_dim]` activations; parallel tasks write
+//! disjoint chunks of their outputs (`par_chunks_mut`, split slices), and this module holds no
+//! `unsafe` code. Row-wise work runs on rayon's pool (`RAYON_NUM_THREADS`). The kernels run on
+//! f32 CPU tensors while [`enabled`]; every public function falls back to the composition on any
+//! other device or dtype, so the `cuda` feature keeps working.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -53,8 +55,6 @@ pub use low_rank::LowRank;
 pub use projections::{linear, linear_residual, norm_linear, swiglu_down_residual};
 pub use rows::{log_softmax_gather, rms_norm};
 pub use weight_grads::WeightGrads;
-
-pub use crate::host::products_on_this_thread;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 

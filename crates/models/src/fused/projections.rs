@@ -5,12 +5,17 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, Layout, Shape, Tensor};
 
 use super::{Glu, cpu, fusable, rms_norm};
 use crate::Result;
-use crate::host::{
-    HostF32, Mat, Threads, f32_slice, glu_bwd_rows, glu_rows, matmul, product, rms_norm_bwd_rows, rms_norm_rows,
-};
+use slime_kernels::{MatMut, MatRef, Threads, matmul, product};
+
+use crate::host::{HostF32, f32_slice, glu_bwd_rows, glu_rows, rms_norm_bwd_rows, rms_norm_rows};
 
 // ---------------------------------------------------------------------------------------------
 // Linear layers
+
+/// The row-major `rows x cols` matrix in `data`.
+fn rows(data: &[f32], rows: usize, cols: usize) -> MatRef<'_> {
+    MatRef::row_major(data, rows, cols)
+}
 
 /// Rows and columns of a 2-D (or flattened) activation with `cols` columns.
 fn rows_of(l: &Layout, cols: usize, what: &str) -> candle_core::Result<usize> {
@@ -39,7 +44,7 @@ impl CustomOp2 for LinearOp {
         let w = f32_slice(s2, l2, "linear weight")?;
         let (out, inp) = l2.shape().dims2()?;
         let n = rows_of(l1, inp, "linear x")?;
-        let y = product(n, out, inp, Mat::rows(x, inp), Mat::rows_t(w, inp));
+        let y = product(rows(x, n, inp), rows(w, out, inp).t(), Threads::Pool);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -55,8 +60,9 @@ impl CustomOp2 for LinearOp {
         let (out, inp) = w.dims2()?;
         let n = x.dim(0)?;
         let (xs, ws, gs) = (HostF32::new(x, "linear x")?, HostF32::new(w, "linear w")?, HostF32::new(&g, "grad")?);
-        let dx = product(n, inp, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), inp));
-        let dw = product(out, inp, n, Mat::rows_t(gs.slice(), out), Mat::rows(xs.slice(), inp));
+        let (g, w, x) = (rows(gs.slice(), n, out), rows(ws.slice(), out, inp), rows(xs.slice(), n, inp));
+        let dx = product(g, w, Threads::Pool);
+        let dw = product(g.t(), x, Threads::Pool);
         Ok((Some(cpu(dx, (n, inp))?), Some(cpu(dw, (out, inp))?)))
     }
 }
@@ -112,7 +118,7 @@ impl CustomOp3 for NormLinearOp {
         let n = rows_of(l1, inp, "norm_linear x")?;
         let mut normed = vec![0f32; x.len()];
         rms_norm_rows(x, nw, self.eps, &mut normed);
-        let y = product(n, out, inp, Mat::rows(&normed, inp), Mat::rows_t(w, inp));
+        let y = product(rows(&normed, n, inp), rows(w, out, inp).t(), Threads::Pool);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -134,9 +140,10 @@ impl CustomOp3 for NormLinearOp {
         let gs = HostF32::new(&g, "grad")?;
         let mut normed = vec![0f32; n * inp];
         rms_norm_rows(xs.slice(), nws.slice(), self.eps, &mut normed);
-        let dw = product(out, inp, n, Mat::rows_t(gs.slice(), out), Mat::rows(&normed, inp));
+        let g = rows(gs.slice(), n, out);
+        let dw = product(g.t(), rows(&normed, n, inp), Threads::Pool);
         drop(normed);
-        let dh = product(n, inp, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), inp));
+        let dh = product(g, rows(ws.slice(), out, inp), Threads::Pool);
         let mut dx = vec![0f32; n * inp];
         let dnw = rms_norm_bwd_rows(xs.slice(), nws.slice(), &dh, self.eps, &mut dx);
         Ok((Some(cpu(dx, (n, inp))?), Some(cpu(dnw, nw.shape())?), Some(cpu(dw, (out, inp))?)))
@@ -179,10 +186,7 @@ impl CustomOp3 for LinearResidualOp {
             candle_core::bail!("linear_residual: residual has {} elements, expected {n} x {out}", x.len())
         }
         let mut y = x.to_vec();
-        // SAFETY: `y` holds n x out elements; `a` and `w` are live slices of n x inp and out x inp.
-        unsafe {
-            matmul(n, out, inp, y.as_mut_ptr(), out, true, Mat::rows(a, inp), Mat::rows_t(w, inp), Threads::Pool)
-        };
+        matmul(MatMut::row_major(&mut y, n, out), rows(a, n, inp), rows(w, out, inp).t(), true, Threads::Pool);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -198,8 +202,9 @@ impl CustomOp3 for LinearResidualOp {
         let (out, inp) = w.dims2()?;
         let n = a.dim(0)?;
         let (as_, ws, gs) = (HostF32::new(a, "input")?, HostF32::new(w, "weight")?, HostF32::new(&g, "grad")?);
-        let da = product(n, inp, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), inp));
-        let dw = product(out, inp, n, Mat::rows_t(gs.slice(), out), Mat::rows(as_.slice(), inp));
+        let g_ = rows(gs.slice(), n, out);
+        let da = product(g_, rows(ws.slice(), out, inp), Threads::Pool);
+        let dw = product(g_.t(), rows(as_.slice(), n, inp), Threads::Pool);
         drop(gs);
         Ok((Some(g), Some(cpu(da, (n, inp))?), Some(cpu(dw, (out, inp))?)))
     }
@@ -244,8 +249,7 @@ impl CustomOp3 for SwigluDownResidualOp {
         let mut act = vec![0f32; n * i];
         glu_rows(Glu::Silu, gu, i, &mut act);
         let mut y = x.to_vec();
-        // SAFETY: `y` holds n x out elements; `act` n x i; `w` out x i.
-        unsafe { matmul(n, out, i, y.as_mut_ptr(), out, true, Mat::rows(&act, i), Mat::rows_t(w, i), Threads::Pool) };
+        matmul(MatMut::row_major(&mut y, n, out), rows(&act, n, i), rows(w, out, i).t(), true, Threads::Pool);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -264,9 +268,10 @@ impl CustomOp3 for SwigluDownResidualOp {
         let (gus, ws, gs) = (HostF32::new(gu, "gate|up")?, HostF32::new(w, "weight")?, HostF32::new(&g, "grad")?);
         let mut act = vec![0f32; n * i];
         glu_rows(Glu::Silu, gus.slice(), i, &mut act);
-        let dw = product(out, i, n, Mat::rows_t(gs.slice(), out), Mat::rows(&act, i));
+        let g_ = rows(gs.slice(), n, out);
+        let dw = product(g_.t(), rows(&act, n, i), Threads::Pool);
         drop(act);
-        let dact = product(n, i, out, Mat::rows(gs.slice(), out), Mat::rows(ws.slice(), i));
+        let dact = product(g_, rows(ws.slice(), out, i), Threads::Pool);
         let mut dgu = vec![0f32; n * 2 * i];
         glu_bwd_rows(Glu::Silu, gus.slice(), &dact, i, &mut dgu);
         drop(gs);

@@ -14,10 +14,12 @@
 //! merged store holds the same values as the graph path's (which adds each gradient to zero).
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use slime_kernels::{MatMut, MatRef, Threads, matmul, product};
 
 use crate::Result;
 use crate::host::HostF32;
@@ -243,73 +245,126 @@ impl<'a> BlockWeights<'a> {
     }
 }
 
-/// The gradients of a block's trainable pieces, in packed order, in one buffer that products
-/// write into directly (no zero fill: each piece's region is written whole by its first product
-/// or copy, see [`Self::ptr`]).
+/// The gradients of a block's trainable pieces, as products write them: each in a buffer of its
+/// own, or several consecutive pieces in one (a stacked product such as `d[q|k|v]^T x`), the
+/// first product allocating it (no zero fill) and later ones adding to it.
 pub(super) struct GradBuf<'a> {
     layout: &'a WeightLayout,
-    buf: Vec<f32>,
-    /// Per piece: whether its region was handed out for writing.
-    written: Vec<bool>,
+    /// Buffers holding consecutive trainable pieces: `(first piece, floats)`.
+    segments: Vec<(usize, Vec<f32>)>,
+    /// Per piece: `(segment, offset in it)` once written.
+    at: Vec<Option<(usize, usize)>>,
 }
 
 impl<'a> GradBuf<'a> {
     pub(super) fn new(layout: &'a WeightLayout) -> Self {
-        Self { layout, buf: Vec::with_capacity(layout.grad_len()), written: vec![false; layout.lens.len()] }
+        Self { layout, segments: Vec::new(), at: vec![None; layout.lens.len()] }
     }
 
-    /// Where piece `i`'s gradient goes (`lens[i]` floats), or `None` when it does not train.
-    /// The caller writes the whole region (a product with `accumulate = false` first) before
-    /// [`Self::finish`].
-    pub(super) fn ptr(&mut self, i: usize) -> Option<*mut f32> {
-        let offset = self.layout.grad_offset[i]?;
-        self.written[i] = true;
-        // SAFETY: `offset + lens[i] <= capacity` (the offsets partition the buffer).
-        Some(unsafe { self.buf.as_mut_ptr().add(offset) })
+    /// Whether all of pieces `range` train.
+    fn trains(&self, range: &Range<usize>) -> bool {
+        range.clone().all(|i| self.layout.trains(i))
     }
 
-    /// Copies `grad` into piece `i`'s region when it trains.
-    pub(super) fn put(&mut self, i: usize, grad: &[f32]) {
-        let n = self.layout.lens[i];
-        assert_eq!(grad.len(), n, "gradient of block weight {i}");
-        if let Some(p) = self.ptr(i) {
-            // SAFETY: the region holds `n` floats (see `ptr`); `grad` does not alias it.
-            unsafe { std::ptr::copy_nonoverlapping(grad.as_ptr(), p, n) };
+    /// Sets the gradient of pieces `range` (consecutive, each trainable, none set before) to
+    /// `grad`, their floats in order.
+    fn set(&mut self, range: Range<usize>, grad: Vec<f32>) {
+        let lens = &self.layout.lens[range.clone()];
+        assert_eq!(grad.len(), lens.iter().sum::<usize>(), "gradient of block weights {range:?}");
+        let mut offset = 0;
+        for (i, n) in range.clone().zip(lens) {
+            assert!(self.at[i].is_none(), "gradient of block weight {i} set twice");
+            self.at[i] = Some((self.segments.len(), offset));
+            offset += n;
+        }
+        self.segments.push((range.start, grad));
+    }
+
+    /// The gradient of pieces `range`, consecutive in one buffer (set together before).
+    fn get_mut(&mut self, range: Range<usize>) -> &mut [f32] {
+        let (seg, offset) = self.at[range.start].expect("gradient written before it is added to");
+        let len: usize = self.layout.lens[range.clone()].iter().sum();
+        assert!(range.clone().all(|i| self.at[i].is_some_and(|(s, _)| s == seg)), "pieces {range:?} not stacked");
+        &mut self.segments[seg].1[offset..offset + len]
+    }
+
+    /// When pieces `range` (consecutive; together `dst_rows x dst_cols`, row-major) train: their
+    /// gradient `a b`, written (`accumulate` false: the first product for them) or added.
+    pub(super) fn product(&mut self, range: Range<usize>, accumulate: bool, a: MatRef<'_>, b: MatRef<'_>) {
+        if !self.trains(&range) {
+            return;
+        }
+        if accumulate {
+            let (rows, cols) = (a.rows(), b.cols());
+            matmul(MatMut::row_major(self.get_mut(range), rows, cols), a, b, true, Threads::Pool);
+        } else {
+            self.set(range, product(a, b, Threads::Pool));
         }
     }
 
-    /// The gradient buffer, every trainable piece's region initialised: one that was never
-    /// handed out (an op not computing it) is zeroed rather than left unwritten.
-    pub(super) fn finish(mut self) -> Vec<f32> {
+    /// Copies `grad` in as piece `i`'s gradient when it trains.
+    pub(super) fn put(&mut self, i: usize, grad: &[f32]) {
+        if self.layout.trains(i) {
+            self.set(i..i + 1, grad.to_vec());
+        }
+    }
+
+    /// The trainable pieces' gradients; a piece no product wrote (an op not computing it) gets
+    /// zeros.
+    pub(super) fn finish(mut self) -> BlockGrads {
         let layout = self.layout;
         for (i, &n) in layout.lens.iter().enumerate() {
-            if let (Some(offset), false) = (layout.grad_offset[i], self.written[i]) {
-                // SAFETY: the region lies within the capacity (see `ptr`).
-                unsafe { std::ptr::write_bytes(self.buf.as_mut_ptr().add(offset), 0, n) };
+            if layout.trains(i) && self.at[i].is_none() {
+                self.set(i..i + 1, vec![0.0; n]);
             }
         }
-        // SAFETY: every region of the buffer was written, by the op (see `ptr`) or just above.
-        unsafe { self.buf.set_len(layout.grad_len()) };
-        self.buf
+        BlockGrads { segments: self.segments, at: self.at }
     }
 }
 
-/// The gradient for the op's packed weights input from the trainable pieces' gradient `dw`: in
-/// direct mode each trainable piece gets its slice of `dw` (views into one buffer) through the
-/// collector and the input gets none; otherwise `dw` in the input's shape, for candle to route
-/// (none when nothing is packed).
-pub(super) fn route(layout: &WeightLayout, dw: Vec<f32>, packed: &Tensor) -> candle_core::Result<Option<Tensor>> {
+/// A block's weight gradients ([`GradBuf::finish`]): every trainable piece's, in buffers of one
+/// or more consecutive pieces.
+pub(super) struct BlockGrads {
+    segments: Vec<(usize, Vec<f32>)>,
+    at: Vec<Option<(usize, usize)>>,
+}
+
+impl BlockGrads {
+    /// The trainable pieces' gradients in packed order, in one buffer (without a copy when one
+    /// segment holds them all).
+    fn concat(mut self, layout: &WeightLayout) -> Vec<f32> {
+        self.segments.sort_by_key(|(first, _)| *first);
+        if self.segments.len() == 1 {
+            return self.segments.pop().map(|(_, v)| v).unwrap_or_default();
+        }
+        let mut out = Vec::with_capacity(layout.grad_len());
+        self.segments.into_iter().for_each(|(_, v)| out.extend_from_slice(&v));
+        out
+    }
+}
+
+/// The gradient for the op's packed weights input from the trainable pieces' gradients `dw`: in
+/// direct mode each trainable piece gets its slice of its buffer (a view, no copy) through the
+/// collector and the input gets none; otherwise the gradients in the input's shape, for candle
+/// to route (none when nothing is packed).
+pub(super) fn route(layout: &WeightLayout, dw: BlockGrads, packed: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let Some(sink) = &layout.sink else {
         if packed.elem_count() == 0 {
             return Ok(None);
         }
-        return Ok(Some(Tensor::from_vec(dw, packed.shape(), &Device::Cpu)?));
+        return Ok(Some(Tensor::from_vec(dw.concat(layout), packed.shape(), &Device::Cpu)?));
     };
-    let n = dw.len();
-    let dw = Tensor::from_vec(dw, n, &Device::Cpu)?;
-    for (w, offset) in layout.in_place.iter().zip(&layout.grad_offset) {
-        if let (Some(w), Some(offset)) = (w, offset) {
-            sink.push(w.clone(), dw.narrow(0, *offset, w.elem_count())?.reshape(w.shape())?);
+    let BlockGrads { segments, at } = dw;
+    let tensors = segments
+        .into_iter()
+        .map(|(_, v)| {
+            let n = v.len();
+            Tensor::from_vec(v, n, &Device::Cpu)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for (w, at) in layout.in_place.iter().zip(&at) {
+        if let (Some(w), Some((seg, offset))) = (w, at) {
+            sink.push(w.clone(), tensors[*seg].narrow(0, *offset, w.elem_count())?.reshape(w.shape())?);
         }
     }
     Ok(None)

@@ -36,7 +36,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use slime_models::fused::{WeightGrads, products_on_this_thread};
+use slime_models::step::{DirectGrads, on_this_thread};
 use slime_models::{CausalLm, LlamaConfig, LoraConfig};
 use slime_objectives::{
     DpoParams, Objective, ObjectiveInputs, ReferenceLogps, SequenceLogps, SimpoParams, SlimeParams,
@@ -133,7 +133,7 @@ struct Args {
     #[arg(long)]
     gradient_checkpointing: bool,
     /// Route the weights' gradients through candle's graph instead of handing them over
-    /// directly (`slime_models::fused::WeightGrads`, what the trainer does).
+    /// directly (`slime_models::step::DirectGrads`, what the trainer does).
     #[arg(long)]
     graph_weight_grads: bool,
     /// Split each batch into this many micro-batches run at once, one per pool thread, with
@@ -363,11 +363,11 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         let ids = batch_ids(&data, idx, seq)?;
         let rows = 2 * idx.len();
         let wanted = completion.narrow(0, 0, rows)?;
-        let direct = WeightGrads::new();
+        let direct = DirectGrads::new();
         let logps = if args.graph_weight_grads {
             token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?, &wanted)?
         } else {
-            direct.scope(|| token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?, &wanted))?
+            direct.forward(|| token_logps(&lm, &ids, &attention.narrow(0, 0, rows)?, &wanted))?
         };
         let (chosen, rejected) = split(&logps, &wanted, idx.len())?;
         let mut inputs = ObjectiveInputs::preference(chosen, rejected);
@@ -384,8 +384,7 @@ fn bench(args: Args, threads: usize) -> Result<()> {
             loss = (loss * (idx.len() as f64 / n as f64))?;
         }
         let value = f64::from(loss.to_scalar::<f32>()?);
-        let mut grads = loss.backward()?;
-        direct.merge_into(&mut grads)?;
+        let grads = direct.backward(&loss)?;
         Ok((grads, value))
     };
     let (mut step_s, mut fwd_bwd_s, mut opt_s, mut losses) = (vec![], vec![], vec![], vec![]);
@@ -396,13 +395,13 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         let idx = pick(step);
         #[cfg(feature = "product-stats")]
         if step == 1 {
-            slime_models::product_stats::reset();
+            slime_kernels::product_stats::reset();
         }
         let t0 = Instant::now();
         let outcomes: Vec<Result<_>> = if parallel == 1 {
             vec![micro_batch(&idx)]
         } else {
-            idx.par_chunks(per).map(|c| products_on_this_thread(|| micro_batch(c))).collect()
+            idx.par_chunks(per).map(|c| on_this_thread(|| micro_batch(c))).collect()
         };
         let (mut grads, mut loss) = (None, 0.0);
         for outcome in outcomes {
@@ -427,7 +426,7 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     }
     let loop_wall = loop_start.elapsed().as_secs_f64();
     #[cfg(feature = "product-stats")]
-    let products = product_figures(slime_models::product_stats::snapshot(), args.steps.saturating_sub(1));
+    let products = product_figures(slime_kernels::product_stats::snapshot(), args.steps.saturating_sub(1));
     #[cfg(not(feature = "product-stats"))]
     let products = serde_json::Value::Null;
     let hz = 100.0; // USER_HZ on Linux
@@ -447,7 +446,7 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     let r4 = |v: f64| (v * 1e4).round() / 1e4;
     let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
     let attention_flop = shape.attention_gflop(2 * n) * 1e9;
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "label": format!("{}-slime-rs", args.objective),
         "objective": args.objective,
         "hidden": shape.hidden,
@@ -494,6 +493,8 @@ fn bench(args: Args, threads: usize) -> Result<()> {
         // Feature `product-stats` only: the fused kernels' matrix products over the steady steps.
         "products": products,
     });
+    // `SLIME_CPU`: what the kernels may use (`native`, or capped at `avx2` / `baseline`).
+    line["cpu_path"] = slime_kernels::cpu::path().name().into();
     println!("{line}");
     Ok(())
 }
@@ -502,7 +503,7 @@ fn bench(args: Args, threads: usize) -> Result<()> {
 /// time; concurrent micro-batches' calls overlap), GFLOP and calls, and the small ones'
 /// (attention's per-head products) separately.
 #[cfg(feature = "product-stats")]
-fn product_figures(s: slime_models::product_stats::ProductStats, steps: usize) -> serde_json::Value {
+fn product_figures(s: slime_kernels::product_stats::ProductStats, steps: usize) -> serde_json::Value {
     let per = |v: f64| (v / steps.max(1) as f64 * 1e4).round() / 1e4;
     serde_json::json!({
         "call_s_per_step": per(s.seconds),

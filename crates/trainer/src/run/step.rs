@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use slime_data::{Batch, TokenizedPair};
 use slime_models::CausalLm;
-use slime_models::fused::{WeightGrads, products_on_this_thread};
+use slime_models::step::{DirectGrads, on_this_thread};
 use slime_objectives::{BatchTotals, LossOutput, SequenceLogps};
 
 use super::{FaultTarget, Stage};
@@ -236,11 +236,10 @@ fn accumulate(
         let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
         // The fused blocks hand their weights' gradients over directly (the same values as
         // through candle's graph, without its zero-fill-and-add per packing step).
-        let direct = WeightGrads::new();
-        let out = direct.scope(|| loss_of(batch, totals, poison))?;
+        let direct = DirectGrads::new();
+        let out = direct.forward(|| loss_of(batch, totals, poison))?;
         check_metrics(&spec.place, spec.loss_terms, &out.metrics)?;
-        let mut grads = out.loss.backward()?;
-        direct.merge_into(&mut grads)?;
+        let grads = direct.backward(&out.loss)?;
         Ok((out, grads))
     };
     let mut acc: Option<Accumulated> = None;
@@ -254,7 +253,7 @@ fn accumulate(
             group
                 .par_iter()
                 .enumerate()
-                .map(|(j, batch)| products_on_this_thread(|| forward_backward(first + j, batch)))
+                .map(|(j, batch)| on_this_thread(|| forward_backward(first + j, batch)))
                 .collect()
         };
         for (batch, outcome) in group.iter().zip(outcomes) {

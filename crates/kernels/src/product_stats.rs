@@ -1,4 +1,4 @@
-//! Counters of the fused kernels' matrix products: how many `gemm` calls, how many
+//! Counters of the matrix products ([`crate::matmul`] and friends): how many calls, how many
 //! floating-point operations (`2 m n k` a call) and how long the calls took, in total and for
 //! the small ones (under [`SMALL_FLOP`]: attention's per-head, per-block products). The products
 //! record themselves only with the crate feature `product-stats` (without it every counter stays

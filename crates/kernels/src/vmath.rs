@@ -1,44 +1,18 @@
 //! Row kernels with a vectorisable `exp` (and the SiLU and tanh-GELU gates built on it),
-//! compiled three times: for the baseline x86-64 target, with AVX2 + FMA and with AVX-512F,
-//! the best the CPU has picked at run time (the workspace builds for the baseline CPU, where
-//! libm's scalar `expf` and 4-wide SSE loops are all the compiler can use).
+//! compiled three times: for the baseline x86-64 target, with AVX2 + FMA and with AVX-512F, the
+//! best the CPU path allows picked at run time ([`crate::cpu`]; the workspace builds for the
+//! baseline CPU, where libm's scalar `expf` and 4-wide SSE loops are all the compiler can use).
 //!
 //! Every build runs the same arithmetic in the same order (element-wise IEEE operations,
 //! explicit 8-lane accumulators for the sums, no fused multiply-adds), so the results do not
-//! depend on the CPU: a SLIME step bench gives the same loss bits with the AVX2 and the
-//! AVX-512 builds.
+//! depend on the CPU or on [`crate::cpu::CpuPath`]: the AVX2 and AVX-512 builds give the same bits.
+
+#[cfg(test)]
+use crate::cpu::CpuPath;
+use crate::cpu::dispatch;
 
 /// Lanes of the explicit accumulators (one AVX2 register of f32).
 const LANES: usize = 8;
-
-/// Defines `fn $name(args) -> ret` from one body, compiled as written, with AVX2 + FMA and with
-/// AVX-512F enabled; calls the widest build the CPU supports (AVX-512F: 16-lane loops, about
-/// 4 % off the reference step on Zen 4).
-macro_rules! dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F (checked just above), hence AVX2 and FMA.
-                    return unsafe { avx512($($arg),*) };
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
 
 /// `e^x` in f32 without a libm call, so loops over it vectorise: Cody-Waite range reduction
 /// `x = n ln 2 + r` (`|r| <= ln 2 / 2`), Cephes' degree-6 polynomial for `e^r` (relative error
@@ -46,7 +20,7 @@ macro_rules! dispatch {
 /// Inputs are clamped to [-87.3, 88] (below: ~1e-38 instead of a denormal or 0; above:
 /// ~1.7e38 instead of infinity); NaN stays NaN.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
@@ -78,7 +52,7 @@ fn silu(v: f32) -> f32 {
 
 dispatch! {
     /// SwiGLU of one row: `out[j] = silu(gate[j]) * up[j]`.
-    pub(crate) fn swiglu_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    pub fn swiglu_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *o = silu(g) * u;
         }
@@ -88,7 +62,7 @@ dispatch! {
 dispatch! {
     /// SwiGLU backward of one row: `d up = d act * silu(gate)`,
     /// `d gate = d act * up * s (1 + gate (1 - s))` with `s = sigmoid(gate)`.
-    pub(crate) fn swiglu_bwd_row(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+    pub fn swiglu_bwd_row(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
         for ((((dg, du), &g), &u), &a) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dact) {
             let s = 1.0 / (1.0 + exp(-g));
             *du = a * (g * s);
@@ -100,7 +74,7 @@ dispatch! {
 dispatch! {
     /// [`swiglu_row`] and [`swiglu_bwd_row`] in one pass, `e^-gate` computed once: the same
     /// arithmetic, so the same bits.
-    pub(crate) fn swiglu_act_bwd_row(act: &mut [f32], dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+    pub fn swiglu_act_bwd_row(act: &mut [f32], dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
         let outs = act.iter_mut().zip(dgate.iter_mut()).zip(dup.iter_mut());
         for ((((o, dg), du), (&g, &u)), &a) in outs.zip(gate.iter().zip(up)).zip(dact) {
             let e = exp(-g);
@@ -128,7 +102,7 @@ fn gelu_tanh(v: f32) -> f32 {
 
 dispatch! {
     /// GeGLU of one row: `out[j] = gelu_tanh(gate[j]) * up[j]`.
-    pub(crate) fn geglu_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    pub fn geglu_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *o = gelu_tanh(g) * u;
         }
@@ -140,7 +114,7 @@ dispatch! {
     /// `d gate = d act * up * gelu_tanh'(gate)`, where with `s = sigmoid(2 u)`
     /// `gelu_tanh'(v) = s + 2 v s (1 - s) sqrt(2 / pi) (1 + 3 * 0.044715 v^2)`
     /// (the derivative of `v s`, as `0.5 (1 + tanh u)` = `s` and `tanh' = 1 - tanh^2 = 4 s (1 - s)`).
-    pub(crate) fn geglu_bwd_row(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+    pub fn geglu_bwd_row(dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
         for ((((dg, du), &g), &u), &a) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dact) {
             let inner = GELU_C * g * (1.0 + GELU_A * g * g);
             let e = exp(-2.0 * inner);
@@ -156,7 +130,7 @@ dispatch! {
 dispatch! {
     /// [`geglu_row`] and [`geglu_bwd_row`] in one pass, the exponential computed once: the same
     /// arithmetic, so the same bits.
-    pub(crate) fn geglu_act_bwd_row(act: &mut [f32], dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
+    pub fn geglu_act_bwd_row(act: &mut [f32], dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dact: &[f32]) {
         let outs = act.iter_mut().zip(dgate.iter_mut()).zip(dup.iter_mut());
         for ((((o, dg), du), (&g, &u)), &a) in outs.zip(gate.iter().zip(up)).zip(dact) {
             let inner = GELU_C * g * (1.0 + GELU_A * g * g);
@@ -175,7 +149,7 @@ dispatch! {
 /// to exactly +-1), the sign restored; both are computed and one picked, so loops vectorise.
 /// Relative error about 2e-7 (within a few ulp of libm's `tanhf`).
 #[inline(always)]
-pub(crate) fn tanh(x: f32) -> f32 {
+pub fn tanh(x: f32) -> f32 {
     let a = x.abs();
     let z = a * a;
     let mut p = -5.704_988_7e-3;
@@ -192,7 +166,7 @@ pub(crate) fn tanh(x: f32) -> f32 {
 dispatch! {
     /// Soft-capping of scores: `row[j] = cap * tanh(row[j] * scale / cap)` in place; returns the
     /// maximum (NaN entries ignored).
-    pub(crate) fn scale_cap_max(row: &mut [f32], scale: f32, cap: f32) -> f32 {
+    pub fn scale_cap_max(row: &mut [f32], scale: f32, cap: f32) -> f32 {
         let inv = scale / cap;
         for v in row.iter_mut() {
             *v = cap * tanh(*v * inv);
@@ -203,7 +177,7 @@ dispatch! {
 
 dispatch! {
     /// Multiplies `row` by `scale` in place and returns its maximum (NaN entries ignored).
-    pub(crate) fn scale_max(row: &mut [f32], scale: f32) -> f32 {
+    pub fn scale_max(row: &mut [f32], scale: f32) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; LANES];
         let mut chunks = row.chunks_exact_mut(LANES);
         for c in &mut chunks {
@@ -237,7 +211,7 @@ fn lane_sum(row: &[f32]) -> f32 {
 
 dispatch! {
     /// `row[j] = e^(row[j] - m)` in place; returns the sum, in f32.
-    pub(crate) fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
+    pub fn exp_shifted_sum(row: &mut [f32], m: f32) -> f32 {
         // A plain loop (the loop vectoriser handles it; per-lane code around `exp` it does not).
         for v in row.iter_mut() {
             *v = exp(*v - m);
@@ -249,7 +223,7 @@ dispatch! {
 dispatch! {
     /// `sum_j e^(row[j] - m)`, accumulated in f64 (the exponentials in blocks of 64 on the
     /// stack, then summed).
-    pub(crate) fn exp_shifted_sum_f64(row: &[f32], m: f32) -> f64 {
+    pub fn exp_shifted_sum_f64(row: &[f32], m: f32) -> f64 {
         let mut buf = [0f32; 64];
         let mut lanes = [0f64; LANES];
         for c in row.chunks(buf.len()) {
@@ -273,7 +247,7 @@ dispatch! {
 dispatch! {
     /// `sum_j row[j]^2` accumulated in f64 over [`LANES`] independent sums (added in lane order,
     /// then the tail), so the additions do not wait on each other.
-    pub(crate) fn sum_squares_f64(row: &[f32]) -> f64 {
+    pub fn sum_squares_f64(row: &[f32]) -> f64 {
         let mut lanes = [0f64; LANES];
         let chunks = row.chunks_exact(LANES);
         let tail = chunks.remainder();
@@ -293,7 +267,7 @@ dispatch! {
 
 dispatch! {
     /// `sum_j a[j] b[j] c[j]`, each product in f32, accumulated in f64 as [`sum_squares_f64`].
-    pub(crate) fn dot3_f64(a: &[f32], b: &[f32], c: &[f32]) -> f64 {
+    pub fn dot3_f64(a: &[f32], b: &[f32], c: &[f32]) -> f64 {
         let mut lanes = [0f64; LANES];
         let n = a.len().min(b.len()).min(c.len());
         let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
@@ -315,8 +289,8 @@ dispatch! {
     /// Rotary embedding (`rotate_half` layout) of one token's `heads` consecutive head vectors:
     /// `out[h * out_stride..][..2 half]` = `x cos + rotate_half(x) sin` of
     /// `x = src[h * 2 half..][..2 half]`, with the token's `cos`, `sin` (`half` each). The same
-    /// arithmetic as [`crate::ops::rope`]'s `x cos + rotate_half(x) sin`.
-    pub(crate) fn rope_heads(out: &mut [f32], out_stride: usize, src: &[f32], heads: usize, cos: &[f32], sin: &[f32]) {
+    /// arithmetic as the composed `x cos + rotate_half(x) sin`.
+    pub fn rope_heads(out: &mut [f32], out_stride: usize, src: &[f32], heads: usize, cos: &[f32], sin: &[f32]) {
         let half = cos.len();
         let (c, s) = (cos, &sin[..half]);
         for h in 0..heads {
@@ -334,7 +308,7 @@ dispatch! {
 dispatch! {
     /// `sum_j a[j] b[j]` in f32 over [`LANES`] independent sums (added in lane order, then the
     /// tail), so it vectorises.
-    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let body = n / LANES * LANES;
         let mut lanes = [0f32; LANES];
@@ -353,7 +327,7 @@ dispatch! {
 
 dispatch! {
     /// The softmax backward of one row's range: `dp[j] = p[j] (dp[j] - dot) scale`.
-    pub(crate) fn softmax_bwd_row(dp: &mut [f32], p: &[f32], dot: f32, scale: f32) {
+    pub fn softmax_bwd_row(dp: &mut [f32], p: &[f32], dot: f32, scale: f32) {
         for (dv, &pv) in dp.iter_mut().zip(p) {
             *dv = pv * (*dv - dot) * scale;
         }
@@ -364,7 +338,7 @@ dispatch! {
     /// `row[j] = -g e^(z - lse) (1 - (z / cap)^2)` with `z = row[j]`: the gradient of a
     /// soft-capped log-softmax w.r.t. the raw logits, before the label's term (`cap` infinite:
     /// no soft-capping, the factor exactly 1).
-    pub(crate) fn neg_scaled_softmax_row(row: &mut [f32], lse: f32, g: f32, cap: f32) {
+    pub fn neg_scaled_softmax_row(row: &mut [f32], lse: f32, g: f32, cap: f32) {
         for z in row.iter_mut() {
             let c = *z / cap;
             *z = -g * exp(*z - lse) * (1.0 - c * c);
@@ -374,7 +348,7 @@ dispatch! {
 
 dispatch! {
     /// The maximum of `row` (NaN entries ignored; `-inf` for an empty row).
-    pub(crate) fn max(row: &[f32]) -> f32 {
+    pub fn max(row: &[f32]) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; LANES];
         let chunks = row.chunks_exact(LANES);
         let tail = chunks.remainder();
@@ -542,5 +516,68 @@ mod tests {
             assert!((f64::from(dg[j]) - a * u * deriv).abs() < 1e-6 * (a * u * deriv).abs().max(1.0), "d gate at {g}");
         }
         assert_eq!(out[gate.len() - 5], 0.0);
+    }
+
+    /// Rotary embedding of odd-sized heads into a strided output, and the soft-capped softmax
+    /// gradient row, against their definitions.
+    #[test]
+    fn rope_and_the_softmax_gradient_row_match_their_definitions() {
+        let (heads, half, stride) = (3, 5, 13);
+        let src: Vec<f32> = (0..heads * 2 * half).map(|k| ((k * 31) % 17) as f32 * 0.2 - 1.5).collect();
+        let cos: Vec<f32> = (0..half).map(|i| (0.3 * i as f32).cos()).collect();
+        let sin: Vec<f32> = (0..half).map(|i| (0.3 * i as f32).sin()).collect();
+        let mut out = vec![9f32; heads * stride];
+        rope_heads(&mut out, stride, &src, heads, &cos, &sin);
+        for h in 0..heads {
+            for i in 0..half {
+                let (a, b) = (src[h * 2 * half + i], src[h * 2 * half + half + i]);
+                assert_eq!(out[h * stride + i], a * cos[i] + -b * sin[i]);
+                assert_eq!(out[h * stride + half + i], b * cos[i] + a * sin[i]);
+            }
+            assert!(out[h * stride + 2 * half..(h + 1) * stride].iter().all(|&v| v == 9.0), "gap untouched");
+        }
+        for cap in [f32::INFINITY, 30.0] {
+            let z: Vec<f32> = (0..37).map(|k| ((k * 7919) % 101) as f32 * 0.3 - 15.0).collect();
+            let mut row = z.clone();
+            neg_scaled_softmax_row(&mut row, 2.5, 0.7, cap);
+            for (got, &z) in row.iter().zip(&z) {
+                let want = -0.7 * (f64::from(z) - 2.5).exp() * (1.0 - (f64::from(z) / f64::from(cap)).powi(2));
+                assert!((f64::from(*got) - want).abs() < 1e-5 * want.abs().max(1.0), "{got} vs {want}");
+            }
+        }
+    }
+
+    /// Every CPU path (the widest build, AVX2 + FMA, baseline) gives the same bits, on odd lengths.
+    #[test]
+    fn every_cpu_path_gives_the_same_bits() {
+        use crate::cpu::with_path;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let run = |p: CpuPath| {
+            with_path(p, || {
+                let n = 1001;
+                let a: Vec<f32> = (0..n).map(|k| ((k * 7919) % 1009) as f32 * 0.02 - 10.0).collect();
+                let b: Vec<f32> = a.iter().map(|v| 0.5 - 0.03 * v).collect();
+                let (mut act, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                swiglu_act_bwd_row(&mut act, &mut dg, &mut du, &a, &b, &b);
+                let mut out = bits(&act);
+                out.extend(bits(&dg));
+                geglu_act_bwd_row(&mut act, &mut dg, &mut du, &a, &b, &b);
+                out.extend(bits(&act).into_iter().chain(bits(&du)));
+                let mut row = a.clone();
+                let m = scale_cap_max(&mut row, 0.7, 20.0);
+                let s = exp_shifted_sum(&mut row, m);
+                out.extend([m.to_bits(), s.to_bits(), dot(&a, &b).to_bits(), max(&a).to_bits()]);
+                out.extend(bits(&row));
+                let sums = [sum_squares_f64(&a), dot3_f64(&a, &b, &a), exp_shifted_sum_f64(&a, 3.0)];
+                out.extend(sums.iter().flat_map(|v| {
+                    let b = v.to_bits();
+                    [b as u32, (b >> 32) as u32]
+                }));
+                out
+            })
+        };
+        let native = run(CpuPath::Native);
+        assert_eq!(native, run(CpuPath::Avx2));
+        assert_eq!(native, run(CpuPath::Baseline));
     }
 }

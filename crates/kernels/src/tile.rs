@@ -1,6 +1,6 @@
 //! Matrix products `C (+)= A B` whose right operand `B` and destination `C` are row-major
 //! (unit column stride), computed without packing either operand (x86-64 with AVX-512 only;
-//! [`crate::host::matmul`] sends the other products to the `gemm` crate).
+//! [`crate::matmul`] sends the other products to the `gemm` crate).
 //!
 //! A register tile of `R` rows by `16 NV` columns of `C` (24 accumulators at most, of the 32
 //! vector registers) runs down the whole shared dimension: at each step `p` it loads the `NV`
@@ -26,16 +26,28 @@ use std::arch::x86_64::{
 
 use rayon::prelude::*;
 
-use crate::host::{Mat, SendPtr};
+use crate::matmul::Raw;
+
+/// A raw pointer the row tasks of one product share: each task writes a disjoint region (see
+/// each use). Private to this module.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: dereferenced only by tasks of one product that write disjoint regions of a buffer
+// that outlives them.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Steps of the shared dimension ahead of the tile at which it prefetches `B`'s rows (and a
 /// transposed `A`'s), so strided operands arrive from L2/L3 in time (about 400 cycles ahead).
 const AHEAD: usize = 16;
-
-/// Whether this CPU runs the tile products (AVX-512F; `std` caches the detection).
-pub(crate) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-}
 
 /// Rows of `C` from which a product whose `B` is stored transposed (unit row stride) is worth
 /// copying `B` into row-major order first: the copy costs `k n` moves against `m k n`
@@ -59,27 +71,25 @@ const B_STRIP_FLOATS: usize = 96 << 10;
 /// every tile height).
 const ROWS_PER_TASK: usize = 48;
 
-/// [`product`] for [`crate::host::matmul`]'s operands when this CPU and `B`'s layout allow
+/// [`product`] for [`crate::matmul::raw_matmul`]'s operands when `B`'s layout allows
 /// (`B` row-major, or stored transposed with at least [`TRANSPOSE_MIN_ROWS`] rows of `C`,
 /// then copied row-major into a scratch buffer first): returns whether it ran. With `threads`
 /// above 1 the rows of C are split over the rayon pool (each row's sum is the same whichever
 /// task computes it, so the result has the same bits).
 ///
 /// # Safety
-/// As [`crate::host::matmul`]: every operand valid for the extents and strides given, `dst`
+/// The CPU must support AVX-512F ([`crate::cpu::tiles_available`]); as
+/// [`crate::matmul::raw_matmul`]: every operand valid for the extents and strides given, `dst`
 /// not overlapping the inputs.
 pub(crate) unsafe fn try_product(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
+    lhs: Raw,
+    rhs: Raw,
     threads: usize,
 ) -> bool {
-    if !available() {
-        return false;
-    }
     let run = |b: *const f32, b_rs: usize| {
         let tasks = threads.min(m / ROWS_PER_TASK).max(1);
         if tasks == 1 {
@@ -218,7 +228,7 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 /// `accumulate` false `C` is overwritten (it need not be initialised).
 ///
 /// # Safety
-/// The CPU must support AVX-512F ([`available`]); every operand must be valid for the extents
+/// The CPU must support AVX-512F; every operand must be valid for the extents
 /// and strides given, and `C` must not overlap `A` or `B`.
 #[target_feature(enable = "avx512f")]
 unsafe fn product(
@@ -363,6 +373,16 @@ impl Strip {
 mod tests {
     use super::*;
 
+    /// A row-major operand with `cols` columns.
+    fn rows(data: &[f32], cols: usize) -> Raw {
+        Raw { ptr: data.as_ptr(), rs: cols, cs: 1 }
+    }
+
+    /// The transpose of a row-major operand with `cols` columns.
+    fn rows_t(data: &[f32], cols: usize) -> Raw {
+        Raw { ptr: data.as_ptr(), rs: 1, cs: cols }
+    }
+
     /// Deterministic values in [-0.5, 0.5).
     fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 * 1e-3 - 0.5).collect()
@@ -370,7 +390,7 @@ mod tests {
 
     #[test]
     fn transpose_matches_the_definition_on_blocks_and_edges() {
-        if !available() {
+        if !crate::cpu::tiles_available() {
             return;
         }
         for (n, k, src_rs) in [(16, 16, 16), (48, 32, 40), (37, 21, 21), (5, 70, 75), (1, 1, 1)] {
@@ -390,7 +410,7 @@ mod tests {
     /// matches f64 sums (within the rounding of that many terms).
     #[test]
     fn products_over_a_long_shared_dimension_match_f64_sums() {
-        if !available() {
+        if !crate::cpu::tiles_available() {
             return;
         }
         let shapes = [(7, 64, B_STRIP_FLOATS / 64 * 2 + 5, true), (13, 32, B_STRIP_FLOATS / 32 + 1, false)];
@@ -399,8 +419,7 @@ mod tests {
             let mut c = values(m * n, 3);
             let c0 = c.clone();
             // SAFETY: operands as allocated.
-            let ran =
-                unsafe { try_product((m, n, k), c.as_mut_ptr(), n, accumulate, Mat::rows(&a, k), Mat::rows(&b, n), 1) };
+            let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n, accumulate, rows(&a, k), rows(&b, n), 1) };
             assert!(ran);
             for i in 0..m {
                 for j in 0..n {
@@ -417,18 +436,17 @@ mod tests {
     /// the product is small) give the same bits as on one thread.
     #[test]
     fn products_split_over_threads_have_the_same_bits() {
-        if !available() {
+        if !crate::cpu::tiles_available() {
             return;
         }
         for (m, n, k) in [(100, 70, 33), (300, 130, 64), (1100, 40, 20), (70, 300, 9)] {
             for b_t in [false, true] {
                 let (a, b) = (values(m * k, 7), values(k * n, 8));
-                let rhs = if b_t { Mat::rows_t(&b, k) } else { Mat::rows(&b, n) };
+                let rhs = if b_t { rows_t(&b, k) } else { rows(&b, n) };
                 let run = |threads: usize| {
                     let mut c = values(m * n, 9);
                     // SAFETY: operands as allocated.
-                    let ran =
-                        unsafe { try_product((m, n, k), c.as_mut_ptr(), n, true, Mat::rows(&a, k), rhs, threads) };
+                    let ran = unsafe { try_product((m, n, k), c.as_mut_ptr(), n, true, rows(&a, k), rhs, threads) };
                     (ran, c.into_iter().map(f32::to_bits).collect::<Vec<_>>())
                 };
                 let ((ran1, one), (ran4, four)) = (run(1), run(4));
@@ -442,7 +460,7 @@ mod tests {
     /// edge sizes of each tile shape.
     #[test]
     fn products_match_f64_sums_in_every_layout() {
-        if !available() {
+        if !crate::cpu::tiles_available() {
             return;
         }
         for (m, n, k) in [(1, 1, 1), (7, 17, 3), (13, 33, 29), (64, 64, 32), (70, 80, 40), (9, 130, 0)] {
@@ -451,8 +469,8 @@ mod tests {
             {
                 let a = values(m * k, 2);
                 let b = values(k * n, 3);
-                let lhs = if a_t { Mat { ptr: a.as_ptr(), rs: 1, cs: m } } else { Mat::rows(&a, k) };
-                let rhs = if b_t { Mat::rows_t(&b, k) } else { Mat::rows(&b, n) };
+                let lhs = if a_t { Raw { ptr: a.as_ptr(), rs: 1, cs: m } } else { rows(&a, k) };
+                let rhs = if b_t { rows_t(&b, k) } else { rows(&b, n) };
                 let c0 = values(m * (n + 3), 4);
                 let mut c = c0.clone();
                 // SAFETY: operands as allocated; C has row stride n + 3.
