@@ -65,6 +65,7 @@ pub use gemma::{Gemma, GemmaConfig};
 pub use generation::KvCache;
 pub use llama::Llama;
 pub use lora::{LoraConfig, TargetModules};
+pub use pairs::{CompletionLogps, PairBatch};
 
 /// The candle versions whose tensors, devices, variables and errors this crate's API uses
 /// (`Llama::new` takes a `candle_nn::VarBuilder`).

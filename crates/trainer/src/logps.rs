@@ -4,9 +4,10 @@
 //! token's log-prob.
 //!
 //! Pairs are streamed from the file ([`slime_data::PairStream`]: chat template, tokenization
-//! with the exact prompt/completion boundary, TRL truncation), scored in right-padded batches
-//! (chunks of pairs sorted by length, so batches carry little padding; output stays in file
-//! order) and written with [`slime_data::write_logps`] (`pair` = the row in the file).
+//! with the exact prompt/completion boundary, TRL truncation), scored in packed batches
+//! ([`score_pairs`]; chunks of pairs sorted by length, so batches carry little padding; output
+//! stays in file order) and written with [`slime_data::write_logps`] (`pair` = the row in the
+//! file). [`score_pairs`] also gives a run its reference sums and SAGE margins.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,20 +16,20 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
-use candle_core::{Device, Tensor};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use slime_data::{
     ChatTemplate, DataError, HashSplit, InvalidRows, LoaderStats, PairEncoder, PairLogps, PairStream, ReadOptions,
-    SplitPart, TokenizedPair, Truncation, collate_pairs, write_logps,
+    SplitPart, TokenizedPair, Truncation, write_logps,
 };
+use slime_models::{CausalLm, PairBatch};
 
 use crate::model_source::{LoadedModel, max_positions};
 use crate::{Result, TrainError};
 
 /// Positions per chunk of the log-prob computation.
-const LOGP_CHUNK: usize = 64;
+pub(crate) const LOGP_CHUNK: usize = 64;
 
 /// Batches sorted by length together (pairs per chunk = `batch_size * SORT_WINDOW`).
 const SORT_WINDOW: usize = 16;
@@ -91,47 +92,49 @@ pub struct TokenLogp {
     pub logp: f32,
 }
 
-/// Per-pair sums and counts (in the order of `pairs`) and, with `per_token`, every completion
-/// token's log-prob, from one right-padded forward pass over `pairs` (chosen rows, then
-/// rejected rows).
-pub fn score_batch(
-    model: &LoadedModel,
+/// The model's input for `pairs`: each pair's prompt and completions, packed around the prompt.
+pub fn pair_batch(pairs: &[&TokenizedPair]) -> Result<PairBatch> {
+    Ok(PairBatch::new(pairs.iter().map(|p| (p.prompt.as_slice(), p.chosen.as_slice(), p.rejected.as_slice())))?)
+}
+
+/// Per-pair sums `S = sum_j l_j` of the chosen and rejected completion-token log-probs and
+/// their token counts under `lm` as it is (forward only), in the order of `pairs`, `batch_size`
+/// pairs per forward pass; with `per_token`, also every completion token's log-prob. Each sum
+/// adds the f32 log-probs in f64 in token order, so it does not depend on the batch layout.
+pub fn score_pairs(
+    lm: &CausalLm,
     pairs: &[&TokenizedPair],
+    batch_size: usize,
     per_token: bool,
-    device: &Device,
 ) -> Result<(Vec<PairLogps>, Vec<TokenLogp>)> {
-    let batch = collate_pairs(pairs, model.tokenizer.specials().pad_id);
-    let (rows, seq) = (batch.rows, batch.seq_len);
-    for (r, row) in batch.input_ids.chunks(seq.max(1)).enumerate() {
-        model.check_ids(row, &|| format!("pair {}", pairs[r % pairs.len()].id))?;
-    }
-    let ids = Tensor::from_slice(&batch.input_ids, (rows, seq), device)?;
-    let attention = Tensor::from_slice(&batch.attention_mask, (rows, seq), device)?;
-    let completion = Tensor::from_slice(&batch.completion_mask, (rows, seq), device)?;
-    let logps: Vec<Vec<f32>> =
-        model.lm.model().pair_token_logps_at(&ids, Some(&attention), &completion, LOGP_CHUNK)?.to_vec2()?;
-    let n = pairs.len();
-    let mut sums = Vec::with_capacity(n);
+    let mut sums = Vec::with_capacity(pairs.len());
     let mut tokens = Vec::new();
-    for (i, pair) in pairs.iter().enumerate() {
-        let mut side = |r: usize, chosen: bool| -> (f64, u32) {
-            let (mut sum, mut count) = (0f64, 0u32);
-            let mask = &batch.completion_mask[r * seq..(r + 1) * seq];
-            for (t, (&m, &logp)) in mask.iter().zip(&logps[r]).enumerate() {
-                if m == 1 {
-                    sum += f64::from(logp);
-                    if per_token {
-                        let token = batch.input_ids[r * seq + t];
-                        tokens.push(TokenLogp { pair: pair.id, chosen, position: count, token, logp });
-                    }
-                    count += 1;
+    for refs in pairs.chunks(batch_size.max(1)) {
+        let logps = lm.model().completion_logps(&pair_batch(refs)?, LOGP_CHUNK)?;
+        let chosen: Vec<Vec<f32>> = logps.chosen.detach().to_vec2()?;
+        let rejected: Vec<Vec<f32>> = logps.rejected.detach().to_vec2()?;
+        for ((pair, c), r) in refs.iter().zip(&chosen).zip(&rejected) {
+            let mut side = |values: &[f32], ids: &[u32], chosen: bool| -> f64 {
+                let values = &values[..ids.len()];
+                if per_token {
+                    tokens.extend(values.iter().zip(ids).enumerate().map(|(j, (&logp, &token))| TokenLogp {
+                        pair: pair.id,
+                        chosen,
+                        position: j as u32,
+                        token,
+                        logp,
+                    }));
                 }
-            }
-            (sum, count)
-        };
-        let (chosen_logp, chosen_tokens) = side(i, true);
-        let (rejected_logp, rejected_tokens) = side(n + i, false);
-        sums.push(PairLogps { pair: pair.id, chosen_logp, rejected_logp, chosen_tokens, rejected_tokens });
+                values.iter().map(|&l| f64::from(l)).sum()
+            };
+            sums.push(PairLogps {
+                pair: pair.id,
+                chosen_logp: side(c, &pair.chosen, true),
+                rejected_logp: side(r, &pair.rejected, false),
+                chosen_tokens: pair.chosen.len() as u32,
+                rejected_tokens: pair.rejected.len() as u32,
+            });
+        }
     }
     Ok((sums, tokens))
 }
@@ -229,7 +232,6 @@ pub fn score_file(
     data: &Path,
     out: &Path,
     opts: &LogpsOptions,
-    device: &Device,
 ) -> Result<LogpsReport> {
     if opts.batch_size == 0 {
         return Err(TrainError::Config("batch_size: must be at least 1".into()));
@@ -285,10 +287,15 @@ pub fn score_file(
         let mut tokens: Vec<Vec<TokenLogp>> = vec![Vec::new(); chunk.len()];
         for batch_idx in order.chunks(opts.batch_size) {
             let refs: Vec<&TokenizedPair> = batch_idx.iter().map(|&i| &chunk[i]).collect();
-            let batch = collate_pairs(&refs, 0);
-            positions += (batch.rows * batch.seq_len) as u64;
-            real += batch.real_tokens() as u64;
-            let (s, t) = score_batch(model, &refs, writer.is_some(), device)?;
+            for pair in &refs {
+                for part in [&pair.prompt, &pair.chosen, &pair.rejected] {
+                    model.check_ids(part, &|| format!("pair {}", pair.id))?;
+                }
+            }
+            let packed = pair_batch(&refs)?;
+            positions += packed.packed_positions() as u64;
+            real += packed.packed_tokens() as u64;
+            let (s, t) = score_pairs(&model.lm, &refs, refs.len(), writer.is_some())?;
             for (k, &i) in batch_idx.iter().enumerate() {
                 sums[i] = Some(s[k]);
             }
