@@ -47,7 +47,7 @@ mod template;
 mod tokenizer;
 mod writer;
 
-pub use batch::{Batch, PreferenceBatch, SftBatch, TokenizedPair, collate_pairs, collate_sft};
+pub use batch::{Batch, SftBatch, TokenizedPair, collate_pairs, collate_sft};
 pub use encode::{EncodeStats, Encoded, PairEncoder, Truncation, TruncationMode};
 pub use error::{DataError, Location, Result, RowProblem};
 pub use example::{Message, PreferenceExample, Turns};
