@@ -35,7 +35,6 @@ mod batch;
 mod encode;
 mod error;
 mod example;
-mod fast_bpe;
 pub mod fixtures;
 mod lengths;
 mod pipeline;
