@@ -466,14 +466,14 @@ impl Needed {
                 if let Some(o) = out(Side::Chosen, i, t) {
                     let e = push(i * width + t - 1, packed.chosen_token(i, t));
                     out_index[o] = e;
-                    if t < l.prefix {
-                        prefix_entry[t] = e;
+                    if let Some(shared) = prefix_entry.get_mut(t) {
+                        *shared = e;
                     }
                 }
             }
             for t in 1..l.rejected {
                 if let Some(o) = out(Side::Rejected, i, t) {
-                    let shared = if t < l.prefix { prefix_entry[t] } else { NONE };
+                    let shared = prefix_entry.get(t).copied().unwrap_or(NONE);
                     out_index[o] = if shared != NONE {
                         shared
                     } else {
