@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
+use candle_core::DType;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -24,6 +25,7 @@ use slime_data::{
     SplitPart, TokenizedPair, Truncation, write_logps,
 };
 use slime_models::{CausalLm, PairBatch};
+use slime_objectives::SequenceLogps;
 
 use crate::model_source::{LoadedModel, max_positions};
 use crate::{Result, TrainError};
@@ -97,10 +99,21 @@ pub fn pair_batch(pairs: &[&TokenizedPair]) -> Result<PairBatch> {
     Ok(PairBatch::new(pairs.iter().map(|p| (p.prompt.as_slice(), p.chosen.as_slice(), p.rejected.as_slice())))?)
 }
 
+/// Per-token completion log-probs of `batch`'s chosen and rejected completions, as the
+/// objectives take them (with their sums `S = sum_j l_j` and counts).
+pub(crate) fn pair_logps(lm: &CausalLm, batch: &PairBatch) -> Result<(SequenceLogps, SequenceLogps)> {
+    let logps = lm.model().completion_logps(batch, LOGP_CHUNK)?;
+    Ok((
+        SequenceLogps::from_tokens(&logps.chosen, &logps.chosen_mask)?,
+        SequenceLogps::from_tokens(&logps.rejected, &logps.rejected_mask)?,
+    ))
+}
+
 /// Per-pair sums `S = sum_j l_j` of the chosen and rejected completion-token log-probs and
 /// their token counts under `lm` as it is (forward only), in the order of `pairs`, `batch_size`
-/// pairs per forward pass; with `per_token`, also every completion token's log-prob. Each sum
-/// adds the f32 log-probs in f64 in token order, so it does not depend on the batch layout.
+/// pairs per forward pass; with `per_token`, also every completion token's log-prob. The sums
+/// are [`pair_logps`]' (the objectives'), so a reference computed here at the policy's weights
+/// gives it the policy's own sums.
 pub fn score_pairs(
     lm: &CausalLm,
     pairs: &[&TokenizedPair],
@@ -110,30 +123,37 @@ pub fn score_pairs(
     let mut sums = Vec::with_capacity(pairs.len());
     let mut tokens = Vec::new();
     for refs in pairs.chunks(batch_size.max(1)) {
-        let logps = lm.model().completion_logps(&pair_batch(refs)?, LOGP_CHUNK)?;
-        let chosen: Vec<Vec<f32>> = logps.chosen.detach().to_vec2()?;
-        let rejected: Vec<Vec<f32>> = logps.rejected.detach().to_vec2()?;
-        for ((pair, c), r) in refs.iter().zip(&chosen).zip(&rejected) {
-            let mut side = |values: &[f32], ids: &[u32], chosen: bool| -> f64 {
-                let values = &values[..ids.len()];
-                if per_token {
-                    tokens.extend(values.iter().zip(ids).enumerate().map(|(j, (&logp, &token))| TokenLogp {
-                        pair: pair.id,
-                        chosen,
-                        position: j as u32,
-                        token,
-                        logp,
-                    }));
-                }
-                values.iter().map(|&l| f64::from(l)).sum()
-            };
+        let (chosen, rejected) = pair_logps(lm, &pair_batch(refs)?)?;
+        let side_sums =
+            |side: &SequenceLogps| -> Result<Vec<f64>> { Ok(side.sum().detach().to_dtype(DType::F64)?.to_vec1()?) };
+        let (chosen_sums, rejected_sums) = (side_sums(&chosen)?, side_sums(&rejected)?);
+        for (i, pair) in refs.iter().enumerate() {
             sums.push(PairLogps {
                 pair: pair.id,
-                chosen_logp: side(c, &pair.chosen, true),
-                rejected_logp: side(r, &pair.rejected, false),
+                chosen_logp: chosen_sums[i],
+                rejected_logp: rejected_sums[i],
                 chosen_tokens: pair.chosen.len() as u32,
                 rejected_tokens: pair.rejected.len() as u32,
             });
+        }
+        if !per_token {
+            continue;
+        }
+        for (side, is_chosen) in [(&chosen, true), (&rejected, false)] {
+            let values: Vec<Vec<f32>> = match side.tokens() {
+                Some(t) => t.logps().detach().to_dtype(DType::F32)?.to_vec2()?,
+                None => return Err(TrainError::Config("no per-token log-probs".into())),
+            };
+            for (pair, row) in refs.iter().zip(&values) {
+                let ids = if is_chosen { &pair.chosen } else { &pair.rejected };
+                tokens.extend(ids.iter().zip(row).enumerate().map(|(j, (&token, &logp))| TokenLogp {
+                    pair: pair.id,
+                    chosen: is_chosen,
+                    position: j as u32,
+                    token,
+                    logp,
+                }));
+            }
         }
     }
     Ok((sums, tokens))

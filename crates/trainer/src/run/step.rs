@@ -9,11 +9,11 @@ use rayon::prelude::*;
 use slime_data::{Batch, TokenizedPair};
 use slime_models::fused::{WeightGrads, products_on_this_thread};
 use slime_models::{CausalLm, PairBatch};
-use slime_objectives::{BatchTotals, LossOutput, SequenceLogps};
+use slime_objectives::{BatchTotals, LossOutput};
 
 use super::{FaultTarget, Stage};
 use crate::corpus::Example;
-pub(super) use crate::logps::{LOGP_CHUNK, pair_batch};
+pub(super) use crate::logps::{LOGP_CHUNK, pair_batch, pair_logps};
 use crate::metrics::LOSS;
 use crate::metrics_log::MetricsLog;
 use crate::optim::{AdamW, clip_coefficient};
@@ -32,15 +32,6 @@ pub(super) fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
         attention: Tensor::from_slice(&batch.attention_mask, shape, device)?,
         completion: Tensor::from_slice(&batch.completion_mask, shape, device)?,
     })
-}
-
-/// Per-token completion log-probs of `batch`'s chosen and rejected completions.
-pub(super) fn pair_logps(lm: &CausalLm, batch: &PairBatch) -> Result<(SequenceLogps, SequenceLogps)> {
-    let logps = lm.model().completion_logps(batch, LOGP_CHUNK)?;
-    Ok((
-        SequenceLogps::from_tokens(&logps.chosen, &logps.chosen_mask)?,
-        SequenceLogps::from_tokens(&logps.rejected, &logps.rejected_mask)?,
-    ))
 }
 
 /// A preference micro-batch: its pairs' ids (in order) and the model's input.
