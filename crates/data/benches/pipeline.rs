@@ -79,18 +79,11 @@ fn bench(c: &mut Criterion) {
     write_file(&large, 4 * ROWS);
     let tok = tokenizer();
     let template = tok.chat_template(Some(BuiltinTemplate::Llama3)).expect("template");
-    let mut slow_tok = TextTokenizer::with_specials(tok.inner().clone(), "tokenizers only", tok.specials().clone());
-    slow_tok.set_fast_bpe(false);
-    eprintln!("fast byte-level BPE path: {}", tok.uses_fast_bpe());
-    let slow_template = slow_tok.chat_template(Some(BuiltinTemplate::Llama3)).expect("template");
-    let slow = PairEncoder::new(slow_tok, Some(slow_template), Truncation::default()).expect("encoder");
     let encoder = PairEncoder::new(tok, Some(template), Truncation::default()).expect("encoder");
-    for (name, e) in [("tokenizers only", &slow), ("fast path", &encoder)] {
-        let start = std::time::Instant::now();
-        let (pairs, _) = pass(&small, e);
-        let secs = start.elapsed().as_secs_f64();
-        eprintln!("one pass, {name}: {pairs} pairs in {secs:.2} s = {:.0} pairs/s", pairs as f64 / secs);
-    }
+    let start = std::time::Instant::now();
+    let (pairs, _) = pass(&small, &encoder);
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("one pass: {pairs} pairs in {secs:.2} s = {:.0} pairs/s", pairs as f64 / secs);
 
     // Memory: a pass over 4x the rows must not raise the peak (bounded by chunk and row group).
     let before = peak_rss_kib();
@@ -156,17 +149,6 @@ fn bench(c: &mut Criterion) {
     let inner = encoder.tokenizer().inner();
     let tokens: usize = texts.iter().map(|t| inner.encode_fast(t.as_str(), false).expect("encode").len()).sum();
     eprintln!("{} texts, {tokens} tokens, {} bytes", texts.len(), texts.iter().map(String::len).sum::<usize>());
-    stages.bench_function("encode_sequential_tokenizers_only", |b| {
-        b.iter(|| {
-            for (i, e) in examples.iter().enumerate() {
-                black_box(slow.encode(i as u64, e).expect("encode"));
-            }
-        })
-    });
-    stages.bench_function("fast_bpe_encode_4k_texts", |b| {
-        let t = encoder.tokenizer();
-        b.iter(|| texts.iter().map(|s| t.encode(s).expect("encode").len()).sum::<usize>())
-    });
     stages.bench_function("tokenizers_encode_fast_4k_texts", |b| {
         b.iter(|| texts.iter().map(|t| inner.encode_fast(t.as_str(), false).expect("encode").len()).sum::<usize>())
     });

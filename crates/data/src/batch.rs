@@ -1,10 +1,12 @@
 //! Collating tokenized pairs into right-padded, masked batches.
 //!
-//! Layout (row-major `[rows, seq_len]`): a preference batch of `n` pairs has `rows = 2n`, chosen
-//! sequences first (`0..n`), then the rejected ones (`n..2n`) in the same pair order, so one
-//! forward pass serves both (TRL's concatenated forward). `completion_mask[r, t] = 1` iff token
-//! `t` of row `r` is a completion token, i.e. a token whose log-prob the model predicts from
-//! position `t - 1`; prompt and padding positions are 0, and position 0 never counts.
+//! Layout (row-major `[rows, seq_len]`): an SFT batch has one row per pair (prompt + chosen);
+//! [`collate_pairs`] gives `n` pairs `rows = 2n`, chosen sequences first (`0..n`), then the
+//! rejected ones (`n..2n`) in the same pair order, for code that scores rows one by one (the
+//! trainer packs a preference batch around each pair's prompt instead, from the
+//! [`TokenizedPair`]s). `completion_mask[r, t] = 1` iff token `t` of row `r` is a completion
+//! token, i.e. a token whose log-prob the model predicts from position `t - 1`; prompt and
+//! padding positions are 0, and position 0 never counts.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,9 +41,6 @@ pub struct Batch {
     /// Pair id of each pair (preference) or sequence (SFT), in row order of the first half.
     pub pair_ids: Vec<u64>,
 }
-
-/// The preference-batch contract name: `rows = 2 * pairs`, chosen rows then rejected rows.
-pub type PreferenceBatch = Batch;
 
 /// The SFT-batch contract name: one row per pair (prompt + chosen), same layout semantics.
 pub type SftBatch = Batch;

@@ -35,7 +35,6 @@ mod batch;
 mod encode;
 mod error;
 mod example;
-mod fast_bpe;
 pub mod fixtures;
 mod lengths;
 mod pipeline;
@@ -47,7 +46,7 @@ mod template;
 mod tokenizer;
 mod writer;
 
-pub use batch::{Batch, PreferenceBatch, SftBatch, TokenizedPair, collate_pairs, collate_sft};
+pub use batch::{Batch, SftBatch, TokenizedPair, collate_pairs, collate_sft};
 pub use encode::{EncodeStats, Encoded, PairEncoder, Truncation, TruncationMode};
 pub use error::{DataError, Location, Result, RowProblem};
 pub use example::{Message, PreferenceExample, Turns};

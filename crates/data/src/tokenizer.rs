@@ -4,18 +4,13 @@
 //! Text is always encoded without the tokenizer's post-processor (`add_special_tokens =
 //! false`); the BOS token is added by [`TextTokenizer::with_bos`] exactly once, so a template
 //! that writes `bos_token` and a tokenizer that adds it never give two (the Gemma trap).
-//!
-//! Byte-level BPE tokenizers (GPT-2 style) are encoded by the `fast_bpe` module, built on first
-//! use, which gives the same ids as `tokenizers` about 20x faster; others go to `tokenizers`.
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::{DataError, Result};
-use crate::fast_bpe::FastBpe;
 use crate::template::{BuiltinTemplate, ChatTemplate};
 
 /// The tokenizer's special tokens and its BOS rule.
@@ -37,10 +32,6 @@ pub struct TextTokenizer {
     source: String,
     specials: SpecialTokens,
     chat_template: Option<String>,
-    /// The fast byte-level BPE encoder, once built (`None` inside: it does not apply).
-    fast: OnceLock<Option<FastBpe>>,
-    /// Whether to use the fast encoder where it applies.
-    fast_enabled: bool,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -122,21 +113,12 @@ impl TextTokenizer {
             source: source.to_string(),
             specials: SpecialTokens { bos, eos, pad_id, add_bos },
             chat_template,
-            fast: OnceLock::new(),
-            fast_enabled: true,
         })
     }
 
     /// A tokenizer with explicit special tokens (for tokenizers built in code).
     pub fn with_specials(inner: Tokenizer, source: &str, specials: SpecialTokens) -> Self {
-        Self {
-            inner,
-            source: source.to_string(),
-            specials,
-            chat_template: None,
-            fast: OnceLock::new(),
-            fast_enabled: true,
-        }
+        Self { inner, source: source.to_string(), specials, chat_template: None }
     }
 
     /// The special tokens.
@@ -159,30 +141,8 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
-    /// Turns the fast byte-level BPE encoder on (the default) or off (always `tokenizers`);
-    /// the ids are the same either way.
-    pub fn set_fast_bpe(&mut self, enabled: bool) {
-        self.fast_enabled = enabled;
-    }
-
-    /// Whether [`encode`](Self::encode) uses the fast byte-level BPE encoder (it is enabled and
-    /// applies to this tokenizer).
-    pub fn uses_fast_bpe(&self) -> bool {
-        self.fast_bpe().is_some()
-    }
-
-    fn fast_bpe(&self) -> Option<&FastBpe> {
-        if !self.fast_enabled {
-            return None;
-        }
-        self.fast.get_or_init(|| FastBpe::from_tokenizer(&self.inner)).as_ref()
-    }
-
     /// Token ids of `text`, special-token strings in it recognised, nothing added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        if let Some(fast) = self.fast_bpe() {
-            return Ok(fast.encode(text));
-        }
         self.inner.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| DataError::Tokenizer {
             source_name: self.source.clone(),
             detail: format!("encoding failed: {e}"),

@@ -1,13 +1,15 @@
-//! Pairs packed around their shared prefix (`Model::pair_token_logps`) give the log-probs and
-//! gradients of the two rows run separately (`Model::token_logps`), within 1e-5 (Gemma's
-//! gradients, which reach ~35: relative to their largest magnitude when that exceeds 1), on every real
-//! token: prefixes of different lengths, one pair sharing nothing, one pair of identical rows,
-//! a rejected row shorter than its prompt share, packed rows longer than one attention block;
-//! Llama, Llama with LoRA, Qwen2, Qwen3 and Gemma 1/2/3 (sliding windows that cut through the
-//! prompt and the branches).
+//! Pairs packed around their shared prefix give the log-probs and gradients of the two rows run
+//! separately (`Model::token_logps`), within 1e-5 (Gemma's gradients, which reach ~35: relative
+//! to their largest magnitude when that exceeds 1): `Model::completion_logps` of a `PairBatch`
+//! on every completion token (completions sharing their first tokens or not, one a prefix of
+//! the other, identical ones, packed rows longer than one attention block), and
+//! `Model::pair_token_logps` of `2 n` rows on every real token (prefixes of different lengths,
+//! one pair sharing nothing, one pair of identical rows, a rejected row shorter than its prompt
+//! share); Llama, Llama with LoRA, Qwen2, Qwen3 and Gemma 1/2/3 (sliding windows that cut
+//! through the prompt and the branches). Both give the same bits on the same pairs.
 
-use candle_core::{Device, Tensor};
-use slime_models::{CausalLm, GemmaConfig, LlamaConfig, ModelError, Result};
+use candle_core::{DType, Device, Tensor};
+use slime_models::{CausalLm, GemmaConfig, LlamaConfig, ModelError, PairBatch, Result};
 
 mod common;
 use common::randn;
@@ -40,9 +42,101 @@ fn batch(vocab: u32, dev: &Device) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::from_vec(ids, (2 * n, seq), dev)?, Tensor::from_vec(mask, (2 * n, seq), dev)?))
 }
 
+/// `(prompt, chosen, rejected, shared)` lengths of each pair given as a `PairBatch`: the
+/// completions share exactly their first `shared` tokens.
+const COMPLETIONS: [(usize, usize, usize, usize); 5] =
+    [(20, 30, 45, 0), (5, 65, 7, 2), (1, 39, 39, 3), (12, 21, 21, 21), (9, 1, 21, 1)];
+
+/// The `(prompt, chosen, rejected)` tokens of [`COMPLETIONS`].
+fn completion_pairs(vocab: u32) -> Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+    COMPLETIONS
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, c, r, shared))| {
+            let token = |t: usize| (i as u32 * 31 + t as u32 * 7 + 3) % vocab;
+            let prompt = (0..p).map(token).collect();
+            let chosen: Vec<u32> =
+                (p..p + c).map(|t| if t < p + shared { token(t) } else { (token(t) + 1) % vocab }).collect();
+            let rejected: Vec<u32> =
+                (p..p + r).map(|t| if t < p + shared { token(t) } else { (token(t) + 2) % vocab }).collect();
+            assert_eq!(chosen.iter().zip(&rejected).take_while(|(a, b)| a == b).count(), shared.min(c).min(r));
+            (prompt, chosen, rejected)
+        })
+        .collect()
+}
+
+/// `pairs` as `2 n` right-padded rows (chosen rows, then rejected rows), their attention mask
+/// and the completion mask.
+fn as_rows(pairs: &[(Vec<u32>, Vec<u32>, Vec<u32>)], dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = pairs.len();
+    let seq = pairs.iter().map(|(p, c, r)| p.len() + c.len().max(r.len())).max().unwrap_or(1);
+    let (mut ids, mut mask, mut completion) = (vec![0u32; 2 * n * seq], vec![0u8; 2 * n * seq], vec![0u8; 2 * n * seq]);
+    for (i, (p, c, r)) in pairs.iter().enumerate() {
+        for (row, rest) in [(i, c), (n + i, r)] {
+            for (t, &id) in p.iter().chain(rest).enumerate() {
+                ids[row * seq + t] = id;
+                mask[row * seq + t] = 1;
+                completion[row * seq + t] = u8::from(t >= p.len());
+            }
+        }
+    }
+    let shape = (2 * n, seq);
+    Ok((
+        Tensor::from_vec(ids, shape, dev)?,
+        Tensor::from_vec(mask, shape, dev)?,
+        Tensor::from_vec(completion, shape, dev)?,
+    ))
+}
+
+/// Both sides of `completion_logps`, `[n, chosen | rejected]`, their mask, and the same
+/// positions gathered from `[2 n, seq]` per-row log-probs (completion token `j` of pair `i` is
+/// position `prompt + j` of its row; padding reads 0).
+fn sides(lm: &CausalLm, rows_logps: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = Device::Cpu;
+    let pairs = completion_pairs(61);
+    let n = pairs.len();
+    let batch = PairBatch::new(pairs.iter().map(|(p, c, r)| (p.as_slice(), c.as_slice(), r.as_slice())))?;
+    let got = lm.model().completion_logps(&batch, 16)?;
+    let seq = rows_logps.dim(1)?;
+    let flat = Tensor::cat(&[&rows_logps.flatten_all()?, &Tensor::zeros(1, DType::F32, &dev)?], 0)?;
+    let gather = |side: usize, width: usize, len: &dyn Fn(usize) -> usize| -> Result<Tensor> {
+        let index: Vec<u32> = (0..n * width)
+            .map(|k| {
+                let (i, j) = (k / width, k % width);
+                if j < len(i) { ((side * n + i) * seq + pairs[i].0.len() + j) as u32 } else { (2 * n * seq) as u32 }
+            })
+            .collect();
+        Ok(flat.index_select(&Tensor::from_vec(index, n * width, &dev)?, 0)?.reshape((n, width))?)
+    };
+    let expected_chosen = gather(0, got.chosen.dim(1)?, &|i| pairs[i].1.len())?;
+    let expected_rejected = gather(1, got.rejected.dim(1)?, &|i| pairs[i].2.len())?;
+    let lens = |mask: &Tensor| -> Result<Vec<u8>> { Ok(mask.sum(1)?.to_vec1()?) };
+    assert_eq!(lens(&got.chosen_mask)?, pairs.iter().map(|p| p.1.len() as u8).collect::<Vec<_>>());
+    assert_eq!(lens(&got.rejected_mask)?, pairs.iter().map(|p| p.2.len() as u8).collect::<Vec<_>>());
+    let marked = Tensor::cat(&[&got.chosen_mask, &got.rejected_mask], 1)?;
+    let packed = Tensor::cat(&[&got.chosen, &got.rejected], 1)?;
+    let unmarked = (packed.abs()? * marked.eq(0u8)?.to_dtype(DType::F32)?)?.sum_all()?.to_scalar::<f32>()?;
+    assert_eq!(unmarked, 0.0, "past each completion the log-probs are 0");
+    Ok((packed, Tensor::cat(&[&expected_chosen, &expected_rejected], 1)?, marked))
+}
+
+/// `completion_logps` against the rows run separately (values and gradients), and against
+/// `pair_token_logps_at` of the same pairs as rows, bit for bit.
+fn check_completions(lm: &CausalLm, what: &str, relative_grads: bool) -> Result<()> {
+    let (ids, mask, completion) = as_rows(&completion_pairs(61), &Device::Cpu)?;
+    let separate = lm.model().token_logps(&ids, Some(&mask), 16)?;
+    let (packed, expected, marked) = sides(lm, &separate)?;
+    check_against_separate_rows(lm, &format!("{what}, completions"), relative_grads, &packed, &expected, &marked)?;
+    let rows = lm.model().pair_token_logps_at(&ids, Some(&mask), &completion, 16)?;
+    let (packed, from_rows, _) = sides(lm, &rows)?;
+    assert_eq!(packed.to_vec2::<f32>()?, from_rows.to_vec2::<f32>()?, "{what}: completions and rows differ");
+    Ok(())
+}
+
 /// `relative_grads`: the gradient tolerance is 1e-5 times the largest gradient magnitude (at
 /// least 1) instead of 1e-5.
 fn check(lm: &CausalLm, what: &str, relative_grads: bool) -> Result<()> {
+    check_completions(lm, what, relative_grads)?;
     let dev = Device::Cpu;
     let (ids, mask) = batch(61, &dev)?;
     let separate = lm.model().token_logps(&ids, Some(&mask), 16)?;
@@ -169,6 +263,9 @@ fn models_without_the_fused_path_fall_back_to_separate_rows() -> Result<()> {
     let (ids, mask) = batch(61, &Device::Cpu)?;
     let packed = lm.model().pair_token_logps(&ids, Some(&mask), 16)?;
     let separate = lm.model().token_logps(&ids, Some(&mask), 16)?;
+    assert_eq!(packed.to_vec2::<f32>()?, separate.to_vec2::<f32>()?);
+    let (ids, mask, _) = as_rows(&completion_pairs(61), &Device::Cpu)?;
+    let (packed, separate, _) = sides(&lm, &lm.model().token_logps(&ids, Some(&mask), 16)?)?;
     assert_eq!(packed.to_vec2::<f32>()?, separate.to_vec2::<f32>()?);
     Ok(())
 }

@@ -4,9 +4,10 @@
 //! token's log-prob.
 //!
 //! Pairs are streamed from the file ([`slime_data::PairStream`]: chat template, tokenization
-//! with the exact prompt/completion boundary, TRL truncation), scored in right-padded batches
-//! (chunks of pairs sorted by length, so batches carry little padding; output stays in file
-//! order) and written with [`slime_data::write_logps`] (`pair` = the row in the file).
+//! with the exact prompt/completion boundary, TRL truncation), scored in packed batches
+//! ([`score_pairs`]; chunks of pairs sorted by length, so batches carry little padding; output
+//! stays in file order) and written with [`slime_data::write_logps`] (`pair` = the row in the
+//! file). [`score_pairs`] also gives a run its reference sums and SAGE margins.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,20 +16,22 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float32Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
-use candle_core::{Device, Tensor};
+use candle_core::DType;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use slime_data::{
     ChatTemplate, DataError, HashSplit, InvalidRows, LoaderStats, Overlong, PairEncoder, PairLogps, PairStream,
-    ReadOptions, SplitPart, TokenizedPair, Truncation, collate_pairs, write_logps,
+    ReadOptions, SplitPart, TokenizedPair, Truncation, write_logps,
 };
+use slime_models::{CausalLm, PairBatch};
+use slime_objectives::SequenceLogps;
 
 use crate::model_source::{LoadedModel, max_positions};
 use crate::{Result, TrainError};
 
 /// Positions per chunk of the log-prob computation.
-const LOGP_CHUNK: usize = 64;
+pub(crate) const LOGP_CHUNK: usize = 64;
 
 /// Batches sorted by length together (pairs per chunk = `batch_size * SORT_WINDOW`).
 const SORT_WINDOW: usize = 16;
@@ -96,47 +99,67 @@ pub struct TokenLogp {
     pub logp: f32,
 }
 
-/// Per-pair sums and counts (in the order of `pairs`) and, with `per_token`, every completion
-/// token's log-prob, from one right-padded forward pass over `pairs` (chosen rows, then
-/// rejected rows).
-pub fn score_batch(
-    model: &LoadedModel,
+/// The model's input for `pairs`: each pair's prompt and completions, packed around the prompt.
+pub fn pair_batch(pairs: &[&TokenizedPair]) -> Result<PairBatch> {
+    Ok(PairBatch::new(pairs.iter().map(|p| (p.prompt.as_slice(), p.chosen.as_slice(), p.rejected.as_slice())))?)
+}
+
+/// Per-token completion log-probs of `batch`'s chosen and rejected completions, as the
+/// objectives take them (with their sums `S = sum_j l_j` and counts).
+pub(crate) fn pair_logps(lm: &CausalLm, batch: &PairBatch) -> Result<(SequenceLogps, SequenceLogps)> {
+    let logps = lm.model().completion_logps(batch, LOGP_CHUNK)?;
+    Ok((
+        SequenceLogps::from_tokens(&logps.chosen, &logps.chosen_mask)?,
+        SequenceLogps::from_tokens(&logps.rejected, &logps.rejected_mask)?,
+    ))
+}
+
+/// Per-pair sums `S = sum_j l_j` of the chosen and rejected completion-token log-probs and
+/// their token counts under `lm` as it is (forward only), in the order of `pairs`, `batch_size`
+/// pairs per forward pass; with `per_token`, also every completion token's log-prob. The sums
+/// are [`pair_logps`]' (the objectives'), so a reference computed here at the policy's weights
+/// gives it the policy's own sums.
+pub fn score_pairs(
+    lm: &CausalLm,
     pairs: &[&TokenizedPair],
+    batch_size: usize,
     per_token: bool,
-    device: &Device,
 ) -> Result<(Vec<PairLogps>, Vec<TokenLogp>)> {
-    let batch = collate_pairs(pairs, model.tokenizer.specials().pad_id);
-    let (rows, seq) = (batch.rows, batch.seq_len);
-    for (r, row) in batch.input_ids.chunks(seq.max(1)).enumerate() {
-        model.check_ids(row, &|| format!("pair {}", pairs[r % pairs.len()].id))?;
-    }
-    let ids = Tensor::from_slice(&batch.input_ids, (rows, seq), device)?;
-    let attention = Tensor::from_slice(&batch.attention_mask, (rows, seq), device)?;
-    let completion = Tensor::from_slice(&batch.completion_mask, (rows, seq), device)?;
-    let logps: Vec<Vec<f32>> =
-        model.lm.model().pair_token_logps_at(&ids, Some(&attention), &completion, LOGP_CHUNK)?.to_vec2()?;
-    let n = pairs.len();
-    let mut sums = Vec::with_capacity(n);
+    let mut sums = Vec::with_capacity(pairs.len());
     let mut tokens = Vec::new();
-    for (i, pair) in pairs.iter().enumerate() {
-        let mut side = |r: usize, chosen: bool| -> (f64, u32) {
-            let (mut sum, mut count) = (0f64, 0u32);
-            let mask = &batch.completion_mask[r * seq..(r + 1) * seq];
-            for (t, (&m, &logp)) in mask.iter().zip(&logps[r]).enumerate() {
-                if m == 1 {
-                    sum += f64::from(logp);
-                    if per_token {
-                        let token = batch.input_ids[r * seq + t];
-                        tokens.push(TokenLogp { pair: pair.id, chosen, position: count, token, logp });
-                    }
-                    count += 1;
-                }
+    for refs in pairs.chunks(batch_size.max(1)) {
+        let (chosen, rejected) = pair_logps(lm, &pair_batch(refs)?)?;
+        let side_sums =
+            |side: &SequenceLogps| -> Result<Vec<f64>> { Ok(side.sum().detach().to_dtype(DType::F64)?.to_vec1()?) };
+        let (chosen_sums, rejected_sums) = (side_sums(&chosen)?, side_sums(&rejected)?);
+        for (i, pair) in refs.iter().enumerate() {
+            sums.push(PairLogps {
+                pair: pair.id,
+                chosen_logp: chosen_sums[i],
+                rejected_logp: rejected_sums[i],
+                chosen_tokens: pair.chosen.len() as u32,
+                rejected_tokens: pair.rejected.len() as u32,
+            });
+        }
+        if !per_token {
+            continue;
+        }
+        for (side, is_chosen) in [(&chosen, true), (&rejected, false)] {
+            let values: Vec<Vec<f32>> = match side.tokens() {
+                Some(t) => t.logps().detach().to_dtype(DType::F32)?.to_vec2()?,
+                None => return Err(TrainError::Config("no per-token log-probs".into())),
+            };
+            for (pair, row) in refs.iter().zip(&values) {
+                let ids = if is_chosen { &pair.chosen } else { &pair.rejected };
+                tokens.extend(ids.iter().zip(row).enumerate().map(|(j, (&token, &logp))| TokenLogp {
+                    pair: pair.id,
+                    chosen: is_chosen,
+                    position: j as u32,
+                    token,
+                    logp,
+                }));
             }
-            (sum, count)
-        };
-        let (chosen_logp, chosen_tokens) = side(i, true);
-        let (rejected_logp, rejected_tokens) = side(n + i, false);
-        sums.push(PairLogps { pair: pair.id, chosen_logp, rejected_logp, chosen_tokens, rejected_tokens });
+        }
     }
     Ok((sums, tokens))
 }
@@ -234,7 +257,6 @@ pub fn score_file(
     data: &Path,
     out: &Path,
     opts: &LogpsOptions,
-    device: &Device,
 ) -> Result<LogpsReport> {
     if opts.batch_size == 0 {
         return Err(TrainError::Config("batch_size: must be at least 1".into()));
@@ -299,10 +321,15 @@ pub fn score_file(
         let mut tokens: Vec<Vec<TokenLogp>> = vec![Vec::new(); chunk.len()];
         for batch_idx in order.chunks(opts.batch_size) {
             let refs: Vec<&TokenizedPair> = batch_idx.iter().map(|&i| &chunk[i]).collect();
-            let batch = collate_pairs(&refs, 0);
-            positions += (batch.rows * batch.seq_len) as u64;
-            real += batch.real_tokens() as u64;
-            let (s, t) = score_batch(model, &refs, writer.is_some(), device)?;
+            for pair in &refs {
+                for part in [&pair.prompt, &pair.chosen, &pair.rejected] {
+                    model.check_ids(part, &|| format!("pair {}", pair.id))?;
+                }
+            }
+            let packed = pair_batch(&refs)?;
+            positions += packed.packed_positions() as u64;
+            real += packed.packed_tokens() as u64;
+            let (s, t) = score_pairs(&model.lm, &refs, refs.len(), writer.is_some())?;
             for (k, &i) in batch_idx.iter().enumerate() {
                 sums[i] = Some(s[k]);
             }

@@ -325,7 +325,7 @@ fn main() -> Result<()> {
             for file in slime_data::parquet_files(&data)? {
                 expect_file(&file, "--data", "a Parquet preference file, a directory or a glob of them")?;
             }
-            let (loaded, device) = model.load()?;
+            let (loaded, _device) = model.load()?;
             let template = loaded.template(model.template.map(Into::into))?;
             let opts = LogpsOptions {
                 truncation: Truncation {
@@ -352,7 +352,7 @@ fn main() -> Result<()> {
                 per_token: per_token.then(|| per_token_path(&out)),
                 progress_every: Some(Duration::from_secs(10)),
             };
-            let report = score_file(&loaded, template, &data, &out, &opts, &device)
+            let report = score_file(&loaded, template, &data, &out, &opts)
                 .with_context(|| format!("scoring {}", data.display()))?;
             println!("{}: {}", data.display(), report.stats);
             if report.dropped_overlong > 0 {

@@ -6,11 +6,11 @@ use std::path::Path;
 
 use candle_core::DType;
 use serde::Serialize;
-use slime_data::{TextTokenizer, TokenizedPair, collate_pairs};
+use slime_data::{TextTokenizer, TokenizedPair};
 use slime_models::CausalLm;
 
-use super::model::{device_of, parquet_data};
-use super::step::pair_logps;
+use super::model::parquet_data;
+use super::step::{pair_batch, pair_logps};
 use crate::config::RunConfig;
 use crate::corpus::{Example, RunData, repetition};
 use crate::metrics::eval;
@@ -70,14 +70,12 @@ fn row_fractions_below(tokens: &slime_objectives::TokenLogps, delta: f64) -> Res
 
 /// [`evaluate`], also returning the greedy generations.
 pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Evaluation> {
-    let device = device_of(lm);
     let (mut correct_pref, mut chosen_sum, mut rejected_sum, mut n) = (0usize, 0.0, 0.0, 0usize);
     let (mut collapsed, mut rejected_tokens) = (0.0, 0.0);
     let mut items = EvalItems::default();
     for chunk in data.eval.chunks(cfg.eval.batch_size) {
         let refs: Vec<&TokenizedPair> = chunk.iter().map(|e| &e.tokens).collect();
-        let batch = collate_pairs(&refs, data.pad_id);
-        let (chosen, rejected) = pair_logps(lm, &batch, &device)?;
+        let (chosen, rejected) = pair_logps(lm, &pair_batch(&refs)?)?;
         let a_w: Vec<f32> = chosen.mean("chosen")?.detach().to_dtype(DType::F32)?.to_vec1()?;
         let a_l: Vec<f32> = rejected.mean("rejected")?.detach().to_dtype(DType::F32)?.to_vec1()?;
         correct_pref += a_w.iter().zip(&a_l).filter(|(w, l)| w > l).count();

@@ -6,19 +6,20 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::Device;
-use slime_data::{Batch, TokenizedPair, collate_pairs};
+use slime_data::TokenizedPair;
 use slime_models::CausalLm;
 use slime_objectives::{BatchTotals, LossOutput, ObjectiveInputs, SequenceLogps};
 
 use super::Stage;
 use super::model::device_of;
 use super::preference_checkpoint::PreferenceState;
-use super::reference::{Reference, pair_sums};
+use super::reference::Reference;
 use super::selector::{SageState, Selector};
 use super::state::{Ctx, Resume, restore_weights};
-use super::step::{StepSpec, accumulated_step, micro_batches, pair_logps, record};
+use super::step::{PairMicroBatch, StepSpec, accumulated_step, pair_logps, pair_micro_batches, record};
 use crate::config::RunConfig;
 use crate::corpus::RunData;
+use crate::logps::score_pairs;
 use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS, TOKENS_PER_SECOND, eval};
 use crate::optim::AdamW;
 use crate::progress::Progress;
@@ -143,9 +144,9 @@ fn train_step(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, run: &mut Prefer
     )?;
     if let Some(reference) = &mut run.reference {
         let pairs: Vec<&TokenizedPair> = pick.indices.iter().map(|&i| &data.preference[i].tokens).collect();
-        reference.ensure(lm, &pairs, data.pad_id, cfg.eval.batch_size)?;
+        reference.ensure(lm, &pairs, cfg.eval.batch_size)?;
     }
-    let batches = micro_batches(&pick.indices, spec.batch_size, &data.preference, collate_pairs, data.pad_id);
+    let batches = pair_micro_batches(&pick.indices, spec.batch_size, &data.preference)?;
     let lr = spec.schedule.lr_at(step, spec.steps);
     let step_spec = StepSpec {
         place: ctx.place(Stage::Preference, step + 1),
@@ -175,11 +176,11 @@ fn preference_loss(
     cfg: &RunConfig,
     reference: Option<&Reference>,
     device: &Device,
-    batch: &Batch,
+    batch: &PairMicroBatch,
     totals: BatchTotals,
     poison: bool,
 ) -> Result<LossOutput> {
-    let (mut chosen, rejected) = pair_logps(lm, batch, device)?;
+    let (mut chosen, rejected) = pair_logps(lm, &batch.input)?;
     if poison {
         let tokens = chosen.tokens().ok_or_else(|| TrainError::Config("no per-token log-probs".into()))?;
         let nan = tokens.logps().affine(1.0, f64::NAN)?;
@@ -189,7 +190,7 @@ fn preference_loss(
         .with_collapse_delta(cfg.eval.collapse_delta)
         .with_batch_totals(totals);
     if let Some(reference) = reference {
-        inputs = inputs.with_reference(reference.for_pairs(&batch.pair_ids, device)?);
+        inputs = inputs.with_reference(reference.for_pairs(&batch.ids, device)?);
     }
     Ok(cfg.preference.objective.compute(&inputs)?)
 }
@@ -206,9 +207,9 @@ fn sage_margins(
 ) -> Result<Vec<f64>> {
     let pairs: Vec<&TokenizedPair> = pool.iter().map(|&i| &data.preference[i].tokens).collect();
     if let Some(reference) = reference.as_mut() {
-        reference.ensure(lm, &pairs, data.pad_id, cfg.eval.batch_size)?;
+        reference.ensure(lm, &pairs, cfg.eval.batch_size)?;
     }
-    let sums = pair_sums(lm, &pairs, data.pad_id, cfg.eval.batch_size)?;
+    let (sums, _) = score_pairs(lm, &pairs, cfg.eval.batch_size, false)?;
     let objective = &cfg.preference.objective;
     sums.iter().map(|s| objective_margin(objective, s, reference.as_ref().and_then(|r| r.get(s.pair)))).collect()
 }

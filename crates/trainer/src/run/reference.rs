@@ -1,46 +1,19 @@
 //! Reference log-probs for DPO-style objectives: each preference pair's sums `(S_w, S_l)` under
-//! the starting model, read from a file, computed before the stage, or computed on demand.
+//! the starting model ([`score_pairs`]), read from a file, computed before the stage, or
+//! computed on demand.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use slime_data::{PairLogps, TokenizedPair, collate_pairs, read_logps, write_logps};
+use candle_core::{Device, Tensor};
+use slime_data::{PairLogps, TokenizedPair, read_logps, write_logps};
 use slime_models::CausalLm;
 use slime_objectives::ReferenceLogps;
 
-use super::model::device_of;
-use super::step::pair_logps;
 use crate::config::RunConfig;
 use crate::corpus::RunData;
+use crate::logps::score_pairs;
 use crate::{Result, TrainError};
-
-/// Completion sums `(S_w, S_l)` of `pairs` under the model as it is (forward only), `batch_size`
-/// pairs per pass.
-pub(super) fn pair_sums(
-    lm: &CausalLm,
-    pairs: &[&TokenizedPair],
-    pad_id: u32,
-    batch_size: usize,
-) -> Result<Vec<PairLogps>> {
-    let mut out = Vec::with_capacity(pairs.len());
-    for refs in pairs.chunks(batch_size) {
-        let batch = collate_pairs(refs, pad_id);
-        let (c, r) = pair_logps(lm, &batch, &device_of(lm))?;
-        let cs: Vec<f64> = c.sum().detach().to_dtype(DType::F64)?.to_vec1()?;
-        let rs: Vec<f64> = r.sum().detach().to_dtype(DType::F64)?.to_vec1()?;
-        for (i, t) in refs.iter().enumerate() {
-            out.push(PairLogps {
-                pair: t.id,
-                chosen_logp: cs[i],
-                rejected_logp: rs[i],
-                chosen_tokens: t.chosen.len() as u32,
-                rejected_tokens: t.rejected.len() as u32,
-            });
-        }
-    }
-    Ok(out)
-}
 
 /// Where a run's reference log-probs come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +55,7 @@ impl Reference {
             (None, ReferenceSource::OnDemand) => Vec::new(),
             (None, _) => {
                 let all: Vec<&TokenizedPair> = data.preference.iter().map(|e| &e.tokens).collect();
-                pair_sums(lm, &all, data.pad_id, cfg.eval.batch_size)?
+                score_pairs(lm, &all, cfg.eval.batch_size, false)?.0
             }
         };
         Ok(Self { source, sums: rows.into_iter().map(|r| (r.pair, (r.chosen_logp, r.rejected_logp))).collect() })
@@ -103,13 +76,7 @@ impl Reference {
     }
 
     /// On demand only: computes the sums of `pairs` not known yet, with the adapters off.
-    pub(super) fn ensure(
-        &mut self,
-        lm: &CausalLm,
-        pairs: &[&TokenizedPair],
-        pad_id: u32,
-        batch_size: usize,
-    ) -> Result<()> {
+    pub(super) fn ensure(&mut self, lm: &CausalLm, pairs: &[&TokenizedPair], batch_size: usize) -> Result<()> {
         if self.source != ReferenceSource::OnDemand {
             return Ok(());
         }
@@ -121,9 +88,9 @@ impl Reference {
             return Ok(());
         }
         lm.set_adapters_enabled(false);
-        let rows = pair_sums(lm, &missing, pad_id, batch_size);
+        let rows = score_pairs(lm, &missing, batch_size, false);
         lm.set_adapters_enabled(true);
-        for r in rows? {
+        for r in rows?.0 {
             self.sums.insert(r.pair, (r.chosen_logp, r.rejected_logp));
         }
         Ok(())
@@ -276,7 +243,7 @@ mod tests {
         let data = RunData::embedded(12, 2, 0)?;
         let device = Device::Cpu;
         let base = CausalLm::random(&tiny_llama(16, 1), 3, &device)?;
-        let expected = pair_sums(&base, &pairs(&data), data.pad_id, 4)?;
+        let expected = score_pairs(&base, &pairs(&data), 4, false)?.0;
         let lm =
             CausalLm::random(&tiny_llama(16, 1), 3, &device)?.with_lora(LoraConfig::new(2, 4.0, &["q_proj"]), 1)?;
         for (_, var) in lm.trainable_vars() {
@@ -287,14 +254,14 @@ mod tests {
         let mut reference = Reference::at_start(&lm, &data, &cfg)?;
         assert!(reference.to_bits().is_empty(), "nothing before a pair is needed");
         let all = pairs(&data);
-        reference.ensure(&lm, &all[..3], data.pad_id, 2)?;
-        reference.ensure(&lm, &[all[0], all[0], all[1]], data.pad_id, 2)?;
+        reference.ensure(&lm, &all[..3], 2)?;
+        reference.ensure(&lm, &[all[0], all[0], all[1]], 2)?;
         assert_eq!(reference.to_bits().len(), 3);
-        reference.ensure(&lm, &all, data.pad_id, 4)?;
+        reference.ensure(&lm, &all, 4)?;
         let got: Vec<(u64, f64, f64)> =
             all.iter().map(|t| reference.get(t.id).map(|(c, r)| (t.id, c, r))).collect::<Option<_>>().expect("all");
         assert!(close(&got, &expected), "adapters off: the base model's sums");
-        let policy = pair_sums(&lm, &all, data.pad_id, 4)?;
+        let policy = score_pairs(&lm, &all, 4, false)?.0;
         assert!(!close(&got, &policy), "the adapters are on again afterwards");
         Ok(())
     }

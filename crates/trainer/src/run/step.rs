@@ -7,19 +7,17 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use slime_data::{Batch, TokenizedPair};
-use slime_models::CausalLm;
 use slime_models::step::{DirectGrads, on_this_thread};
+use slime_models::{CausalLm, PairBatch};
 use slime_objectives::{BatchTotals, LossOutput, SequenceLogps};
 
 use super::{FaultTarget, Stage};
 use crate::corpus::Example;
+pub(super) use crate::logps::{LOGP_CHUNK, pair_batch, pair_logps};
 use crate::metrics::LOSS;
 use crate::metrics_log::MetricsLog;
 use crate::optim::{AdamW, clip_coefficient};
 use crate::{Result, TrainError};
-
-/// Positions per chunk of the log-prob computation.
-pub(super) const LOGP_CHUNK: usize = 64;
 
 pub(super) struct Tensors {
     pub(super) ids: Tensor,
@@ -36,15 +34,45 @@ pub(super) fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
     })
 }
 
-/// Per-token log-probs of a batch, split into its chosen and rejected halves.
-pub(super) fn pair_logps(lm: &CausalLm, batch: &Batch, device: &Device) -> Result<(SequenceLogps, SequenceLogps)> {
-    let t = to_tensors(batch, device)?;
-    let logps = lm.model().pair_token_logps_at(&t.ids, Some(&t.attention), &t.completion, LOGP_CHUNK)?;
-    let n = batch.rows / 2;
-    Ok((
-        SequenceLogps::from_tokens(&logps.narrow(0, 0, n)?, &t.completion.narrow(0, 0, n)?)?,
-        SequenceLogps::from_tokens(&logps.narrow(0, n, n)?, &t.completion.narrow(0, n, n)?)?,
-    ))
+/// A preference micro-batch: its pairs' ids (in order) and the model's input.
+pub(super) struct PairMicroBatch {
+    pub(super) ids: Vec<u64>,
+    pub(super) input: PairBatch,
+}
+
+/// What an optimiser step needs to know of a micro-batch besides its loss.
+pub(super) trait MicroBatch: Sync {
+    /// Its pairs (SFT: sequences) and counted chosen (SFT: target) and rejected tokens.
+    fn totals(&self) -> BatchTotals;
+    /// Real tokens of its sequences, every sequence's prompt included ([`crate::metrics::TOKENS`]).
+    fn real_tokens(&self) -> usize;
+}
+
+/// An SFT batch: one row per sequence.
+impl MicroBatch for Batch {
+    fn totals(&self) -> BatchTotals {
+        let chosen: u64 = self.completion_lens.iter().map(|&l| u64::from(l)).sum();
+        BatchTotals { pairs: self.rows, chosen_tokens: chosen as f64, rejected_tokens: 0.0 }
+    }
+
+    fn real_tokens(&self) -> usize {
+        Batch::real_tokens(self)
+    }
+}
+
+impl MicroBatch for PairMicroBatch {
+    fn totals(&self) -> BatchTotals {
+        let b = &self.input;
+        let (chosen, rejected): (usize, usize) = (b.chosen_lens().iter().sum(), b.rejected_lens().iter().sum());
+        BatchTotals { pairs: b.len(), chosen_tokens: chosen as f64, rejected_tokens: rejected as f64 }
+    }
+
+    /// `2 prompt + chosen + rejected` per pair: the prompt counts with each completion.
+    fn real_tokens(&self) -> usize {
+        let b = &self.input;
+        let prompts: usize = b.prompt_lens().iter().sum();
+        2 * prompts + b.chosen_lens().iter().sum::<usize>() + b.rejected_lens().iter().sum::<usize>()
+    }
 }
 
 /// Where a step is: its stage, its step within the stage, its step within the run (how
@@ -141,26 +169,16 @@ pub(super) struct StepSpec<'a> {
     pub(super) parallel: usize,
 }
 
-/// Full-batch sizes of `batches` (SFT: one row per sequence; preference: chosen rows then
-/// rejected rows).
-fn batch_totals(batches: &[Batch], stage: Stage) -> BatchTotals {
-    let (mut pairs, mut chosen, mut rejected) = (0usize, 0u64, 0u64);
-    for b in batches {
-        let lens = &b.completion_lens;
-        match stage {
-            Stage::Sft => {
-                pairs += b.rows;
-                chosen += lens.iter().map(|&l| u64::from(l)).sum::<u64>();
-            }
-            Stage::Preference => {
-                let n = b.rows / 2;
-                pairs += n;
-                chosen += lens[..n].iter().map(|&l| u64::from(l)).sum::<u64>();
-                rejected += lens[n..].iter().map(|&l| u64::from(l)).sum::<u64>();
-            }
-        }
-    }
-    BatchTotals { pairs, chosen_tokens: chosen as f64, rejected_tokens: rejected as f64 }
+/// Full-batch sizes of `batches`: their micro-batches' sizes added up.
+fn batch_totals(batches: &[impl MicroBatch]) -> BatchTotals {
+    batches.iter().map(MicroBatch::totals).fold(
+        BatchTotals { pairs: 0, chosen_tokens: 0.0, rejected_tokens: 0.0 },
+        |a, b| BatchTotals {
+            pairs: a.pairs + b.pairs,
+            chosen_tokens: a.chosen_tokens + b.chosen_tokens,
+            rejected_tokens: a.rejected_tokens + b.rejected_tokens,
+        },
+    )
 }
 
 /// The summed gradients and pair-weighted metric sums of an optimiser batch's micro-batches.
@@ -175,26 +193,17 @@ struct Accumulated {
     first: BTreeMap<String, f64>,
 }
 
-/// Pairs of a micro-batch (SFT: sequences), the weight of its metrics.
-fn pairs_in(batch: &Batch, stage: Stage) -> f64 {
-    let pairs = match stage {
-        Stage::Sft => batch.rows,
-        Stage::Preference => batch.rows / 2,
-    };
-    pairs as f64
-}
-
 /// One optimiser step over `batches` (the micro-batches of one optimiser batch): per
 /// micro-batch the forward pass and loss (normalised by the full batch's [`BatchTotals`]) and
 /// a backward pass, `spec.parallel` micro-batches at a time on rayon's pool; the gradients are
 /// summed in micro-batch order (the same bits however many run at once), checked, clipped, and
 /// AdamW steps once.
-pub(super) fn accumulated_step(
+pub(super) fn accumulated_step<B: MicroBatch>(
     lm: &CausalLm,
     opt: &mut AdamW,
-    batches: &[Batch],
+    batches: &[B],
     spec: &StepSpec<'_>,
-    loss_of: impl Fn(&Batch, BatchTotals, bool) -> Result<LossOutput> + Sync,
+    loss_of: impl Fn(&B, BatchTotals, bool) -> Result<LossOutput> + Sync,
 ) -> Result<StepOutcome> {
     let acc = accumulate(opt, batches, spec, loss_of)?;
     let mut grads = acc.grads;
@@ -225,14 +234,14 @@ pub(super) fn accumulated_step(
 
 /// Forward and backward passes of `batches`, `spec.parallel` at a time, their gradients summed
 /// in micro-batch order and their metrics checked and summed.
-fn accumulate(
+fn accumulate<B: MicroBatch>(
     opt: &AdamW,
-    batches: &[Batch],
+    batches: &[B],
     spec: &StepSpec<'_>,
-    loss_of: impl Fn(&Batch, BatchTotals, bool) -> Result<LossOutput> + Sync,
+    loss_of: impl Fn(&B, BatchTotals, bool) -> Result<LossOutput> + Sync,
 ) -> Result<Accumulated> {
-    let totals = batch_totals(batches, spec.place.stage);
-    let forward_backward = |i: usize, batch: &Batch| -> Result<(LossOutput, GradStore)> {
+    let totals = batch_totals(batches);
+    let forward_backward = |i: usize, batch: &B| -> Result<(LossOutput, GradStore)> {
         let poison = spec.fault == Some(FaultTarget::Logps) && i == 0;
         // The fused blocks hand their weights' gradients over directly (the same values as
         // through candle's graph, without its zero-fill-and-add per packing step).
@@ -258,7 +267,7 @@ fn accumulate(
         };
         for (batch, outcome) in group.iter().zip(outcomes) {
             let (out, g) = outcome?;
-            let pairs = pairs_in(batch, spec.place.stage);
+            let pairs = batch.totals().pairs as f64;
             let acc = match &mut acc {
                 Some(acc) => {
                     opt.accumulate(&mut acc.grads, &g)?;
@@ -283,7 +292,17 @@ fn accumulate(
     acc.ok_or_else(|| TrainError::Config(format!("{} step {}: empty batch", place.stage.name(), place.step)))
 }
 
-/// The micro-batches of one optimiser batch.
+/// The pairs of each micro-batch of one optimiser batch: `picked` (indices into `data`) in
+/// chunks of `batch_size`.
+fn chunks<'a>(
+    picked: &'a [usize],
+    batch_size: usize,
+    data: &'a [Example],
+) -> impl Iterator<Item = Vec<&'a TokenizedPair>> {
+    picked.chunks(batch_size).map(move |chunk| chunk.iter().map(|&i| &data[i].tokens).collect())
+}
+
+/// The micro-batches of one optimiser batch, collated into rows.
 pub(super) fn micro_batches(
     picked: &[usize],
     batch_size: usize,
@@ -291,11 +310,12 @@ pub(super) fn micro_batches(
     collate: fn(&[&TokenizedPair], u32) -> Batch,
     pad_id: u32,
 ) -> Vec<Batch> {
-    picked
-        .chunks(batch_size)
-        .map(|chunk| {
-            let refs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &data[i].tokens).collect();
-            collate(&refs, pad_id)
-        })
+    chunks(picked, batch_size, data).map(|refs| collate(&refs, pad_id)).collect()
+}
+
+/// The preference micro-batches of one optimiser batch.
+pub(super) fn pair_micro_batches(picked: &[usize], batch_size: usize, data: &[Example]) -> Result<Vec<PairMicroBatch>> {
+    chunks(picked, batch_size, data)
+        .map(|refs| Ok(PairMicroBatch { ids: refs.iter().map(|p| p.id).collect(), input: pair_batch(&refs)? }))
         .collect()
 }
