@@ -75,8 +75,8 @@ pub use generation::KvCache;
 pub use llama::Llama;
 pub use lora::{LoraConfig, TargetModules};
 pub use mistral::{Mistral, MistralConfig};
-pub use registry::MODEL_TYPES;
 pub use pairs::{CompletionLogps, PairBatch};
+pub use registry::MODEL_TYPES;
 
 /// The candle versions whose tensors, devices, variables and errors this crate's API uses
 /// (`Llama::new` takes a `candle_nn::VarBuilder`).

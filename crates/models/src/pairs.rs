@@ -247,7 +247,7 @@ impl Model {
             })
         };
         let needed = Needed::of(p, n * (c + r), out);
-        let device = head(self).0.device().clone();
+        let device = self.lm_head().device().clone();
         let Some(values) = entry_logps(self, p, &needed, (2 * n).saturating_mul(chunk), &device)? else {
             // Separate rows: completion token `j` of pair `i` is position `prompt + j` of its row.
             let (ids, mask) = batch.rows(&device)?;

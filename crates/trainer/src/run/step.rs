@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use slime_data::{Batch, TokenizedPair};
 use slime_models::step::{DirectGrads, on_this_thread};
 use slime_models::{CausalLm, PairBatch};
-use slime_objectives::{BatchTotals, LossOutput, SequenceLogps};
+use slime_objectives::{BatchTotals, LossOutput};
 
 use super::{FaultTarget, Stage};
 use crate::corpus::Example;
