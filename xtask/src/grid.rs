@@ -73,19 +73,32 @@ impl Variant {
     /// The objective as an inline TOML table with `type` first, as a run config's
     /// `objective = ...` line takes it (empty for an SFT variant).
     pub fn objective_inline(&self) -> String {
-        let Some(table) = &self.objective else { return String::new() };
-        let tag = table.get("type").into_iter().map(|v| ("type", v));
-        let rest = table.iter().filter(|(k, _)| k.as_str() != "type").map(|(k, v)| (k.as_str(), v));
-        let fields: Vec<String> = tag.chain(rest).map(|(k, v)| format!("{k} = {v}")).collect();
-        format!("{{ {} }}", fields.join(", "))
+        self.objective.as_ref().map_or_else(String::new, inline_table)
     }
 
     /// The variant's own lines of its stage's section (`[sft]` for an SFT variant,
-    /// `[preference]` otherwise), `key = value` each, as (key, line).
+    /// `[preference]` otherwise), `key = value` each (tables inline, `type` first), as (key,
+    /// line).
     pub fn stage_lines(&self) -> Vec<(String, String)> {
         let table = if self.is_sft() { &self.sft } else { &self.preference };
-        table.iter().flatten().map(|(k, v)| (k.clone(), format!("{k} = {v}"))).collect()
+        table.iter().flatten().map(|(k, v)| (k.clone(), format!("{k} = {}", inline_value(v)))).collect()
     }
+}
+
+/// A TOML value as written inline, a table's `type` key first.
+fn inline_value(value: &toml::Value) -> String {
+    match value {
+        toml::Value::Table(t) => inline_table(t),
+        other => other.to_string(),
+    }
+}
+
+/// A TOML table as an inline table, its `type` key first.
+fn inline_table(table: &toml::Table) -> String {
+    let tag = table.get("type").into_iter().map(|v| ("type", v));
+    let rest = table.iter().filter(|(k, _)| k.as_str() != "type").map(|(k, v)| (k.as_str(), v));
+    let fields: Vec<String> = tag.chain(rest).map(|(k, v)| format!("{k} = {}", inline_value(v))).collect();
+    format!("{{ {} }}", fields.join(", "))
 }
 
 /// What the report needs of a grid: the variants in report order, which are SFT variants and
@@ -181,6 +194,10 @@ impl Grid {
                 None if name == SFT && (v.sft.is_some() || v.preference.is_some() || v.start.is_some()) => {
                     bail!("variant `{SFT}` is the plain NLL SFT stage; give other SFT settings a variant of their own")
                 }
+                None if name != SFT && v.sft.is_none() => bail!(
+                    "variant `{name}` needs an `objective` table (e.g. {{ type = \"slime\" }}), or, as an SFT \
+                     variant, its own `sft` settings"
+                ),
                 None if v.preference.is_some() || v.start.is_some() => bail!(
                     "variant `{name}` has no objective, so it is an SFT variant: `preference` and `start` belong to \
                      preference variants"
