@@ -294,13 +294,10 @@ impl Default for Options {
 
 /// The preset named `name`.
 pub fn preset(name: &str) -> Result<&'static Preset> {
-    PRESETS
-        .iter()
-        .find(|p| p.name == name)
-        .with_context(|| {
-            let known: Vec<String> = PRESETS.iter().map(|p| format!("\n  {}: {}", p.name, p.description)).collect();
-            format!("--preset: unknown preset `{name}`; known:{}", known.concat())
-        })
+    PRESETS.iter().find(|p| p.name == name).with_context(|| {
+        let known: Vec<String> = PRESETS.iter().map(|p| format!("\n  {}: {}", p.name, p.description)).collect();
+        format!("--preset: unknown preset `{name}`; known:{}", known.concat())
+    })
 }
 
 /// `cargo xtask ablate` flags; every one overrides the default grid's or the preset's value.
@@ -859,11 +856,15 @@ mod tests {
         assert!(minus_p.contains("objective = { type = \"sft\", alpha = 1.0 }\n"), "{minus_p}");
         assert!(minus_p.contains("[preference]\nsteps = 0\n") && !minus_p.contains("init ="), "{minus_p}");
         assert!(!minus_p.contains("start_from"), "an SFT cell evaluates its own model: {minus_p}");
-        let after = cell_config(None, variant("slime-after-sft-minus-p")?, 0, &quick, Some(Path::new("/r/sft-minus-p-seed0")));
+        let after =
+            cell_config(None, variant("slime-after-sft-minus-p")?, 0, &quick, Some(Path::new("/r/sft-minus-p-seed0")));
         assert!(after.contains("init = \"/r/sft-minus-p-seed0/sft-model\""), "{after}");
         // A variant's key replaces the preset's line of the same key.
         let own = [("batch_size".to_string(), "batch_size = 8".to_string())];
-        assert_eq!(merged("batch_size = 4\nschedule = { lr = 1.0 }", &own), "schedule = { lr = 1.0 }\nbatch_size = 8\n");
+        assert_eq!(
+            merged("batch_size = 4\nschedule = { lr = 1.0 }", &own),
+            "schedule = { lr = 1.0 }\nbatch_size = 8\n"
+        );
         // No SFT steps: every cell starts from the model itself, the preference cells too.
         let no_sft = args("--preset smollm2-verifiable-quick --sft-steps 0")?;
         let dpo = cell_config(None, variant("dpo")?, 0, &no_sft, Some(Path::new("/r/sft-seed0")));

@@ -164,7 +164,12 @@ impl Grid {
     pub fn layout(&self) -> Layout {
         Layout {
             order: self.names().into_iter().map(String::from).collect(),
-            sft_variants: self.variants.iter().filter(|v| v.is_sft() && v.name != SFT).map(|v| v.name.clone()).collect(),
+            sft_variants: self
+                .variants
+                .iter()
+                .filter(|v| v.is_sft() && v.name != SFT)
+                .map(|v| v.name.clone())
+                .collect(),
             starts: self
                 .variants
                 .iter()
@@ -218,11 +223,8 @@ impl Grid {
                 }
                 None => {}
             }
-            let (section, table, reserved) = if v.is_sft() {
-                ("sft", &v.sft, &RESERVED[..2])
-            } else {
-                ("preference", &v.preference, &RESERVED[..])
-            };
+            let (section, table, reserved) =
+                if v.is_sft() { ("sft", &v.sft, &RESERVED[..2]) } else { ("preference", &v.preference, &RESERVED[..]) };
             if let Some(key) = table.iter().flatten().map(|(k, _)| k).find(|k| reserved.contains(&k.as_str())) {
                 let by = if key == "objective" { "the variant's `objective`" } else { "--steps / --sft-steps" };
                 bail!("variant `{name}`: `{section}.{key}` is set by the grid ({by})");

@@ -436,7 +436,8 @@ pub fn tables(cells: &[Cell], layout: &Layout) -> Result<(String, String)> {
     let columns: Vec<(&str, &str)> =
         COLUMNS.into_iter().filter(|(key, _)| cells.iter().any(|c| c.result.r#final.contains_key(*key))).collect();
     let mut md = String::new();
-    let has_sft_variants = cells.iter().any(|c| c.result.variant != crate::grid::SFT && layout.is_sft(&c.result.variant));
+    let has_sft_variants =
+        cells.iter().any(|c| c.result.variant != crate::grid::SFT && layout.is_sft(&c.result.variant));
     let seeds_max = models(cells)
         .iter()
         .flat_map(|m| variant_order(cells, order).into_iter().map(move |v| (m.clone(), v)))
@@ -1073,8 +1074,13 @@ mod tests {
         // -0.5, 0, +1.
         let of = |v: Vec<f64>| BOOTSTRAP.mean(&[v]);
         let (p, after) = (of(vec![-1.0, 0.0, 1.0])?, of(vec![-0.5, 0.0, 1.0])?);
-        assert!(md.contains(&format!("| tiny-llama | sft-minus-p | 0 | 0.000 [{:.3}, {:.3}] |", p.low, p.high)), "{md}");
-        assert!(md.contains(&format!("| tiny-llama | slime-after | 0 | 0.167 [{:.3}, {:.3}] |", after.low, after.high)));
+        assert!(
+            md.contains(&format!("| tiny-llama | sft-minus-p | 0 | 0.000 [{:.3}, {:.3}] |", p.low, p.high)),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!("| tiny-llama | slime-after | 0 | 0.167 [{:.3}, {:.3}] |", after.low, after.high))
+        );
         assert!(md.contains("for an SFT variant, against the NLL SFT model"), "{md}");
         assert!(md.contains("| tiny-llama | sft-minus-p | sft |"), "{md}");
         assert!(md.contains("| tiny-llama | slime-after | slime |"), "{md}");

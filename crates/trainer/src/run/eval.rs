@@ -184,7 +184,8 @@ pub(super) fn evaluated_model_dir(cfg: &RunConfig, run_dir: &Path) -> Option<Pat
 /// SHA-256 of a model directory's weights and architecture: of the lines `<file> <sha256>` of
 /// its `config.json` and `*.safetensors` files in name order.
 pub(super) fn model_sha256(dir: &Path) -> Result<String> {
-    let entries = std::fs::read_dir(dir).map_err(|source| TrainError::Io { path: dir.display().to_string(), source })?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| TrainError::Io { path: dir.display().to_string(), source })?;
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .filter(|n| n == "config.json" || n.ends_with(".safetensors"))
@@ -211,7 +212,8 @@ pub(super) fn reused_start(cfg: &RunConfig, data: &RunData) -> Result<Option<(BT
     let Some(dir) = &cfg.eval.start_from else { return Ok(None) };
     let bad = |why: String| TrainError::Input(format!("eval.start_from = {}: {why}", dir.display()));
     let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).map_err(|e| bad(format!("{name} cannot be read ({e}); is the run finished?")))
+        std::fs::read_to_string(dir.join(name))
+            .map_err(|e| bad(format!("{name} cannot be read ({e}); is the run finished?")))
     };
     let source = RunConfig::from_toml(&read("config.toml")?).map_err(|e| bad(format!("config.toml: {e}")))?;
     let result: serde_json::Value =
@@ -237,7 +239,9 @@ pub(super) fn reused_start(cfg: &RunConfig, data: &RunData) -> Result<Option<(BT
         (ours.3 != theirs.3, "[eval]"),
     ] {
         if differs {
-            return Err(bad(format!("its {what} settings differ from this run's, so its evaluation is not this run's")));
+            return Err(bad(format!(
+                "its {what} settings differ from this run's, so its evaluation is not this run's"
+            )));
         }
     }
     let recorded = result[MODEL_SHA256].as_str();
@@ -254,7 +258,10 @@ pub(super) fn reused_start(cfg: &RunConfig, data: &RunData) -> Result<Option<(BT
         }
         (None, None) => {}
         (Some(init), None) => {
-            return Err(bad(format!("it evaluated its base model, but this run starts from init = {}", init.display())));
+            return Err(bad(format!(
+                "it evaluated its base model, but this run starts from init = {}",
+                init.display()
+            )));
         }
         (None, Some(model)) => {
             return Err(bad(format!("it evaluated {}, but this run starts from its base model", model.display())));

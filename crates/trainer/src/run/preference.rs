@@ -12,12 +12,12 @@ use slime_objectives::{BatchTotals, LossOutput, ObjectiveInputs, SequenceLogps};
 
 use super::eval::reused_start;
 use super::model::device_of;
-use super::{Stage, note};
 use super::preference_checkpoint::PreferenceState;
 use super::reference::{Reference, pair_sums};
 use super::selector::{SageState, Selector};
 use super::state::{Ctx, Resume, restore_weights};
 use super::step::{StepSpec, accumulated_step, micro_batches, pair_logps, record};
+use super::{Stage, note};
 use crate::config::RunConfig;
 use crate::corpus::RunData;
 use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS, TOKENS_PER_SECOND, eval};
@@ -89,7 +89,10 @@ fn start(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData) -> Result<PreferenceR
     let mut start = match reused_start(cfg, data)? {
         Some((metrics, _)) => {
             let from = cfg.eval.start_from.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
-            note(ctx.opts, &format!("start evaluation: taken from {from} (the same model, held-out pairs and settings)"));
+            note(
+                ctx.opts,
+                &format!("start evaluation: taken from {from} (the same model, held-out pairs and settings)"),
+            );
             metrics
         }
         None => ctx.evaluate(lm, data)?,
