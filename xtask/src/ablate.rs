@@ -10,6 +10,7 @@
 //! from it. At the end the report (table.md, table.csv, plots/) is written into `<out>`. The
 //! variants and their objectives come from the grid file ([`crate::grid`]).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -649,29 +650,12 @@ fn ensure_task(trainer: &Path, dir: &Path, task: &VerifiableTask) -> Result<()> 
     Ok(())
 }
 
-/// Runs the grid's cells and writes the report.
-pub fn ablate(opts: &Options) -> Result<()> {
-    let grid = Grid::default_grid()?;
-    let trainer = trainer::build(trainer::TRAINER)?;
-    if let ModelChoice::Pretrained { data, task: Some(task), .. } = &opts.model {
-        ensure_task(&trainer, data.parent().unwrap_or(Path::new(".")), task)?;
-    }
-    let resolved = Options {
-        only: opts.only.clone(),
-        seeds: opts.seeds.clone(),
-        steps: opts.steps,
-        sft_steps: opts.sft_steps,
-        out: opts.out.clone(),
-        model: resolve_paths(opts)?,
-        jobs: opts.jobs,
-        device: opts.device.clone(),
-    };
-    let opts = &resolved;
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    let out = opts.out.canonicalize()?;
+/// The grid's cells under `out`: the SFT cells (`sft` and every SFT variant selected or
+/// started from, per model and seed), the preference cells (each starting from its seed's cell
+/// of the SFT variant it names), and the names of the variants they run.
+fn plan(grid: &Grid, opts: &Options, out: &Path) -> (Vec<CellJob>, Vec<CellJob>, BTreeSet<String>) {
     let selected: Vec<&Variant> =
         grid.variants.iter().filter(|v| opts.only.as_ref().is_none_or(|o| o.contains(&v.name))).collect();
-    let started = Instant::now();
     // Tiny models' cells are named `<model>-<variant>-seed<k>`; a pretrained model has its own
     // results folder, so its cells are `<variant>-seed<k>`.
     let models: Vec<Option<&str>> = match &opts.model {
@@ -680,11 +664,10 @@ pub fn ablate(opts: &Options) -> Result<()> {
     };
     let default_grid = opts.only.is_none() && models.len() > 1;
     let (mut sft_cells, mut preference_cells) = (Vec::new(), Vec::new());
-    let mut ran = std::collections::BTreeSet::new();
+    let mut ran = BTreeSet::new();
     for tiny in models.iter().copied() {
-        let runs = |v: &Variant| {
-            !(default_grid && tiny == Some("tiny-gemma")) || grid.tiny_gemma_default.iter().any(|name| *name == v.name)
-        };
+        let runs =
+            |v: &Variant| !(default_grid && tiny == Some("tiny-gemma")) || grid.tiny_gemma_default.contains(&v.name);
         let variants: Vec<&Variant> = selected.iter().copied().filter(|v| runs(v)).collect();
         // The SFT variants to train: `sft`, those selected, and those a selected variant starts
         // from, in grid order.
@@ -709,6 +692,31 @@ pub fn ablate(opts: &Options) -> Result<()> {
             preference_cells.extend(variants.iter().filter(|v| !v.is_sft()).map(|v| job(v)));
         }
     }
+    (sft_cells, preference_cells, ran)
+}
+
+/// Runs the grid's cells and writes the report.
+pub fn ablate(opts: &Options) -> Result<()> {
+    let grid = Grid::default_grid()?;
+    let trainer = trainer::build(trainer::TRAINER)?;
+    if let ModelChoice::Pretrained { data, task: Some(task), .. } = &opts.model {
+        ensure_task(&trainer, data.parent().unwrap_or(Path::new(".")), task)?;
+    }
+    let resolved = Options {
+        only: opts.only.clone(),
+        seeds: opts.seeds.clone(),
+        steps: opts.steps,
+        sft_steps: opts.sft_steps,
+        out: opts.out.clone(),
+        model: resolve_paths(opts)?,
+        jobs: opts.jobs,
+        device: opts.device.clone(),
+    };
+    let opts = &resolved;
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let out = opts.out.canonicalize()?;
+    let started = Instant::now();
+    let (sft_cells, preference_cells, ran) = plan(&grid, opts, &out);
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = opts.jobs.unwrap_or(match opts.model {
         ModelChoice::Tiny(_) => cores,
@@ -869,6 +877,35 @@ mod tests {
         let no_sft = args("--preset smollm2-verifiable-quick --sft-steps 0")?;
         let dpo = cell_config(None, variant("dpo")?, 0, &no_sft, Some(Path::new("/r/sft-seed0")));
         assert!(!dpo.contains("init =") && dpo.contains("[sft]\nsteps = 0\n") && dpo.contains("start_from"), "{dpo}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_variant_starting_from_another_sft_variant_gets_that_sft_cell() -> Result<()> {
+        let grid = Grid::default_grid()?;
+        let opts = args("--only slime-after-sft-minus-p,dpo --seeds 0,1 --model tiny-llama")?;
+        let (sft, preference, ran) = plan(&grid, &opts, Path::new("/r"));
+        let dirs = |jobs: &[CellJob]| jobs.iter().map(|j| j.dir.display().to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            dirs(&sft),
+            [
+                "/r/tiny-llama-sft-seed0",
+                "/r/tiny-llama-sft-minus-p-seed0",
+                "/r/tiny-llama-sft-seed1",
+                "/r/tiny-llama-sft-minus-p-seed1"
+            ]
+        );
+        assert_eq!(dirs(&preference).len(), 4);
+        let after =
+            preference.iter().find(|j| j.label == "tiny-llama-slime-after-sft-minus-p seed 1").context("cell")?;
+        assert!(after.config.contains("init = \"/r/tiny-llama-sft-minus-p-seed1/sft-model\""), "{}", after.config);
+        assert!(after.config.contains("start_from = \"/r/tiny-llama-sft-minus-p-seed1\""), "{}", after.config);
+        let dpo = preference.iter().find(|j| j.label == "tiny-llama-dpo seed 0").context("cell")?;
+        assert!(dpo.config.contains("start_from = \"/r/tiny-llama-sft-seed0\""), "{}", dpo.config);
+        assert_eq!(ran.into_iter().collect::<Vec<_>>(), ["dpo", "sft", "sft-minus-p", "slime-after-sft-minus-p"]);
+        // Only `sft`: no other SFT cell.
+        let (sft, _, _) = plan(&grid, &args("--only slime --seeds 0 --model tiny-llama")?, Path::new("/r"));
+        assert_eq!(dirs(&sft), ["/r/tiny-llama-sft-seed0"]);
         Ok(())
     }
 
