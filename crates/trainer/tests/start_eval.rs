@@ -143,7 +143,7 @@ fn error_of(cfg: &RunConfig, dir: &Path, opts: &RunOptions) -> String {
 }
 
 /// A change to a run's config.
-type Edit = dyn Fn(&mut RunConfig);
+type Edit<'a> = dyn Fn(&mut RunConfig) + 'a;
 
 /// A source that is not an evaluation of the same model, seed, data and settings is refused
 /// with the reason, before any training.
@@ -160,7 +160,7 @@ fn a_start_evaluation_of_something_else_is_refused() -> TestResult {
         edit(&mut cfg);
         cfg
     };
-    let cases: [(&str, Box<Edit>, &str); 6] = [
+    let cases: [(&str, Box<Edit<'_>>, &str); 6] = [
         ("seed", Box::new(|c| c.seed = 1), "seed"),
         ("eval", Box::new(|c| c.eval.max_new_tokens = 7), "[eval]"),
         ("data", Box::new(|c| c.data.eval_pairs = 5), "[data]"),
