@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 use slime_objectives::Objective;
 use xtask::ablate::{ModelChoice, Options, PRESETS, cell_config};
-use xtask::grid::{Grid, SFT};
+use xtask::grid::Grid;
 
 /// The crates that know nothing of each other.
 const INDEPENDENT: [&str; 3] = ["slime-objectives", "slime-data", "slime-models"];
@@ -148,7 +148,7 @@ fn every_grid_objective_is_a_valid_objective() {
     let mut used = BTreeSet::new();
     for variant in &grid.variants {
         let Some(table) = &variant.objective else {
-            assert_eq!(variant.name, SFT);
+            assert!(variant.is_sft(), "{}", variant.name);
             continue;
         };
         let objective: Objective = table.clone().try_into().unwrap_or_else(|e| panic!("variant {}: {e}", variant.name));
@@ -187,23 +187,35 @@ fn every_cell_config_is_a_valid_run_config() {
                 ModelChoice::Pretrained { .. } => None,
             };
             let name = variant.name.as_str();
-            let text =
-                cell_config(tiny, name, &variant.objective_inline(), 1, opts, Some(Path::new("/tmp/sft/sft-model")));
+            let start = (!variant.is_sft()).then(|| Path::new("/tmp/grid").join(format!("{}-seed1", variant.start())));
+            let text = cell_config(tiny, variant, 1, opts, start.as_deref());
             let cfg =
                 slime_trainer::config::RunConfig::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
             assert_eq!(cfg.name, name);
-            assert_eq!(cfg.init.is_some(), name != SFT);
+            assert_eq!(cfg.init.is_some(), !variant.is_sft(), "{text}");
+            assert_eq!(cfg.eval.start_from, start, "a preference cell takes its SFT cell's evaluation");
+            assert_eq!(cfg.preference.steps == 0, variant.is_sft());
+            if variant.is_sft() {
+                let expected = match variant.sft.as_ref().and_then(|t| t.get("objective")) {
+                    Some(o) => o.clone().try_into().expect("SFT objective"),
+                    None => Objective::Sft(slime_objectives::SftParams::nll()),
+                };
+                assert_eq!(cfg.sft.objective, expected, "{name}");
+            }
+            if variant.preference.as_ref().is_some_and(|p| p.contains_key("selection")) {
+                assert_eq!(cfg.preference.selection, slime_trainer::selection::SelectionKind::Sage, "{name}");
+            }
             if let Some(model) = tiny {
                 assert_eq!(cfg.model.preset, model);
             }
             assert_eq!(cfg.model.device, opts.device.as_deref().unwrap_or("cpu"));
-            if name != SFT {
+            if !variant.is_sft() {
                 let expected: Objective = variant.objective.clone().expect("objective").try_into().expect("objective");
                 assert_eq!(cfg.preference.objective, expected, "{name}");
             }
             if let ModelChoice::Pretrained { .. } = opts.model {
                 assert!(cfg.model.lora.as_ref().is_some_and(|l| l.sft), "{text}");
-                if name != SFT {
+                if !variant.is_sft() {
                     assert_eq!(cfg.eval.every, opts.steps);
                 }
             }

@@ -10,6 +10,7 @@
 //! from it. At the end the report (table.md, table.csv, plots/) is written into `<out>`. The
 //! variants and their objectives come from the grid file ([`crate::grid`]).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use crate::grid::{Grid, SFT};
+use crate::grid::{Grid, SFT, Variant};
 use crate::{report, trainer};
 
 /// A named setup that `--preset` selects: a pretrained model (a path relative to the workspace
@@ -28,6 +29,8 @@ use crate::{report, trainer};
 pub struct Preset {
     /// `--preset` name.
     pub name: &'static str,
+    /// What it runs, in a line (listed by an unknown `--preset`).
+    pub description: &'static str,
     /// Model directory.
     pub model: &'static str,
     /// The data.
@@ -95,20 +98,22 @@ const CPU_REAL: Sections = Sections {
 
 /// The verifiable task on a 2-core CPU: LoRA as in the SLIME paper (r 64, alpha 128, all seven
 /// projections), also for SFT; pairs that do not fit 192 tokens are dropped, not cut (the
-/// task's pairs are far shorter); held-out pairs scored and generated greedily (up to 32 new
-/// tokens: a one-line answer and its end-of-turn token fit well within).
+/// task's pairs are far shorter); 64 held-out pairs scored and their prompts generated greedily
+/// (up to 32 new tokens: a one-line answer and its end-of-turn token fit well within; a batch
+/// stops when all its prompts have), 32 prompts at a time (measured on SmolLM2 at 64 prompts:
+/// 58 s of CPU time against 86 s at the default 8, and no faster at 64).
 const CPU_VERIFIABLE: Sections = Sections {
     model: "lora = { r = 64, alpha = 128.0, sft = true }",
     data: "max_length = 192\nmax_prompt_length = 160\noverlong = \"drop\"\neval_pairs = 64",
     sft: "batch_size = 4\nschedule = { lr = 2e-4, decay = \"cosine\", warmup_ratio = 0.0 }",
     preference: "batch_size = 4\nschedule = { lr = 1e-4, decay = \"linear\", warmup_ratio = 0.0 }",
-    eval: "generations = 64\nmax_new_tokens = 32\nbatch_size = 16",
+    eval: "generations = 64\nmax_new_tokens = 32\nbatch_size = 16\ngeneration_batch_size = 32",
 };
 
 /// [`CPU_VERIFIABLE`] with all 256 held-out prompts scored and generated.
 const CPU_VERIFIABLE_FULL: Sections = Sections {
     data: "max_length = 192\nmax_prompt_length = 160\noverlong = \"drop\"\neval_pairs = 256",
-    eval: "generations = 256\nmax_new_tokens = 32\nbatch_size = 16",
+    eval: "generations = 256\nmax_new_tokens = 32\nbatch_size = 16\ngeneration_batch_size = 32",
     ..CPU_VERIFIABLE
 };
 
@@ -127,10 +132,27 @@ const TABLE4: [&str; 8] = [
     "simpo",
 ];
 
-/// [`TABLE4`] and Table 5 (SLIME's exponent p in 1.0, 1.5, 2.0, 2.5, 3.0; p = 2.5 is SLIME's
-/// default, so `slime` is that row).
-const TABLES_4_AND_5: [&str; 12] = [
+/// The quick verifiable preset's rows: [`TABLE4`], the -p SFT objective against NLL and SAGE
+/// selection against uniform for full SLIME (IPO, CPO and ORPO would add about a fifth each
+/// to its time; they are in the full preset).
+const VERIFIABLE_QUICK: [&str; 10] = [
     "sft",
+    "sft-minus-p",
+    "slime",
+    "slime-no-anchor",
+    "slime-no-stabilizer",
+    "slime-no-soft-margin",
+    "slime-no-hard-margin",
+    "slime-sage",
+    "dpo",
+    "simpo",
+];
+
+/// [`VERIFIABLE_QUICK`], Table 5 (SLIME's exponent p in 1.0, 1.5, 2.0, 2.5, 3.0; p = 2.5 is
+/// SLIME's default, so `slime` is that row), SLIME from the -p SFT model, IPO, CPO and ORPO.
+const VERIFIABLE_FULL: [&str; 18] = [
+    "sft",
+    "sft-minus-p",
     "slime",
     "slime-no-anchor",
     "slime-no-stabilizer",
@@ -140,35 +162,56 @@ const TABLES_4_AND_5: [&str; 12] = [
     "slime-p1.5",
     "slime-p2.0",
     "slime-p3.0",
+    "slime-sage",
+    "slime-after-sft-minus-p",
     "dpo",
     "simpo",
+    "ipo",
+    "cpo",
+    "orpo",
 ];
 
 /// The real presets (`cargo xtask assets` provides their models and the Parquet files; the
 /// verifiable task is generated).
-pub const PRESETS: [Preset; 4] = [
+pub const PRESETS: [Preset; 5] = [
     Preset {
         name: "smollm2-verifiable-quick",
+        description: "SmolLM2-135M-Instruct on the verifiable task: Table 4, -p SFT, SAGE, DPO and SimPO, one seed",
         model: "assets/models/smollm2-135m-instruct",
         data: PresetData::Verifiable(VERIFIABLE),
-        only: &TABLE4,
+        only: &VERIFIABLE_QUICK,
         seeds: &[0],
-        steps: 24,
+        steps: 16,
         sft_steps: 24,
         sections: CPU_VERIFIABLE,
     },
     Preset {
         name: "smollm2-verifiable",
+        description: "SmolLM2-135M-Instruct on the verifiable task: Tables 4 and 5, -p SFT, SAGE and every \
+                      baseline, three seeds",
         model: "assets/models/smollm2-135m-instruct",
         data: PresetData::Verifiable(VERIFIABLE),
-        only: &TABLES_4_AND_5,
+        only: &VERIFIABLE_FULL,
         seeds: &[0, 1, 2],
         steps: 200,
         sft_steps: 200,
         sections: CPU_VERIFIABLE_FULL,
     },
     Preset {
+        name: "gemma3-270m-verifiable",
+        description: "Gemma-3-270M, the base model (pretrained only, not instruction-tuned: SFT teaches it the chat \
+                      format), on the verifiable task: Table 4 and the baselines, one seed",
+        model: "assets/models/gemma-3-270m",
+        data: PresetData::Verifiable(VERIFIABLE),
+        only: &TABLE4,
+        seeds: &[0],
+        steps: 16,
+        sft_steps: 24,
+        sections: CPU_VERIFIABLE,
+    },
+    Preset {
         name: "smollm2-dpo-en",
+        description: "SmolLM2-135M-Instruct on 300 real English preference pairs (a pipeline check)",
         model: "assets/models/smollm2-135m-instruct",
         data: PresetData::Parquet("assets/data/dpo_en_demo.parquet"),
         only: &["sft", "slime", "slime-no-stabilizer", "dpo", "simpo"],
@@ -179,6 +222,8 @@ pub const PRESETS: [Preset; 4] = [
     },
     Preset {
         name: "gemma3-270m-dpo-en",
+        description: "Gemma-3-270M (the base model, not instruction-tuned) on 300 real English preference pairs (a \
+                      pipeline check)",
         model: "assets/models/gemma-3-270m",
         data: PresetData::Parquet("assets/data/dpo_en_demo.parquet"),
         only: &["sft", "slime", "dpo", "simpo"],
@@ -250,10 +295,10 @@ impl Default for Options {
 
 /// The preset named `name`.
 pub fn preset(name: &str) -> Result<&'static Preset> {
-    PRESETS
-        .iter()
-        .find(|p| p.name == name)
-        .with_context(|| format!("--preset: unknown preset `{name}`; known: {}", PRESETS.map(|p| p.name).join(", ")))
+    PRESETS.iter().find(|p| p.name == name).with_context(|| {
+        let known: Vec<String> = PRESETS.iter().map(|p| format!("\n  {}: {}", p.name, p.description)).collect();
+        format!("--preset: unknown preset `{name}`; known:{}", known.concat())
+    })
 }
 
 /// `cargo xtask ablate` flags; every one overrides the default grid's or the preset's value.
@@ -282,10 +327,11 @@ pub struct AblateArgs {
     /// presets).
     #[arg(long, value_name = "FILE.parquet")]
     pub data: Option<PathBuf>,
-    /// A real model (LoRA), after `cargo xtask assets`: smollm2-verifiable-quick (the
-    /// verifiable task, Table 4 and the baselines, one seed, minutes), smollm2-verifiable (Tables
-    /// 4 and 5 and the baselines, three seeds, hours), or smollm2-dpo-en / gemma3-270m-dpo-en
-    /// (the 300 real pairs).
+    /// A real model (LoRA), after `cargo xtask assets`: smollm2-verifiable-quick
+    /// (SmolLM2-135M-Instruct on the verifiable task: Table 4, -p SFT, SAGE and the baselines,
+    /// one seed, minutes), smollm2-verifiable (also Table 5, three seeds, hours),
+    /// gemma3-270m-verifiable (Gemma-3-270M, the base model, not instruction-tuned: Table 4 and
+    /// the baselines, one seed), or smollm2-dpo-en / gemma3-270m-dpo-en (the 300 real pairs).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
     /// Cells run at once (default: one per core for the tiny models, 1 for real ones).
@@ -389,20 +435,18 @@ pub fn options(args: AblateArgs, grid: &Grid) -> Result<Options> {
 }
 
 /// The run config of one cell of `tiny` (a tiny model's name; `None` for a pretrained model):
-/// SFT (`variant == "sft"`) or a preference variant starting from the seed's SFT model.
-pub fn cell_config(
-    tiny: Option<&str>,
-    variant: &str,
-    objective: &str,
-    seed: u64,
-    opts: &Options,
-    sft_model: Option<&Path>,
-) -> String {
-    let mut t = format!("name = \"{variant}\"\nseed = {seed}\n");
-    if variant != SFT
-        && let Some(dir) = sft_model
+/// an SFT variant's SFT cell, or a preference variant's cell starting from `start`, the
+/// directory of the seed's cell of the SFT variant it starts from. A preference cell takes that
+/// SFT cell's model (`init`, its `sft-model/`) and its end evaluation as its own start
+/// evaluation (`eval.start_from`; the trainer checks they are of the same model, held-out
+/// pairs and settings). A variant's own `[sft]` / `[preference]` keys replace the preset's.
+pub fn cell_config(tiny: Option<&str>, variant: &Variant, seed: u64, opts: &Options, start: Option<&Path>) -> String {
+    let mut t = format!("name = \"{}\"\nseed = {seed}\n", variant.name);
+    if !variant.is_sft()
+        && opts.sft_steps > 0
+        && let Some(dir) = start
     {
-        t += &format!("init = {:?}\n", dir.display().to_string());
+        t += &format!("init = {:?}\n", dir.join("sft-model").display().to_string());
     }
     let device = opts.device.as_ref().map_or_else(String::new, |d| format!("device = {d:?}\n"));
     let sections = match &opts.model {
@@ -423,20 +467,41 @@ pub fn cell_config(
         }
     };
     let line = |s: &str| if s.is_empty() { String::new() } else { format!("{s}\n") };
-    if variant == SFT {
-        t += &format!("\n[sft]\nsteps = {}\n{}", opts.sft_steps, line(sections.sft));
+    let own = variant.stage_lines();
+    if variant.is_sft() {
+        t += &format!("\n[sft]\nsteps = {}\n{}", opts.sft_steps, merged(sections.sft, &own));
         t += "\n[preference]\nsteps = 0\n";
         t += &format!("\n[eval]\n{}", line(sections.eval));
     } else {
-        t += &format!("\n[preference]\nsteps = {}\nobjective = {objective}\n{}", opts.steps, line(sections.preference));
+        if opts.sft_steps == 0 {
+            // No SFT: the cell starts from the model itself, as its SFT cell did.
+            t += "\n[sft]\nsteps = 0\n";
+        }
+        t += &format!(
+            "\n[preference]\nsteps = {}\nobjective = {}\n{}",
+            opts.steps,
+            variant.objective_inline(),
+            merged(sections.preference, &own)
+        );
         // Tiny models: a curve of 4 evaluations; pretrained ones: the start and the end only.
         let every = match opts.model {
             ModelChoice::Tiny(_) => (opts.steps / 3).max(1),
             ModelChoice::Pretrained { .. } => opts.steps.max(1),
         };
         t += &format!("\n[eval]\nevery = {every}\n{}", line(sections.eval));
+        if let Some(dir) = start {
+            t += &format!("start_from = {:?}\n", dir.display().to_string());
+        }
     }
     t
+}
+
+/// `base` (a preset's `key = value` lines of one section) without the keys `own` sets, then
+/// `own`'s lines; each line ends with a newline.
+fn merged(base: &str, own: &[(String, String)]) -> String {
+    let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_string();
+    let kept = base.lines().filter(|l| !l.trim().is_empty() && !own.iter().any(|(k, _)| *k == key_of(l)));
+    kept.map(String::from).chain(own.iter().map(|(_, l)| l.clone())).map(|l| l + "\n").collect()
 }
 
 fn resumable(run_toml: &Path, config: &str) -> bool {
@@ -585,6 +650,51 @@ fn ensure_task(trainer: &Path, dir: &Path, task: &VerifiableTask) -> Result<()> 
     Ok(())
 }
 
+/// The grid's cells under `out`: the SFT cells (`sft` and every SFT variant selected or
+/// started from, per model and seed), the preference cells (each starting from its seed's cell
+/// of the SFT variant it names), and the names of the variants they run.
+fn plan(grid: &Grid, opts: &Options, out: &Path) -> (Vec<CellJob>, Vec<CellJob>, BTreeSet<String>) {
+    let selected: Vec<&Variant> =
+        grid.variants.iter().filter(|v| opts.only.as_ref().is_none_or(|o| o.contains(&v.name))).collect();
+    // Tiny models' cells are named `<model>-<variant>-seed<k>`; a pretrained model has its own
+    // results folder, so its cells are `<variant>-seed<k>`.
+    let models: Vec<Option<&str>> = match &opts.model {
+        ModelChoice::Tiny(names) => names.iter().map(|n| Some(n.as_str())).collect(),
+        ModelChoice::Pretrained { .. } => vec![None],
+    };
+    let default_grid = opts.only.is_none() && models.len() > 1;
+    let (mut sft_cells, mut preference_cells) = (Vec::new(), Vec::new());
+    let mut ran = BTreeSet::new();
+    for tiny in models.iter().copied() {
+        let runs =
+            |v: &Variant| !(default_grid && tiny == Some("tiny-gemma")) || grid.tiny_gemma_default.contains(&v.name);
+        let variants: Vec<&Variant> = selected.iter().copied().filter(|v| runs(v)).collect();
+        // The SFT variants to train: `sft`, those selected, and those a selected variant starts
+        // from, in grid order.
+        let sft_variants: Vec<&Variant> = grid
+            .variants
+            .iter()
+            .filter(|v| v.is_sft() && (v.name == SFT || variants.iter().any(|s| s.start() == v.name)))
+            .collect();
+        ran.extend(sft_variants.iter().chain(&variants).map(|v| v.name.clone()));
+        for &seed in &opts.seeds {
+            let prefix = tiny.map_or_else(String::new, |m| format!("{m}-"));
+            let cell_dir = |name: &str| out.join(format!("{prefix}{name}-seed{seed}"));
+            let job = |variant: &Variant| {
+                let start = (!variant.is_sft()).then(|| cell_dir(variant.start()));
+                CellJob {
+                    label: format!("{prefix}{} seed {seed}", variant.name),
+                    dir: cell_dir(&variant.name),
+                    config: cell_config(tiny, variant, seed, opts, start.as_deref()),
+                }
+            };
+            sft_cells.extend(sft_variants.iter().map(|v| job(v)));
+            preference_cells.extend(variants.iter().filter(|v| !v.is_sft()).map(|v| job(v)));
+        }
+    }
+    (sft_cells, preference_cells, ran)
+}
+
 /// Runs the grid's cells and writes the report.
 pub fn ablate(opts: &Options) -> Result<()> {
     let grid = Grid::default_grid()?;
@@ -605,61 +715,25 @@ pub fn ablate(opts: &Options) -> Result<()> {
     let opts = &resolved;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let out = opts.out.canonicalize()?;
-    let variants: Vec<(&str, String)> = grid
-        .variants
-        .iter()
-        .filter(|v| opts.only.as_ref().is_none_or(|o| o.contains(&v.name)))
-        .map(|v| (v.name.as_str(), v.objective_inline()))
-        .collect();
     let started = Instant::now();
-    // Tiny models' cells are named `<model>-<variant>-seed<k>`; a pretrained model has its own
-    // results folder, so its cells are `<variant>-seed<k>`.
-    let models: Vec<Option<&str>> = match &opts.model {
-        ModelChoice::Tiny(names) => names.iter().map(|n| Some(n.as_str())).collect(),
-        ModelChoice::Pretrained { .. } => vec![None],
-    };
-    let default_grid = opts.only.is_none() && models.len() > 1;
-    let (mut sft_cells, mut preference_cells) = (Vec::new(), Vec::new());
-    for tiny in models.iter().copied() {
-        let runs = |v: &str| {
-            !(default_grid && tiny == Some("tiny-gemma")) || grid.tiny_gemma_default.iter().any(|name| name == v)
-        };
-        for &seed in &opts.seeds {
-            let prefix = tiny.map_or_else(String::new, |m| format!("{m}-"));
-            // Every variant starts from the seed's SFT model (`sft-model/` of the SFT cell);
-            // with no SFT steps, from the starting model itself.
-            let sft_model = (opts.sft_steps > 0).then(|| out.join(format!("{prefix}sft-seed{seed}")).join("sft-model"));
-            let job = |variant: &str, objective: &str| CellJob {
-                label: format!("{prefix}{variant} seed {seed}"),
-                dir: out.join(format!("{prefix}{variant}-seed{seed}")),
-                config: cell_config(tiny, variant, objective, seed, opts, sft_model.as_deref()),
-            };
-            sft_cells.push(job(SFT, ""));
-            preference_cells.extend(variants.iter().filter(|(v, _)| *v != SFT && runs(v)).map(|(v, o)| job(v, o)));
-        }
-    }
+    let (sft_cells, preference_cells, ran) = plan(&grid, opts, &out);
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = opts.jobs.unwrap_or(match opts.model {
         ModelChoice::Tiny(_) => cores,
         ModelChoice::Pretrained { .. } => 1,
     });
     let threads = (cores / workers).max(1);
-    // The SFT cells first: every other cell of their model and seed starts from them.
+    // The SFT cells first: every other cell of their model and seed starts from one of them.
     let failed_sft = run_cells(&sft_cells, workers, &trainer, threads, started)?;
     if !failed_sft.is_empty() {
         bail!("SFT cells failed: {}", failed_sft.join(", "));
     }
     let failures = run_cells(&preference_cells, workers, &trainer, threads, started)?;
-    let order: Vec<String> = grid.names().into_iter().map(String::from).collect();
     let cells: Vec<report::Cell> = report::read_cells(&out)?
         .into_iter()
-        .filter(|c| {
-            // The SFT row always appears: it is every variant's starting point.
-            let wanted = c.result.variant == SFT || variants.iter().any(|(v, _)| *v == c.result.variant);
-            wanted && opts.seeds.contains(&c.result.seed)
-        })
+        .filter(|c| ran.contains(&c.result.variant) && opts.seeds.contains(&c.result.seed))
         .collect();
-    for path in report::write_report(&cells, &order, &out)? {
+    for path in report::write_report(&cells, &grid.layout(), &out)? {
         println!("wrote {}", path.display());
     }
     println!("\n{}", std::fs::read_to_string(out.join("table.md"))?);
@@ -751,8 +825,12 @@ mod tests {
         let refused = args("--preset smollm2-verifiable-quick --data x.parquet").err();
         let err = format!("{:#}", refused.context("--data with a verifiable preset should be refused")?);
         assert!(err.contains("verifiable task"), "{err}");
-        let config = cell_config(None, "dpo", r#"{ type = "dpo" }"#, 1, &quick, Some(Path::new("sft-model")));
+        let grid = Grid::default_grid()?;
+        let variant = |name: &str| grid.get(name).with_context(|| format!("{name} in the grid"));
+        let config = cell_config(None, variant("dpo")?, 1, &quick, Some(Path::new("/r/sft-seed1")));
         for line in [
+            "init = \"/r/sft-seed1/sft-model\"",
+            "start_from = \"/r/sft-seed1\"",
             "parquet = \"results/smollm2-verifiable-quick/task/train.parquet\"",
             "heldout = \"results/smollm2-verifiable-quick/task/heldout.parquet\"",
             "heldout_answers = \"results/smollm2-verifiable-quick/task/heldout.jsonl\"",
@@ -772,6 +850,62 @@ mod tests {
         for p in ["slime-p1.0", "slime-p1.5", "slime-p2.0", "slime-p3.0", "slime", "sft", "simpo"] {
             assert!(only.iter().any(|o| o == p), "{p}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn variant_options_replace_the_presets_and_sft_variants_are_sft_cells() -> Result<()> {
+        let quick = args("--preset smollm2-verifiable-quick")?;
+        let grid = Grid::default_grid()?;
+        let variant = |name: &str| grid.get(name).with_context(|| format!("{name} in the grid"));
+        let sage = cell_config(None, variant("slime-sage")?, 0, &quick, Some(Path::new("/r/sft-seed0")));
+        assert!(sage.contains("\nselection = \"sage\"\n") && sage.contains("batch_size = 4\n"), "{sage}");
+        let minus_p = cell_config(None, variant("sft-minus-p")?, 0, &quick, None);
+        assert!(minus_p.contains("objective = { type = \"sft\", alpha = 1.0 }\n"), "{minus_p}");
+        assert!(minus_p.contains("[preference]\nsteps = 0\n") && !minus_p.contains("init ="), "{minus_p}");
+        assert!(!minus_p.contains("start_from"), "an SFT cell evaluates its own model: {minus_p}");
+        let after =
+            cell_config(None, variant("slime-after-sft-minus-p")?, 0, &quick, Some(Path::new("/r/sft-minus-p-seed0")));
+        assert!(after.contains("init = \"/r/sft-minus-p-seed0/sft-model\""), "{after}");
+        // A variant's key replaces the preset's line of the same key.
+        let own = [("batch_size".to_string(), "batch_size = 8".to_string())];
+        assert_eq!(
+            merged("batch_size = 4\nschedule = { lr = 1.0 }", &own),
+            "schedule = { lr = 1.0 }\nbatch_size = 8\n"
+        );
+        // No SFT steps: every cell starts from the model itself, the preference cells too.
+        let no_sft = args("--preset smollm2-verifiable-quick --sft-steps 0")?;
+        let dpo = cell_config(None, variant("dpo")?, 0, &no_sft, Some(Path::new("/r/sft-seed0")));
+        assert!(!dpo.contains("init =") && dpo.contains("[sft]\nsteps = 0\n") && dpo.contains("start_from"), "{dpo}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_variant_starting_from_another_sft_variant_gets_that_sft_cell() -> Result<()> {
+        let grid = Grid::default_grid()?;
+        let opts = args("--only slime-after-sft-minus-p,dpo --seeds 0,1 --model tiny-llama")?;
+        let (sft, preference, ran) = plan(&grid, &opts, Path::new("/r"));
+        let dirs = |jobs: &[CellJob]| jobs.iter().map(|j| j.dir.display().to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            dirs(&sft),
+            [
+                "/r/tiny-llama-sft-seed0",
+                "/r/tiny-llama-sft-minus-p-seed0",
+                "/r/tiny-llama-sft-seed1",
+                "/r/tiny-llama-sft-minus-p-seed1"
+            ]
+        );
+        assert_eq!(dirs(&preference).len(), 4);
+        let after =
+            preference.iter().find(|j| j.label == "tiny-llama-slime-after-sft-minus-p seed 1").context("cell")?;
+        assert!(after.config.contains("init = \"/r/tiny-llama-sft-minus-p-seed1/sft-model\""), "{}", after.config);
+        assert!(after.config.contains("start_from = \"/r/tiny-llama-sft-minus-p-seed1\""), "{}", after.config);
+        let dpo = preference.iter().find(|j| j.label == "tiny-llama-dpo seed 0").context("cell")?;
+        assert!(dpo.config.contains("start_from = \"/r/tiny-llama-sft-seed0\""), "{}", dpo.config);
+        assert_eq!(ran.into_iter().collect::<Vec<_>>(), ["dpo", "sft", "sft-minus-p", "slime-after-sft-minus-p"]);
+        // Only `sft`: no other SFT cell.
+        let (sft, _, _) = plan(&grid, &args("--only slime --seeds 0 --model tiny-llama")?, Path::new("/r"));
+        assert_eq!(dirs(&sft), ["/r/tiny-llama-sft-seed0"]);
         Ok(())
     }
 

@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if cells.is_empty() {
                 bail!("no finished cells (*/result.json) under {}", results.display());
             }
-            for path in report::write_report(&cells, &[], &results)? {
+            for path in report::write_report(&cells, &grid::Grid::default_grid()?.layout(), &results)? {
                 println!("wrote {}", path.display());
             }
             Ok(())

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde::Deserialize;
 
-use crate::grid::SFT as SFT_VARIANT;
+use crate::grid::{Layout, SLIME};
 use crate::stats::{Bootstrap, DEFAULT_RESAMPLES, Interval};
 
 /// Table columns: (metric key in `final`, header). A column appears when some cell reports its
@@ -212,15 +212,14 @@ fn models(cells: &[Cell]) -> Vec<String> {
 const DRIFT: &str = "eval/chosen_logp_drift";
 /// The per-item metric the drift is computed from.
 const CHOSEN: &str = "eval/chosen_logp";
-/// The variant every other is compared with.
-const REFERENCE: &str = "slime";
 /// The bootstrap of every interval in the report (fixed seed: the same cells give the same
 /// report).
 const BOOTSTRAP: Bootstrap = Bootstrap { resamples: DEFAULT_RESAMPLES, level: 0.95, seed: 0 };
 
 /// A cell's per-item values of `key`: its `items` when it has them, else its final value as
 /// one item. The drift of an item is the cell's chosen log-prob of the item minus that of the
-/// same model and seed's `sft` cell (`sft`), when both have per-item values for the same pairs.
+/// same model and seed's cell of its drift baseline (`sft`: the SFT variant it starts from, see
+/// [`Layout::drift_base`]), when both have per-item values for the same pairs.
 fn item_values(cell: &Cell, sft: Option<&Cell>, key: &str) -> Option<Vec<f64>> {
     let items = cell.result.items.as_ref();
     if key == DRIFT {
@@ -249,11 +248,12 @@ fn row_cells<'a>(cells: &'a [Cell], model: &str, variant: &str) -> Vec<&'a Cell>
 
 /// `values[seed][item]` of `key` for a row's cells (seeds without the metric left out), with
 /// their seeds.
-fn row_values(cells: &[Cell], rows: &[&Cell], key: &str) -> (Vec<u64>, Vec<Vec<f64>>) {
+fn row_values(cells: &[Cell], layout: &Layout, rows: &[&Cell], key: &str) -> (Vec<u64>, Vec<Vec<f64>>) {
     let sft_of = |c: &Cell| {
-        cells.iter().find(|s| {
-            s.result.variant == SFT_VARIANT && s.result.model == c.result.model && s.result.seed == c.result.seed
-        })
+        let base = layout.drift_base(&c.result.variant);
+        cells
+            .iter()
+            .find(|s| s.result.variant == base && s.result.model == c.result.model && s.result.seed == c.result.seed)
     };
     rows.iter().filter_map(|c| item_values(c, sft_of(c), key).map(|v| (c.result.seed, v))).unzip()
 }
@@ -297,19 +297,20 @@ impl Estimate {
     }
 }
 
-/// The paired difference `variant - slime` of `key` on the seeds both rows have, or why there is
-/// none.
+/// The paired difference `variant - reference` of `key` on the seeds both rows have (the
+/// reference's cells are `slime`; its name is `reference`), or why there is none.
 fn paired(
     cells: &[Cell],
+    layout: &Layout,
     variant: &[&Cell],
-    slime: &[&Cell],
+    (reference, slime): (&str, &[&Cell]),
     key: &str,
 ) -> Result<std::result::Result<Estimate, String>> {
-    let (seeds_v, values_v) = row_values(cells, variant, key);
-    let (seeds_s, values_s) = row_values(cells, slime, key);
+    let (seeds_v, values_v) = row_values(cells, layout, variant, key);
+    let (seeds_s, values_s) = row_values(cells, layout, slime, key);
     let shared: Vec<u64> = seeds_v.iter().copied().filter(|s| seeds_s.contains(s)).collect();
     if shared.is_empty() {
-        return Ok(Err("no seed in common with SLIME".into()));
+        return Ok(Err(format!("no seed in common with {reference}")));
     }
     let pick = |seeds: &[u64], values: &[Vec<f64>]| -> Vec<Vec<f64>> {
         shared.iter().filter_map(|s| seeds.iter().position(|x| x == s).map(|i| values[i].clone())).collect()
@@ -318,7 +319,7 @@ fn paired(
     if v.iter().zip(&b).any(|(x, y)| x.len() != y.len()) {
         // One side has a single value per seed (no per-item values): compare seed means.
         if !(v.iter().all(|x| x.len() == 1) || b.iter().all(|y| y.len() == 1)) {
-            return Ok(Err("different held-out items from SLIME's".into()));
+            return Ok(Err(format!("different held-out items from {reference}'s")));
         }
         let means = |rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
             rows.iter().map(|r| vec![r.iter().sum::<f64>() / r.len() as f64]).collect()
@@ -336,7 +337,7 @@ fn paired(
                 .collect()
         };
         if ids(variant).iter().zip(ids(slime)).any(|(a, b)| matches!((a, b), (Some(a), Some(b)) if *a != b)) {
-            return Ok(Err("different held-out items from SLIME's".into()));
+            return Ok(Err(format!("different held-out items from {reference}'s")));
         }
     }
     let n: usize = v.iter().map(Vec::len).sum();
@@ -347,12 +348,18 @@ fn paired(
     Ok(Ok(Estimate::Interval(BOOTSTRAP.paired_difference(&v, &b)?)))
 }
 
-/// The sentence on one paired difference.
-fn difference_sentence(model: &str, variant: &str, header: &str, d: &std::result::Result<Estimate, String>) -> String {
-    let what = format!("{model}, {variant} − {REFERENCE}, {header}");
+/// The sentence on one paired difference of `variant` from `reference`.
+fn difference_sentence(
+    model: &str,
+    (variant, reference): (&str, &str),
+    header: &str,
+    d: &std::result::Result<Estimate, String>,
+) -> String {
+    let what = format!("{model}, {variant} − {reference}, {header}");
+    let than = if reference == SLIME { "SLIME".to_string() } else { format!("`{reference}`") };
     match d {
         Ok(e @ Estimate::Interval(i)) if e.resolved() => format!(
-            "{what}: {} ({} than SLIME; the 95% interval excludes 0)",
+            "{what}: {} ({} than {than}; the 95% interval excludes 0)",
             e.markdown(true),
             if i.mean > 0.0 { "higher" } else { "lower" }
         ),
@@ -422,11 +429,15 @@ fn data_caption(cells: &[Cell]) -> String {
 /// list of resolved and unresolved differences) and the CSV of the table. Every metric is its
 /// estimate (the mean over seeds of the per-seed item means) and 95% percentile-bootstrap
 /// interval over seeds and held-out items ([`crate::stats`]); the paired differences bootstrap
-/// the per-item differences on the seeds both rows have.
-pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
+/// the per-item differences on the seeds both rows have. `layout` gives the order of the rows,
+/// each variant's drift baseline and the row it is compared with ([`Layout`]).
+pub fn tables(cells: &[Cell], layout: &Layout) -> Result<(String, String)> {
+    let order = &layout.order;
     let columns: Vec<(&str, &str)> =
         COLUMNS.into_iter().filter(|(key, _)| cells.iter().any(|c| c.result.r#final.contains_key(*key))).collect();
     let mut md = String::new();
+    let has_sft_variants =
+        cells.iter().any(|c| c.result.variant != crate::grid::SFT && layout.is_sft(&c.result.variant));
     let seeds_max = models(cells)
         .iter()
         .flat_map(|m| variant_order(cells, order).into_iter().map(move |v| (m.clone(), v)))
@@ -436,8 +447,9 @@ pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
     md.push_str(&format!(
         "Each metric: estimate [95% interval], percentile bootstrap ({DEFAULT_RESAMPLES} resamples) over seeds and, \
          within each seed, held-out items. Task accuracy, format validity and repetition are of greedy generations; \
-         preference accuracy, chosen log-prob drift (against the seed's SFT model) and the rejected-token collapse \
-         fraction (per held-out pair, averaged over pairs) are of the held-out pairs.{}\n\n",
+         preference accuracy, chosen log-prob drift (against the seed's SFT model the variant starts from{}) and \
+         the rejected-token collapse fraction (per held-out pair, averaged over pairs) are of the held-out pairs.{}\n\n",
+        if has_sft_variants { "; for an SFT variant, against the NLL SFT model, the `sft` row" } else { "" },
         if seeds_max <= 1 {
             " With one seed the intervals cover item-to-item variation only, not seed-to-seed variation."
         } else {
@@ -461,21 +473,22 @@ pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
     let mut differences = String::new();
     let (mut resolved, mut unresolved) = (Vec::new(), Vec::new());
     for model in models(cells) {
-        let slime = row_cells(cells, &model, REFERENCE);
         for variant in variant_order(cells, order) {
             let rows = row_cells(cells, &model, &variant);
             if rows.is_empty() {
                 continue;
             }
+            let reference = layout.reference(&variant).unwrap_or(SLIME);
+            let slime = row_cells(cells, &model, reference);
             let seeds = rows.iter().map(|c| c.result.seed.to_string()).collect::<Vec<_>>().join(" ");
             let _ = write!(md, "| {model} | {variant} | {seeds} |");
             let _ = write!(csv, "{model},{variant},{seeds}");
-            let compare = variant != REFERENCE && !slime.is_empty();
+            let compare = variant != reference && !slime.is_empty();
             if compare {
-                let _ = write!(differences, "| {model} | {variant} |");
+                let _ = write!(differences, "| {model} | {variant} | {reference} |");
             }
             for &(key, header) in &columns {
-                match Estimate::of(&row_values(cells, &rows, key).1)? {
+                match Estimate::of(&row_values(cells, layout, &rows, key).1)? {
                     Some(e) => {
                         let _ = write!(md, " {} |", e.markdown(false));
                         let _ = write!(csv, ",{}", e.csv());
@@ -486,8 +499,8 @@ pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
                     }
                 }
                 if compare {
-                    let d = paired(cells, &rows, &slime, key)?;
-                    let has_values = !row_values(cells, &rows, key).1.is_empty();
+                    let d = paired(cells, layout, &rows, (reference, &slime), key)?;
+                    let has_values = !row_values(cells, layout, &rows, key).1.is_empty();
                     match &d {
                         Ok(e) if e.resolved() => {
                             let _ = write!(differences, " **{}** |", e.markdown(true));
@@ -498,7 +511,7 @@ pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
                         Err(_) => differences.push_str(" - |"),
                     }
                     if has_values {
-                        let sentence = difference_sentence(&model, &variant, header, &d);
+                        let sentence = difference_sentence(&model, (&variant, reference), header, &d);
                         if matches!(&d, Ok(e) if e.resolved()) {
                             resolved.push(sentence);
                         } else {
@@ -517,12 +530,19 @@ pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
     if !differences.is_empty() {
         md.push_str(
             "\nPaired differences from full SLIME (variant − SLIME) on the same seeds and held-out items, estimate \
-             [95% interval]; **bold**: the interval excludes 0.\n\n| model | variant |",
+             [95% interval]; **bold**: the interval excludes 0.",
         );
+        if has_sft_variants {
+            md.push_str(
+                " An SFT variant other than `sft` is compared with `sft` instead (variant − sft: what its SFT objective \
+                 changes against NLL).",
+            );
+        }
+        md.push_str("\n\n| model | variant | compared with |");
         for &(_, header) in &columns {
             let _ = write!(md, " {header} |");
         }
-        md.push_str("\n|---|---|");
+        md.push_str("\n|---|---|---|");
         md.push_str(&"---|".repeat(columns.len()));
         md.push('\n');
         md.push_str(&differences);
@@ -535,7 +555,7 @@ pub fn tables(cells: &[Cell], order: &[String]) -> Result<(String, String)> {
         }
         md.push_str(
             "\nNot resolved (the interval includes 0, or there is no interval): these data do not tell the variant \
-             from SLIME on the metric:\n\n",
+             from the row it is compared with on the metric:\n\n",
         );
         if unresolved.is_empty() {
             md.push_str("- none\n");
@@ -832,10 +852,10 @@ where
 }
 
 /// Writes `table.md`, `table.csv` and `plots/{chosen_logp,format_validity}.{png,svg}` into `out`.
-pub fn write_report(cells: &[Cell], order: &[String], out: &Path) -> Result<Vec<PathBuf>> {
+pub fn write_report(cells: &[Cell], layout: &Layout, out: &Path) -> Result<Vec<PathBuf>> {
     register_font();
     fs::create_dir_all(out.join("plots")).with_context(|| format!("creating {}", out.display()))?;
-    let (md, csv) = tables(cells, order)?;
+    let (md, csv) = tables(cells, layout)?;
     let mut written = Vec::new();
     for (name, text) in [("table.md", md), ("table.csv", csv)] {
         let path = out.join(name);
@@ -843,7 +863,7 @@ pub fn write_report(cells: &[Cell], order: &[String], out: &Path) -> Result<Vec<
         written.push(path);
     }
     for (key, title, y_label, stem) in CURVES {
-        let rows = panels(cells, order, key)?;
+        let rows = panels(cells, &layout.order, key)?;
         let size = figure_size(rows.len(), rows.iter().map(Vec::len).max().unwrap_or(1));
         let png = out.join("plots").join(format!("{stem}.png"));
         draw(BitMapBackend::new(&png, size).into_drawing_area(), &rows, title, y_label)?;
@@ -890,6 +910,11 @@ mod tests {
         c
     }
 
+    /// A layout of plain variants in this order.
+    fn order(names: &[&str]) -> Layout {
+        Layout { order: names.iter().map(|v| v.to_string()).collect(), ..Layout::default() }
+    }
+
     #[test]
     fn table_rows_are_intervals_in_grid_order() -> Result<()> {
         let acc = "eval/preference_accuracy";
@@ -901,7 +926,7 @@ mod tests {
             item_cell("slime", 1, &[(acc, vec![1.0; 40])]),
             item_cell("dpo", 1, &[(acc, mixed(20))]),
         ];
-        let (md, csv) = tables(&cells, &["slime".into(), "dpo".into()])?;
+        let (md, csv) = tables(&cells, &order(&["slime", "dpo"]))?;
         assert!(md.contains("| model | variant | seeds | pref. acc. |\n"), "{md}");
         assert!(!md.contains("repetition |"), "a metric no cell reports has no column: {md}");
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| tiny-llama")).collect();
@@ -933,8 +958,11 @@ mod tests {
         let mut simpo = cell("simpo", 0, 0.9);
         simpo.result.r#final.insert(fmt.into(), 0.5);
         cells.push(simpo);
-        let (md, _) = tables(&cells, &["slime".into(), "dpo".into(), "simpo".into()])?;
-        assert!(md.contains("| tiny-llama | dpo | **-1.000 [-1.000, -1.000]** | +0.000 [+0.000, +0.000] |"), "{md}");
+        let (md, _) = tables(&cells, &order(&["slime", "dpo", "simpo"]))?;
+        assert!(
+            md.contains("| tiny-llama | dpo | slime | **-1.000 [-1.000, -1.000]** | +0.000 [+0.000, +0.000] |"),
+            "{md}"
+        );
         let resolved = md.split("Resolved by the intervals").nth(1).context("resolved list")?;
         let (resolved, unresolved) = resolved.split_once("Not resolved").context("unresolved list")?;
         assert!(
@@ -960,7 +988,7 @@ mod tests {
         );
         assert!(md.contains("| tiny-llama | simpo | 0 | 0.900 (one value) | 0.500 (one value) |"), "{md}");
         // Format: 0.5 against SLIME's seed-0 mean of 0.45.
-        assert!(md.contains("| tiny-llama | simpo | -0.100 (one value) | +0.050 (one value) |"), "{md}");
+        assert!(md.contains("| tiny-llama | simpo | slime | -0.100 (one value) | +0.050 (one value) |"), "{md}");
         assert!(md.contains("Cells without per-item values"), "{md}");
         Ok(())
     }
@@ -983,7 +1011,7 @@ mod tests {
         let ci = |variant: &str| -> Result<Interval> {
             let rows = row_cells(&cells, "tiny-llama", variant);
             let slime = row_cells(&cells, "tiny-llama", "slime");
-            match paired(&cells, &rows, &slime, key)? {
+            match paired(&cells, &Layout::default(), &rows, ("slime", &slime), key)? {
                 Ok(Estimate::Interval(i)) => Ok(i),
                 other => bail!("{other:?}"),
             }
@@ -1004,7 +1032,7 @@ mod tests {
         let mut dpo = item_cell("dpo", 0, &[(chosen, vec![-2.0, -2.0, -6.0])]);
         dpo.result.r#final.insert(DRIFT.into(), -1.0);
         let cells = vec![sft, slime, dpo];
-        let (md, _) = tables(&cells, &["sft".into(), "slime".into(), "dpo".into()])?;
+        let (md, _) = tables(&cells, &order(&["sft", "slime", "dpo"]))?;
         assert!(md.contains("| tiny-llama | sft | 0 | 0.000 [0.000, 0.000] |"), "{md}");
         assert!(md.contains("| tiny-llama | slime | 0 | -0.500 [-0.500, -0.500] |"), "{md}");
         let dpo_drift = BOOTSTRAP.mean(&[vec![-1.0, 0.0, -3.0]])?;
@@ -1017,8 +1045,47 @@ mod tests {
         if let Some(items) = other[2].result.items.as_mut() {
             items.pairs = vec![7, 8, 9];
         }
-        let (md, _) = tables(&other, &[])?;
+        let (md, _) = tables(&other, &Layout::default())?;
         assert!(md.contains("| -1.000 (one value) |"), "{md}");
+        Ok(())
+    }
+
+    #[test]
+    fn an_sft_variant_is_compared_with_sft_and_its_preference_cells_drift_from_it() -> Result<()> {
+        let chosen = "eval/chosen_logp";
+        let with_drift = |variant: &str, values: Vec<f64>| {
+            let mut c = item_cell(variant, 0, &[(chosen, values)]);
+            c.result.r#final.insert(DRIFT.into(), 0.0);
+            c
+        };
+        let cells = vec![
+            with_drift("sft", vec![-1.0, -2.0, -3.0]),
+            with_drift("sft-minus-p", vec![-2.0, -2.0, -2.0]),
+            with_drift("slime", vec![-1.5, -2.5, -3.5]),
+            with_drift("slime-after", vec![-2.5, -2.0, -1.0]),
+        ];
+        let layout = Layout {
+            order: ["sft", "sft-minus-p", "slime", "slime-after"].map(String::from).to_vec(),
+            sft_variants: ["sft-minus-p".to_string()].into_iter().collect(),
+            starts: [("slime-after".to_string(), "sft-minus-p".to_string())].into_iter().collect(),
+        };
+        let (md, _) = tables(&cells, &layout)?;
+        // sft-minus-p against the NLL SFT model: -1, 0, +1; slime-after against sft-minus-p:
+        // -0.5, 0, +1.
+        let of = |v: Vec<f64>| BOOTSTRAP.mean(&[v]);
+        let (p, after) = (of(vec![-1.0, 0.0, 1.0])?, of(vec![-0.5, 0.0, 1.0])?);
+        assert!(
+            md.contains(&format!("| tiny-llama | sft-minus-p | 0 | 0.000 [{:.3}, {:.3}] |", p.low, p.high)),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!("| tiny-llama | slime-after | 0 | 0.167 [{:.3}, {:.3}] |", after.low, after.high))
+        );
+        assert!(md.contains("for an SFT variant, against the NLL SFT model"), "{md}");
+        assert!(md.contains("| tiny-llama | sft-minus-p | sft |"), "{md}");
+        assert!(md.contains("| tiny-llama | slime-after | slime |"), "{md}");
+        assert!(md.contains("| tiny-llama | sft | slime |"), "{md}");
+        assert!(md.contains("tiny-llama, sft-minus-p − sft, chosen logp drift"), "{md}");
         Ok(())
     }
 
@@ -1044,7 +1111,7 @@ mod tests {
                 fitting: 210,
             }),
         });
-        let (md, _) = tables(&[c], &[])?;
+        let (md, _) = tables(&[c], &Layout::default())?;
         assert!(
             md.contains(
                 "Data of tiny-llama: pairs.parquet (300 rows: 90 SFT, 150 preference, 20 held-out pairs evaluated); \
@@ -1134,7 +1201,7 @@ mod tests {
     fn report_files_are_written_and_png_is_an_image() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let cells = vec![cell("slime", 0, 0.6), cell("dpo", 0, 0.4)];
-        let files = write_report(&cells, &[], dir.path())?;
+        let files = write_report(&cells, &Layout::default(), dir.path())?;
         assert_eq!(files.len(), 6);
         let png = fs::read(dir.path().join("plots/chosen_logp.png"))?;
         assert_eq!(&png[1..4], b"PNG");

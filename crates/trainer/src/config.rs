@@ -34,7 +34,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use slime_objectives::{Objective, SlimeParams};
+use slime_objectives::{Objective, SftParams, SlimeParams};
 
 use crate::optim::AdamWConfig;
 use crate::schedule::{Decay, Schedule};
@@ -56,7 +56,7 @@ pub struct RunConfig {
     /// The data.
     pub data: DataSpec,
     /// The SFT stage.
-    pub sft: StageSpec,
+    pub sft: SftSpec,
     /// The preference stage.
     pub preference: PreferenceSpec,
     /// Evaluation.
@@ -73,7 +73,7 @@ impl Default for RunConfig {
             init: None,
             model: ModelSpec::default(),
             data: DataSpec::default(),
-            sft: StageSpec::default(),
+            sft: SftSpec::default(),
             preference: PreferenceSpec::default(),
             eval: EvalSpec::default(),
             checkpoint: CheckpointSpec::default(),
@@ -357,6 +357,62 @@ impl StageSpec {
     }
 }
 
+/// The SFT stage: its optimisation ([`StageSpec`], whose fields it reads as its own) plus the
+/// objective.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "toml::Table")]
+pub struct SftSpec {
+    /// Steps, batch sizes, schedule and AdamW, written in `[sft]` itself.
+    #[serde(flatten)]
+    pub stage: StageSpec,
+    /// The objective: `type = "sft"`, plain NLL by default, or the probability-based family
+    /// of arXiv 2510.00526 (`{ type = "sft", alpha = 1.0 }` is `1 - p`). Not written into a
+    /// resolved config when it is NLL, so configs written before the field existed still match.
+    #[serde(skip_serializing_if = "SftSpec::is_nll")]
+    pub objective: Objective,
+}
+
+impl Default for SftSpec {
+    fn default() -> Self {
+        Self { stage: StageSpec::sft_default(), objective: Objective::Sft(SftParams::nll()) }
+    }
+}
+
+impl SftSpec {
+    fn is_nll(objective: &Objective) -> bool {
+        *objective == Objective::Sft(SftParams::nll())
+    }
+}
+
+impl std::ops::Deref for SftSpec {
+    type Target = StageSpec;
+
+    fn deref(&self) -> &StageSpec {
+        &self.stage
+    }
+}
+
+impl std::ops::DerefMut for SftSpec {
+    fn deref_mut(&mut self) -> &mut StageSpec {
+        &mut self.stage
+    }
+}
+
+/// `[sft]`: `objective` to [`Objective`], the rest to [`StageSpec`] (whose errors then name
+/// the field).
+impl TryFrom<toml::Table> for SftSpec {
+    type Error = String;
+
+    fn try_from(mut table: toml::Table) -> std::result::Result<Self, String> {
+        let objective = match table.remove("objective") {
+            Some(value) => Objective::deserialize(value).map_err(|e| format!("sft.objective: {e}"))?,
+            None => Objective::Sft(SftParams::nll()),
+        };
+        let stage = StageSpec::deserialize(toml::Value::Table(table)).map_err(|e| e.to_string())?;
+        Ok(Self { stage, objective })
+    }
+}
+
 /// The preference stage: its optimisation ([`StageSpec`], whose fields it reads as its own)
 /// plus the objective, the data selection and the reference log-probs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -470,6 +526,14 @@ pub struct EvalSpec {
     /// Held-out prompts decoded together in one left-padded batch (default 8). The generations
     /// do not depend on it.
     pub generation_batch_size: usize,
+    /// A finished run directory whose final evaluation is taken as this run's start evaluation
+    /// (preference step 0) instead of evaluating the same model again: an SFT-only run
+    /// (`preference.steps = 0`) whose final model is the one this run starts from (`init`, its
+    /// `sft-model/`), with the same seed, `[model]`, `[data]` and `[eval]` settings (`every`,
+    /// `generation_batch_size` aside). Checked before use against that run's `config.toml` and
+    /// `result.json` (the model's SHA-256, the held-out pairs), and again on `--resume`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_from: Option<PathBuf>,
 }
 
 impl Default for EvalSpec {
@@ -481,6 +545,7 @@ impl Default for EvalSpec {
             collapse_delta: 1.25,
             batch_size: 64,
             generation_batch_size: 8,
+            start_from: None,
         }
     }
 }
@@ -610,6 +675,14 @@ impl RunConfig {
             return bad("data.eval_pairs = 0: expected at least 1".into());
         }
         self.sft.validate("sft")?;
+        if !matches!(self.sft.objective, Objective::Sft(_)) {
+            return bad(format!(
+                "sft.objective = {{ type = \"{}\" }}: the SFT stage trains with type = \"sft\" (NLL or the \
+                 probability-based family, e.g. {{ type = \"sft\", alpha = 1.0 }})",
+                self.sft.objective.name()
+            ));
+        }
+        self.sft.objective.validate()?;
         self.preference.stage.validate("preference")?;
         self.preference.objective.validate()?;
         if !self.preference.objective.is_preference() && self.preference.steps > 0 {
@@ -618,6 +691,18 @@ impl RunConfig {
         self.preference.sage.validate()?;
         if self.preference.selection == SelectionKind::Sage {
             self.preference.sage.validate_sizes(self.preference.batch_size * self.preference.grad_accum, None)?;
+        }
+        if self.eval.start_from.is_some() {
+            if self.preference.steps == 0 {
+                return bad("eval.start_from is set but preference.steps = 0: the start evaluation would be the \
+                            final one, which the run must write itself (with its generations)"
+                    .into());
+            }
+            if self.init.is_none() && self.sft.steps > 0 {
+                return bad("eval.start_from is set but this run trains its own SFT model (no `init`): only an \
+                            evaluation of the model the run starts from can be reused"
+                    .into());
+            }
         }
         if self.eval.every == 0 {
             return bad("eval.every = 0: expected at least 1".into());
@@ -684,6 +769,20 @@ mod tests {
     }
 
     #[test]
+    fn the_sft_objective_parses_round_trips_and_is_not_written_when_nll() -> Result<()> {
+        let p = RunConfig::from_toml("[sft]\nsteps = 3\nobjective = { type = \"sft\", alpha = 1.0 }")?;
+        assert_eq!(p.sft.objective, Objective::Sft(SftParams::one_minus_p()));
+        assert_eq!(p.sft.steps, 3);
+        let text = toml::to_string(&p).map_err(|e| TrainError::Config(e.to_string()))?;
+        assert_eq!(RunConfig::from_toml(&text)?, p);
+        let nll = toml::to_string(&RunConfig::default()).map_err(|e| TrainError::Config(e.to_string()))?;
+        assert!(!nll.contains("[sft.objective]") && !nll.contains("alpha"), "{nll}");
+        let reused = RunConfig::from_toml("init = \"m\"\n[eval]\nstart_from = \"sft-run\"")?;
+        assert_eq!(reused.eval.start_from.as_deref(), Some(std::path::Path::new("sft-run")));
+        Ok(())
+    }
+
+    #[test]
     fn bad_values_are_rejected_before_work() {
         for (text, needle) in [
             ("seeed = 1", "seeed"),
@@ -730,6 +829,11 @@ mod tests {
             ("[eval]\ngeneration_batch_size = 0", "eval.generation_batch_size"),
             ("[model]\ndtype = \"f16\"", "model.dtype"),
             ("[model]\ndevice = \"gpu\"", "model.device"),
+            ("[sft]\nobjective = { type = \"dpo\" }", "sft.objective"),
+            ("[sft]\nobjective = { type = \"sft\", alpha = -1.0 }", "alpha"),
+            ("[sft]\nobjective = { type = \"sft\", alpah = 1.0 }", "alpah"),
+            ("[eval]\nstart_from = \"sft-run\"", "eval.start_from"),
+            ("init = \"m\"\n[eval]\nstart_from = \"sft-run\"\n[preference]\nsteps = 0", "eval.start_from"),
         ] {
             let err = RunConfig::from_toml(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -136,7 +136,7 @@ fn parallel_micro_batches_train_bit_identical_weights() {
         cfg.preference.steps = 2;
         cfg.preference.objective = Objective::Slime(SlimeParams::paper());
         for (batch, accum, par) in [
-            (&mut cfg.sft.batch_size, &mut cfg.sft.grad_accum, &mut cfg.sft.parallel_micro_batches),
+            (&mut cfg.sft.stage.batch_size, &mut cfg.sft.stage.grad_accum, &mut cfg.sft.stage.parallel_micro_batches),
             (
                 &mut cfg.preference.stage.batch_size,
                 &mut cfg.preference.stage.grad_accum,

@@ -2,10 +2,10 @@
 //! decoded generations.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use slime_data::{TextTokenizer, TokenizedPair};
 use slime_models::CausalLm;
 
@@ -38,7 +38,7 @@ type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u32>>, EvalItems);
 /// (`eval/format_validity`, `eval/task_accuracy`: 1 or 0, `eval/repetition`) the first
 /// `eval.generations` of them. The mean of each list is the metric, except the collapse
 /// fraction, whose metric weights pairs by their rejected tokens.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalItems {
     /// Held-out pair ids, in evaluation order.
     pub pairs: Vec<u64>,
@@ -166,6 +166,122 @@ pub fn evaluate_dir(cfg: &RunConfig, model_dir: &Path) -> Result<BTreeMap<String
         None => RunData::embedded(0, cfg.data.eval_pairs, cfg.seed)?,
     };
     evaluate(&lm, &data, cfg)
+}
+
+/// The key of `result.json` that holds the SHA-256 of the model an SFT-only run
+/// (`preference.steps = 0`) evaluated last: its `sft-model/` (or its `init`), see
+/// [`model_sha256`].
+pub(super) const MODEL_SHA256: &str = "model_sha256";
+
+/// The model directory whose evaluation an SFT-only run's final evaluation is: `sft-model/`
+/// after its own SFT stage, else its `init` (`None`: the configured base model itself).
+pub(super) fn evaluated_model_dir(cfg: &RunConfig, run_dir: &Path) -> Option<PathBuf> {
+    if cfg.init.is_none() && cfg.sft.steps > 0 { Some(run_dir.join("sft-model")) } else { cfg.init.clone() }
+}
+
+/// SHA-256 of a model directory's weights and architecture: of the lines `<file> <sha256>` of
+/// its `config.json` and `*.safetensors` files in name order.
+pub(super) fn model_sha256(dir: &Path) -> Result<String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| TrainError::Io { path: dir.display().to_string(), source })?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n == "config.json" || n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    if !names.iter().any(|n| n.ends_with(".safetensors")) {
+        return Err(TrainError::Input(format!("{}: no .safetensors weights", dir.display())));
+    }
+    let mut lines = String::new();
+    for name in names {
+        lines += &format!("{name} {}\n", crate::checkpoint::sha256_file(&dir.join(&name))?);
+    }
+    use sha2::Digest;
+    Ok(sha2::Sha256::digest(lines.as_bytes()).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The start evaluation `eval.start_from` names: the final evaluation (metrics with the drift
+/// set to 0, and per-item values) of a finished SFT-only run of the model this run starts from,
+/// with this run's seed, `[model]`, `[data]` and `[eval]` settings (`every`,
+/// `generation_batch_size`, which do not change an evaluation, aside) and its held-out pairs.
+/// `None` without `eval.start_from`. The same model, items and settings give the same numbers
+/// as evaluating again, so the run's step-0 line and drift baseline are those it would compute.
+pub(super) fn reused_start(cfg: &RunConfig, data: &RunData) -> Result<Option<(BTreeMap<String, f64>, EvalItems)>> {
+    let Some(dir) = &cfg.eval.start_from else { return Ok(None) };
+    let bad = |why: String| TrainError::Input(format!("eval.start_from = {}: {why}", dir.display()));
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map_err(|e| bad(format!("{name} cannot be read ({e}); is the run finished?")))
+    };
+    let source = RunConfig::from_toml(&read("config.toml")?).map_err(|e| bad(format!("config.toml: {e}")))?;
+    let result: serde_json::Value =
+        serde_json::from_str(&read("result.json")?).map_err(|e| bad(format!("result.json: {e}")))?;
+    if source.preference.steps != 0 {
+        return Err(bad(format!(
+            "a run with a preference stage ({} steps): its final evaluation is not of the model it started from",
+            source.preference.steps
+        )));
+    }
+    let comparable = |c: &RunConfig| {
+        let mut eval = c.eval.clone();
+        (eval.every, eval.generation_batch_size, eval.start_from) = (0, 0, None);
+        let mut model = c.model.clone();
+        model.gradient_checkpointing = false;
+        (c.seed, model, c.data.clone(), eval)
+    };
+    let (ours, theirs) = (comparable(cfg), comparable(&source));
+    for (differs, what) in [
+        (ours.0 != theirs.0, "seed"),
+        (ours.1 != theirs.1, "[model]"),
+        (ours.2 != theirs.2, "[data]"),
+        (ours.3 != theirs.3, "[eval]"),
+    ] {
+        if differs {
+            return Err(bad(format!(
+                "its {what} settings differ from this run's, so its evaluation is not this run's"
+            )));
+        }
+    }
+    let recorded = result[MODEL_SHA256].as_str();
+    match (&cfg.init, evaluated_model_dir(&source, dir)) {
+        (Some(init), Some(_)) => {
+            let actual = model_sha256(init)?;
+            if recorded != Some(actual.as_str()) {
+                return Err(bad(format!(
+                    "it evaluated a model with SHA-256 {}, but init = {} has {actual}",
+                    recorded.unwrap_or("(not recorded)"),
+                    init.display()
+                )));
+            }
+        }
+        (None, None) => {}
+        (Some(init), None) => {
+            return Err(bad(format!(
+                "it evaluated its base model, but this run starts from init = {}",
+                init.display()
+            )));
+        }
+        (None, Some(model)) => {
+            return Err(bad(format!("it evaluated {}, but this run starts from its base model", model.display())));
+        }
+    }
+    let mut metrics: BTreeMap<String, f64> =
+        serde_json::from_value(result["final"].clone()).map_err(|e| bad(format!("result.json `final`: {e}")))?;
+    let items: EvalItems =
+        serde_json::from_value(result["items"].clone()).map_err(|e| bad(format!("result.json `items`: {e}")))?;
+    let ids: Vec<u64> = data.eval.iter().map(|e| e.tokens.id).collect();
+    if items.pairs != ids {
+        return Err(bad(format!(
+            "its {} held-out pairs are not this run's {} (ids or order differ)",
+            items.pairs.len(),
+            ids.len()
+        )));
+    }
+    if !metrics.contains_key(eval::CHOSEN_LOGP) {
+        return Err(bad(format!("result.json `final` has no `{}`", eval::CHOSEN_LOGP)));
+    }
+    metrics.insert(eval::CHOSEN_LOGP_DRIFT.into(), 0.0);
+    Ok(Some((metrics, items)))
 }
 
 /// Writes the latest greedy generations, decoded: one JSON object per line with `pair`,

@@ -7,7 +7,8 @@
 //! (one line per optimiser step), `eval.jsonl` (one line per evaluation), `model/`
 //! (config.json + model.safetensors of the final weights, LoRA adapters merged; after SFT also
 //! `sft-model/`; with LoRA also `adapter/`, PEFT's layout) and
-//! `result.json` (the final evaluation and its per-item values, for `cargo xtask report`), and `checkpoints/` (see
+//! `result.json` (the final evaluation and its per-item values, for `cargo xtask report`; after
+//! an SFT-only run also the SHA-256 of `sft-model/`, which `eval.start_from` checks), and `checkpoints/` (see
 //! [`crate::checkpoint`]; what a resumed run needs, every `checkpoint.every` steps). With a
 //! pretrained model and LoRA, `model/` is not written (the adapters are the result; merge them
 //! with `CausalLm::merge_lora`). DPO-style objectives also leave `reference_logps.parquet`
@@ -317,13 +318,20 @@ pub fn run_with(cfg: &RunConfig, run_dir: &Path, opts: &RunOptions) -> Result<Ru
         write_generations(&run_dir.join("generations.jsonl"), decoder, &data, &ctx.generations)?;
     }
     write_models(cfg, run_dir, lm)?;
-    let result = serde_json::json!({
+    let mut result = serde_json::json!({
         "variant": cfg.name,
         "seed": cfg.seed,
         "model": cfg.model.display_name(),
         "final": final_eval,
         "items": ctx.items,
     });
+    // An SFT-only run's final evaluation is of the model it hands on (`sft-model/`): its
+    // fingerprint lets a run starting from that model take the evaluation (`eval.start_from`).
+    if cfg.preference.steps == 0
+        && let Some(dir) = eval::evaluated_model_dir(cfg, run_dir)
+    {
+        result[eval::MODEL_SHA256] = serde_json::Value::String(eval::model_sha256(&dir)?);
+    }
     atomic::write_json(&result_path, &result)?;
     Ok(RunReport { final_eval, resumed_from, already_finished: false })
 }

@@ -10,13 +10,14 @@ use slime_data::TokenizedPair;
 use slime_models::CausalLm;
 use slime_objectives::{BatchTotals, LossOutput, ObjectiveInputs, SequenceLogps};
 
-use super::Stage;
+use super::eval::reused_start;
 use super::model::device_of;
 use super::preference_checkpoint::PreferenceState;
 use super::reference::Reference;
 use super::selector::{SageState, Selector};
 use super::state::{Ctx, Resume, restore_weights};
 use super::step::{PairMicroBatch, StepSpec, accumulated_step, pair_logps, pair_micro_batches, record};
+use super::{Stage, note};
 use crate::config::RunConfig;
 use crate::corpus::RunData;
 use crate::logps::score_pairs;
@@ -82,10 +83,21 @@ pub(super) fn preference_stage(
     }
 }
 
-/// A fresh stage: the start evaluation (drift 0), then the reference if the objective needs one.
+/// A fresh stage: the start evaluation (drift 0; with `eval.start_from`, the one that run
+/// made of the same model), then the reference if the objective needs one.
 fn start(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData) -> Result<PreferenceRun> {
     let cfg = ctx.cfg;
-    let mut start = ctx.evaluate(lm, data)?;
+    let mut start = match reused_start(cfg, data)? {
+        Some((metrics, _)) => {
+            let from = cfg.eval.start_from.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+            note(
+                ctx.opts,
+                &format!("start evaluation: taken from {from} (the same model, held-out pairs and settings)"),
+            );
+            metrics
+        }
+        None => ctx.evaluate(lm, data)?,
+    };
     let start_chosen_logp = start[eval::CHOSEN_LOGP];
     start.insert(eval::CHOSEN_LOGP_DRIFT.into(), 0.0);
     ctx.eval_log.write(Stage::Preference.name(), 0, &start)?;
@@ -120,6 +132,19 @@ fn resumed(cfg: &RunConfig, lm: &CausalLm, data: &RunData, (state, ckpt): Resume
     let mut opt = AdamW::new(lm.trainable_vars(), cfg.preference.adamw())?;
     opt.load_state_tensors(&ckpt.optimizer, state.step)?;
     let restored = saved.restore(cfg)?;
+    // The run the start evaluation came from must still hold the same one (a changed SFT run
+    // would leave this run's drift measured from another model).
+    if let Some((metrics, _)) = reused_start(cfg, data)?
+        && metrics[eval::CHOSEN_LOGP].to_bits() != restored.start_chosen_logp.to_bits()
+    {
+        return Err(TrainError::Input(format!(
+            "--resume: eval.start_from = {} now holds a start evaluation (chosen log-prob {}) other than the one \
+             this run started from ({}); the run it names changed, so start this one afresh (without --resume)",
+            cfg.eval.start_from.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            metrics[eval::CHOSEN_LOGP],
+            restored.start_chosen_logp
+        )));
+    }
     let split = data.preference.len();
     Ok(PreferenceRun {
         opt,

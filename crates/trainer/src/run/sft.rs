@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use slime_data::{Cursor, EpochSampler, collate_sft};
 use slime_models::CausalLm;
-use slime_objectives::{Objective, ObjectiveInputs, SequenceLogps, SftParams};
+use slime_objectives::{ObjectiveInputs, SequenceLogps};
 
 use super::Stage;
 use super::model::device_of;
@@ -17,7 +17,7 @@ use crate::metrics::{GRAD_NORM, LEARNING_RATE, LOSS, TOKENS, TOKENS_PER_SECOND};
 use crate::optim::AdamW;
 use crate::progress::Progress;
 
-/// The SFT stage: NLL on prompt + chosen of the SFT split.
+/// The SFT stage: `sft.objective` (NLL by default) on the chosen completions of the SFT split.
 pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume: Option<Resume>) -> Result<()> {
     let (pad_id, data) = (data.pad_id, &data.sft);
     let device = device_of(lm);
@@ -30,7 +30,7 @@ pub(super) fn sft_stage(ctx: &mut Ctx<'_>, lm: &CausalLm, data: &RunData, resume
         (first, cursor) = (state.step, state.cursor);
     }
     let mut sampler = EpochSampler::new(data.len(), ctx.cfg.seed, cursor);
-    let objective = Objective::Sft(SftParams::nll());
+    let objective = &ctx.cfg.sft.objective;
     let mut progress = Progress::new(ctx.opts.progress, Stage::Sft.name(), first, spec.steps);
     for step in first..spec.steps {
         let started = Instant::now();
