@@ -210,6 +210,12 @@ fn logps_truncates_like_the_data_pipeline_and_counts_it() -> TestResult {
 #[test]
 fn logps_drops_overlong_pairs_uncut_and_counts_them() -> TestResult {
     let f = fixture()?;
+    let full = encode(&f, Truncation::default())?;
+    let length = |p: &TokenizedPair| p.prompt.len() + p.chosen.len().max(p.rejected.len());
+    // The median pair length: about half the pairs fit, the others are over it.
+    let mut lengths: Vec<usize> = full.iter().map(length).collect();
+    lengths.sort_unstable();
+    let max_length = lengths[lengths.len() / 2];
     let out = f.root.join("dropped.parquet");
     let run = trainer(&[
         &"logps",
@@ -220,20 +226,14 @@ fn logps_drops_overlong_pairs_uncut_and_counts_them() -> TestResult {
         &"--out",
         &out,
         &"--max-length",
-        &"24",
-        &"--max-prompt-length",
-        &"16",
+        &max_length.to_string(),
         &"--overlong",
         &"drop",
     ])?;
     succeeded(&run)?;
-    let full = encode(&f, Truncation::default())?;
-    let fitting: Vec<&TokenizedPair> = full
-        .iter()
-        .filter(|p| p.prompt.len() <= 16 && p.prompt.len() + p.chosen.len().max(p.rejected.len()) <= 24)
-        .collect();
+    let fitting: Vec<&TokenizedPair> = full.iter().filter(|p| length(p) <= max_length).collect();
     let dropped = full.len() - fitting.len();
-    assert!(dropped > 0 && !fitting.is_empty(), "the limits must drop some pairs and keep some: {dropped}");
+    assert!(dropped > 0 && !fitting.is_empty(), "the limit must drop some pairs and keep some: {lengths:?}");
     let rows = read_logps(&out)?;
     let kept: Vec<u64> = rows.iter().map(|r| r.pair).collect();
     assert_eq!(kept, fitting.iter().map(|p| p.id).collect::<Vec<_>>());
