@@ -128,40 +128,54 @@ pub fn score_pairs(
     let mut sums = Vec::with_capacity(pairs.len());
     let mut tokens = Vec::new();
     for refs in pairs.chunks(batch_size.max(1)) {
-        let (chosen, rejected) = pair_logps(lm, &pair_batch(refs)?)?;
-        let side_sums =
-            |side: &SequenceLogps| -> Result<Vec<f64>> { Ok(side.sum().detach().to_dtype(DType::F64)?.to_vec1()?) };
-        let (chosen_sums, rejected_sums) = (side_sums(&chosen)?, side_sums(&rejected)?);
-        for (i, pair) in refs.iter().enumerate() {
-            sums.push(PairLogps {
-                pair: pair.id,
-                chosen_logp: chosen_sums[i],
-                rejected_logp: rejected_sums[i],
-                chosen_tokens: pair.chosen.len() as u32,
-                rejected_tokens: pair.rejected.len() as u32,
-            });
-        }
-        if !per_token {
-            continue;
-        }
-        for (side, is_chosen) in [(&chosen, true), (&rejected, false)] {
-            let values: Vec<Vec<f32>> = match side.tokens() {
-                Some(t) => t.logps().detach().to_dtype(DType::F32)?.to_vec2()?,
-                None => return Err(TrainError::Config("no per-token log-probs".into())),
-            };
-            for (pair, row) in refs.iter().zip(&values) {
-                let ids = if is_chosen { &pair.chosen } else { &pair.rejected };
-                tokens.extend(ids.iter().zip(row).enumerate().map(|(j, (&token, &logp))| TokenLogp {
-                    pair: pair.id,
-                    chosen: is_chosen,
-                    position: j as u32,
-                    token,
-                    logp,
-                }));
-            }
-        }
+        score_batch(lm, refs, &pair_batch(refs)?, per_token, &mut sums, &mut tokens)?;
     }
     Ok((sums, tokens))
+}
+
+/// [`score_pairs`] of one forward pass: `batch` is `refs` packed ([`pair_batch`]); appends to
+/// `sums` and `tokens`.
+fn score_batch(
+    lm: &CausalLm,
+    refs: &[&TokenizedPair],
+    batch: &PairBatch,
+    per_token: bool,
+    sums: &mut Vec<PairLogps>,
+    tokens: &mut Vec<TokenLogp>,
+) -> Result<()> {
+    let (chosen, rejected) = pair_logps(lm, batch)?;
+    let side_sums =
+        |side: &SequenceLogps| -> Result<Vec<f64>> { Ok(side.sum().detach().to_dtype(DType::F64)?.to_vec1()?) };
+    let (chosen_sums, rejected_sums) = (side_sums(&chosen)?, side_sums(&rejected)?);
+    for (i, pair) in refs.iter().enumerate() {
+        sums.push(PairLogps {
+            pair: pair.id,
+            chosen_logp: chosen_sums[i],
+            rejected_logp: rejected_sums[i],
+            chosen_tokens: pair.chosen.len() as u32,
+            rejected_tokens: pair.rejected.len() as u32,
+        });
+    }
+    if !per_token {
+        return Ok(());
+    }
+    for (side, is_chosen) in [(&chosen, true), (&rejected, false)] {
+        let values: Vec<Vec<f32>> = match side.tokens() {
+            Some(t) => t.logps().detach().to_dtype(DType::F32)?.to_vec2()?,
+            None => return Err(TrainError::Config("no per-token log-probs".into())),
+        };
+        for (pair, row) in refs.iter().zip(&values) {
+            let ids = if is_chosen { &pair.chosen } else { &pair.rejected };
+            tokens.extend(ids.iter().zip(row).enumerate().map(|(j, (&token, &logp))| TokenLogp {
+                pair: pair.id,
+                chosen: is_chosen,
+                position: j as u32,
+                token,
+                logp,
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// Streams the per-token rows into a Parquet file (columns `pair` u64, `which` utf8
@@ -329,7 +343,8 @@ pub fn score_file(
             let packed = pair_batch(&refs)?;
             positions += packed.packed_positions() as u64;
             real += packed.packed_tokens() as u64;
-            let (s, t) = score_pairs(&model.lm, &refs, refs.len(), writer.is_some())?;
+            let (mut s, mut t) = (Vec::with_capacity(refs.len()), Vec::new());
+            score_batch(&model.lm, &refs, &packed, writer.is_some(), &mut s, &mut t)?;
             for (k, &i) in batch_idx.iter().enumerate() {
                 sums[i] = Some(s[k]);
             }
