@@ -353,6 +353,8 @@ fn sample(logits: &Tensor, temperature: f64, rng: &mut ChaCha8Rng) -> Result<u32
 /// Hugging Face names.
 pub struct CausalLm {
     vars: VarMap,
+    /// The weights of an [`CausalLm::inference_copy`], which has no variables.
+    frozen: Option<HashMap<String, Tensor>>,
     config: ModelConfig,
     model: Model,
     lora: Option<LoraState>,
@@ -383,7 +385,7 @@ impl CausalLm {
         let device = vars.all_vars().first().map_or(Device::Cpu, |v| v.device().clone());
         let dtype = vars.all_vars().first().map_or(DType::F32, |v| v.dtype());
         let model = build(&config, VarBuilder::from_varmap(&vars, dtype, &device), None)?;
-        Ok(Self { vars, config, model, lora: None })
+        Ok(Self { vars, frozen: None, config, model, lora: None })
     }
 
     /// A randomly initialised model, deterministic in `seed`: linear and embedding weights
@@ -559,16 +561,50 @@ impl CausalLm {
         };
         let model = build(&self.config, VarBuilder::from_tensors(frozen, dtype, &device), Some(&adapters))?;
         model.set_gradient_checkpointing(self.model.gradient_checkpointing())?;
-        Ok(Self { vars: self.vars, config: self.config, model, lora: Some(LoraState { cfg, vars, enabled }) })
+        Ok(Self {
+            vars: self.vars,
+            frozen: self.frozen,
+            config: self.config,
+            model,
+            lora: Some(LoraState { cfg, vars, enabled }),
+        })
     }
 
     /// Folds the adapters into the base weights, `W + (alpha / r) B A`, and returns a plain model
     /// (all weights trainable again, no adapters): what `save_dir` then writes loads in
     /// transformers without PEFT. Without adapters, returns the model unchanged.
     pub fn merge_lora(self) -> Result<Self> {
-        let Some(lora) = &self.lora else { return Ok(self) };
+        if self.lora.is_none() {
+            return Ok(self);
+        }
+        let merged = Self::from_tensors(&self.config, self.merged_weights()?)?;
+        merged.model.set_gradient_checkpointing(self.model.gradient_checkpointing())?;
+        Ok(merged)
+    }
+
+    /// A frozen copy for inference (evaluation, generation): the adapters, when attached and
+    /// enabled, folded into the weights as [`Self::merge_lora`] folds them (the same values bit
+    /// for bit), every weight detached, nothing trainable. It computes what this model computes,
+    /// within float rounding, without the adapters' extra products and with no autograd graph.
+    /// [`Self::weights`] lists its weights, [`Self::trainable_vars`] nothing, and
+    /// [`Self::set_weights`] refuses.
+    pub fn inference_copy(&self) -> Result<Self> {
+        let weights = match &self.lora {
+            Some(l) if l.enabled.load(Ordering::Relaxed) => self.merged_weights()?,
+            _ => self.weights(),
+        };
+        let weights: HashMap<String, Tensor> = weights.into_iter().map(|(n, t)| (n, t.detach())).collect();
+        let (device, dtype) =
+            weights.values().next().map_or((Device::Cpu, DType::F32), |t| (t.device().clone(), t.dtype()));
+        let model = build(&self.config, VarBuilder::from_tensors(weights.clone(), dtype, &device), None)?;
+        Ok(Self { vars: VarMap::new(), frozen: Some(weights), config: self.config.clone(), model, lora: None })
+    }
+
+    /// Copies of the base weights with every adapter folded in, `W + (alpha / r) B A`.
+    fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut weights: HashMap<String, Tensor> =
             self.weights().into_iter().map(|(n, t)| Ok((n, t.copy()?))).collect::<Result<_>>()?;
+        let Some(lora) = &self.lora else { return Ok(weights) };
         for (module, a, b) in &lora.vars {
             let name = format!("{module}.weight");
             let w = weights
@@ -578,9 +614,7 @@ impl CausalLm {
             let merged = (w + delta.to_dtype(w.dtype())?)?;
             weights.insert(name, merged);
         }
-        let merged = Self::from_tensors(&self.config, weights)?;
-        merged.model.set_gradient_checkpointing(self.model.gradient_checkpointing())?;
-        Ok(merged)
+        Ok(weights)
     }
 
     /// Switches LoRA adapters on or off (off: the base model, e.g. DPO's reference, sharing the
@@ -660,11 +694,20 @@ impl CausalLm {
 
     /// Current base weights by name (shared storage; copy before mutating).
     pub fn weights(&self) -> HashMap<String, Tensor> {
+        if let Some(frozen) = &self.frozen {
+            return frozen.clone();
+        }
         self.base_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
     }
 
     /// Overwrites every weight from `weights` (names and shapes must match).
     pub fn set_weights(&self, weights: &HashMap<String, Tensor>) -> Result<()> {
+        if self.frozen.is_some() {
+            return Err(ModelError::Input {
+                input: "weights",
+                reason: "an inference copy's weights are frozen".into(),
+            });
+        }
         for (name, var) in self.base_vars() {
             let t = weights
                 .get(&name)

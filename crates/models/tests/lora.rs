@@ -1,5 +1,6 @@
 //! LoRA: a fresh adapter (B = 0) equals the base model exactly, only adapters train, switching
-//! adapters off gives the base model, PEFT-layout save/load is bit-exact.
+//! adapters off gives the base model, PEFT-layout save/load is bit-exact, merged and inference
+//! copies keep the function.
 
 use candle_core::{Device, Tensor};
 use slime_models::{CausalLm, GemmaConfig, LlamaConfig, LoraConfig, ModelConfig, ModelError, Result};
@@ -122,6 +123,33 @@ fn merging_adapters_keeps_the_function() -> Result<()> {
         assert!(diff < 1e-5, "merged model differs by {diff}");
         let after = merged.weights()["model.layers.0.self_attn.q_proj.weight"].flatten_all()?.to_vec1::<f32>()?;
         assert_ne!(base_before, after, "q_proj must absorb its adapter");
+    }
+    Ok(())
+}
+
+#[test]
+fn an_inference_copy_folds_enabled_adapters_and_trains_nothing() -> Result<()> {
+    for cfg in configs() {
+        let lm = CausalLm::random(&cfg, 10, &Device::Cpu)?.with_lora(targets(), 11)?;
+        perturb_b(&lm)?;
+        let want = lm.model().token_logps(&ids()?, None, 4)?;
+        let copy = lm.inference_copy()?;
+        assert!(copy.trainable_vars().is_empty() && copy.lora_config().is_none());
+        let got = copy.model().token_logps(&ids()?, None, 4)?;
+        assert!(!got.track_op(), "an inference copy builds no autograd graph");
+        let diff = (&got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "inference copy differs by {diff}");
+        // The same folded weights as `merge_lora`, bit for bit.
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        let folded = copy.weights()[name].flatten_all()?.to_vec1::<f32>()?;
+        let merged = CausalLm::random(&cfg, 10, &Device::Cpu)?.with_lora(targets(), 11)?;
+        perturb_b(&merged)?;
+        assert_eq!(merged.merge_lora()?.weights()[name].flatten_all()?.to_vec1::<f32>()?, folded);
+        assert!(copy.set_weights(&copy.weights()).is_err(), "an inference copy's weights are frozen");
+        // Adapters switched off: the base model.
+        lm.set_adapters_enabled(false);
+        let base = lm.model().token_logps(&ids()?, None, 4)?.to_vec2::<f32>()?;
+        assert_eq!(lm.inference_copy()?.model().token_logps(&ids()?, None, 4)?.to_vec2::<f32>()?, base);
     }
     Ok(())
 }

@@ -267,8 +267,11 @@ fn test_hooks(opts: &mut RunOptions) -> Result<()> {
 fn main() -> Result<()> {
     // SAFETY: first thing in main, before any thread exists.
     unsafe { slime_trainer::threads::keep_candle_off_its_own_pool() };
-    slime_trainer::malloc::keep_freed_memory();
+    let kept = slime_trainer::malloc::keep_freed_memory();
     slime_trainer::logging::init_logging();
+    if !kept {
+        tracing::warn!("glibc refused an allocator setting: large buffers go back to the kernel between steps");
+    }
     slime_trainer::kernels::apply_env()?;
     match Cli::parse().command {
         Command::Train { config, run_dir, resume, progress, selection } => {

@@ -252,7 +252,9 @@ fn main() -> Result<()> {
     }
     // SAFETY: as above.
     unsafe { slime_trainer::threads::keep_candle_off_its_own_pool() };
-    slime_trainer::malloc::keep_freed_memory();
+    if !slime_trainer::malloc::keep_freed_memory() {
+        eprintln!("warning: glibc refused an allocator setting");
+    }
     let threads: usize = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(args.threads);
     // The step runs on a pool thread, so its parallel regions fork from a worker instead of
     // waking the pool and parking the main thread every time.

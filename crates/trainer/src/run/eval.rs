@@ -52,9 +52,8 @@ impl EvalItems {
     }
 }
 
-/// Each row's share of masked-in tokens with a log-prob below `-delta` (0 for a row without
-/// tokens).
-fn row_fractions_below(tokens: &slime_objectives::TokenLogps, delta: f64) -> Result<Vec<f64>> {
+/// Each row's masked-in tokens with a log-prob below `-delta`, and its masked-in tokens.
+fn row_counts_below(tokens: &slime_objectives::TokenLogps, delta: f64) -> Result<Vec<(usize, usize)>> {
     let logps: Vec<Vec<f32>> = tokens.logps().to_dtype(DType::F32)?.to_vec2()?;
     let mask: Vec<Vec<f32>> = tokens.mask().to_dtype(DType::F32)?.to_vec2()?;
     Ok(logps
@@ -63,54 +62,97 @@ fn row_fractions_below(tokens: &slime_objectives::TokenLogps, delta: f64) -> Res
         .map(|(l, m)| {
             let n = m.iter().filter(|&&m| m != 0.0).count();
             let below = l.iter().zip(m).filter(|&(&l, &m)| m != 0.0 && f64::from(l) < -delta).count();
-            if n == 0 { 0.0 } else { below as f64 / n as f64 }
+            (below, n)
         })
         .collect())
 }
 
-/// [`evaluate`], also returning the greedy generations.
-pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Evaluation> {
-    let (mut correct_pref, mut chosen_sum, mut rejected_sum, mut n) = (0usize, 0.0, 0.0, 0usize);
-    let (mut collapsed, mut rejected_tokens) = (0.0, 0.0);
-    let mut items = EvalItems::default();
-    for chunk in data.eval.chunks(cfg.eval.batch_size) {
-        let refs: Vec<&TokenizedPair> = chunk.iter().map(|e| &e.tokens).collect();
+/// The indices of `items` in ascending order of `len` (ties in their order): batches taken in
+/// this order hold rows of similar lengths, so little of each batch is padding.
+fn by_length<T>(items: &[T], len: impl Fn(&T) -> usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| len(&items[i]));
+    order
+}
+
+/// One held-out pair's scores: mean chosen and rejected token log-probs, and its rejected
+/// tokens below the collapse threshold out of all of them (when the objective's log-probs
+/// keep their tokens).
+struct PairScores {
+    chosen: f64,
+    rejected: f64,
+    collapsed: Option<(usize, usize)>,
+}
+
+/// Scores the held-out pairs `cfg.eval.batch_size` at a time, the batches made of pairs of
+/// similar lengths; returned in the order of `data.eval`.
+fn score_heldout(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Vec<PairScores>> {
+    let pairs = &data.eval;
+    let order = by_length(pairs, |e| e.tokens.prompt.len() + e.tokens.chosen.len() + e.tokens.rejected.len());
+    let mut scores: Vec<Option<PairScores>> = (0..pairs.len()).map(|_| None).collect();
+    for chunk in order.chunks(cfg.eval.batch_size.max(1)) {
+        let refs: Vec<&TokenizedPair> = chunk.iter().map(|&i| &pairs[i].tokens).collect();
         let (chosen, rejected) = pair_logps(lm, &pair_batch(&refs)?)?;
         let a_w: Vec<f32> = chosen.mean("chosen")?.detach().to_dtype(DType::F32)?.to_vec1()?;
         let a_l: Vec<f32> = rejected.mean("rejected")?.detach().to_dtype(DType::F32)?.to_vec1()?;
-        correct_pref += a_w.iter().zip(&a_l).filter(|(w, l)| w > l).count();
-        chosen_sum += a_w.iter().map(|&v| f64::from(v)).sum::<f64>();
-        rejected_sum += a_l.iter().map(|&v| f64::from(v)).sum::<f64>();
-        n += a_w.len();
-        items.pairs.extend(chunk.iter().map(|e| e.tokens.id));
-        for (&w, &l) in a_w.iter().zip(&a_l) {
-            items.push(eval::PREFERENCE_ACCURACY, if w > l { 1.0 } else { 0.0 });
-            items.push(eval::CHOSEN_LOGP, f64::from(w));
-            items.push(eval::REJECTED_LOGP, f64::from(l));
-        }
-        if let Some(tokens) = rejected.tokens() {
-            collapsed += tokens.fraction_below(cfg.eval.collapse_delta)? * tokens.total_count();
-            rejected_tokens += tokens.total_count();
-            for f in row_fractions_below(tokens, cfg.eval.collapse_delta)? {
-                items.push(eval::COLLAPSE_FRACTION, f);
-            }
+        let collapsed = match rejected.tokens() {
+            Some(tokens) => row_counts_below(tokens, cfg.eval.collapse_delta)?.into_iter().map(Some).collect(),
+            None => vec![None; chunk.len()],
+        };
+        for (k, &i) in chunk.iter().enumerate() {
+            scores[i] =
+                Some(PairScores { chosen: f64::from(a_w[k]), rejected: f64::from(a_l[k]), collapsed: collapsed[k] });
         }
     }
+    Ok(scores.into_iter().flatten().collect())
+}
+
+/// Greedy generations for the first `cfg.eval.generations` held-out prompts,
+/// `eval.generation_batch_size` at a time, the batches made of prompts of similar lengths (each
+/// prompt's tokens do not depend on its batch); returned in prompt order.
+fn generate_heldout(lm: &CausalLm, prompts: &[&Example], data: &RunData, cfg: &RunConfig) -> Result<Vec<Vec<u32>>> {
+    let order = by_length(prompts, |e| e.tokens.prompt.len());
+    let mut completions: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for batch in order.chunks(cfg.eval.generation_batch_size.max(1)) {
+        let ids: Vec<&[u32]> = batch.iter().map(|&i| prompts[i].tokens.prompt.as_slice()).collect();
+        let generated = lm.model().generate_greedy_batch(&ids, cfg.eval.max_new_tokens, &data.stop)?;
+        for (&i, completion) in batch.iter().zip(generated) {
+            completions[i] = completion;
+        }
+    }
+    Ok(completions)
+}
+
+/// [`evaluate`], also returning the greedy generations.
+pub(super) fn evaluate_with_generations(lm: &CausalLm, data: &RunData, cfg: &RunConfig) -> Result<Evaluation> {
+    // Adapters folded in once, weights frozen: no low-rank products and no autograd graph in
+    // any of the passes below.
+    let lm = &lm.inference_copy()?;
+    let scores = score_heldout(lm, data, cfg)?;
+    let mut items = EvalItems::default();
+    items.pairs.extend(data.eval.iter().map(|e| e.tokens.id));
+    for pair in &scores {
+        items.push(eval::PREFERENCE_ACCURACY, if pair.chosen > pair.rejected { 1.0 } else { 0.0 });
+        items.push(eval::CHOSEN_LOGP, pair.chosen);
+        items.push(eval::REJECTED_LOGP, pair.rejected);
+        if let Some((below, n)) = pair.collapsed {
+            items.push(eval::COLLAPSE_FRACTION, if n == 0 { 0.0 } else { below as f64 / n as f64 });
+        }
+    }
+    let n = scores.len().max(1) as f64;
+    let (collapsed, rejected_tokens) =
+        scores.iter().filter_map(|p| p.collapsed).fold((0, 0), |(b, t), (below, n)| (b + below, t + n));
     let mut out = BTreeMap::new();
-    out.insert(eval::PREFERENCE_ACCURACY.into(), correct_pref as f64 / n as f64);
-    out.insert(eval::CHOSEN_LOGP.into(), chosen_sum / n as f64);
-    out.insert(eval::REJECTED_LOGP.into(), rejected_sum / n as f64);
-    out.insert(eval::COLLAPSE_FRACTION.into(), collapsed / rejected_tokens.max(1.0));
+    out.insert(eval::PREFERENCE_ACCURACY.into(), scores.iter().filter(|p| p.chosen > p.rejected).count() as f64 / n);
+    out.insert(eval::CHOSEN_LOGP.into(), scores.iter().map(|p| p.chosen).sum::<f64>() / n);
+    out.insert(eval::REJECTED_LOGP.into(), scores.iter().map(|p| p.rejected).sum::<f64>() / n);
+    out.insert(eval::COLLAPSE_FRACTION.into(), collapsed as f64 / rejected_tokens.max(1) as f64);
     let (mut valid, mut correct, mut repeated) = (0usize, 0usize, 0.0);
     let mut generations = Vec::new();
     let prompts: Vec<&Example> = data.eval.iter().take(cfg.eval.generations).collect();
     let embedded = data.eval.first().is_some_and(|e| e.task.is_some());
     let answered = data.eval.iter().any(|e| e.answer.is_some());
-    let mut completions = Vec::with_capacity(prompts.len());
-    for batch in prompts.chunks(cfg.eval.generation_batch_size.max(1)) {
-        let ids: Vec<&[u32]> = batch.iter().map(|e| e.tokens.prompt.as_slice()).collect();
-        completions.extend(lm.model().generate_greedy_batch(&ids, cfg.eval.max_new_tokens, &data.stop)?);
-    }
+    let completions = generate_heldout(lm, &prompts, data, cfg)?;
     for (example, completion) in prompts.iter().zip(completions) {
         // Stopped at the end-of-turn (or EOS) token rather than at the token limit.
         let ended = completion.last().is_some_and(|t| data.stop.contains(t));
@@ -314,7 +356,8 @@ mod tests {
     use crate::run::model::{tiny_gemma, tiny_llama};
 
     /// Held-out generations decoded in batches equal one prompt at a time, and so do the
-    /// metrics, for both presets (Gemma's sliding window of 16 is shorter than the prompts).
+    /// metrics, for both presets (Gemma's sliding window of 16 is shorter than the prompts);
+    /// pairs scored in batches keep their held-out order and their log-probs.
     #[test]
     fn batched_eval_generations_equal_one_at_a_time() -> Result<()> {
         let data = RunData::embedded(0, 12, 3)?;
@@ -340,6 +383,18 @@ mod tests {
                 assert_eq!(&alone, generated);
             }
             assert_eq!(one_gen.len(), 12);
+            // Scored in batches of similar lengths, reported in held-out order: each pair's
+            // log-probs are those it gets scored alone.
+            let ids: Vec<u64> = data.eval.iter().map(|e| e.tokens.id).collect();
+            assert_eq!(one_items.pairs, ids);
+            cfg.eval.batch_size = 1;
+            let (_, _, alone_items) = evaluate_with_generations(&lm, &data, &cfg)?;
+            assert_eq!(alone_items.pairs, ids);
+            for key in [eval::CHOSEN_LOGP, eval::REJECTED_LOGP] {
+                for (a, b) in alone_items.values[key].iter().zip(&one_items.values[key]) {
+                    assert!((a - b).abs() < 1e-5, "{key}: {a} alone, {b} in a batch");
+                }
+            }
         }
         Ok(())
     }
