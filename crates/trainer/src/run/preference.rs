@@ -234,7 +234,8 @@ fn sage_margins(
     if let Some(reference) = reference.as_mut() {
         reference.ensure(lm, &pairs, cfg.eval.batch_size)?;
     }
-    let (sums, _) = score_pairs(lm, &pairs, cfg.eval.batch_size, false)?;
+    // Adapters folded in once: no low-rank products and no autograd graph while scoring.
+    let (sums, _) = score_pairs(&lm.inference_copy()?, &pairs, cfg.eval.batch_size, false)?;
     let objective = &cfg.preference.objective;
     sums.iter().map(|s| objective_margin(objective, s, reference.as_ref().and_then(|r| r.get(s.pair)))).collect()
 }
