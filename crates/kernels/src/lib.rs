@@ -32,6 +32,7 @@ pub mod adamw;
 pub mod cpu;
 mod mat;
 mod matmul;
+pub mod peak;
 pub mod product_stats;
 #[cfg(target_arch = "x86_64")]
 mod tile;

@@ -428,7 +428,12 @@ fn bench(args: Args, threads: usize) -> Result<()> {
     }
     let loop_wall = loop_start.elapsed().as_secs_f64();
     #[cfg(feature = "product-stats")]
-    let products = product_figures(slime_kernels::product_stats::snapshot(), args.steps.saturating_sub(1));
+    let products = product_figures(
+        slime_kernels::product_stats::snapshot(),
+        args.steps.saturating_sub(1),
+        // Concurrent micro-batches run each product on one thread, one pass on all of them.
+        slime_kernels::peak::fma_peak_gflops(if args.parallel_micro_batches > 1 { 1 } else { threads }, 200_000_000),
+    );
     #[cfg(not(feature = "product-stats"))]
     let products = serde_json::Value::Null;
     let hz = 100.0; // USER_HZ on Linux
@@ -503,11 +508,17 @@ fn bench(args: Args, threads: usize) -> Result<()> {
 
 /// Per steady step: the products' summed call time (wall time when one micro-batch runs at a
 /// time; concurrent micro-batches' calls overlap), GFLOP and calls, and the small ones'
-/// (attention's per-head products) separately.
+/// (attention's per-head products) separately; their rate (operations over summed call time)
+/// against the FMA peak, measured after the steps ([`slime_kernels::peak`]) with the threads one
+/// product runs on.
 #[cfg(feature = "product-stats")]
-fn product_figures(s: slime_kernels::product_stats::ProductStats, steps: usize) -> serde_json::Value {
+fn product_figures(s: slime_kernels::product_stats::ProductStats, steps: usize, peak: f64) -> serde_json::Value {
     let per = |v: f64| (v / steps.max(1) as f64 * 1e4).round() / 1e4;
+    let rate = s.flop as f64 / 1e9 / s.seconds.max(1e-9);
     serde_json::json!({
+        "gflop_per_s": (rate * 10.0).round() / 10.0,
+        "fma_peak_gflop_per_s": (peak * 10.0).round() / 10.0,
+        "share_of_fma_peak": (rate / peak * 1000.0).round() / 1000.0,
         "call_s_per_step": per(s.seconds),
         "gflop_per_step": per(s.flop as f64 / 1e9),
         "calls_per_step": per(s.calls as f64),
