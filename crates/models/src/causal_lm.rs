@@ -587,7 +587,8 @@ impl CausalLm {
     /// for bit), every weight detached, nothing trainable. It computes what this model computes,
     /// within float rounding, without the adapters' extra products and with no autograd graph.
     /// [`Self::weights`] lists its weights, [`Self::trainable_vars`] nothing, and
-    /// [`Self::set_weights`] refuses.
+    /// [`Self::set_weights`] refuses. Folding copies the weights; without active adapters the
+    /// copy shares this model's storage (an in-place update of this model shows through).
     pub fn inference_copy(&self) -> Result<Self> {
         let weights = match &self.lora {
             Some(l) if l.enabled.load(Ordering::Relaxed) => self.merged_weights()?,
