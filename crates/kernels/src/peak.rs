@@ -58,15 +58,19 @@ fn run(iterations: u64) -> (usize, f32) {
 /// The FMA peak of `threads` threads running at once, in GFLOP/s (2 per lane per FMA), measured
 /// over `iterations` rounds per thread (2e8 take about a second on a 3 GHz core).
 pub fn fma_peak_gflops(threads: usize, iterations: u64) -> f64 {
-    let threads = threads.max(1);
     let started = Instant::now();
+    let flop = run_threads(threads, iterations);
+    flop / started.elapsed().as_secs_f64() / 1e9
+}
+
+/// Runs the chains on `threads` threads (at least one) at once; returns the floating-point
+/// operations they did.
+fn run_threads(threads: usize, iterations: u64) -> f64 {
     let lanes: Vec<usize> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads).map(|_| s.spawn(move || black_box(run(iterations)).0)).collect();
+        let workers: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(move || black_box(run(iterations)).0)).collect();
         workers.into_iter().map(|w| w.join().unwrap_or(0)).collect()
     });
-    let seconds = started.elapsed().as_secs_f64();
-    let flop: f64 = lanes.iter().map(|&l| 2.0 * (CHAINS * l) as f64 * iterations as f64).sum();
-    flop / seconds / 1e9
+    lanes.iter().map(|&l| 2.0 * (CHAINS * l) as f64 * iterations as f64).sum()
 }
 
 #[cfg(test)]
@@ -83,8 +87,10 @@ mod tests {
     }
 
     #[test]
-    fn the_peak_is_a_positive_rate() {
-        let peak = fma_peak_gflops(1, 100_000);
-        assert!(peak.is_finite() && peak > 0.0, "{peak}");
+    fn every_thread_counts_two_operations_per_lane_per_fma() {
+        let lanes = run(1).0;
+        assert!([4, 8, 16].contains(&lanes), "{lanes}");
+        assert_eq!(run_threads(3, 1000), 3.0 * 2.0 * (CHAINS * lanes) as f64 * 1000.0);
+        assert_eq!(run_threads(0, 10), run_threads(1, 10), "zero threads run one");
     }
 }
